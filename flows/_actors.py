@@ -1,0 +1,95 @@
+"""Actor contracts and the function-to-stage adapter.
+
+An actor is any object with a ``name`` and an async ``run``:
+
+- a source: ``async def run(self, outbox)``
+- a stage: ``async def run(self, inbox, outbox)``
+- a sink: ``async def run(self, inbox)``
+
+Actors do not close their channel ends: the runtime does, once the actor
+has returned, so a crashed actor can be restarted on the same channels.
+A source's ``run`` returning means the source is exhausted (a finite flow).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, runtime_checkable
+
+from ._channels import Inbox, Outbox
+from ._records import Batch
+
+__all__ = ["Source", "Stage", "Sink", "FunctionStage", "stage"]
+
+
+@runtime_checkable
+class Source(Protocol):
+    name: str
+
+    async def run(self, outbox: Outbox) -> None: ...
+
+
+@runtime_checkable
+class Stage(Protocol):
+    name: str
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None: ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    name: str
+
+    async def run(self, inbox: Inbox) -> None: ...
+
+
+StageFunction = Callable[[Batch], "Awaitable[Batch | None] | Batch | None"]
+
+
+class FunctionStage:
+    """A stage made from a function ``batch -> batch | None`` (sync or async).
+
+    Returning ``None`` or an empty batch drops the batch; the records are
+    counted as discarded with reason ``filtered``. A function that raises
+    gets its batch counted as discarded (reason ``error``) and the stage is
+    restarted by the supervisor.
+    """
+
+    def __init__(self, fn: StageFunction, name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "stage")
+        self._is_async = inspect.iscoroutinefunction(fn)
+
+    async def run(self, inbox: Inbox, outbox: Outbox) -> None:
+        metrics = inbox.metrics
+        async for batch in inbox:
+            try:
+                out: Any = self.fn(batch)
+                if self._is_async:
+                    out = await out
+            except Exception:
+                metrics.discarded("error", len(batch.records))
+                raise
+            kept = 0 if out is None else len(out.records)
+            if kept < len(batch.records):
+                metrics.discarded("filtered", len(batch.records) - kept)
+            if kept:
+                await outbox.send(out)
+
+    def __repr__(self) -> str:
+        return f"FunctionStage({self.name!r})"
+
+
+def stage(fn: StageFunction | None = None, *, name: str | None = None) -> Any:
+    """Decorator: turn ``async def f(batch) -> batch | None`` into a stage.
+
+    ::
+
+        @stage
+        async def only_btc(batch):
+            return batch.replace([t for t in batch if t.symbol.startswith("BTC")])
+    """
+    if fn is None:
+        return lambda f: FunctionStage(f, name)
+    return FunctionStage(fn, name)

@@ -1,0 +1,255 @@
+"""Prometheus metrics: one set of families per registry, cached children per component.
+
+Every metric carries the labels ``flow`` and ``stage`` (the component's
+name) plus, for a few, one label from a small fixed set (``reason``,
+``error_type``). A symbol never becomes a label value.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+__all__ = ["FlowMetrics", "ComponentMetrics", "metrics_for", "quantile", "METRICS"]
+
+FAST_BUCKETS = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+LATENCY_BUCKETS = (
+    1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+
+FS = ("flow", "stage")
+
+# name -> (type, extra labels, help). The README's metrics reference and the
+# metrics test are both checked against this table.
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "flows_records_received_total": ("counter", (), "Records a component took from its inbox."),
+    "flows_records_sent_total": ("counter", (), "Records a component sent downstream."),
+    "flows_records_discarded_total": (
+        "counter",
+        ("reason",),
+        "Records a component dropped, by reason (unchanged, invalid, evicted, error, ...).",
+    ),
+    "flows_errors_total": ("counter", ("error_type",), "Errors a component met, by type."),
+    "flows_actor_restarts_total": ("counter", (), "Times the supervisor restarted an actor."),
+    "flows_actor_up": ("gauge", (), "1 while the actor runs, 0 otherwise."),
+    "flows_batch_processing_seconds": (
+        "histogram",
+        (),
+        "Time a component spent on one batch (not counting waits on its inbox or outbox).",
+    ),
+    "flows_send_wait_seconds": (
+        "histogram",
+        (),
+        "Time a send to the outbox blocked on a full channel (backpressure).",
+    ),
+    "flows_channel_buffer_batches": ("gauge", (), "Batches waiting in the component's inbox."),
+    "flows_channel_capacity_batches": ("gauge", (), "Capacity of the component's inbox."),
+    "flows_utilization_ratio": ("gauge", (), "Share of recent time the component was busy (0-1)."),
+    "flows_end_to_end_latency_seconds": (
+        "histogram",
+        (),
+        "At a sink: time from the source making a batch to the sink having written it.",
+    ),
+    "flows_source_lag_seconds": (
+        "histogram",
+        (),
+        "At a source: time from the exchange timestamp to the batch being sent.",
+    ),
+    "flows_source_poll_cycle_seconds": (
+        "histogram",
+        (),
+        "At a source: time to refresh the whole symbol set once.",
+    ),
+    "flows_sink_write_seconds": ("histogram", (), "At a sink: time one write took."),
+    "flows_sink_batch_records": ("histogram", (), "At a sink: records per write."),
+    "flows_sink_write_errors_total": ("counter", (), "At a sink: writes that failed."),
+    "flows_sink_retries_total": ("counter", (), "At a sink: writes retried after a failure."),
+}
+
+_BUCKETS = {
+    "flows_batch_processing_seconds": FAST_BUCKETS,
+    "flows_send_wait_seconds": FAST_BUCKETS,
+    "flows_end_to_end_latency_seconds": LATENCY_BUCKETS,
+    "flows_source_lag_seconds": LATENCY_BUCKETS,
+    "flows_source_poll_cycle_seconds": LATENCY_BUCKETS,
+    "flows_sink_write_seconds": FAST_BUCKETS,
+    "flows_sink_batch_records": SIZE_BUCKETS,
+}
+
+_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+
+
+class FlowMetrics:
+    """All flows_ metric families registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.families: dict[str, Counter | Gauge | Histogram] = {}
+        for name, (kind, extra, doc) in METRICS.items():
+            if name in ("flows_channel_buffer_batches", "flows_channel_capacity_batches",
+                        "flows_utilization_ratio"):
+                continue  # served by the live collector below
+            kwargs = {"buckets": _BUCKETS[name]} if kind == "histogram" else {}
+            base = name.removesuffix("_total") if kind == "counter" else name
+            self.families[name] = _KINDS[kind](
+                base, doc, FS + extra, registry=registry, **kwargs
+            )
+        self.components: list[ComponentMetrics] = []
+        registry.register(_LiveCollector(self))
+
+    def component(self, flow: str, stage: str, kind: str) -> ComponentMetrics:
+        """The metrics of one component (created on first use, then shared)."""
+        for c in self.components:
+            if c.flow == flow and c.stage == stage:
+                return c
+        c = ComponentMetrics(self, flow, stage, kind)
+        self.components.append(c)
+        return c
+
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, FlowMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def metrics_for(registry: CollectorRegistry) -> FlowMetrics:
+    """The FlowMetrics of ``registry``, registering the families on first use."""
+    fm = _by_registry.get(registry)
+    if fm is None:
+        fm = _by_registry[registry] = FlowMetrics(registry)
+    return fm
+
+
+class ComponentMetrics:
+    """Cached labelled children for one component; cheap to call per batch."""
+
+    def __init__(self, fm: FlowMetrics, flow: str, stage: str, kind: str) -> None:
+        self._fm = fm
+        self.flow_metrics = fm
+        self.flow, self.stage, self.kind = flow, stage, kind
+        f = fm.families
+        child = lambda name: f[name].labels(flow, stage)  # noqa: E731
+        self.received = child("flows_records_received_total")
+        self.sent = child("flows_records_sent_total")
+        self.restarts = child("flows_actor_restarts_total")
+        self.up = child("flows_actor_up")
+        self.processing = child("flows_batch_processing_seconds")
+        self.send_wait = child("flows_send_wait_seconds")
+        self.end_to_end = child("flows_end_to_end_latency_seconds")
+        self.lag = child("flows_source_lag_seconds")
+        self.poll_cycle = child("flows_source_poll_cycle_seconds")
+        self.write_seconds = child("flows_sink_write_seconds")
+        self.write_records = child("flows_sink_batch_records")
+        self.write_errors = child("flows_sink_write_errors_total")
+        self.write_retries = child("flows_sink_retries_total")
+        self._discarded: dict[str, Counter] = {}
+        self._errors: dict[str, Counter] = {}
+        # Live figures read by the collector at scrape time.
+        self.buffer: Callable[[], tuple[int, float]] | None = None
+        self.busy_seconds = 0.0
+        self.wait_seconds = 0.0
+        self._util_ref = (time.monotonic(), 0.0)
+        self._util_value = 0.0
+
+    def discarded(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` records dropped for ``reason`` (a small fixed word)."""
+        c = self._discarded.get(reason)
+        if c is None:
+            c = self._discarded[reason] = self._fm.families[
+                "flows_records_discarded_total"
+            ].labels(self.flow, self.stage, reason)
+        c.inc(n)
+
+    def error(self, error_type: str) -> None:
+        """Count one error of ``error_type`` (a small fixed word or class name)."""
+        c = self._errors.get(error_type)
+        if c is None:
+            c = self._errors[error_type] = self._fm.families["flows_errors_total"].labels(
+                self.flow, self.stage, error_type
+            )
+        c.inc()
+
+    def observe_processing(self, seconds: float) -> None:
+        self.busy_seconds += seconds
+        self.processing.observe(seconds)
+
+    @contextmanager
+    def timed_batch(self) -> Iterator[None]:
+        """Time the body as one batch's processing."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe_processing(time.perf_counter() - t0)
+
+    def utilization(self) -> float:
+        """Busy share since the previous reading (at least one second ago)."""
+        now = time.monotonic()
+        t0, busy0 = self._util_ref
+        if now - t0 >= 1.0:
+            self._util_value = min(1.0, (self.busy_seconds - busy0) / (now - t0))
+            self._util_ref = (now, self.busy_seconds)
+        return self._util_value
+
+
+class _LiveCollector:
+    """Gauges computed at scrape time: buffer use and utilization."""
+
+    def __init__(self, fm: FlowMetrics) -> None:
+        self._fm = fm
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        doc = {n: METRICS[n][2] for n in METRICS}
+        used = GaugeMetricFamily(
+            "flows_channel_buffer_batches", doc["flows_channel_buffer_batches"], labels=FS
+        )
+        cap = GaugeMetricFamily(
+            "flows_channel_capacity_batches", doc["flows_channel_capacity_batches"], labels=FS
+        )
+        util = GaugeMetricFamily(
+            "flows_utilization_ratio", doc["flows_utilization_ratio"], labels=FS
+        )
+        for c in list(self._fm.components):
+            labels = [c.flow, c.stage]
+            if c.buffer is not None:
+                n, capacity = c.buffer()
+                used.add_metric(labels, n)
+                cap.add_metric(labels, capacity)
+            util.add_metric(labels, c.utilization())
+        yield from (used, cap, util)
+
+
+def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Estimate quantile ``q`` from cumulative ``(upper_bound, count)`` pairs.
+
+    Interpolates linearly inside a bucket, as PromQL's histogram_quantile
+    does. Returns NaN when there are no observations.
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    total = buckets[-1][1]
+    rank = q * total
+    prev_bound, prev_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return prev_bound
+            if count == prev_count:
+                return bound
+            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
+        prev_bound, prev_count = bound, count
+    return prev_bound

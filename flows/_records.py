@@ -1,0 +1,66 @@
+"""Records and batches: what flows through a flow."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+__all__ = ["Tick", "Batch", "AckHook"]
+
+
+class Tick(msgspec.Struct, frozen=True, gc=False):
+    """One price observation.
+
+    ``ts`` is the exchange's timestamp in epoch seconds. ``bid``, ``ask`` and
+    ``volume`` are optional because not every API sends them.
+    """
+
+    source: str
+    symbol: str
+    price: float
+    ts: float
+    bid: float | None = None
+    ask: float | None = None
+    volume: float | None = None
+
+
+AckHook = Callable[[str], None]
+"""Called once per batch with its outcome (``"written"``, ``"dropped"``...)."""
+
+
+class Batch:
+    """A list of records moved as one message on a channel.
+
+    ``created`` is the ``time.monotonic()`` at which the source made the
+    batch; sinks use it for end-to-end latency. ``acks`` holds the hooks a
+    source attached (acknowledgements); derived batches carry them on.
+    """
+
+    __slots__ = ("records", "created", "acks")
+
+    def __init__(
+        self,
+        records: list[Any],
+        *,
+        created: float | None = None,
+        acks: Sequence[AckHook] = (),
+    ) -> None:
+        self.records = records
+        self.created = time.monotonic() if created is None else created
+        self.acks: tuple[AckHook, ...] = tuple(acks)
+
+    def replace(self, records: list[Any]) -> Batch:
+        """A batch holding ``records`` with this batch's time and ack hooks."""
+        return Batch(records, created=self.created, acks=self.acks)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __repr__(self) -> str:
+        return f"Batch({len(self.records)} records, acks={len(self.acks)})"

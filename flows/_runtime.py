@@ -1,0 +1,319 @@
+"""The runtime: wires a Flow's channels, supervises its actors, drains on stop.
+
+Shutdown order: stopping (a signal, ``--duration``, ``Runtime.stop()``)
+cancels the sources only. Their channel ends close, every downstream actor
+drains its inbox, flushes and returns, and the flow ends cleanly. If the
+drain takes longer than ``drain_timeout`` seconds, or a second stop
+arrives, the remaining actors are cancelled (a forced stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from ._channels import Inbox, Outbox
+from ._flow import Flow, FlowError
+from ._metrics import ComponentMetrics, metrics_for
+from ._status import flow_status
+
+__all__ = ["Runtime", "RunResult", "FlowFailed", "run_flow"]
+
+log = logging.getLogger("flows.runtime")
+
+
+class FlowFailed(Exception):
+    """An actor exhausted its restart budget; the flow stopped."""
+
+
+@attrs.frozen
+class RunResult:
+    """How a flow run ended.
+
+    ``clean`` is true when every actor drained and returned by itself.
+    ``reason`` says what started the stop (``exhausted`` when the sources
+    ran out, ``signal SIGTERM``, ``duration``, ``stop``).
+    """
+
+    clean: bool
+    reason: str
+    seconds: float
+
+
+@attrs.define
+class _ActorSlot:
+    actor: Any
+    kind: str
+    metrics: ComponentMetrics
+    state: str = "starting"
+    restarts: int = 0
+    last_error: str | None = None
+
+
+class Runtime:
+    """Runs one Flow. ``await Runtime(flow).run()``; use ``nursery.start`` to
+    wait until it is running (the metrics server, if any, is listening).
+
+    Parameters:
+        flow: the Flow to run.
+        registry: where metrics go (default: prometheus_client's global
+            registry, with the process collectors).
+        metrics_addr: ``host:port`` for /metrics, /healthz, /readyz and
+            /status; port 0 picks a free port; ``None`` or ``"0"`` disables.
+        drain_timeout: seconds the drain may take before a forced stop.
+        duration: stop by itself after this many seconds.
+        handle_signals: drain on SIGINT/SIGTERM (main thread only).
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        *,
+        registry: CollectorRegistry | None = None,
+        metrics_addr: str | None = "127.0.0.1:9099",
+        drain_timeout: float = 30.0,
+        duration: float | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        if not isinstance(flow, Flow):
+            raise FlowError(f"expected a Flow, got {type(flow).__name__}")
+        self.flow = flow
+        self.registry = REGISTRY if registry is None else registry
+        self.metrics = metrics_for(self.registry)
+        self.metrics_addr = None if metrics_addr in (None, "", "0") else metrics_addr
+        self.metrics_url: str | None = None
+        self.drain_timeout = drain_timeout
+        self.duration = duration
+        self.handle_signals = handle_signals
+        self.state = "starting"
+        self.stop_reason: str | None = None
+        self.started_at = time.monotonic()
+        self.slots = [
+            _ActorSlot(a, flow.kind(a), self.metrics.component(flow.name, a.name, flow.kind(a)))
+            for a in flow.actors
+        ]
+        self._sources_scope = trio.CancelScope()
+        self._actors_scope: trio.CancelScope | None = None
+        self._outer: trio.Nursery | None = None
+        self._forced = False
+        self._failure: str | None = None
+
+    # -- control ---------------------------------------------------------
+
+    def stop(self, reason: str = "stop") -> None:
+        """Begin a drain; a second call while draining forces the stop."""
+        if self.stop_reason is not None:
+            if self.state == "draining":
+                log.warning("flow %s: second stop (%s): cancelling now", self.flow.name, reason)
+                self._force()
+            return
+        self.stop_reason = reason
+        self.state = "draining"
+        log.info("flow %s: stopping (%s): draining", self.flow.name, reason)
+        self._sources_scope.cancel()
+        if self._outer is not None and math.isfinite(self.drain_timeout):
+            self._outer.start_soon(self._drain_deadline)
+
+    def _force(self) -> None:
+        self._forced = True
+        if self._actors_scope is not None:
+            self._actors_scope.cancel()
+
+    async def _drain_deadline(self) -> None:
+        await trio.sleep(self.drain_timeout)
+        log.error(
+            "flow %s: drain did not finish within %.1fs: cancelling", self.flow.name, self.drain_timeout
+        )
+        self._force()
+
+    async def _stop_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self.stop("duration")
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.stop(f"signal {signal.Signals(signum).name}")
+
+    # -- status ----------------------------------------------------------
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """(ready, reasons): ready when every actor runs."""
+        reasons = [
+            f"{s.kind} {s.actor.name} is {s.state}" for s in self.slots if s.state != "running"
+        ]
+        if self.state != "running":
+            reasons.insert(0, f"flow is {self.state}")
+        return not reasons, reasons
+
+    def status(self) -> dict[str, Any]:
+        """The flow graph with per-actor figures, as served on /status."""
+        return flow_status(self)
+
+    # -- running ---------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> RunResult:
+        """Run until the sources are exhausted or a stop drains the flow.
+
+        Raises FlowFailed when an actor exhausts its restart budget.
+        """
+        self.started_at = time.monotonic()
+        if self.metrics_addr is not None:
+            from ._server import check_addr, serve_endpoints
+
+            await check_addr(self.metrics_addr)
+        async with trio.open_nursery() as outer:
+            self._outer = outer
+            if self.metrics_addr is not None:
+                self.metrics_url = await outer.start(serve_endpoints, self, self.metrics_addr)
+            if self.handle_signals:
+                outer.start_soon(self._watch_signals)
+            if self.duration is not None:
+                outer.start_soon(self._stop_after, self.duration)
+            try:
+                async with trio.open_nursery() as actors:
+                    self._actors_scope = actors.cancel_scope
+                    self._start_actors(actors)
+                    self.state = "running"
+                    task_status.started(self)
+            finally:
+                self.state = "stopped"
+                outer.cancel_scope.cancel()
+        seconds = time.monotonic() - self.started_at
+        if self._failure is not None:
+            raise FlowFailed(self._failure)
+        if self.stop_reason is None:
+            self.stop_reason = "exhausted"
+        clean = not self._forced
+        log.info(
+            "flow %s: %s after %.1fs (%s)",
+            self.flow.name,
+            "drained" if clean else "stopped by force",
+            seconds,
+            self.stop_reason,
+        )
+        return RunResult(clean=clean, reason=self.stop_reason, seconds=seconds)
+
+    def _start_actors(self, nursery: trio.Nursery) -> None:
+        flow = self.flow
+        by_name = {s.actor.name: s for s in self.slots}
+
+        def channel(consumer: Any) -> tuple[trio.MemorySendChannel, Inbox]:
+            edge = flow.edge(consumer.name)
+            send, recv = trio.open_memory_channel(edge.capacity)
+            return send, Inbox(recv, by_name[consumer.name].metrics, edge.capacity)
+
+        sink_ends = [channel(s) for s in flow.sinks]
+        stage_ends = [channel(s) for s in flow.stages]
+        downstream = [send for send, _ in sink_ends]
+        for i in reversed(range(len(flow.stages))):
+            slot = by_name[flow.stages[i].name]
+            outbox = Outbox(downstream, slot.metrics)
+            inbox = stage_ends[i][1]
+            nursery.start_soon(self._supervise, slot, self._stage_call(slot, inbox, outbox),
+                               self._closer(inbox, outbox))
+            downstream = [stage_ends[i][0]]
+        for sink, (_, inbox) in zip(flow.sinks, sink_ends):
+            slot = by_name[sink.name]
+            nursery.start_soon(self._supervise, slot, lambda s=slot, i=inbox: s.actor.run(i),
+                               self._closer(inbox, None))
+        source_outboxes = [
+            Outbox([d.clone() for d in downstream], by_name[s.name].metrics, observe_lag=True)
+            for s in flow.sources
+        ]
+        for d in downstream:
+            d.close()
+        nursery.start_soon(self._run_sources, source_outboxes)
+
+    @staticmethod
+    def _stage_call(slot: _ActorSlot, inbox: Inbox, outbox: Outbox) -> Callable[[], Awaitable[Any]]:
+        return lambda: slot.actor.run(inbox, outbox)
+
+    @staticmethod
+    def _closer(inbox: Inbox | None, outbox: Outbox | None) -> Callable[[], None]:
+        def close() -> None:
+            if inbox is not None:
+                inbox.done()
+            if outbox is not None:
+                outbox.close()
+
+        return close
+
+    async def _run_sources(self, outboxes: list[Outbox]) -> None:
+        with self._sources_scope:
+            async with trio.open_nursery() as nursery:
+                for source, outbox in zip(self.flow.sources, outboxes):
+                    slot = next(s for s in self.slots if s.actor is source)
+                    nursery.start_soon(
+                        self._supervise, slot, lambda s=source, o=outbox: s.run(o),
+                        self._closer(None, outbox),
+                    )
+
+    async def _supervise(
+        self, slot: _ActorSlot, call: Callable[[], Awaitable[Any]], close: Callable[[], None]
+    ) -> None:
+        policy = self.flow.supervision
+        name, m = slot.actor.name, slot.metrics
+        recent: deque[float] = deque()
+        backoff = policy.backoff
+        try:
+            while True:
+                slot.state = "running"
+                m.up.set(1)
+                try:
+                    await call()
+                except Exception as exc:
+                    m.up.set(0)
+                    m.error(type(exc).__name__)
+                    slot.last_error = f"{type(exc).__name__}: {exc}"
+                    now = trio.current_time()
+                    recent.append(now)
+                    while recent and recent[0] < now - policy.window:
+                        recent.popleft()
+                    if len(recent) > policy.max_restarts:
+                        slot.state = "failed"
+                        self._fail(slot, policy)
+                        return
+                    slot.restarts += 1
+                    m.restarts.inc()
+                    slot.state = "restarting"
+                    log.warning(
+                        "flow %s: %s %s raised %s; restart %d in %.2fs",
+                        self.flow.name, slot.kind, name, slot.last_error, slot.restarts, backoff,
+                        exc_info=log.isEnabledFor(logging.DEBUG),
+                    )
+                    await trio.sleep(backoff)
+                    backoff = min(max(backoff * 2, 0.01), policy.max_backoff)
+                else:
+                    slot.state = "finished"
+                    return
+        finally:
+            m.up.set(0)
+            close()
+
+    def _fail(self, slot: _ActorSlot, policy: Any) -> None:
+        self._failure = (
+            f"flow {self.flow.name!r}: {slot.kind} {slot.actor.name!r} failed "
+            f"{policy.max_restarts + 1} times within {policy.window:g}s "
+            f"(restart budget {policy.max_restarts}); last error: {slot.last_error}"
+        )
+        log.error("%s", self._failure)
+        self.state = "failed"
+        self._force()
+
+
+async def run_flow(flow: Flow, **options: Any) -> RunResult:
+    """Run ``flow`` to completion; see ``Runtime`` for the options.
+
+    (Named run_flow, not run: ``flows.run`` is the CLI module.)
+    """
+    return await Runtime(flow, **options).run()

@@ -1,0 +1,139 @@
+"""The base every storing sink shares: batching by size and time, retries, acks.
+
+A subclass implements ``write(records)`` (durable when it returns) and, if it
+holds a connection, ``open()`` and ``close()``. The base gathers incoming
+batches until ``batch_size`` records or ``flush_interval`` seconds since the
+first pending one, writes them in one call, retries transient failures with
+exponential backoff and full jitter (blocking the inbox meanwhile: that is
+backpressure, not loss), then observes end-to-end latency and calls each
+batch's ack hooks with ``"written"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import trio
+
+from ._channels import Inbox
+from ._metrics import ComponentMetrics
+from ._records import Batch
+
+__all__ = ["BatchingSink", "Retry"]
+
+
+@attrs.frozen(kw_only=True)
+class Retry:
+    """Retry policy: exponential backoff with full jitter.
+
+    ``attempts=None`` retries forever (the sink blocks while its database is
+    down, and the flow backs up behind it).
+    """
+
+    attempts: int | None = None
+    backoff: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
+    max_backoff: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+
+    def delays(self) -> Iterator[float]:
+        """Sleep before each retry: uniform(0, min(max_backoff, backoff * 2**n))."""
+        n = 0
+        while self.attempts is None or n < self.attempts - 1:
+            yield random.uniform(0, min(self.max_backoff, self.backoff * 2**n))
+            n += 1
+
+
+class BatchingSink:
+    """Base class for sinks that write batches of records somewhere durable.
+
+    Parameters (keyword-only in subclasses):
+        batch_size: write when this many records are pending.
+        flush_interval: or when the oldest pending batch is this old (s).
+        retry: policy for failures ``is_transient`` accepts.
+    """
+
+    name: str = "sink"
+    batch_size: int = 1000
+    flush_interval: float = 1.0
+    retry: Retry = Retry()
+
+    async def open(self) -> None:
+        """Connect or prepare; called at every (re)start of the actor."""
+
+    async def close(self) -> None:
+        """Release what ``open`` took; called when the actor exits."""
+
+    async def write(self, records: list[Any]) -> None:
+        """Write ``records`` durably, or raise."""
+        raise NotImplementedError
+
+    def is_transient(self, exc: Exception) -> bool:
+        """Whether a failed write is worth retrying (default: OS-level errors)."""
+        return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
+    async def run(self, inbox: Inbox) -> None:
+        log = logging.getLogger(f"flows.sink.{self.name}")
+        await self.open()
+        try:
+            pending: list[Batch] = []
+            count = 0
+            deadline = math.inf
+            while True:
+                with trio.move_on_at(deadline):
+                    try:
+                        batch = await inbox.receive()
+                    except trio.EndOfChannel:
+                        break
+                    if not pending:
+                        deadline = trio.current_time() + self.flush_interval
+                    pending.append(batch)
+                    count += len(batch.records)
+                    if count < self.batch_size:
+                        continue
+                await self._flush(pending, inbox.metrics, log)
+                pending, count, deadline = [], 0, math.inf
+            await self._flush(pending, inbox.metrics, log)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.close()
+
+    async def _flush(self, batches: list[Batch], m: ComponentMetrics, log: logging.Logger) -> None:
+        if not batches:
+            return
+        records = [r for b in batches for r in b.records]
+        delays = self.retry.delays()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                await self.write(records)
+            except Exception as exc:
+                m.write_errors.inc()
+                m.error(type(exc).__name__)
+                delay = next(delays, None) if self.is_transient(exc) else None
+                if delay is None:
+                    log.error("write of %d records failed, dropping them: %r", len(records), exc)
+                    m.discarded("write_failed", len(records))
+                    _ack(batches, "failed")
+                    return
+                log.warning("write of %d records failed (%r); retrying in %.2fs", len(records), exc, delay)
+                m.write_retries.inc()
+                await trio.sleep(delay)
+                continue
+            m.write_seconds.observe(time.perf_counter() - t0)
+            m.write_records.observe(len(records))
+            break
+        now = time.monotonic()
+        for b in batches:
+            m.end_to_end.observe(max(now - b.created, 0.0))
+        _ack(batches, "written")
+
+
+def _ack(batches: list[Batch], outcome: str) -> None:
+    for b in batches:
+        for hook in b.acks:
+            hook(outcome)

@@ -1,0 +1,170 @@
+"""``python -m flows.run [TARGET]``: run a flow from the command line.
+
+TARGET is a ``.py`` file or ``package.module:attr`` holding a Flow (or a
+function returning one). Without TARGET the built-in demo runs: a synthetic
+market -> change detection -> SQLite and a console summary.
+
+Exit codes: 0 after a clean drain, 1 when the flow failed or had to be
+stopped by force, 2 for a bad command line or flow definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._flow import Flow, FlowError
+from ._log import setup_logging
+from ._runtime import FlowFailed, Runtime
+
+__all__ = ["main", "load_flow", "demo_flow"]
+
+log = logging.getLogger("flows.run")
+
+
+class TargetError(Exception):
+    """A TARGET that does not give a Flow; the message is one line."""
+
+
+def demo_flow(db: str = "ticks.db") -> Flow:
+    """The built-in demo: synthetic market -> ChangeDetector -> SQLite + console."""
+    from sinks.console import ConsoleSink
+    from sinks.sqlite import SQLiteSink
+    from sources.synthetic import SyntheticMarket
+
+    from ._change import ChangeDetector
+
+    return Flow(
+        "demo",
+        sources=[SyntheticMarket(symbols=300, interval=0.5, unchanged=0.6)],
+        stages=[ChangeDetector(rel=0.0005, heartbeat=60.0)],
+        sinks=[SQLiteSink(db, flush_interval=0.5), ConsoleSink(every=5.0)],
+    )
+
+
+def _where(exc: BaseException, origin: str) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == origin]
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return f" (line {exc.lineno})"
+    return f" (line {frames[-1].lineno})" if frames else ""
+
+
+def _import_file(path: Path) -> Any:
+    if not path.exists():
+        raise TargetError(f"flow file {str(path)!r} does not exist")
+    if path.suffix != ".py":
+        raise TargetError(f"flow file {str(path)!r} is not a .py file")
+    name = f"_flows_target_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot load {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except FlowError as exc:
+        raise TargetError(f"{path}: bad flow definition: {exc}") from None
+    except Exception as exc:
+        where = _where(exc, str(path.resolve()))
+        raise TargetError(
+            f"{path}: importing it raised {type(exc).__name__}{where}: {exc}"
+        ) from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return module
+
+
+def _import_module(spec: str) -> Any:
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as exc:
+        raise TargetError(f"module {spec!r} not found ({exc})") from None
+    except FlowError as exc:
+        raise TargetError(f"{spec}: bad flow definition: {exc}") from None
+    except Exception as exc:
+        raise TargetError(f"{spec}: importing it raised {type(exc).__name__}: {exc}") from None
+
+
+def load_flow(target: str, attr: str | None = None) -> Flow:
+    """The Flow named by TARGET (``file.py`` or ``module:attr``) and ``--flow``."""
+    if target.endswith(".py") or "/" in target:
+        module, name = _import_file(Path(target)), attr or "flow"
+    else:
+        modname, _, inline = target.partition(":")
+        module, name = _import_module(modname), attr or inline or "flow"
+    if not hasattr(module, name):
+        found = sorted(k for k, v in vars(module).items() if isinstance(v, Flow))
+        hint = f"; it has {', '.join(found)} (use --flow NAME)" if found else "; it defines no Flow"
+        raise TargetError(f"{target}: no attribute {name!r}{hint}")
+    obj = getattr(module, name)
+    if callable(obj) and not isinstance(obj, Flow):
+        try:
+            obj = obj()
+        except FlowError as exc:
+            raise TargetError(f"{target}: {name}(): bad flow definition: {exc}") from None
+        except Exception as exc:
+            raise TargetError(f"{target}: {name}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, Flow):
+        raise TargetError(f"{target}: {name!r} is a {type(obj).__name__}, not a Flow")
+    return obj
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.run",
+        description="Run a flow. Without TARGET, run the built-in demo "
+        "(synthetic market -> change detection -> SQLite + console summary).",
+    )
+    p.add_argument("target", nargs="?", help="a .py file or package.module:attr holding a Flow")
+    p.add_argument("--flow", metavar="NAME", help="attribute holding the Flow (default: flow)")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="drain and stop after this long")
+    p.add_argument(
+        "--metrics-addr", default="127.0.0.1:9099", metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz, /status here; 0 disables (default: %(default)s)",
+    )
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="longest a drain may take before a forced stop (default: %(default)s)")
+    p.add_argument("--db", default="ticks.db", help="SQLite file for the demo (default: %(default)s)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    try:
+        flow = load_flow(args.target, args.flow) if args.target else demo_flow(args.db)
+        runtime = Runtime(
+            flow,
+            metrics_addr=args.metrics_addr,
+            drain_timeout=args.drain_timeout,
+            duration=args.duration,
+            handle_signals=True,
+        )
+    except (TargetError, FlowError, ValueError) as exc:
+        print(f"flows: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = trio.run(runtime.run)
+    except FlowFailed as exc:
+        print(f"flows: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"flows: error: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result.clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""A synthetic market: random-walk prices for a universe of symbols.
+
+Talks to nothing: it is the embedded default source, for demos, tests and
+benchmarks. Every ``interval`` seconds it ticks the whole universe: each
+symbol keeps its price with probability ``unchanged`` (a realistic share of
+symbols do not move between polls) and otherwise takes a log-normal step of
+``volatility``. Prices are deterministic for a given ``seed``; timestamps
+are wall-clock epoch seconds, strictly increasing.
+
+Example::
+
+    from flows import Flow, ChangeDetector
+    from sources.synthetic import SyntheticMarket
+    from sinks.console import ConsoleSink
+
+    flow = Flow("demo", sources=[SyntheticMarket(symbols=300, interval=0.5)],
+                stages=[ChangeDetector()], sinks=[ConsoleSink()])
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+import time
+
+import attrs
+import trio
+
+from flows import Batch, Outbox, Tick
+
+__all__ = ["SyntheticMarket", "make_symbols"]
+
+_MAJORS = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "DOT", "AVAX", "LINK", "LTC"]
+
+
+def make_symbols(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct, deterministic ticker names such as ``BTCUSDT``."""
+    rng = random.Random(f"symbols-{seed}")
+    bases = list(_MAJORS[:n])
+    seen = set(bases)
+    while len(bases) < n:
+        base = "".join(rng.choices(string.ascii_uppercase, k=rng.choice((3, 4))))
+        if base not in seen:
+            seen.add(base)
+            bases.append(base)
+    return [b + "USDT" for b in bases]
+
+
+def _positive(instance, attribute, value) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+@attrs.define(kw_only=True)
+class SyntheticMarket:
+    """Source: a random-walk market.
+
+    Parameters:
+        symbols: how many symbols (named deterministically), or their names.
+        interval: seconds between ticks of the whole universe; 0 ticks as
+            fast as the flow takes them.
+        unchanged: share of symbols whose price does not move on a tick.
+        volatility: standard deviation of a moving symbol's log-return.
+        batch_size: most records per batch (a tick is split into batches).
+        limit: stop after this many records (``None``: run forever).
+        seed: makes prices deterministic.
+        name: the actor's name; also the ``source`` field of every Tick.
+    """
+
+    symbols: int | list[str] = 300
+    interval: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    unchanged: float = attrs.field(
+        default=0.6, validator=[attrs.validators.ge(0), attrs.validators.le(1)]
+    )
+    volatility: float = attrs.field(default=0.001, validator=attrs.validators.ge(0))
+    batch_size: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    limit: int | None = None
+    seed: int = 0
+    name: str = "synthetic"
+    emitted: int = attrs.field(default=0, init=False)
+    _names: list[str] = attrs.field(init=False)
+    _prices: list[float] = attrs.field(init=False)
+    _rng: random.Random = attrs.field(init=False)
+    _last_ts: float = attrs.field(default=0.0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.symbols, int):
+            if self.symbols < 1:
+                raise ValueError("symbols must be >= 1")
+            self._names = make_symbols(self.symbols, self.seed)
+        else:
+            self._names = list(self.symbols)
+            if not self._names:
+                raise ValueError("symbols must not be empty")
+        self._rng = random.Random(self.seed)
+        self._prices = [round(self._rng.lognormvariate(3.0, 2.0), 6) + 0.01 for _ in self._names]
+
+    def tick(self) -> list[Tick]:
+        """One tick of the whole universe (advances the random walk)."""
+        rng, prices, vol, still = self._rng, self._prices, self.volatility, self.unchanged
+        ts = max(time.time(), self._last_ts + 1e-6)
+        self._last_ts = ts
+        src = self.name
+        out = []
+        for i, symbol in enumerate(self._names):
+            if rng.random() >= still:
+                prices[i] = round(prices[i] * math.exp(rng.gauss(0.0, vol)), 8)
+            out.append(Tick(src, symbol, prices[i], ts))
+        return out
+
+    async def run(self, outbox: Outbox) -> None:
+        metrics = outbox.metrics
+        deadline = trio.current_time()
+        while self.limit is None or self.emitted < self.limit:
+            cycle_start = time.perf_counter()
+            with metrics.timed_batch():
+                records = self.tick()
+                if self.limit is not None:
+                    records = records[: self.limit - self.emitted]
+            for i in range(0, len(records), self.batch_size):
+                chunk = records[i : i + self.batch_size]
+                await outbox.send(Batch(chunk))
+                self.emitted += len(chunk)
+            metrics.poll_cycle.observe(time.perf_counter() - cycle_start)
+            if self.interval:
+                deadline = max(deadline + self.interval, trio.current_time())
+                await trio.sleep_until(deadline)

@@ -90,8 +90,9 @@ class ChangeDetector:
         exact = rel == 0 and abs_ == 0
         hb = math.inf if hb is None else hb
         isfinite = math.isfinite
+        max_keys = self.max_keys
         out = []
-        invalid = 0
+        invalid = evicted = 0
         for r in records:
             v = value_of(r)
             if not (v > 0 and isfinite(v)):  # NaN fails v > 0
@@ -101,6 +102,12 @@ class ChangeDetector:
             k = key_of(r)
             last = state.get(k)
             if last is None:
+                # Evict as keys arrive (not once per batch), so the state never
+                # holds more than max_keys and the output does not depend on
+                # how the records were split into batches.
+                while len(state) >= max_keys:
+                    state.popitem(last=False)
+                    evicted += 1
                 state[k] = [v, time_of(r)]
                 out.append(r)
                 continue
@@ -114,14 +121,10 @@ class ChangeDetector:
                 last[0] = v
                 last[1] = time_of(r)
                 out.append(r)
-        evicted = len(state) - self.max_keys
-        if evicted > 0:
-            for _ in range(evicted):
-                state.popitem(last=False)
         if metrics is not None:
             if invalid:
                 metrics.discarded("invalid", invalid)
-            if evicted > 0:
+            if evicted:
                 metrics.discarded("evicted", evicted)
             unchanged = len(records) - len(out) - invalid
             if unchanged:

@@ -10,7 +10,7 @@ just iterate and send, so a restarted actor keeps its place in the flow.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
@@ -78,17 +78,15 @@ class Inbox:
         """Close the processing span of the last batch (called at actor exit)."""
         self._finish_previous()
 
-    def __aiter__(self) -> AsyncIterator[Batch]:
-        return self._iterate()
+    def __aiter__(self) -> Inbox:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Batch]:
-        while True:
-            try:
-                batch = await self.receive()
-            except trio.EndOfChannel:
-                self._finish_previous()
-                return
-            yield batch
+    async def __anext__(self) -> Batch:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            self._finish_previous()
+            raise StopAsyncIteration from None
 
 
 class Outbox:

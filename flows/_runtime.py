@@ -155,6 +155,14 @@ class Runtime:
             reasons.insert(0, f"flow is {self.state}")
         return not reasons, reasons
 
+    def totals(self) -> str:
+        """One line of per-actor record counts: ``name: in=N out=N dropped=N``."""
+        parts = []
+        for a in self.status()["actors"]:
+            dropped = sum(a["discarded"].values())
+            parts.append(f"{a['name']}: in={a['received']} out={a['sent']} dropped={dropped}")
+        return "; ".join(parts)
+
     def status(self) -> dict[str, Any]:
         """The flow graph with per-actor figures, as served on /status."""
         return flow_status(self)
@@ -184,6 +192,10 @@ class Runtime:
                     self._actors_scope = actors.cancel_scope
                     self._start_actors(actors)
                     self.state = "running"
+                    log.info(
+                        "flow %s: running %s; endpoints on %s",
+                        self.flow.name, self.flow, self.metrics_url or "(disabled)",
+                    )
                     task_status.started(self)
             finally:
                 self.state = "stopped"
@@ -195,11 +207,12 @@ class Runtime:
             self.stop_reason = "exhausted"
         clean = not self._forced
         log.info(
-            "flow %s: %s after %.1fs (%s)",
+            "flow %s: %s after %.1fs (%s); %s",
             self.flow.name,
             "drained" if clean else "stopped by force",
             seconds,
             self.stop_reason,
+            self.totals(),
         )
         return RunResult(clean=clean, reason=self.stop_reason, seconds=seconds)
 

@@ -43,6 +43,8 @@ class SQLiteSink(BatchingSink):
         batch_size: rows per transaction at most (default 1000).
         flush_interval: longest a row waits before its write (s, default 1.0).
         retry: retry policy for transient errors (default: forever, backoff).
+        busy_timeout: how long one write waits on a lock held by another
+            connection before it fails and is retried (s).
         name: the actor's name.
     """
 
@@ -54,6 +56,7 @@ class SQLiteSink(BatchingSink):
         batch_size: int = 1000,
         flush_interval: float = 1.0,
         retry: Retry | None = None,
+        busy_timeout: float = 5.0,
         name: str = "sqlite",
     ) -> None:
         if not _IDENT.match(table):
@@ -65,6 +68,7 @@ class SQLiteSink(BatchingSink):
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retry = retry or Retry()
+        self.busy_timeout = busy_timeout
         self.name = name
         self._db: sqlite3.Connection | None = None
         self._insert = (
@@ -73,7 +77,7 @@ class SQLiteSink(BatchingSink):
         )
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(

@@ -90,6 +90,10 @@ class Runtime:
         self.registry = REGISTRY if registry is None else registry
         self.metrics = metrics_for(self.registry)
         self.metrics_addr = None if metrics_addr in (None, "", "0") else metrics_addr
+        if self.metrics_addr is not None:
+            from ._server import parse_addr
+
+            parse_addr(self.metrics_addr)  # a bad address fails here, not mid-run
         self.metrics_url: str | None = None
         self.drain_timeout = drain_timeout
         self.duration = duration

@@ -1,0 +1,154 @@
+"""`python -m flows.run`: targets, errors, and a signal-driven drain into SQLite."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flows.run import load_flow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.run", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+FLOW_FILE = """
+from flows import Flow, ChangeDetector
+from sources.synthetic import SyntheticMarket
+from sinks.sqlite import SQLiteSink
+from sinks.console import ConsoleSink
+
+flow = Flow(
+    "drainme",
+    sources=[SyntheticMarket(symbols=200, interval=0.02, unchanged=0.5, batch_size=50)],
+    stages=[ChangeDetector(rel=0.0001)],
+    sinks=[SQLiteSink({db!r}, flush_interval=0.2), ConsoleSink(every=0.2)],
+)
+"""
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, r"flow file '.*missing\.py' does not exist"),
+        ("x = 1\n", r"no attribute 'flow'; it defines no Flow"),
+        ("raise RuntimeError('no config')\n", r"importing it raised RuntimeError \(line 1\): no config"),
+        ("def broken(:\n", r"importing it raised SyntaxError \(line 1\)"),
+        ("import not_a_module_xyz\n", r"importing it raised ModuleNotFoundError"),
+        ("flow = 42\n", r"'flow' is a int, not a Flow"),
+        (
+            "from flows import Flow\nfrom flows.testing import ListSink\nflow = Flow('x', sources=[], sinks=[ListSink()])\n",
+            r"bad flow definition: flow 'x' has no sources",
+        ),
+    ],
+)
+def test_bad_targets_get_one_clear_line_and_exit_2(tmp_path, content, expected):
+    target = tmp_path / ("missing.py" if content is None else "target.py")
+    if content is not None:
+        target.write_text(content)
+    proc = run_cli(str(target), "--metrics-addr", "0", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("flows: error: ")
+    assert re.search(expected, lines[0]), lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_named_flow_and_module_targets(tmp_path):
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "flows_here.py").write_text(
+        textwrap.dedent(
+            """
+            from flows import Flow
+            from flows.testing import ListSink
+            from sources.synthetic import SyntheticMarket
+
+            def build():
+                return Flow("built", sources=[SyntheticMarket(symbols=5, interval=0, limit=50)],
+                            sinks=[ListSink()])
+
+            other = build()
+            """
+        )
+    )
+    assert load_flow(str(pkg / "flows_here.py"), "other").name == "built"
+    proc = run_cli("mypkg.flows_here:build", "--metrics-addr", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "flow built: drained" in proc.stderr
+    proc = run_cli(str(pkg / "flows_here.py"), "--metrics-addr", "0", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no attribute 'flow'; it has other (use --flow NAME)" in proc.stderr
+    proc = run_cli("mypkg.nothing:flow", "--metrics-addr", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and "module 'mypkg.nothing' not found" in proc.stderr
+
+
+def test_demo_runs_for_a_duration_and_stores_ticks(tmp_path):
+    db = tmp_path / "demo.db"
+    proc = run_cli("--duration", "1.5", "--db", str(db), "--metrics-addr", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "flow demo: drained" in proc.stderr
+    with sqlite3.connect(db) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM ticks").fetchone()
+    assert rows >= 300  # every symbol is new on the first tick
+    assert "-- flow demo" in proc.stdout  # the final console summary
+
+
+def test_unusable_metrics_address_is_an_error(tmp_path):
+    proc = run_cli("--metrics-addr", "127.0.0.1:notaport", cwd=tmp_path)
+    assert proc.returncode == 2 and "is not a number" in proc.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_every_emitted_record_into_sqlite(tmp_path, signum):
+    db = tmp_path / "drain.db"
+    target = tmp_path / "drain_flow.py"
+    target.write_text(FLOW_FILE.format(db=str(db)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.run", str(target), "--metrics-addr", "127.0.0.1:0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        # The console summary reports what SQLite wrote; wait for real writes.
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"sink\s+sqlite .* written=(\d+)", line)
+            if m and int(m.group(1)) >= 1000:
+                break
+        else:
+            pytest.fail(f"flow ended early: {proc.stderr.read() if proc.stderr else ''}")
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert f"stopping (signal {signal.Signals(signum).name}): draining" in err
+    final = re.search(r"drained .* change: in=(\d+) out=(\d+)", err)
+    assert final, err
+    emitted = int(final.group(2))
+    with sqlite3.connect(db) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM ticks").fetchone()
+    assert rows == emitted > 1000

@@ -6,7 +6,9 @@ batches until ``batch_size`` records or ``flush_interval`` seconds since the
 first pending one, writes them in one call, retries transient failures with
 exponential backoff and full jitter (blocking the inbox meanwhile: that is
 backpressure, not loss), then observes end-to-end latency and calls each
-batch's ack hooks with ``"written"``.
+batch's ack hooks with ``"written"``. Records the database rejects for good
+(``is_transient`` false) are isolated by splitting the write, and only they
+are dropped, counted with reason ``rejected``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import attrs
 import trio
 
 from ._channels import Inbox
+from ._log import DropLog
 from ._metrics import ComponentMetrics
 from ._records import Batch
 
@@ -106,6 +109,38 @@ class BatchingSink:
         if not batches:
             return
         records = [r for b in batches for r in b.records]
+        try:
+            await self._write_isolating(records, m, log)
+        except _GaveUp as exc:
+            log.error("write of %d records failed, dropping them: %r", len(records), exc.__cause__)
+            m.discarded("write_failed", len(records))
+            _ack(batches, "failed")
+            return
+        now = time.monotonic()
+        for b in batches:
+            m.end_to_end.observe(max(now - b.created, 0.0))
+        _ack(batches, "written")
+
+    async def _write_isolating(
+        self, records: list[Any], m: ComponentMetrics, log: logging.Logger
+    ) -> None:
+        """Write ``records``; when the database rejects them for good, split
+        the write in halves until the bad records are found, and drop only
+        those (counted as ``rejected``)."""
+        try:
+            await self._write_retrying(records, m, log)
+        except _Rejected as exc:
+            if len(records) == 1:
+                m.discarded("rejected", 1)
+                self._drops.drop("rejected", f"{records[0]!r}: {exc.__cause__!r}")
+                return
+            mid = len(records) // 2
+            await self._write_isolating(records[:mid], m, log)
+            await self._write_isolating(records[mid:], m, log)
+
+    async def _write_retrying(
+        self, records: list[Any], m: ComponentMetrics, log: logging.Logger
+    ) -> None:
         delays = self.retry.delays()
         while True:
             t0 = time.perf_counter()
@@ -114,23 +149,35 @@ class BatchingSink:
             except Exception as exc:
                 m.write_errors.inc()
                 m.error(type(exc).__name__)
-                delay = next(delays, None) if self.is_transient(exc) else None
+                if not self.is_transient(exc):
+                    raise _Rejected from exc
+                delay = next(delays, None)
                 if delay is None:
-                    log.error("write of %d records failed, dropping them: %r", len(records), exc)
-                    m.discarded("write_failed", len(records))
-                    _ack(batches, "failed")
-                    return
-                log.warning("write of %d records failed (%r); retrying in %.2fs", len(records), exc, delay)
+                    raise _GaveUp from exc
+                log.warning(
+                    "write of %d records failed (%r); retrying in %.2fs", len(records), exc, delay
+                )
                 m.write_retries.inc()
                 await trio.sleep(delay)
                 continue
             m.write_seconds.observe(time.perf_counter() - t0)
             m.write_records.observe(len(records))
-            break
-        now = time.monotonic()
-        for b in batches:
-            m.end_to_end.observe(max(now - b.created, 0.0))
-        _ack(batches, "written")
+            return
+
+    @property
+    def _drops(self) -> DropLog:
+        drops = self.__dict__.get("_drop_log")
+        if drops is None:
+            drops = self.__dict__["_drop_log"] = DropLog(f"flows.sink.{self.name}")
+        return drops
+
+
+class _Rejected(Exception):
+    """The database refused the records themselves (not worth retrying)."""
+
+
+class _GaveUp(Exception):
+    """Transient failures outlasted the retry policy."""
 
 
 def _ack(batches: list[Batch], outcome: str) -> None:

@@ -7,9 +7,10 @@ thread so the trio thread never blocks. One table (default ``ticks``):
     source TEXT, symbol TEXT, ts REAL, price REAL, bid REAL, ask REAL, volume REAL
     PRIMARY KEY (source, symbol, ts)
 
-Rows are inserted with ``INSERT OR IGNORE``, so a batch delivered twice is
-stored once. "database is locked", "disk full" and I/O errors are retried
-with backoff (the flow backs up meanwhile); nothing is dropped while SQLite
+Rows are inserted with ``ON CONFLICT (source, symbol, ts) DO NOTHING``, so
+a batch delivered twice is stored once; a row that breaks another
+constraint is dropped alone and counted (reason ``rejected``).
+"database is locked", "disk full" and I/O errors are retried with backoff (the flow backs up meanwhile); nothing is dropped while SQLite
 cannot write.
 
 Example::
@@ -72,8 +73,8 @@ class SQLiteSink(BatchingSink):
         self.name = name
         self._db: sqlite3.Connection | None = None
         self._insert = (
-            f"INSERT OR IGNORE INTO {table} (source, symbol, ts, price, bid, ask, volume) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO {table} (source, symbol, ts, price, bid, ask, volume) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, symbol, ts) DO NOTHING"
         )
 
     def _connect(self) -> sqlite3.Connection:

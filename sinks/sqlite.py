@@ -1,6 +1,6 @@
 """SQLite sink: the embedded default store for ticks.
 
-Talks to a local SQLite file (Python's sqlite3, SQLite 3.7+). The database
+Talks to a local SQLite file (Python's sqlite3). The database
 runs in WAL mode with ``synchronous=NORMAL``; writes happen in a worker
 thread so the trio thread never blocks. One table (default ``ticks``):
 
@@ -10,8 +10,9 @@ thread so the trio thread never blocks. One table (default ``ticks``):
 Rows are inserted with ``ON CONFLICT (source, symbol, ts) DO NOTHING``, so
 a batch delivered twice is stored once; a row that breaks another
 constraint is dropped alone and counted (reason ``rejected``).
-"database is locked", "disk full" and I/O errors are retried with backoff (the flow backs up meanwhile); nothing is dropped while SQLite
-cannot write.
+"database is locked", "disk full" and I/O errors are retried with backoff
+(the flow backs up meanwhile); nothing is dropped while SQLite cannot
+write. Needs SQLite 3.24+ (upsert syntax).
 
 Example::
 

@@ -152,3 +152,14 @@ def test_signal_drains_every_emitted_record_into_sqlite(tmp_path, signum):
     with sqlite3.connect(db) as conn:
         (rows,) = conn.execute("SELECT count(*) FROM ticks").fetchone()
     assert rows == emitted > 1000
+
+
+def test_json_logs_are_one_object_per_line(tmp_path):
+    proc = run_cli("--duration", "0.5", "--db", str(tmp_path / "j.db"), "--metrics-addr", "0",
+                   "--log-format", "json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert any(e["logger"] == "flows.runtime" and "drained" in e["event"] for e in events)
+    assert all({"ts", "level", "logger", "event"} <= set(e) for e in events)

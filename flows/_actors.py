@@ -51,7 +51,9 @@ class FunctionStage:
     """A stage made from a function ``batch -> batch | None`` (sync or async).
 
     Returning ``None`` or an empty batch drops the batch; the records are
-    counted as discarded with reason ``filtered``. A function that raises
+    counted as discarded with reason ``filtered`` and the batch is acked
+    ``skipped``. Return ``batch.replace(records)`` to keep its ack hooks and
+    creation time. A function that raises
     gets its batch counted as discarded (reason ``error``) and the stage is
     restarted by the supervisor.
     """
@@ -74,8 +76,12 @@ class FunctionStage:
             kept = 0 if out is None else len(out.records)
             if kept < len(batch.records):
                 metrics.discarded("filtered", len(batch.records) - kept)
-            if kept:
-                await outbox.send(out)
+            if out is None:
+                batch.ack("skipped")
+                continue
+            if batch.acks:  # a new Batch, not batch.replace(): carry the hooks over
+                out.acks, batch.acks = batch.acks + out.acks, ()
+            await outbox.send(out)
 
     def __repr__(self) -> str:
         return f"FunctionStage({self.name!r})"

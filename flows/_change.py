@@ -135,5 +135,4 @@ class ChangeDetector:
         metrics = inbox.metrics
         async for batch in inbox:
             kept = self.filter(batch.records, metrics)
-            if kept:
-                await outbox.send(batch.replace(kept))
+            await outbox.send(batch.replace(kept))  # an empty batch is acked "skipped"

@@ -10,8 +10,8 @@ just iterate and send, so a restarted actor keeps its place in the flow.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -19,10 +19,14 @@ import trio
 from ._metrics import ComponentMetrics
 from ._records import Batch
 
-__all__ = ["Edge", "Inbox", "Outbox", "POLICIES"]
+__all__ = ["Edge", "Inbox", "Outbox", "EdgePort", "open_edge", "POLICIES"]
 
-Policy = Literal["block"]
-POLICIES: tuple[str, ...] = ("block",)
+Policy = Literal["block", "conflate", "drop_newest", "drop_oldest"]
+POLICIES: tuple[str, ...] = ("block", "conflate", "drop_newest", "drop_oldest")
+
+
+def _tick_key(record: Any) -> Hashable:
+    return (record.source, record.symbol)
 
 
 @attrs.frozen(kw_only=True)
@@ -30,11 +34,23 @@ class Edge:
     """How the channel into one consumer behaves.
 
     ``capacity`` counts batches, not records. ``policy`` says what a send
-    does when the channel is full: ``block`` waits (backpressure).
+    does when the channel is full:
+
+    - ``block`` (default): wait; the producer slows down (backpressure).
+    - ``conflate``: never wait; records pending for the consumer are merged
+      by ``key`` (latest wins), so memory is bounded by the number of keys
+      and the consumer always gets the freshest value per key. Merged-away
+      records are counted as discarded with reason ``conflated``.
+    - ``drop_newest``: never wait; the batch being sent is dropped.
+    - ``drop_oldest``: never wait; the oldest queued batch is dropped.
+
+    Dropped records are counted on the consumer (reason ``drop_newest`` or
+    ``drop_oldest``) and their batches acked as ``dropped``.
     """
 
     capacity: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     policy: Policy = attrs.field(default="block", validator=attrs.validators.in_(POLICIES))
+    key: Callable[[Any], Hashable] = _tick_key
 
 
 class Inbox:
@@ -92,25 +108,30 @@ class Inbox:
 class Outbox:
     """The sending end of a component: ``await outbox.send(batch)``.
 
-    With several downstream channels (fan-out) each gets the same batch in
-    turn, so the slowest consumer sets the pace.
+    With several consumers (fan-out) each gets the batch in turn, so the
+    slowest blocking consumer sets the pace; the batch's ack hooks fire once,
+    when every consumer has acked (with the worst outcome).
     """
 
     def __init__(
         self,
-        senders: Sequence[trio.MemorySendChannel[Batch]],
+        ports: Sequence[EdgePort],
         metrics: ComponentMetrics,
         *,
         observe_lag: bool = False,
     ) -> None:
-        self._senders = list(senders)
+        self._ports = [port.attach() for port in ports]
         self.metrics = metrics
         self._observe_lag = observe_lag
 
     async def send(self, batch: Batch) -> None:
-        """Send ``batch`` downstream; blocks while a consumer's channel is full."""
+        """Send ``batch`` downstream; blocks while a ``block`` edge is full.
+
+        An empty batch is not sent: its ack hooks get ``skipped``.
+        """
         records = batch.records
         if not records:
+            batch.ack("skipped")
             await trio.lowlevel.checkpoint()
             return
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -119,14 +140,11 @@ class Outbox:
             ts = getattr(records[0], "ts", None)
             if ts is not None:
                 m.lag.observe(max(time.time() - ts, 0.0))
+        ports = self._ports
+        copies = _fan_out(batch, len(ports)) if len(ports) > 1 and batch.acks else None
         waited = 0.0
-        for sender in self._senders:
-            try:
-                sender.send_nowait(batch)
-            except trio.WouldBlock:
-                t0 = time.perf_counter()
-                await sender.send(batch)
-                waited += time.perf_counter() - t0
+        for i, port in enumerate(ports):
+            waited += await port.send(batch if copies is None else copies[i])
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
         m.wait_seconds += waited
@@ -134,6 +152,165 @@ class Outbox:
         m.sent.inc(len(records))
 
     def close(self) -> None:
-        """Close every downstream channel end this outbox holds."""
-        for sender in self._senders:
-            sender.close()
+        """Let go of every downstream edge (the last producer closes it)."""
+        ports, self._ports = self._ports, []
+        for port in ports:
+            port.detach()
+
+
+_RANK = {"skipped": 0, "written": 1, "dropped": 2, "failed": 3}
+
+
+class _Join:
+    """One ack hook shared by the fan-out copies of a batch."""
+
+    __slots__ = ("left", "worst", "hooks")
+
+    def __init__(self, n: int, hooks: tuple[Any, ...]) -> None:
+        self.left, self.worst, self.hooks = n, "skipped", hooks
+
+    def __call__(self, outcome: str) -> None:
+        if _RANK.get(outcome, 3) > _RANK[self.worst]:
+            self.worst = outcome
+        self.left -= 1
+        if self.left == 0:
+            for hook in self.hooks:
+                hook(self.worst)
+
+
+def _fan_out(batch: Batch, n: int) -> list[Batch]:
+    join = _Join(n, batch.acks)
+    batch.acks = ()
+    return [Batch(batch.records, created=batch.created, acks=(join,)) for _ in range(n)]
+
+
+class EdgePort:
+    """The producer side of the channel into one consumer, with its policy.
+
+    Every producer attaches; the last to detach closes the channel, which is
+    how the consumer learns its upstream is done.
+    """
+
+    def __init__(
+        self,
+        edge: Edge,
+        sender: trio.MemorySendChannel[Batch],
+        receiver: trio.MemoryReceiveChannel[Batch],
+        consumer: ComponentMetrics,
+    ) -> None:
+        self.edge = edge
+        self._sender = sender
+        self._receiver = receiver  # drop_oldest takes the oldest batch out
+        self._consumer = consumer
+        self._users = 0
+
+    def attach(self) -> EdgePort:
+        self._users += 1
+        return self
+
+    def detach(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            self.close()
+
+    def close(self) -> None:
+        self._sender.close()
+
+    def pending(self) -> int:
+        """Records held outside the channel (conflation buffer)."""
+        return 0
+
+    async def send(self, batch: Batch) -> float:
+        """Hand ``batch`` to the channel; returns the seconds it blocked."""
+        try:
+            self._sender.send_nowait(batch)
+            return 0.0
+        except trio.WouldBlock:
+            pass
+        policy = self.edge.policy
+        if policy == "block":
+            t0 = time.perf_counter()
+            await self._sender.send(batch)
+            return time.perf_counter() - t0
+        if policy == "drop_oldest":
+            while True:
+                try:
+                    old = self._receiver.receive_nowait()
+                except trio.WouldBlock:
+                    old = None
+                if old is not None:
+                    self._drop(old, "drop_oldest")
+                try:
+                    self._sender.send_nowait(batch)
+                    return 0.0
+                except trio.WouldBlock:
+                    continue
+        self._drop(batch, "drop_newest")
+        return 0.0
+
+    def _drop(self, batch: Batch, reason: str) -> None:
+        self._consumer.discarded(reason, len(batch.records))
+        batch.ack("dropped")
+
+
+class ConflatingPort(EdgePort):
+    """``conflate``: sends merge into a per-key buffer that a pump task moves
+    into the channel whenever it has room."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._pending: dict[Hashable, Any] = {}
+        self._acks: list[Any] = []
+        self._created: float | None = None
+        self._wake = trio.Event()
+        self._closed = False
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def send(self, batch: Batch) -> float:
+        pending, key = self._pending, self.edge.key
+        before = len(pending)
+        for record in batch.records:
+            pending[key(record)] = record
+        merged = len(batch.records) - (len(pending) - before)
+        if merged:
+            self._consumer.discarded("conflated", merged)
+        self._acks.extend(batch.acks)
+        batch.acks = ()
+        if self._created is None:
+            self._created = batch.created
+        self._wake.set()
+        return 0.0
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    async def pump(self) -> None:
+        """Move pending records into the channel; closes it once detached."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                if self._pending:
+                    batch = Batch(
+                        list(self._pending.values()), created=self._created, acks=self._acks
+                    )
+                    self._pending, self._acks, self._created = {}, [], None
+                    await self._sender.send(batch)
+                    self._wake.set()  # look again: more may have arrived meanwhile
+                elif self._closed:
+                    return
+        finally:
+            self._sender.close()
+
+
+def open_edge(edge: Edge, consumer: ComponentMetrics) -> tuple[EdgePort, Inbox]:
+    """The channel into one consumer: its producer-side port and its inbox."""
+    sender, receiver = trio.open_memory_channel[Batch](edge.capacity)
+    cls = ConflatingPort if edge.policy == "conflate" else EdgePort
+    port = cls(edge, sender, receiver, consumer)
+    inbox = Inbox(receiver, consumer, edge.capacity)
+    consumer.pending = port.pending
+    return port, inbox

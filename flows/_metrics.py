@@ -157,6 +157,7 @@ class ComponentMetrics:
         self._errors: dict[str, Counter] = {}
         # Live figures read by the collector at scrape time.
         self.buffer: Callable[[], tuple[int, float]] | None = None
+        self.pending: Callable[[], int] | None = None  # conflation buffer
         self.busy_seconds = 0.0
         self.wait_seconds = 0.0
         self._util_ref = (time.monotonic(), 0.0)

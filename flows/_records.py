@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Tick", "Batch", "AckHook"]
+__all__ = ["Tick", "Batch", "AckHook", "OUTCOMES"]
 
 
 class Tick(msgspec.Struct, frozen=True, gc=False):
@@ -28,7 +28,13 @@ class Tick(msgspec.Struct, frozen=True, gc=False):
 
 
 AckHook = Callable[[str], None]
-"""Called once per batch with its outcome (``"written"``, ``"dropped"``...)."""
+"""Called once per batch with its outcome, one of ``OUTCOMES``."""
+
+OUTCOMES = ("written", "skipped", "dropped", "failed")
+"""What became of a batch: every sink wrote it; a stage dropped all its
+records (unchanged, filtered); an edge policy dropped it; a sink gave up on
+it. With fan-out, the worst outcome over the sinks wins (failed > dropped >
+written; skipped only when nothing was written)."""
 
 
 class Batch:
@@ -53,8 +59,18 @@ class Batch:
         self.acks: tuple[AckHook, ...] = tuple(acks)
 
     def replace(self, records: list[Any]) -> Batch:
-        """A batch holding ``records`` with this batch's time and ack hooks."""
-        return Batch(records, created=self.created, acks=self.acks)
+        """A batch holding ``records`` with this batch's time and ack hooks.
+
+        The hooks move to the new batch: this one will not call them.
+        """
+        acks, self.acks = self.acks, ()
+        return Batch(records, created=self.created, acks=acks)
+
+    def ack(self, outcome: str) -> None:
+        """Call the ack hooks with ``outcome``; at most once per batch."""
+        hooks, self.acks = self.acks, ()
+        for hook in hooks:
+            hook(outcome)
 
     def __len__(self) -> int:
         return len(self.records)

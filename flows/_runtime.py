@@ -21,7 +21,7 @@ import attrs
 import trio
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from ._channels import Inbox, Outbox
+from ._channels import ConflatingPort, EdgePort, Inbox, Outbox, open_edge
 from ._flow import Flow, FlowError
 from ._metrics import ComponentMetrics, metrics_for
 from ._status import flow_status
@@ -224,14 +224,15 @@ class Runtime:
         flow = self.flow
         by_name = {s.actor.name: s for s in self.slots}
 
-        def channel(consumer: Any) -> tuple[trio.MemorySendChannel, Inbox]:
-            edge = flow.edge(consumer.name)
-            send, recv = trio.open_memory_channel(edge.capacity)
-            return send, Inbox(recv, by_name[consumer.name].metrics, edge.capacity)
+        def channel(consumer: Any) -> tuple[EdgePort, Inbox]:
+            port, inbox = open_edge(flow.edge(consumer.name), by_name[consumer.name].metrics)
+            if isinstance(port, ConflatingPort):
+                nursery.start_soon(port.pump)
+            return port, inbox
 
         sink_ends = [channel(s) for s in flow.sinks]
         stage_ends = [channel(s) for s in flow.stages]
-        downstream = [send for send, _ in sink_ends]
+        downstream = [port for port, _ in sink_ends]
         for i in reversed(range(len(flow.stages))):
             slot = by_name[flow.stages[i].name]
             outbox = Outbox(downstream, slot.metrics)
@@ -244,11 +245,8 @@ class Runtime:
             nursery.start_soon(self._supervise, slot, lambda s=slot, i=inbox: s.actor.run(i),
                                self._closer(inbox, None))
         source_outboxes = [
-            Outbox([d.clone() for d in downstream], by_name[s.name].metrics, observe_lag=True)
-            for s in flow.sources
+            Outbox(downstream, by_name[s.name].metrics, observe_lag=True) for s in flow.sources
         ]
-        for d in downstream:
-            d.close()
         nursery.start_soon(self._run_sources, source_outboxes)
 
     @staticmethod

@@ -182,5 +182,4 @@ class _GaveUp(Exception):
 
 def _ack(batches: list[Batch], outcome: str) -> None:
     for b in batches:
-        for hook in b.acks:
-            hook(outcome)
+        b.ack(outcome)

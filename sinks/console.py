@@ -107,8 +107,7 @@ class ConsoleSink:
                 if self.mode == "records":
                     self._print([_record_line(r) for r in batch.records])
                 m.end_to_end.observe(max(time.monotonic() - batch.created, 0.0))
-                for hook in batch.acks:
-                    hook("written")
+                batch.ack("written")
                 continue
             if self.mode == "summary":
                 now = time.monotonic()

@@ -101,6 +101,8 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
         if m.buffer is not None:
             used, cap = m.buffer()
             entry["buffer"] = {"used": used, "capacity": cap}
+            if m.pending is not None:
+                entry["buffer"]["pending_records"] = m.pending()
         for key, h in f["histograms"].items():
             if key == "write_records":
                 if h["count"]:

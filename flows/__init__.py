@@ -4,6 +4,7 @@ The public surface is re-exported here; the modules behind it are private.
 """
 
 from ._actors import FunctionStage as FunctionStage
+from ._actors import RunContext as RunContext
 from ._actors import Sink as Sink
 from ._actors import Source as Source
 from ._actors import Stage as Stage

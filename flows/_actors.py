@@ -9,18 +9,32 @@ An actor is any object with a ``name`` and an async ``run``:
 Actors do not close their channel ends: the runtime does, once the actor
 has returned, so a crashed actor can be restarted on the same channels.
 A source's ``run`` returning means the source is exhausted (a finite flow).
+
+An actor may also define ``setup(context: RunContext)``: the runtime calls
+it once per run, before any actor starts (``context.fresh`` asks it to
+ignore saved state such as checkpoints and offsets).
 """
 
 from __future__ import annotations
 
 import inspect
+
+import attrs
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from ._channels import Inbox, Outbox
 from ._records import Batch
 
-__all__ = ["Source", "Stage", "Sink", "FunctionStage", "stage"]
+__all__ = ["Source", "Stage", "Sink", "FunctionStage", "RunContext", "stage"]
+
+
+@attrs.frozen(kw_only=True)
+class RunContext:
+    """What the runtime tells each actor's optional ``setup`` hook."""
+
+    flow: str
+    fresh: bool = False
 
 
 @runtime_checkable

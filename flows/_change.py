@@ -12,18 +12,46 @@ seen-set dedupe).
 Records whose value is NaN, infinite, zero or negative are dropped as
 ``invalid``. State is bounded by ``max_keys``: the least recently seen key
 is evicted (counted as discarded with reason ``evicted``).
+
+With ``checkpoint`` set, the state is saved to that file (msgpack, written
+atomically) every ``checkpoint_every`` seconds and when the stage stops,
+and restored when it starts, so a restarted flow does not re-emit every
+unchanged symbol. A run with ``fresh`` (``python -m flows.run --fresh``)
+ignores the file. A missing, corrupt or foreign checkpoint is reported in
+one log line and ignored.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
 
+import msgspec
+import trio
+
+from ._actors import RunContext
 from ._channels import Inbox, Outbox
+from ._checkpoint import write_atomic
 from ._log import DropLog
 from ._metrics import ComponentMetrics
+
+log = logging.getLogger("flows.change")
+
+CHECKPOINT_VERSION = 1
+
+
+class _Checkpoint(msgspec.Struct, frozen=True):
+    version: int
+    kind: str
+    entries: list[tuple[Any, float, float]]  # key, last emitted value, its time
+
+
+def _hashable(key: Any) -> Hashable:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
 
 __all__ = ["ChangeDetector"]
 
@@ -54,7 +82,10 @@ class ChangeDetector:
             the key last emitted; ``None`` disables.
         max_keys: most keys remembered; the least recently seen is evicted.
         key, value, time: functions of a record (defaults fit ``Tick``:
-            (source, symbol), price, ts).
+            (source, symbol), price, ts). Keys must be msgpack-encodable
+            (str, numbers, tuples of them) for checkpoints.
+        checkpoint: file to save the state to and restore it from.
+        checkpoint_every: seconds between saves while running.
         name: the stage's name.
     """
 
@@ -68,6 +99,8 @@ class ChangeDetector:
         key: Callable[[Any], Hashable] = _tick_key,
         value: Callable[[Any], float] = _tick_value,
         time: Callable[[Any], float] = _tick_time,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: float = 30.0,
         name: str = "change",
     ) -> None:
         if not (rel >= 0 and abs >= 0):
@@ -79,9 +112,60 @@ class ChangeDetector:
         self.rel, self.abs, self.heartbeat, self.max_keys = rel, abs, heartbeat, max_keys
         self.key, self.value, self.time = key, value, time
         self.name = name
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        if not checkpoint_every > 0:
+            raise ValueError("checkpoint_every must be > 0")
+        self.checkpoint_every = checkpoint_every
         # key -> [last emitted value, time it was emitted]
         self.state: OrderedDict[Hashable, list[float]] = OrderedDict()
         self._drops = DropLog(f"flows.stage.{name}")
+        self._fresh = False
+        self._restored = False
+
+    def setup(self, context: RunContext) -> None:
+        self._fresh = context.fresh
+
+    def save(self) -> None:
+        """Write the state to the checkpoint file (atomically)."""
+        if self.checkpoint is None:
+            return
+        entries = [(k, v[0], v[1]) for k, v in self.state.items()]
+        data = msgspec.msgpack.encode(
+            _Checkpoint(CHECKPOINT_VERSION, "flows.ChangeDetector", entries)
+        )
+        write_atomic(self.checkpoint, data)
+
+    def restore(self) -> int:
+        """Load the checkpoint file into the state; returns the keys loaded.
+
+        Anything wrong with the file is logged once and ignored.
+        """
+        path = self.checkpoint
+        if path is None:
+            return 0
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log.info("change %s: no checkpoint at %s yet; starting empty", self.name, path)
+            return 0
+        except OSError as exc:
+            log.warning("change %s: cannot read checkpoint %s (%s); ignoring it", self.name, path, exc)
+            return 0
+        try:
+            cp = msgspec.msgpack.decode(data, type=_Checkpoint)
+            if cp.version != CHECKPOINT_VERSION or cp.kind != "flows.ChangeDetector":
+                raise ValueError(f"version {cp.version} of {cp.kind!r}, expected {CHECKPOINT_VERSION}")
+            state = OrderedDict((_hashable(k), [v, t]) for k, v, t in cp.entries)
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            log.warning(
+                "change %s: checkpoint %s is unusable (%s); ignoring it", self.name, path, exc
+            )
+            return 0
+        while len(state) > self.max_keys:
+            state.popitem(last=False)
+        self.state = state
+        log.info("change %s: restored %d keys from %s", self.name, len(state), path)
+        return len(state)
 
     def filter(self, records: list[Any], metrics: ComponentMetrics | None = None) -> list[Any]:
         """The records of ``records`` that must be emitted; updates the state."""
@@ -133,6 +217,29 @@ class ChangeDetector:
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
         metrics = inbox.metrics
-        async for batch in inbox:
-            kept = self.filter(batch.records, metrics)
-            await outbox.send(batch.replace(kept))  # an empty batch is acked "skipped"
+        if not self._restored and self.checkpoint is not None:
+            self._restored = True
+            if self._fresh:
+                log.info("change %s: fresh run: ignoring checkpoint %s", self.name, self.checkpoint)
+            else:
+                await trio.to_thread.run_sync(self.restore)
+        next_save = trio.current_time() + self.checkpoint_every
+        try:
+            async for batch in inbox:
+                kept = self.filter(batch.records, metrics)
+                await outbox.send(batch.replace(kept))  # an empty batch is acked "skipped"
+                if self.checkpoint is not None and trio.current_time() >= next_save:
+                    await self._save(metrics)
+                    next_save = trio.current_time() + self.checkpoint_every
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._save(metrics)
+
+    async def _save(self, metrics: ComponentMetrics) -> None:
+        if self.checkpoint is None:
+            return
+        try:
+            await trio.to_thread.run_sync(self.save)
+        except OSError as exc:
+            metrics.error("checkpoint")
+            log.error("change %s: cannot write checkpoint %s: %s", self.name, self.checkpoint, exc)

@@ -312,5 +312,6 @@ def open_edge(edge: Edge, consumer: ComponentMetrics) -> tuple[EdgePort, Inbox]:
     cls = ConflatingPort if edge.policy == "conflate" else EdgePort
     port = cls(edge, sender, receiver, consumer)
     inbox = Inbox(receiver, consumer, edge.capacity)
-    consumer.pending = port.pending
+    if edge.policy == "conflate":
+        consumer.pending = port.pending
     return port, inbox

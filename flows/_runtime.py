@@ -21,6 +21,7 @@ import attrs
 import trio
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from ._actors import RunContext
 from ._channels import ConflatingPort, EdgePort, Inbox, Outbox, open_edge
 from ._flow import Flow, FlowError
 from ._metrics import ComponentMetrics, metrics_for
@@ -72,6 +73,7 @@ class Runtime:
         drain_timeout: seconds the drain may take before a forced stop.
         duration: stop by itself after this many seconds.
         handle_signals: drain on SIGINT/SIGTERM (main thread only).
+        fresh: ask actors to ignore saved state (checkpoints, offsets).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Runtime:
         drain_timeout: float = 30.0,
         duration: float | None = None,
         handle_signals: bool = False,
+        fresh: bool = False,
     ) -> None:
         if not isinstance(flow, Flow):
             raise FlowError(f"expected a Flow, got {type(flow).__name__}")
@@ -98,6 +101,7 @@ class Runtime:
         self.drain_timeout = drain_timeout
         self.duration = duration
         self.handle_signals = handle_signals
+        self.fresh = fresh
         self.state = "starting"
         self.stop_reason: str | None = None
         self.started_at = time.monotonic()
@@ -222,6 +226,11 @@ class Runtime:
 
     def _start_actors(self, nursery: trio.Nursery) -> None:
         flow = self.flow
+        context = RunContext(flow=flow.name, fresh=self.fresh)
+        for actor in flow.actors:
+            setup = getattr(actor, "setup", None)
+            if callable(setup):
+                setup(context)
         by_name = {s.actor.name: s for s in self.slots}
 
         def channel(consumer: Any) -> tuple[EdgePort, Inbox]:

@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="longest a drain may take before a forced stop (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore saved state (change-detector checkpoints, replay offsets)")
     p.add_argument("--db", default="ticks.db", help="SQLite file for the demo (default: %(default)s)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             drain_timeout=args.drain_timeout,
             duration=args.duration,
             handle_signals=True,
+            fresh=args.fresh,
         )
     except (TargetError, FlowError, ValueError) as exc:
         print(f"flows: error: {exc}", file=sys.stderr)

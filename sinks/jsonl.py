@@ -1,0 +1,248 @@
+"""JSONL sink: append records to a local file, one JSON object per line.
+
+Talks to a local file (JSON Lines, https://jsonlines.org). Each record is
+encoded with msgspec's JSON encoder and written as one line ending in
+``\\n``. A ``Tick`` becomes an object with its field names, in field order,
+optional fields included (``null`` when absent)::
+
+    {"source":"binance","symbol":"BTCUSDT","price":64210.5,"ts":1700000000.25,"bid":64210.4,"ask":64210.6,"volume":null}
+
+Any record msgspec can encode works (Structs, dataclasses, attrs classes,
+dicts, ...). JSON has no NaN or infinity: msgspec writes those as ``null``.
+``msgspec.json.Decoder(Tick)`` reads a line back into a Tick; the replay
+source reads these files.
+
+Durability and acks: one write (all the records the sink batched, by
+``batch_size`` or ``flush_interval``) is encoded into one buffer first, then
+appended to the file in a worker thread and ``fsync``-ed, so the write is on
+disk when it returns; only then are the batches acked ``written``. Because
+the sink flushes by size and by time, ``flush_interval`` is the fsync
+interval under a light load. With ``fsync=False`` a write is handed to the
+operating system only (it survives the process dying, not the machine).
+The file is opened unbuffered in append mode (``ab``); the sink must be its
+only writer.
+
+Errors: a record msgspec cannot encode is dropped alone and counted (reason
+``rejected``): nothing of its write reaches the file, since encoding happens
+before any byte is written. Disk full and I/O errors (``OSError``) are
+retried with backoff while the flow backs up; nothing is dropped. Bytes of
+a write that failed half way are cut off before the retry, so a line is
+never torn nor written twice by one write. A missing directory is an error
+when the sink opens (the directory is not created).
+
+Rotation (``rotate_bytes``): before a write that would take the current
+file past ``rotate_bytes``, the file is rotated as logrotate does: for
+``ticks.jsonl``, ``ticks.jsonl.1`` becomes ``ticks.jsonl.2`` (and so on up),
+``ticks.jsonl`` becomes ``ticks.jsonl.1``, and a new ``ticks.jsonl`` is
+started. The higher the number, the older the file; reading
+``.N, ..., .2, .1`` then the current file gives every line in order. With
+``keep``, rotated files past ``ticks.jsonl.<keep>`` are deleted. One write
+never spans two files, so a file exceeds ``rotate_bytes`` only when a
+single write is larger than that.
+
+Example::
+
+    Flow("record", sources=[BinanceTickers(symbols=["BTCUSDT"])],
+         stages=[ChangeDetector()],
+         sinks=[JSONLSink("data/ticks.jsonl", rotate_bytes=64 << 20, keep=10)])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+import trio
+
+from flows import BatchingSink, Retry
+
+__all__ = ["JSONLSink"]
+
+
+class JSONLSink(BatchingSink):
+    """Sink: append records to a JSON Lines file, fsync-ed before the ack.
+
+    Parameters:
+        path: the file (created if missing; its directory must exist).
+        batch_size: records per write (and fsync) at most (default 1000).
+        flush_interval: longest a record waits before its write (s,
+            default 1.0).
+        rotate_bytes: rotate the file before a write that would take it past
+            this size (default None: never rotate).
+        keep: how many rotated files (``path.1`` ... ``path.<keep>``) to
+            keep, deleting older ones (default None: keep all). Needs
+            ``rotate_bytes``.
+        fsync: fsync the file after each write (default True).
+        retry: retry policy for I/O errors (default: forever, backoff).
+        name: the actor's name (default ``jsonl``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch_size: int = 1000,
+        flush_interval: float = 1.0,
+        rotate_bytes: int | None = None,
+        keep: int | None = None,
+        fsync: bool = True,
+        retry: Retry | None = None,
+        name: str = "jsonl",
+    ) -> None:
+        if batch_size < 1 or not flush_interval > 0:
+            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
+        if rotate_bytes is not None and rotate_bytes < 1:
+            raise ValueError(f"rotate_bytes must be > 0 (or None), got {rotate_bytes!r}")
+        if keep is not None:
+            if rotate_bytes is None:
+                raise ValueError("keep limits rotated files: it needs rotate_bytes")
+            if keep < 1:
+                raise ValueError(f"keep must be >= 1 (or None), got {keep!r}")
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+        self.fsync = fsync
+        self.retry = retry or Retry()
+        self.name = name
+        self._encoder = msgspec.json.Encoder()
+        self._file: BinaryIO | None = None
+        self._size = 0  # bytes of the current file that whole writes put there
+        self._rotated = re.compile(re.escape(self.path.name) + r"\.([1-9][0-9]*)")
+
+    # -- actor hooks -------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._file is None:
+            await trio.to_thread.run_sync(self._open_sync)
+
+    async def close(self) -> None:
+        if self._file is not None:
+            f, self._file = self._file, None
+            await trio.to_thread.run_sync(f.close)
+
+    async def write(self, records: list[Any]) -> None:
+        # Encode everything before touching the file: a record msgspec
+        # rejects (TypeError and the like: not transient) fails the write
+        # with nothing written, and the base class isolates it.
+        data = self._encoder.encode_lines(records)
+        await trio.to_thread.run_sync(self._write_sync, data)
+
+    # -- worker thread -----------------------------------------------------
+
+    def _open_sync(self) -> None:
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"JSONL sink {self.name!r}: directory {str(directory)!r} of {str(self.path)!r} "
+                "does not exist (create it first)"
+            )
+        created = not self.path.exists()
+        f: BinaryIO = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open)
+        try:
+            self._size = os.fstat(f.fileno()).st_size
+            if self._size and not _ends_with_newline(self.path, self._size):
+                # a torn last line from an earlier process: start ours on a new line
+                logging.getLogger(f"flows.sink.{self.name}").warning(
+                    "%s does not end with a newline (a torn last line?); appending one", self.path
+                )
+                _write_all(f, b"\n")
+                self._size += 1
+            if created and self.fsync:
+                _fsync_dir(directory)
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+
+    def _write_sync(self, data: bytes) -> None:
+        if self._file is None:  # closed by a rotation that failed half way
+            self._open_sync()
+        if (
+            self.rotate_bytes is not None
+            and self._size > 0
+            and self._size + len(data) > self.rotate_bytes
+        ):
+            self._rotate_sync()
+            self._open_sync()  # creates the new file; its fsync of the directory keeps the renames
+        f = self._file
+        assert f is not None
+        fd = f.fileno()
+        if os.fstat(fd).st_size > self._size:
+            os.ftruncate(fd, self._size)  # the tail of a write that failed
+        try:
+            _write_all(f, data)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, self._size)
+            except OSError:
+                pass  # cut off before the next write instead
+            raise
+        self._size += len(data)
+
+    def _rotate_sync(self) -> None:
+        """``path.i`` -> ``path.i+1`` (newest first), ``path`` -> ``path.1``.
+
+        Only the run ``.1, .2, ...`` up to the first missing number shifts,
+        so a rotation interrupted by an error is completed, not repeated,
+        by the retry.
+        """
+        assert self._file is not None
+        f, self._file = self._file, None
+        f.close()
+        directory = self.path.parent
+        existing = set()
+        for entry in os.listdir(directory):
+            match = self._rotated.fullmatch(entry)
+            if match:
+                existing.add(int(match.group(1)))
+        gap = 1
+        while gap in existing:
+            gap += 1
+        if self.keep is not None:
+            for i in sorted(existing, reverse=True):
+                # after the shift, i < gap is numbered i + 1
+                if (i + 1 if i < gap else i) > self.keep:
+                    os.unlink(self._name(i))
+                    existing.discard(i)
+        for i in range(gap - 1, 0, -1):
+            if i in existing:
+                os.rename(self._name(i), self._name(i + 1))
+        os.rename(self.path, self._name(1))
+        self._size = 0
+
+    def _name(self, i: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{i}")
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if n is None:  # non-blocking file: not ours, but do not spin silently
+            raise BlockingIOError("write would block")
+        view = view[n:]
+
+
+def _ends_with_newline(path: Path, size: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) == b"\n"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a created or renamed entry in ``directory`` durable (POSIX)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -55,10 +55,10 @@ class ToQuote:
             out = [self.convert(t) for t in batch if t.symbol.endswith("USDT")]
             if len(out) < len(batch):
                 inbox.metrics.discarded("invalid", len(batch) - len(out))
-            if out:
-                # replace() keeps the batch's creation time (end-to-end
-                # latency) and its acknowledgement hooks.
-                await outbox.send(batch.replace(out))
+            # replace() keeps the batch's creation time (end-to-end latency)
+            # and moves its acknowledgement hooks to the new batch. An empty
+            # batch is not sent on; its hooks are called with "skipped".
+            await outbox.send(batch.replace(out))
 
 
 MAJORS = ("BTC", "ETH", "SOL")

@@ -20,6 +20,8 @@ from ._metrics import METRICS as METRICS
 from ._records import Batch as Batch
 from ._records import Tick as Tick
 from ._runtime import FlowFailed as FlowFailed
+from ._shard import Shard as Shard
+from ._shard import shard_of as shard_of
 from ._runtime import RunResult as RunResult
 from ._runtime import Runtime as Runtime
 from ._runtime import run_flow as run_flow

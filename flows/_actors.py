@@ -12,7 +12,8 @@ A source's ``run`` returning means the source is exhausted (a finite flow).
 
 An actor may also define ``setup(context: RunContext)``: the runtime calls
 it once per run, before any actor starts (``context.fresh`` asks it to
-ignore saved state such as checkpoints and offsets).
+ignore saved state such as checkpoints and offsets; a source with a symbol
+universe keeps only the symbols ``context.shard`` owns).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from ._channels import Inbox, Outbox
+from ._shard import Shard
 from ._records import Batch
 
 __all__ = ["Source", "Stage", "Sink", "FunctionStage", "RunContext", "stage"]
@@ -35,6 +37,8 @@ class RunContext:
 
     flow: str
     fresh: bool = False
+    shard: Shard | None = None
+    """When set, sources poll only the symbols this shard owns."""
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ from ._actors import RunContext
 from ._channels import ConflatingPort, EdgePort, Inbox, Outbox, open_edge
 from ._flow import Flow, FlowError
 from ._metrics import ComponentMetrics, metrics_for
+from ._shard import Shard
 from ._status import flow_status
 
 __all__ = ["Runtime", "RunResult", "FlowFailed", "run_flow"]
@@ -74,6 +75,7 @@ class Runtime:
         duration: stop by itself after this many seconds.
         handle_signals: drain on SIGINT/SIGTERM (main thread only).
         fresh: ask actors to ignore saved state (checkpoints, offsets).
+        shard: poll only this shard's symbols (``Shard(k, N)``).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Runtime:
         duration: float | None = None,
         handle_signals: bool = False,
         fresh: bool = False,
+        shard: Shard | None = None,
     ) -> None:
         if not isinstance(flow, Flow):
             raise FlowError(f"expected a Flow, got {type(flow).__name__}")
@@ -102,6 +105,7 @@ class Runtime:
         self.duration = duration
         self.handle_signals = handle_signals
         self.fresh = fresh
+        self.shard = shard
         self.state = "starting"
         self.stop_reason: str | None = None
         self.started_at = time.monotonic()
@@ -226,7 +230,7 @@ class Runtime:
 
     def _start_actors(self, nursery: trio.Nursery) -> None:
         flow = self.flow
-        context = RunContext(flow=flow.name, fresh=self.fresh)
+        context = RunContext(flow=flow.name, fresh=self.fresh, shard=self.shard)
         for actor in flow.actors:
             setup = getattr(actor, "setup", None)
             if callable(setup):

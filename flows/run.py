@@ -24,6 +24,7 @@ import trio
 from ._flow import Flow, FlowError
 from ._log import setup_logging
 from ._runtime import FlowFailed, Runtime
+from ._shard import Shard
 
 __all__ = ["main", "load_flow", "demo_flow"]
 
@@ -118,6 +119,13 @@ def load_flow(target: str, attr: str | None = None) -> Flow:
     return obj
 
 
+def _shard_arg(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.run",
@@ -133,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="longest a drain may take before a forced stop (default: %(default)s)")
+    p.add_argument("--shard", metavar="K/N", type=_shard_arg,
+                   help="poll only shard K of N of each source's symbols (rendezvous hashing)")
     p.add_argument("--fresh", action="store_true",
                    help="ignore saved state (change-detector checkpoints, replay offsets)")
     p.add_argument("--db", default="ticks.db", help="SQLite file for the demo (default: %(default)s)")
@@ -154,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             duration=args.duration,
             handle_signals=True,
             fresh=args.fresh,
+            shard=args.shard,
         )
     except (TargetError, FlowError, ValueError) as exc:
         print(f"flows: error: {exc}", file=sys.stderr)

@@ -9,8 +9,7 @@ optional fields included (``null`` when absent)::
 
 Any record msgspec can encode works (Structs, dataclasses, attrs classes,
 dicts, ...). JSON has no NaN or infinity: msgspec writes those as ``null``.
-``msgspec.json.Decoder(Tick)`` reads a line back into a Tick; the replay
-source reads these files.
+``msgspec.json.Decoder(Tick)`` reads a line back into a Tick.
 
 Durability and acks: one write (all the records the sink batched, by
 ``batch_size`` or ``flush_interval``) is encoded into one buffer first, then
@@ -27,8 +26,10 @@ Errors: a record msgspec cannot encode is dropped alone and counted (reason
 before any byte is written. Disk full and I/O errors (``OSError``) are
 retried with backoff while the flow backs up; nothing is dropped. Bytes of
 a write that failed half way are cut off before the retry, so a line is
-never torn nor written twice by one write. A missing directory is an error
-when the sink opens (the directory is not created).
+never torn nor written twice by one write. If an existing file does not
+end with a newline (a torn line left by an earlier process), the sink
+starts on a new line and leaves that line as it is. A missing directory is
+an error when the sink opens (the directory is not created).
 
 Rotation (``rotate_bytes``): before a write that would take the current
 file past ``rotate_bytes``, the file is rotated as logrotate does: for
@@ -40,11 +41,18 @@ started. The higher the number, the older the file; reading
 never spans two files, so a file exceeds ``rotate_bytes`` only when a
 single write is larger than that.
 
+Metrics: the core sink set plus ``flows_sink_write_seconds``,
+``flows_sink_batch_records``, ``flows_sink_write_errors_total`` and
+``flows_sink_retries_total``; dropped records count in
+``flows_records_discarded_total`` (``rejected``, ``write_failed`` when a
+finite retry policy gives up).
+
 Example::
 
-    Flow("record", sources=[BinanceTickers(symbols=["BTCUSDT"])],
-         stages=[ChangeDetector()],
-         sinks=[JSONLSink("data/ticks.jsonl", rotate_bytes=64 << 20, keep=10)])
+    Flow("record", sources=[SyntheticMarket()], stages=[ChangeDetector()],
+         sinks=[JSONLSink("ticks.jsonl", rotate_bytes=64 << 20, keep=10)])
+
+writes ``ticks.jsonl``, rotated at 64 MiB into ``ticks.jsonl.1`` ... ``.10``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import time
 import attrs
 import trio
 
-from flows import Batch, Outbox, Tick
+from flows import Batch, Outbox, RunContext, Tick
 
 __all__ = ["SyntheticMarket", "make_symbols"]
 
@@ -95,6 +95,14 @@ class SyntheticMarket:
                 raise ValueError("symbols must not be empty")
         self._rng = random.Random(self.seed)
         self._prices = [round(self._rng.lognormvariate(3.0, 2.0), 6) + 0.01 for _ in self._names]
+
+    def setup(self, context: RunContext) -> None:
+        """Keep only this process's shard of the universe (``--shard k/N``)."""
+        if context.shard is not None:
+            keep = set(context.shard.select(self._names))
+            pairs = [(n, p) for n, p in zip(self._names, self._prices) if n in keep]
+            self._names = [n for n, _ in pairs]
+            self._prices = [p for _, p in pairs]
 
     def tick(self) -> list[Tick]:
         """One tick of the whole universe (advances the random walk)."""

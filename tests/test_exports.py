@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 PUBLIC = {
     "Batch", "BatchingSink", "ChangeDetector", "Edge", "Flow", "FlowError", "FlowFailed",
     "FunctionStage", "Inbox", "METRICS", "Outbox", "Retry", "RunContext", "RunResult", "Runtime", "Sink",
-    "Source", "Stage", "Supervision", "Tick", "run_flow", "stage",
+    "Shard", "Source", "Stage", "Supervision", "Tick", "run_flow", "shard_of", "stage",
 }
 
 

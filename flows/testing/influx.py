@@ -1,0 +1,235 @@
+"""A throw-away InfluxDB 1.x server for tests (``influxd`` as a child process).
+
+The server listens on 127.0.0.1 only, on free ports (or the ones you give),
+keeps its meta, data and WAL directories under a directory of its own
+(a temporary one, deleted at ``stop()``, unless you pass ``data_dir``), and
+has usage reporting and the ``_internal`` monitor database switched off.
+``start()`` returns once ``GET /ping`` answers 204; if it does not within
+``ready_timeout`` seconds (or influxd exits), it raises ``RuntimeError``
+with the server's log. There is no ``influx`` CLI here: talk HTTP.
+
+Usage::
+
+    with InfluxServer() as server:
+        create_database(server.url, "test")
+        httpx.post(f"{server.url}/write?db=test", content=b"m v=1 1")
+
+    server = InfluxServer().start()      # or start and stop by hand
+    ...
+    server.stop()
+
+Restart on the same port and data (a database coming back after an outage)::
+
+    server = InfluxServer(port=p, data_dir=d).start()
+    server.stop()
+    server = InfluxServer(port=p, data_dir=d).start()
+
+``influxd_path()`` is the binary found on ``PATH`` (or ``/usr/bin/influxd``),
+``None`` if there is none: tests skip on that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+__all__ = ["InfluxServer", "create_database", "free_port", "influxd_path", "query"]
+
+
+def influxd_path() -> str | None:
+    """Path of the ``influxd`` binary, or ``None`` when it is not installed."""
+    found = shutil.which("influxd")
+    if found:
+        return found
+    return "/usr/bin/influxd" if os.access("/usr/bin/influxd", os.X_OK) else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_CONFIG = """\
+reporting-enabled = false
+bind-address = "127.0.0.1:{rpc_port}"
+
+[meta]
+  dir = "{root}/meta"
+  retention-autocreate = true
+  logging-enabled = false
+
+[data]
+  dir = "{root}/data"
+  wal-dir = "{root}/wal"
+  wal-fsync-delay = "0s"
+  query-log-enabled = false
+
+[monitor]
+  store-enabled = false
+
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{port}"
+  auth-enabled = false
+  log-enabled = false
+  pprof-enabled = false
+"""
+
+
+class InfluxServer:
+    """One ``influxd`` child process bound to 127.0.0.1.
+
+    Parameters:
+        port: HTTP port (default: a free one).
+        data_dir: directory for meta, data, WAL, config and log (default: a
+            new temporary directory, deleted at ``stop()``; a given one is kept).
+        ready_timeout: how long ``start()`` waits for ``/ping`` (s, default 15).
+        binary: the influxd to run (default: ``influxd_path()``).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        data_dir: str | Path | None = None,
+        ready_timeout: float = 15.0,
+        binary: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._own_dir = data_dir is None
+        self.dir = Path(tempfile.mkdtemp(prefix="influxd-") if data_dir is None else data_dir)
+        self.ready_timeout = ready_timeout
+        self.binary = binary or influxd_path()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "influxd.log"
+
+    def log(self) -> str:
+        """What the server wrote to stdout and stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> InfluxServer:
+        """Start influxd and wait until ``GET /ping`` is 204; returns ``self``."""
+        if self.binary is None:
+            raise RuntimeError("influxd is not installed (Debian: apt-get install influxdb)")
+        if self.process is not None:
+            raise RuntimeError("this InfluxServer is already started")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "influxdb.conf"
+        config.write_text(_CONFIG.format(root=self.dir, port=self.port, rpc_port=free_port()))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "run", "-config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.ready_timeout
+        with httpx.Client(timeout=1.0) as client:
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    raise RuntimeError(
+                        f"influxd exited with code {code} before it was ready; its log:\n{self.log()}"
+                    )
+                try:
+                    if client.get(f"{self.url}/ping").status_code == 204:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"influxd did not answer /ping on {self.url} within "
+                        f"{self.ready_timeout}s; its log:\n{self.log()}"
+                    )
+                time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``); idempotent.
+
+        Deletes the data directory if the server made it.
+        """
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> InfluxServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.process is not None else "stopped"
+        return f"InfluxServer({self.url}, {state})"
+
+
+def query(url: str, q: str, *, db: str | None = None, epoch: str | None = None, method: str = "GET") -> dict:
+    """Run InfluxQL ``q`` over HTTP (``/query``) and return the decoded JSON.
+
+    Raises ``RuntimeError`` with the server's message when a statement fails.
+    """
+    params = {"q": q}
+    if db is not None:
+        params["db"] = db
+    if epoch is not None:
+        params["epoch"] = epoch
+    with httpx.Client(timeout=10.0) as client:
+        if method == "POST":
+            response = client.post(f"{url}/query", data=params)
+        else:
+            response = client.get(f"{url}/query", params=params)
+    body = response.json()
+    errors = [body.get("error")] + [r.get("error") for r in body.get("results", [])]
+    errors = [e for e in errors if e]
+    if response.status_code >= 400 or errors:
+        raise RuntimeError(f"query {q!r} failed ({response.status_code}): {'; '.join(errors)}")
+    return body
+
+
+def create_database(url: str, name: str) -> None:
+    """``CREATE DATABASE name`` (a no-op if it exists) via ``POST /query``."""
+    query(url, f'CREATE DATABASE "{_quote(name)}"', method="POST")
+
+
+def _quote(identifier: str) -> str:
+    return identifier.replace("\\", "\\\\").replace('"', '\\"')

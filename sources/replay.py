@@ -1,0 +1,702 @@
+"""Replay: recorded ticks from a local JSONL or CSV file, once, then the flow ends.
+
+Talks to a local file: the ticks a recording flow stored (the JSONL sink
+writes exactly this format), or a CSV export. The source reads the file
+from the top (or from its saved offset, see below) to the end, sends the
+ticks in batches and returns: a finite source, so the runtime drains the
+flow and it ends with reason ``exhausted``.
+
+Formats (``format``; by default from the file's extension: ``.jsonl``,
+``.json``, ``.ndjson`` are JSONL, ``.csv`` is CSV; any other extension is a
+``ValueError`` unless ``format`` is given):
+
+- JSONL (https://jsonlines.org): one ``Tick`` object per line, decoded
+  with ``msgspec.json.Decoder(Tick)``; ``bid``, ``ask`` and ``volume`` may
+  be missing or ``null``; blank lines are skipped::
+
+      {"source":"binance","symbol":"BTCUSDT","price":64210.5,"ts":1700000000.25,"bid":64210.4,"ask":64210.6,"volume":null}
+
+- CSV (read with the ``csv`` module, UTF-8): a header row naming the
+  columns, in any order; unknown columns are ignored; an empty cell is
+  ``None`` for ``bid``, ``ask`` and ``volume``. The ``source`` column is
+  optional: without it (or with an empty cell) a row gets the ``source``
+  parameter, by default the file's stem::
+
+      source,symbol,price,ts,bid,ask,volume
+      binance,BTCUSDT,64210.5,1700000000.25,64210.4,64210.6,
+
+Bad lines (malformed JSON, a missing field, a price such as ``abc``, a CSV
+row with the wrong number of cells) are not errors: each is counted as
+discarded with reason ``invalid``, reported in a rate-limited log line,
+and the rest of the file is replayed. Values are only parsed here: a NaN,
+zero or negative price is left to the change detector, which drops it as
+``invalid``. A CSV header without ``symbol``, ``price`` or ``ts`` is an
+error (the whole file is unusable).
+
+Pacing (``speed``): ``None`` (default) replays as fast as the flow takes the
+ticks (backpressure sets the rate). ``1.0`` keeps the recording's pacing,
+read from the ticks' ``ts``: a tick is sent ``(ts - first ts) / speed``
+seconds after the first one (on trio's clock, so tests run it on a mock
+clock); ``2.0`` is twice as fast, ``0.5`` half. Ticks go out in batches of
+at most ``batch_size``; when paced, a batch holds the ticks that are due
+and is sent without waiting to fill up. Ticks whose ``ts`` goes backwards
+are due at once; a long gap in the recording is a long wait.
+
+Resume offsets (``offset_path``, default ``<path>.offset``; ``None``
+disables them): every batch carries an ack hook. The source keeps, per
+batch sent, the number of file lines up to its last line, and advances a
+"done" offset over the batches acknowledged in order (acks may arrive out
+of order) with ``written``, ``skipped`` or ``dropped``; a ``failed`` batch
+stops the offset there. The offset is written atomically to the offset
+file, as JSON ``{"version": 1, "path": ..., "line": N, "size": ...}``
+(``size``: the file's size at the save), at most every ``offset_every``
+seconds while acks come in, whenever it advances once the source has
+finished (so after the runtime's drain the file holds the final offset),
+and when the source stops. The next run skips the first ``line`` lines.
+This is at-least-once delivery: after a crash the batches not yet acked
+are replayed, so sinks must be idempotent on (source, symbol, ts), as the
+storing sinks are. An offset file that is unreadable, or saved for another
+file (another path, or a file now smaller than at the save: replaced or
+truncated) is reported in one warning and ignored: the replay starts from
+the top. ``fresh=True`` (or ``python -m flows.run --fresh``) ignores it
+too. A file that grows between runs (an ongoing recording) resumes where
+it stopped.
+
+Progress: the source counts the file's lines first (newlines, in binary
+chunks) and reports lines done out of the total, the rate and an ETA.
+With ``progress`` (default: when stderr is a terminal) that is a
+``rich`` progress bar (``rich`` is optional: without it, log lines);
+otherwise a log line every ``progress_every`` seconds (``None``: none) and
+one at the end::
+
+    replay ticks.jsonl: 450,000/1,000,000 lines (45.0%), 210,512 lines/s, ETA 3s
+
+Metrics: the core source set (records sent, batch processing seconds for
+reading and parsing a batch, send-wait seconds), discarded records with
+reason ``invalid``, and ``flows_errors_total{error_type="offset_write"}``
+when the offset file cannot be written. The source lag histogram (exchange
+timestamp to send) measures the recording's age, so it is large for old
+files.
+
+Example::
+
+    from flows import ChangeDetector, Flow
+    from sinks.sqlite import SQLiteSink
+    from sources.replay import ReplaySource
+
+    flow = Flow("backfill", sources=[ReplaySource(path="data/ticks.jsonl", speed=None)],
+                stages=[ChangeDetector()], sinks=[SQLiteSink("ticks.db")])
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import attrs
+import msgspec
+import trio
+
+from flows import Batch, Outbox, Tick
+from flows._actors import RunContext
+from flows._checkpoint import write_atomic
+from flows._log import DropLog
+from flows._metrics import ComponentMetrics
+
+__all__ = ["ReplaySource", "OffsetTracker", "count_lines", "OFFSET_VERSION"]
+
+OFFSET_VERSION = 1
+
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+_OK = frozenset(("written", "skipped", "dropped"))
+_REQUIRED = ("symbol", "price", "ts")
+_OPTIONAL = ("bid", "ask", "volume")
+
+# One line of the file: (tick or None, the line's number (1-based), why it
+# is invalid or None). (None, n, None) is a blank line.
+_Row = tuple[Tick | None, int, str | None]
+
+
+def count_lines(path: str | os.PathLike[str], chunk: int = 1 << 20) -> int:
+    """Lines in the file at ``path`` (a last line without a newline counts)."""
+    lines = 0
+    last = b"\n"
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            lines += data.count(b"\n")
+            last = data[-1:]
+    return lines + (last != b"\n")
+
+
+class OffsetTracker:
+    """The resume offset of a source whose batches are acked out of order.
+
+    ``add(end)`` registers a batch sent whose last line is ``end`` and
+    returns its token; ``ack(token, outcome)`` records its outcome. ``done``
+    is the end of the longest run of batches, in sending order, all acked
+    ``written``, ``skipped`` or ``dropped``: a ``failed`` (or unknown)
+    outcome stops it. ``sent`` is the end of the last batch sent.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self.done = start
+        self.sent = start
+        self._pending: deque[tuple[int, int]] = deque()  # (token, end), sending order
+        self._outcomes: dict[int, str] = {}  # pending tokens acked so far
+        self._next = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Batches sent and not acked yet."""
+        return len(self._pending) - len(self._outcomes)
+
+    @property
+    def blocked(self) -> bool:
+        """True when a failed batch holds the offset back."""
+        return bool(self._pending) and self._outcomes.get(self._pending[0][0], "written") not in _OK
+
+    def add(self, end: int) -> int:
+        token = self._next
+        self._next += 1
+        self._pending.append((token, end))
+        self.sent = end
+        return token
+
+    def ack(self, token: int, outcome: str) -> bool:
+        """Record ``outcome`` for ``token``; True when ``done`` advanced."""
+        pending, outcomes = self._pending, self._outcomes
+        if token in outcomes or not pending or not pending[0][0] <= token <= pending[-1][0]:
+            return False  # a second ack, or a batch already done or forgotten
+        outcomes[token] = outcome
+        before = self.done
+        while pending and outcomes.get(pending[0][0]) in _OK:
+            head, self.done = pending.popleft()
+            del outcomes[head]
+        return self.done != before
+
+    def abandon(self, token: int) -> None:
+        """Forget the last batch added, which never reached the flow (its
+        send was cancelled): ``sent`` goes back to the batch before it."""
+        if self._pending and self._pending[-1][0] == token and token not in self._outcomes:
+            self._pending.pop()
+            self.sent = self._pending[-1][1] if self._pending else self.done
+
+
+class _OffsetFile(msgspec.Struct):
+    version: int
+    path: str
+    line: int
+    size: int
+
+
+def _stderr_is_tty() -> bool:
+    stream = sys.stderr
+    return stream is not None and stream.isatty()
+
+
+def _path(value: str | os.PathLike[str]) -> Path:
+    return Path(value)
+
+
+def _optional_path(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _default_offset_path(self: ReplaySource) -> Path:
+    return Path(f"{self.path}.offset")
+
+
+def _positive_or_none(instance: Any, attribute: Any, value: float | None) -> None:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{attribute.name} must be a positive number or None, got {value!r}")
+
+
+def _positive_or_none_or_zero(instance: Any, attribute: Any, value: float | None) -> None:
+    if value is not None and not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{attribute.name} must be a number >= 0 or None, got {value!r}")
+
+
+@attrs.define(kw_only=True)
+class ReplaySource:
+    """Source: replay the ticks recorded in a JSONL or CSV file, then end.
+
+    Parameters:
+        path: the file to replay.
+        format: ``"jsonl"``, ``"csv"`` or ``None`` (default: from the
+            extension; an unknown one is a ``ValueError``).
+        source: the ``source`` of CSV rows without one (default: the file's
+            stem).
+        speed: ``None`` (default): as fast as the flow takes the ticks;
+            ``1.0``: the recording's pacing, by the ticks' ``ts``; ``2.0``:
+            twice as fast.
+        batch_size: most records per batch (default 1000).
+        offset_path: where the resume offset is kept (default:
+            ``<path>.offset``; ``None``: no offsets, always from the top).
+        offset_every: least seconds between offset writes while acks come
+            in (default 1.0).
+        fresh: ignore a saved offset: replay from the top (default False).
+        progress: show a ``rich`` progress bar (default: when stderr is a
+            terminal); else log lines.
+        progress_every: seconds between progress log lines (default 5;
+            ``None``: no progress lines, and no line count up front).
+        name: the actor's name (default ``replay``).
+    """
+
+    path: Path = attrs.field(converter=_path)
+    format: Literal["jsonl", "csv"] | None = attrs.field(
+        default=None, validator=attrs.validators.in_(("jsonl", "csv", None))
+    )
+    source: str | None = None
+    speed: float | None = attrs.field(default=None, validator=_positive_or_none)
+    batch_size: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    offset_path: Path | None = attrs.field(
+        default=attrs.Factory(_default_offset_path, takes_self=True), converter=_optional_path
+    )
+    offset_every: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    fresh: bool = False
+    progress: bool = attrs.field(factory=_stderr_is_tty)
+    progress_every: float | None = attrs.field(default=5.0, validator=_positive_or_none_or_zero)
+    name: str = "replay"
+    _fmt: str = attrs.field(init=False)
+    _log: logging.Logger = attrs.field(init=False)
+    _drops: DropLog = attrs.field(init=False)
+    _decoder: msgspec.json.Decoder[Tick] = attrs.field(init=False)
+    _tracker: OffsetTracker | None = attrs.field(default=None, init=False)
+    _total: int | None = attrs.field(default=None, init=False)
+    _finished: bool = attrs.field(default=False, init=False)
+    _fresh_run: bool = attrs.field(default=False, init=False)
+    _warned_failed: bool = attrs.field(default=False, init=False)
+    _saved_line: int | None = attrs.field(default=None, init=False)
+    _saved_at: float = attrs.field(default=-math.inf, init=False)
+    _metrics: ComponentMetrics | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.format is None:
+            suffix = self.path.suffix.lower()
+            fmt = _EXTENSIONS.get(suffix)
+            if fmt is None:
+                raise ValueError(
+                    f"replay {self.path}: cannot tell the format from the extension "
+                    f"{suffix or '(none)'!r}: use .jsonl, .json, .ndjson or .csv, "
+                    "or pass format='jsonl' or format='csv'"
+                )
+            self._fmt = fmt
+        else:
+            self._fmt = self.format
+        if self.source is None:
+            self.source = self.path.stem
+        self._log = logging.getLogger(f"flows.source.{self.name}")
+        self._drops = DropLog(f"flows.source.{self.name}")
+        self._decoder = msgspec.json.Decoder(Tick)
+
+    # -- offsets -------------------------------------------------------------
+
+    @property
+    def offset(self) -> int:
+        """Lines done: every batch up to there was acked (not ``failed``)."""
+        return 0 if self._tracker is None else self._tracker.done
+
+    def setup(self, context: RunContext) -> None:
+        """Runtime hook: a ``fresh`` run ignores the saved offset."""
+        self._fresh_run = context.fresh
+
+    def load_offset(self) -> int:
+        """The saved offset (lines to skip) for this file; 0 when there is
+        none, ``fresh`` is set, or the offset file is unusable (one warning)."""
+        path = self.offset_path
+        if path is None:
+            return 0
+        if self.fresh or self._fresh_run:
+            if path.exists():
+                self._log.info("replay %s: fresh run: ignoring offset %s", self.name, path)
+            return 0
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            self._offset_unusable(f"cannot read it ({exc})")
+            return 0
+        try:
+            state = msgspec.json.decode(data, type=_OffsetFile)
+        except msgspec.MsgspecError as exc:
+            self._offset_unusable(f"not an offset file ({exc})")
+            return 0
+        if state.version != OFFSET_VERSION:
+            self._offset_unusable(f"version {state.version}, expected {OFFSET_VERSION}")
+            return 0
+        if state.path != self._identity():
+            self._offset_unusable(f"it was saved for {state.path}")
+            return 0
+        if state.line < 0 or (self._total is not None and state.line > self._total):
+            self._offset_unusable(f"line {state.line} is not a line of the file")
+            return 0
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            size = None  # the replay itself reports a missing file
+        if size is not None and size < state.size:
+            self._offset_unusable(
+                f"the file has {size} bytes, {state.size} when the offset was saved: "
+                "it was replaced or truncated"
+            )
+            return 0
+        self._saved_line = state.line
+        self._log.info("replay %s: resuming %s after line %d", self.name, self.path, state.line)
+        return state.line
+
+    def save_offset(self) -> bool:
+        """Write the current offset to ``offset_path`` (atomically) if it
+        moved since the last write; True when written. Never raises: a
+        failed write is logged and counted (``offset_write``)."""
+        tracker, path = self._tracker, self.offset_path
+        if tracker is None or path is None or tracker.done == self._saved_line:
+            return False
+        line = tracker.done
+        self._saved_at = _now()
+        try:
+            size = self.path.stat().st_size
+            data = msgspec.json.encode(_OffsetFile(OFFSET_VERSION, self._identity(), line, size))
+            write_atomic(path, data)
+        except OSError as exc:
+            if self._metrics is not None:
+                self._metrics.error("offset_write")
+            self._log.error("replay %s: cannot write offset %s: %s", self.name, path, exc)
+            return False
+        self._saved_line = line
+        return True
+
+    def _identity(self) -> str:
+        return str(self.path.resolve())
+
+    def _offset_unusable(self, why: str) -> None:
+        self._log.warning(
+            "replay %s: ignoring offset file %s: %s; replaying %s from the start",
+            self.name, self.offset_path, why, self.path,
+        )
+
+    def _maybe_save(self, now: float) -> None:
+        if now - self._saved_at >= self.offset_every:
+            self.save_offset()
+
+    def _dirty(self) -> bool:
+        return (
+            self.offset_path is not None
+            and self._tracker is not None
+            and self._tracker.done != self._saved_line
+        )
+
+    def _on_ack(self, token: int, outcome: str) -> None:
+        tracker = self._tracker
+        assert tracker is not None
+        advanced = tracker.ack(token, outcome)
+        if outcome not in _OK and tracker.blocked and not self._warned_failed:
+            self._warned_failed = True
+            self._log.warning(
+                "replay %s: a batch was acked %r: the resume offset stays at line %d "
+                "(the next run replays from there)",
+                self.name, outcome, tracker.done,
+            )
+        if not advanced or self.offset_path is None:
+            return
+        if self._finished:
+            self.save_offset()  # draining: every advance counts (the last one is final)
+        else:
+            self._maybe_save(_now())
+
+    # -- reading -------------------------------------------------------------
+
+    def _open(self, start: int) -> tuple[IO[Any], Iterator[_Row]]:
+        """Open the file, skip its first ``start`` lines (blocking)."""
+        if self._fmt == "jsonl":
+            f: IO[Any] = open(self.path, "rb")
+            try:
+                for _ in zip(range(start), f):
+                    pass
+            except BaseException:
+                f.close()
+                raise
+            return f, self._jsonl_rows(f, start)
+        f = open(self.path, encoding="utf-8", errors="replace", newline="")
+        try:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return f, iter(())
+            columns = {name.strip().lower(): i for i, name in enumerate(header)}
+            missing = [c for c in _REQUIRED if c not in columns]
+            if missing:
+                raise ValueError(
+                    f"replay {self.path}: the CSV header lacks the column(s) "
+                    f"{', '.join(missing)} (it has {', '.join(header)})"
+                )
+            while reader.line_num < start:
+                try:
+                    if next(reader, None) is None:
+                        break
+                except csv.Error:
+                    continue
+        except BaseException:
+            f.close()
+            raise
+        return f, self._csv_rows(reader, columns, len(header))
+
+    def _jsonl_rows(self, f: IO[bytes], line: int) -> Iterator[_Row]:
+        decode = self._decoder.decode
+        for raw in f:
+            line += 1
+            raw = raw.strip()
+            if not raw:
+                yield None, line, None
+                continue
+            try:
+                yield decode(raw), line, None
+            except msgspec.MsgspecError as exc:
+                yield None, line, str(exc)
+
+    def _csv_rows(self, reader: Any, columns: dict[str, int], width: int) -> Iterator[_Row]:
+        i_symbol, i_price, i_ts = (columns[c] for c in _REQUIRED)
+        i_source = columns.get("source")
+        optional = [(c, columns[c]) for c in _OPTIONAL if c in columns]
+        default_source = self.source
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield None, reader.line_num, f"CSV: {exc}"
+                continue
+            line = reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                yield None, line, None
+                continue
+            if len(row) != width:
+                yield None, line, f"{len(row)} cells, the header has {width}"
+                continue
+            try:
+                symbol = row[i_symbol].strip()
+                if not symbol:
+                    raise ValueError("symbol is empty")
+                extra = {}
+                for field, i in optional:
+                    cell = row[i].strip()
+                    extra[field] = float(cell) if cell else None
+                source = row[i_source].strip() if i_source is not None else ""
+                tick = Tick(
+                    source or default_source,
+                    symbol,
+                    float(row[i_price]),
+                    float(row[i_ts]),
+                    **extra,
+                )
+            except ValueError as exc:
+                yield None, line, str(exc)
+                continue
+            yield tick, line, None
+
+    # -- running -------------------------------------------------------------
+
+    async def run(self, outbox: Outbox) -> None:
+        metrics = self._metrics = outbox.metrics
+        if self._total is None and (self.progress_every is not None or self.progress):
+            self._total = await trio.to_thread.run_sync(count_lines, self.path)
+        if self._tracker is None:
+            self._tracker = OffsetTracker(self.load_offset())
+        tracker = self._tracker
+        self._finished = False
+        start = tracker.sent  # after a restart: where the last attempt stopped sending
+        report = self._reporter(start)
+        speed, size, drops = self.speed, self.batch_size, self._drops
+        eof = False
+        consumed = start
+        f = None
+        try:
+            f, rows = await trio.to_thread.run_sync(self._open, start)
+            held: _Row | None = None  # read, not due yet (paced)
+            clock0: float | None = None  # trio time of the first tick (paced)
+            ts0 = 0.0
+            while not eof:
+                records: list[Tick] = []
+                due: float | None = None
+                with metrics.timed_batch():
+                    now = trio.current_time()
+                    invalid = 0
+                    for _ in range(size):
+                        if held is not None:
+                            item, held = held, None
+                        else:
+                            item = next(rows, None)
+                            if item is None:
+                                eof = True
+                                break
+                        record, line, error = item
+                        if record is None:
+                            consumed = line
+                            if error is not None:
+                                invalid += 1
+                                drops.drop("invalid", f"{self.path.name}:{line}: {error}")
+                            continue
+                        if speed is not None:
+                            if clock0 is None:
+                                clock0, ts0 = now, record.ts
+                            at = clock0 + (record.ts - ts0) / speed
+                            if at > now:
+                                held, due = item, at
+                                break
+                        records.append(record)
+                        consumed = line
+                    if invalid:
+                        metrics.discarded("invalid", invalid)
+                if consumed > tracker.sent:
+                    token = tracker.add(consumed)
+                    try:
+                        await outbox.send(
+                            Batch(records, acks=[functools.partial(self._on_ack, token)])
+                        )
+                    except BaseException:
+                        tracker.abandon(token)
+                        consumed = tracker.sent
+                        raise
+                report.update(consumed)
+                if self.offset_path is not None:
+                    self._maybe_save(trio.current_time())
+                if due is not None:
+                    await self._sleep_until(due)
+        finally:
+            if f is not None:
+                f.close()
+            self._finished = True
+            report.close(consumed, eof)
+            self.save_offset()
+
+    async def _sleep_until(self, due: float) -> None:
+        # Wake up early to write an offset the acks moved meanwhile.
+        while (now := trio.current_time()) < due:
+            wake = due
+            if self._dirty():
+                self._maybe_save(now)
+                if self._dirty():
+                    wake = min(due, self._saved_at + self.offset_every)
+            await trio.sleep_until(wake)
+
+    def _reporter(self, start: int) -> _Progress:
+        label = f"replay {self.path.name}"
+        if self.progress:
+            try:
+                return _RichProgress(label, self._total, start)
+            except ImportError:
+                pass
+        return _LogProgress(self._log, label, self._total, start, self.progress_every)
+
+
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # outside trio (a test, a user calling save_offset)
+        return time.monotonic()
+
+
+# -- progress ------------------------------------------------------------------
+
+
+class _Progress:
+    """Lines done out of the total, the rate since the start, an ETA."""
+
+    def __init__(self, label: str, total: int | None, start: int) -> None:
+        self.label, self.total, self.start = label, total, start
+        self.t0 = time.monotonic()
+
+    def figures(self, done: int) -> tuple[float, float | None]:
+        """(lines/s, seconds left or None)."""
+        elapsed = time.monotonic() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 and self.total is not None else None
+        return rate, eta
+
+    def line(self, done: int) -> str:
+        rate, eta = self.figures(done)
+        if self.total:
+            share = f"{done:,}/{self.total:,} lines ({100 * done / self.total:.1f}%)"
+        else:
+            share = f"{done:,} lines"
+        tail = f", ETA {_duration(eta)}" if eta is not None else ""
+        return f"{self.label}: {share}, {rate:,.0f} lines/s{tail}"
+
+    def update(self, done: int) -> None:
+        pass
+
+    def close(self, done: int, eof: bool) -> None:
+        pass
+
+
+class _LogProgress(_Progress):
+    def __init__(
+        self, log: logging.Logger, label: str, total: int | None, start: int, every: float | None
+    ) -> None:
+        super().__init__(label, total, start)
+        self.log, self.every = log, every
+        self.next = self.t0 + (every or 0.0)
+
+    def update(self, done: int) -> None:
+        if self.every is not None and time.monotonic() >= self.next:
+            self.next = time.monotonic() + self.every
+            self.log.info("%s", self.line(done))
+
+    def close(self, done: int, eof: bool) -> None:
+        if self.every is not None:
+            end = "end of file" if eof else "stopped"
+            self.log.info("%s (%s after %.1fs)", self.line(done), end, time.monotonic() - self.t0)
+
+
+class _RichProgress(_Progress):
+    def __init__(self, label: str, total: int | None, start: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        super().__init__(label, total, start)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task(label, total=total, completed=start, rate="")
+        self.bar.start()
+
+    def update(self, done: int) -> None:
+        rate, _ = self.figures(done)
+        self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} lines/s")
+
+    def close(self, done: int, eof: bool) -> None:
+        self.update(done)
+        self.bar.stop()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

@@ -12,6 +12,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -75,6 +76,27 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "flows_sink_batch_records": ("histogram", (), "At a sink: records per write."),
     "flows_sink_write_errors_total": ("counter", (), "At a sink: writes that failed."),
     "flows_sink_retries_total": ("counter", (), "At a sink: writes retried after a failure."),
+    "flows_source_request_seconds": (
+        "histogram",
+        ("endpoint",),
+        "At an HTTP source: time one request took, by endpoint.",
+    ),
+    "flows_source_responses_total": (
+        "counter",
+        ("status_class",),
+        "At an HTTP source: responses by status class (2xx, 4xx, 429, 5xx, error for no response).",
+    ),
+    "flows_source_retries_total": ("counter", (), "At an HTTP source: requests retried."),
+    "flows_source_rate_limit_wait_seconds": (
+        "histogram",
+        (),
+        "At an HTTP source: time a request waited for the rate limiter.",
+    ),
+    "flows_source_circuit_state": (
+        "gauge",
+        (),
+        "At an HTTP source: circuit breaker state (0 closed, 1 half-open, 2 open).",
+    ),
 }
 
 _BUCKETS = {
@@ -85,6 +107,8 @@ _BUCKETS = {
     "flows_source_poll_cycle_seconds": LATENCY_BUCKETS,
     "flows_sink_write_seconds": FAST_BUCKETS,
     "flows_sink_batch_records": SIZE_BUCKETS,
+    "flows_source_request_seconds": LATENCY_BUCKETS,
+    "flows_source_rate_limit_wait_seconds": LATENCY_BUCKETS,
 }
 
 _KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
@@ -153,8 +177,7 @@ class ComponentMetrics:
         self.write_records = child("flows_sink_batch_records")
         self.write_errors = child("flows_sink_write_errors_total")
         self.write_retries = child("flows_sink_retries_total")
-        self._discarded: dict[str, Counter] = {}
-        self._errors: dict[str, Counter] = {}
+        self._labeled: dict[tuple[str, str], Any] = {}
         # Live figures read by the collector at scrape time.
         self.buffer: Callable[[], tuple[int, float]] | None = None
         self.pending: Callable[[], int] | None = None  # conflation buffer
@@ -163,23 +186,22 @@ class ComponentMetrics:
         self._util_ref = (time.monotonic(), 0.0)
         self._util_value = 0.0
 
+    def labeled(self, name: str, value: str) -> Any:
+        """The child of family ``name`` for this component and one extra label value."""
+        child = self._labeled.get((name, value))
+        if child is None:
+            child = self._labeled[(name, value)] = self._fm.families[name].labels(
+                self.flow, self.stage, value
+            )
+        return child
+
     def discarded(self, reason: str, n: int = 1) -> None:
         """Count ``n`` records dropped for ``reason`` (a small fixed word)."""
-        c = self._discarded.get(reason)
-        if c is None:
-            c = self._discarded[reason] = self._fm.families[
-                "flows_records_discarded_total"
-            ].labels(self.flow, self.stage, reason)
-        c.inc(n)
+        self.labeled("flows_records_discarded_total", reason).inc(n)
 
     def error(self, error_type: str) -> None:
         """Count one error of ``error_type`` (a small fixed word or class name)."""
-        c = self._errors.get(error_type)
-        if c is None:
-            c = self._errors[error_type] = self._fm.families["flows_errors_total"].labels(
-                self.flow, self.stage, error_type
-            )
-        c.inc()
+        self.labeled("flows_errors_total", error_type).inc()
 
     def observe_processing(self, seconds: float) -> None:
         self.busy_seconds += seconds

@@ -38,4 +38,4 @@ def test_metric_names_follow_the_conventions():
         assert name.endswith("_total") == (kind == "counter"), name
         if kind == "histogram":
             assert re.search(r"_(seconds|records)$", name), name
-        assert set(labels) <= {"reason", "error_type"}, name
+        assert set(labels) <= {"reason", "error_type", "endpoint", "status_class"}, name

@@ -1,0 +1,254 @@
+"""A throw-away PostgreSQL server for tests (like ``pytest-postgresql``, smaller).
+
+Starts the Debian ``postgresql-15`` binaries (``/usr/lib/postgresql/15/bin``)
+as a child process listening on 127.0.0.1 on a free port, with a fresh data
+directory under ``/tmp`` (``initdb`` once per server, about 1 s) that is
+removed at the end. As root, the server runs as the OS user ``postgres``
+(PostgreSQL refuses to run as root), so the data directory must sit where
+that user can reach it: not inside pytest's ``tmp_path`` (mode 0700).
+
+Authentication is ``trust`` for the superuser ``postgres``; ``fsync`` is off
+(a test server: fast, not crash-safe, though a clean ``stop()`` checkpoints).
+``stop()`` sends SIGINT (PostgreSQL's "fast" shutdown: clients are
+disconnected, the data is kept) and ``start()`` brings the same data
+directory back on the same port: what an outage test needs. ``kill()``
+SIGKILLs the server and its backends (the next ``start()`` runs crash
+recovery).
+
+Example::
+
+    from flows.testing.postgres import postgres_server
+
+    with postgres_server() as pg:
+        conn = psycopg.connect(pg.dsn)      # postgresql://postgres@127.0.0.1:PORT/postgres
+        ...
+        pg.stop()                            # an outage
+        pg.start()                           # same port, same data
+
+``start_postgres()`` returns a started server to ``close()`` yourself (a
+pytest fixture's teardown); a server left running is stopped at interpreter
+exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["PG_BIN", "PostgresServer", "PostgresError", "start_postgres", "postgres_server"]
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+"""Where the server binaries are looked for by default."""
+
+
+class PostgresError(RuntimeError):
+    """The server could not be set up, started or stopped; the message holds its log."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PostgresServer:
+    """One PostgreSQL server on 127.0.0.1, owning its data directory.
+
+    Use ``start_postgres()`` or ``postgres_server()`` rather than this
+    constructor (which only initializes the data directory).
+
+    Parameters:
+        base_dir: where the server's directory is created (default
+            ``/tmp``); the user ``postgres`` must be able to reach it.
+        bin_dir: the PostgreSQL binaries (default ``PG_BIN``).
+        port: the TCP port (default: a free one, kept across restarts).
+        timeout: seconds ``initdb``, ``start()`` and ``stop()`` may take.
+
+    Attributes: ``port``, ``dsn``, ``data_dir``, ``log_path``, ``running``.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | Path | None = None,
+        *,
+        bin_dir: str | Path = PG_BIN,
+        port: int | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.bin_dir = Path(bin_dir)
+        if not (self.bin_dir / "postgres").exists():
+            raise PostgresError(f"no PostgreSQL server binary in {self.bin_dir}")
+        self.timeout = timeout
+        self.port = _free_port() if port is None else port
+        self.root = Path(tempfile.mkdtemp(prefix="flows-pg-", dir=base_dir or "/tmp"))
+        self.data_dir = self.root / "data"
+        self.log_path = self.root / "server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self._as_postgres = os.geteuid() == 0
+        try:
+            if self._as_postgres:
+                shutil.chown(self.root, "postgres", "postgres")
+            self._initdb()
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+        atexit.register(self.close)
+
+    @property
+    def dsn(self) -> str:
+        """A libpq URI for the superuser's default database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _user_args(self) -> dict:
+        if self._as_postgres:
+            return {"user": "postgres", "group": "postgres", "extra_groups": []}
+        return {}
+
+    def _initdb(self) -> None:
+        cmd = [
+            str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+            "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8",
+        ]
+        try:
+            done = subprocess.run(
+                cmd, cwd=self.root, stdin=subprocess.DEVNULL, capture_output=True,
+                timeout=self.timeout, **self._user_args(),
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise PostgresError(f"initdb took more than {self.timeout:g}s") from exc
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace")
+            raise PostgresError(f"initdb failed (exit {done.returncode}):\n{output}")
+
+    def start(self) -> None:
+        """Start the server (on the same port and data) and wait until it accepts connections.
+
+        Raises PostgresError with the server's log if it exits or is not
+        ready within ``timeout`` seconds.
+        """
+        if self._closed:
+            raise PostgresError("this server was closed")
+        if self.running:
+            return
+        cmd = [
+            str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
+            "-p", str(self.port), "-k", str(self.root), "-c", "fsync=off",
+        ]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                cmd, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, **self._user_args(),
+            )
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise PostgresError(f"postgres exited with {code} while starting:\n{self.log()}")
+            if self._ready():
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise PostgresError(
+                    f"postgres not ready on port {self.port} after {self.timeout:g}s:\n{self.log()}"
+                )
+            time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        probe = subprocess.run(
+            [str(self.bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-t", "1"],
+            stdin=subprocess.DEVNULL, capture_output=True,
+        )
+        return probe.returncode == 0
+
+    def stop(self) -> None:
+        """Stop the server with SIGINT (fast shutdown) and wait for it to exit."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                self._killpg(proc)
+                raise PostgresError(
+                    f"postgres did not stop within {self.timeout:g}s; killed:\n{self.log()}"
+                ) from None
+
+    def kill(self) -> None:
+        """SIGKILL the server and its backends (a crash) and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._killpg(proc)
+
+    @staticmethod
+    def _killpg(proc: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the server's own session: backends too
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def close(self) -> None:
+        """Stop the server and remove its directory; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def log(self, tail: int = 4000) -> str:
+        """The end of the server's log."""
+        try:
+            return self.log_path.read_bytes()[-tail:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> PostgresServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "closed" if self._closed else "stopped"
+        return f"<PostgresServer {self.dsn} {state}>"
+
+
+def start_postgres(base_dir: str | Path | None = None, **options: object) -> PostgresServer:
+    """A new, started server; ``close()`` it when done. Options as ``PostgresServer``."""
+    server = PostgresServer(base_dir, **options)  # type: ignore[arg-type]
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+@contextmanager
+def postgres_server(base_dir: str | Path | None = None, **options: object) -> Iterator[PostgresServer]:
+    """``with postgres_server() as pg:`` a started server, stopped and removed at the end."""
+    server = start_postgres(base_dir, **options)
+    try:
+        yield server
+    finally:
+        server.close()

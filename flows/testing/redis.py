@@ -1,0 +1,177 @@
+"""A throw-away Redis server for tests (``redis-server`` as a child process).
+
+The server listens on 127.0.0.1 only, on a free port (or the one you give),
+with persistence off (``--save '' --appendonly no``) and its working
+directory and log in a temporary directory that ``stop()`` deletes.
+``start()`` returns once the server answers ``PING`` (about 20 ms); if it
+does not within ``ready_timeout`` seconds, or exits first (say the port was
+taken), it raises ``RuntimeError`` with the server's log. Readiness is
+probed with a raw socket, so this module needs no Redis client library.
+
+Usage::
+
+    from flows.testing.redis import RedisServer, redis_server_path
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)   # redis://127.0.0.1:PORT/0
+        ...
+
+    server = RedisServer().start()      # or start and stop by hand
+    ...
+    server.stop()
+
+An outage test can point a client at ``RedisServer(port=p)`` before
+starting it, or ``stop()`` a server and start a new one on the same port
+(the data does not survive: nothing is persisted).
+
+``redis_server_path()`` is the binary found on ``PATH`` (or
+``/usr/bin/redis-server``), ``None`` if there is none: tests skip on that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["RedisServer", "free_port", "redis_server_path"]
+
+
+def redis_server_path() -> str | None:
+    """Path of the ``redis-server`` binary, or ``None`` when it is not installed."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    return "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One ``redis-server`` child process bound to 127.0.0.1.
+
+    Parameters:
+        port: TCP port (default: a free one).
+        ready_timeout: how long ``start()`` waits for ``PING`` (s, default 10).
+        binary: the redis-server to run (default: ``redis_server_path()``).
+
+    Attributes: ``port``, ``url`` (``redis://127.0.0.1:PORT/0``), ``dir``,
+    ``process`` (``None`` when stopped).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        ready_timeout: float = 10.0,
+        binary: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.ready_timeout = ready_timeout
+        self.binary = binary or redis_server_path()
+        self.dir: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        """What the server wrote to stdout and stderr so far."""
+        if self.dir is None:
+            return ""
+        try:
+            return (self.dir / "redis.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> RedisServer:
+        """Start redis-server and wait until it answers ``PING``; returns ``self``."""
+        if self.binary is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        if self.process is not None:
+            raise RuntimeError("this RedisServer is already started")
+        self.dir = Path(tempfile.mkdtemp(prefix="flows-redis-"))
+        cmd = [
+            self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
+            "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
+        ]
+        with open(self.dir / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(
+                cmd, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"redis-server exited with code {code} before it was ready; its log:\n{self.log()}"
+                )
+            if _pong(self.port):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"redis-server did not answer PING on port {self.port} within "
+                    f"{self.ready_timeout:g}s; its log:\n{self.log()}"
+                )
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``) and delete
+        its directory; idempotent."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"RedisServer({self.url}, {'running' if self.running else 'stopped'})"

@@ -177,7 +177,7 @@ class ComponentMetrics:
         self.write_records = child("flows_sink_batch_records")
         self.write_errors = child("flows_sink_write_errors_total")
         self.write_retries = child("flows_sink_retries_total")
-        self._labeled: dict[tuple[str, str], Any] = {}
+        self._labeled: dict[tuple[str, str | None], Any] = {}
         # Live figures read by the collector at scrape time.
         self.buffer: Callable[[], tuple[int, float]] | None = None
         self.pending: Callable[[], int] | None = None  # conflation buffer
@@ -186,13 +186,13 @@ class ComponentMetrics:
         self._util_ref = (time.monotonic(), 0.0)
         self._util_value = 0.0
 
-    def labeled(self, name: str, value: str) -> Any:
-        """The child of family ``name`` for this component and one extra label value."""
+    def labeled(self, name: str, value: str | None = None) -> Any:
+        """The child of family ``name`` for this component (and one extra
+        label value, for families that have one); created on first use."""
         child = self._labeled.get((name, value))
         if child is None:
-            child = self._labeled[(name, value)] = self._fm.families[name].labels(
-                self.flow, self.stage, value
-            )
+            values = (self.flow, self.stage) if value is None else (self.flow, self.stage, value)
+            child = self._labeled[(name, value)] = self._fm.families[name].labels(*values)
         return child
 
     def discarded(self, reason: str, n: int = 1) -> None:

@@ -159,10 +159,16 @@ class Runtime:
     # -- status ----------------------------------------------------------
 
     def ready(self) -> tuple[bool, list[str]]:
-        """(ready, reasons): ready when every actor runs."""
+        """(ready, reasons): ready when every actor runs and reports healthy
+        (an actor may define ``health() -> str | None``, e.g. an open circuit)."""
         reasons = [
             f"{s.kind} {s.actor.name} is {s.state}" for s in self.slots if s.state != "running"
         ]
+        for slot in self.slots:
+            health = getattr(slot.actor, "health", None)
+            problem = health() if callable(health) else None
+            if problem:
+                reasons.append(problem)
         if self.state != "running":
             reasons.insert(0, f"flow is {self.state}")
         return not reasons, reasons

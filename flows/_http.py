@@ -1,0 +1,437 @@
+"""The machinery every HTTP polling source shares (one implementation, not six).
+
+A subclass says what to ask and how to read the answer:
+
+- ``plan(symbols) -> list[Request]``: the requests that refresh ``symbols``
+  (one per symbol, or a few for an all-symbols or multi-symbol endpoint);
+- ``parse(request, body) -> Parsed``: Ticks plus counts of bad records;
+- optionally ``on_response(response)`` to read usage headers.
+
+``HttpSource`` does the rest: one ``httpx.AsyncClient`` per source with
+pooling and separate connect/read timeouts, a cap on response size, the
+rate limiter (the API's documented limits, tightened by 429/418
+Retry-After and usage headers), retries with exponential backoff and full
+jitter for timeouts, connection errors, 5xx and 429 (never other 4xx), a
+circuit breaker, the per-source metrics, standby for a primary source
+(fallback), and a one-shot mode that polls the symbol set once, shows
+progress, and keeps a checkpoint of finished symbols so a crashed sync
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import msgspec
+import trio
+
+from ._actors import RunContext
+from ._channels import Outbox
+from ._checkpoint import write_atomic
+from ._limits import CircuitBreaker, RateLimit, RateLimiter
+from ._log import DropLog
+from ._metrics import ComponentMetrics
+from ._records import Batch, Tick
+
+__all__ = ["HttpSource", "Request", "Parsed", "HttpError"]
+
+log = logging.getLogger("flows.http")
+
+
+@attrs.frozen
+class Request:
+    """One GET: ``endpoint`` names it in metrics (a small fixed set)."""
+
+    endpoint: str
+    path: str
+    params: dict[str, str] = attrs.field(factory=dict)
+    weight: float = 1.0
+    symbols: tuple[str, ...] = ()
+
+
+@attrs.define
+class Parsed:
+    """What a response held: good Ticks and bad records counted by reason."""
+
+    ticks: list[Tick] = attrs.field(factory=list)
+    invalid: dict[str, int] = attrs.field(factory=dict)
+
+    def bad(self, reason: str, detail: str = "") -> None:
+        self.invalid[reason] = self.invalid.get(reason, 0) + 1
+        if detail:
+            self.details.append(detail)
+
+    details: list[str] = attrs.field(factory=list)
+
+
+class HttpError(Exception):
+    """A response that is not a usable answer; ``transient`` says retry."""
+
+    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+def price(value: Any) -> float:
+    """A positive finite price from a number or numeric string, else ValueError."""
+    number = float(value)
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"price {value!r} is not a positive number")
+    return number
+
+
+def optional_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def status_class(status: int) -> str:
+    return "429" if status in (418, 429) else f"{status // 100}xx"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None
+
+
+class HttpSource:
+    """Base class of HTTP polling sources. Subclasses set ``DEFAULT_URL`` and
+    ``DEFAULT_LIMITS`` (the API's documented limits) and implement ``plan``
+    and ``parse``.
+
+    Parameters (keyword-only):
+        symbols: the symbols to poll, in the exchange's naming.
+        every: seconds from the start of one poll cycle to the next.
+        base_url: the API's root (default: the real one); point it at a
+            testnet, a proxy or the emulator.
+        limits: rate limits to respect (default: the documented ones).
+        concurrency: requests in flight at once.
+        connect_timeout, read_timeout: seconds.
+        max_response_bytes: larger bodies are refused (counted, retried).
+        retries: attempts after the first for transient failures.
+        backoff, max_backoff: full-jitter exponential backoff (s).
+        circuit: the breaker (default: 5 failures, 30 s open).
+        once: poll the symbol set once and end (a one-shot sync).
+        resume: with ``once``, a file listing finished symbols, so a crashed
+            sync resumes where it stopped (deleted when the sync completes).
+        progress: show a progress bar (default: when stderr is a terminal).
+        standby_for: another source; poll only while its circuit is open.
+        name: the actor's name and the ``source`` field of its Ticks.
+    """
+
+    DEFAULT_URL = ""
+    DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
+
+    def __init__(
+        self,
+        *,
+        symbols: Sequence[str],
+        every: float = 1.0,
+        base_url: str | None = None,
+        limits: Sequence[RateLimit] | None = None,
+        concurrency: int = 8,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 10.0,
+        max_response_bytes: int = 8 << 20,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        circuit: CircuitBreaker | None = None,
+        once: bool = False,
+        resume: str | Path | None = None,
+        progress: bool | None = None,
+        standby_for: HttpSource | None = None,
+        headers: dict[str, str] | None = None,
+        name: str,
+    ) -> None:
+        if not symbols:
+            raise ValueError(f"{name}: symbols must not be empty")
+        if not every > 0 or concurrency < 1 or retries < 0:
+            raise ValueError(f"{name}: every must be > 0, concurrency >= 1, retries >= 0")
+        self.symbols = list(symbols)
+        self.every = every
+        self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
+        self.limiter = RateLimiter(list(limits or self.DEFAULT_LIMITS))
+        self.concurrency = concurrency
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self.max_response_bytes = max_response_bytes
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.circuit = circuit or CircuitBreaker()
+        self.once = once
+        self.resume = None if resume is None else Path(resume)
+        self.progress = progress
+        self.standby_for = standby_for
+        self.headers = dict(headers or {})
+        self.name = name
+        self.cycles = 0
+        self._drops = DropLog(f"flows.source.{name}")
+        self._fresh = False
+
+    # -- subclass hooks ----------------------------------------------------
+
+    def plan(self, symbols: list[str]) -> list[Request]:
+        raise NotImplementedError
+
+    def parse(self, request: Request, body: bytes) -> Parsed:
+        raise NotImplementedError
+
+    def on_response(self, response: httpx.Response) -> None:
+        """Read usage headers (e.g. Binance's used weight); default: nothing."""
+
+    def check(self, response: httpx.Response, body: bytes) -> None:
+        """Raise HttpError for a response that is not an answer (default:
+        by status: 429/418 and 5xx transient, other 4xx permanent)."""
+        status = response.status_code
+        if status < 400:
+            return
+        text = body[:200].decode("utf-8", "replace")
+        if status in (418, 429):
+            raise HttpError(f"HTTP {status} (rate limited): {text}", transient=True,
+                            retry_after=_retry_after(response))
+        raise HttpError(f"HTTP {status}: {text}", transient=status >= 500)
+
+    # -- life cycle ----------------------------------------------------------
+
+    def setup(self, context: RunContext) -> None:
+        self._fresh = context.fresh
+        if context.shard is not None:
+            self.symbols = context.shard.select(self.symbols)
+
+    def health(self) -> str | None:
+        """None when healthy, else why not (shown on /readyz)."""
+        if self.circuit.state == "open":
+            return f"source {self.name}: circuit open"
+        if self.standby_for is not None and self.standby_for.circuit.state != "closed":
+            return f"degraded: {self.name} stands in for {self.standby_for.name}"
+        return None
+
+    async def run(self, outbox: Outbox) -> None:
+        m = outbox.metrics
+        m.labeled("flows_source_retries_total")  # export the series from the start
+        state = m.labeled("flows_source_circuit_state")
+        state.set(CircuitBreaker.STATES[self.circuit.state])
+        async with httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=self.timeout,
+            headers={"user-agent": "flows/0.1", **self.headers},
+            limits=httpx.Limits(max_connections=self.concurrency,
+                                max_keepalive_connections=self.concurrency),
+        ) as client:
+            if self.once:
+                await self._sync_once(client, outbox, state)
+                return
+            deadline = trio.current_time()
+            while True:
+                if await self._standing_by():
+                    deadline = trio.current_time()
+                    continue
+                await self._cycle(client, outbox, self.symbols, state)
+                deadline = max(deadline + self.every, trio.current_time())
+                await trio.sleep_until(deadline)
+
+    async def _standing_by(self) -> bool:
+        """While the primary is healthy, a standby source waits for it to fail."""
+        primary = self.standby_for
+        if primary is None or primary.circuit.state != "closed":
+            return False
+        await primary.circuit.wait_changed()
+        return True
+
+    async def _cycle(
+        self,
+        client: httpx.AsyncClient,
+        outbox: Outbox,
+        symbols: list[str],
+        state: Any,
+        on_done: Any = None,
+    ) -> None:
+        """Refresh ``symbols`` once: every planned request, ``concurrency`` at a time."""
+        m = outbox.metrics
+        started = time.perf_counter()
+        requests = self.plan(symbols)
+        send_channel, receive_channel = trio.open_memory_channel[Request](len(requests) or 1)
+        for request in requests:
+            send_channel.send_nowait(request)
+        send_channel.close()
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.concurrency, len(requests))):
+                nursery.start_soon(self._worker, client, receive_channel.clone(), outbox, state,
+                                   on_done)
+        receive_channel.close()
+        m.poll_cycle.observe(time.perf_counter() - started)
+        self.cycles += 1
+
+    async def _worker(self, client, requests, outbox, state, on_done) -> None:
+        async with requests:
+            async for request in requests:
+                ticks = await self._fetch(client, request, outbox.metrics, state)
+                if ticks:
+                    await outbox.send(Batch(ticks))
+                if on_done is not None and ticks is not None:
+                    on_done(request)
+
+    async def _fetch(
+        self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics, state: Any
+    ) -> list[Tick] | None:
+        """One request with retries; its Ticks, or None when it failed for good."""
+        attempt = 0
+        while True:
+            if not self.circuit.allow():
+                await trio.sleep_until(max(self.circuit.reopens_at(), trio.current_time() + 0.01))
+                continue
+            waited = await self.limiter.acquire(request.weight)
+            m.labeled("flows_source_rate_limit_wait_seconds").observe(waited)
+            try:
+                parsed = await self._get(client, request, m)
+            except HttpError as exc:
+                self.circuit.failure()
+                state.set(CircuitBreaker.STATES[self.circuit.state])
+                m.error("http" if exc.transient else "http_permanent")
+                if exc.retry_after is not None:
+                    self.limiter.pause_until(trio.current_time() + exc.retry_after)
+                if not exc.transient or attempt >= self.retries:
+                    self._drops.drop("request_failed", f"{request.endpoint} {request.path}: {exc}")
+                    m.discarded("request_failed", max(len(request.symbols), 1))
+                    return None
+                attempt += 1
+                m.labeled("flows_source_retries_total").inc()
+                cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                await trio.sleep(random.uniform(0, cap))
+                continue
+            self.circuit.success()
+            state.set(CircuitBreaker.STATES[self.circuit.state])
+            with m.timed_batch():
+                for reason, n in parsed.invalid.items():
+                    m.discarded(reason, n)
+                for detail in parsed.details[:1]:
+                    self._drops.drop("invalid", detail)
+            return parsed.ticks
+
+    async def _get(self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics) -> Parsed:
+        t0 = time.perf_counter()
+        try:
+            async with client.stream("GET", request.path, params=request.params) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > self.max_response_bytes:
+                        raise HttpError(
+                            f"response larger than {self.max_response_bytes} bytes", transient=True
+                        )
+        except httpx.TimeoutException as exc:
+            m.labeled("flows_source_responses_total", "error").inc()
+            raise HttpError(f"timeout ({type(exc).__name__})", transient=True) from None
+        except httpx.TransportError as exc:
+            m.labeled("flows_source_responses_total", "error").inc()
+            raise HttpError(f"{type(exc).__name__}: {exc}", transient=True) from None
+        finally:
+            m.labeled("flows_source_request_seconds", request.endpoint).observe(
+                time.perf_counter() - t0
+            )
+        m.labeled("flows_source_responses_total", status_class(response.status_code)).inc()
+        self.on_response(response)
+        self.check(response, bytes(body))
+        try:
+            return self.parse(request, bytes(body))
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError) as exc:
+            raise HttpError(f"malformed body: {exc}", transient=True) from None
+
+    # -- one-shot sync -------------------------------------------------------
+
+    async def _sync_once(self, client: httpx.AsyncClient, outbox: Outbox, state: Any) -> None:
+        done: set[str] = set()
+        if self.resume is not None and not self._fresh:
+            done = self._load_done()
+        todo = [s for s in self.symbols if s not in done]
+        total, finished = len(self.symbols), len(self.symbols) - len(todo)
+        log.info("source %s: one-shot sync of %d symbols (%d already done)", self.name, total, finished)
+        report = _Progress(self.name, total, finished, self.progress)
+        last_save = trio.current_time()
+
+        def on_done(request: Request) -> None:
+            nonlocal last_save
+            done.update(request.symbols)
+            report.advance(len(request.symbols))
+            if self.resume is not None and trio.current_time() - last_save >= 1.0:
+                last_save = trio.current_time()
+                self._save_done(done)
+
+        try:
+            await self._cycle(client, outbox, todo, state, on_done)
+        finally:
+            report.close()
+            if self.resume is not None:
+                if done >= set(self.symbols):
+                    self.resume.unlink(missing_ok=True)
+                else:
+                    self._save_done(done)
+
+    def _load_done(self) -> set[str]:
+        assert self.resume is not None
+        try:
+            return set(msgspec.json.decode(self.resume.read_bytes(), type=list[str]))
+        except FileNotFoundError:
+            return set()
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("source %s: resume file %s unusable (%s); starting over",
+                        self.name, self.resume, exc)
+            return set()
+
+    def _save_done(self, done: set[str]) -> None:
+        assert self.resume is not None
+        write_atomic(self.resume, msgspec.json.encode(sorted(done)))
+
+
+class _Progress:
+    """Progress of a one-shot sync: a rich bar on a terminal, else log lines."""
+
+    def __init__(self, name: str, total: int, done: int, enabled: bool | None) -> None:
+        self.name, self.total, self.done = name, total, done
+        self.started, self.start_done = time.monotonic(), done
+        self._last_log = self.started
+        self._bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            try:
+                from rich.progress import Progress
+
+                self._bar = Progress(transient=False)
+                self._task = self._bar.add_task(f"{name} sync", total=total, completed=done)
+                self._bar.start()
+            except ImportError:
+                self._bar = None
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= 5.0 or self.done >= self.total:
+            self._last_log = now
+            rate = (self.done - self.start_done) / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else math.inf
+            log.info("source %s: %d/%d symbols (%.0f/s, ETA %.0fs)",
+                     self.name, self.done, self.total, rate, eta)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

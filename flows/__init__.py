@@ -17,6 +17,7 @@ from ._flow import Flow as Flow
 from ._flow import FlowError as FlowError
 from ._flow import Supervision as Supervision
 from ._metrics import METRICS as METRICS
+from ._metrics import SlowThresholds as SlowThresholds
 from ._records import Batch as Batch
 from ._records import Tick as Tick
 from ._runtime import FlowFailed as FlowFailed

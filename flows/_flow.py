@@ -10,6 +10,7 @@ import attrs
 
 from ._actors import FunctionStage
 from ._channels import Edge
+from ._metrics import SlowThresholds
 
 __all__ = ["Flow", "FlowError", "Supervision"]
 
@@ -72,6 +73,8 @@ class Flow:
         capacity: default channel capacity, in batches.
         edges: per-consumer channel settings, keyed by the consumer's name.
         supervision: restart policy for actors that raise.
+        slow: thresholds above which batches and poll cycles are logged
+            and counted as slow.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class Flow:
         capacity: int = 8,
         edges: Mapping[str, Edge] | None = None,
         supervision: Supervision | None = None,
+        slow: SlowThresholds | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise FlowError("a flow needs a non-empty name")
@@ -94,6 +98,7 @@ class Flow:
         self.default_edge = Edge(capacity=capacity)
         self.edges = dict(edges or {})
         self.supervision = supervision or Supervision()
+        self.slow = slow or SlowThresholds()
         self._validate()
 
     def _validate(self) -> None:

@@ -275,7 +275,7 @@ class HttpSource:
                 nursery.start_soon(self._worker, client, receive_channel.clone(), outbox, state,
                                    on_done)
         receive_channel.close()
-        m.poll_cycle.observe(time.perf_counter() - started)
+        m.observe_poll_cycle(time.perf_counter() - started)
         self.cycles += 1
 
     async def _worker(self, client, requests, outbox, state, on_done) -> None:

@@ -7,6 +7,7 @@ name) plus, for a few, one label from a small fixed set (``reason``,
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import weakref
@@ -14,10 +15,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-__all__ = ["FlowMetrics", "ComponentMetrics", "metrics_for", "quantile", "METRICS"]
+__all__ = [
+    "FlowMetrics", "ComponentMetrics", "SlowThresholds", "metrics_for", "quantile", "METRICS",
+]
 
 FAST_BUCKETS = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
@@ -76,6 +80,16 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "flows_sink_batch_records": ("histogram", (), "At a sink: records per write."),
     "flows_sink_write_errors_total": ("counter", (), "At a sink: writes that failed."),
     "flows_sink_retries_total": ("counter", (), "At a sink: writes retried after a failure."),
+    "flows_slow_batches_total": (
+        "counter",
+        ("severity",),
+        "Batches whose processing crossed the slow threshold (warning, critical).",
+    ),
+    "flows_slow_poll_cycles_total": (
+        "counter",
+        ("severity",),
+        "Source poll cycles that crossed the slow threshold (warning, critical).",
+    ),
     "flows_source_request_seconds": (
         "histogram",
         ("endpoint",),
@@ -155,6 +169,19 @@ def metrics_for(registry: CollectorRegistry) -> FlowMetrics:
     return fm
 
 
+@attrs.frozen(kw_only=True)
+class SlowThresholds:
+    """When a batch or a poll cycle counts as slow: (warning, critical) seconds.
+
+    Each crossing is counted; a log line is written at most once per
+    ``cooldown`` seconds per component and kind of operation.
+    """
+
+    batch: tuple[float, float] = (1.0, 5.0)
+    cycle: tuple[float, float] = (30.0, 120.0)
+    cooldown: float = 60.0
+
+
 class ComponentMetrics:
     """Cached labelled children for one component; cheap to call per batch."""
 
@@ -178,6 +205,8 @@ class ComponentMetrics:
         self.write_errors = child("flows_sink_write_errors_total")
         self.write_retries = child("flows_sink_retries_total")
         self._labeled: dict[tuple[str, str | None], Any] = {}
+        self.slow = SlowThresholds()
+        self._slow_log_after: dict[str, float] = {}
         # Live figures read by the collector at scrape time.
         self.buffer: Callable[[], tuple[int, float]] | None = None
         self.pending: Callable[[], int] | None = None  # conflation buffer
@@ -206,6 +235,28 @@ class ComponentMetrics:
     def observe_processing(self, seconds: float) -> None:
         self.busy_seconds += seconds
         self.processing.observe(seconds)
+        if seconds >= self.slow.batch[0]:
+            self._slow("flows_slow_batches_total", "batch", seconds, self.slow.batch)
+
+    def observe_poll_cycle(self, seconds: float) -> None:
+        """A source refreshed its whole symbol set in ``seconds``."""
+        self.poll_cycle.observe(seconds)
+        if seconds >= self.slow.cycle[0]:
+            self._slow("flows_slow_poll_cycles_total", "poll cycle", seconds, self.slow.cycle)
+
+    def _slow(self, metric: str, what: str, seconds: float, limits: tuple[float, float]) -> None:
+        severity = "critical" if seconds >= limits[1] else "warning"
+        self.labeled(metric, severity).inc()
+        now = time.monotonic()
+        if now >= self._slow_log_after.get(metric, 0.0):
+            self._slow_log_after[metric] = now + self.slow.cooldown
+            logging.getLogger("flows.slow").log(
+                logging.ERROR if severity == "critical" else logging.WARNING,
+                "flow %s: %s %s took %.3fs (%s threshold %.3fs)",
+                self.flow, self.stage, what, seconds, severity,
+                limits[1] if severity == "critical" else limits[0],
+                extra={"flow": self.flow, "stage": self.stage, "severity": severity},
+            )
 
     @contextmanager
     def timed_batch(self) -> Iterator[None]:

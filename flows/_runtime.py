@@ -113,6 +113,8 @@ class Runtime:
             _ActorSlot(a, flow.kind(a), self.metrics.component(flow.name, a.name, flow.kind(a)))
             for a in flow.actors
         ]
+        for slot in self.slots:
+            slot.metrics.slow = flow.slow
         self._sources_scope = trio.CancelScope()
         self._actors_scope: trio.CancelScope | None = None
         self._outer: trio.Nursery | None = None
@@ -125,15 +127,20 @@ class Runtime:
         """Begin a drain; a second call while draining forces the stop."""
         if self.stop_reason is not None:
             if self.state == "draining":
-                log.warning("flow %s: second stop (%s): cancelling now", self.flow.name, reason)
+                log.warning("flow %s: second stop (%s): cancelling now", self.flow.name, reason,
+                            extra=self._extra())
                 self._force()
             return
         self.stop_reason = reason
         self.state = "draining"
-        log.info("flow %s: stopping (%s): draining", self.flow.name, reason)
+        log.info("flow %s: stopping (%s): draining", self.flow.name, reason, extra=self._extra())
         self._sources_scope.cancel()
         if self._outer is not None and math.isfinite(self.drain_timeout):
             self._outer.start_soon(self._drain_deadline)
+
+    def _extra(self, stage: str | None = None) -> dict[str, str]:
+        """Structured fields for JSON logs."""
+        return {"flow": self.flow.name} if stage is None else {"flow": self.flow.name, "stage": stage}
 
     def _force(self) -> None:
         self._forced = True
@@ -213,6 +220,7 @@ class Runtime:
                     log.info(
                         "flow %s: running %s; endpoints on %s",
                         self.flow.name, self.flow, self.metrics_url or "(disabled)",
+                        extra=self._extra(),
                     )
                     task_status.started(self)
             finally:
@@ -231,6 +239,7 @@ class Runtime:
             seconds,
             self.stop_reason,
             self.totals(),
+            extra=self._extra(),
         )
         return RunResult(clean=clean, reason=self.stop_reason, seconds=seconds)
 
@@ -324,6 +333,7 @@ class Runtime:
                         "flow %s: %s %s raised %s; restart %d in %.2fs",
                         self.flow.name, slot.kind, name, slot.last_error, slot.restarts, backoff,
                         exc_info=log.isEnabledFor(logging.DEBUG),
+                        extra=self._extra(name),
                     )
                     await trio.sleep(backoff)
                     backoff = min(max(backoff * 2, 0.01), policy.max_backoff)
@@ -340,7 +350,7 @@ class Runtime:
             f"{policy.max_restarts + 1} times within {policy.window:g}s "
             f"(restart budget {policy.max_restarts}); last error: {slot.last_error}"
         )
-        log.error("%s", self._failure)
+        log.error("%s", self._failure, extra=self._extra(slot.actor.name))
         self.state = "failed"
         self._force()
 

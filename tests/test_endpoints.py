@@ -23,6 +23,8 @@ HTTP_ONLY = {
     "flows_source_retries_total",
     "flows_source_rate_limit_wait_seconds",
     "flows_source_circuit_state",
+    "flows_slow_batches_total",
+    "flows_slow_poll_cycles_total",
 }
 
 

@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 PUBLIC = {
     "Batch", "BatchingSink", "ChangeDetector", "Edge", "Flow", "FlowError", "FlowFailed",
     "FunctionStage", "Inbox", "METRICS", "Outbox", "Retry", "RunContext", "RunResult", "Runtime", "Sink",
-    "Shard", "Source", "Stage", "Supervision", "Tick", "run_flow", "shard_of", "stage",
+    "Shard", "SlowThresholds", "Source", "Stage", "Supervision", "Tick", "run_flow", "shard_of", "stage",
 }
 
 
@@ -38,4 +38,4 @@ def test_metric_names_follow_the_conventions():
         assert name.endswith("_total") == (kind == "counter"), name
         if kind == "histogram":
             assert re.search(r"_(seconds|records)$", name), name
-        assert set(labels) <= {"reason", "error_type", "endpoint", "status_class"}, name
+        assert set(labels) <= {"reason", "error_type", "endpoint", "status_class", "severity"}, name

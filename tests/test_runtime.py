@@ -237,3 +237,21 @@ async def test_readiness_follows_actor_states(registry):
         sink.gate.set()
     ready, reasons = rt.ready()
     assert not ready and reasons[0] == "flow is stopped"
+
+
+async def test_slow_batches_are_counted_and_logged_once_per_cooldown(caplog):
+    from flows import SlowThresholds
+
+    flow = Flow(
+        "slow",
+        sources=[ListSource(batches(10, 5))],
+        stages=[ChangeDetector()],
+        sinks=[ListSink()],
+        slow=SlowThresholds(batch=(0.0, 1e9), cooldown=3600.0),
+    )
+    with caplog.at_level("WARNING", logger="flows.slow"):
+        _, registry = await run_briefly(flow)
+    assert sample(registry, "flows_slow_batches_total", "slow", "change", severity="warning") == 10
+    lines = [r for r in caplog.records if r.name == "flows.slow" and "change batch" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].stage == "change" and lines[0].severity == "warning"

@@ -21,8 +21,8 @@ What it measures: records/s (input records per second) for
 for batch sizes 1, 100 and 1000; plus the engine at batch size 1000 with
 metrics enabled and disabled (disabled: prometheus_client's ``Counter.inc``,
 ``Gauge.set`` and ``Histogram.observe`` patched to no-ops for that run; the
-engine's own ``perf_counter`` bookkeeping stays). Metrics overhead is
-``1 - enabled/disabled``.
+engine's own ``perf_counter`` bookkeeping stays), taking turns over
+``max(3 * repeat, 7)`` rounds; metrics overhead is ``1 - enabled/disabled``.
 
 The ticks are generated once with ``SyntheticMarket(symbols=500,
 unchanged=0.6).tick()`` and shared by every variant. Every variant must
@@ -36,10 +36,10 @@ Targets, reported as PASS/FAIL (the exit status is 0 either way): at batch
 size 1000 the engine reaches >= 0.8x the bare loop and >= 5x the asyncio
 pipeline; metrics cost < 5%.
 
-Run from the repository root (about 1.5 minutes with the defaults)::
+Run from the repository root (under a minute with the defaults)::
 
-    python bench/engine.py                    # 200k records, best of 5
-    python bench/engine.py --records 50000 --repeat 3 --clock wall
+    python bench/engine.py                    # 200k records, best of 3
+    python bench/engine.py --records 50000 --repeat 5 --clock wall
 """
 
 from __future__ import annotations
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=200_000,
                         help="ticks in the input (default 200000)")
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="runs per measurement, the best kept (default 5)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per measurement, the best kept (default 3)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="time runs by this process's CPU time (default) or wall time")
     args = parser.parse_args(argv)

@@ -153,6 +153,8 @@ class OffsetTracker:
         self._pending: deque[tuple[int, int]] = deque()  # (token, end), sending order
         self._outcomes: dict[int, str] = {}  # pending tokens acked so far
         self._next = 0
+        self.failed_at: int | None = None
+        """Where the first batch acked ``failed`` starts: ``done`` stops there."""
 
     @property
     def outstanding(self) -> int:
@@ -177,6 +179,14 @@ class OffsetTracker:
         if token in outcomes or not pending or not pending[0][0] <= token <= pending[-1][0]:
             return False  # a second ack, or a batch already done or forgotten
         outcomes[token] = outcome
+        if outcome not in _OK:
+            start = self.done
+            for t, end in pending:
+                if t == token:
+                    break
+                start = end
+            if self.failed_at is None or start < self.failed_at:
+                self.failed_at = start
         before = self.done
         while pending and outcomes.get(pending[0][0]) in _OK:
             head, self.done = pending.popleft()
@@ -278,6 +288,7 @@ class ReplaySource:
     _saved_line: int | None = attrs.field(default=None, init=False)
     _saved_at: float = attrs.field(default=-math.inf, init=False)
     _metrics: ComponentMetrics | None = attrs.field(default=None, init=False)
+    _acked: trio.Event | None = attrs.field(default=None, init=False)  # set while paced waits
 
     def __attrs_post_init__(self) -> None:
         if self.format is None:
@@ -399,19 +410,21 @@ class ReplaySource:
         tracker = self._tracker
         assert tracker is not None
         advanced = tracker.ack(token, outcome)
-        if outcome not in _OK and tracker.blocked and not self._warned_failed:
+        if outcome not in _OK and not self._warned_failed:
             self._warned_failed = True
             self._log.warning(
-                "replay %s: a batch was acked %r: the resume offset stays at line %d "
+                "replay %s: a batch was acked %r: the resume offset will not pass line %d "
                 "(the next run replays from there)",
-                self.name, outcome, tracker.done,
+                self.name, outcome, tracker.failed_at,
             )
         if not advanced or self.offset_path is None:
             return
         if self._finished:
             self.save_offset()  # draining: every advance counts (the last one is final)
-        else:
-            self._maybe_save(_now())
+            return
+        self._maybe_save(_now())
+        if self._acked is not None and self._dirty():
+            self._acked.set()  # a paced source is waiting: have it save later
 
     # -- reading -------------------------------------------------------------
 
@@ -514,11 +527,12 @@ class ReplaySource:
             self._tracker = OffsetTracker(self.load_offset())
         tracker = self._tracker
         self._finished = False
+        self._saved_at = trio.current_time()  # the first periodic write is offset_every away
         start = tracker.sent  # after a restart: where the last attempt stopped sending
         report = self._reporter(start)
         speed, size, drops = self.speed, self.batch_size, self._drops
         eof = False
-        consumed = start
+        consumed = reported = start
         f = None
         try:
             f, rows = await trio.to_thread.run_sync(self._open, start)
@@ -567,7 +581,9 @@ class ReplaySource:
                         tracker.abandon(token)
                         consumed = tracker.sent
                         raise
-                report.update(consumed)
+                if consumed != reported:
+                    reported = consumed
+                    report.update(consumed)
                 if self.offset_path is not None:
                     self._maybe_save(trio.current_time())
                 if due is not None:
@@ -580,14 +596,18 @@ class ReplaySource:
             self.save_offset()
 
     async def _sleep_until(self, due: float) -> None:
-        # Wake up early to write an offset the acks moved meanwhile.
+        # Paced waits can be long: wake up meanwhile to write the offset the
+        # acks moved (at most every offset_every seconds).
         while (now := trio.current_time()) < due:
             wake = due
             if self._dirty():
                 self._maybe_save(now)
                 if self._dirty():
                     wake = min(due, self._saved_at + self.offset_every)
-            await trio.sleep_until(wake)
+            self._acked = trio.Event()
+            with trio.move_on_at(wake):
+                await self._acked.wait()
+        self._acked = None
 
     def _reporter(self, start: int) -> _Progress:
         label = f"replay {self.path.name}"

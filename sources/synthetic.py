@@ -130,7 +130,7 @@ class SyntheticMarket:
                 chunk = records[i : i + self.batch_size]
                 await outbox.send(Batch(chunk))
                 self.emitted += len(chunk)
-            metrics.poll_cycle.observe(time.perf_counter() - cycle_start)
+            metrics.observe_poll_cycle(time.perf_counter() - cycle_start)
             if self.interval:
                 deadline = max(deadline + self.interval, trio.current_time())
                 await trio.sleep_until(deadline)

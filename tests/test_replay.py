@@ -22,13 +22,12 @@ T0 = 1_700_000_000.0
 
 
 def make_ticks(n: int, *, per_ts: int = 1, step: float = 1.0, source: str = "rec") -> list[Tick]:
-    symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT"]
     ticks = []
     for i in range(n):
         k = i // per_ts
         bid = 100.0 + i - 0.5 if i % 2 else None
         ticks.append(
-            Tick(source, symbols[i % per_ts if per_ts > 1 else i % 4], 100.0 + i, T0 + k * step,
+            Tick(source, f"S{i % max(per_ts, 4)}USDT", 100.0 + i, T0 + k * step,
                  bid=bid, ask=None, volume=float(i) if i % 3 else None)
         )
     return ticks
@@ -239,11 +238,12 @@ class StallingSink(ListSink):
             batch.ack("written")
 
 
-async def test_stopped_replay_resumes_after_the_last_acked_batch(tmp_path, autojump_clock):
-    ticks = make_ticks(100)
+@pytest.mark.parametrize("every", [0.0, 3600.0])
+async def test_stopped_replay_resumes_after_the_last_acked_batch(tmp_path, autojump_clock, every):
+    ticks = make_ticks(200)  # 20 batches: more than the sink and its channel (8) take
     path = tmp_path / "ticks.jsonl"
     write_jsonl(path, ticks)
-    source = ReplaySource(path=path, batch_size=10, offset_every=3600.0)
+    source = ReplaySource(path=path, batch_size=10, offset_every=every)
     sink = StallingSink(3)
     runtime = Runtime(Flow("rp", sources=[source], sinks=[sink]), registry=CollectorRegistry(),
                       metrics_addr=None, drain_timeout=1.0)
@@ -251,6 +251,11 @@ async def test_stopped_replay_resumes_after_the_last_acked_batch(tmp_path, autoj
         await nursery.start(runtime.run)
         await sink.stalled.wait()
         await trio.testing.wait_all_tasks_blocked()  # the source is blocked on a full channel
+        # while running, acks move the file at most every offset_every seconds
+        if every == 0:
+            assert read_offset(source)["line"] == 30
+        else:
+            assert not source.offset_path.exists()
         runtime.stop()
     assert runtime.state == "stopped" and runtime.stop_reason == "stop"
     assert sink.records == ticks[:30]
@@ -262,7 +267,7 @@ async def test_stopped_replay_resumes_after_the_last_acked_batch(tmp_path, autoj
     result, _, rest = await replay(again)
     assert result.clean
     assert rest.records == ticks[30:]
-    assert read_offset(again)["line"] == 100
+    assert read_offset(again)["line"] == 200
 
 
 async def test_acks_after_the_end_of_file_save_the_final_offset(tmp_path, autojump_clock):
@@ -272,14 +277,29 @@ async def test_acks_after_the_end_of_file_save_the_final_offset(tmp_path, autoju
     source = ReplaySource(path=path, batch_size=10, offset_every=3600.0)
     sink = GatedSink()
     flow = Flow("rp", sources=[source], sinks=[sink], edges={"gated": Edge(capacity=16)})
+    runtime = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_briefly, flow)
-        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(runtime.run)
+        while runtime.slots[0].state != "finished":
+            await trio.sleep(0.01)
         # The source sent every batch and returned; nothing is acked yet.
         assert read_offset(source)["line"] == 0
         sink.gate.set()
     assert sink.records == ticks
     assert read_offset(source)["line"] == 100  # written by the ack hooks during the drain
+
+
+async def test_paced_replay_saves_the_offset_while_waiting(tmp_path, autojump_clock):
+    path = tmp_path / "ticks.jsonl"
+    write_jsonl(path, make_ticks(10, step=10.0))  # one tick every 10 s
+    source = ReplaySource(path=path, speed=1.0, offset_every=1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replay, source)
+        await trio.sleep(5.0)
+        assert read_offset(source)["line"] == 1  # acked at once, saved a second later
+        await trio.sleep(10.0)
+        assert read_offset(source)["line"] == 2
+    assert read_offset(source)["line"] == 10
 
 
 class FailingSink(ListSink):
@@ -320,7 +340,7 @@ def test_offset_tracker_out_of_order_and_failed_acks():
 
     d, e, f, g = t.add(40), t.add(50), t.add(60), t.add(70)
     assert t.ack(d, "dropped") and t.done == 40
-    assert not t.ack(e, "failed") and t.blocked
+    assert not t.ack(e, "failed") and t.blocked and t.failed_at == 40
     assert not t.ack(g, "written") and not t.ack(f, "written")
     assert t.done == 40 and t.outstanding == 0  # nothing passes a failed batch
 

@@ -1,0 +1,344 @@
+"""The symbol universe and its random-walk prices, shared by every exchange.
+
+One mid price per asset walks in discrete steps: every ``tick_interval``
+seconds of trio's clock (or, with ``tick_interval=0``, once per served
+price request). On a step each asset keeps its price with probability
+``unchanged`` and otherwise takes a log-normal step of ``volatility``. The
+walk is a function of the seed and the step number only, so two emulators
+with the same seed serve the same prices at the same step, whatever the
+request pattern (up to a catch-up cap after very long idle gaps).
+
+Each exchange sees the mid times a small fixed per-asset basis (USDT and
+USD markets do not print the same number), rounded to that exchange's tick.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+import time
+from collections.abc import Sequence
+from decimal import Decimal
+
+import attrs
+import trio
+
+__all__ = ["EXCHANGES", "Asset", "Quote", "Market", "make_universe", "KNOWN_ASSETS"]
+
+EXCHANGES = ("binance", "coinbase", "kraken", "coingecko", "coincap", "okx")
+
+# base, name, start price (USD), Kraken result key, Kraken altname, CoinGecko id, CoinCap slug
+KNOWN_ASSETS: tuple[tuple[str, str, float, str, str, str, str], ...] = (
+    ("BTC", "Bitcoin", 67000.0, "XXBTZUSD", "XBTUSD", "bitcoin", "bitcoin"),
+    ("ETH", "Ethereum", 3500.0, "XETHZUSD", "ETHUSD", "ethereum", "ethereum"),
+    ("SOL", "Solana", 150.0, "SOLUSD", "SOLUSD", "solana", "solana"),
+    ("XRP", "XRP", 0.6, "XXRPZUSD", "XRPUSD", "ripple", "xrp"),
+    ("ADA", "Cardano", 0.45, "ADAUSD", "ADAUSD", "cardano", "cardano"),
+    ("DOGE", "Dogecoin", 0.15, "XDGUSD", "XDGUSD", "dogecoin", "dogecoin"),
+    ("DOT", "Polkadot", 7.0, "DOTUSD", "DOTUSD", "polkadot", "polkadot"),
+    ("AVAX", "Avalanche", 35.0, "AVAXUSD", "AVAXUSD", "avalanche-2", "avalanche"),
+    ("LINK", "Chainlink", 15.0, "LINKUSD", "LINKUSD", "chainlink", "chainlink"),
+    ("LTC", "Litecoin", 85.0, "XLTCZUSD", "LTCUSD", "litecoin", "litecoin"),
+    ("BCH", "Bitcoin Cash", 450.0, "BCHUSD", "BCHUSD", "bitcoin-cash", "bitcoin-cash"),
+    ("XLM", "Stellar", 0.11, "XXLMZUSD", "XLMUSD", "stellar", "stellar"),
+    ("ATOM", "Cosmos", 8.5, "ATOMUSD", "ATOMUSD", "cosmos", "cosmos"),
+    ("UNI", "Uniswap", 9.5, "UNIUSD", "UNIUSD", "uniswap", "uniswap"),
+    ("ETC", "Ethereum Classic", 27.0, "XETCZUSD", "ETCUSD", "ethereum-classic", "ethereum-classic"),
+    ("XMR", "Monero", 150.0, "XXMRZUSD", "XMRUSD", "monero", "monero"),
+    ("TRX", "TRON", 0.12, "TRXUSD", "TRXUSD", "tron", "tron"),
+    ("NEAR", "NEAR Protocol", 6.5, "NEARUSD", "NEARUSD", "near", "near-protocol"),
+    ("ZEC", "Zcash", 25.0, "XZECZUSD", "ZECUSD", "zcash", "zcash"),
+    ("FIL", "Filecoin", 5.5, "FILUSD", "FILUSD", "filecoin", "filecoin"),
+    ("AAVE", "Aave", 95.0, "AAVEUSD", "AAVEUSD", "aave", "aave"),
+    ("ALGO", "Algorand", 0.18, "ALGOUSD", "ALGOUSD", "algorand", "algorand"),
+    ("SHIB", "Shiba Inu", 0.000025, "SHIBUSD", "SHIBUSD", "shiba-inu", "shiba-inu"),
+    ("APT", "Aptos", 9.0, "APTUSD", "APTUSD", "aptos", "aptos"),
+    ("ARB", "Arbitrum", 1.1, "ARBUSD", "ARBUSD", "arbitrum", "arbitrum"),
+    ("OP", "Optimism", 2.5, "OPUSD", "OPUSD", "optimism", "optimism"),
+    ("MKR", "Maker", 2800.0, "MKRUSD", "MKRUSD", "maker", "maker"),
+    ("XTZ", "Tezos", 1.0, "XTZUSD", "XTZUSD", "tezos", "tezos"),
+    ("EOS", "EOS", 0.8, "EOSUSD", "EOSUSD", "eos", "eos"),
+    ("GRT", "The Graph", 0.28, "GRTUSD", "GRTUSD", "the-graph", "the-graph"),
+)
+
+
+@attrs.frozen
+class Asset:
+    """One base asset and its name on every exchange (quote: USD or USDT)."""
+
+    index: int
+    base: str  # "BTC"
+    name: str  # "Bitcoin"
+    start_price: float
+    binance: str  # "BTCUSDT"
+    coinbase: str  # "BTC-USD"
+    kraken: str  # the result key: "XXBTZUSD" (legacy X/Z names), "SOLUSD"
+    kraken_altname: str  # what clients usually ask for: "XBTUSD"
+    coingecko: str  # "bitcoin"
+    coincap: str  # "bitcoin"
+    okx: str  # "BTC-USDT"
+    tick: float  # price increment, from the start price's magnitude
+
+    def symbol(self, exchange: str) -> str:
+        """The asset's symbol as ``exchange`` reports it in responses."""
+        return getattr(self, exchange)
+
+
+@attrs.frozen
+class Quote:
+    """One asset's quote as one exchange serves it (prices rounded to its tick).
+
+    ``time`` is the emulator's wall clock (epoch seconds) when the quote was
+    made; ``changed`` the wall time of the asset's last price move; ``step``
+    the walk step. ``fault`` names the bad-value fault applied to this
+    record when it was served (``None``: served intact).
+    """
+
+    exchange: str
+    symbol: str
+    base: str
+    price: Decimal
+    bid: Decimal
+    ask: Decimal
+    bid_size: Decimal
+    ask_size: Decimal
+    last_size: Decimal
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    volume: Decimal  # 24h volume in the base asset
+    trades: int  # 24h trade count; also the last trade id
+    step: int
+    time: float
+    changed: float
+    fault: str | None = None
+
+
+def _tick_for(price: float) -> float:
+    """About 6-7 significant digits, like the majors' price filters."""
+    return 10.0 ** (math.floor(math.log10(price)) - 6)
+
+
+def make_universe(assets: int | Sequence[str] | None = None, *, seed: int = 0) -> list[Asset]:
+    """The asset universe: ``n`` assets (known majors first, then generated
+    names), or the given base symbols; deterministic for a seed."""
+    if assets is None:
+        assets = 50
+    known = {row[0]: row for row in KNOWN_ASSETS}
+    rng = random.Random(f"universe-{seed}")
+    if isinstance(assets, int):
+        if assets < 1:
+            raise ValueError("assets must be at least 1")
+        bases = [row[0] for row in KNOWN_ASSETS[:assets]]
+        seen = set(known) | {"USD", "USDT", "USDC", "EUR"}
+        while len(bases) < assets:
+            base = "".join(rng.choices(string.ascii_uppercase, k=rng.choice((3, 4))))
+            if base not in seen:
+                seen.add(base)
+                bases.append(base)
+    else:
+        bases = [str(b).upper() for b in assets]
+        if not bases or len(set(bases)) != len(bases):
+            raise ValueError("assets must be distinct and not empty")
+        for base in bases:
+            if not base.isalnum():
+                raise ValueError(f"asset {base!r}: letters and digits only")
+    universe = []
+    for index, base in enumerate(bases):
+        if base in known:
+            _, name, price, kraken, altname, gecko, coincap = known[base]
+        else:
+            name = base.capitalize() + "coin"
+            # log-uniform between a cent and a few hundred dollars
+            price = float(f"{10 ** rng.uniform(-2, 2.7):.6g}")
+            kraken = altname = base + "USD"
+            gecko = coincap = name.lower()
+        universe.append(
+            Asset(
+                index=index,
+                base=base,
+                name=name,
+                start_price=price,
+                binance=base + "USDT",
+                coinbase=base + "-USD",
+                kraken=kraken,
+                kraken_altname=altname,
+                coingecko=gecko,
+                coincap=coincap,
+                okx=base + "-USDT",
+                tick=_tick_for(price),
+            )
+        )
+    return universe
+
+
+def _decimals(tick: float) -> int:
+    return max(0, -math.floor(math.log10(tick) + 1e-9))
+
+
+class Market:
+    """The random walk: mid prices per asset, advanced lazily on trio's clock."""
+
+    MAX_CATCHUP = 200_000  # asset-steps walked at most per advance
+
+    def __init__(
+        self,
+        universe: list[Asset],
+        *,
+        seed: int = 0,
+        tick_interval: float = 1.0,
+        unchanged: float = 0.6,
+        volatility: float = 0.001,
+    ) -> None:
+        if tick_interval < 0:
+            raise ValueError("tick_interval must be >= 0")
+        if not 0 <= unchanged <= 1:
+            raise ValueError("unchanged must be within [0, 1]")
+        if volatility < 0:
+            raise ValueError("volatility must be >= 0")
+        self.universe = universe
+        self.seed = seed
+        self.tick_interval = tick_interval
+        self.unchanged = unchanged
+        self.volatility = volatility
+        self._rng = random.Random(f"walk-{seed}")
+        basis_rng = random.Random(f"basis-{seed}")
+        self._basis = {
+            ex: [1.0 if ex == "binance" else 1.0 + basis_rng.gauss(0, 2e-4) for _ in universe]
+            for ex in EXCHANGES
+        }
+        self.mid = [a.start_price for a in universe]
+        self.open = list(self.mid)
+        self.high = [p * 1.02 for p in self.mid]
+        self.low = [p * 0.98 for p in self.mid]
+        self.trades = [10_000 + (a.index * 7919) % 90_000 for a in universe]
+        self.changed_step = [0] * len(universe)
+        self.step = 0
+        self._t0: float | None = None
+        self._epoch = time.time()
+        self._last_now = 0.0
+        self._cache: dict[str, tuple[int, dict[int, Quote]]] = {}
+
+    # -- clock -------------------------------------------------------------
+
+    def now(self) -> float:
+        """trio's clock (the last seen value outside a trio run)."""
+        try:
+            self._last_now = trio.current_time()
+        except RuntimeError:
+            pass
+        if self._t0 is None:
+            self._t0 = self._last_now
+            self._epoch = time.time()
+        return self._last_now
+
+    def wall(self, now: float | None = None) -> float:
+        """Epoch seconds matching trio time ``now`` (tracks virtual time too)."""
+        if now is None:
+            now = self.now()
+        assert self._t0 is not None
+        return self._epoch + (now - self._t0)
+
+    def _step_wall(self, step: int) -> float:
+        if self.tick_interval > 0:
+            return self.wall((self._t0 or 0.0) + step * self.tick_interval)
+        return self.wall()
+
+    # -- walking -------------------------------------------------------------
+
+    def advance(self, *, request: bool = False) -> int:
+        """Walk to the step due now; ``request`` counts one price request
+        (the clock when ``tick_interval`` is 0). Returns the step."""
+        now = self.now()
+        if self.tick_interval > 0:
+            assert self._t0 is not None
+            target = int((now - self._t0) / self.tick_interval)
+        else:
+            target = self.step + (1 if request else 0)
+        if target > self.step:
+            todo = target - self.step
+            cap = max(1, self.MAX_CATCHUP // max(1, len(self.universe)))
+            if todo > cap:  # a long idle gap: skip ahead, walk the last steps
+                self.step = target - cap
+                todo = cap
+            for _ in range(todo):
+                self._walk_once()
+        return self.step
+
+    def _walk_once(self) -> None:
+        self.step += 1
+        rng = self._rng
+        unchanged, vol = self.unchanged, self.volatility
+        mid, high, low = self.mid, self.high, self.low
+        for i in range(len(mid)):
+            if rng.random() < unchanged:
+                continue
+            price = mid[i] * math.exp(rng.gauss(0.0, vol))
+            mid[i] = price
+            if price > high[i]:
+                high[i] = price
+            if price < low[i]:
+                low[i] = price
+            self.trades[i] += 1 + (self.step * 31 + i) % 7
+            self.changed_step[i] = self.step
+
+    # -- quoting -------------------------------------------------------------
+
+    def decimals(self, exchange: str, asset: Asset) -> int:
+        """Decimal places ``exchange`` prints this asset's prices with."""
+        tick = asset.tick
+        if exchange in ("binance", "coinbase", "okx"):
+            tick = max(tick, 1e-8)
+        return _decimals(tick)
+
+    def quotes(self, exchange: str) -> dict[int, Quote]:
+        """Quotes at the current step for every asset, by asset index (cached per step)."""
+        cached = self._cache.get(exchange)
+        if cached is not None and cached[0] == self.step:
+            return cached[1]
+        quotes = {a.index: self._quote(exchange, a) for a in self.universe}
+        self._cache[exchange] = (self.step, quotes)
+        return quotes
+
+    def quote(self, exchange: str, asset: Asset) -> Quote:
+        return self.quotes(exchange)[asset.index]
+
+    def _quote(self, exchange: str, asset: Asset) -> Quote:
+        i = asset.index
+        basis = self._basis[exchange][i]
+        places = self.decimals(exchange, asset)
+        unit = Decimal(1).scaleb(-places)
+
+        def rounded(value: float) -> Decimal:
+            return Decimal(repr(value)).quantize(unit)
+
+        price = rounded(self.mid[i] * basis)
+        if price <= 0:
+            price = unit
+        half_spread = max(unit, rounded(float(price) * 5e-5))
+        wobble = (self.step * 2654435761 + i * 40503) % 1000 / 1000.0
+        size_unit = Decimal("0.00000001")
+        base_size = 5000.0 / max(asset.start_price, 1e-9) ** 0.5
+        size = Decimal(repr(base_size * (0.2 + wobble))).quantize(size_unit)
+        volume = Decimal(repr(base_size * 800 * (1.0 + 0.1 * wobble))).quantize(size_unit)
+        wall = self.wall()
+        return Quote(
+            exchange=exchange,
+            symbol=asset.symbol(exchange),
+            base=asset.base,
+            price=price,
+            bid=price - half_spread,
+            ask=price + half_spread,
+            bid_size=(size * 3).quantize(size_unit),
+            ask_size=(size * 2).quantize(size_unit),
+            last_size=size,
+            open=rounded(self.open[i] * basis),
+            high=max(rounded(self.high[i] * basis), price),
+            low=min(rounded(self.low[i] * basis), price),
+            volume=volume,
+            trades=self.trades[i],
+            step=self.step,
+            time=wall,
+            changed=min(wall, self._step_wall(self.changed_step[i])),
+        )

@@ -1,0 +1,451 @@
+"""InfluxDB sink: write records as line protocol over HTTP.
+
+Talks to an InfluxDB server's HTTP write API over one pooled
+``httpx.AsyncClient``:
+
+- InfluxDB 1.x (checked against 1.6; 1.7 and 1.8 are the same API), and
+  the 1.x compatibility endpoint of InfluxDB 2.x and 3.x: ``database="x"``
+  posts to ``/write?db=x&precision=n|u|ms|s``;
+- InfluxDB 2.x and 3.x: ``bucket="b", org="o", token="..."`` posts to
+  ``/api/v2/write?org=o&bucket=b&precision=ns|us|ms|s`` with the header
+  ``Authorization: Token ...``;
+- QuestDB (``/write`` on its HTTP port, 9000) and VictoriaMetrics
+  (``/write`` on 8428, or vminsert) accept the same 1.x request: give
+  neither ``database`` nor ``bucket`` (VictoriaMetrics adds a ``db`` label
+  when ``database`` is set; QuestDB ignores it). QuestDB makes a table per
+  measurement, a SYMBOL column per tag and a DOUBLE per float field.
+  VictoriaMetrics makes one series per field, named
+  ``{measurement}_{field}`` with the tags as labels, keeps millisecond
+  precision, and reads a timestamp of 0 as "now".
+
+``token`` is sent with any of them (``Token user:password`` is how 1.8+
+takes credentials).
+
+Line format (one line per record; ``\\n`` between lines)::
+
+    measurement[,tag=value...] field=value[,field=value...] timestamp
+
+With the defaults a Tick becomes::
+
+    ticks,source=binance,symbol=BTCUSDT price=64210.5,bid=64210.4,ask=64210.6 1700000000250000000
+
+Escaping, as the server's parser reads it:
+
+- measurement: ``,`` and space get a backslash (``my\\ ticks``);
+- tag keys, tag values and field keys: ``,``, ``=`` and space get a
+  backslash (``symbol=BTC\\ USD\\,x\\=y``);
+- string field values are double-quoted, with ``"`` and ``\\`` escaped;
+- other backslashes are sent as they are: InfluxDB stores them literally
+  (``a\\b`` stays ``a\\b``; it does not unescape ``\\\\``). A tag value that
+  ends in a backslash, or holds a line break, cannot be written at all:
+  such a record is rejected (see below), as is one with no field left.
+  Tags with an empty value are left out (the server refuses them).
+
+Mapping (``tags`` and ``fields``): a sequence of attribute names (the key
+is the attribute's name), or a mapping from key to attribute name or to a
+function ``record -> value`` (for dicts: ``operator.itemgetter``). Tags
+are sent sorted by key, as InfluxDB prefers. A field whose value is
+``None``, NaN or infinite is omitted (InfluxDB stores no NaN). Floats are
+written with Python's ``repr`` (shortest text that reads back as the same
+float: full precision); ints and other numbers (``Decimal``) are written
+as floats too, so a field never changes type between records (a float
+field written once as an integer would make InfluxDB refuse the rest);
+``bool`` becomes ``true``/``false``, ``str`` a string field. The
+timestamp (``time``: an attribute name or function; default ``ts``, epoch
+seconds) is rounded to ``precision`` (ties to even) and sent as an
+integer; with ``"ns"`` the decimal value Python prints for the float is
+used (``1700000000.123456`` -> ``1700000000123456000``, not the binary
+float's ``...456001``). A point with the same measurement, tag set and
+timestamp as an earlier one replaces its fields: a batch delivered twice
+is stored once (and two ticks of one symbol with one timestamp are one
+point).
+
+Errors: a write is acked only after the server answered 2xx (InfluxDB
+has written the points to its WAL). Connection errors, timeouts, 5xx,
+408 and 429 are transient: the write is retried with backoff (``retry``,
+default forever) and the flow backs up meanwhile; nothing is dropped.
+Other 4xx answers refuse the data: 400 (bad line, field type conflict,
+and InfluxDB 1.x's "partial write", which means some points were
+refused), 401/403/404 (credentials, database), 413 (body too large),
+422. The base class then splits the write in halves until it has found
+the records the server refuses and drops only those, counted as
+``rejected`` and logged with the server's message (rewriting the good
+ones is harmless: same points). When the sink opens, an empty write
+checks the database/bucket and credentials: a 401, 403 or 404 there fails
+the actor with ``InfluxConfigError`` (the supervisor restarts it, then
+stops the flow with that message) instead of dropping every record. The
+server being down at that moment is not an error: writes retry. InfluxDB
+1.x refuses new tag values past ``max-values-per-tag`` (100000 by
+default): mind it with a large symbol universe.
+
+Metrics: the core sink set plus ``flows_sink_write_seconds``,
+``flows_sink_batch_records``, ``flows_sink_write_errors_total`` and
+``flows_sink_retries_total``; ``flows_errors_total`` by ``error_type``
+(``InfluxWriteError``, ``ConnectError``, ``ReadTimeout``,
+``LineProtocolError``, ...); dropped records count in
+``flows_records_discarded_total`` (``rejected``, ``write_failed`` when a
+finite retry policy gives up).
+
+Example::
+
+    Flow("crypto", sources=[SyntheticMarket()], stages=[ChangeDetector()],
+         sinks=[InfluxSink("http://127.0.0.1:8086", database="market",
+                           precision="ms", batch_size=5000)])
+
+stores points like ``ticks,source=synthetic,symbol=S0001 price=101.25
+1700000000250`` in database ``market`` (``CREATE DATABASE market``
+first), queried with ``SELECT * FROM ticks WHERE symbol = 'S0001'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Literal
+
+import httpx
+
+from flows import BatchingSink, Retry
+
+__all__ = ["InfluxSink", "InfluxWriteError", "InfluxConfigError", "LineProtocolError", "timestamp"]
+
+Precision = Literal["ns", "us", "ms", "s"]
+FieldSpec = Sequence[str] | Mapping[str, "str | Callable[[Any], Any]"]
+
+_SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_V1_PRECISION = {"ns": "n", "us": "u", "ms": "ms", "s": "s"}  # 1.x reads "us" as ns
+_MIN_NS, _MAX_NS = -9223372036854775806, 9223372036854775806  # InfluxDB's time range
+
+_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ "})
+_KEY = str.maketrans({",": "\\,", " ": "\\ ", "=": "\\="})
+_STRING = str.maketrans({"\\": "\\\\", '"': '\\"'})
+
+
+class LineProtocolError(ValueError):
+    """A record cannot be written as line protocol (it is rejected)."""
+
+
+class InfluxConfigError(Exception):
+    """The server refuses the sink itself (credentials, database or bucket)."""
+
+
+class InfluxWriteError(Exception):
+    """The server answered a write with an error status.
+
+    ``status`` is the HTTP status, ``message`` the server's error text.
+    Transient (retried) for 5xx, 408 and 429.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.status >= 500 or self.status in (408, 429)
+
+
+def timestamp(ts: float, precision: str = "ns") -> int:
+    """Epoch seconds ``ts`` as an integer count of ``precision`` units.
+
+    Rounds to the nearest unit (ties to even). For ``ns`` the decimal value
+    ``repr(ts)`` shows is used, so a float that reads as whole microseconds
+    gives whole microseconds, not the binary float's noise.
+    """
+    scale = _SCALE[precision]
+    if type(ts) is int:
+        n = ts * scale
+    else:
+        ts = float(ts)
+        if not math.isfinite(ts):
+            raise LineProtocolError(f"timestamp {ts!r} is not finite")
+        if scale <= 1_000_000:
+            n = round(ts * scale)
+        else:
+            us = round(ts * 1e6)
+            if us / 1e6 == ts:
+                n = us * 1000
+            else:
+                n = int(Decimal(repr(ts)).scaleb(9).to_integral_value())
+    ns_per_unit = 1_000_000_000 // scale
+    if not _MIN_NS <= n * ns_per_unit <= _MAX_NS:
+        raise LineProtocolError(f"timestamp {ts!r} is outside InfluxDB's range (years 1677-2262)")
+    return n
+
+
+def _check_name(what: str, name: object, *, measurement: bool = False) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty string, not {name!r}")
+    if "\\" in name or "\n" in name or "\r" in name:
+        raise ValueError(f"{what} {name!r} must not hold a backslash or a line break")
+    if measurement and name.startswith("#"):
+        raise ValueError(f"{what} {name!r} must not start with '#' (a comment line)")
+    if not measurement and name == "time":
+        raise ValueError(f"{what} 'time' is reserved by InfluxDB")
+    return name
+
+
+def _specs(what: str, spec: FieldSpec) -> list[tuple[str, str, Callable[[Any], Any]]]:
+    """(key, escaped "key=", getter) for each tag or field."""
+    if isinstance(spec, str):
+        raise ValueError(f"{what} must be a sequence or mapping of names, not the string {spec!r}")
+    items = spec.items() if isinstance(spec, Mapping) else ((name, name) for name in spec)
+    out = []
+    for key, source in items:
+        _check_name(f"{what[:-1]} key", key)
+        if any(key == k for k, _, _ in out):
+            raise ValueError(f"{what[:-1]} key {key!r} is given twice")
+        if callable(source):
+            getter = source
+        elif isinstance(source, str) and source:
+            getter = operator.attrgetter(source)
+        else:
+            raise ValueError(f"{what[:-1]} {key!r}: expected an attribute name or a function, not {source!r}")
+        out.append((key, key.translate(_KEY) + "=", getter))
+    return out
+
+
+def _field_value(value: Any) -> str | None:
+    """A field value as line protocol, ``None`` when it is to be omitted."""
+    kind = type(value)
+    if kind is float:
+        return repr(value) if math.isfinite(value) else None
+    if value is None:
+        return None
+    if kind is str:
+        return '"' + value.translate(_STRING) + '"'
+    if kind is bool:
+        return "true" if value else "false"
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LineProtocolError(f"cannot write a {kind.__name__} as a field value") from None
+    return repr(number) if math.isfinite(number) else None
+
+
+def _tag_value(value: Any) -> str:
+    text = value if type(value) is str else str(value)
+    if text.endswith("\\") or "\n" in text or "\r" in text:
+        raise LineProtocolError(
+            f"tag value {text!r} cannot be written (ends in a backslash or holds a line break)"
+        )
+    return text.translate(_KEY)
+
+
+def _error_message(response: httpx.Response) -> str:
+    text = response.text.strip()
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        for key in ("error", "message"):
+            if isinstance(body.get(key), str):
+                text = body[key]
+                break
+    text = text or response.headers.get("X-Influxdb-Error", "") or response.reason_phrase
+    return text if len(text) <= 1000 else text[:1000] + "..."
+
+
+class InfluxSink(BatchingSink):
+    """Sink: write records to InfluxDB (or QuestDB, VictoriaMetrics) as line protocol.
+
+    Usage::
+
+        InfluxSink("http://127.0.0.1:8086", database="market")
+        InfluxSink("https://influx:8086", bucket="market", org="me", token="...")
+
+    Parameters:
+        url: the server's base URL (``http`` or ``https``; may hold a path prefix).
+        database: InfluxDB 1.x database: writes go to ``/write?db=...``.
+        bucket, org: InfluxDB 2.x/3.x bucket and organization: writes go to
+            ``/api/v2/write`` (``org`` is required with ``bucket``).
+            With neither ``database`` nor ``bucket``: ``/write`` without
+            ``db`` (QuestDB, VictoriaMetrics).
+        token: sent as ``Authorization: Token <token>`` (default: none).
+        measurement: the measurement (default ``"ticks"``).
+        tags: attribute names, or a mapping key -> attribute name or function
+            (default ``("source", "symbol")``).
+        fields: same form (default ``("price", "bid", "ask", "volume")``).
+        time: attribute name or function giving epoch seconds (default ``"ts"``).
+        precision: ``"ns"``, ``"us"``, ``"ms"`` or ``"s"`` (default ``"ns"``).
+        batch_size: records per HTTP request at most (default 5000).
+        flush_interval: longest a record waits before its write (s, default 1.0).
+        retry: retry policy for transient errors (default: forever, backoff).
+        timeout: HTTP connect/read/write timeout (s, default 10.0).
+        name: the actor's name (default ``"influx"``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        database: str | None = None,
+        bucket: str | None = None,
+        org: str | None = None,
+        token: str | None = None,
+        measurement: str = "ticks",
+        tags: FieldSpec = ("source", "symbol"),
+        fields: FieldSpec = ("price", "bid", "ask", "volume"),
+        time: str | Callable[[Any], float] = "ts",
+        precision: Precision = "ns",
+        batch_size: int = 5000,
+        flush_interval: float = 1.0,
+        retry: Retry | None = None,
+        timeout: float = 10.0,
+        name: str = "influx",
+    ) -> None:
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"url {url!r} must be an http:// or https:// URL")
+        if database is not None and bucket is not None:
+            raise ValueError("give database (InfluxDB 1.x) or bucket (2.x), not both")
+        if bucket is not None and not org:
+            raise ValueError("bucket needs org (InfluxDB 2.x)")
+        if org is not None and bucket is None:
+            raise ValueError("org goes with bucket (InfluxDB 2.x)")
+        if precision not in _SCALE:
+            raise ValueError(f"precision must be one of {sorted(_SCALE)}, not {precision!r}")
+        if batch_size < 1 or not flush_interval > 0 or not timeout > 0:
+            raise ValueError("batch_size must be >= 1, flush_interval and timeout > 0")
+        _check_name("measurement", measurement, measurement=True)
+        self._tags = sorted(_specs("tags", tags), key=operator.itemgetter(0))
+        self._fields = _specs("fields", fields)
+        if not self._fields:
+            raise ValueError("fields must name at least one field")
+        clash = {k for k, _, _ in self._tags} & {k for k, _, _ in self._fields}
+        if clash:
+            raise ValueError(f"{sorted(clash)} cannot be both a tag and a field")
+        if isinstance(time, str) and time:
+            self._time = operator.attrgetter(time)
+        elif callable(time):
+            self._time = time
+        else:
+            raise ValueError(f"time must be an attribute name or a function, not {time!r}")
+
+        self.url = str(parsed).rstrip("/")
+        self.database = database
+        self.bucket = bucket
+        self.org = org
+        self.measurement = measurement
+        self.precision = precision
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.retry = retry or Retry()
+        self.timeout = timeout
+        self.name = name
+        self._prefix = measurement.translate(_MEASUREMENT)
+        if bucket is not None:
+            self._path = "/api/v2/write"
+            self._params = {"org": org, "bucket": bucket, "precision": precision}
+        else:
+            self._path = "/write"
+            self._params = {"precision": _V1_PRECISION[precision]}
+            if database is not None:
+                self._params = {"db": database, **self._params}
+        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if token:
+            self._headers["Authorization"] = f"Token {token}"
+        self._client: httpx.AsyncClient | None = None
+        self._log = logging.getLogger(f"flows.sink.{name}")
+
+    def __repr__(self) -> str:
+        target = (
+            f"database={self.database!r}" if self.database is not None
+            else f"bucket={self.bucket!r}" if self.bucket is not None else "no database"
+        )
+        return f"InfluxSink({self.url!r}, {target}, measurement={self.measurement!r})"
+
+    # -- encoding ---------------------------------------------------------
+
+    def encode(self, record: Any) -> str:
+        """One record as one line of line protocol (no trailing newline).
+
+        Raises ``LineProtocolError`` when the record cannot be written.
+        """
+        parts = [self._prefix]
+        for key, prefix, get in self._tags:
+            value = get(record)
+            if value is None or value == "":
+                continue
+            parts.append(",")
+            parts.append(prefix)
+            parts.append(_tag_value(value))
+        sep = " "
+        for key, prefix, get in self._fields:
+            try:
+                text = _field_value(get(record))
+            except LineProtocolError as exc:
+                raise LineProtocolError(f"field {key!r}: {exc}") from None
+            if text is None:
+                continue
+            parts.append(sep)
+            parts.append(prefix)
+            parts.append(text)
+            sep = ","
+        if sep == " ":
+            raise LineProtocolError("no field to write (all are None, NaN or infinite)")
+        parts.append(" ")
+        parts.append(str(timestamp(self._time(record), self.precision)))
+        return "".join(parts)
+
+    def encode_batch(self, records: list[Any]) -> bytes:
+        """The request body for ``records``: their lines, UTF-8."""
+        return "\n".join([self.encode(r) for r in records]).encode()
+
+    # -- BatchingSink -----------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        client = httpx.AsyncClient(
+            base_url=self.url,
+            headers=self._headers,
+            timeout=self.timeout,
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+        )
+        try:
+            await self._probe(client)
+        except BaseException:
+            await client.aclose()
+            raise
+        self._client = client
+
+    async def _probe(self, client: httpx.AsyncClient) -> None:
+        """An empty write: fails on a wrong database, bucket or token."""
+        try:
+            response = await client.post(self._path, params=self._params, content=b"")
+        except httpx.HTTPError as exc:
+            self._log.info("%r: server not reachable at open (%r); writes will retry", self, exc)
+            return
+        if response.status_code in (401, 403, 404):
+            raise InfluxConfigError(
+                f"{self!r}: the server refuses writes: HTTP {response.status_code}: "
+                f"{_error_message(response)}"
+            )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def write(self, records: list[Any]) -> None:
+        assert self._client is not None, "write() before open()"
+        body = self.encode_batch(records)
+        response = await self._client.post(self._path, params=self._params, content=body)
+        if response.is_success:
+            return
+        error = InfluxWriteError(response.status_code, _error_message(response))
+        self._log.debug("write of %d records: %s", len(records), error)
+        raise error
+
+    def is_transient(self, exc: Exception) -> bool:
+        if isinstance(exc, InfluxWriteError):
+            return exc.transient
+        return isinstance(
+            exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, OSError)
+        )

@@ -1,0 +1,166 @@
+"""Redis Streams sink: append records to a stream (scale-out between processes).
+
+Talks to Redis 5+ (tested with 7.0) through redis-py's sync client, called
+in a worker thread so the trio thread never blocks (redis.asyncio does not
+run under trio). Each write sends one ``XADD`` per record in a single
+pipeline (``transaction=False``: one round trip, no MULTI), with
+``MAXLEN ~ maxlen`` when ``maxlen`` is set, so the stream is capped
+approximately (Redis trims whole macro nodes: the stream may hold somewhat
+more than ``maxlen`` entries, never fewer once it has reached it).
+
+Entry format (what ``sources.redis.RedisStreamSource`` and any other tool
+read)::
+
+    XADD <stream> [MAXLEN ~ <maxlen>] * t <record as JSON>
+
+- the entry id is Redis' own (``*``: milliseconds-sequence);
+- one field, ``t`` (``FIELD``), holding the record encoded by msgspec as a
+  UTF-8 JSON object. A ``Tick`` is
+  ``{"source":"synthetic","symbol":"BTCUSDT","price":64123.5,"ts":1718000000.123,"bid":null,"ask":null,"volume":null}``
+  (``ts`` in epoch seconds; absent optional values are ``null``). Any
+  msgspec-encodable record type works; readers decode it with the same type.
+  Floats round-trip exactly; NaN and infinities become ``null`` (JSON has
+  no such numbers), which a ``Tick`` reader rejects as invalid.
+
+Redis' own errors (connection refused or lost, timeouts, ``LOADING``,
+``OOM``, ``READONLY`` after a failover, even ``WRONGTYPE`` from a
+misconfigured key) are all retried with backoff: the sink blocks and the
+flow backs up behind it rather than drop anything while Redis cannot take
+writes (each failure counted in ``flows_sink_write_errors_total`` and
+``flows_errors_total{error_type=...}``). Only a record that cannot be
+encoded is dropped (counted, reason ``rejected``). A batch is acked
+``written`` once ``EXEC`` of the pipeline returned, i.e. Redis has every
+entry (durable as far as the server's own persistence settings go).
+
+Delivery is at-least-once: a pipeline that fails half-way may have added
+some entries already, and the retry adds them again. Readers that must not
+see duplicates dedupe by record key (``source, symbol, ts`` for ticks; the
+SQLite and PostgreSQL sinks do).
+
+Configuration (defaults shown)::
+
+    RedisStreamSink("redis://127.0.0.1:6379/0", stream="ticks", maxlen=None,
+                    batch_size=1000, flush_interval=0.5, retry=Retry(),
+                    socket_timeout=10.0, name="redis")
+
+Metrics: the core sink set (records received, batch processing, end-to-end
+latency) and ``flows_sink_write_seconds``, ``flows_sink_batch_records``,
+``flows_sink_write_errors_total``, ``flows_sink_retries_total``.
+
+Example (two processes: a poller that publishes, a consumer that stores)::
+
+    Flow("publish", sources=[SyntheticMarket()], stages=[ChangeDetector()],
+         sinks=[RedisStreamSink("redis://127.0.0.1:6379/0", maxlen=1_000_000)])
+
+    Flow("store", sources=[RedisStreamSource("redis://127.0.0.1:6379/0")],
+         sinks=[SQLiteSink("ticks.db")])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry as _RedisRetry
+
+from flows import BatchingSink, Retry
+
+__all__ = ["RedisStreamSink", "FIELD", "encode_record", "no_retry"]
+
+FIELD = b"t"
+"""The one field of every entry: the record, JSON-encoded."""
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_record(record: Any) -> bytes:
+    """The value of an entry's ``t`` field for ``record`` (msgspec JSON)."""
+    return _encoder.encode(record)
+
+
+def no_retry() -> _RedisRetry:
+    """redis-py's client retry switched off: flows retries (and counts) itself."""
+    return _RedisRetry(NoBackoff(), 0)
+
+
+class RedisStreamSink(BatchingSink):
+    """Sink: append records to a Redis stream, one entry per record.
+
+    Parameters:
+        url: the server, ``redis://[user:password@]host:port/db`` (or
+            ``rediss://``, ``unix://``), as redis-py's ``from_url`` takes it.
+        stream: the stream's key.
+        maxlen: cap the stream at about this many entries (``MAXLEN ~``);
+            ``None``: no cap.
+        batch_size: entries per pipeline at most (default 1000).
+        flush_interval: longest a record waits before its write (s, default 0.5).
+        retry: retry policy for Redis errors (default: forever, backoff).
+        socket_timeout: seconds one write may wait on the server before it
+            fails (and is retried).
+        name: the actor's name.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        stream: str = "ticks",
+        maxlen: int | None = None,
+        batch_size: int = 1000,
+        flush_interval: float = 0.5,
+        retry: Retry | None = None,
+        socket_timeout: float = 10.0,
+        name: str = "redis",
+    ) -> None:
+        if batch_size < 1 or not flush_interval > 0:
+            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
+        if maxlen is not None and maxlen < 1:
+            raise ValueError("maxlen must be >= 1 (or None for no cap)")
+        if not stream:
+            raise ValueError("stream must not be empty")
+        if not socket_timeout > 0:
+            raise ValueError("socket_timeout must be > 0")
+        self.url = url
+        self.stream = stream
+        self.maxlen = maxlen
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.retry = retry or Retry()
+        self.socket_timeout = socket_timeout
+        self.name = name
+        self._client: redis.Redis | None = None
+
+    async def open(self) -> None:
+        if self._client is None:
+            # from_url does not connect: the first write does (and is retried)
+            self._client = redis.Redis.from_url(
+                self.url,
+                retry=no_retry(),
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=min(self.socket_timeout, 5.0),
+            )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await trio.to_thread.run_sync(client.close)
+
+    def _write_sync(self, records: list[Any]) -> None:
+        assert self._client is not None
+        encode, stream, maxlen = _encoder.encode, self.stream, self.maxlen
+        entries = [{FIELD: encode(r)} for r in records]  # a bad record fails before any XADD
+        with self._client.pipeline(transaction=False) as pipe:
+            for fields in entries:
+                pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
+            pipe.execute()
+
+    async def write(self, records: list[Any]) -> None:
+        await trio.to_thread.run_sync(self._write_sync, records)
+
+    def is_transient(self, exc: Exception) -> bool:
+        # Every Redis error is about the server or its configuration, not about
+        # a record: retry (block) rather than drop. Encoding errors are not.
+        return isinstance(exc, (redis.RedisError, OSError, TimeoutError))

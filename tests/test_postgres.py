@@ -1,0 +1,222 @@
+"""sinks.postgres against a real PostgreSQL 15: COPY + upsert, idempotence, rejects, outages."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from flows.testing.postgres import PG_BIN
+
+if not (PG_BIN / "postgres").exists():
+    pytest.skip(f"PostgreSQL 15 is not installed ({PG_BIN / 'postgres'} is missing)",
+                allow_module_level=True)
+psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed (extra 'postgres')")
+
+from flows import ChangeDetector, Flow, Retry, Runtime, Tick  # noqa: E402
+from flows.testing import ListSource, assert_component_metrics, run_briefly, sample  # noqa: E402
+from flows.testing.postgres import PostgresServer, start_postgres  # noqa: E402
+from sinks.postgres import PostgresSink  # noqa: E402
+from sources.synthetic import SyntheticMarket  # noqa: E402
+
+COLUMNS = "source, symbol, ts, price, bid, ask, volume"
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = start_postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def table(pg: PostgresServer, request) -> str:
+    """A table name of this test's own, absent at the start."""
+    name = "t_" + re.sub(r"\W", "_", request.node.name).lower()[:50]
+    query(pg, f"DROP TABLE IF EXISTS {name}")
+    return name
+
+
+def query(pg: PostgresServer, statement: str) -> list[tuple]:
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        cur = conn.execute(statement)
+        return cur.fetchall() if cur.description else []
+
+
+def ticks(n: int, offset: int = 0) -> list[Tick]:
+    return [Tick("t", f"S{i % 7}", 10.0 + i, 1_700_000_000.0 + i, bid=9.5, volume=3.0)
+            for i in range(offset, offset + n)]
+
+
+def as_rows(data: list[Tick]) -> list[tuple]:
+    return [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in data]
+
+
+class Observed(PostgresSink):
+    """A PostgresSink that reports its first failure, write and write after a failure."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed = trio.Event()
+        self.wrote = trio.Event()
+        self.recovered = trio.Event()
+        self.errors: list[Exception] = []
+
+    def is_transient(self, exc: Exception) -> bool:
+        self.errors.append(exc)
+        self.failed.set()
+        return super().is_transient(exc)
+
+    async def write(self, records):
+        await super().write(records)
+        self.wrote.set()
+        if self.failed.is_set():
+            self.recovered.set()
+
+
+async def test_writes_every_tick_in_batches_and_moves_its_metrics(pg, table):
+    data = ticks(2500)
+    sink = PostgresSink(pg.dsn, table=table, batch_size=1000, flush_interval=60.0)
+    flow = Flow("pg", sources=[ListSource([data[i:i + 100] for i in range(0, 2500, 100)])], sinks=[sink])
+    result, registry = await run_briefly(flow)
+    assert result.clean
+    assert query(pg, f"SELECT {COLUMNS} FROM {table} ORDER BY ts") == as_rows(data)
+    # 1000 + 1000 by size, the last 500 at the drain
+    assert sample(registry, "flows_sink_batch_records_count", "pg", "postgres") == 3
+    assert sample(registry, "flows_sink_batch_records_sum", "pg", "postgres") == 2500
+    assert sample(registry, "flows_sink_write_seconds_count", "pg", "postgres") == 3
+    assert sample(registry, "flows_sink_write_errors_total", "pg", "postgres") == 0
+    assert_component_metrics(registry, "pg", "postgres", "sink")
+    assert sink._conn is None  # closed at the end
+
+
+async def test_a_redelivered_batch_is_stored_once(pg, table):
+    data = ticks(50)
+    # twice in one write, then again in a later write, then by another run
+    flow = Flow("dup", sources=[ListSource([data, data, data[:10]])],
+                sinks=[PostgresSink(pg.dsn, table=table, batch_size=100)])
+    result, registry = await run_briefly(flow)
+    assert result.clean
+    flow = Flow("dup", sources=[ListSource([data])], sinks=[PostgresSink(pg.dsn, table=table)])
+    await run_briefly(flow)
+    assert query(pg, f"SELECT {COLUMNS} FROM {table} ORDER BY ts") == as_rows(data)
+    assert sample(registry, "flows_records_received_total", "dup", "postgres") == 110
+    assert sample(registry, "flows_records_discarded_total", "dup", "postgres", reason="rejected") == 0
+
+
+async def test_a_schema_qualified_table_is_created(pg):
+    query(pg, "DROP SCHEMA IF EXISTS market CASCADE; CREATE SCHEMA market")
+    flow = Flow("schema", sources=[ListSource([ticks(3)])],
+                sinks=[PostgresSink(pg.dsn, table="market.quotes")])
+    await run_briefly(flow)
+    assert query(pg, "SELECT count(*) FROM market.quotes") == [(3,)]
+
+
+async def test_a_rejected_record_is_dropped_alone(pg, table):
+    # A stricter table than ours. NaN passes "price > 0" in PostgreSQL (NaN
+    # sorts above every number), so it is excluded explicitly.
+    query(pg, f"CREATE TABLE {table} (source text NOT NULL, symbol text NOT NULL, "
+              "ts double precision NOT NULL, price double precision NOT NULL "
+              "CHECK (price > 0 AND price <> 'NaN'), bid double precision, ask double precision, "
+              "volume double precision, PRIMARY KEY (source, symbol, ts))")
+    good = ticks(20)
+    bad = [Tick("t", "X", -1.0, 1.0), Tick("t", "X", math.nan, 2.0)]
+    batches = [good[:7], bad[:1], good[7:15], bad[1:], good[15:]]
+    sink = PostgresSink(pg.dsn, table=table, batch_size=1000, flush_interval=60.0)
+    flow = Flow("rej", sources=[ListSource(batches)], sinks=[sink])
+    result, registry = await run_briefly(flow)
+    assert result.clean
+    assert query(pg, f"SELECT {COLUMNS} FROM {table} ORDER BY ts") == as_rows(good)
+    assert sample(registry, "flows_records_discarded_total", "rej", "postgres", reason="rejected") == 2
+    assert sample(registry, "flows_records_discarded_total", "rej", "postgres", reason="write_failed") == 0
+    assert sample(registry, "flows_errors_total", "rej", "postgres", error_type="CheckViolation") >= 2
+    assert sample(registry, "flows_sink_retries_total", "rej", "postgres") == 0
+    assert_component_metrics(registry, "rej", "postgres", "sink")
+
+
+async def test_an_outage_blocks_the_flow_and_loses_nothing(pg, table):
+    sink = Observed(pg.dsn, table=table, flush_interval=0.05,
+                    retry=Retry(backoff=0.05, max_backoff=0.5))
+    flow = Flow("outage", sources=[SyntheticMarket(symbols=100, interval=0.02)],
+                stages=[ChangeDetector()], sinks=[sink])
+    registry = CollectorRegistry()
+    rt = Runtime(flow, registry=registry, metrics_addr=None)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rt.run)
+            await sink.wrote.wait()  # connected and writing
+            await trio.to_thread.run_sync(pg.stop)  # SIGINT: backends terminated
+            await sink.failed.wait()
+            emitted_while_down = sample(registry, "flows_records_sent_total", "outage", "change")
+            await trio.sleep(0.3)  # stay down a while: the flow backs up, the sink retries
+            await trio.to_thread.run_sync(pg.start)
+            await sink.recovered.wait()
+            await trio.sleep(0.2)  # more writes on the new connection
+            rt.stop()
+    assert rt.stop_reason == "stop"
+    emitted = sample(registry, "flows_records_sent_total", "outage", "change")
+    assert emitted > emitted_while_down > 0
+    (count, distinct), = query(
+        pg, f"SELECT count(*), count(DISTINCT (source, symbol, ts)) FROM {table}")
+    assert count == emitted
+    assert distinct == count
+    assert sample(registry, "flows_sink_retries_total", "outage", "postgres") >= 1
+    assert sample(registry, "flows_sink_write_errors_total", "outage", "postgres") >= 1
+    assert sample(registry, "flows_errors_total", "outage", "postgres", error_type="OperationalError") >= 1
+    assert sample(registry, "flows_records_discarded_total", "outage", "postgres", reason="rejected") == 0
+    assert sample(registry, "flows_records_discarded_total", "outage", "postgres", reason="write_failed") == 0
+    assert all(isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)) for e in sink.errors)
+    assert_component_metrics(registry, "outage", "postgres", "sink")
+
+
+async def test_a_flow_started_while_the_database_is_down_waits_for_it(pg, table):
+    await trio.to_thread.run_sync(pg.stop)
+    try:
+        sink = Observed(pg.dsn, table=table, retry=Retry(backoff=0.05, max_backoff=0.2))
+        flow = Flow("late", sources=[ListSource([ticks(30)])], sinks=[sink])
+        outcome = []
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def go():
+                    outcome.append(await run_briefly(flow))
+
+                nursery.start_soon(go)
+                await sink.failed.wait()  # connection refused, retrying
+                assert not outcome  # the flow waits: nothing dropped
+                await trio.to_thread.run_sync(pg.start)
+    finally:
+        await trio.to_thread.run_sync(pg.start)  # for the tests after this one
+    (result, registry), = outcome
+    assert result.clean
+    assert query(pg, f"SELECT count(*) FROM {table}") == [(30,)]
+    assert sample(registry, "flows_sink_retries_total", "late", "postgres") >= 1
+    assert sample(registry, "flows_records_discarded_total", "late", "postgres", reason="write_failed") == 0
+
+
+def test_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="plain SQL identifier"):
+        PostgresSink("postgresql://x", table="ticks; DROP TABLE x")
+    with pytest.raises(ValueError, match="plain SQL identifier"):
+        PostgresSink("postgresql://x", table="a.b.c")
+    with pytest.raises(ValueError):
+        PostgresSink("postgresql://x", batch_size=0)
+    with pytest.raises(ValueError):
+        PostgresSink("postgresql://x", connect_timeout=0)
+
+
+def test_the_server_helper_restarts_on_the_same_port_and_data(pg, tmp_path):
+    query(pg, "CREATE TABLE IF NOT EXISTS helper_check (x int); INSERT INTO helper_check VALUES (1)")
+    port = pg.port
+    pg.stop()
+    assert not pg.running
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(pg.dsn, connect_timeout=2).close()
+    pg.start()
+    assert pg.port == port and pg.dsn == f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    assert query(pg, "SELECT count(*) FROM helper_check") == [(1,)]
+    assert Path(pg.data_dir).is_dir()

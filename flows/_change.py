@@ -169,42 +169,10 @@ class ChangeDetector:
 
     def filter(self, records: list[Any], metrics: ComponentMetrics | None = None) -> list[Any]:
         """The records of ``records`` that must be emitted; updates the state."""
-        state, key_of, value_of, time_of = self.state, self.key, self.value, self.time
-        rel, abs_, hb = self.rel, self.abs, self.heartbeat
-        exact = rel == 0 and abs_ == 0
-        hb = math.inf if hb is None else hb
-        isfinite = math.isfinite
-        max_keys = self.max_keys
-        out = []
-        invalid = evicted = 0
-        for r in records:
-            v = value_of(r)
-            if not (v > 0 and isfinite(v)):  # NaN fails v > 0
-                invalid += 1
-                self._drops.drop("invalid", f"{key_of(r)!r}: value {v!r} is not a positive number")
-                continue
-            k = key_of(r)
-            last = state.get(k)
-            if last is None:
-                # Evict as keys arrive (not once per batch), so the state never
-                # holds more than max_keys and the output does not depend on
-                # how the records were split into batches.
-                while len(state) >= max_keys:
-                    state.popitem(last=False)
-                    evicted += 1
-                state[k] = [v, time_of(r)]
-                out.append(r)
-                continue
-            state.move_to_end(k)
-            lv = last[0]
-            d = v - lv if v >= lv else lv - v
-            if (
-                (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_)))
-                or time_of(r) - last[1] >= hb
-            ):
-                last[0] = v
-                last[1] = time_of(r)
-                out.append(r)
+        if self.key is _tick_key and self.value is _tick_value and self.time is _tick_time:
+            out, invalid, evicted = self._filter_ticks(records)
+        else:
+            out, invalid, evicted = self._filter_any(records)
         if metrics is not None:
             if invalid:
                 metrics.discarded("invalid", invalid)
@@ -214,6 +182,85 @@ class ChangeDetector:
             if unchanged:
                 metrics.discarded("unchanged", unchanged)
         return out
+
+    def _new_key(self, key: Hashable, value: float, at: float) -> int:
+        """Remember a new key, evicting the least recently seen ones; returns
+        how many were evicted. Evicting as keys arrive (not once per batch)
+        keeps the output independent of how records were split into batches."""
+        state, evicted = self.state, 0
+        while len(state) >= self.max_keys:
+            state.popitem(last=False)
+            evicted += 1
+        state[key] = [value, at]
+        return evicted
+
+    def _invalid(self, key: Hashable, value: Any) -> None:
+        self._drops.drop("invalid", f"{key!r}: value {value!r} is not a positive number")
+
+    def _filter_ticks(self, records: list[Any]) -> tuple[list[Any], int, int]:
+        """``filter`` for Ticks with the default key, value and time (the hot path)."""
+        get, seen = self.state.get, self.state.move_to_end
+        rel, abs_, hb = self.rel, self.abs, self.heartbeat
+        exact = rel == 0 and abs_ == 0
+        inf = math.inf
+        out: list[Any] = []
+        append = out.append
+        invalid = evicted = 0
+        for r in records:
+            v = r.price
+            if not 0 < v < inf:  # NaN fails too
+                invalid += 1
+                self._invalid((r.source, r.symbol), v)
+                continue
+            k = (r.source, r.symbol)
+            last = get(k)
+            if last is None:
+                evicted += self._new_key(k, v, r.ts)
+                append(r)
+                continue
+            seen(k)
+            lv = last[0]
+            d = v - lv if v >= lv else lv - v
+            if (
+                (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_)))
+                or (hb is not None and r.ts - last[1] >= hb)
+            ):
+                last[0] = v
+                last[1] = r.ts
+                append(r)
+        return out, invalid, evicted
+
+    def _filter_any(self, records: list[Any]) -> tuple[list[Any], int, int]:
+        """``filter`` for any record type, through the key/value/time functions."""
+        state, key_of, value_of, time_of = self.state, self.key, self.value, self.time
+        rel, abs_, hb = self.rel, self.abs, self.heartbeat
+        exact = rel == 0 and abs_ == 0
+        isfinite = math.isfinite
+        out: list[Any] = []
+        invalid = evicted = 0
+        for r in records:
+            v = value_of(r)
+            if not (v > 0 and isfinite(v)):  # NaN fails v > 0
+                invalid += 1
+                self._invalid(key_of(r), v)
+                continue
+            k = key_of(r)
+            last = state.get(k)
+            if last is None:
+                evicted += self._new_key(k, v, time_of(r))
+                out.append(r)
+                continue
+            state.move_to_end(k)
+            lv = last[0]
+            d = v - lv if v >= lv else lv - v
+            if (
+                (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_)))
+                or (hb is not None and time_of(r) - last[1] >= hb)
+            ):
+                last[0] = v
+                last[1] = time_of(r)
+                out.append(r)
+        return out, invalid, evicted
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
         metrics = inbox.metrics

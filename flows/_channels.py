@@ -25,6 +25,10 @@ Policy = Literal["block", "conflate", "drop_newest", "drop_oldest"]
 POLICIES: tuple[str, ...] = ("block", "conflate", "drop_newest", "drop_oldest")
 
 
+_YIELD_EVERY = 16
+"""Sends and receives that did not block yield to the scheduler this often."""
+
+
 def _tick_key(record: Any) -> Hashable:
     return (record.source, record.symbol)
 
@@ -68,6 +72,7 @@ class Inbox:
         self.capacity = capacity
         self._handed_out: float | None = None
         self._wait_mark = 0.0
+        self._streak = 0
         metrics.buffer = self.buffer
 
     def buffer(self) -> tuple[int, int]:
@@ -82,9 +87,23 @@ class Inbox:
             self._handed_out = None
 
     async def receive(self) -> Batch:
-        """The next batch; raises ``trio.EndOfChannel`` when upstream is done."""
+        """The next batch; raises ``trio.EndOfChannel`` when upstream is done.
+
+        A waiting batch is taken without a trip through the scheduler (the
+        call still honours cancellation, and yields every few batches so no
+        task starves); an empty channel waits as usual.
+        """
         self._finish_previous()
-        batch = await self._receiver.receive()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            batch = self._receiver.receive_nowait()
+        except trio.WouldBlock:
+            batch = await self._receiver.receive()
+        else:
+            self._streak += 1
+            if self._streak >= _YIELD_EVERY:
+                self._streak = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
         self.metrics.received.inc(len(batch.records))
         self._handed_out = time.perf_counter()
         self._wait_mark = self.metrics.wait_seconds
@@ -123,6 +142,7 @@ class Outbox:
         self._ports = [port.attach() for port in ports]
         self.metrics = metrics
         self._observe_lag = observe_lag
+        self._streak = 0
 
     async def send(self, batch: Batch) -> None:
         """Send ``batch`` downstream; blocks while a ``block`` edge is full.
@@ -130,11 +150,10 @@ class Outbox:
         An empty batch is not sent: its ack hooks get ``skipped``.
         """
         records = batch.records
+        await trio.lowlevel.checkpoint_if_cancelled()
         if not records:
             batch.ack("skipped")
-            await trio.lowlevel.checkpoint()
             return
-        await trio.lowlevel.checkpoint_if_cancelled()
         m = self.metrics
         if self._observe_lag:
             ts = getattr(records[0], "ts", None)
@@ -146,7 +165,10 @@ class Outbox:
         for i, port in enumerate(ports):
             waited += await port.send(batch if copies is None else copies[i])
         if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._streak += 1
+            if self._streak >= _YIELD_EVERY:
+                self._streak = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
         m.wait_seconds += waited
         m.send_wait.observe(waited)
         m.sent.inc(len(records))

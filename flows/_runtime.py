@@ -232,15 +232,16 @@ class Runtime:
         if self.stop_reason is None:
             self.stop_reason = "exhausted"
         clean = not self._forced
-        log.info(
-            "flow %s: %s after %.1fs (%s); %s",
-            self.flow.name,
-            "drained" if clean else "stopped by force",
-            seconds,
-            self.stop_reason,
-            self.totals(),
-            extra=self._extra(),
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "flow %s: %s after %.1fs (%s); %s",
+                self.flow.name,
+                "drained" if clean else "stopped by force",
+                seconds,
+                self.stop_reason,
+                self.totals(),
+                extra=self._extra(),
+            )
         return RunResult(clean=clean, reason=self.stop_reason, seconds=seconds)
 
     def _start_actors(self, nursery: trio.Nursery) -> None:

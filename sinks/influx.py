@@ -117,6 +117,7 @@ FieldSpec = Sequence[str] | Mapping[str, "str | Callable[[Any], Any]"]
 
 _SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _V1_PRECISION = {"ns": "n", "us": "u", "ms": "ms", "s": "s"}  # 1.x reads "us" as ns
+_HEAD_CACHE = 65_536  # tag sets whose escaped text is kept (about one per symbol)
 _MIN_NS, _MAX_NS = -9223372036854775806, 9223372036854775806  # InfluxDB's time range
 
 _MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ "})
@@ -189,24 +190,33 @@ def _check_name(what: str, name: object, *, measurement: bool = False) -> str:
     return name
 
 
-def _specs(what: str, spec: FieldSpec) -> list[tuple[str, str, Callable[[Any], Any]]]:
-    """(key, escaped "key=", getter) for each tag or field."""
+def _specs(what: str, spec: FieldSpec) -> list[tuple[str, str, str | Callable[[Any], Any]]]:
+    """(key, escaped "key=", attribute name or function) for each tag or field."""
     if isinstance(spec, str):
         raise ValueError(f"{what} must be a sequence or mapping of names, not the string {spec!r}")
     items = spec.items() if isinstance(spec, Mapping) else ((name, name) for name in spec)
-    out = []
+    out: list[tuple[str, str, str | Callable[[Any], Any]]] = []
     for key, source in items:
         _check_name(f"{what[:-1]} key", key)
         if any(key == k for k, _, _ in out):
             raise ValueError(f"{what[:-1]} key {key!r} is given twice")
-        if callable(source):
-            getter = source
-        elif isinstance(source, str) and source:
-            getter = operator.attrgetter(source)
-        else:
+        if not (callable(source) or (isinstance(source, str) and source)):
             raise ValueError(f"{what[:-1]} {key!r}: expected an attribute name or a function, not {source!r}")
-        out.append((key, key.translate(_KEY) + "=", getter))
+        out.append((key, key.translate(_KEY) + "=", source))
     return out
+
+
+def _getter(sources: list[str | Callable[[Any], Any]]) -> Callable[[Any], tuple[Any, ...]]:
+    """One function: record -> tuple of values (one C call for plain attributes)."""
+    if not sources:
+        return lambda record: ()
+    if all(isinstance(s, str) for s in sources):
+        if len(sources) > 1:
+            return operator.attrgetter(*sources)  # type: ignore[arg-type]
+        one = operator.attrgetter(sources[0])  # type: ignore[arg-type]
+        return lambda record: (one(record),)
+    getters = [operator.attrgetter(s) if isinstance(s, str) else s for s in sources]
+    return lambda record: tuple([get(record) for get in getters])
 
 
 def _field_value(value: Any) -> str | None:
@@ -313,11 +323,11 @@ class InfluxSink(BatchingSink):
         if batch_size < 1 or not flush_interval > 0 or not timeout > 0:
             raise ValueError("batch_size must be >= 1, flush_interval and timeout > 0")
         _check_name("measurement", measurement, measurement=True)
-        self._tags = sorted(_specs("tags", tags), key=operator.itemgetter(0))
-        self._fields = _specs("fields", fields)
-        if not self._fields:
+        tag_specs = sorted(_specs("tags", tags), key=operator.itemgetter(0))
+        field_specs = _specs("fields", fields)
+        if not field_specs:
             raise ValueError("fields must name at least one field")
-        clash = {k for k, _, _ in self._tags} & {k for k, _, _ in self._fields}
+        clash = {k for k, _, _ in tag_specs} & {k for k, _, _ in field_specs}
         if clash:
             raise ValueError(f"{sorted(clash)} cannot be both a tag and a field")
         if isinstance(time, str) and time:
@@ -339,6 +349,12 @@ class InfluxSink(BatchingSink):
         self.timeout = timeout
         self.name = name
         self._prefix = measurement.translate(_MEASUREMENT)
+        self._tag_prefixes = [prefix for _, prefix, _ in tag_specs]
+        self._tag_values = _getter([source for _, _, source in tag_specs])
+        self._field_keys = [key for key, _, _ in field_specs]
+        self._field_prefixes = [prefix for _, prefix, _ in field_specs]
+        self._field_values = _getter([source for _, _, source in field_specs])
+        self._heads: dict[tuple[Any, ...], str] = {}  # tag values -> "measurement,tags"
         if bucket is not None:
             self._path = "/api/v2/write"
             self._params = {"org": org, "bucket": bucket, "precision": precision}
@@ -367,31 +383,45 @@ class InfluxSink(BatchingSink):
 
         Raises ``LineProtocolError`` when the record cannot be written.
         """
+        values = self._tag_values(record)
+        try:
+            head = self._heads.get(values)
+        except TypeError:  # an unhashable tag value
+            head = None
+        if head is None:
+            head = self._head(values)
+        fields = []
+        for prefix, value in zip(self._field_prefixes, self._field_values(record)):
+            if type(value) is float:
+                if value - value == 0.0:  # finite
+                    fields.append(prefix + repr(value))
+            elif value is not None:
+                try:
+                    text = _field_value(value)
+                except LineProtocolError as exc:
+                    key = self._field_keys[self._field_prefixes.index(prefix)]
+                    raise LineProtocolError(f"field {key!r}: {exc}") from None
+                if text is not None:
+                    fields.append(prefix + text)
+        if not fields:
+            raise LineProtocolError("no field to write (all are None, NaN or infinite)")
+        return f"{head} {','.join(fields)} {timestamp(self._time(record), self.precision)}"
+
+    def _head(self, values: tuple[Any, ...]) -> str:
+        """``measurement,tag=value,...`` for these tag values (cached when all are str)."""
         parts = [self._prefix]
-        for key, prefix, get in self._tags:
-            value = get(record)
+        for prefix, value in zip(self._tag_prefixes, values):
             if value is None or value == "":
                 continue
             parts.append(",")
             parts.append(prefix)
             parts.append(_tag_value(value))
-        sep = " "
-        for key, prefix, get in self._fields:
-            try:
-                text = _field_value(get(record))
-            except LineProtocolError as exc:
-                raise LineProtocolError(f"field {key!r}: {exc}") from None
-            if text is None:
-                continue
-            parts.append(sep)
-            parts.append(prefix)
-            parts.append(text)
-            sep = ","
-        if sep == " ":
-            raise LineProtocolError("no field to write (all are None, NaN or infinite)")
-        parts.append(" ")
-        parts.append(str(timestamp(self._time(record), self.precision)))
-        return "".join(parts)
+        head = "".join(parts)
+        if all(type(v) is str for v in values):
+            if len(self._heads) >= _HEAD_CACHE:
+                self._heads.clear()
+            self._heads[values] = head
+        return head
 
     def encode_batch(self, records: list[Any]) -> bytes:
         """The request body for ``records``: their lines, UTF-8."""

@@ -172,7 +172,8 @@ async def test_conflation_bounds_memory_and_delivers_the_latest_price(registry):
     for t in sink.records:
         latest[t.symbol] = t.price
     assert latest == {f"K{k}": float(updates) for k in range(keys)}
-    # what reached the sink: at most the channel's one batch plus one conflated set
-    assert len(sink.records) <= 2 * keys
+    # what reached the sink: the channel's one batch, the one the pump held
+    # waiting for room, and one conflated set: never more than 3 x the keys
+    assert len(sink.records) <= 3 * keys
     conflated = sample(registry, "flows_records_discarded_total", "conf", "gated", reason="conflated")
     assert conflated + len(sink.records) == keys * updates

@@ -226,9 +226,11 @@ class StallingSink(ListSink):
         super().__init__(name=name)
         self.k = k
         self.stalled = trio.Event()
+        self.first = trio.Event()
 
     async def run(self, inbox):
         async for batch in inbox:
+            self.first.set()
             if self.batches == self.k:
                 self.stalled.set()
                 await trio.sleep_forever()
@@ -293,13 +295,17 @@ async def test_paced_replay_saves_the_offset_while_waiting(tmp_path, autojump_cl
     path = tmp_path / "ticks.jsonl"
     write_jsonl(path, make_ticks(10, step=10.0))  # one tick every 10 s
     source = ReplaySource(path=path, speed=1.0, offset_every=1.0)
+    sink = StallingSink(k=1000)  # acks everything; tells when the first batch came
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(replay, source)
-        await trio.sleep(5.0)
+        nursery.start_soon(run_briefly, Flow("rp", sources=[source], sinks=[sink]))
+        await sink.first.wait()
+        t0 = trio.current_time()  # the first tick's time: the pacing starts here
+        await trio.sleep_until(t0 + 5.0)
         assert read_offset(source)["line"] == 1  # acked at once, saved a second later
-        await trio.sleep(10.0)
+        await trio.sleep_until(t0 + 15.0)
         assert read_offset(source)["line"] == 2
     assert read_offset(source)["line"] == 10
+    assert trio.current_time() - t0 == pytest.approx(90.0)
 
 
 class FailingSink(ListSink):

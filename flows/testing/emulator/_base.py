@@ -1,0 +1,107 @@
+"""What an exchange format implements: routes, request weight, the normal
+answer, and its own shapes for refusals and server errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any, ClassVar
+
+import attrs
+
+from ._faults import Field
+from ._limits import RateLimit, Verdict
+from ._market import Asset, Market, Quote
+
+__all__ = ["Request", "Reply", "ExchangeAPI", "fixed", "plain", "iso_z"]
+
+
+@attrs.define
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+@attrs.define
+class Reply:
+    """An answer before faults are applied.
+
+    ``fields`` lists, per record, the price fields a bad-value fault may
+    spoil; ``served`` the quotes the records carry, by symbol; ``empty`` the
+    body with no records (``None``: the empty-results fault does not apply).
+    """
+
+    status: int
+    body: Any
+    headers: list[tuple[str, str]] = attrs.Factory(list)
+    content_type: str = "application/json"
+    fields: list[list[Field]] = attrs.Factory(list)
+    served: dict[str, Quote] = attrs.Factory(dict)
+    empty: Any = None
+
+
+def fixed(value: Decimal, places: int | None = None) -> str:
+    """``value`` in positional notation (never ``2E-8``)."""
+    if places is not None:
+        return f"{value:.{places}f}"
+    return format(value, "f")
+
+
+def plain(value: Decimal) -> str:
+    """Positional notation without trailing zeros: ``67187.3``, ``67000``."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def iso_z(epoch: float) -> str:
+    """``2024-03-25T08:45:00.123456Z``"""
+    moment = dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ExchangeAPI:
+    """One exchange's public ticker API."""
+
+    name: ClassVar[str]
+    default_limit: ClassVar[RateLimit | None]
+    endpoints: ClassVar[tuple[str, ...]]
+
+    def __init__(self, market: Market) -> None:
+        self.market = market
+        self.by_symbol: dict[str, Asset] = {a.symbol(self.name): a for a in market.universe}
+
+    def route(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """(endpoint, path parameters) for ``path``, or ``None``."""
+        raise NotImplementedError
+
+    def cost(self, endpoint: str, request: Request) -> int:
+        """The request's weight for the limiter."""
+        return 1
+
+    def handle(self, endpoint: str, request: Request, params: dict[str, str]) -> Reply:
+        raise NotImplementedError
+
+    def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:
+        """The answer to a request over the rate limit (``verdict.status``
+        429 or 418)."""
+        raise NotImplementedError
+
+    def server_error(self, status: int) -> Reply:
+        """The exchange's own JSON answer to an internal error."""
+        raise NotImplementedError
+
+    def limit_headers(self, verdict: Verdict, limit: RateLimit | None) -> list[tuple[str, str]]:
+        """Headers every answer carries (Binance's used weight)."""
+        return []
+
+    def quotes(self, assets: list[Asset]) -> list[Quote]:
+        quotes = self.market.quotes(self.name)
+        return [quotes[a.index] for a in assets]

@@ -351,7 +351,6 @@ class InfluxSink(BatchingSink):
         self._prefix = measurement.translate(_MEASUREMENT)
         self._tag_prefixes = [prefix for _, prefix, _ in tag_specs]
         self._tag_values = _getter([source for _, _, source in tag_specs])
-        self._field_keys = [key for key, _, _ in field_specs]
         self._field_prefixes = [prefix for _, prefix, _ in field_specs]
         self._field_values = _getter([source for _, _, source in field_specs])
         self._heads: dict[tuple[Any, ...], str] = {}  # tag values -> "measurement,tags"
@@ -399,8 +398,7 @@ class InfluxSink(BatchingSink):
                 try:
                     text = _field_value(value)
                 except LineProtocolError as exc:
-                    key = self._field_keys[self._field_prefixes.index(prefix)]
-                    raise LineProtocolError(f"field {key!r}: {exc}") from None
+                    raise LineProtocolError(f"field {prefix[:-1]!r}: {exc}") from None
                 if text is not None:
                     fields.append(prefix + text)
         if not fields:

@@ -287,6 +287,8 @@ class Market:
 
     def decimals(self, exchange: str, asset: Asset) -> int:
         """Decimal places ``exchange`` prints this asset's prices with."""
+        if exchange == "coincap":  # an aggregator's volume-weighted average
+            return 16
         tick = asset.tick
         if exchange in ("binance", "coinbase", "okx"):
             tick = max(tick, 1e-8)

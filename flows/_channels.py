@@ -113,6 +113,18 @@ class Inbox:
         """Close the processing span of the last batch (called at actor exit)."""
         self._finish_previous()
 
+    def close(self) -> None:
+        """Stop receiving: batches still queued are acked ``dropped``, and
+        later sends to this consumer are dropped and counted."""
+        while True:
+            try:
+                batch = self._receiver.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            self.metrics.discarded("consumer_gone", len(batch.records))
+            batch.ack("dropped")
+        self._receiver.close()
+
     def __aiter__(self) -> Inbox:
         return self
 
@@ -249,10 +261,16 @@ class EdgePort:
             return 0.0
         except trio.WouldBlock:
             pass
+        except trio.BrokenResourceError:
+            self._drop(batch, "consumer_gone")
+            return 0.0
         policy = self.edge.policy
         if policy == "block":
             t0 = time.perf_counter()
-            await self._sender.send(batch)
+            try:
+                await self._sender.send(batch)
+            except trio.BrokenResourceError:
+                self._drop(batch, "consumer_gone")
             return time.perf_counter() - t0
         if policy == "drop_oldest":
             while True:
@@ -320,7 +338,10 @@ class ConflatingPort(EdgePort):
                         list(self._pending.values()), created=self._created, acks=self._acks
                     )
                     self._pending, self._acks, self._created = {}, [], None
-                    await self._sender.send(batch)
+                    try:
+                        await self._sender.send(batch)
+                    except trio.BrokenResourceError:
+                        self._drop(batch, "consumer_gone")
                     self._wake.set()  # look again: more may have arrived meanwhile
                 elif self._closed:
                     return

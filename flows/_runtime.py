@@ -166,10 +166,13 @@ class Runtime:
     # -- status ----------------------------------------------------------
 
     def ready(self) -> tuple[bool, list[str]]:
-        """(ready, reasons): ready when every actor runs and reports healthy
-        (an actor may define ``health() -> str | None``, e.g. an open circuit)."""
+        """(ready, reasons): ready when every actor runs (or, for a finite
+        source, has finished) and reports healthy (an actor may define
+        ``health() -> str | None``, e.g. an open circuit)."""
         reasons = [
-            f"{s.kind} {s.actor.name} is {s.state}" for s in self.slots if s.state != "running"
+            f"{s.kind} {s.actor.name} is {s.state}"
+            for s in self.slots
+            if s.state != "running" and not (s.kind == "source" and s.state == "finished")
         ]
         for slot in self.slots:
             health = getattr(slot.actor, "health", None)
@@ -216,6 +219,8 @@ class Runtime:
                 async with trio.open_nursery() as actors:
                     self._actors_scope = actors.cancel_scope
                     self._start_actors(actors)
+                    for slot in self.slots:
+                        slot.state = "running"  # scheduled; ready() holds from here
                     self.state = "running"
                     log.info(
                         "flow %s: running %s; endpoints on %s",
@@ -287,6 +292,7 @@ class Runtime:
         def close() -> None:
             if inbox is not None:
                 inbox.done()
+                inbox.close()  # a consumer that quit early must not block its producers
             if outbox is not None:
                 outbox.close()
 
@@ -320,9 +326,11 @@ class Runtime:
                     m.error(type(exc).__name__)
                     slot.last_error = f"{type(exc).__name__}: {exc}"
                     now = trio.current_time()
-                    recent.append(now)
                     while recent and recent[0] < now - policy.window:
                         recent.popleft()
+                    if not recent:
+                        backoff = policy.backoff  # healthy for a window: start over
+                    recent.append(now)
                     if len(recent) > policy.max_restarts:
                         slot.state = "failed"
                         self._fail(slot, policy)

@@ -164,6 +164,8 @@ def timestamp(ts: float, precision: str = "ns") -> int:
         ts = float(ts)
         if not math.isfinite(ts):
             raise LineProtocolError(f"timestamp {ts!r} is not finite")
+        if not -1e10 < ts < 1e10:
+            raise LineProtocolError(f"timestamp {ts!r} is outside InfluxDB's range (years 1677-2262)")
         if scale <= 1_000_000:
             n = round(ts * scale)
         else:
@@ -283,7 +285,8 @@ class InfluxSink(BatchingSink):
         fields: same form (default ``("price", "bid", "ask", "volume")``).
         time: attribute name or function giving epoch seconds (default ``"ts"``).
         precision: ``"ns"``, ``"us"``, ``"ms"`` or ``"s"`` (default ``"ns"``).
-        batch_size: records per HTTP request at most (default 5000).
+        batch_size: write (one HTTP request) once this many records are pending
+            (default 5000).
         flush_interval: longest a record waits before its write (s, default 1.0).
         retry: retry policy for transient errors (default: forever, backoff).
         timeout: HTTP connect/read/write timeout (s, default 10.0).

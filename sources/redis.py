@@ -315,7 +315,9 @@ class RedisStreamSource:
             except _TRANSIENT as exc:
                 m.error(type(exc).__name__)
                 pause = random.uniform(delay / 2, delay)
-                self._log.warning("redis call failed (%r); retrying in %.2fs", exc, pause)
+                self._log.warning(
+                    "redis call failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, pause
+                )
                 await trio.sleep(pause)
                 delay = min(delay * 2, 5.0)
 
@@ -328,13 +330,15 @@ class RedisStreamSource:
             finally:
                 finished.set()
 
+        limiter = _Marking()
         try:
-            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=limiter)
         except trio.Cancelled:
-            # Wake the read and wait for it, so the connection is idle when
-            # run() closes it. Entries it returned stay pending (redelivered).
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._unblock, finished)
+            if limiter.acquired:  # the thread runs: wake the read and wait for it, so
+                # the connection is idle when run() closes it. Entries it
+                # returned stay pending (redelivered later).
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._unblock, finished)
             raise
 
     # -- emitting ----------------------------------------------------------
@@ -412,6 +416,23 @@ class RedisStreamSource:
         self.emitted += len(records)
         if redelivered:
             self.redelivered += len(records)
+
+
+class _Marking:
+    """trio's default thread limiter, noting whether ``to_thread.run_sync`` got
+    past it: it acquires the limiter right before starting the thread (as
+    documented), so a cancel after that means the function runs."""
+
+    def __init__(self) -> None:
+        self._inner = trio.to_thread.current_default_thread_limiter()
+        self.acquired = False
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self._inner.acquire_on_behalf_of(borrower)
+        self.acquired = True
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._inner.release_on_behalf_of(borrower)
 
 
 class _Acker:
@@ -578,7 +599,9 @@ class _Acker:
                         )
                         return client
                     pause = random.uniform(delay / 2, delay)
-                    self._log.warning("XACK failed (%r); retrying in %.2fs", exc, pause)
+                    self._log.warning(
+                        "XACK failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, pause
+                    )
                     time.sleep(pause)
                     delay = min(delay * 2, 2.0)
                 except redis.RedisError as exc:  # NOGROUP: nothing left to ack

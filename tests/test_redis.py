@@ -173,6 +173,51 @@ async def test_source_delivers_every_entry_and_acks_after_the_sinks(client, stre
     assert_component_metrics(registry, "src", "redis", "source")
 
 
+class AckAtEnd(ListSink):
+    """Holds every batch and acks them all with ``outcome`` once its inbox
+    ends: after the source's run() was cancelled (the drain)."""
+
+    def __init__(self, client, stream, outcome="written"):
+        super().__init__()
+        self.client, self.stream, self.outcome = client, stream, outcome
+        self.pending_before = None
+
+    async def run(self, inbox):
+        held = []
+        async for batch in inbox:
+            self.records.extend(batch.records)
+            held.append(batch)
+        self.pending_before = pending(self.client, self.stream)
+        for batch in held:
+            batch.ack(self.outcome)
+
+
+@pytest.mark.parametrize(
+    "outcome, left", [("written", 0), ("skipped", 0), ("dropped", 0), ("failed", 120)]
+)
+async def test_acks_that_arrive_after_the_source_stopped_are_sent(
+    client, stream, server, registry, outcome, left
+):
+    put(client, stream, ticks(120))
+    source = RedisStreamSource(server.url, stream=stream, batch_size=50, block=0.1)
+    sink = AckAtEnd(client, stream, outcome)
+    await run_until(Flow("late", sources=[source], sinks=[sink]), registry,
+                    lambda: len(sink.records) >= 120)
+    assert await source.wait_acked()
+    assert sink.pending_before == 120  # nothing was acked while the source ran
+    assert pending(client, stream) == left
+    assert source._acker.acked == 120 - left
+
+
+async def test_a_stop_before_a_blocking_read_starts_does_not_wait(server):
+    source = RedisStreamSource(server.url, block=5.0)
+    t0 = time.monotonic()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await source._wakeable(time.sleep, 5.0)  # cancelled before its thread starts
+    assert time.monotonic() - t0 < 0.5
+
+
 async def test_failed_batches_stay_pending_and_another_consumer_reclaims_them(
     client, stream, server, registry
 ):

@@ -233,7 +233,7 @@ async def test_readiness_follows_actor_states(registry):
         await nursery.start(rt.run)
         await trio.testing.wait_all_tasks_blocked()
         ready, reasons = rt.ready()
-        assert not ready and reasons == ["source list is finished"]
+        assert ready and reasons == []  # a finite source that finished is fine
         sink.gate.set()
     ready, reasons = rt.ready()
     assert not ready and reasons[0] == "flow is stopped"
@@ -255,3 +255,31 @@ async def test_slow_batches_are_counted_and_logged_once_per_cooldown(caplog):
     lines = [r for r in caplog.records if r.name == "flows.slow" and "change batch" in r.getMessage()]
     assert len(lines) == 1
     assert lines[0].stage == "change" and lines[0].severity == "warning"
+
+
+async def test_a_sink_that_quits_early_does_not_block_the_flow(registry):
+    class Impatient:
+        name = "impatient"
+
+        async def run(self, inbox):
+            await inbox.receive()  # takes one batch, then leaves
+
+    keeper = ListSink()
+    flow = Flow("quit", sources=[ListSource(batches(50, 4))], sinks=[Impatient(), keeper],
+                capacity=2)
+    result, registry = await run_briefly(flow)
+    assert result.clean
+    assert len(keeper.records) == 200
+    gone = sample(registry, "flows_records_discarded_total", "quit", "impatient", reason="consumer_gone")
+    assert gone == 200 - 4
+
+
+async def test_finished_finite_sources_do_not_make_the_flow_unready(registry):
+    sink = GatedSink()
+    flow = Flow("fin", sources=[ListSource(batches(1, 1))], sinks=[sink])
+    rt = Runtime(flow, registry=registry, metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert rt.ready() == (True, [])
+        sink.gate.set()

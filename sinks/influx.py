@@ -11,8 +11,8 @@ Talks to an InfluxDB server's HTTP write API over one pooled
   ``Authorization: Token ...``;
 - QuestDB (``/write`` on its HTTP port, 9000) and VictoriaMetrics
   (``/write`` on 8428, or vminsert) accept the same 1.x request: give
-  neither ``database`` nor ``bucket`` (VictoriaMetrics adds a ``db`` label
-  when ``database`` is set; QuestDB ignores it). QuestDB makes a table per
+  neither ``database`` nor ``bucket`` (VictoriaMetrics turns a ``db`` into
+  a label). Not tested here: only InfluxDB 1.6 is. QuestDB makes a table per
   measurement, a SYMBOL column per tag and a DOUBLE per float field.
   VictoriaMetrics makes one series per field, named
   ``{measurement}_{field}`` with the tags as labels, keeps millisecond

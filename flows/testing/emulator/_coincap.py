@@ -23,7 +23,7 @@ minute (fixed windows); over it 429 ``{"error": "rate limit exceeded",
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 from ._base import ExchangeAPI, Reply, Request, fixed
 from ._faults import Field
@@ -74,6 +74,11 @@ class CoinCap(ExchangeAPI):
         return key in self.api_keys
 
     def _record(self, asset: Asset, quote: Quote) -> dict[str, object]:
+        with localcontext() as context:
+            context.prec = 60
+            return self._record_exact(asset, quote)
+
+    def _record_exact(self, asset: Asset, quote: Quote) -> dict[str, object]:
         supply = Decimal(int(self.market.supply(asset)))
         max_supply = _MAX_SUPPLY.get(asset.base)
         change = (quote.price / quote.open - 1) * 100 if quote.open else Decimal(0)

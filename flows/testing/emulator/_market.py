@@ -209,9 +209,10 @@ class Market:
             for ex in EXCHANGES
         }
         self.mid = [a.start_price for a in universe]
-        self.open = list(self.mid)
-        self.high = [p * 1.02 for p in self.mid]
-        self.low = [p * 0.98 for p in self.mid]
+        # the day opened somewhere near the start price
+        self.open = [p * math.exp(basis_rng.gauss(0, 0.02)) for p in self.mid]
+        self.high = [max(p, o) * 1.01 for p, o in zip(self.mid, self.open)]
+        self.low = [min(p, o) * 0.99 for p, o in zip(self.mid, self.open)]
         self.trades = [10_000 + (a.index * 7919) % 90_000 for a in universe]
         self.changed_step = [0] * len(universe)
         self.step = 0

@@ -531,82 +531,40 @@ class ReplaySource:
         self._saved_at = trio.current_time()  # the first periodic write is offset_every away
         start = tracker.sent  # after a restart: where the last attempt stopped sending
         report = self._reporter(start)
-        speed, size, drops = self.speed, self.batch_size, self._drops
-        eof = False
-        consumed = reported = start
+        reader = _BatchReader(self, start)
+        reported = start
         f = None
         try:
-            f, rows = await trio.to_thread.run_sync(self._open, start)
-            held: _Row | None = None  # read, not due yet (paced)
-            clock0: float | None = None  # trio time of the first tick (paced)
-            ts0 = 0.0
-            while not eof:
-                records: list[Tick] = []
-                due: float | None = None
+            f, reader.rows = await trio.to_thread.run_sync(self._open, start)
+            while not reader.eof:
                 with metrics.timed_batch():
-                    invalid = 0
-                    if speed is None:  # the fast path: take the next batch_size lines
-                        taken = 0
-                        append = records.append
-                        for record, line, error in islice(rows, size):
-                            taken += 1
-                            if record is not None:
-                                append(record)
-                            elif error is not None:
-                                invalid += 1
-                                drops.drop("invalid", f"{self.path.name}:{line}: {error}")
-                        if taken:
-                            consumed = line
-                        eof = taken < size
-                    now = trio.current_time()
-                    for _ in range(size if speed is not None else 0):
-                        if held is not None:
-                            item, held = held, None
-                        else:
-                            item = next(rows, None)
-                            if item is None:
-                                eof = True
-                                break
-                        record, line, error = item
-                        if record is None:
-                            consumed = line
-                            if error is not None:
-                                invalid += 1
-                                drops.drop("invalid", f"{self.path.name}:{line}: {error}")
-                            continue
-                        if speed is not None:
-                            if clock0 is None:
-                                clock0, ts0 = now, record.ts
-                            at = clock0 + (record.ts - ts0) / speed
-                            if at > now:
-                                held, due = item, at
-                                break
-                        records.append(record)
-                        consumed = line
-                    if invalid:
-                        metrics.discarded("invalid", invalid)
-                if consumed > tracker.sent:
-                    token = tracker.add(consumed)
+                    if self.speed is None:
+                        records = reader.take()
+                    else:
+                        records = reader.take_due(trio.current_time())
+                    if reader.invalid:
+                        metrics.discarded("invalid", reader.invalid)
+                if reader.consumed > tracker.sent:
+                    token = tracker.add(reader.consumed)
                     try:
                         await outbox.send(
                             Batch(records, acks=[functools.partial(self._on_ack, token)])
                         )
                     except BaseException:
-                        tracker.abandon(token)
-                        consumed = tracker.sent
+                        tracker.abandon(token)  # never sent: not a line of it is done
                         raise
-                if consumed != reported:
-                    reported = consumed
-                    report.update(consumed)
+                if reader.consumed != reported:
+                    reported = reader.consumed
+                    report.update(reported)
                 if self.offset_path is not None:
                     self._maybe_save(trio.current_time())
-                if due is not None:
-                    await self._sleep_until(due)
+                if reader.due is not None:
+                    await self._sleep_until(reader.due)
         finally:
             if f is not None:
                 f.close()
             self._finished = True
-            report.close(consumed, eof)
+            report.close(tracker.sent, reader.eof)
             self.save_offset()
 
     async def _sleep_until(self, due: float) -> None:
@@ -631,6 +589,71 @@ class ReplaySource:
             except ImportError:
                 pass
         return _LogProgress(self._log, label, self._total, start, self.progress_every)
+
+
+class _BatchReader:
+    """Cuts the rows of the file into batches; paces them when asked to."""
+
+    def __init__(self, source: ReplaySource, start: int) -> None:
+        self.rows: Iterator[_Row] = iter(())
+        self.size = source.batch_size
+        self.speed = source.speed or 1.0
+        self.drops = source._drops
+        self.label = source.path.name
+        self.consumed = start  # lines read and batched (or skipped: blank, invalid)
+        self.invalid = 0  # invalid lines in the last batch
+        self.eof = False
+        self.due: float | None = None  # paced: when the tick held back is due
+        self._held: _Row | None = None
+        self._clock0: float | None = None  # trio time of the first tick
+        self._ts0 = 0.0  # and its ts
+
+    def _drop(self, line: int, error: str) -> None:
+        self.invalid += 1
+        self.drops.drop("invalid", f"{self.label}:{line}: {error}")
+
+    def take(self) -> list[Tick]:
+        """The ticks of the next ``batch_size`` lines."""
+        records: list[Tick] = []
+        append = records.append
+        self.invalid = taken = 0
+        line = self.consumed
+        for record, line, error in islice(self.rows, self.size):
+            taken += 1
+            if record is not None:
+                append(record)
+            elif error is not None:
+                self._drop(line, error)
+        self.consumed = line
+        self.eof = taken < self.size
+        return records
+
+    def take_due(self, now: float) -> list[Tick]:
+        """The ticks of the next ``batch_size`` lines that are due at ``now``;
+        when one is not, it is held back and ``due`` says when it will be."""
+        records: list[Tick] = []
+        self.invalid = 0
+        self.due = None
+        for _ in range(self.size):
+            item, self._held = self._held, None
+            if item is None:
+                item = next(self.rows, None)
+                if item is None:
+                    self.eof = True
+                    break
+            record, line, error = item
+            if record is not None:
+                if self._clock0 is None:
+                    self._clock0, self._ts0 = now, record.ts
+                at = self._clock0 + (record.ts - self._ts0) / self.speed
+                if at > now:
+                    self._held, self.due = item, at
+                    break
+                records.append(record)
+            elif error is not None:
+                self._drop(line, error)
+            self.consumed = line
+        return records
 
 
 def _now() -> float:

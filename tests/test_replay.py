@@ -454,3 +454,17 @@ async def test_progress_falls_back_to_log_lines_without_rich(tmp_path, caplog, m
     with caplog.at_level(logging.INFO, logger=LOGGER):
         await replay(ReplaySource(path=path, progress=True))
     assert any("30/30 lines" in r.getMessage() for r in caplog.records if r.name == LOGGER)
+
+
+def test_the_docstring_example_builds(tmp_path, monkeypatch):
+    import textwrap
+
+    import sources.replay
+
+    doc = sources.replay.__doc__
+    example = textwrap.dedent(doc.split("Example::", 1)[1])
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example, "sources/replay.py example", "exec"), namespace)
+    flow = namespace["flow"]
+    assert isinstance(flow, Flow) and isinstance(flow.sources[0], ReplaySource)

@@ -163,3 +163,76 @@ def test_json_logs_are_one_object_per_line(tmp_path):
     events = [json.loads(line) for line in proc.stderr.splitlines()]
     assert any(e["logger"] == "flows.runtime" and "drained" in e["event"] for e in events)
     assert all({"ts", "level", "logger", "event"} <= set(e) for e in events)
+
+
+REPLAY_FLOW = """
+from flows import Flow, ChangeDetector
+from sources.replay import ReplaySource
+from sinks.sqlite import SQLiteSink
+from sinks.console import ConsoleSink
+
+flow = Flow(
+    "replay",
+    sources=[ReplaySource(path={ticks!r}, speed={speed}, batch_size=50)],
+    stages=[ChangeDetector(rel=0.001, checkpoint={ckpt!r})],
+    sinks=[SQLiteSink({db!r}, flush_interval=0.1), ConsoleSink(every=0.2)],
+)
+"""
+
+
+def test_interrupted_replay_resumes_to_the_same_rows_as_one_run(tmp_path):
+    import msgspec
+
+    from sources.synthetic import SyntheticMarket
+
+    market = SyntheticMarket(symbols=50, unchanged=0.5, volatility=0.003, seed=11)
+    ticks = []
+    for second in range(200):  # 200 s of recording, 10,000 ticks
+        ticks += [msgspec.structs.replace(t, ts=1_700_000_000.0 + second) for t in market.tick()]
+    path = tmp_path / "ticks.jsonl"
+    path.write_bytes(msgspec.json.Encoder().encode_lines(ticks))
+
+    def flow_file(name: str, db: Path, speed: str) -> Path:
+        f = tmp_path / f"{name}.py"
+        f.write_text(REPLAY_FLOW.format(ticks=str(path), speed=speed, db=str(db),
+                                        ckpt=str(tmp_path / f"{name}.ckpt")))
+        return f
+
+    # one uninterrupted run (its own offset file: --fresh ignores saved state)
+    whole = tmp_path / "whole.db"
+    proc = run_cli(str(flow_file("whole", whole, "None")), "--metrics-addr", "0", "--fresh", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (path.parent / "ticks.jsonl.offset").unlink()
+
+    # the same replay paced at 40x (5 s), interrupted by SIGTERM, then resumed
+    parts = tmp_path / "parts.db"
+    target = flow_file("parts", parts, "40.0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.run", str(target), "--metrics-addr", "0"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"sink\s+sqlite .* written=(\d+)", line)
+            if m and int(m.group(1)) >= 500:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopping (signal SIGTERM)" in err
+    with sqlite3.connect(parts) as conn:
+        first = conn.execute("SELECT count(*) FROM ticks").fetchone()[0]
+    proc = run_cli(str(target), "--metrics-addr", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stderr
+
+    def rows(db: Path) -> list[tuple]:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT source, symbol, ts, price FROM ticks ORDER BY 1, 2, 3").fetchall()
+
+    assert 0 < first < len(rows(whole))  # really interrupted
+    assert rows(parts) == rows(whole)

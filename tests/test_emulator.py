@@ -80,7 +80,9 @@ async def test_binance_formats_weights_and_errors(start):
     assert r.headers["x-mbx-used-weight-1m"] == "6"
     assert [x["symbol"] for x in r.json()] == emulator.symbols("binance")
 
-    r = await client.get("/api/v3/ticker/bookTicker", params={"symbols": '["ETHUSDT","SOLUSDT"]'})
+    r = await client.get(
+        "/api/v3/ticker/bookTicker", params={"symbols": '["ETHUSDT","SOLUSDT"]'}
+    )
     assert r.headers["x-mbx-used-weight-1m"] == "10"
     book = r.json()
     assert [x["symbol"] for x in book] == ["ETHUSDT", "SOLUSDT"]
@@ -93,7 +95,9 @@ async def test_binance_formats_weights_and_errors(start):
     assert (r.status_code, r.json()) == (400, {"code": -1121, "msg": "Invalid symbol."})
     r = await client.get("/api/v3/ticker/price", params={"symbols": "BTCUSDT"})
     assert r.status_code == 400 and r.json()["code"] == -1100
-    r = await client.get("/api/v3/ticker/price", params={"symbols": '["BTCUSDT","NOPE"]'})
+    r = await client.get(
+        "/api/v3/ticker/price", params={"symbols": '["BTCUSDT","NOPE"]'}
+    )
     assert r.json()["code"] == -1121
 
 
@@ -114,8 +118,12 @@ async def test_coinbase_format(start):
 
 
 async def test_kraken_format_and_pair_names(start):
-    emulator, client = await start(assets=30, rate_limits=NO_LIMITS, tick_interval=FROZEN)
-    r = await client.get("/0/public/Ticker", params={"pair": "XBTUSD,ETHUSD,SOLUSD,DOGEUSD"})
+    emulator, client = await start(
+        assets=30, rate_limits=NO_LIMITS, tick_interval=FROZEN
+    )
+    r = await client.get(
+        "/0/public/Ticker", params={"pair": "XBTUSD,ETHUSD,SOLUSD,DOGEUSD"}
+    )
     body = r.json()
     assert r.status_code == 200 and body["error"] == []
     assert list(body["result"]) == ["XXBTZUSD", "XETHZUSD", "SOLUSD", "XDGUSD"]
@@ -148,25 +156,57 @@ async def test_coingecko_format(start):
     assert isinstance(body["bitcoin"]["usd"], float)
     assert isinstance(body["bitcoin"]["last_updated_at"], int)
     assert body["bitcoin"]["usd"] == float(emulator.price("coingecko", "bitcoin"))
-    r = await client.get("/api/v3/simple/price", params={"ids": "bitcoin", "vs_currencies": "usd,eur",
-                                                          "include_24hr_change": "true"})
-    assert set(r.json()["bitcoin"]) == {"usd", "usd_24h_change", "eur", "eur_24h_change"}
+    r = await client.get(
+        "/api/v3/simple/price",
+        params={
+            "ids": "bitcoin",
+            "vs_currencies": "usd,eur",
+            "include_24hr_change": "true",
+        },
+    )
+    assert set(r.json()["bitcoin"]) == {
+        "usd",
+        "usd_24h_change",
+        "eur",
+        "eur_24h_change",
+    }
     r = await client.get("/api/v3/simple/price", params={"ids": "bitcoin"})
     assert r.status_code == 400 and "vs_currencies" in r.json()["error"]
 
 
 async def test_coincap_format_and_api_key(start):
-    emulator, client = await start(assets=5, tick_interval=FROZEN, coincap_api_keys=["k1"])
-    for headers, params in [({}, {}), ({"Authorization": "Bearer wrong"}, {}), ({}, {"apiKey": "x"})]:
+    emulator, client = await start(
+        assets=5, tick_interval=FROZEN, coincap_api_keys=["k1"]
+    )
+    for headers, params in [
+        ({}, {}),
+        ({"Authorization": "Bearer wrong"}, {}),
+        ({}, {"apiKey": "x"}),
+    ]:
         r = await client.get("/v3/assets", headers=headers, params=params)
         assert r.status_code == 401 and isinstance(r.json()["error"], str)
-    r = await client.get("/v3/assets", params={"ids": "bitcoin,ethereum"},
-                         headers={"Authorization": "Bearer k1"})
+    r = await client.get(
+        "/v3/assets",
+        params={"ids": "bitcoin,ethereum"},
+        headers={"Authorization": "Bearer k1"},
+    )
     body = r.json()
     assert r.status_code == 200 and isinstance(body["timestamp"], int)
     assert [a["id"] for a in body["data"]] == ["bitcoin", "ethereum"]
-    fields = ["id", "rank", "symbol", "name", "supply", "maxSupply", "marketCapUsd",
-              "volumeUsd24Hr", "priceUsd", "changePercent24Hr", "vwap24Hr", "explorer"]
+    fields = [
+        "id",
+        "rank",
+        "symbol",
+        "name",
+        "supply",
+        "maxSupply",
+        "marketCapUsd",
+        "volumeUsd24Hr",
+        "priceUsd",
+        "changePercent24Hr",
+        "vwap24Hr",
+        "explorer",
+    ]
     bitcoin = body["data"][0]
     assert list(bitcoin) == fields
     assert bitcoin["rank"] == "1" and bitcoin["symbol"] == "BTC"
@@ -176,7 +216,9 @@ async def test_coincap_format_and_api_key(start):
     assert r.json()["data"]["id"] == "ethereum"
     r = await client.get("/v3/assets/nope", params={"apiKey": "k1"})
     assert r.status_code == 404 and "not found" in r.json()["error"]
-    r = await client.get("/v3/assets", params={"apiKey": "k1", "limit": "2", "offset": "1"})
+    r = await client.get(
+        "/v3/assets", params={"apiKey": "k1", "limit": "2", "offset": "1"}
+    )
     assert [a["rank"] for a in r.json()["data"]] == ["2", "3"]
 
 
@@ -186,8 +228,24 @@ async def test_okx_format(start):
     body = r.json()
     assert (body["code"], body["msg"]) == ("0", "")
     assert [t["instId"] for t in body["data"]] == emulator.symbols("okx")
-    keys = ["instType", "instId", "last", "lastSz", "askPx", "askSz", "bidPx", "bidSz", "open24h",
-            "high24h", "low24h", "volCcy24h", "vol24h", "ts", "sodUtc0", "sodUtc8"]
+    keys = [
+        "instType",
+        "instId",
+        "last",
+        "lastSz",
+        "askPx",
+        "askSz",
+        "bidPx",
+        "bidSz",
+        "open24h",
+        "high24h",
+        "low24h",
+        "volCcy24h",
+        "vol24h",
+        "ts",
+        "sodUtc0",
+        "sodUtc8",
+    ]
     ticker = body["data"][0]
     assert list(ticker) == keys and all(isinstance(ticker[k], str) for k in keys)
     assert re.fullmatch(r"\d{13}", ticker["ts"])
@@ -208,9 +266,15 @@ def test_universe_names_each_exchange_and_is_deterministic():
     universe = make_universe(50, seed=3)
     assert len(universe) == 50 and len({a.base for a in universe}) == 50
     btc = universe[0]
-    assert (btc.binance, btc.coinbase, btc.kraken, btc.kraken_altname, btc.coingecko,
-            btc.coincap, btc.okx) == ("BTCUSDT", "BTC-USD", "XXBTZUSD", "XBTUSD", "bitcoin",
-                                      "bitcoin", "BTC-USDT")
+    assert (
+        btc.binance,
+        btc.coinbase,
+        btc.kraken,
+        btc.kraken_altname,
+        btc.coingecko,
+        btc.coincap,
+        btc.okx,
+    ) == ("BTCUSDT", "BTC-USD", "XXBTZUSD", "XBTUSD", "bitcoin", "bitcoin", "BTC-USDT")
     assert make_universe(50, seed=3) == universe
     assert make_universe(50, seed=4)[40].base != universe[40].base
     custom = make_universe(["eth", "FOO"])
@@ -235,14 +299,21 @@ async def test_random_walk_steps_on_the_clock_with_unchanged_share(autojump_cloc
     assert emulator.quote("binance", "BTC").step == 20
     assert [twin.price("binance", s) for s in twin.symbols("binance")] == previous
     # exchanges print their own numbers, close to each other
-    btc = [float(emulator.price(ex, emulator.asset(ex, "BTC").symbol(ex))) for ex in EXCHANGES]
+    btc = [
+        float(emulator.price(ex, emulator.asset(ex, "BTC").symbol(ex)))
+        for ex in EXCHANGES
+    ]
     assert max(btc) / min(btc) < 1.01
 
 
 async def test_per_request_walk(start):
     emulator, client = await start(assets=3, tick_interval=0, unchanged=0.0)
-    first = (await client.get("/api/v3/ticker/price", params={"symbol": "BTCUSDT"})).json()["price"]
-    second = (await client.get("/api/v3/ticker/price", params={"symbol": "BTCUSDT"})).json()["price"]
+    first = (
+        await client.get("/api/v3/ticker/price", params={"symbol": "BTCUSDT"})
+    ).json()["price"]
+    second = (
+        await client.get("/api/v3/ticker/price", params={"symbol": "BTCUSDT"})
+    ).json()["price"]
     assert first != second
     assert emulator.last_served("binance")["BTCUSDT"].step == 2
 
@@ -276,7 +347,7 @@ async def test_binance_weight_limit_429_then_418_ban_then_reset(start, autojump_
 
 
 async def test_binance_window_resets_when_client_backs_off(start, autojump_clock):
-    emulator, client = await start(assets=5, rate_limits={"binance": {"limit": 8}})
+    _, client = await start(assets=5, rate_limits={"binance": {"limit": 8}})
     for _ in range(2):
         assert (await client.get("/api/v3/ticker/price")).status_code == 200  # weight 4
     r = await client.get("/api/v3/ticker/price")
@@ -287,8 +358,12 @@ async def test_binance_window_resets_when_client_backs_off(start, autojump_clock
 
 
 async def test_token_bucket_coinbase_and_kraken(start, autojump_clock):
-    emulator, client = await start(assets=5, rate_limits={"coinbase": TokenBucket(rate=10, burst=15)})
-    statuses = [(await client.get("/products/ETH-USD/ticker")).status_code for _ in range(16)]
+    emulator, client = await start(
+        assets=5, rate_limits={"coinbase": TokenBucket(rate=10, burst=15)}
+    )
+    statuses = [
+        (await client.get("/products/ETH-USD/ticker")).status_code for _ in range(16)
+    ]
     assert statuses == [200] * 15 + [429]
     r = await client.get("/products/ETH-USD/ticker")
     assert r.json() == {"message": "Public rate limit exceeded"}
@@ -296,30 +371,45 @@ async def test_token_bucket_coinbase_and_kraken(start, autojump_clock):
     assert (await client.get("/products/ETH-USD/ticker")).status_code == 200
     assert (await client.get("/products/ETH-USD/ticker")).status_code == 429
 
-    assert (await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})).json()["error"] == []
+    assert (await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})).json()[
+        "error"
+    ] == []
     r = await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})
     assert (r.status_code, r.json()) == (200, {"error": ["EGeneral:Too many requests"]})
     await trio.sleep(1)
-    assert (await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})).json()["error"] == []
+    assert (await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})).json()[
+        "error"
+    ] == []
     assert emulator.stats["kraken"]["Ticker"]["refused"] == 1
 
 
 async def test_window_limits_coingecko_and_okx(start, autojump_clock):
-    emulator, client = await start(assets=5, rate_limits={"coingecko": WindowLimit(limit=3, window=60)})
+    emulator, client = await start(
+        assets=5, rate_limits={"coingecko": WindowLimit(limit=3, window=60)}
+    )
     params = {"ids": "bitcoin", "vs_currencies": "usd"}
     for _ in range(3):
-        assert (await client.get("/api/v3/simple/price", params=params)).status_code == 200
+        assert (
+            await client.get("/api/v3/simple/price", params=params)
+        ).status_code == 200
     r = await client.get("/api/v3/simple/price", params=params)
     assert r.status_code == 429 and r.headers["retry-after"] == "60"
     assert r.json()["status"]["error_code"] == 429
     await trio.sleep(60)
     assert (await client.get("/api/v3/simple/price", params=params)).status_code == 200
 
-    okx = [(await client.get("/api/v5/market/ticker", params={"instId": "BTC-USDT"})) for _ in range(21)]
+    okx = [
+        (await client.get("/api/v5/market/ticker", params={"instId": "BTC-USDT"}))
+        for _ in range(21)
+    ]
     assert [r.status_code for r in okx] == [200] * 20 + [429]
     assert okx[-1].json() == {"msg": "Too Many Requests", "code": "50011"}
     await trio.sleep(2)
-    assert (await client.get("/api/v5/market/ticker", params={"instId": "BTC-USDT"})).status_code == 200
+    assert (
+        await client.get("/api/v5/market/ticker", params={"instId": "BTC-USDT"})
+    ).status_code == 200
+    assert emulator.stats["okx"]["ticker"]["refused"] == 1
+    assert emulator.stats["coingecko"]["simple/price"]["refused"] == 1
 
 
 # -- faults -------------------------------------------------------------------------
@@ -329,9 +419,13 @@ def test_latency_distributions_and_fault_validation():
     rng = random.Random(1)
     assert Latency().sample(rng) == 0.0
     assert Latency(ms=40).sample(rng) == 0.04
-    uniform = [Latency(dist="uniform", ms=10, max_ms=20).sample(rng) for _ in range(200)]
+    uniform = [
+        Latency(dist="uniform", ms=10, max_ms=20).sample(rng) for _ in range(200)
+    ]
     assert 0.010 <= min(uniform) and max(uniform) <= 0.020
-    lognormal = sorted(Latency(dist="lognormal", ms=50, sigma=0.5).sample(rng) for _ in range(999))
+    lognormal = sorted(
+        Latency(dist="lognormal", ms=50, sigma=0.5).sample(rng) for _ in range(999)
+    )
     assert 0.045 < lognormal[499] < 0.055 and lognormal[-1] > 0.1
     emulator = Emulator(assets=3)
     with pytest.raises(ValueError, match="error_rate"):
@@ -340,6 +434,10 @@ def test_latency_distributions_and_fault_validation():
         emulator.set_faults(bogus=1)
     with pytest.raises(ValueError, match="unknown exchange"):
         emulator.set_faults(exchange="nasdaq", error_rate=0.1)
+    with pytest.raises(ValueError, match="error_rate"):
+        Emulator(faults=Faults(error_rate=2.0))
+    with pytest.raises(ValueError, match="limit"):
+        Emulator(rate_limits={"okx": WindowLimit(limit=0)})
 
 
 async def test_latency_fault_delays_answers(start, autojump_clock):
@@ -358,11 +456,15 @@ async def test_server_errors_in_exchange_shape_or_html(start):
     r = await client.get("/products/BTC-USD/ticker")
     assert r.status_code in (500, 502, 503) and "message" in r.json()
     r = await client.get("/0/public/Ticker")
-    assert r.status_code == 200 and r.json()["error"][0].startswith(("EService:", "EGeneral:"))
+    assert r.status_code == 200 and r.json()["error"][0].startswith(
+        ("EService:", "EGeneral:")
+    )
     r = await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
     assert r.status_code >= 500 and r.json()["code"] == "50001"
     emulator.set_faults(error_rate=1.0, html_error_share=1.0, error_statuses=(502,))
-    r = await client.get("/api/v3/simple/price", params={"ids": "bitcoin", "vs_currencies": "usd"})
+    r = await client.get(
+        "/api/v3/simple/price", params={"ids": "bitcoin", "vs_currencies": "usd"}
+    )
     assert r.status_code == 502 and r.headers["content-type"] == "text/html"
     assert "502 Bad Gateway" in r.text
     assert emulator.stats["coingecko"]["simple/price"]["faults"] == {"error": 1}
@@ -371,14 +473,20 @@ async def test_server_errors_in_exchange_shape_or_html(start):
 async def test_throttle_fault_answers_429_in_exchange_shape(start):
     emulator, client = await start(assets=3, faults=Faults(throttle_rate=1.0))
     r = await client.get("/api/v3/ticker/price", params={"symbol": "BTCUSDT"})
-    assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["code"] == -1003
+    assert (
+        r.status_code == 429
+        and r.headers["retry-after"] == "1"
+        and r.json()["code"] == -1003
+    )
     r = await client.get("/0/public/Ticker")
     assert r.json() == {"error": ["EGeneral:Too many requests"]}
     assert emulator.stats["binance"]["ticker/price"]["refused"] == 1
 
 
 async def test_hang_outlasts_client_timeout(start, autojump_clock):
-    emulator, client = await start(assets=3, timeout=1.0, faults=Faults(hang_rate=1.0, hang_seconds=60))
+    emulator, client = await start(
+        assets=3, timeout=1.0, faults=Faults(hang_rate=1.0, hang_seconds=60)
+    )
     before = trio.current_time()
     with pytest.raises(httpx.TimeoutException):
         await client.get("/products/BTC-USD/ticker")
@@ -401,8 +509,13 @@ async def test_hang_ends_when_the_client_disconnects(autojump_clock):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": "/products/BTC-USD/ticker",
-             "query_string": b"", "headers": []}
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/products/BTC-USD/ticker",
+        "query_string": b"",
+        "headers": [],
+    }
     async with trio.open_nursery() as nursery:
         nursery.start_soon(emulator.app, scope, receive, send)
         await trio.sleep(5)
@@ -412,15 +525,25 @@ async def test_hang_ends_when_the_client_disconnects(autojump_clock):
 
 
 async def test_empty_results_in_each_exchange_shape(start):
-    emulator, client = await start(assets=3, rate_limits=NO_LIMITS, faults=Faults(empty_rate=1.0))
+    emulator, client = await start(
+        assets=3, rate_limits=NO_LIMITS, faults=Faults(empty_rate=1.0)
+    )
     assert (await client.get("/api/v3/ticker/price")).json() == []
-    assert (await client.get("/api/v3/ticker/price", params={"symbol": "BTCUSDT"})).json() == {}
+    assert (
+        await client.get("/api/v3/ticker/price", params={"symbol": "BTCUSDT"})
+    ).json() == {}
     assert (await client.get("/0/public/Ticker")).json() == {"error": [], "result": {}}
-    okx = (await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})).json()
+    okx = (
+        await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
+    ).json()
     assert okx == {"code": "0", "msg": "", "data": []}
     r = await client.get("/v3/assets", params={"apiKey": "test-key"})
     assert r.json()["data"] == []
-    assert (await client.get("/api/v3/simple/price", params={"ids": "bitcoin", "vs_currencies": "usd"})).json() == {}
+    assert (
+        await client.get(
+            "/api/v3/simple/price", params={"ids": "bitcoin", "vs_currencies": "usd"}
+        )
+    ).json() == {}
     assert emulator.last_served("binance") == {}
     # errors are not emptied
     assert (await client.get("/products/NOPE-USD/ticker")).status_code == 404
@@ -428,7 +551,12 @@ async def test_empty_results_in_each_exchange_shape(start):
 
 @pytest.mark.parametrize(
     ("kind", "text", "number"),
-    [("missing", None, None), ("abc", "abc", "abc"), ("negative", "-1", -1), ("nan", "NaN", None)],
+    [
+        ("missing", None, None),
+        ("abc", "abc", "abc"),
+        ("negative", "-1", -1),
+        ("nan", "NaN", None),
+    ],
 )
 async def test_bad_values_per_record(start, kind, text, number):
     faults = Faults(bad_value_rate=1.0, bad_value_kinds=(kind,))
@@ -437,17 +565,29 @@ async def test_bad_values_per_record(start, kind, text, number):
     assert len(prices) == 3
     assert all(p.get("price") == text for p in prices)
     assert ("price" in prices[0]) is (kind != "missing")
-    ticker = (await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})).json()["result"]["XXBTZUSD"]
+    ticker = (await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})).json()[
+        "result"
+    ]["XXBTZUSD"]
     assert ticker["c"][0] == text if kind != "missing" else "c" not in ticker
-    gecko = (await client.get("/api/v3/simple/price", params={"ids": "bitcoin", "vs_currencies": "usd"})).json()
-    assert gecko["bitcoin"].get("usd", "absent") == (number if kind != "missing" else "absent")
+    gecko = (
+        await client.get(
+            "/api/v3/simple/price", params={"ids": "bitcoin", "vs_currencies": "usd"}
+        )
+    ).json()
+    assert gecko["bitcoin"].get("usd", "absent") == (
+        number if kind != "missing" else "absent"
+    )
     assert {q.fault for q in emulator.last_served("binance").values()} == {kind}
     assert emulator.stats["binance"]["ticker/price"]["faults"] == {"bad_value": 3}
 
 
 async def test_malformed_and_truncated_bodies(start):
-    emulator, client = await start(assets=4, rate_limits=NO_LIMITS, tick_interval=FROZEN)
-    intact = (await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})).content
+    emulator, client = await start(
+        assets=4, rate_limits=NO_LIMITS, tick_interval=FROZEN
+    )
+    intact = (
+        await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
+    ).content
     emulator.set_faults(malformed_rate=1.0)
     for _ in range(6):
         r = await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
@@ -480,7 +620,10 @@ async def test_fault_draws_are_reproducible(start):
     async def statuses():
         emulator, client = await start(assets=3, rate_limits=NO_LIMITS, seed=9)
         emulator.set_faults(error_rate=0.5, html_error_share=0.5)
-        return [(await client.get("/products/BTC-USD/ticker")).status_code for _ in range(12)]
+        return [
+            (await client.get("/products/BTC-USD/ticker")).status_code
+            for _ in range(12)
+        ]
 
     first = await statuses()
     assert await statuses() == first and len(set(first)) > 1
@@ -490,26 +633,40 @@ async def test_fault_draws_are_reproducible(start):
 
 
 async def test_stats_counters(start):
-    emulator, client = await start(assets=3, rate_limits={"okx": WindowLimit(limit=2, window=2)})
+    emulator, client = await start(
+        assets=3, rate_limits={"okx": WindowLimit(limit=2, window=2)}
+    )
     for _ in range(3):
         await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
     await client.get("/api/v5/market/ticker", params={"instId": "NOPE-USDT"})
     stats = emulator.stats
     assert stats["okx"]["tickers"] == {
-        "requests": 3, "status": {"200": 2, "429": 1}, "refused": 1, "faults": {}, "records": 6,
+        "requests": 3,
+        "status": {"200": 2, "429": 1},
+        "refused": 1,
+        "faults": {},
+        "records": 6,
     }
     # one limiter per exchange: the other endpoint is refused too
     assert stats["okx"]["ticker"]["status"] == {"429": 1}
     assert set(stats) == set(EXCHANGES)
     assert (await client.get("/_emulator/stats")).json() == emulator.stats
-    assert (await client.delete("/_emulator/stats")).json()["okx"]["tickers"]["requests"] == 0
+    assert (await client.delete("/_emulator/stats")).json()["okx"]["tickers"][
+        "requests"
+    ] == 0
 
 
 async def test_control_endpoint_sets_faults_and_limits(start):
     emulator, client = await start(assets=3)
-    r = await client.post("/_emulator/faults", json={"exchange": "okx", "error_rate": 1.0,
-                                                      "html_error_share": 0.0,
-                                                      "latency": {"dist": "uniform", "ms": 1, "max_ms": 2}})
+    r = await client.post(
+        "/_emulator/faults",
+        json={
+            "exchange": "okx",
+            "error_rate": 1.0,
+            "html_error_share": 0.0,
+            "latency": {"dist": "uniform", "ms": 1, "max_ms": 2},
+        },
+    )
     assert r.status_code == 200 and r.json()["okx"]["error_rate"] == 1.0
     assert emulator.faults_for("okx").latency == Latency(dist="uniform", ms=1, max_ms=2)
     r = await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
@@ -521,10 +678,17 @@ async def test_control_endpoint_sets_faults_and_limits(start):
     assert r.status_code == 400
     assert (await client.post("/_emulator/faults", content=b"{nope")).status_code == 400
     await client.delete("/_emulator/faults", params={"exchange": "okx"})
-    assert (await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})).status_code == 200
+    assert (
+        await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
+    ).status_code == 200
 
-    r = await client.post("/_emulator/limits", json={"coinbase": {"rate": 1, "burst": 1}, "okx": None})
-    assert r.json()["coinbase"] == {"type": "bucket", "rate": 1.0, "burst": 1.0} and r.json()["okx"] is None
+    r = await client.post(
+        "/_emulator/limits", json={"coinbase": {"rate": 1, "burst": 1}, "okx": None}
+    )
+    assert (
+        r.json()["coinbase"] == {"type": "bucket", "rate": 1.0, "burst": 1.0}
+        and r.json()["okx"] is None
+    )
     assert (await client.get("/products/BTC-USD/ticker")).status_code == 200
     assert (await client.get("/products/BTC-USD/ticker")).status_code == 429
     assert (await client.post("/_emulator/reset")).json() == {"reset": True}
@@ -534,8 +698,12 @@ async def test_control_endpoint_sets_faults_and_limits(start):
 
     universe = (await client.get("/_emulator/universe")).json()
     assert universe[0]["kraken"] == "XXBTZUSD" and len(universe) == 3
-    served = (await client.get("/_emulator/served", params={"exchange": "coinbase"})).json()
-    assert served["coinbase"]["BTC-USD"]["price"] == str(emulator.last_served("coinbase")["BTC-USD"].price)
+    served = (
+        await client.get("/_emulator/served", params={"exchange": "coinbase"})
+    ).json()
+    assert served["coinbase"]["BTC-USD"]["price"] == str(
+        emulator.last_served("coinbase")["BTC-USD"].price
+    )
     prices = (await client.get("/_emulator/prices", params={"exchange": "okx"})).json()
     assert set(prices["okx"]) == {"BTC-USDT", "ETH-USDT", "SOL-USDT"}
     assert (await client.get("/_emulator/nope")).status_code == 400
@@ -545,7 +713,10 @@ async def test_control_endpoint_sets_faults_and_limits(start):
 
 
 def test_parse_rate_limit():
-    assert parse_rate_limit("binance=limit=1200,window=60") == ("binance", {"limit": 1200, "window": 60.0})
+    assert parse_rate_limit("binance=limit=1200,window=60") == (
+        "binance",
+        {"limit": 1200, "window": 60.0},
+    )
     assert parse_rate_limit("kraken=off") == ("kraken", None)
     with pytest.raises(Exception, match="EXCHANGE"):
         parse_rate_limit("nasdaq=limit=1")
@@ -554,18 +725,39 @@ def test_parse_rate_limit():
 def test_cli_help():
     result = subprocess.run(
         [sys.executable, "-m", "flows.testing.emulator", "--help"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0
-    for option in ("--port", "--seed", "--assets", "--rate-limit", "--latency-ms", "--error-rate"):
+    for option in (
+        "--port",
+        "--seed",
+        "--assets",
+        "--rate-limit",
+        "--latency-ms",
+        "--error-rate",
+    ):
         assert option in result.stdout
 
 
 def test_cli_serves_and_stops_on_ctrl_c():
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.testing.emulator", "--port", "0", "--assets", "3",
-         "--rate-limit", "okx=limit=1,window=60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "flows.testing.emulator",
+            "--port",
+            "0",
+            "--assets",
+            "3",
+            "--rate-limit",
+            "okx=limit=1,window=60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         url = process.stdout.readline().strip()
@@ -573,10 +765,20 @@ def test_cli_serves_and_stops_on_ctrl_c():
         assert "Ctrl-C" in process.stdout.readline()
         assert "curl" in process.stdout.readline()
         with httpx.Client(base_url=url, timeout=5) as client:
-            assert client.get("/api/v5/market/ticker", params={"instId": "BTC-USDT"}).status_code == 200
-            assert client.get("/api/v5/market/ticker", params={"instId": "BTC-USDT"}).status_code == 429
+            assert (
+                client.get(
+                    "/api/v5/market/ticker", params={"instId": "BTC-USDT"}
+                ).status_code
+                == 200
+            )
+            assert (
+                client.get(
+                    "/api/v5/market/ticker", params={"instId": "BTC-USDT"}
+                ).status_code
+                == 429
+            )
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=10)
+        _, err = process.communicate(timeout=10)
     finally:
         process.kill()
     assert process.returncode == 0 and "stopped" in err and "Traceback" not in err

@@ -167,16 +167,16 @@ from ._market import Quote as Quote
 from ._market import make_universe as make_universe
 
 __all__ = [
+    "BAD_VALUE_KINDS",
+    "EXCHANGES",
+    "Asset",
     "Emulator",
     "Faults",
     "Latency",
-    "RateLimit",
-    "WeightLimit",
-    "TokenBucket",
-    "WindowLimit",
-    "Asset",
     "Quote",
-    "EXCHANGES",
-    "BAD_VALUE_KINDS",
+    "RateLimit",
+    "TokenBucket",
+    "WeightLimit",
+    "WindowLimit",
     "make_universe",
 ]

@@ -13,7 +13,7 @@ from ._faults import Field
 from ._limits import RateLimit, Verdict
 from ._market import Asset, Market, Quote
 
-__all__ = ["Request", "Reply", "ExchangeAPI", "fixed", "plain", "iso_z"]
+__all__ = ["ExchangeAPI", "Reply", "Request", "fixed", "iso_z", "plain"]
 
 
 @attrs.define
@@ -22,6 +22,7 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-cased names
+    query_string: str = ""
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -63,7 +64,7 @@ def plain(value: Decimal) -> str:
 
 def iso_z(epoch: float) -> str:
     """``2024-03-25T08:45:00.123456Z``"""
-    moment = dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -76,7 +77,9 @@ class ExchangeAPI:
 
     def __init__(self, market: Market) -> None:
         self.market = market
-        self.by_symbol: dict[str, Asset] = {a.symbol(self.name): a for a in market.universe}
+        self.by_symbol: dict[str, Asset] = {
+            a.symbol(self.name): a for a in market.universe
+        }
 
     def route(self, path: str) -> tuple[str, dict[str, str]] | None:
         """(endpoint, path parameters) for ``path``, or ``None``."""
@@ -98,10 +101,12 @@ class ExchangeAPI:
         """The exchange's own JSON answer to an internal error."""
         raise NotImplementedError
 
-    def limit_headers(self, verdict: Verdict, limit: RateLimit | None) -> list[tuple[str, str]]:
+    def limit_headers(
+        self, verdict: Verdict, limit: RateLimit | None
+    ) -> list[tuple[str, str]]:
         """Headers every answer carries (Binance's used weight)."""
         return []
 
     def quotes(self, assets: list[Asset]) -> list[Quote]:
-        quotes = self.market.quotes(self.name)
-        return [quotes[a.index] for a in assets]
+        quote = self.market.quote
+        return [quote(self.name, a) for a in assets]

@@ -32,14 +32,18 @@ _ROUTES = {
 }
 _SYMBOLS_RULE = (
     "Illegal characters found in parameter 'symbols'; legal range is "
-    "'^\\[(\"[A-Z0-9-_.]{1,20}\"(,\"[A-Z0-9-_.]{1,20}\"){0,}){0,1}\\]$'."
+    '\'^\\[("[A-Z0-9-_.]{1,20}"(,"[A-Z0-9-_.]{1,20}"){0,}){0,1}\\]$\'.'
 )
 
 
 def _interval(window: float) -> tuple[str, str]:
     """(header suffix, message words) for a window: (``1m``, ``1 MINUTE``)."""
     seconds = int(window)
-    for size, letter, word in ((86400, "d", "DAY"), (3600, "h", "HOUR"), (60, "m", "MINUTE")):
+    for size, letter, word in (
+        (86400, "d", "DAY"),
+        (3600, "h", "HOUR"),
+        (60, "m", "MINUTE"),
+    ):
         if seconds >= size and seconds % size == 0 and seconds == window:
             return f"{seconds // size}{letter}", f"{seconds // size} {word}"
     return f"{window:g}s", f"{window:g} SECOND"
@@ -64,7 +68,9 @@ class Binance(ExchangeAPI):
         symbol = request.param("symbol")
         symbols = request.param("symbols")
         if symbol is not None and symbols is not None:
-            return self._error(400, -1128, "Combination of optional parameters invalid.")
+            return self._error(
+                400, -1128, "Combination of optional parameters invalid."
+            )
         if symbol is not None:
             names = [symbol]
         elif symbols is not None:
@@ -72,7 +78,9 @@ class Binance(ExchangeAPI):
                 names = json.loads(symbols)
             except ValueError:
                 names = None
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            if not isinstance(names, list) or not all(
+                isinstance(n, str) for n in names
+            ):
                 return self._error(400, -1100, _SYMBOLS_RULE)
         else:
             names = None
@@ -97,7 +105,10 @@ class Binance(ExchangeAPI):
                     "askQty": fixed(quote.ask_size, 8),
                 }
                 fields.append(
-                    [Field(quote.symbol, record, "bidPrice"), Field(quote.symbol, record, "askPrice")]
+                    [
+                        Field(quote.symbol, record, "bidPrice"),
+                        Field(quote.symbol, record, "askPrice"),
+                    ]
                 )
             else:
                 record = {"symbol": quote.symbol, "price": fixed(quote.price, 8)}
@@ -108,10 +119,15 @@ class Binance(ExchangeAPI):
             return Reply(200, records[0], fields=fields, served=served, empty={})
         return Reply(200, records, fields=fields, served=served, empty=[])
 
-    def limit_headers(self, verdict: Verdict, limit: RateLimit | None) -> list[tuple[str, str]]:
+    def limit_headers(
+        self, verdict: Verdict, limit: RateLimit | None
+    ) -> list[tuple[str, str]]:
         window = limit.window if isinstance(limit, WeightLimit) else 60.0
         used = str(verdict.used)
-        return [("x-mbx-used-weight", used), (f"x-mbx-used-weight-{_interval(window)[0]}", used)]
+        return [
+            ("x-mbx-used-weight", used),
+            (f"x-mbx-used-weight-{_interval(window)[0]}", used),
+        ]
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:
         headers = [("retry-after", str(verdict.retry_after))]
@@ -132,7 +148,11 @@ class Binance(ExchangeAPI):
 
     def server_error(self, status: int) -> Reply:
         if status == 500:
-            return self._error(500, -1000, "An unknown error occurred while processing the request.")
+            return self._error(
+                500, -1000, "An unknown error occurred while processing the request."
+            )
         return self._error(
-            status, -1001, "Internal error; unable to process your request. Please try again."
+            status,
+            -1001,
+            "Internal error; unable to process your request. Please try again.",
         )

@@ -32,8 +32,15 @@ from ._market import Asset, Market, Quote
 
 __all__ = ["CoinCap"]
 
-_MAX_SUPPLY = {"BTC": 21_000_000, "LTC": 84_000_000, "XRP": 100_000_000_000, "BCH": 21_000_000,
-               "ADA": 45_000_000_000, "ZEC": 21_000_000, "XLM": 50_001_806_812}
+_MAX_SUPPLY = {
+    "BTC": 21_000_000,
+    "LTC": 84_000_000,
+    "XRP": 100_000_000_000,
+    "BCH": 21_000_000,
+    "ADA": 45_000_000_000,
+    "ZEC": 21_000_000,
+    "XLM": 50_001_806_812,
+}
 _EXPLORER = {
     "BTC": "https://blockchain.info/",
     "ETH": "https://etherscan.io/",
@@ -50,7 +57,9 @@ class CoinCap(ExchangeAPI):
     default_limit = WindowLimit(limit=600, window=60.0)
     endpoints = ("assets", "assets/{id}")
 
-    def __init__(self, market: Market, api_keys: tuple[str, ...] = ("test-key",)) -> None:
+    def __init__(
+        self, market: Market, api_keys: tuple[str, ...] = ("test-key",)
+    ) -> None:
         super().__init__(market)
         self.api_keys = tuple(api_keys)
 
@@ -108,7 +117,13 @@ class CoinCap(ExchangeAPI):
         if endpoint == "assets/{id}":
             asset = self.by_symbol.get(params["id"])
             if asset is None:
-                return Reply(404, {"error": f"{params['id']} not found", "timestamp": self._timestamp()})
+                return Reply(
+                    404,
+                    {
+                        "error": f"{params['id']} not found",
+                        "timestamp": self._timestamp(),
+                    },
+                )
             (quote,) = self.quotes([asset])
             record = self._record(asset, quote)
             return Reply(
@@ -125,14 +140,24 @@ class CoinCap(ExchangeAPI):
             assets = [a for a in assets if a.coincap in wanted]
         search = (request.param("search") or "").strip().lower()
         if search:
-            assets = [a for a in assets if search in a.coincap or search in a.base.lower()]
+            assets = [
+                a for a in assets if search in a.coincap or search in a.base.lower()
+            ]
         try:
             limit = int(request.param("limit") or 100)
             offset = int(request.param("offset") or 0)
         except ValueError:
-            return Reply(400, {"error": "limit and offset must be integers", "timestamp": self._timestamp()})
+            return Reply(
+                400,
+                {
+                    "error": "limit and offset must be integers",
+                    "timestamp": self._timestamp(),
+                },
+            )
         if limit > 2000:
-            return Reply(400, {"error": "limit exceeds 2000", "timestamp": self._timestamp()})
+            return Reply(
+                400, {"error": "limit exceeds 2000", "timestamp": self._timestamp()}
+            )
         assets = assets[max(0, offset) : max(0, offset) + max(0, limit)]
         records, fields, served = [], [], {}
         for asset, quote in zip(assets, self.quotes(assets)):
@@ -149,7 +174,9 @@ class CoinCap(ExchangeAPI):
         )
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:
-        return Reply(429, {"error": "rate limit exceeded", "timestamp": self._timestamp()})
+        return Reply(
+            429, {"error": "rate limit exceeded", "timestamp": self._timestamp()}
+        )
 
     def server_error(self, status: int) -> Reply:
         message = "Internal Server Error" if status == 500 else "Service Unavailable"

@@ -99,7 +99,9 @@ class CoinGecko(ExchangeAPI):
                 if _flag(request, "include_24hr_vol"):
                     coin[f"{currency}_24h_vol"] = round(value * float(quote.volume), 2)
                 if _flag(request, "include_24hr_change"):
-                    coin[f"{currency}_24h_change"] = (price / float(quote.open) - 1.0) * 100.0
+                    coin[f"{currency}_24h_change"] = (
+                        price / float(quote.open) - 1.0
+                    ) * 100.0
                 first = first or currency
             if _flag(request, "include_last_updated_at"):
                 coin["last_updated_at"] = int(quote.changed)
@@ -115,4 +117,6 @@ class CoinGecko(ExchangeAPI):
 
     def server_error(self, status: int) -> Reply:
         message = "Internal Server Error" if status == 500 else "Service Unavailable"
-        return Reply(status, {"status": {"error_code": status, "error_message": message}})
+        return Reply(
+            status, {"status": {"error_code": status, "error_message": message}}
+        )

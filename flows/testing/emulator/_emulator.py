@@ -30,8 +30,13 @@ from ._okx import OKX
 __all__ = ["Emulator"]
 
 _json = msgspec.json.Encoder(decimal_format="string")
-_REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-            504: "Gateway Time-out", 520: "Web server is returning an unknown error"}
+_REASONS = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Time-out",
+    520: "Web server is returning an unknown error",
+}
 _LIMIT_TYPES = {"weight": WeightLimit, "bucket": TokenBucket, "window": WindowLimit}
 
 
@@ -45,7 +50,19 @@ def _html(status: int) -> Reply:
 
 
 def _quote_json(quote: Quote) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in attrs.asdict(quote).items()}
+    return {
+        k: (str(v) if isinstance(v, Decimal) else v)
+        for k, v in attrs.asdict(quote).items()
+    }
+
+
+def _checked(kind: type[Any], value: Any, what: str) -> Any:
+    """``value`` (a Struct or a dict of its fields) as a ``kind``, its
+    constraints checked (Structs check them when decoded, not when built)."""
+    try:
+        return msgspec.convert(msgspec.to_builtins(value), kind)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def _new_endpoint_stats() -> dict[str, Any]:
@@ -111,10 +128,16 @@ class Emulator:
             "coincap": CoinCap(self.market, tuple(coincap_api_keys)),
             "okx": OKX(self.market),
         }
-        self._limiters = {name: Limiter(ex.default_limit) for name, ex in self.exchanges.items()}
+        self._limiters = {
+            name: Limiter(ex.default_limit) for name, ex in self.exchanges.items()
+        }
         for name, limit in (rate_limits or {}).items():
             self.set_rate_limit(name, limit)
-        self._faults: dict[str, Faults] = {"*": faults if faults is not None else Faults()}
+        self._faults: dict[str, Faults] = {
+            "*": Faults() if faults is None else _checked(Faults, faults, "faults")
+        }
+        self._cache: dict[tuple[str, str, str, str], tuple[Reply, bytes]] = {}
+        self._cache_step = -1
         self._stats: dict[str, dict[str, dict[str, Any]]] = {}
         self._served: dict[str, dict[str, Quote]] = {}
         self.reset_stats()
@@ -126,7 +149,9 @@ class Emulator:
         try:
             return self.exchanges[exchange]
         except KeyError:
-            raise ValueError(f"unknown exchange {exchange!r}; one of {', '.join(EXCHANGES)}") from None
+            raise ValueError(
+                f"unknown exchange {exchange!r}; one of {', '.join(EXCHANGES)}"
+            ) from None
 
     def symbols(self, exchange: str) -> list[str]:
         """Every symbol as ``exchange`` names it (``BTCUSDT``, ``XXBTZUSD``, ``bitcoin``)."""
@@ -176,17 +201,19 @@ class Emulator:
         """Fault settings by scope: ``"*"`` (global) and per exchange."""
         return dict(self._faults)
 
-    def set_faults(self, faults: Faults | None = None, *, exchange: str | None = None, **fields: Any) -> Faults:
+    def set_faults(
+        self,
+        faults: Faults | None = None,
+        *,
+        exchange: str | None = None,
+        **fields: Any,
+    ) -> Faults:
         """Replace the faults of ``exchange`` (``None`` or ``"*"``: global)
         with ``faults``, or with ``Faults(**fields)`` (dicts accepted for
         ``latency``). Returns what was set."""
-        if faults is None:
-            try:
-                faults = msgspec.convert(msgspec.to_builtins(fields), Faults)
-            except msgspec.ValidationError as exc:
-                raise ValueError(f"faults: {exc}") from None
-        elif fields:
+        if faults is not None and fields:
             raise TypeError("give a Faults or its fields, not both")
+        faults = _checked(Faults, fields if faults is None else faults, "faults")
         scope = "*" if exchange in (None, "*") else exchange
         if scope != "*":
             self._exchange(scope)
@@ -207,7 +234,9 @@ class Emulator:
     def rate_limits(self) -> dict[str, RateLimit | None]:
         return {name: limiter.config for name, limiter in self._limiters.items()}
 
-    def set_rate_limit(self, exchange: str, limit: RateLimit | Mapping[str, Any] | None) -> None:
+    def set_rate_limit(
+        self, exchange: str, limit: RateLimit | Mapping[str, Any] | None
+    ) -> None:
         """Set ``exchange``'s limit (a dict takes the fields of the exchange's
         default limit type, or names another with ``"type"``); resets its state."""
         api = self._exchange(exchange)
@@ -215,15 +244,22 @@ class Emulator:
             data = dict(limit)
             tag = data.pop("type", None)
             if tag is not None and tag not in _LIMIT_TYPES:
-                raise ValueError(f"rate limit for {exchange}: type must be one of {sorted(_LIMIT_TYPES)}")
-            kind = _LIMIT_TYPES[tag] if tag else type(api.default_limit or WindowLimit())
-            try:
-                limit = msgspec.convert(data, kind)
-            except msgspec.ValidationError as exc:
-                raise ValueError(f"rate limit for {exchange}: {exc}") from None
-        elif limit is not None and not isinstance(limit, (WeightLimit, TokenBucket, WindowLimit)):
+                raise ValueError(
+                    f"rate limit for {exchange}: type must be one of {sorted(_LIMIT_TYPES)}"
+                )
+            kind = (
+                _LIMIT_TYPES[tag] if tag else type(api.default_limit or WindowLimit())
+            )
+            config: RateLimit | None = _checked(
+                kind, data, f"rate limit for {exchange}"
+            )
+        elif limit is None:
+            config = None
+        elif isinstance(limit, (WeightLimit, TokenBucket, WindowLimit)):
+            config = _checked(type(limit), limit, f"rate limit for {exchange}")
+        else:
             raise TypeError(f"rate limit for {exchange}: {limit!r} is not a rate limit")
-        self._limiters[exchange] = Limiter(limit)
+        self._limiters[exchange] = Limiter(config)
 
     def reset_limits(self) -> None:
         """Forget counted weight, tokens and bans (the limits stay)."""
@@ -238,7 +274,8 @@ class Emulator:
         (answers by HTTP status, as strings), ``refused`` (429/418 and
         Kraken's rate-limit errors), ``faults`` (injected, by kind;
         ``bad_value`` counts records) and ``records`` (records served in
-        usable answers). A copy."""
+        usable answers). ``status["disconnected"]`` counts clients that
+        left during a hang. A copy."""
         return copy.deepcopy(self._stats)
 
     def reset_stats(self) -> None:
@@ -257,7 +294,11 @@ class Emulator:
     # -- serving -----------------------------------------------------------------
 
     async def serve(
-        self, host: str = "127.0.0.1", port: int = 0, *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled; reports the base URL (``http://127.0.0.1:PORT``)."""
         config = Config()
@@ -293,9 +334,13 @@ class Emulator:
                 if not message.get("more_body"):
                     break
             path = scope["path"]
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            request = Request(scope["method"], path, query, headers)
+            raw_query = scope.get("query_string", b"").decode("latin-1")
+            query = parse_qs(raw_query, keep_blank_values=True)
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1")
+                for k, v in scope["headers"]
+            }
+            request = Request(scope["method"], path, query, headers, raw_query)
             if path == "/_emulator" or path.startswith("/_emulator/"):
                 await self._control(request, body, send)
                 return
@@ -304,7 +349,12 @@ class Emulator:
                 if found is not None:
                     endpoint, params = found
                     if request.method != "GET":
-                        await _send(send, 405, b'{"error":"method not allowed"}', "application/json")
+                        await _send(
+                            send,
+                            405,
+                            b'{"error":"method not allowed"}',
+                            "application/json",
+                        )
                         return
                     await self._answer(api, endpoint, params, request, receive, send)
                     return
@@ -337,18 +387,25 @@ class Emulator:
             await trio.sleep(delay)
         limiter = self._limiters[name]
         verdict = limiter.check(self.market.now(), api.cost(endpoint, request))
-        if verdict.status == 200 and faults.throttle_rate and rng.random() < faults.throttle_rate:
+        if (
+            verdict.status == 200
+            and faults.throttle_rate
+            and rng.random() < faults.throttle_rate
+        ):
             fault("throttle")
             verdict = Verdict(429, retry_after=1, used=verdict.used)
         extra = api.limit_headers(verdict, limiter.config)
         served: dict[str, Quote] = {}
+        content: bytes | None = None
         if verdict.status != 200:
             stats["refused"] += 1
             reply = api.refused(verdict, limiter.config)
         elif faults.hang_rate and rng.random() < faults.hang_rate:
             fault("hang")
             if await _sleep_unless_disconnected(receive, faults.hang_seconds):
-                stats["status"]["disconnected"] = stats["status"].get("disconnected", 0) + 1
+                stats["status"]["disconnected"] = (
+                    stats["status"].get("disconnected", 0) + 1
+                )
                 return
             reply = _html(504)
         elif faults.error_rate and rng.random() < faults.error_rate:
@@ -359,10 +416,14 @@ class Emulator:
             else:
                 reply = api.server_error(status)
         else:
-            self.market.advance(request=True)
-            reply = api.handle(endpoint, request, params)
+            step = self.market.advance(request=True)
+            if faults.bad_value_rate:  # records get spoiled: build them afresh
+                reply = api.handle(endpoint, request, params)
+            else:
+                reply, content = self._cached_answer(
+                    api, endpoint, params, request, step
+                )
             served = reply.served
-        content = reply.body if isinstance(reply.body, bytes) else _json.encode(reply.body)
         content_type = reply.content_type
         if reply.status == 200 and reply.empty is not None:
             if faults.empty_rate and rng.random() < faults.empty_rate:
@@ -379,11 +440,14 @@ class Emulator:
                             kind = rng.choice(faults.bad_value_kinds)
                             corrupt_field(field, kind)
                             if field.symbol in served:
-                                served[field.symbol] = attrs.evolve(served[field.symbol], fault=kind)
+                                served[field.symbol] = attrs.evolve(
+                                    served[field.symbol], fault=kind
+                                )
                             spoiled += 1
                     if spoiled:
                         fault("bad_value", spoiled)
-                        content = _json.encode(reply.body)
+                if content is None:
+                    content = _json.encode(reply.body)
                 if faults.malformed_rate and rng.random() < faults.malformed_rate:
                     fault("malformed")
                     content, content_type = malform(content, rng)
@@ -392,12 +456,42 @@ class Emulator:
                     fault("truncated")
                     content = truncate(content, rng)
                     served = {}
+        if content is None:
+            content = (
+                reply.body
+                if isinstance(reply.body, bytes)
+                else _json.encode(reply.body)
+            )
         if served:
             self._served[name].update(served)
             stats["records"] += len(served)
         key = str(reply.status)
         stats["status"][key] = stats["status"].get(key, 0) + 1
         await _send(send, reply.status, content, content_type, extra + reply.headers)
+
+    def _cached_answer(
+        self,
+        api: ExchangeAPI,
+        endpoint: str,
+        params: dict[str, str],
+        request: Request,
+        step: int,
+    ) -> tuple[Reply, bytes]:
+        """The answer and its encoding, computed once per walk step and request."""
+        if self._cache_step != step or len(self._cache) > 4096:
+            self._cache.clear()
+            self._cache_step = step
+        key = (
+            api.name,
+            request.path,
+            request.query_string,
+            request.headers.get("authorization", ""),
+        )
+        hit = self._cache.get(key)
+        if hit is None:
+            reply = api.handle(endpoint, request, params)
+            hit = self._cache[key] = (reply, _json.encode(reply.body))
+        return hit
 
     # -- control -----------------------------------------------------------------
 
@@ -408,7 +502,10 @@ class Emulator:
             "assets": len(self.universe),
             "tick_interval": self.market.tick_interval,
             "endpoints": {
-                "binance": ["GET /api/v3/ticker/price", "GET /api/v3/ticker/bookTicker"],
+                "binance": [
+                    "GET /api/v3/ticker/price",
+                    "GET /api/v3/ticker/bookTicker",
+                ],
                 "coinbase": ["GET /products/{product_id}/ticker"],
                 "kraken": ["GET /0/public/Ticker"],
                 "coingecko": ["GET /api/v3/simple/price"],
@@ -475,7 +572,9 @@ class Emulator:
             if method == "POST":
                 data = payload()
                 if not isinstance(data, dict):
-                    raise _ControlError("limits: a JSON object of exchange -> limit or null")
+                    raise _ControlError(
+                        "limits: a JSON object of exchange -> limit or null"
+                    )
                 for name, limit in data.items():
                     try:
                         self.set_rate_limit(name, limit)
@@ -489,17 +588,28 @@ class Emulator:
             return {"reset": True}
         if what == "universe" and method == "GET":
             return [
-                {k: v for k, v in attrs.asdict(a).items() if k != "tick"} for a in self.universe
+                {k: v for k, v in attrs.asdict(a).items() if k != "tick"}
+                for a in self.universe
             ]
         if what in ("served", "prices") and method == "GET":
-            names = [exchange_param()] if request.param("exchange") else list(self.exchanges)
+            one = exchange_param()
+            names = [one] if one is not None else list(self.exchanges)
             if what == "served":
-                return {n: {s: _quote_json(q) for s, q in self._served[n].items()} for n in names}
+                return {
+                    n: {s: _quote_json(q) for s, q in self._served[n].items()}
+                    for n in names
+                }
             self.market.advance()
             return {
-                n: {q.symbol: _quote_json(q) for q in self.market.quotes(n).values()} for n in names
+                n: {
+                    a.symbol(n): _quote_json(self.market.quote(n, a))
+                    for a in self.universe
+                }
+                for n in names
             }
-        raise _ControlError(f"no control endpoint {method} {request.path}; see GET /_emulator")
+        raise _ControlError(
+            f"no control endpoint {method} {request.path}; see GET /_emulator"
+        )
 
     async def _control(self, request: Request, body: bytes, send: Any) -> None:
         try:
@@ -511,10 +621,17 @@ class Emulator:
 
 
 async def _send(
-    send: Any, status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] = ()
+    send: Any,
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: list[tuple[str, str]] | None = None,
 ) -> None:
-    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in headers]
+    raw = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw += [(k.encode(), v.encode()) for k, v in headers or ()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 

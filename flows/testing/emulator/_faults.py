@@ -15,13 +15,21 @@ from typing import Annotated, Any, Literal
 import attrs
 import msgspec
 
-__all__ = ["Latency", "Faults", "Field", "BAD_VALUE_KINDS", "corrupt_field", "malform", "truncate"]
+__all__ = [
+    "BAD_VALUE_KINDS",
+    "Faults",
+    "Field",
+    "Latency",
+    "corrupt_field",
+    "malform",
+    "truncate",
+]
 
 _Share = Annotated[float, msgspec.Meta(ge=0, le=1)]
 _NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 
-BAD_VALUE_KINDS = ("missing", "abc", "negative", "nan")
 _BadKind = Literal["missing", "abc", "negative", "nan"]
+BAD_VALUE_KINDS: tuple[_BadKind, ...] = ("missing", "abc", "negative", "nan")
 _Status = Annotated[int, msgspec.Meta(ge=500, le=599)]
 
 
@@ -141,7 +149,9 @@ def malform(body: bytes, rng: random.Random) -> tuple[bytes, str]:
         at = rng.choice(spots)
         return body[:at] + b"'" + body[at + 1 :], "application/json"
     if how == "html":
-        page = HTML_PAGE.format(status=200, reason="OK").replace("<hr>", "<hr>maintenance")
+        page = HTML_PAGE.format(status=200, reason="OK").replace(
+            "<hr>", "<hr>maintenance"
+        )
         return page.encode(), "application/json"
     at = rng.randrange(0, len(body) + 1)
     return body[:at] + b"\x00\xff<!--" + body[at:], "application/json"

@@ -73,8 +73,16 @@ class Kraken(ExchangeAPI):
             today = quote.volume / 10
             vwap = (quote.open + quote.price) / 2
             ticker = {
-                "a": [px(quote.ask), str(max(1, int(quote.ask_size))), fixed(quote.ask_size, 3)],
-                "b": [px(quote.bid), str(max(1, int(quote.bid_size))), fixed(quote.bid_size, 3)],
+                "a": [
+                    px(quote.ask),
+                    str(max(1, int(quote.ask_size))),
+                    fixed(quote.ask_size, 3),
+                ],
+                "b": [
+                    px(quote.bid),
+                    str(max(1, int(quote.bid_size))),
+                    fixed(quote.bid_size, 3),
+                ],
                 "c": [px(quote.price), fixed(quote.last_size, 8)],
                 "v": [fixed(today, 8), fixed(quote.volume, 8)],
                 "p": [px(vwap), px((vwap + quote.price) / 2)],

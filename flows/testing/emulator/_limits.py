@@ -23,7 +23,14 @@ from typing import Annotated
 import attrs
 import msgspec
 
-__all__ = ["WeightLimit", "TokenBucket", "WindowLimit", "RateLimit", "Verdict", "Limiter"]
+__all__ = [
+    "Limiter",
+    "RateLimit",
+    "TokenBucket",
+    "Verdict",
+    "WeightLimit",
+    "WindowLimit",
+]
 
 _Pos = Annotated[float, msgspec.Meta(gt=0)]
 _PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -91,7 +98,9 @@ class Limiter:
         self._rejected = 0
         self._banned_until = -math.inf
         self._bans = 0
-        self._tokens = self.config.burst if isinstance(self.config, TokenBucket) else 0.0
+        self._tokens = (
+            self.config.burst if isinstance(self.config, TokenBucket) else 0.0
+        )
         self._filled_at: float | None = None
 
     def used(self, now: float) -> int:
@@ -121,12 +130,16 @@ class Limiter:
             if self._tokens >= 1.0:
                 self._tokens -= 1.0
                 return Verdict(200)
-            return Verdict(429, retry_after=_ceil_seconds((1.0 - self._tokens) / config.rate))
+            return Verdict(
+                429, retry_after=_ceil_seconds((1.0 - self._tokens) / config.rate)
+            )
         self._roll(now)
         window_end = self._window_start + config.window
         if isinstance(config, WindowLimit):
             if self._used + 1 > config.limit:
-                return Verdict(429, retry_after=_ceil_seconds(window_end - now), used=self._used)
+                return Verdict(
+                    429, retry_after=_ceil_seconds(window_end - now), used=self._used
+                )
             self._used += 1
             return Verdict(200, used=self._used)
         # WeightLimit
@@ -151,4 +164,6 @@ class Limiter:
                 banned_until=self._banned_until,
             )
         self._rejected += 1
-        return Verdict(429, retry_after=_ceil_seconds(window_end - now), used=self._used)
+        return Verdict(
+            429, retry_after=_ceil_seconds(window_end - now), used=self._used
+        )

@@ -24,7 +24,7 @@ from decimal import Decimal
 import attrs
 import trio
 
-__all__ = ["EXCHANGES", "Asset", "Quote", "Market", "make_universe", "KNOWN_ASSETS"]
+__all__ = ["EXCHANGES", "KNOWN_ASSETS", "Asset", "Market", "Quote", "make_universe"]
 
 EXCHANGES = ("binance", "coinbase", "kraken", "coingecko", "coincap", "okx")
 
@@ -44,7 +44,15 @@ KNOWN_ASSETS: tuple[tuple[str, str, float, str, str, str, str], ...] = (
     ("XLM", "Stellar", 0.11, "XXLMZUSD", "XLMUSD", "stellar", "stellar"),
     ("ATOM", "Cosmos", 8.5, "ATOMUSD", "ATOMUSD", "cosmos", "cosmos"),
     ("UNI", "Uniswap", 9.5, "UNIUSD", "UNIUSD", "uniswap", "uniswap"),
-    ("ETC", "Ethereum Classic", 27.0, "XETCZUSD", "ETCUSD", "ethereum-classic", "ethereum-classic"),
+    (
+        "ETC",
+        "Ethereum Classic",
+        27.0,
+        "XETCZUSD",
+        "ETCUSD",
+        "ethereum-classic",
+        "ethereum-classic",
+    ),
     ("XMR", "Monero", 150.0, "XXMRZUSD", "XMRUSD", "monero", "monero"),
     ("TRX", "TRON", 0.12, "TRXUSD", "TRXUSD", "tron", "tron"),
     ("NEAR", "NEAR Protocol", 6.5, "NEARUSD", "NEARUSD", "near", "near-protocol"),
@@ -89,9 +97,9 @@ class Asset:
 class Quote:
     """One asset's quote as one exchange serves it (prices rounded to its tick).
 
-    ``time`` is the emulator's wall clock (epoch seconds) when the quote was
-    made; ``changed`` the wall time of the asset's last price move; ``step``
-    the walk step. ``fault`` names the bad-value fault applied to this
+    ``time`` is the emulator's wall clock (epoch seconds, following trio's
+    clock) when this exchange first quoted the step; ``changed`` the wall
+    time of the asset's last price move; ``step`` the walk step. ``fault`` names the bad-value fault applied to this
     record when it was served (``None``: served intact).
     """
 
@@ -120,7 +128,9 @@ def _tick_for(price: float) -> float:
     return 10.0 ** (math.floor(math.log10(price)) - 6)
 
 
-def make_universe(assets: int | Sequence[str] | None = None, *, seed: int = 0) -> list[Asset]:
+def make_universe(
+    assets: int | Sequence[str] | None = None, *, seed: int = 0
+) -> list[Asset]:
     """The asset universe: ``n`` assets (known majors first, then generated
     names), or the given base symbols; deterministic for a seed."""
     if assets is None:
@@ -205,7 +215,10 @@ class Market:
         self._rng = random.Random(f"walk-{seed}")
         basis_rng = random.Random(f"basis-{seed}")
         self._basis = {
-            ex: [1.0 if ex == "binance" else 1.0 + basis_rng.gauss(0, 2e-4) for _ in universe]
+            ex: [
+                1.0 if ex == "binance" else 1.0 + basis_rng.gauss(0, 2e-4)
+                for _ in universe
+            ]
             for ex in EXCHANGES
         }
         self.mid = [a.start_price for a in universe]
@@ -220,15 +233,20 @@ class Market:
         self._epoch = time.time()
         self._last_now = 0.0
         self._cache: dict[str, tuple[int, dict[int, Quote]]] = {}
+        self._quoted_at = 0.0
+        self._places = {
+            ex: [self.decimals(ex, a) for a in universe] for ex in EXCHANGES
+        }
 
     # -- clock -------------------------------------------------------------
 
     def now(self) -> float:
-        """trio's clock (the last seen value outside a trio run)."""
+        """trio's clock. Outside a trio run the clock stands still (and the
+        walk's start is not fixed until a run first reads the clock)."""
         try:
             self._last_now = trio.current_time()
         except RuntimeError:
-            pass
+            return self._last_now
         if self._t0 is None:
             self._t0 = self._last_now
             self._epoch = time.time()
@@ -238,12 +256,12 @@ class Market:
         """Epoch seconds matching trio time ``now`` (tracks virtual time too)."""
         if now is None:
             now = self.now()
-        assert self._t0 is not None
-        return self._epoch + (now - self._t0)
+        start = now if self._t0 is None else self._t0
+        return self._epoch + (now - start)
 
     def _step_wall(self, step: int) -> float:
-        if self.tick_interval > 0:
-            return self.wall((self._t0 or 0.0) + step * self.tick_interval)
+        if self.tick_interval > 0 and self._t0 is not None:
+            return self.wall(self._t0 + step * self.tick_interval)
         return self.wall()
 
     # -- walking -------------------------------------------------------------
@@ -253,8 +271,8 @@ class Market:
         (the clock when ``tick_interval`` is 0). Returns the step."""
         now = self.now()
         if self.tick_interval > 0:
-            assert self._t0 is not None
-            target = int((now - self._t0) / self.tick_interval)
+            start = now if self._t0 is None else self._t0
+            target = int((now - start) / self.tick_interval)
         else:
             target = self.step + (1 if request else 0)
         if target > self.step:
@@ -277,10 +295,8 @@ class Market:
                 continue
             price = mid[i] * math.exp(rng.gauss(0.0, vol))
             mid[i] = price
-            if price > high[i]:
-                high[i] = price
-            if price < low[i]:
-                low[i] = price
+            high[i] = max(high[i], price)
+            low[i] = min(low[i], price)
             self.trades[i] += 1 + (self.step * 31 + i) % 7
             self.changed_step[i] = self.step
 
@@ -295,41 +311,42 @@ class Market:
             tick = max(tick, 1e-8)
         return _decimals(tick)
 
-    def quotes(self, exchange: str) -> dict[int, Quote]:
-        """Quotes at the current step for every asset, by asset index (cached per step)."""
+    def quote(self, exchange: str, asset: Asset) -> Quote:
+        """``asset``'s quote on ``exchange`` at the current step (cached per
+        step; ``time`` is when the step was first quoted)."""
         cached = self._cache.get(exchange)
-        if cached is not None and cached[0] == self.step:
-            return cached[1]
-        quotes = {a.index: self._quote(exchange, a) for a in self.universe}
-        self._cache[exchange] = (self.step, quotes)
-        return quotes
+        if cached is None or cached[0] != self.step:
+            cached = (self.step, {})
+            self._cache[exchange] = cached
+            self._quoted_at = self.wall()
+        quote = cached[1].get(asset.index)
+        if quote is None:
+            quote = cached[1][asset.index] = self._quote(exchange, asset)
+        return quote
 
     def supply(self, asset: Asset) -> float:
         """Circulating supply: market caps falling with rank, BTC's near 1.3e12 USD."""
         return round(1.3e12 / (asset.index + 1) ** 1.5 / asset.start_price)
 
-    def quote(self, exchange: str, asset: Asset) -> Quote:
-        return self.quotes(exchange)[asset.index]
-
     def _quote(self, exchange: str, asset: Asset) -> Quote:
         i = asset.index
-        basis = self._basis[exchange][i]
-        places = self.decimals(exchange, asset)
-        unit = Decimal(1).scaleb(-places)
+        places = self._places[exchange][i]
+        unit = 10.0**-places
 
         def rounded(value: float) -> Decimal:
-            return Decimal(repr(value)).quantize(unit)
+            return Decimal(f"{value:.{places}f}")
 
-        price = rounded(self.mid[i] * basis)
-        if price <= 0:
-            price = unit
-        half_spread = max(unit, rounded(float(price) * 5e-5))
+        def amount(value: float) -> Decimal:
+            return Decimal(f"{value:.8f}")
+
+        value = max(self.mid[i] * self._basis[exchange][i], unit)
+        price = rounded(value)
+        half_spread = rounded(max(unit, value * 5e-5))
+        basis = self._basis[exchange][i]
         wobble = (self.step * 2654435761 + i * 40503) % 1000 / 1000.0
-        size_unit = Decimal("0.00000001")
         base_size = 5000.0 / max(asset.start_price, 1e-9) ** 0.5
-        size = Decimal(repr(base_size * (0.2 + wobble))).quantize(size_unit)
-        volume = Decimal(repr(base_size * 800 * (1.0 + 0.1 * wobble))).quantize(size_unit)
-        wall = self.wall()
+        size = base_size * (0.2 + wobble)
+        wall = self._quoted_at
         return Quote(
             exchange=exchange,
             symbol=asset.symbol(exchange),
@@ -337,13 +354,13 @@ class Market:
             price=price,
             bid=price - half_spread,
             ask=price + half_spread,
-            bid_size=(size * 3).quantize(size_unit),
-            ask_size=(size * 2).quantize(size_unit),
-            last_size=size,
+            bid_size=amount(size * 3),
+            ask_size=amount(size * 2),
+            last_size=amount(size),
             open=rounded(self.open[i] * basis),
             high=max(rounded(self.high[i] * basis), price),
             low=min(rounded(self.low[i] * basis), price),
-            volume=volume,
+            volume=amount(base_size * 800 * (1.0 + 0.1 * wobble)),
             trades=self.trades[i],
             step=self.step,
             time=wall,

@@ -21,6 +21,8 @@ windows); over it 429 ``{"msg": "Too Many Requests", "code": "50011"}``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ._base import ExchangeAPI, Reply, Request, plain
 from ._faults import Field
 from ._limits import RateLimit, Verdict, WindowLimit
@@ -32,8 +34,10 @@ _ROUTES = {"/api/v5/market/tickers": "tickers", "/api/v5/market/ticker": "ticker
 _INST_TYPES = {"SPOT", "MARGIN", "SWAP", "FUTURES", "OPTION"}
 
 
-def _envelope(code: str, msg: str, data: list[object] | None = None) -> dict[str, object]:
-    return {"code": code, "msg": msg, "data": [] if data is None else data}
+def _envelope(
+    code: str, msg: str, data: Sequence[object] | None = None
+) -> dict[str, object]:
+    return {"code": code, "msg": msg, "data": [] if data is None else list(data)}
 
 
 class OKX(ExchangeAPI):
@@ -69,7 +73,9 @@ class OKX(ExchangeAPI):
         if endpoint == "ticker":
             inst_id = request.param("instId")
             if not inst_id:
-                return Reply(400, _envelope("50014", "Parameter instId can not be empty."))
+                return Reply(
+                    400, _envelope("50014", "Parameter instId can not be empty.")
+                )
             asset = self.by_symbol.get(inst_id.upper())
             if asset is None:
                 return Reply(200, _envelope("51001", "Instrument ID does not exist"))
@@ -77,7 +83,9 @@ class OKX(ExchangeAPI):
         else:
             inst_type = request.param("instType")
             if not inst_type:
-                return Reply(400, _envelope("50014", "Parameter instType can not be empty."))
+                return Reply(
+                    400, _envelope("50014", "Parameter instType can not be empty.")
+                )
             if inst_type.upper() not in _INST_TYPES:
                 return Reply(400, _envelope("51000", "Parameter instType error"))
             assets = list(self.market.universe) if inst_type.upper() == "SPOT" else []
@@ -100,5 +108,8 @@ class OKX(ExchangeAPI):
 
     def server_error(self, status: int) -> Reply:
         return Reply(
-            status, _envelope("50001", "Service temporarily unavailable. Please try again later.")
+            status,
+            _envelope(
+                "50001", "Service temporarily unavailable. Please try again later."
+            ),
         )

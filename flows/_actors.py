@@ -62,7 +62,7 @@ class Sink(Protocol):
     async def run(self, inbox: Inbox) -> None: ...
 
 
-StageFunction = Callable[[Batch], "Awaitable[Batch | None] | Batch | None"]
+StageFunction = Callable[[Batch], Awaitable[Batch | None] | Batch | None]
 
 
 class FunctionStage:

@@ -23,7 +23,7 @@ from prometheus_client import make_asgi_app
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["serve_endpoints", "check_addr", "make_app", "parse_addr"]
+__all__ = ["serve_endpoints", "check_addr", "make_app", "parse_addr", "answer_lifespan"]
 
 _json = msgspec.json.Encoder()
 
@@ -42,6 +42,16 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", number
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """Answer an ASGI server's lifespan messages (startup, shutdown)."""
+    while True:
+        message = await receive()
+        kind = message["type"].rsplit(".", 1)[-1]
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
+
+
 async def _send(send: Any, status: int, body: bytes, content_type: bytes) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -54,12 +64,8 @@ def make_app(rt: Runtime) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path = scope["path"].rstrip("/") or "/"

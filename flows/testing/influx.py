@@ -30,15 +30,15 @@ Restart on the same port and data (a database coming back after an outage)::
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from ._ports import find_binary, free_port
 
 import httpx
 
@@ -47,17 +47,7 @@ __all__ = ["InfluxServer", "create_database", "free_port", "influxd_path", "quer
 
 def influxd_path() -> str | None:
     """Path of the ``influxd`` binary, or ``None`` when it is not installed."""
-    found = shutil.which("influxd")
-    if found:
-        return found
-    return "/usr/bin/influxd" if os.access("/usr/bin/influxd", os.X_OK) else None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return find_binary("influxd", "/usr/bin/influxd")
 
 
 _CONFIG = """\

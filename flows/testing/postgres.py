@@ -36,13 +36,14 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ._ports import free_port
 
 __all__ = ["PG_BIN", "PostgresServer", "PostgresError", "start_postgres", "postgres_server"]
 
@@ -54,10 +55,7 @@ class PostgresError(RuntimeError):
     """The server could not be set up, started or stopped; the message holds its log."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 class PostgresServer:
@@ -88,7 +86,7 @@ class PostgresServer:
         if not (self.bin_dir / "postgres").exists():
             raise PostgresError(f"no PostgreSQL server binary in {self.bin_dir}")
         self.timeout = timeout
-        self.port = _free_port() if port is None else port
+        self.port = free_port() if port is None else port
         self.root = Path(tempfile.mkdtemp(prefix="flows-pg-", dir=base_dir or "/tmp"))
         self.data_dir = self.root / "data"
         self.log_path = self.root / "server.log"

@@ -30,7 +30,6 @@ starting it, or ``stop()`` a server and start a new one on the same port
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -40,22 +39,14 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from ._ports import find_binary, free_port
+
 __all__ = ["RedisServer", "free_port", "redis_server_path"]
 
 
 def redis_server_path() -> str | None:
     """Path of the ``redis-server`` binary, or ``None`` when it is not installed."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    return "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return find_binary("redis-server", "/usr/bin/redis-server")
 
 
 def _pong(port: int) -> bool:

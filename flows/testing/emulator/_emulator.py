@@ -16,6 +16,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from ..._server import answer_lifespan
 from ._base import ExchangeAPI, Reply, Request
 from ._binance import Binance
 from ._coinbase import Coinbase
@@ -317,12 +318,8 @@ class Emulator:
 
         async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope["type"] == "lifespan":
-                while True:
-                    message = await receive()
-                    kind = message["type"].rsplit(".", 1)[-1]
-                    await send({"type": f"lifespan.{kind}.complete"})
-                    if kind == "shutdown":
-                        return
+                await answer_lifespan(receive, send)
+                return
             if scope["type"] != "http":
                 return
             body = b""

@@ -65,6 +65,21 @@ class BatchingSink:
     flush_interval: float = 1.0
     retry: Retry = Retry()
 
+    def __init__(
+        self,
+        *,
+        name: str,
+        batch_size: int = 1000,
+        flush_interval: float = 1.0,
+        retry: Retry | None = None,
+    ) -> None:
+        if batch_size < 1 or not flush_interval > 0:
+            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
+        self.name = name
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.retry = retry or Retry()
+
     async def open(self) -> None:
         """Connect or prepare; called at every (re)start of the actor."""
 

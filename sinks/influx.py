@@ -323,8 +323,8 @@ class InfluxSink(BatchingSink):
             raise ValueError("org goes with bucket (InfluxDB 2.x)")
         if precision not in _SCALE:
             raise ValueError(f"precision must be one of {sorted(_SCALE)}, not {precision!r}")
-        if batch_size < 1 or not flush_interval > 0 or not timeout > 0:
-            raise ValueError("batch_size must be >= 1, flush_interval and timeout > 0")
+        if not timeout > 0:
+            raise ValueError("timeout must be > 0")
         _check_name("measurement", measurement, measurement=True)
         tag_specs = sorted(_specs("tags", tags), key=operator.itemgetter(0))
         field_specs = _specs("fields", fields)
@@ -346,11 +346,10 @@ class InfluxSink(BatchingSink):
         self.org = org
         self.measurement = measurement
         self.precision = precision
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
-        self.retry = retry or Retry()
+        super().__init__(
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+        )
         self.timeout = timeout
-        self.name = name
         self._prefix = measurement.translate(_MEASUREMENT)
         self._tag_prefixes = [prefix for _, prefix, _ in tag_specs]
         self._tag_values = _getter([source for _, _, source in tag_specs])

@@ -101,8 +101,6 @@ class JSONLSink(BatchingSink):
         retry: Retry | None = None,
         name: str = "jsonl",
     ) -> None:
-        if batch_size < 1 or not flush_interval > 0:
-            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
         if rotate_bytes is not None and rotate_bytes < 1:
             raise ValueError(f"rotate_bytes must be > 0 (or None), got {rotate_bytes!r}")
         if keep is not None:
@@ -111,13 +109,12 @@ class JSONLSink(BatchingSink):
             if keep < 1:
                 raise ValueError(f"keep must be >= 1 (or None), got {keep!r}")
         self.path = Path(path)
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
+        super().__init__(
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+        )
         self.rotate_bytes = rotate_bytes
         self.keep = keep
         self.fsync = fsync
-        self.retry = retry or Retry()
-        self.name = name
         self._encoder = msgspec.json.Encoder()
         self._file: BinaryIO | None = None
         self._size = 0  # bytes of the current file that whole writes put there

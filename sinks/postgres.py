@@ -91,17 +91,14 @@ class PostgresSink(BatchingSink):
     ) -> None:
         if not _IDENT.match(table):
             raise ValueError(f"table name {table!r} is not a plain SQL identifier (or schema.table)")
-        if batch_size < 1 or not flush_interval > 0:
-            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be > 0")
         self.dsn = dsn
         self.table = table
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
-        self.retry = retry or Retry()
+        super().__init__(
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+        )
         self.connect_timeout = connect_timeout
-        self.name = name
         self._conn: psycopg.Connection[Any] | None = None
         target = sql.Identifier(*table.split("."))
         cols = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))

@@ -115,8 +115,6 @@ class RedisStreamSink(BatchingSink):
         socket_timeout: float = 10.0,
         name: str = "redis",
     ) -> None:
-        if batch_size < 1 or not flush_interval > 0:
-            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
         if maxlen is not None and maxlen < 1:
             raise ValueError("maxlen must be >= 1 (or None for no cap)")
         if not stream:
@@ -126,11 +124,10 @@ class RedisStreamSink(BatchingSink):
         self.url = url
         self.stream = stream
         self.maxlen = maxlen
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
-        self.retry = retry or Retry()
+        super().__init__(
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+        )
         self.socket_timeout = socket_timeout
-        self.name = name
         self._client: redis.Redis | None = None
 
     async def open(self) -> None:

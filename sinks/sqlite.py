@@ -63,15 +63,12 @@ class SQLiteSink(BatchingSink):
     ) -> None:
         if not _IDENT.match(table):
             raise ValueError(f"table name {table!r} is not a plain SQL identifier")
-        if batch_size < 1 or not flush_interval > 0:
-            raise ValueError("batch_size must be >= 1 and flush_interval > 0")
         self.path = Path(path)
         self.table = table
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
-        self.retry = retry or Retry()
+        super().__init__(
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+        )
         self.busy_timeout = busy_timeout
-        self.name = name
         self._db: sqlite3.Connection | None = None
         self._insert = (
             f"INSERT INTO {table} (source, symbol, ts, price, bid, ask, volume) "

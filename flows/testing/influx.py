@@ -31,14 +31,12 @@ Restart on the same port and data (a database coming back after an outage)::
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
-from ._ports import find_binary, free_port
+from ._ports import ManagedServer, find_binary, free_port, terminate
 
 import httpx
 
@@ -77,7 +75,7 @@ bind-address = "127.0.0.1:{rpc_port}"
 """
 
 
-class InfluxServer:
+class InfluxServer(ManagedServer):
     """One ``influxd`` child process bound to 127.0.0.1.
 
     Parameters:
@@ -167,26 +165,9 @@ class InfluxServer:
         """
         process, self.process = self.process, None
         if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process, timeout)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> InfluxServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.process is not None else "stopped"

@@ -31,15 +31,13 @@ starting it, or ``stop()`` a server and start a new one on the same port
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
-from ._ports import find_binary, free_port
+from ._ports import ManagedServer, find_binary, free_port, terminate
 
 __all__ = ["RedisServer", "free_port", "redis_server_path"]
 
@@ -58,7 +56,7 @@ def _pong(port: int) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(ManagedServer):
     """One ``redis-server`` child process bound to 127.0.0.1.
 
     Parameters:
@@ -142,27 +140,10 @@ class RedisServer:
         its directory; idempotent."""
         process, self.process = self.process, None
         if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process, timeout)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"RedisServer({self.url}, {'running' if self.running else 'stopped'})"

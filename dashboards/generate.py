@@ -64,7 +64,7 @@ def target(expr: str, legend: str, ref: str) -> dict[str, Any]:
 
 
 def p50_p99(metric: str, kind: str | None, by: str = "stage") -> list[tuple[str, str]]:
-    label = " ".join("{{%s}}" % b for b in by.split(", "))
+    label = " ".join("{{" + b + "}}" for b in by.split(", "))
     return [
         (quantile(0.5, metric, kind, by), f"{label} p50"),
         (quantile(0.99, metric, kind, by), f"{label} p99"),
@@ -194,8 +194,8 @@ def _core_panels(lay: Layout, kind: str, noun: str) -> None:
             "(flows_channel_buffer_batches / flows_channel_capacity_batches). "
             "Near 100% the actor is the bottleneck.",
             [(
-                f"sum by (stage) (flows_channel_buffer_batches{sel(kind)}) / "
-                f"sum by (stage) (flows_channel_capacity_batches{sel(kind)})",
+                (f"sum by (stage) (flows_channel_buffer_batches{sel(kind)}) / "
+                 f"sum by (stage) (flows_channel_capacity_batches{sel(kind)})"),
                 "{{stage}}",
             )],
             unit="percentunit",
@@ -340,8 +340,8 @@ def build() -> dict[str, Any]:
         "Sinks: batch size (mean / p99)",
         "Records per write (flows_sink_batch_records).",
         [
-            (f"{rate('flows_sink_batch_records_sum', 'sink')} / "
-             f"{rate('flows_sink_batch_records_count', 'sink')}", "{{stage}} mean"),
+            ((f"{rate('flows_sink_batch_records_sum', 'sink')} / "
+              f"{rate('flows_sink_batch_records_count', 'sink')}"), "{{stage}} mean"),
             (quantile(0.99, "flows_sink_batch_records", "sink"), "{{stage}} p99"),
         ],
         unit="none",

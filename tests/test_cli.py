@@ -161,7 +161,8 @@ def test_json_logs_are_one_object_per_line(tmp_path):
     import json
 
     events = [json.loads(line) for line in proc.stderr.splitlines()]
-    assert any(e["logger"] == "flows.runtime" and "drained" in e["event"] for e in events)
+    drained = [e for e in events if e["logger"] == "flows.runtime" and "drained" in e["event"]]
+    assert drained and drained[0]["flow"] == "demo"
     assert all({"ts", "level", "logger", "event"} <= set(e) for e in events)
 
 

@@ -283,3 +283,16 @@ async def test_finished_finite_sources_do_not_make_the_flow_unready(registry):
         await trio.testing.wait_all_tasks_blocked()
         assert rt.ready() == (True, [])
         sink.gate.set()
+
+
+def test_json_log_lines_carry_flow_and_stage():
+    import json
+    import logging
+
+    from flows._log import JsonFormatter
+
+    record = logging.LogRecord("flows.runtime", logging.WARNING, __file__, 1, "stage %s raised", ("x",), None)
+    record.flow, record.stage = "f", "x"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event"] == "stage x raised"
+    assert (line["flow"], line["stage"], line["level"]) == ("f", "x", "warning")

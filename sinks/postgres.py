@@ -9,9 +9,11 @@ created if missing:
     bid double precision, ask double precision, volume double precision,
     PRIMARY KEY (source, symbol, ts)
 
-Each write is one transaction: the rows are COPYed into a temporary staging
-table (``ON COMMIT DROP``), then moved with ``INSERT ... SELECT ... ON
-CONFLICT (source, symbol, ts) DO NOTHING``. A batch delivered twice (a
+Each write is one transaction: the rows are COPYed straight into the table
+(the fast path). When that hits a key already stored (a redelivered batch)
+the transaction rolls back and the write takes the safe path: the rows are
+COPYed into a temporary staging table (``ON COMMIT DROP``), then moved with
+``INSERT ... SELECT ... ON CONFLICT (source, symbol, ts) DO NOTHING``. A batch delivered twice (a
 retry after a lost commit acknowledgement, a replayed source) is stored
 once, so delivery is at-least-once and storage exactly-once per key.
 
@@ -114,6 +116,7 @@ class PostgresSink(BatchingSink):
             "volume double precision) ON COMMIT DROP"
         )
         self._copy = sql.SQL("COPY flows_staging ({}) FROM STDIN").format(cols)
+        self._copy_direct = sql.SQL("COPY {} ({}) FROM STDIN").format(target, cols)
         self._insert = sql.SQL(
             "INSERT INTO {} ({}) SELECT {} FROM flows_staging "
             "ON CONFLICT (source, symbol, ts) DO NOTHING"
@@ -147,6 +150,15 @@ class PostgresSink(BatchingSink):
             self._drop_connection()
             conn = self._conn = self._connect()
         try:
+            try:
+                # The common case, a batch never stored before: COPY straight in.
+                with conn.transaction(), conn.cursor() as cur:
+                    with cur.copy(self._copy_direct) as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                return
+            except psycopg.errors.UniqueViolation:
+                pass  # some rows are stored already (a redelivery): dedupe through staging
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute(self._stage)
                 with cur.copy(self._copy) as copy:

@@ -305,6 +305,29 @@ def build() -> dict[str, Any]:
                     {"color": "red", "value": 2}],
     )
 
+    lay.panel(
+        "Stream sources: messages and reconnects",
+        "Websocket messages per second (flows_source_messages_total) and reconnects "
+        "per minute by reason (flows_source_reconnects_total).",
+        [
+            (rate("flows_source_messages_total", "source"), "{{stage}} msg/s"),
+            (f"60 * {rate('flows_source_reconnects_total', 'source', 'stage, reason')}",
+             "{{stage}} reconnects/min {{reason}}"),
+        ],
+        unit="short",
+    )
+    lay.panel(
+        "Stream sources: connection uptime and gaps",
+        "Age of the youngest connection (flows_source_connection_uptime_seconds, 0 while "
+        "one is down) and sequence gaps per minute (flows_source_gaps_total).",
+        [
+            (f"max by (stage) (flows_source_connection_uptime_seconds{sel('source')})",
+             "{{stage}} uptime"),
+            (f"60 * {rate('flows_source_gaps_total', 'source')}", "{{stage}} gaps/min"),
+        ],
+        unit="s",
+    )
+
     lay.row("Stages")
     lay.panel(
         "Stages: records/s in / out",

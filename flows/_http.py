@@ -74,12 +74,25 @@ class Parsed:
 
 
 class HttpError(Exception):
-    """A response that is not a usable answer; ``transient`` says retry."""
+    """A response that is not a usable answer.
 
-    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+    ``transient`` says retry; ``retry_after`` (seconds) marks rate limiting;
+    ``symbol_error`` says the API is fine but a symbol is not (unknown,
+    delisted): it does not count against the circuit breaker.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool,
+        retry_after: float | None = None,
+        symbol_error: bool = False,
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.retry_after = retry_after
+        self.symbol_error = symbol_error
 
 
 def price(value: Any) -> float:
@@ -301,7 +314,10 @@ class HttpSource:
             try:
                 parsed = await self._get(client, request, m)
             except HttpError as exc:
-                self.circuit.failure()
+                if exc.symbol_error:
+                    self.circuit.success()  # the API answered: only the symbol is bad
+                elif exc.retry_after is None:
+                    self.circuit.failure()  # rate limiting is the limiter's business
                 state.set(CircuitBreaker.STATES[self.circuit.state])
                 m.error("http" if exc.transient else "http_permanent")
                 if exc.retry_after is not None:
@@ -338,7 +354,7 @@ class HttpSource:
         except httpx.TimeoutException as exc:
             m.labeled("flows_source_responses_total", "error").inc()
             raise HttpError(f"timeout ({type(exc).__name__})", transient=True) from None
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # transport, decoding, redirects
             m.labeled("flows_source_responses_total", "error").inc()
             raise HttpError(f"{type(exc).__name__}: {exc}", transient=True) from None
         finally:

@@ -111,6 +111,27 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         (),
         "At an HTTP source: circuit breaker state (0 closed, 1 half-open, 2 open).",
     ),
+    "flows_source_messages_total": (
+        "counter",
+        (),
+        "At a stream source: websocket messages received.",
+    ),
+    "flows_source_reconnects_total": (
+        "counter",
+        ("reason",),
+        "At a stream source: connections replaced, by reason (closed, error, silent, timeout, "
+        "server).",
+    ),
+    "flows_source_connection_uptime_seconds": (
+        "gauge",
+        (),
+        "At a stream source: seconds since the youngest connection opened (0 while one is down).",
+    ),
+    "flows_source_gaps_total": (
+        "counter",
+        (),
+        "At a stream source: jumps in a symbol's update ids (lost updates).",
+    ),
 }
 
 _BUCKETS = {

@@ -1,4 +1,4 @@
-"""Binance spot: ticker prices over the public REST API.
+"""Binance spot: ticker prices over the public REST API, and live websocket streams.
 
 Talks to ``https://api.binance.com`` (or ``base_url``: the testnet
 ``https://testnet.binance.vision``, a proxy, or flows' emulator), API v3:
@@ -27,22 +27,64 @@ Example::
 
     flow = Flow("binance", sources=[BinanceTickers(symbols=["BTCUSDT", "ETHUSDT"], every=1.0)],
                 stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
+
+Websocket streams (``BinanceStream``, needs ``flows[ws]``): combined streams
+at ``wss://stream.binance.com:9443/stream?streams=btcusdt@trade/...``; each
+message is ``{"stream": "btcusdt@trade", "data": {...}}`` with ``data``:
+
+- ``<symbol>@trade``: ``{"e":"trade","E":ms,"s":"BTCUSDT","t":trade id,
+  "p":"price","q":"qty","T":trade time ms,"m":bool,"M":bool}``. Tick: the
+  trade price, ``ts`` the trade time, ``volume`` the quantity. Trade ids go
+  up by one per symbol: a jump is a gap.
+- ``<symbol>@bookTicker``: ``{"u":update id,"s","b":bid,"B":bid qty,
+  "a":ask,"A":ask qty}``, pushed on every change of the best bid or ask.
+  Tick: the mid price with bid and ask; no event time, so ``ts`` is the
+  time the message arrived. ``u`` is the order book's update id, which
+  also moves for changes below the top of the book, so on the real
+  exchange it skips numbers without any loss: gap checks are off by
+  default for this channel (``check_gaps=True`` turns them on: ids must go
+  up by one).
+- ``<symbol>@miniTicker``: ``{"e":"24hrMiniTicker","E":ms,"s","c":close,
+  "o","h","l","v":base volume,"q":quote volume}``, once a second. Tick: the
+  close (last) price, ``ts`` the event time, ``volume`` the 24 h base volume.
+
+Subscribing: in the URL (``subscribe="url"``, the default) or with
+``{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`` messages
+after connecting to ``/stream`` (``subscribe="message"``; answered
+``{"result":null,"id":1}``). Limits (Binance's documentation): 1024
+streams per connection (larger symbol sets are sharded over several
+connections), 5 incoming messages per second per connection (subscribe
+messages, pings and pongs; more and the connection is closed), 300 new
+connections per 5 minutes per IP, and every connection is closed after
+24 hours (the source reconnects and resubscribes). The server pings every
+20 seconds and drops a connection that has not answered for a minute;
+trio-websocket answers pings by itself, as long as the source keeps
+reading: put a ``conflate`` edge on the consumer so a slow sink never
+stops it::
+
+    from flows import Edge, Flow
+    from sources.binance import BinanceStream
+
+    flow = Flow("live", sources=[BinanceStream(symbols=["BTCUSDT", "ETHUSDT"])],
+                sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 import msgspec
 import trio
 
-from flows._http import HttpSource, Parsed, Request, optional_float, price
+from flows._http import HttpError, HttpSource, Parsed, Request, optional_float, price
 from flows._limits import RateLimit
 from flows._records import Tick
+from flows._ws import StreamParsed, WebSocketSource
 
-__all__ = ["BinanceTickers"]
+__all__ = ["BinanceStream", "BinanceTickers"]
 
 
 class _Price(msgspec.Struct):
@@ -114,6 +156,13 @@ class BinanceTickers(HttpSource):
             limit = self.limiter.limits[0].limit if self.limiter.limits else 6000
             self.limiter.observe_usage(float(used), limit, trio.current_time() + to_minute_end)
 
+    def check(self, response: httpx.Response, body: bytes) -> None:
+        """Binance's -1121 ("Invalid symbol.") is the symbol's fault, not the API's."""
+        if response.status_code == 400 and b"-1121" in body[:100]:
+            raise HttpError(f"HTTP 400: {body[:200].decode('utf-8', 'replace')}",
+                            transient=False, symbol_error=True)
+        super().check(response, body)
+
     def parse(self, request: Request, body: bytes) -> Parsed:
         now = time.time()
         out = Parsed()
@@ -144,4 +193,179 @@ class BinanceTickers(HttpSource):
         missing = len(wanted) - len({t.symbol for t in out.ticks}) - sum(out.invalid.values()) + len(unknown)
         if missing > 0:
             out.invalid["missing"] = out.invalid.get("missing", 0) + missing
+        return out
+
+
+# -- websocket streams -------------------------------------------------------------
+
+
+class BinanceTrade(msgspec.Struct, frozen=True):
+    """``<symbol>@trade`` (field names are Binance's)."""
+
+    e: str  # event type: "trade"
+    E: int  # event time, ms
+    s: str  # symbol
+    t: int  # trade id
+    p: str  # price
+    q: str  # quantity
+    T: int  # trade time, ms
+    m: bool = False  # the buyer is the market maker
+
+
+class BinanceBookTicker(msgspec.Struct, frozen=True):
+    """``<symbol>@bookTicker``."""
+
+    u: int  # order book update id
+    s: str
+    b: str  # best bid price
+    B: str  # best bid quantity
+    a: str  # best ask price
+    A: str  # best ask quantity
+
+
+class BinanceMiniTicker(msgspec.Struct, frozen=True):
+    """``<symbol>@miniTicker``: 24 h rolling window, once a second."""
+
+    e: str  # "24hrMiniTicker"
+    E: int  # event time, ms
+    s: str
+    c: str  # close (last) price
+    o: str  # open price
+    h: str  # high
+    l: str  # low
+    v: str  # base asset volume
+    q: str  # quote asset volume
+
+
+class BinanceError(msgspec.Struct, frozen=True):
+    code: int
+    msg: str
+
+
+_T = TypeVar("_T")
+
+
+class BinanceCombined(msgspec.Struct, Generic[_T], frozen=True):
+    """A combined-stream message, or the answer to a request (``result``/``error``)."""
+
+    stream: str = ""
+    data: _T | None = None
+    result: Any = None
+    id: int | None = None
+    error: BinanceError | None = None
+
+
+_CHANNELS = {
+    "trade": BinanceTrade,
+    "bookTicker": BinanceBookTicker,
+    "miniTicker": BinanceMiniTicker,
+}
+
+_stream_log = logging.getLogger("flows.source.binance")
+
+
+class BinanceStream(WebSocketSource):
+    """Source: Binance spot websocket streams (combined), for a live feed
+    instead of polling.
+
+    Parameters (besides ``WebSocketSource``'s, e.g. ``silence_timeout``,
+    ``batch_window``, ``max_streams_per_connection``):
+        symbols: Binance symbols such as ``BTCUSDT``.
+        channel: ``bookTicker`` (default: best bid/ask; Tick price = mid),
+            ``trade`` (every trade) or ``miniTicker`` (24 h ticker, 1/s).
+        base_url: default ``wss://stream.binance.com:9443``; the emulator's
+            is ``ws://127.0.0.1:PORT``.
+        subscribe: ``url`` (streams in the URL) or ``message`` (SUBSCRIBE
+            messages after connecting, ``streams_per_message`` at a time,
+            at most 5 messages a second).
+        check_gaps: count jumps in update ids as gaps (default: on for
+            ``trade``, off for ``bookTicker``, whose ids skip on the real
+            exchange; ``miniTicker`` has none).
+        snapshot: a ``BinanceTickers`` to fetch one REST snapshot of a
+            symbol after a gap (``True``: one built from ``rest_url``).
+        name: default ``binance_stream``.
+    """
+
+    DEFAULT_URL = "wss://stream.binance.com:9443"
+    MAX_STREAMS_PER_CONNECTION = 1024
+    SUBSCRIBE_LIMITS = (RateLimit(5, 1.0),)
+    CONNECT_LIMITS = (RateLimit(300, 300.0),)
+
+    def __init__(
+        self,
+        *,
+        symbols: list[str],
+        channel: Literal["trade", "bookTicker", "miniTicker"] = "bookTicker",
+        subscribe: Literal["url", "message"] = "url",
+        streams_per_message: int = 200,
+        check_gaps: bool | None = None,
+        snapshot: HttpSource | bool = False,
+        rest_url: str | None = None,
+        name: str = "binance_stream",
+        **options: Any,
+    ) -> None:
+        if channel not in _CHANNELS:
+            raise ValueError(f"channel must be one of {sorted(_CHANNELS)}, not {channel!r}")
+        if subscribe not in ("url", "message"):
+            raise ValueError(f"subscribe must be 'url' or 'message', not {subscribe!r}")
+        if streams_per_message < 1:
+            raise ValueError("streams_per_message must be >= 1")
+        if snapshot is True:
+            snapshot = BinanceTickers(
+                symbols=symbols, endpoint="book" if channel == "bookTicker" else "price",
+                base_url=rest_url, name=f"{name}_snapshot",
+            )
+        super().__init__(symbols=[s.upper() for s in symbols], name=name,
+                         snapshot=snapshot or None, **options)
+        self.channel = channel
+        self.subscribe = subscribe
+        self.streams_per_message = streams_per_message
+        self.check_gaps = channel == "trade" if check_gaps is None else check_gaps
+        self._decode = msgspec.json.Decoder(BinanceCombined[_CHANNELS[channel]]).decode
+        self._request_id = 0
+
+    def stream_name(self, symbol: str) -> str:
+        """``BTCUSDT`` -> ``btcusdt@bookTicker``."""
+        return f"{symbol.lower()}@{self.channel}"
+
+    def url(self, symbols: list[str]) -> str:
+        if self.subscribe == "message":
+            return f"{self.base_url}/stream"
+        return f"{self.base_url}/stream?streams=" + "/".join(map(self.stream_name, symbols))
+
+    def subscribe_messages(self, symbols: list[str]) -> list[str]:
+        if self.subscribe != "message":
+            return []
+        messages = []
+        per = self.streams_per_message
+        for i in range(0, len(symbols), per):
+            self._request_id += 1
+            params = [self.stream_name(s) for s in symbols[i : i + per]]
+            messages.append(msgspec.json.encode(
+                {"method": "SUBSCRIBE", "params": params, "id": self._request_id}
+            ).decode())
+        return messages
+
+    def parse(self, message: str | bytes) -> StreamParsed:
+        envelope = self._decode(message)
+        out = StreamParsed()
+        d = envelope.data
+        if d is None:
+            if envelope.error is not None:
+                _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
+                                    envelope.id, envelope.error.msg, envelope.error.code)
+            return out
+        if isinstance(d, BinanceBookTicker):
+            bid, ask = price(d.b), price(d.a)
+            out.ticks.append(Tick(self.name, d.s, (bid + ask) / 2, time.time(), bid=bid, ask=ask))
+            if self.check_gaps:
+                out.sequences.append((d.s, d.u))
+        elif isinstance(d, BinanceTrade):
+            out.ticks.append(Tick(self.name, d.s, price(d.p), d.T / 1000,
+                                  volume=optional_float(d.q)))
+            if self.check_gaps:
+                out.sequences.append((d.s, d.t))
+        else:
+            out.ticks.append(Tick(self.name, d.s, price(d.c), d.E / 1000,
+                                  volume=optional_float(d.v)))
         return out

@@ -17,6 +17,7 @@ from sinks.sqlite import SQLiteSink
 from sources.synthetic import SyntheticMarket, make_symbols
 
 
+# series appear with an HTTP or stream source, or a slow operation
 HTTP_ONLY = {
     "flows_source_request_seconds",
     "flows_source_responses_total",
@@ -25,6 +26,10 @@ HTTP_ONLY = {
     "flows_source_circuit_state",
     "flows_slow_batches_total",
     "flows_slow_poll_cycles_total",
+    "flows_source_messages_total",
+    "flows_source_reconnects_total",
+    "flows_source_connection_uptime_seconds",
+    "flows_source_gaps_total",
 }
 
 

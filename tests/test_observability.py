@@ -65,6 +65,10 @@ HTTP_ONLY = {
     "flows_source_retries_total",
     "flows_source_rate_limit_wait_seconds",
     "flows_source_circuit_state",
+    "flows_source_messages_total",
+    "flows_source_reconnects_total",
+    "flows_source_connection_uptime_seconds",
+    "flows_source_gaps_total",
 }
 SERIES_LATER = HTTP_ONLY | {
     "flows_errors_total", "flows_slow_batches_total", "flows_slow_poll_cycles_total",

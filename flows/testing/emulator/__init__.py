@@ -1,4 +1,4 @@
-"""Exchange emulator: a local HTTP server speaking six exchanges' public ticker APIs.
+"""Exchange emulator: a local HTTP/websocket server speaking six exchanges' public ticker APIs.
 
 Tests and benchmarks of the HTTP sources talk to this instead of the
 internet. One server (hypercorn, in your trio nursery) serves every
@@ -28,6 +28,20 @@ Binance spot (``_binance``): ``GET /api/v3/ticker/price`` and
 array). ``{"symbol","price"}`` / ``{"symbol","bidPrice","bidQty",
 "askPrice","askQty"}``, strings with 8 decimals. Unknown symbol: 400
 ``{"code":-1121,"msg":"Invalid symbol."}``.
+
+Binance websocket streams (``_ws``, on the same port: ``ws://127.0.0.1:PORT``):
+``/ws/<stream>`` (bare payloads) and ``/stream?streams=a/b/c`` (combined:
+``{"stream":"btcusdt@trade","data":{...}}``) for ``<symbol>@trade``
+(``{"e":"trade","E","s","t","p","q","T","m","M"}``), ``<symbol>@bookTicker``
+(``{"u","s","b","B","a","A"}``) and ``<symbol>@miniTicker``
+(``{"e":"24hrMiniTicker","E","s","c","o","h","l","v","q"}``); the
+``SUBSCRIBE``/``UNSUBSCRIBE``/``LIST_SUBSCRIPTIONS`` method messages
+(``{"result":null,"id":1}``); ``ws_rate`` events per second per stream
+(trio's clock); a protocol ping every ``ws_ping_interval`` seconds; 1024
+streams and 5 incoming messages per second per connection; connections
+closed after ``ws_max_connection_seconds`` (24 h). ``emulator.ws`` (a
+``BinanceStreams``) holds the knobs, the open ``connections`` and
+``disconnect(how="abrupt"|"close"|"stall")``.
 
 Coinbase Exchange (``_coinbase``): ``GET /products/BTC-USD/ticker`` ->
 ``{"ask","bid","volume","trade_id","price","size","time"}``: strings,
@@ -115,7 +129,9 @@ Faults (``Faults``; global or per exchange)
 60, then 504; stops when the client disconnects), ``empty_rate`` (no
 records), ``bad_value_rate`` (per record: price field ``missing``,
 ``"abc"``, ``"-1"``, ``"NaN"``), ``malformed_rate`` (not JSON),
-``truncated_rate`` (a prefix of the body). Draws come from a
+``truncated_rate`` (a prefix of the body); on websocket streams ``ws``
+(``WsFaults``: ``malformed_rate``, ``gap_rate``, ``abrupt_close_rate``,
+``stall_rate``, ``close_rate``, per message). Draws come from a
 ``random.Random`` seeded with ``seed``.
 
 Python: ``set_faults(Faults(...), exchange=None)`` or
@@ -128,6 +144,9 @@ Counters
 ``emulator.stats[exchange][endpoint]``: ``requests``, ``status`` (by
 HTTP status, keys are strings), ``refused`` (rate-limit answers),
 ``faults`` (by kind), ``records`` (records in usable answers).
+``emulator.stats["binance"]["ws"]``: websocket ``connections``,
+``rejected``, ``messages``, ``dropped``, ``received``, ``refused``,
+``faults``, ``subscriptions`` (the streams of each connection).
 ``reset_stats()``, ``reset_limits()``, ``reset()``.
 
 HTTP control (for an emulator in another process)
@@ -147,6 +166,9 @@ HTTP control (for an emulator in another process)
 - ``GET /_emulator/universe``: the symbol mapping
 - ``GET /_emulator/served?exchange=NAME``: last served quotes
 - ``GET /_emulator/prices?exchange=NAME``: quotes due now
+- ``GET /_emulator/ws``: open websocket connections and settings;
+  ``POST /_emulator/ws/disconnect`` with ``{"how": "abrupt"|"close"|"stall",
+  "code": 1001}`` acts on every open connection
 
 Bad control requests get 400 ``{"error": "..."}`` naming the field.
 """
@@ -157,6 +179,7 @@ from ._emulator import Emulator as Emulator
 from ._faults import BAD_VALUE_KINDS as BAD_VALUE_KINDS
 from ._faults import Faults as Faults
 from ._faults import Latency as Latency
+from ._faults import WsFaults as WsFaults
 from ._limits import RateLimit as RateLimit
 from ._limits import TokenBucket as TokenBucket
 from ._limits import WeightLimit as WeightLimit
@@ -165,11 +188,13 @@ from ._market import EXCHANGES as EXCHANGES
 from ._market import Asset as Asset
 from ._market import Quote as Quote
 from ._market import make_universe as make_universe
+from ._ws import BinanceStreams as BinanceStreams
 
 __all__ = [
     "BAD_VALUE_KINDS",
     "EXCHANGES",
     "Asset",
+    "BinanceStreams",
     "Emulator",
     "Faults",
     "Latency",
@@ -178,5 +203,6 @@ __all__ = [
     "TokenBucket",
     "WeightLimit",
     "WindowLimit",
+    "WsFaults",
     "make_universe",
 ]

@@ -126,6 +126,24 @@ def _parser() -> argparse.ArgumentParser:
         "--no-rate-limits", action="store_true", help="disable every rate limit"
     )
     parser.add_argument(
+        "--ws-rate",
+        type=float,
+        default=10.0,
+        help="websocket events per second per stream (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ws-ping-interval",
+        type=float,
+        default=20.0,
+        help="seconds between websocket pings; 0: none (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ws-max-connection-seconds",
+        type=float,
+        default=86400.0,
+        help="websocket connection lifetime (default %(default)s)",
+    )
+    parser.add_argument(
         "--coincap-key",
         action="append",
         metavar="KEY",
@@ -196,6 +214,7 @@ def _examples(url: str) -> str:
             ),
             f"  curl -H 'Authorization: Bearer test-key' '{url}/v3/assets?ids=bitcoin,ethereum'",
             f"  curl '{url}/api/v5/market/tickers?instType=SPOT'",
+            f"  websocat '{url.replace('http', 'ws', 1)}/stream?streams=btcusdt@trade/ethusdt@bookTicker'",
             f"  curl '{url}/_emulator/stats'",
             f'  curl -X POST \'{url}/_emulator/faults\' -d \'{{"exchange": "okx", "error_rate": 0.2}}\'',
         ]
@@ -241,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             unchanged=args.unchanged,
             volatility=args.volatility,
             coincap_api_keys=tuple(args.coincap_key or ("test-key",)),
+            ws_rate=args.ws_rate,
+            ws_ping_interval=args.ws_ping_interval or None,
+            ws_max_connection_seconds=args.ws_max_connection_seconds,
         )
     except (ValueError, TypeError, msgspec.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from ._kraken import Kraken
 from ._limits import Limiter, RateLimit, TokenBucket, Verdict, WeightLimit, WindowLimit
 from ._market import EXCHANGES, Asset, Market, Quote, make_universe
 from ._okx import OKX
+from ._ws import BinanceStreams, new_ws_stats
 
 __all__ = ["Emulator"]
 
@@ -94,6 +95,13 @@ class Emulator:
         volatility: standard deviation of a moving asset's log-return.
         coincap_api_keys: keys CoinCap accepts (empty: no key needed).
         keep_alive_timeout: seconds hypercorn keeps idle connections.
+        ws_rate: websocket events per second per stream (see ``_ws``).
+        ws_ping_interval: seconds between the server's websocket pings
+            (``None``: no pings).
+        ws_max_connection_seconds: websocket connection lifetime (Binance
+            closes connections after 24 h).
+
+    Binance's websocket streams are ``self.ws`` (a ``BinanceStreams``).
     """
 
     def __init__(
@@ -108,6 +116,9 @@ class Emulator:
         volatility: float = 0.001,
         coincap_api_keys: tuple[str, ...] | list[str] = ("test-key",),
         keep_alive_timeout: float = 3600.0,
+        ws_rate: float = 10.0,
+        ws_ping_interval: float | None = 20.0,
+        ws_max_connection_seconds: float = 86400.0,
     ) -> None:
         self.seed = seed
         self.universe: list[Asset] = make_universe(assets, seed=seed)
@@ -141,6 +152,12 @@ class Emulator:
         self._cache_step = -1
         self._stats: dict[str, dict[str, dict[str, Any]]] = {}
         self._served: dict[str, dict[str, Quote]] = {}
+        self.ws = BinanceStreams(
+            self,
+            rate=ws_rate,
+            ping_interval=ws_ping_interval,
+            max_connection_seconds=ws_max_connection_seconds,
+        )
         self.reset_stats()
         self.app = self._make_app()
 
@@ -286,6 +303,7 @@ class Emulator:
             for name, api in self.exchanges.items()
         }
         self._served = {name: {} for name in self.exchanges}
+        self._stats["binance"]["ws"] = new_ws_stats()
 
     def reset(self) -> None:
         """``reset_limits()`` and ``reset_stats()``."""
@@ -308,7 +326,9 @@ class Emulator:
         config.errorlog = logging.getLogger("flows.testing.emulator")
         config.graceful_timeout = 0.1
         config.keep_alive_timeout = self.keep_alive_timeout
+        config.websocket_ping_interval = self.ws.ping_interval
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.ws.run)
             urls = await nursery.start(hypercorn_serve, self.app, config)
             self.url = urls[0]
             task_status.started(urls[0])
@@ -319,6 +339,9 @@ class Emulator:
         async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope["type"] == "lifespan":
                 await answer_lifespan(receive, send)
+                return
+            if scope["type"] == "websocket":
+                await self.ws.handle(scope, receive, send)
                 return
             if scope["type"] != "http":
                 return
@@ -502,6 +525,8 @@ class Emulator:
                 "binance": [
                     "GET /api/v3/ticker/price",
                     "GET /api/v3/ticker/bookTicker",
+                    "WS /ws/<stream>",
+                    "WS /stream?streams=<stream>/<stream>",
                 ],
                 "coinbase": ["GET /products/{product_id}/ticker"],
                 "kraken": ["GET /0/public/Ticker"],
@@ -518,6 +543,8 @@ class Emulator:
                 "GET /_emulator/universe",
                 "GET /_emulator/served?exchange=NAME",
                 "GET /_emulator/prices?exchange=NAME",
+                "GET /_emulator/ws",
+                "POST /_emulator/ws/disconnect",
             ],
             "rate_limits": msgspec.to_builtins(self.rate_limits),
             "coincap_api_keys": list(self.exchanges["coincap"].api_keys),  # type: ignore[attr-defined]
@@ -580,6 +607,28 @@ class Emulator:
             elif method != "GET":
                 raise _ControlError("limits: GET or POST")
             return msgspec.to_builtins(self.rate_limits)
+        if what == "ws" and method == "GET":
+            return {
+                "connections": self.ws.connections,
+                "rate": self.ws.rate,
+                "ping_interval": self.ws.ping_interval,
+                "max_connection_seconds": self.ws.max_connection_seconds,
+                "max_streams": self.ws.max_streams,
+                "message_limit": self.ws.message_limit,
+            }
+        if what == "ws/disconnect" and method == "POST":
+            data = payload()
+            if not isinstance(data, dict):
+                raise _ControlError("ws/disconnect: a JSON object")
+            try:
+                hit = self.ws.disconnect(
+                    str(data.get("how", "abrupt")),
+                    code=int(data.get("code", 1001)),
+                    reason=str(data.get("reason", "")),
+                )
+            except (ValueError, TypeError) as exc:
+                raise _ControlError(f"ws/disconnect: {exc}") from None
+            return {"disconnected": hit}
         if what == "reset" and method == "POST":
             self.reset()
             return {"reset": True}

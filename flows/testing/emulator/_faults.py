@@ -20,6 +20,7 @@ __all__ = [
     "Faults",
     "Field",
     "Latency",
+    "WsFaults",
     "corrupt_field",
     "malform",
     "truncate",
@@ -59,6 +60,30 @@ class Latency(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
         return ms / 1000.0
 
 
+class WsFaults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What goes wrong on websocket streams (``Faults.ws``). Shares are
+    probabilities per message sent (``gap_rate``: per stream event).
+
+    - ``malformed_rate``: a text frame that is not JSON (cut short or
+      mangled).
+    - ``gap_rate``: the event's update id (bookTicker ``u``, trade ``t``)
+      jumps by 2-5 instead of 1, as if events were lost (every subscriber
+      of the stream sees the same jump).
+    - ``abrupt_close_rate``: the TCP connection is closed with no close
+      frame (the client sees 1006, abnormal closure).
+    - ``stall_rate``: the connection goes silent: it stays open (protocol
+      pings go on) but no more data is sent on it.
+    - ``close_rate``: the server closes the connection with a close frame
+      (1001, going away), as a server restart does.
+    """
+
+    malformed_rate: _Share = 0.0
+    gap_rate: _Share = 0.0
+    abrupt_close_rate: _Share = 0.0
+    stall_rate: _Share = 0.0
+    close_rate: _Share = 0.0
+
+
 class Faults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """What goes wrong, per request, for one exchange (or all of them).
 
@@ -82,6 +107,7 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
       the body, a mangled quote, or an HTML page).
     - ``truncated_rate``: a 200 whose body is a proper prefix of the real
       one (Content-Length matches the cut body).
+    - ``ws``: faults on websocket streams (``WsFaults``).
     """
 
     latency: Latency = msgspec.field(default_factory=Latency)
@@ -96,6 +122,7 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     bad_value_kinds: tuple[_BadKind, ...] = BAD_VALUE_KINDS
     malformed_rate: _Share = 0.0
     truncated_rate: _Share = 0.0
+    ws: WsFaults = msgspec.field(default_factory=WsFaults)
 
     def __post_init__(self) -> None:
         if not self.error_statuses:

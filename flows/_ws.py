@@ -1,0 +1,654 @@
+"""The machinery every websocket stream source shares (one implementation for all).
+
+A subclass says where to connect, what to subscribe and how to read a
+message:
+
+- ``url(symbols) -> str``: the URL of a connection carrying ``symbols``
+  (default: ``base_url``); exchanges that take the streams in the URL build
+  it here (Binance's ``/stream?streams=a/b/c``);
+- ``subscribe_messages(symbols) -> list[str | bytes]``: messages sent right
+  after connecting (default: none), paced by ``subscribe_limits`` (Binance
+  counts every incoming message, 5 per second per connection);
+- ``parse(message) -> Parsed``: Ticks plus counts of bad records, as for
+  HTTP sources. Return a ``StreamParsed`` to also report ``sequences``
+  (``(key, update id)`` pairs: a jump of more than one is a gap) or a
+  ``reply`` to send back (an exchange-level ping's pong). A message that
+  raises (not JSON, wrong shape, bad price) is counted as one discarded
+  record, reason ``invalid``, and skipped;
+- optionally ``heartbeat() -> str | bytes | None``: an exchange-level
+  heartbeat sent every ``heartbeat_interval`` seconds (protocol pings from
+  the server are answered by trio-websocket without help);
+- optionally ``on_gap(key)``: called for each gap (default: when a
+  ``snapshot`` HTTP source is given, fetch one REST snapshot of ``key``
+  through it and send its Ticks).
+
+``WebSocketSource`` does the rest. It splits the symbol set into shards of at
+most ``max_streams_per_connection`` symbols, one connection each. Each
+connection:
+
+1. waits for the connection rate limiter (``connect_limits``), connects
+   within ``connect_timeout`` (trio-websocket's ``open_websocket_url``) and
+   sends the subscribe messages;
+2. reads messages. The first message of a batch opens a window of
+   ``batch_window`` seconds; messages arriving within it (up to
+   ``batch_size`` records) go out as one Batch, so per-batch costs (channel
+   hop, histogram observations) are paid per batch, not per message;
+3. when nothing arrives for ``silence_timeout`` seconds, or the connection
+   closes or fails, it reconnects after a full-jitter exponential backoff
+   (``backoff`` doubling up to ``max_backoff``; back to ``backoff`` after a
+   connection that delivered data) and subscribes the same symbols again.
+   Reconnects are counted by reason: ``closed`` (the connection dropped with
+   no close frame: 1006), ``server`` (the server closed it with a close
+   frame, e.g. Binance's 24-hour limit), ``silent`` (no message within
+   ``silence_timeout``), ``timeout`` (connecting took longer than
+   ``connect_timeout``), ``error`` (refused, rejected handshake, network
+   error). Sequence tracking restarts on each connection.
+
+Backpressure: the source buffers nothing of its own. While ``outbox.send``
+blocks, the source stops reading: messages wait in trio-websocket's bounded
+queue (``message_queue_size``), then in the socket buffers, then at the
+exchange, which drops slow consumers (they reconnect, and the gap shows in
+the metrics). For market data the usual answer to a slow consumer is a
+``conflate`` edge, set on the consumer (the first stage or sink after the
+source): ``Flow(..., edges={"sink": Edge(policy="conflate")})``. The source
+then never blocks, and the consumer gets the latest Tick per symbol.
+
+Metrics (labels ``flow``, ``stage``): ``flows_source_messages_total``,
+``flows_source_reconnects_total`` (``reason``),
+``flows_source_connection_uptime_seconds`` (the youngest connection's age;
+0 while any is down), ``flows_source_gaps_total``, plus the core set. The
+Outbox observes ``flows_source_lag_seconds`` from each Batch's first Tick,
+so a subclass sets ``Tick.ts`` to the exchange's event time when it has one.
+
+``health()`` says ``disconnected`` when a connection has been down for more
+than ``down_after`` seconds (shown on ``/readyz``).
+
+Needs the ``ws`` extra: ``pip install 'flows[ws]'`` (trio-websocket).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import msgspec
+import trio
+
+from ._actors import RunContext
+from ._channels import Outbox
+from ._http import HttpError, HttpSource, Parsed
+from ._limits import RateLimit, RateLimiter
+from ._log import DropLog
+from ._metrics import ComponentMetrics
+from ._records import Batch, Tick
+
+try:
+    import trio_websocket
+except ImportError:  # pragma: no cover - the ws extra is missing
+    trio_websocket = None  # type: ignore[assignment]
+
+__all__ = ["RECONNECT_REASONS", "StreamParsed", "WebSocketSource", "open_ws", "split_ws_url"]
+
+log = logging.getLogger("flows.ws")
+
+RECONNECT_REASONS = ("closed", "error", "silent", "timeout", "server")
+"""Why a connection was replaced (the ``reason`` label of reconnects)."""
+
+Message = str | bytes
+
+_PARSE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError)
+
+
+@attrs.define
+class StreamParsed(Parsed):
+    """``Parsed`` plus what only streams have.
+
+    ``sequences``: ``(key, update id)`` per update, in message order; ids
+    must go up by one per key, a larger jump is a gap. ``reply``: a message
+    to send back on the same connection (an exchange-level ping's answer).
+    """
+
+    sequences: list[tuple[str, int]] = attrs.field(factory=list)
+    reply: Message | None = None
+
+
+@attrs.define(eq=False)
+class _Shard:
+    """One connection's symbols and state."""
+
+    index: int
+    symbols: list[str]
+    wanted: frozenset[str]
+    down_since: float  # trio time the connection went (or started) down
+    opened_at: float | None = None  # trio time, while connected
+    opened_mono: float | None = None  # time.monotonic(), for the uptime gauge
+    connects: int = 0
+    messages: int = 0  # data messages on the current connection
+    last_ids: dict[str, int] = attrs.field(factory=dict)
+
+
+class WebSocketSource:
+    """Base class of websocket stream sources. Subclasses set ``DEFAULT_URL``
+    (and the exchange's documented limits) and implement ``parse`` plus
+    ``url`` and/or ``subscribe_messages``.
+
+    Parameters (keyword-only):
+        symbols: the symbols to stream, in the exchange's naming.
+        base_url: the stream endpoint's root (default: the real one); point
+            it at a testnet or the emulator (``ws://127.0.0.1:PORT``).
+        max_streams_per_connection: symbols per connection (default: the
+            exchange's limit, ``MAX_STREAMS_PER_CONNECTION``); larger sets
+            are sharded over several connections.
+        connect_timeout: seconds to open a connection (TCP, TLS, handshake).
+        close_timeout: seconds to wait for the close handshake.
+        silence_timeout: seconds without any message after which the
+            connection counts as dead and is replaced.
+        backoff, max_backoff: full-jitter exponential reconnect backoff (s).
+        batch_size: most records per Batch.
+        batch_window: seconds a Batch stays open for more messages after its
+            first one (0: one message per Batch).
+        subscribe_limits: pace of messages the source sends per connection
+            (default ``SUBSCRIBE_LIMITS``).
+        connect_limits: pace of new connections (default ``CONNECT_LIMITS``).
+        heartbeat_interval: seconds between ``heartbeat()`` messages
+            (default ``HEARTBEAT_INTERVAL``; None: none).
+        snapshot: an HTTP source for the same symbols: on a gap, one REST
+            snapshot of the symbol is fetched through it (its ``plan``,
+            limiter and ``parse``) and sent as this source's Ticks.
+        down_after: seconds a connection may be down before ``health()``
+            reports the source disconnected.
+        message_queue_size: messages trio-websocket buffers per connection
+            while the source is busy or blocked (bounded memory).
+        max_message_size: larger messages close the connection (1009).
+        name: the actor's name and the ``source`` field of its Ticks.
+    """
+
+    DEFAULT_URL = ""
+    MAX_STREAMS_PER_CONNECTION = 1024
+    SUBSCRIBE_LIMITS: tuple[RateLimit, ...] = ()
+    CONNECT_LIMITS: tuple[RateLimit, ...] = ()
+    HEARTBEAT_INTERVAL: float | None = None
+
+    def __init__(
+        self,
+        *,
+        symbols: Sequence[str],
+        base_url: str | None = None,
+        max_streams_per_connection: int | None = None,
+        connect_timeout: float = 10.0,
+        close_timeout: float = 2.0,
+        silence_timeout: float = 30.0,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        batch_size: int = 1000,
+        batch_window: float = 0.05,
+        subscribe_limits: Sequence[RateLimit] | None = None,
+        connect_limits: Sequence[RateLimit] | None = None,
+        heartbeat_interval: float | None = None,
+        snapshot: HttpSource | None = None,
+        down_after: float = 5.0,
+        message_queue_size: int = 64,
+        max_message_size: int = 1 << 20,
+        name: str,
+    ) -> None:
+        if trio_websocket is None:  # pragma: no cover
+            raise ImportError(f"{name}: websocket sources need trio-websocket: "
+                              "pip install 'flows[ws]'")
+        if not symbols:
+            raise ValueError(f"{name}: symbols must not be empty")
+        per = self.MAX_STREAMS_PER_CONNECTION if max_streams_per_connection is None \
+            else max_streams_per_connection
+        if per < 1 or batch_size < 1 or message_queue_size < 1:
+            raise ValueError(f"{name}: max_streams_per_connection, batch_size and "
+                             "message_queue_size must be >= 1")
+        if not (connect_timeout > 0 and silence_timeout > 0 and close_timeout > 0):
+            raise ValueError(f"{name}: timeouts must be > 0")
+        if backoff < 0 or max_backoff < backoff or batch_window < 0:
+            raise ValueError(f"{name}: need 0 <= backoff <= max_backoff and batch_window >= 0")
+        self.symbols = list(dict.fromkeys(symbols))
+        self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
+        self.max_streams_per_connection = per
+        self.connect_timeout = connect_timeout
+        self.close_timeout = close_timeout
+        self.silence_timeout = silence_timeout
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.batch_size, self.batch_window = batch_size, batch_window
+        self.subscribe_limits = tuple(
+            self.SUBSCRIBE_LIMITS if subscribe_limits is None else subscribe_limits
+        )
+        self.connect_limiter = RateLimiter(
+            list(self.CONNECT_LIMITS if connect_limits is None else connect_limits)
+        )
+        self.heartbeat_interval = (
+            self.HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval
+        )
+        self.snapshot = snapshot
+        self.down_after = down_after
+        self.message_queue_size = message_queue_size
+        self.max_message_size = max_message_size
+        self.name = name
+        self.shards: list[_Shard] = []
+        self._drops = DropLog(f"flows.source.{name}")
+        self._gap_keys: set[str] = set()
+        self._gap_wake = trio.Event()
+        self._running = False
+
+    # -- subclass hooks ----------------------------------------------------
+
+    def url(self, symbols: list[str]) -> str:
+        """The URL of a connection carrying ``symbols`` (default: ``base_url``)."""
+        return self.base_url
+
+    def subscribe_messages(self, symbols: list[str]) -> list[Message]:
+        """Messages to send after connecting (default: none)."""
+        return []
+
+    def parse(self, message: Message) -> Parsed:
+        """Ticks (and bad records counted by reason) from one message; raise
+        on a message that cannot be read."""
+        raise NotImplementedError
+
+    def heartbeat(self) -> Message | None:
+        """The exchange-level heartbeat sent every ``heartbeat_interval`` s."""
+        return None
+
+    def on_gap(self, key: str) -> None:
+        """A gap in ``key``'s update ids (already counted). Default: with a
+        ``snapshot`` source, fetch one REST snapshot of ``key``."""
+        if self.snapshot is not None and self._running:
+            self._gap_keys.add(key)
+            self._gap_wake.set()
+
+    def shard(self, symbols: list[str]) -> list[list[str]]:
+        """Split ``symbols`` over connections (default: chunks of
+        ``max_streams_per_connection``)."""
+        per = self.max_streams_per_connection
+        return [symbols[i : i + per] for i in range(0, len(symbols), per)]
+
+    # -- life cycle ----------------------------------------------------------
+
+    def setup(self, context: RunContext) -> None:
+        if context.shard is not None:
+            self.symbols = context.shard.select(self.symbols)
+
+    def health(self) -> str | None:
+        """None when healthy, else why not (shown on /readyz)."""
+        if not self._running or not self.shards:
+            return None
+        try:
+            now = trio.current_time()
+        except RuntimeError:
+            return None
+        down = [s for s in self.shards if s.opened_at is None]
+        if not down:
+            return None
+        longest = now - min(s.down_since for s in down)
+        if longest < self.down_after:
+            return None
+        return (f"source {self.name}: disconnected ({len(down)} of {len(self.shards)} "
+                f"connections down, for {longest:.0f}s)")
+
+    def uptime(self) -> float:
+        """Seconds since the youngest connection opened; 0 while any is down."""
+        shards = self.shards
+        if not self._running or not shards or any(s.opened_mono is None for s in shards):
+            return 0.0
+        return max(time.monotonic() - max(s.opened_mono for s in shards), 0.0)  # type: ignore[type-var]
+
+    async def run(self, outbox: Outbox) -> None:
+        m = outbox.metrics
+        m.labeled("flows_source_messages_total")  # export the series from the start
+        m.labeled("flows_source_gaps_total")
+        for reason in RECONNECT_REASONS:
+            m.labeled("flows_source_reconnects_total", reason)
+        m.labeled("flows_source_connection_uptime_seconds").set_function(self.uptime)
+        if not self.symbols:  # this process's shard owns none of them: stand by
+            log.info("source %s: no symbols in this shard; idle", self.name)
+            await trio.sleep_forever()
+        now = trio.current_time()
+        split_ws_url(self.url(self.symbols[:1]))  # a bad URL fails here, clearly
+        self.shards = [
+            _Shard(i, chunk, frozenset(chunk), down_since=now)
+            for i, chunk in enumerate(self.shard(self.symbols))
+        ]
+        self._gap_keys.clear()
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.snapshot is not None:
+                    nursery.start_soon(self._snapshots, outbox)
+                for shard in self.shards:
+                    nursery.start_soon(self._keep_connected, shard, outbox)
+        finally:
+            self._running = False
+            for shard in self.shards:
+                shard.opened_at = shard.opened_mono = None
+
+    # -- connections -----------------------------------------------------------
+
+    async def _keep_connected(self, shard: _Shard, outbox: Outbox) -> None:
+        m = outbox.metrics
+        attempt = 0
+        while True:
+            await self.connect_limiter.acquire()
+            reason, delivered = await self._connect_once(shard, outbox)
+            m.labeled("flows_source_reconnects_total", reason).inc()
+            attempt = 0 if delivered else attempt + 1
+            delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+            log.info("source %s: connection %d %s; reconnecting in %.2fs",
+                     self.name, shard.index, _REASON_TEXT[reason], delay,
+                     extra={"stage": self.name, "reason": reason})
+            await trio.sleep(delay)
+
+    async def _connect_once(self, shard: _Shard, outbox: Outbox) -> tuple[str, bool]:
+        """One connection, from connecting to its end: (reason it ended,
+        whether it delivered data)."""
+        tw = trio_websocket
+        m = outbox.metrics
+        url = self.url(shard.symbols)
+        reason: str | None = None
+        shard.messages = 0
+        shard.last_ids.clear()
+        try:
+            async with self._open(url) as ws:
+                shard.opened_at, shard.opened_mono = trio.current_time(), time.monotonic()
+                shard.connects += 1
+                log.debug("source %s: connection %d open (%d symbols)",
+                          self.name, shard.index, len(shard.symbols))
+                try:
+                    reason = await self._serve(ws, shard, outbox)
+                finally:
+                    shard.opened_at = shard.opened_mono = None
+                    shard.down_since = trio.current_time()
+        except _ConnectTimeout:
+            reason = reason or "timeout"
+        except tw.ConnectionClosed as exc:
+            reason = reason or _close_reason(exc.reason)
+        except (tw.HandshakeError, OSError, trio.BrokenResourceError) as exc:
+            if reason is None:
+                reason = "error"
+                m.error(type(exc).__name__)
+                log.warning("source %s: connection %d to %s failed: %r",
+                            self.name, shard.index, url, exc)
+        return reason or "closed", shard.messages > 0
+
+    def _open(self, url: str) -> Any:
+        return open_ws(url, connect_timeout=self.connect_timeout,
+                       close_timeout=self.close_timeout,
+                       message_queue_size=self.message_queue_size,
+                       max_message_size=self.max_message_size)
+
+    async def _serve(self, ws: Any, shard: _Shard, outbox: Outbox) -> str:
+        """Subscribe, keep the heartbeat, read until the connection ends;
+        the reconnect reason."""
+        limiter = RateLimiter(list(self.subscribe_limits))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._subscribe, ws, shard, limiter)
+            if self.heartbeat_interval:
+                nursery.start_soon(self._heartbeat, ws, limiter)
+            try:
+                reason = await self._receive(ws, shard, outbox, limiter)
+            except trio_websocket.ConnectionClosed as exc:
+                reason = _close_reason(exc.reason)
+            nursery.cancel_scope.cancel()
+        return reason
+
+    async def _send(self, ws: Any, limiter: RateLimiter, message: Message) -> bool:
+        await limiter.acquire()
+        try:
+            await ws.send_message(message)
+        except trio_websocket.ConnectionClosed:
+            return False
+        return True
+
+    async def _subscribe(self, ws: Any, shard: _Shard, limiter: RateLimiter) -> None:
+        for message in self.subscribe_messages(shard.symbols):
+            if not await self._send(ws, limiter, message):
+                return
+
+    async def _heartbeat(self, ws: Any, limiter: RateLimiter) -> None:
+        assert self.heartbeat_interval
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            message = self.heartbeat()
+            if message is not None and not await self._send(ws, limiter, message):
+                return
+
+    async def _receive(
+        self, ws: Any, shard: _Shard, outbox: Outbox, limiter: RateLimiter
+    ) -> str:
+        """Read and send batches until the connection goes silent (returns
+        ``"silent"``) or closes (raises ConnectionClosed)."""
+        m = outbox.metrics
+        counter = m.labeled("flows_source_messages_total")
+        gaps = m.labeled("flows_source_gaps_total")
+        closed_error = trio_websocket.ConnectionClosed
+        silence, window, size = self.silence_timeout, self.batch_window, self.batch_size
+        while True:
+            message: Message | None = None
+            with trio.move_on_after(silence):
+                message = await ws.get_message()
+            if message is None:
+                return "silent"
+            ticks: list[Tick] = []
+            replies: list[Message] = []
+            t0 = time.perf_counter()
+            self._take(message, shard, ticks, replies, m, gaps)
+            busy = time.perf_counter() - t0
+            n = 1
+            closed: BaseException | None = None
+            if window > 0:
+                deadline = trio.current_time() + window
+                while len(ticks) < size:
+                    message = None
+                    with trio.move_on_at(deadline):
+                        try:
+                            message = await ws.get_message()
+                        except closed_error as exc:
+                            closed = exc
+                    if message is None:
+                        break
+                    t0 = time.perf_counter()
+                    self._take(message, shard, ticks, replies, m, gaps)
+                    busy += time.perf_counter() - t0
+                    n += 1
+            counter.inc(n)
+            m.observe_processing(busy)
+            for reply in replies:
+                await self._send(ws, limiter, reply)
+            if ticks:
+                shard.messages += n
+                for i in range(0, len(ticks), size):
+                    await outbox.send(Batch(ticks[i : i + size]))
+            if closed is not None:
+                raise closed
+
+    def _take(
+        self,
+        message: Message,
+        shard: _Shard,
+        ticks: list[Tick],
+        replies: list[Message],
+        m: ComponentMetrics,
+        gaps: Any,
+    ) -> None:
+        """Parse one message into ``ticks``; count what is bad; check ids."""
+        try:
+            parsed = self.parse(message)
+        except _PARSE_ERRORS as exc:
+            m.discarded("invalid")
+            self._drops.drop("invalid", f"unreadable message ({exc}): {message[:100]!r}")
+            return
+        if parsed.invalid:
+            for reason, n in parsed.invalid.items():
+                m.discarded(reason, n)
+            for detail in parsed.details[:1]:
+                self._drops.drop("invalid", detail)
+        wanted = shard.wanted
+        for tick in parsed.ticks:
+            if tick.symbol in wanted:
+                ticks.append(tick)
+            else:
+                m.discarded("unknown_symbol")
+                self._drops.drop("unknown_symbol", f"{tick.symbol} was not subscribed")
+        if isinstance(parsed, StreamParsed):
+            if parsed.sequences:
+                last_ids = shard.last_ids
+                for key, seq in parsed.sequences:
+                    if key not in wanted:
+                        continue
+                    last = last_ids.get(key)
+                    if last is None or seq > last:
+                        last_ids[key] = seq
+                        if last is not None and seq > last + 1:
+                            gaps.inc()
+                            self.on_gap(key)
+            if parsed.reply is not None:
+                replies.append(parsed.reply)
+
+    # -- gap snapshots -----------------------------------------------------------
+
+    async def _snapshots(self, outbox: Outbox) -> None:
+        """Fetch one REST snapshot per symbol that had a gap, through ``snapshot``."""
+        import httpx
+
+        snap = self.snapshot
+        assert snap is not None
+        m = outbox.metrics
+        async with httpx.AsyncClient(
+            base_url=snap.base_url,
+            timeout=snap.timeout,
+            headers={"user-agent": "flows/0.1", **snap.headers},
+        ) as client:
+            while True:
+                await self._gap_wake.wait()
+                self._gap_wake = trio.Event()
+                keys, self._gap_keys = sorted(self._gap_keys), set()
+                for request in snap.plan(keys):
+                    await snap.limiter.acquire(request.weight)
+                    try:
+                        parsed = await snap._get(client, request, m)
+                    except HttpError as exc:
+                        m.error("snapshot")
+                        log.warning("source %s: snapshot of %s failed: %s",
+                                    self.name, ",".join(request.symbols), exc)
+                        continue
+                    for reason, n in parsed.invalid.items():
+                        m.discarded(reason, n)
+                    asked = set(request.symbols)
+                    ticks = [
+                        msgspec.structs.replace(t, source=self.name)
+                        for t in parsed.ticks
+                        if not asked or t.symbol in asked
+                    ]
+                    if ticks:
+                        await outbox.send(Batch(ticks))
+
+
+class _ConnectTimeout(TimeoutError):
+    """Connecting (TCP, TLS, websocket handshake) took too long."""
+
+
+@asynccontextmanager
+async def open_ws(
+    url: str,
+    *,
+    connect_timeout: float = 10.0,
+    close_timeout: float = 2.0,
+    message_queue_size: int = 64,
+    max_message_size: int = 1 << 20,
+) -> AsyncIterator[Any]:
+    """A trio-websocket client connection to ``url`` whose socket is closed
+    however it ends (unlike ``trio_websocket.open_websocket_url``, which
+    leaves the socket to the garbage collector when the handshake is
+    rejected or times out). Raises ``HandshakeError`` (``ConnectionRejected``
+    included) or ``OSError`` when connecting fails, and ``TimeoutError``
+    (a ``_ConnectTimeout``) after ``connect_timeout``."""
+    host, port, host_header, resource, secure = split_ws_url(url)
+    stream: Any = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(connect_timeout):
+                    if secure:
+                        stream = await trio.open_ssl_over_tcp_stream(
+                            host, port, ssl_context=ssl.create_default_context(),
+                            https_compatible=True,
+                        )
+                    else:
+                        stream = await trio.open_tcp_stream(host, port)
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, host_header, resource,
+                        message_queue_size=message_queue_size,
+                        max_message_size=max_message_size,
+                    )
+            except trio.TooSlowError:
+                raise _ConnectTimeout(f"no connection within {connect_timeout}s") from None
+            try:
+                yield ws
+            finally:
+                with trio.CancelScope(shield=True) as closing:
+                    closing.deadline = trio.current_time() + close_timeout
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        single = _single(group)
+        if single is None:
+            raise
+        raise single from None
+    finally:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+
+def split_ws_url(url: str) -> tuple[str, int, str, str, bool]:
+    """``ws[s]://host[:port]/path?query`` -> (host, port, Host header,
+    resource, secure)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a websocket URL: {url!r} (want ws://... or wss://...)")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    host_header = parts.netloc.rpartition("@")[2]
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, port, host_header, resource, secure
+
+
+def _single(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in ``group`` that is not a cancellation, if there
+    is exactly one; else None (re-raise the group as it is)."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+def _close_reason(reason: Any) -> str:
+    """``closed`` for a connection that dropped (1006: no close frame),
+    ``error`` for one this side closed over a too-large message (1009),
+    ``server`` for a close frame from the server."""
+    code = getattr(reason, "code", None)
+    if code in (None, 1006):
+        return "closed"
+    return "error" if code == 1009 else "server"
+
+
+_REASON_TEXT = {
+    "closed": "dropped (no close frame)",
+    "server": "closed by the server",
+    "silent": "went silent",
+    "timeout": "timed out connecting",
+    "error": "failed",
+}

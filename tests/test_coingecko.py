@@ -1,0 +1,201 @@
+"""sources.coingecko against the exchange emulator: Ticks, API keys, bad records,
+malformed bodies, the limiter, Retry-After."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from flows import Flow, Runtime
+from flows._limits import CircuitBreaker, RateLimit
+from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing.emulator import Emulator, WindowLimit
+from sources.coingecko import CoinGeckoPrices
+
+
+@pytest.fixture
+async def emulator(nursery):
+    em = Emulator(seed=5, assets=40, tick_interval=0)
+    em.url = await nursery.start(em.serve)
+    return em
+
+
+async def _run_cycles(source: CoinGeckoPrices, sink: ListSink, cycles: int) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    rt = Runtime(Flow("cg", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        while source.cycles < cycles:
+            await trio.sleep(0.5)
+        rt.stop()
+    return registry
+
+
+async def test_ticks_match_what_the_exchange_served(emulator, autojump_clock):
+    ids = emulator.symbols("coingecko")[:25]
+    sink = ListSink()
+    source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, once=True, per_request=10)
+    _, registry = await run_briefly(Flow("cg", sources=[source], sinks=[sink]))
+    served = emulator.last_served("coingecko")
+    assert sorted(t.symbol for t in sink.records) == sorted(ids)
+    for t in sink.records:
+        assert t.price == float(served[t.symbol].price)
+        assert t.ts == int(served[t.symbol].changed)  # last_updated_at, not receive time
+        assert t.source == "coingecko" and t.bid is None and t.ask is None
+    assert_component_metrics(registry, "cg", "coingecko", "source")
+    assert emulator.stats["coingecko"]["simple/price"]["requests"] == 3  # 10 + 10 + 5 ids
+    assert sample(registry, "flows_source_responses_total", "cg", "coingecko", status_class="2xx") == 3
+    assert sample(registry, "flows_source_request_seconds_count", "cg", "coingecko",
+                  endpoint="simple/price") == 3
+
+
+async def test_vs_currency_is_asked_for(emulator, autojump_clock):
+    ids = emulator.symbols("coingecko")[:3]
+    sink = ListSink()
+    source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, once=True, vs_currency="EUR")
+    await run_briefly(Flow("eur", sources=[source], sinks=[sink]))
+    served = emulator.last_served("coingecko")
+    assert len(sink.records) == 3
+    for t in sink.records:  # the emulator's fixed EUR rate, 7 significant digits
+        assert t.price == pytest.approx(float(served[t.symbol].price) * 0.92, rel=1e-6)
+
+
+async def test_api_key_from_the_environment_goes_in_the_plan_header(monkeypatch, nursery):
+    with pytest.raises(ValueError, match="CG_TEST_KEY"):
+        CoinGeckoPrices(symbols=["bitcoin"], api_key_env="CG_TEST_KEY")
+    monkeypatch.setenv("CG_TEST_KEY", "demo-123")
+    assert CoinGeckoPrices(symbols=["bitcoin"]).base_url == "https://api.coingecko.com"
+    pro = CoinGeckoPrices(symbols=["bitcoin"], api_key_env="CG_TEST_KEY", plan="pro")
+    assert pro.base_url == "https://pro-api.coingecko.com"
+    assert pro.headers == {"x-cg-pro-api-key": "demo-123"}
+
+    # on the wire: a bare server records what the source sends
+    seen: list[bytes] = []
+    url = await _bare_server(nursery, [(200, _BITCOIN)], seen)
+    sink = ListSink()
+    source = CoinGeckoPrices(symbols=["bitcoin"], api_key_env="CG_TEST_KEY", once=True, base_url=url)
+    await run_briefly(Flow("key", sources=[source], sinks=[sink]))
+    request = seen[0].lower()
+    assert b"x-cg-demo-api-key: demo-123\r\n" in request
+    assert b"get /api/v3/simple/price?ids=bitcoin&vs_currencies=usd&include_last_updated_at=true " in request
+    assert [(t.symbol, t.price, t.ts) for t in sink.records] == [("bitcoin", 67187.33, 1711356300.0)]
+
+
+async def test_a_refused_key_is_permanent_and_names_the_variable(monkeypatch, nursery, caplog):
+    monkeypatch.setenv("CG_TEST_KEY", "demo-123")
+    seen: list[bytes] = []
+    body = b'{"status":{"error_code":10010,"error_message":"Invalid API key"}}'
+    url = await _bare_server(nursery, [(401, body)], seen)
+    sink = ListSink()
+    source = CoinGeckoPrices(symbols=["bitcoin"], api_key_env="CG_TEST_KEY", once=True, base_url=url)
+    with caplog.at_level(logging.WARNING, logger="flows.source.coingecko"):
+        _, registry = await run_briefly(Flow("key", sources=[source], sinks=[sink]))
+    assert len(seen) == 1 and sink.records == []  # not retried
+    assert "HTTP 401" in caplog.text and "$CG_TEST_KEY" in caplog.text
+    assert "demo-123" not in caplog.text
+    assert sample(registry, "flows_errors_total", "key", "coingecko", error_type="http_permanent") == 1
+
+
+_BITCOIN = b'{"bitcoin":{"usd":67187.33,"last_updated_at":1711356300}}'
+
+
+async def _bare_server(nursery, answers: list[tuple[int, bytes]], seen: list[bytes]) -> str:
+    """An HTTP server answering with ``answers`` in turn (then ``_BITCOIN``),
+    keeping each request's head in ``seen``."""
+
+    async def handler(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        seen.append(data)
+        status, body = answers.pop(0) if answers else (200, _BITCOIN)
+        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                              b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
+        await stream.aclose()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+
+
+async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator, autojump_clock):
+    emulator.set_faults(exchange="coingecko", bad_value_rate=0.3)
+    ids = emulator.symbols("coingecko")[:30] + ["no-such-coin"]
+    sink = ListSink()
+    source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, once=True, per_request=8)
+    _, registry = await run_briefly(Flow("bad", sources=[source], sinks=[sink]))
+    served = emulator.last_served("coingecko")
+    spoiled = {s for s, q in served.items() if q.fault is not None}
+    invalid = sample(registry, "flows_records_discarded_total", "bad", "coingecko", reason="invalid")
+    missing = sample(registry, "flows_records_discarded_total", "bad", "coingecko", reason="missing")
+    assert spoiled and invalid == len(spoiled)  # every kind: missing field, "abc", -1, null
+    assert missing == 1  # the unknown id: left out of the answer
+    assert {t.symbol for t in sink.records} == set(ids[:30]) - spoiled  # the rest is used
+    for t in sink.records:
+        assert t.price == float(served[t.symbol].price)
+    assert emulator.stats["coingecko"]["simple/price"]["requests"] == 4  # nothing retried
+    assert sample(registry, "flows_source_retries_total", "bad", "coingecko") == 0
+
+
+async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(emulator, autojump_clock):
+    emulator.set_faults(exchange="coingecko", malformed_rate=0.4, truncated_rate=0.3)
+    ids = emulator.symbols("coingecko")[:5]
+    sink = ListSink()
+    source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, every=2.0, retries=0,
+                             circuit=CircuitBreaker(failures=100))
+    registry = CollectorRegistry()
+    rt = Runtime(Flow("mal", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        while source.cycles < 12:
+            await trio.sleep(0.5)
+        faults = emulator.stats["coingecko"]["simple/price"]["faults"]
+        assert faults.get("malformed", 0) + faults.get("truncated", 0) >= 3
+        failed = sample(registry, "flows_records_discarded_total", "mal", "coingecko",
+                        reason="request_failed")
+        assert failed == 5 * (faults.get("malformed", 0) + faults.get("truncated", 0))
+        assert sample(registry, "flows_errors_total", "mal", "coingecko", error_type="http") > 0
+        emulator.clear_faults()
+        before, cycles = len(sink.records), source.cycles
+        while source.cycles < cycles + 2:
+            await trio.sleep(0.5)
+        assert len(sink.records) >= before + 5  # recovered: whole answers again
+        assert rt.ready()[0]
+        rt.stop()
+
+
+async def test_the_limiter_keeps_under_the_public_limit_with_no_429(emulator, autojump_clock):
+    ids = emulator.symbols("coingecko")[:10]
+    source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, per_request=1, every=0.1)
+    sink = ListSink()
+    await _run_cycles(source, sink, 4)
+    stats = emulator.stats["coingecko"]["simple/price"]
+    assert stats["refused"] == 0 and stats["requests"] >= 40
+    # 30 calls per minute, evenly spaced: 2 s a request
+    assert trio.current_time() >= (40 - 1) * 2.0 * 0.99
+    assert len(sink.records) >= 40
+
+
+async def test_retry_after_is_honoured(emulator, autojump_clock):
+    emulator.set_rate_limit("coingecko", WindowLimit(limit=5, window=60.0))
+    ids = emulator.symbols("coingecko")[:12]
+    # the source believes the limit is far higher: the 429 must teach it
+    source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, per_request=1, once=True,
+                             concurrency=1, limits=[RateLimit(10_000, 60.0)], retries=5,
+                             backoff=0.01)
+    sink = ListSink()
+    _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == sorted(ids)  # all arrived, after waiting
+    stats = emulator.stats["coingecko"]["simple/price"]
+    # 5 per window: one 429 at the 6th and the 11th request, each followed by
+    # silence until the window's end (no hammering through the backoff)
+    assert stats["refused"] == 2 and stats["requests"] == 14
+    assert trio.current_time() >= 120.0
+    assert sample(registry, "flows_source_retries_total", "ra", "coingecko") == 2
+    assert sample(registry, "flows_source_responses_total", "ra", "coingecko", status_class="429") == 2

@@ -1,0 +1,243 @@
+"""Kraken spot: ticker information over the public REST API.
+
+Talks to ``https://api.kraken.com`` (or ``base_url``: a proxy, or flows'
+emulator):
+
+- ``GET /0/public/Ticker?pair=XBTUSD,ETHUSD``: many pairs per request
+  (``per_request`` at a time, default 50)::
+
+    {"error": [], "result": {"XXBTZUSD": {
+        "a": ["67190.71000", "12", "12.345"],      # ask: price, whole lot volume, lot volume
+        "b": ["67184.00000", "18", "18.518"],      # bid: same
+        "c": ["67187.33000", "0.01234567"],        # last trade: price, lot volume
+        "v": ["1623.45678901", "16234.56789012"],  # volume: today, last 24 h
+        "p": [...], "t": [...], "l": [...], "h": [...], "o": "67000.00000"}}}
+
+A Tick's price is the last trade (``c[0]``), ``bid`` ``b[0]``, ``ask``
+``a[0]``, ``volume`` the last 24 h (``v[1]``); prices are decimal strings
+parsed to float. There is no timestamp, so ``ts`` is the time the response
+arrived.
+
+Pair names: ask with altnames (``XBTUSD``, ``ETHUSD``, ``SOLUSD``) or
+Kraken's own names (``XXBTZUSD``). The result is keyed by Kraken's names:
+legacy X/Z names for the old assets (``XXBTZUSD`` for ``XBTUSD``,
+``XETHZUSD`` for ``ETHUSD``), plain ones for newer pairs (``SOLUSD``).
+Ticks carry the name you asked for: a result key matches an asked name
+exactly, or after both are brought to altname form (``X???Z???`` ->
+``??????``; ``BTC`` -> ``XBT``, ``DOGE`` -> ``XDG``, Kraken's codes). A key
+that matches nothing asked is counted ``unknown_symbol``; an asked pair
+missing from the result, ``missing``.
+
+Errors come with HTTP 200 in the ``error`` list (``E<category>:<message>``;
+``W...`` entries are warnings and ignored); HTTP statuses other than 200
+mean Kraken could not be reached (Cloudflare, 5xx). ``check`` sorts them:
+
+- ``EGeneral:Too many requests`` (``EAPI:Rate limit exceeded``): rate
+  limited; transient, and the limiter pauses ``rate_limit_pause`` seconds
+  (Kraken restricts further calls "for a few seconds").
+- ``EService:Unavailable``, ``EService:Busy`` (any ``EService:``),
+  ``EGeneral:Internal error``, ``EGeneral:Temporary lockout``: transient,
+  retried with backoff.
+- ``EQuery:Unknown asset pair``: permanent (counted as a failed request,
+  not retried, not held against the circuit breaker). One unknown pair fails the whole request, so the pairs of
+  that request are asked one at a time from the next cycle on; a pair
+  Kraken rejects on its own is dropped from polling (logged, listed in
+  ``unknown``). A one-shot sync has no next cycle: its failed request's
+  pairs count as failed.
+- any other ``E...`` error: permanent.
+
+Rate limit: Kraken's support article "What are the API rate limits?"
+(support.kraken.com/hc/en-us/articles/206548367) says calling the public
+endpoints at 1 per second or less stays within the limits (per IP), and that
+calls beyond it are restricted for a few seconds, longer if they go on; so
+the source paces itself at 1 request per 1.1 s: with no burst to spare,
+network jitter would otherwise make a request arrive a hair early (flows'
+emulator enforces 1/s with a token bucket of burst 1, and refused 4 of 14
+requests paced at exactly 1/s on a real clock). Asking for many pairs per
+request is what makes a large symbol set affordable.
+
+Example::
+
+    from flows import ChangeDetector, Flow
+    from sources.kraken import KrakenTickers
+    from sinks.sqlite import SQLiteSink
+
+    flow = Flow("kraken", sources=[KrakenTickers(symbols=["XBTUSD", "ETHUSD"], every=2.0)],
+                stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import httpx
+import msgspec
+
+from flows._http import HttpError, HttpSource, Parsed, Request, optional_float, price
+from flows._limits import RateLimit
+from flows._records import Tick
+
+__all__ = ["KrakenTickers"]
+
+_PATH = "/0/public/Ticker"
+_UNKNOWN_PAIR = "EQuery:Unknown asset pair"
+_RATE_LIMITED = ("EGeneral:Too many requests", "EAPI:Rate limit exceeded")
+_TRANSIENT = ("EGeneral:Internal error", "EGeneral:Temporary lockout")
+# Kraken's own codes for assets most exchanges name otherwise
+_ALIASES = (("BTC", "XBT"), ("DOGE", "XDG"))
+
+
+class _Ticker(msgspec.Struct):
+    a: list[str] | None = None
+    b: list[str] | None = None
+    c: list[str] | None = None
+    v: list[str] | None = None
+
+
+class _Answer(msgspec.Struct):
+    error: list[str] = []
+    result: dict[str, msgspec.Raw] = {}
+
+
+class _Errors(msgspec.Struct):
+    error: list[str] = []
+
+
+_decode_answer = msgspec.json.Decoder(_Answer)
+_decode_errors = msgspec.json.Decoder(_Errors)
+_decode_ticker = msgspec.json.Decoder(_Ticker)
+
+
+def _canonical(name: str) -> str:
+    """A pair name in altname form: ``XXBTZUSD`` and ``BTCUSD`` -> ``XBTUSD``."""
+    name = name.upper()
+    if len(name) == 8 and name[0] in "XZ" and name[4] in "XZ":  # legacy X/Z asset codes
+        name = name[1:4] + name[5:8]
+    for common, kraken in _ALIASES:
+        if name.startswith(common):
+            name = kraken + name[len(common) :]
+        if name.endswith(common) and len(name) > len(common):
+            name = name[: -len(common)] + kraken
+    return name
+
+
+def _first(values: list[str] | None, index: int = 0) -> str | None:
+    return values[index] if values is not None and len(values) > index else None
+
+
+def _optional_price(value: str | None) -> float | None:
+    return None if value is None or value == "" else price(value)
+
+
+class KrakenTickers(HttpSource):
+    """Source: Kraken spot tickers, polled every ``every`` seconds.
+
+    Parameters (besides ``HttpSource``'s):
+        symbols: Kraken pairs, altnames such as ``XBTUSD`` or Kraken's names
+            such as ``XXBTZUSD``; Ticks carry the name given here.
+        per_request: pairs per request (a ``pair=A,B,...`` list).
+        rate_limit_pause: seconds every request waits after Kraken says
+            ``EGeneral:Too many requests``.
+        name: default ``kraken``.
+
+    Attributes:
+        unknown: pairs Kraken rejected as unknown, no longer polled.
+    """
+
+    DEFAULT_URL = "https://api.kraken.com"
+    DEFAULT_LIMITS = (RateLimit(1, 1.1),)
+
+    def __init__(
+        self,
+        *,
+        symbols: list[str],
+        per_request: int = 50,
+        rate_limit_pause: float = 5.0,
+        name: str = "kraken",
+        **options,
+    ) -> None:
+        if per_request < 1:
+            raise ValueError("per_request must be >= 1")
+        if rate_limit_pause < 0:
+            raise ValueError("rate_limit_pause must be >= 0")
+        super().__init__(symbols=symbols, name=name, **options)
+        self.per_request = per_request
+        self.rate_limit_pause = rate_limit_pause
+        self.unknown: set[str] = set()
+        self._alone: set[str] = set()  # asked one at a time to find an unknown pair
+        self._log = logging.getLogger(f"flows.source.{name}")
+
+    def plan(self, symbols: list[str]) -> list[Request]:
+        symbols = [s for s in symbols if s not in self.unknown]
+        together = [s for s in symbols if s not in self._alone]
+        chunks = [tuple(together[i : i + self.per_request])
+                  for i in range(0, len(together), self.per_request)]
+        chunks += [(s,) for s in symbols if s in self._alone]
+        return [Request("Ticker", _PATH, {"pair": ",".join(chunk)}, 1, chunk) for chunk in chunks]
+
+    def check(self, response: httpx.Response, body: bytes) -> None:
+        super().check(response, body)
+        try:
+            errors = [e for e in _decode_errors.decode(body).error if e.startswith("E")]
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return  # parse() says what is wrong with the body
+        if not errors:
+            return
+        text = "; ".join(errors)
+        if any(e in _RATE_LIMITED for e in errors):
+            raise HttpError(f"rate limited: {text}", transient=True,
+                            retry_after=self.rate_limit_pause)
+        if any(e.startswith("EService:") or e in _TRANSIENT for e in errors):
+            raise HttpError(text, transient=True)
+        if _UNKNOWN_PAIR in errors:  # the API is up, a pair is wrong
+            self._unknown_pair(response)
+            raise HttpError(text, transient=False, symbol_error=True)
+        raise HttpError(text, transient=False)
+
+    def _unknown_pair(self, response: httpx.Response) -> None:
+        """Some pair of the request is unknown: isolate its pairs, or drop the pair."""
+        pairs = [p for p in response.request.url.params.get("pair", "").split(",") if p]
+        if len(pairs) == 1:
+            self._alone.discard(pairs[0])
+            if pairs[0] not in self.unknown:
+                self.unknown.add(pairs[0])
+                self._log.warning("source %s: Kraken does not know pair %s; no longer polled",
+                                  self.name, pairs[0])
+        else:
+            self._alone.update(pairs)
+
+    def parse(self, request: Request, body: bytes) -> Parsed:
+        now = time.time()
+        out = Parsed()
+        answer = _decode_answer.decode(body)
+        exact: dict[str, list[str]] = {}
+        canonical: dict[str, list[str]] = {}
+        for symbol in dict.fromkeys(request.symbols):
+            exact.setdefault(symbol.upper(), []).append(symbol)
+            canonical.setdefault(_canonical(symbol), []).append(symbol)
+        seen: set[str] = set()
+        for key, raw in answer.result.items():
+            matches = exact.get(key.upper(), []) + canonical.get(_canonical(key), [])
+            names = list(dict.fromkeys(matches))
+            if not names:
+                out.bad("unknown_symbol", f"{key} was not asked for")
+                continue
+            seen.update(names)
+            try:
+                ticker = _decode_ticker.decode(raw)
+                last = price(_first(ticker.c))
+                bid, ask = _optional_price(_first(ticker.b)), _optional_price(_first(ticker.a))
+                volume = optional_float(_first(ticker.v, 1))
+            except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+                for symbol in names:
+                    out.bad("invalid", f"{symbol} ({key}): {exc}")
+                continue
+            out.ticks += [Tick(self.name, symbol, last, now, bid=bid, ask=ask, volume=volume)
+                          for symbol in names]
+        if len(request.symbols) == 1 and out.ticks:
+            self._alone.discard(request.symbols[0])  # a good pair: back with the others
+        missing = len(set(request.symbols) - seen)
+        if missing:
+            out.invalid["missing"] = out.invalid.get("missing", 0) + missing
+        return out

@@ -16,6 +16,8 @@ from ._channels import Outbox as Outbox
 from ._flow import Flow as Flow
 from ._flow import FlowError as FlowError
 from ._flow import Supervision as Supervision
+from ._limits import CircuitBreaker as CircuitBreaker
+from ._limits import RateLimit as RateLimit
 from ._metrics import METRICS as METRICS
 from ._metrics import SlowThresholds as SlowThresholds
 from ._records import Batch as Batch

@@ -11,8 +11,8 @@ from flows import METRICS
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 PUBLIC = {
-    "Batch", "BatchingSink", "ChangeDetector", "Edge", "Flow", "FlowError", "FlowFailed",
-    "FunctionStage", "Inbox", "METRICS", "Outbox", "Retry", "RunContext", "RunResult", "Runtime", "Sink",
+    "Batch", "BatchingSink", "ChangeDetector", "CircuitBreaker", "Edge", "Flow", "FlowError", "FlowFailed",
+    "FunctionStage", "Inbox", "METRICS", "Outbox", "RateLimit", "Retry", "RunContext", "RunResult", "Runtime", "Sink",
     "Shard", "SlowThresholds", "Source", "Stage", "Supervision", "Tick", "run_flow", "shard_of", "stage",
 }
 

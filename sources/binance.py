@@ -153,7 +153,7 @@ class BinanceTickers(HttpSource):
         used = response.headers.get("x-mbx-used-weight-1m")
         if used is not None and used.isdigit():
             to_minute_end = 60.0 - time.time() % 60.0
-            limit = self.limiter.limits[0].limit if self.limiter.limits else 6000
+            limit = self.limiter.declared[0].limit if self.limiter.declared else 6000
             self.limiter.observe_usage(float(used), limit, trio.current_time() + to_minute_end)
 
     def check(self, response: httpx.Response, body: bytes) -> None:

@@ -20,9 +20,21 @@ def most_in_any_window(times: list[float], window: float) -> int:
 
 
 async def test_requests_are_spaced_at_the_limit(autojump_clock):
-    times = await starts(RateLimiter([RateLimit(10, 1.0)]), 50)
+    times = await starts(RateLimiter([RateLimit(10, 1.0)], share=1.0), 50)
     assert most_in_any_window(times, 1.0) <= 10
     assert 4.8 <= times[-1] - times[0] <= 5.0  # 49 gaps of 0.1 s: at the limit, not under
+
+
+async def test_by_default_a_little_under_the_limit(autojump_clock):
+    times = await starts(RateLimiter([RateLimit(100, 1.0)]), 500)
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 97.0 <= rate <= 99.0  # 98% of the limit: room for network jitter
+
+
+async def test_a_request_heavier_than_the_spare_budget_waits_for_the_window(autojump_clock):
+    limiter = RateLimiter([RateLimit(1, 2.0)])  # 0.98 units per 2 s
+    times = await starts(limiter, 3)
+    assert times[1] - times[0] >= 2.0 and times[2] - times[1] >= 2.0
 
 
 async def test_weights_and_several_limits_all_hold(autojump_clock):

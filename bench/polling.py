@@ -1,0 +1,479 @@
+"""Polling under a rate limit: refresh N symbols, one request each, at R req/s.
+
+The scenario: refresh N=1000 symbols from Binance's per-symbol endpoint
+(``GET /api/v3/ticker/price?symbol=X``, request weight 2) under a limit of
+R=100 requests/s, with 20 ms median latency. No client can refresh the set
+faster than the bound ``N / R`` (10 s) without being refused, so every
+variant's cycle time is reported against it, with the 429s it earned and
+the symbols missing from its result.
+
+The server is flows' exchange emulator, run as a separate process
+(``python -m flows.testing.emulator``, on 127.0.0.1, stopped at the end) with
+
+- Binance's weight limit set to exactly R requests of weight 2 per window:
+  ``limit = 2 * R * window`` weight per ``--window`` seconds (default 1 s,
+  so "R per second" holds for every second; the emulator counts fixed
+  windows, at the time it answers, like Binance). Binance's 418 ban after
+  repeated 429s is switched off (``ban_after`` huge) so a client that keeps
+  hammering collects 429s rather than a two-minute ban that would poison the
+  next variant; the emulator's limits and counters are reset between
+  variants (``POST /_emulator/reset``);
+- latency lognormal, median ``--latency-ms`` (20), sigma 0.5, before every
+  answer (refusals included); prices step once a second.
+
+Variants, each timed by the wall clock (it is a benchmark of waiting):
+
+- ``flows``: ``BinanceTickers(symbols=all N, per_request=1, every=0.01,
+  limits=[RateLimit(2 * R * window, window)], concurrency=--concurrency,
+  read_timeout=1.0)`` in a ``Flow`` to a sink that keeps every Tick, run by
+  ``flows.Runtime`` for ``--cycles`` back-to-back poll cycles. A cycle's
+  time is measured around the source's ``_cycle`` (the same span
+  ``flows_source_poll_cycle_seconds`` observes; the wrapper also records
+  the cycle's wall-clock start and end). A Tick belongs to the cycle whose
+  span holds its ``ts`` (the time its response was parsed), so "missing" is
+  counted at the sink: symbols that did not reach it in that cycle.
+- ``sequential httpx``: one ``httpx.AsyncClient``, one request after
+  another, for one cycle (naive retry as below, never needed here).
+- ``asyncio.gather``: all N requests at once, ``asyncio.gather`` over one
+  ``httpx.AsyncClient`` with an unbounded pool (a connection per request),
+  naive retry: on 429/418, 5xx or a transport error sleep a fixed 1 s and
+  retry, at most 5 times; one cycle. (With httpx's default pool, 100
+  connections and a 5 s pool timeout, this collapses at N=1000 before the
+  limit matters: httpcore's pool does work per queued request on every
+  event, the client saturates its core, and every request ends in
+  PoolTimeout/ConnectTimeout, 0 reaching the server; measured, ~7 minutes
+  for one "cycle" with its retries.)
+- ``flows + faults``: the flows variant for ``--fault-cycles`` cycles with
+  2% 5xx answers and 1% hangs (30 s, cut by flows' 1 s read timeout)
+  injected through ``POST /_emulator/faults``; p50/p99 of the cycle times
+  (with few cycles p99 is close to the worst cycle).
+
+429s are the emulator's count of refused requests (429 and 418; its
+``GET /_emulator/stats``), cross-checked against what the client saw
+(flows: ``flows_source_responses_total{status_class="429"}``). ``cpu c/s``
+is the CPU used by this process (the client) and by the emulator over the
+variant's run, in % of one core: it tells a client- or server-bound run
+from one that waits on the limit.
+
+Experiments (off by default; the defaults measure flows as it is):
+``--limit-share S`` gives flows a limit of S times the emulator's (head
+room against the jitter of arrival times: the server counts a request when
+it answers, not when the client sent it); ``--limiter-fix pacing`` and
+``--limiter-fix usage`` monkeypatch ``flows._limits.RateLimiter`` in this
+process (see ``apply_limiter_fix``); ``--window 60`` gives the emulator
+Binance's real one-minute window (12000 weight per 60 s at R=100).
+
+Targets, reported as PASS/FAIL (the exit status is 0 either way): clean,
+every flows cycle within 1.1x the bound and no 429; with faults, p99 within
+1.3x the bound and no symbol missing from any cycle.
+
+Run from the repository root (about 3 minutes with the defaults)::
+
+    python bench/polling.py
+    python bench/polling.py --symbols 500 --rate 50 --cycles 2 --fault-cycles 4
+    python bench/polling.py --skip sequential --skip gather --limit-share 0.98 --limiter-fix pacing --limiter-fix usage
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import attrs
+import httpx
+import trio
+from prometheus_client import CollectorRegistry
+
+from flows import Flow, Inbox, Runtime
+from flows._limits import RateLimit
+from flows.testing import sample
+from flows.testing.emulator import Emulator
+from sources.binance import BinanceTickers
+
+PATH = "/api/v3/ticker/price"
+WEIGHT = 2  # Binance's weight of a one-symbol ticker request
+NAIVE_RETRIES = 5
+NAIVE_SLEEP = 1.0
+SEED = 7
+
+
+# -- the emulator, a separate process -------------------------------------------
+
+
+class EmulatorProcess:
+    """``python -m flows.testing.emulator`` on 127.0.0.1, a free port; its control API."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        weight = round(WEIGHT * args.rate * args.window)
+        self.latency = {"dist": "lognormal", "ms": args.latency_ms, "sigma": 0.5}
+        self.limit_spec = f"limit={weight},window={args.window:g},ban_after=1000000000"
+        cmd = [
+            sys.executable, "-m", "flows.testing.emulator", "--host", "127.0.0.1",
+            "--port", "0", "--seed", str(SEED), "--assets", str(args.symbols),
+            "--tick-interval", "1", "--rate-limit", f"binance={self.limit_spec}",
+            "--latency-dist", "lognormal", "--latency-ms", str(args.latency_ms),
+        ]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=env)
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http"):
+            self.stop()
+            raise RuntimeError(f"the emulator did not start (said {self.url!r})")
+        self.control = httpx.Client(base_url=self.url, timeout=10.0)
+
+    def reset(self, faults: dict[str, Any] | None = None) -> None:
+        """Forget counted weight and stats; set the faults (latency always)."""
+        self.control.post("/_emulator/reset").raise_for_status()
+        body = {"latency": self.latency, **(faults or {})}
+        self.control.post("/_emulator/faults", json=body).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        response = self.control.get("/_emulator/stats")
+        response.raise_for_status()
+        return response.json()["binance"]["ticker/price"]
+
+    def cpu_seconds(self) -> float:
+        """The emulator process's CPU time so far (Linux; else NaN)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return math.nan
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "control"):
+            self.control.close()
+
+
+@attrs.define
+class Result:
+    name: str
+    cycles: list[float]  # seconds per cycle
+    missing: list[int]  # symbols missing, per cycle
+    refused: int  # 429/418 counted by the emulator
+    seen_429: int  # 429/418 the client saw
+    requests: int  # requests the emulator answered
+    extra: str = ""
+    client_cpu: float = math.nan  # share of one core, over the variant's run
+    server_cpu: float = math.nan
+
+
+# -- flows -------------------------------------------------------------------------
+
+
+class TickSink:
+    """Sink: keeps (symbol, ts) of every Tick."""
+
+    def __init__(self, *, name: str = "ticks") -> None:
+        self.name = name
+        self.seen: list[tuple[str, float]] = []
+
+    async def run(self, inbox: Inbox) -> None:
+        async for batch in inbox:
+            self.seen.extend((t.symbol, t.ts) for t in batch.records)
+            batch.ack("written")
+
+
+def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
+              cycles: int) -> tuple[list[float], list[int], int, str]:
+    """(cycle seconds, missing per cycle, 429s seen, notes) of ``cycles`` flows cycles."""
+    source = BinanceTickers(
+        symbols=symbols, base_url=url, per_request=1, every=0.01,
+        limits=[RateLimit(WEIGHT * args.rate * args.window * args.limit_share, args.window)],
+        concurrency=args.concurrency, read_timeout=1.0, connect_timeout=1.0,
+    )
+    sink = TickSink()
+    registry = CollectorRegistry()
+    runtime = Runtime(Flow("poll", sources=[source], sinks=[sink]), registry=registry,
+                      metrics_addr=None)
+    spans: list[tuple[float, float, float]] = []  # (wall start, wall end, seconds)
+    original = source._cycle
+
+    async def main() -> None:
+        done = trio.Event()
+
+        async def timed_cycle(*a: Any, **kw: Any) -> None:
+            wall, t0 = time.time(), time.perf_counter()
+            await original(*a, **kw)
+            spans.append((wall, time.time(), time.perf_counter() - t0))
+            print(f"  {name}: cycle {len(spans)}/{cycles} {spans[-1][2]:.2f}s", file=sys.stderr)
+            if len(spans) >= cycles:
+                done.set()
+                await trio.sleep_forever()  # no more requests until stopped
+
+        source._cycle = timed_cycle  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.run)
+            await done.wait()
+            runtime.stop()
+
+    trio.run(main)
+    starts = [s for s, _, _ in spans]
+    got: list[set[str]] = [set() for _ in spans]
+    for symbol, ts in sink.seen:
+        k = bisect.bisect_right(starts, ts) - 1
+        if k >= 0 and ts <= spans[k][1]:
+            got[k].add(symbol)
+    missing = [len(set(symbols) - g) for g in got]
+    seen_429 = int(sample(registry, "flows_source_responses_total", "poll", source.name,
+                          status_class="429"))
+    retries = int(sample(registry, "flows_source_retries_total", "poll", source.name))
+    failed = int(sample(registry, "flows_records_discarded_total", "poll", source.name,
+                        reason="request_failed"))
+    errors = int(sample(registry, "flows_source_responses_total", "poll", source.name,
+                        status_class="error"))
+    s5xx = int(sample(registry, "flows_source_responses_total", "poll", source.name,
+                      status_class="5xx"))
+    notes = f"retries={retries} 5xx={s5xx} timeouts/errors={errors} failed={failed}"
+    return [s for _, _, s in spans], missing, seen_429, notes
+
+
+def apply_limiter_fix(which: list[str]) -> None:
+    """Experiments (``--limiter-fix``), monkeypatched into ``flows._limits.RateLimiter``
+    for this process only:
+
+    - ``pacing``: ``acquire`` anchors the next slot to this one's scheduled
+      time, not to the (late) time the caller woke up; late wake-ups
+      (timer granularity, a busy loop) no longer slow the long-run rate;
+    - ``usage``: ``observe_usage`` pauses only when the API's count exceeds
+      this limiter's own usage over the window (someone else shares the
+      budget), not whenever usage passes 90% (which a client running near
+      the limit does every window, by itself).
+    """
+    from flows._limits import RateLimiter
+
+    async def acquire(self: RateLimiter, weight: float = 1.0) -> float:
+        start = trio.current_time()
+        async with self._lock:
+            while True:
+                now = trio.current_time()
+                at = self._ready_at(weight, now)
+                if at <= now:
+                    break
+                await trio.sleep_until(at)
+            spacing = max((weight * lim.window / lim.limit for lim in self.limits), default=0.0)
+            # was: self._next = max(now, self._next) + spacing
+            self._next = max(now - spacing, self._next) + spacing
+            for log in self._logs:
+                log.append((now, weight))
+        return trio.current_time() - start
+
+    def observe_usage(self: RateLimiter, used: float, limit: float, window_end: float) -> None:
+        if used < 0.9 * limit:
+            return
+        now = trio.current_time()
+        for lim, log in zip(self.limits, self._logs):
+            if lim.limit == limit:
+                own = sum(w for t, w in log if t > now - lim.window)
+                if used <= own + 0.05 * limit:
+                    return  # (nearly) all of it is ours: the sliding log keeps us under
+                break
+        self.pause_until(window_end)
+
+    if "pacing" in which:
+        RateLimiter.acquire = acquire  # type: ignore[method-assign]
+    if "usage" in which:
+        RateLimiter.observe_usage = observe_usage  # type: ignore[method-assign]
+
+
+# -- naive asyncio clients -----------------------------------------------------------
+
+
+async def naive_fetch(client: httpx.AsyncClient, symbol: str, counts: dict[str, int]) -> bool:
+    """One symbol: retry 429/418, 5xx and transport errors after a fixed sleep."""
+    for attempt in range(NAIVE_RETRIES + 1):
+        try:
+            response = await client.get(PATH, params={"symbol": symbol})
+        except httpx.HTTPError:
+            counts["errors"] += 1
+        else:
+            if response.status_code == 200:
+                return response.json().get("symbol") == symbol
+            if response.status_code in (418, 429):
+                counts["429"] += 1
+            elif response.status_code < 500:
+                return False  # 4xx other than 429: not worth a retry
+        if attempt < NAIVE_RETRIES:
+            await asyncio.sleep(NAIVE_SLEEP)
+    return False
+
+
+def run_sequential(url: str, symbols: list[str]) -> tuple[float, int, int, str]:
+    async def main() -> tuple[float, int, int, str]:
+        counts = {"429": 0, "errors": 0}
+        async with httpx.AsyncClient(base_url=url) as client:
+            t0 = time.perf_counter()
+            ok = [await naive_fetch(client, s, counts) for s in symbols]
+            seconds = time.perf_counter() - t0
+        return seconds, ok.count(False), counts["429"], f"errors={counts['errors']}"
+
+    return asyncio.run(main())
+
+
+def run_gather(url: str, symbols: list[str]) -> tuple[float, int, int, str]:
+    async def main() -> tuple[float, int, int, str]:
+        counts = {"429": 0, "errors": 0}
+        unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=url, limits=unbounded) as client:
+            t0 = time.perf_counter()
+            ok = await asyncio.gather(*(naive_fetch(client, s, counts) for s in symbols))
+            seconds = time.perf_counter() - t0
+        return seconds, ok.count(False), counts["429"], f"errors={counts['errors']}"
+
+    return asyncio.run(main())
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q
+    lo = int(at)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--symbols", type=int, default=1000, help="N symbols (default 1000)")
+    parser.add_argument("--rate", type=float, default=100.0,
+                        help="R: the limit in requests/s (default 100)")
+    parser.add_argument("--window", type=float, default=1.0,
+                        help="the emulator's fixed window in seconds (default 1; Binance: 60)")
+    parser.add_argument("--latency-ms", type=float, default=20.0,
+                        help="median latency, lognormal (default 20)")
+    parser.add_argument("--cycles", type=int, default=3, help="flows cycles, clean (default 3)")
+    parser.add_argument("--fault-cycles", type=int, default=8,
+                        help="flows cycles with faults (default 8)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="flows' requests in flight (default 16)")
+    parser.add_argument("--limit-share", type=float, default=1.0,
+                        help="flows' limit as a share of the emulator's (default 1.0: exactly "
+                             "the limit)")
+    parser.add_argument("--limiter-fix", action="append", default=[], choices=("pacing", "usage"),
+                        help="experiment: monkeypatch flows' RateLimiter (see apply_limiter_fix; "
+                             "repeatable)")
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=("flows", "sequential", "gather", "faults"),
+                        help="leave a variant out (repeatable)")
+    args = parser.parse_args(argv)
+    if args.symbols < 1 or args.rate <= 0 or args.cycles < 1 or args.fault_cycles < 1:
+        parser.error("--symbols, --rate, --cycles and --fault-cycles must be positive")
+    logging.basicConfig(level=logging.ERROR)  # flows' own warnings off the table
+    if args.limiter_fix:
+        apply_limiter_fix(args.limiter_fix)
+
+    t_start = time.perf_counter()
+    bound = args.symbols / args.rate
+    emulator = EmulatorProcess(args)
+    try:
+        symbols = Emulator(seed=SEED, assets=args.symbols).symbols("binance")
+        print(
+            f"N={args.symbols} symbols, R={args.rate:g} req/s (binance {emulator.limit_spec}, "
+            f"weight {WEIGHT}/request), latency lognormal median {args.latency_ms:g} ms sigma 0.5; "
+            f"bound N/R = {bound:.2f}s; flows concurrency {args.concurrency}, limit "
+            f"{args.limit_share:g}x R{'; PATCHED RateLimiter: ' + '+'.join(args.limiter_fix) if args.limiter_fix else ''}; emulator "
+            f"{emulator.url} (separate process); {os.cpu_count()} CPUs, python "
+            f"{sys.version.split()[0]}, httpx {httpx.__version__}, trio {trio.__version__}"
+        )
+        results: list[Result] = []
+
+        def measured(name: str, faults: dict[str, Any] | None, fn: Any) -> Result:
+            emulator.reset(faults)
+            wall, cpu, server = time.perf_counter(), time.process_time(), emulator.cpu_seconds()
+            cycles, missing, seen, extra = fn()
+            wall = time.perf_counter() - wall
+            client_cpu = (time.process_time() - cpu) / wall
+            server_cpu = (emulator.cpu_seconds() - server) / wall
+            stats = emulator.stats()
+            refused = stats["refused"]
+            result = Result(name, cycles, missing, refused, seen, stats["requests"], extra,
+                            client_cpu, server_cpu)
+            results.append(result)
+            return result
+
+        if "flows" not in args.skip:
+            measured(f"flows ({args.cycles} cycles)", None,
+                     lambda: run_flows("flows", emulator.url, symbols, args, args.cycles))
+        if "sequential" not in args.skip:
+            def seq() -> Any:
+                seconds, missing, seen, extra = run_sequential(emulator.url, symbols)
+                return [seconds], [missing], seen, extra
+            measured("sequential httpx", None, seq)
+        if "gather" not in args.skip:
+            def gat() -> Any:
+                seconds, missing, seen, extra = run_gather(emulator.url, symbols)
+                return [seconds], [missing], seen, extra
+            measured("asyncio.gather", None, gat)
+        faults = {"error_rate": 0.02, "hang_rate": 0.01, "hang_seconds": 30.0}
+        if "faults" not in args.skip:
+            measured(f"flows + faults ({args.fault_cycles} cycles)", faults,
+                     lambda: run_flows("faults", emulator.url, symbols, args, args.fault_cycles))
+    finally:
+        emulator.stop()
+
+    print()
+    header = (f"{'variant':<28} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'bound s':>8} "
+              f"{'p50/b':>6} {'max/b':>6} {'req/s':>6} {'429s':>6} {'missing':>8} {'cpu c/s':>9}  notes")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        p50, p99, worst = percentile(r.cycles, 0.5), percentile(r.cycles, 0.99), max(r.cycles)
+        rate = r.requests / sum(r.cycles)
+        seen = "" if r.seen_429 == r.refused else f" (client saw {r.seen_429})"
+        print(f"{r.name:<28} {p50:>7.2f} {p99:>7.2f} {worst:>7.2f} {bound:>8.2f} "
+              f"{p50 / bound:>5.2f}x {worst / bound:>5.2f}x {rate:>6.1f} {r.refused:>6} "
+              f"{sum(r.missing):>8} {r.client_cpu * 100:>4.0f}/{r.server_cpu * 100:<4.0f}  {r.extra}{seen}")
+    print()
+    print("missing: symbols absent from a cycle's result, summed over cycles; req/s: requests "
+          "the emulator answered (retries included) / cycle time; cpu c/s: % of one core used by "
+          "this process (client) / the emulator, over the variant's run")
+
+    checks = []
+    by_name = {r.name.split(" (")[0]: r for r in results}
+    if "flows" in by_name:
+        r = by_name["flows"]
+        checks.append((f"flows clean: every cycle within 1.1x the bound ({len(r.cycles)} cycles)",
+                       max(r.cycles) <= 1.1 * bound, f"worst {max(r.cycles) / bound:.2f}x"))
+        checks.append(("flows clean: zero 429s", r.refused == 0 and r.seen_429 == 0,
+                       f"{r.refused} refused"))
+        checks.append(("flows clean: no symbol missing", sum(r.missing) == 0,
+                       f"{sum(r.missing)} missing"))
+    if "flows + faults" in by_name:
+        r = by_name["flows + faults"]
+        p99 = percentile(r.cycles, 0.99)
+        checks.append((f"flows + faults: p99 within 1.3x the bound ({len(r.cycles)} cycles)",
+                       p99 <= 1.3 * bound, f"p99 {p99 / bound:.2f}x"))
+        checks.append(("flows + faults: no symbol missing from any cycle", sum(r.missing) == 0,
+                       f"missing per cycle {r.missing}"))
+    print()
+    for what, ok, got in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}: {got}")
+    print(f"\n({time.perf_counter() - t_start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -188,7 +188,10 @@ class Runtime:
         parts = []
         for a in self.status()["actors"]:
             dropped = sum(a["discarded"].values())
-            parts.append(f"{a['name']}: in={a['received']} out={a['sent']} dropped={dropped}")
+            part = f"{a['name']}: in={a['received']} out={a['sent']} dropped={dropped}"
+            if "written" in a:
+                part += f" written={a['written']}"
+            parts.append(part)
         return "; ".join(parts)
 
     def status(self) -> dict[str, Any]:

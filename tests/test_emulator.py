@@ -632,7 +632,7 @@ async def test_fault_draws_are_reproducible(start):
 # -- counters and control ------------------------------------------------------
 
 
-async def test_stats_counters(start):
+async def test_stats_counters(start, mock_clock):  # frozen clock: one rate window
     emulator, client = await start(
         assets=3, rate_limits={"okx": WindowLimit(limit=2, window=2)}
     )

@@ -137,3 +137,208 @@ class CoinbaseTickers(HttpSource):
         except (TypeError, ValueError) as exc:
             out.bad("invalid", f"{symbol}: {exc}")
         return out
+
+
+# -- websocket feed ------------------------------------------------------------------
+#
+# Appended to the REST source above. This part imports what it uses itself (some names
+# again: F811), so the part above can change without breaking it.
+
+import datetime as dt  # noqa: E402, F811
+import logging  # noqa: E402
+import time  # noqa: E402, F811
+from typing import Any  # noqa: E402
+
+import msgspec  # noqa: E402
+
+from flows._http import optional_float, price  # noqa: E402, F811
+from flows._limits import RateLimit  # noqa: E402
+from flows._records import Tick  # noqa: E402, F811
+from flows._ws import StreamParsed, WebSocketSource  # noqa: E402
+
+__all__ += ["CoinbaseStream"]
+
+
+class CoinbaseFeedMessage(msgspec.Struct, frozen=True):
+    """Any message of Coinbase Exchange's websocket feed: ``type`` says which
+    (``ticker``, ``heartbeat``, ``subscriptions``, ``error``; others are
+    ignored, as Coinbase asks). Only the fields the stream reads; the rest
+    are skipped while decoding."""
+
+    type: str
+    product_id: str | None = None
+    sequence: int | None = None
+    price: str | None = None
+    best_bid: str | None = None
+    best_ask: str | None = None
+    volume_24h: str | None = None
+    time: str | None = None
+    trade_id: int | None = None
+    last_trade_id: int | None = None
+    message: str | None = None
+    reason: str | None = None
+    channels: list[Any] | None = None
+
+
+def _feed_epoch(value: str) -> float:
+    """Epoch seconds from the feed's ISO 8601 ``time`` (``...Z``)."""
+    moment = dt.datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def _feed_price(value: str | None) -> float | None:
+    return None if value is None or value == "" else price(value)
+
+
+_feed_log = logging.getLogger("flows.source.coinbase")
+
+
+class CoinbaseStream(WebSocketSource):
+    """Source: Coinbase Exchange's websocket feed, ``ticker`` channel (needs
+    ``flows[ws]``).
+
+    Connects to ``wss://ws-feed.exchange.coinbase.com`` (the sandbox:
+    ``wss://ws-feed-public.sandbox.exchange.coinbase.com``; flows' emulator:
+    ``ws://127.0.0.1:PORT/ws-feed``) and, within the 5 seconds Coinbase
+    allows, subscribes::
+
+        {"type": "subscribe", "product_ids": ["BTC-USD", "ETH-USD"],
+         "channels": ["ticker", "heartbeat"]}
+
+    answered ``{"type": "subscriptions", "channels": [{"name": "ticker",
+    "product_ids": [...]}, ...]}``. Each ``ticker`` message::
+
+        {"type": "ticker", "sequence": 37475248783, "product_id": "BTC-USD",
+         "price": "67187.33", "open_24h": "...", "volume_24h": "16234.56",
+         "low_24h": "...", "high_24h": "...", "volume_30d": "...",
+         "best_bid": "67184.00", "best_bid_size": "...", "best_ask": "67190.71",
+         "best_ask_size": "...", "side": "buy",
+         "time": "2022-10-19T23:28:22.061769Z", "trade_id": 370843401,
+         "last_size": "11.4396987"}
+
+    becomes ``Tick(price, ts=time, bid=best_bid, ask=best_ask,
+    volume=volume_24h)`` (decimal strings parsed to float; ``time`` is the
+    match's, so a quiet product shows up as source lag). The ticker channel
+    speaks on every match, batching cascading matches into one message.
+
+    ``heartbeat`` (default on): Coinbase then sends ``{"type": "heartbeat",
+    "sequence": ..., "last_trade_id": ..., "product_id": ..., "time": ...}``
+    once a second per product, so a connection whose products are quiet
+    still shows it is alive; ``silence_timeout`` is 10 s with heartbeats
+    (60 s without: an illiquid product can go minutes without a match).
+    Heartbeats cost one small message per product per second.
+
+    Gaps: ``sequence`` is the product's sequence number across every channel
+    of the feed (level2, matches, full, ...), and the ticker channel skips
+    most of them: it samples (one message per batch of matches) and the
+    messages between are other channels'. Jumps are therefore normal on
+    the real feed, so gap checks are off by default (``check_gaps=True``
+    counts any jump of more than one, per product, as a gap: for feeds or
+    emulators that number ticker messages one by one).
+
+    Errors: ``{"type": "error", "message": "Failed to subscribe", "reason":
+    "BTC-FOO is not a valid product"}`` fails the whole subscribe message;
+    the product is logged and left out of later subscriptions (``unknown``),
+    so the next connection (Coinbase drops a connection that has not
+    subscribed within 5 seconds; else the silence timeout replaces it) gets
+    the others.
+
+    Limits (docs.cdp.coinbase.com/exchange/websocket-feed/rate-limits):
+    8 new connections per second per IP, bursts of up to 20
+    (``CONNECT_LIMITS``: 8/s); 100 messages per second from the client per
+    IP (``SUBSCRIBE_LIMITS``: 10/s per connection, so ten connections stay
+    within it; the source sends one subscribe message per
+    ``products_per_message`` products and nothing else); at most 10
+    subscriptions per product and channel per account (several flows
+    subscribing the same product count together). Coinbase publishes no
+    cap on products per connection; ``max_streams_per_connection`` (1024)
+    shards larger sets. A consumer too slow to keep up is disconnected by
+    Coinbase: put a ``conflate`` edge on the consumer.
+
+    Parameters (besides ``WebSocketSource``'s):
+        symbols: product ids such as ``BTC-USD``.
+        heartbeat: also subscribe to the ``heartbeat`` channel.
+        check_gaps: count sequence jumps as gaps (see above).
+        products_per_message: products per subscribe message.
+        name: default ``coinbase_stream``.
+
+    Attributes:
+        unknown: products Coinbase refused as not valid; left out of later
+            subscriptions.
+
+    Example::
+
+        from flows import Edge, Flow
+        from sources.coinbase import CoinbaseStream
+
+        flow = Flow("live", sources=[CoinbaseStream(symbols=["BTC-USD", "ETH-USD"])],
+                    sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    """
+
+    DEFAULT_URL = "wss://ws-feed.exchange.coinbase.com"
+    CONNECT_LIMITS = (RateLimit(8, 1.0),)
+    SUBSCRIBE_LIMITS = (RateLimit(10, 1.0),)
+
+    def __init__(
+        self,
+        *,
+        symbols: list[str],
+        heartbeat: bool = True,
+        check_gaps: bool = False,
+        products_per_message: int = 100,
+        name: str = "coinbase_stream",
+        **options: Any,
+    ) -> None:
+        if products_per_message < 1:
+            raise ValueError("products_per_message must be >= 1")
+        options.setdefault("silence_timeout", 10.0 if heartbeat else 60.0)
+        super().__init__(symbols=[s.upper() for s in symbols], name=name, **options)
+        self.heartbeat_channel = heartbeat
+        self.check_gaps = check_gaps
+        self.products_per_message = products_per_message
+        self.unknown: set[str] = set()
+        self._decode = msgspec.json.Decoder(CoinbaseFeedMessage).decode
+
+    def subscribe_messages(self, symbols: list[str]) -> list[str | bytes]:
+        products = [s for s in symbols if s not in self.unknown]
+        channels = ["ticker", "heartbeat"] if self.heartbeat_channel else ["ticker"]
+        per = self.products_per_message
+        return [
+            msgspec.json.encode({"type": "subscribe", "product_ids": products[i : i + per],
+                                 "channels": channels}).decode()
+            for i in range(0, len(products), per)
+        ]
+
+    def parse(self, message: str | bytes) -> StreamParsed:
+        m = self._decode(message)
+        out = StreamParsed()
+        kind = m.type
+        if kind == "ticker":
+            if m.product_id is None:
+                raise ValueError("ticker message without product_id")
+            out.ticks.append(Tick(
+                self.name, m.product_id, price(m.price),
+                _feed_epoch(m.time) if m.time else time.time(),
+                bid=_feed_price(m.best_bid), ask=_feed_price(m.best_ask),
+                volume=optional_float(m.volume_24h),
+            ))
+            if self.check_gaps and m.sequence is not None:
+                out.sequences.append((m.product_id, m.sequence))
+        elif kind == "error":
+            self._refused(m)
+        elif kind == "subscriptions":
+            _feed_log.debug("source %s: subscribed %s", self.name, m.channels)
+        return out  # heartbeats (and types this source does not use) carry no Tick
+
+    def _refused(self, m: CoinbaseFeedMessage) -> None:
+        reason = m.reason or ""
+        product, _, rest = reason.partition(" ")
+        if rest == "is not a valid product" and product in self.symbols:
+            if product not in self.unknown:
+                self.unknown.add(product)
+                _feed_log.warning("source %s: Coinbase does not know product %s; "
+                                  "left out from the next connection on", self.name, product)
+            return
+        _feed_log.warning("source %s: Coinbase error: %s (%s)", self.name, m.message, reason)

@@ -241,3 +241,249 @@ class KrakenTickers(HttpSource):
         if missing:
             out.invalid["missing"] = out.invalid.get("missing", 0) + missing
         return out
+
+
+# -- websocket API v2 ----------------------------------------------------------------
+#
+# Appended to the REST source above. This part imports what it uses itself (some names
+# again: F811), so the part above can change without breaking it.
+
+import datetime as dt  # noqa: E402
+import itertools  # noqa: E402
+import logging  # noqa: E402, F811
+import time  # noqa: E402, F811
+from typing import Any, Literal  # noqa: E402
+
+import msgspec  # noqa: E402
+
+from flows._http import price  # noqa: E402, F811
+from flows._limits import RateLimit  # noqa: E402
+from flows._records import Tick  # noqa: E402, F811
+from flows._ws import StreamParsed, WebSocketSource  # noqa: E402
+
+__all__ += ["KrakenStream"]
+
+
+class KrakenV2Ticker(msgspec.Struct, frozen=True):
+    """One ``ticker`` data item of Kraken's websocket v2 (numbers, not strings)."""
+
+    symbol: str
+    last: float
+    bid: float | None = None
+    bid_qty: float | None = None
+    ask: float | None = None
+    ask_qty: float | None = None
+    volume: float | None = None
+    vwap: float | None = None
+    low: float | None = None
+    high: float | None = None
+    change: float | None = None
+    change_pct: float | None = None
+    timestamp: str | None = None  # RFC 3339; newer versions of the API only
+
+
+class KrakenV2Message(msgspec.Struct, frozen=True):
+    """Any message of Kraken's websocket v2: channel messages (``ticker``,
+    ``heartbeat``, ``status``) or answers to requests (``method``). ``data``
+    is decoded by channel."""
+
+    channel: str | None = None
+    type: str | None = None
+    data: msgspec.Raw = msgspec.Raw()  # empty when absent
+    method: str | None = None
+    success: bool | None = None
+    error: str | None = None
+    symbol: str | None = None
+    req_id: int | None = None
+
+
+class _KrakenStatus(msgspec.Struct, frozen=True):
+    system: str | None = None
+    api_version: str | None = None
+    connection_id: int | None = None
+    version: str | None = None
+
+
+_decode_v2 = msgspec.json.Decoder(KrakenV2Message).decode
+_decode_v2_tickers = msgspec.json.Decoder(list[KrakenV2Ticker]).decode
+_decode_v2_status = msgspec.json.Decoder(list[_KrakenStatus]).decode
+_v2_log = logging.getLogger("flows.source.kraken")
+# websocket v2 names assets by their common codes: BTC/USD, not XBT/USD
+_V2_CODES = {"XBT": "BTC", "XDG": "DOGE"}
+
+
+def v2_symbol(name: str) -> str:
+    """A pair in websocket v2 form: ``xbt/usd`` -> ``BTC/USD``."""
+    base, sep, quote = name.upper().partition("/")
+    if not sep:
+        return name.upper()
+    return f"{_V2_CODES.get(base, base)}/{_V2_CODES.get(quote, quote)}"
+
+
+def _v2_epoch(value: str) -> float:
+    moment = dt.datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def _v2_price(value: float | None) -> float | None:
+    return None if value is None else price(value)
+
+
+class KrakenStream(WebSocketSource):
+    """Source: Kraken spot tickers over the websocket API v2 (needs
+    ``flows[ws]``).
+
+    Connects to ``wss://ws.kraken.com/v2`` (flows' emulator:
+    ``ws://127.0.0.1:PORT/v2``). Kraken first sends ``{"channel": "status",
+    "type": "update", "data": [{"system": "online", "api_version": "v2",
+    ...}]}``; the source subscribes::
+
+        {"method": "subscribe", "params": {"channel": "ticker",
+         "symbol": ["BTC/USD", "ETH/USD"], "event_trigger": "trades"}, "req_id": 1}
+
+    Kraken acknowledges each symbol (``{"method": "subscribe", "result":
+    {"channel": "ticker", "symbol": "BTC/USD", ...}, "success": true, ...}``;
+    an unknown pair gets ``"success": false, "error": "Currency pair not
+    supported FOO/USD"``: logged, listed in ``unknown`` and left out of
+    later subscriptions), then sends a ``snapshot`` and ``update`` s::
+
+        {"channel": "ticker", "type": "update", "data": [{"symbol": "BTC/USD",
+         "bid": 67184.0, "bid_qty": 0.5, "ask": 67190.7, "ask_qty": 1.2,
+         "last": 67187.3, "volume": 1623.4, "vwap": 66598.6, "low": 65800.1,
+         "high": 68011.0, "change": 1177.3, "change_pct": 1.78}]}
+
+    Numbers, not strings (msgspec decodes them straight to float). Tick:
+    ``price=last``, ``bid``, ``ask``, ``volume`` (24 h, base currency).
+    ``ts``: the item's ``timestamp`` (RFC 3339) when there is one (Kraken's
+    current documentation shows it; the v2 ticker first had none), else the
+    time the message arrived. Updates come on every trade
+    (``event_trigger="trades"``, the default) or on every change of the best
+    bid or offer (``"bbo"``). The ticker carries no sequence number, so this
+    source cannot see gaps.
+
+    Symbols: v2 names, ``BTC/USD`` (v2 uses BTC and DOGE where the REST API
+    says XBT and XDG; ``XBT/USD`` is accepted and streamed as ``BTC/USD``).
+
+    Liveness: Kraken sends ``{"channel": "heartbeat"}`` about once a second
+    when no other update goes out, so ``silence_timeout`` is 10 s. It closes
+    a connection within about a minute of inactivity, where any request,
+    such as ``{"method": "ping", "req_id": N}``, keeps it alive: the source
+    sends one every ``heartbeat_interval`` (30 s) and takes the ``pong``
+    answer in its stride.
+
+    Limits (docs.kraken.com, Spot WebSocket guide): Cloudflare allows about
+    150 connection attempts per rolling 10 minutes per IP and bans the IP
+    for 10 minutes beyond that (``CONNECT_LIMITS``: 150 per 600 s, so
+    reconnect storms are paced at one every 4 s); after maintenance Kraken
+    asks for at most one reconnection every 5 seconds. The message rate
+    limit per connection is not published (it varies with load; over it,
+    ``{"error": "Exceeded msg rate"}``): ``SUBSCRIBE_LIMITS`` is a
+    conservative 1 message per second (subscribes and pings), with
+    ``symbols_per_message`` symbols per subscribe. No published cap on
+    symbols per connection; ``max_streams_per_connection`` (1024) shards.
+
+    Parameters (besides ``WebSocketSource``'s):
+        symbols: v2 pairs such as ``BTC/USD``.
+        event_trigger: ``trades`` or ``bbo`` (see above).
+        snapshot: ask for a snapshot on subscribing (the current ticker at
+            once, instead of at the next trade).
+        symbols_per_message: symbols per subscribe message.
+        name: default ``kraken_stream``.
+
+    Attributes:
+        unknown: pairs Kraken refused; left out of later subscriptions.
+        pongs: pong answers received (the heartbeat's echo).
+
+    Example::
+
+        from flows import Edge, Flow
+        from sources.kraken import KrakenStream
+
+        flow = Flow("live", sources=[KrakenStream(symbols=["BTC/USD", "ETH/USD"])],
+                    sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    """
+
+    DEFAULT_URL = "wss://ws.kraken.com/v2"
+    CONNECT_LIMITS = (RateLimit(150, 600.0),)
+    SUBSCRIBE_LIMITS = (RateLimit(1, 1.0),)
+    HEARTBEAT_INTERVAL = 30.0
+
+    def __init__(
+        self,
+        *,
+        symbols: list[str],
+        event_trigger: Literal["trades", "bbo"] = "trades",
+        snapshot: bool = True,
+        symbols_per_message: int = 100,
+        name: str = "kraken_stream",
+        **options: Any,
+    ) -> None:
+        if event_trigger not in ("trades", "bbo"):
+            raise ValueError(f"event_trigger must be 'trades' or 'bbo', not {event_trigger!r}")
+        if symbols_per_message < 1:
+            raise ValueError("symbols_per_message must be >= 1")
+        options.setdefault("silence_timeout", 10.0)
+        super().__init__(symbols=[v2_symbol(s) for s in symbols], name=name, **options)
+        self.event_trigger = event_trigger
+        self.snapshot_on_subscribe = snapshot
+        self.symbols_per_message = symbols_per_message
+        self.unknown: set[str] = set()
+        self.pongs = 0
+        self._req_ids = itertools.count(1)
+
+    def subscribe_messages(self, symbols: list[str]) -> list[str | bytes]:
+        pairs = [s for s in symbols if s not in self.unknown]
+        per = self.symbols_per_message
+        return [
+            msgspec.json.encode({
+                "method": "subscribe",
+                "params": {"channel": "ticker", "symbol": pairs[i : i + per],
+                           "event_trigger": self.event_trigger,
+                           "snapshot": self.snapshot_on_subscribe},
+                "req_id": next(self._req_ids),
+            }).decode()
+            for i in range(0, len(pairs), per)
+        ]
+
+    def heartbeat(self) -> str:
+        return f'{{"method":"ping","req_id":{next(self._req_ids)}}}'
+
+    def parse(self, message: str | bytes) -> StreamParsed:
+        m = _decode_v2(message)
+        out = StreamParsed()
+        channel = m.channel
+        if channel == "ticker":
+            if not m.data:
+                raise ValueError("ticker message without data")
+            now = time.time()
+            for item in _decode_v2_tickers(m.data):
+                out.ticks.append(Tick(
+                    self.name, item.symbol, price(item.last),
+                    _v2_epoch(item.timestamp) if item.timestamp else now,
+                    bid=_v2_price(item.bid), ask=_v2_price(item.ask), volume=item.volume,
+                ))
+        elif channel == "heartbeat":
+            pass
+        elif channel == "status":
+            if m.data:
+                for status in _decode_v2_status(m.data):
+                    if status.system not in (None, "online"):
+                        _v2_log.warning("source %s: Kraken says the exchange is %s",
+                                        self.name, status.system)
+        elif m.method == "pong":
+            self.pongs += 1
+        elif m.method is not None and m.success is False:
+            self._refused(m)
+        return out
+
+    def _refused(self, m: KrakenV2Message) -> None:
+        symbol = m.symbol
+        if symbol is not None and symbol in self.symbols and "not supported" in (m.error or ""):
+            if symbol not in self.unknown:
+                self.unknown.add(symbol)
+                _v2_log.warning("source %s: Kraken does not know pair %s (%s); left out "
+                                "from the next connection on", self.name, symbol, m.error)
+            return
+        _v2_log.warning("source %s: Kraken refused %s: %s", self.name, m.method, m.error)

@@ -43,6 +43,30 @@ closed after ``ws_max_connection_seconds`` (24 h). ``emulator.ws`` (a
 ``BinanceStreams``) holds the knobs, the open ``connections`` and
 ``disconnect(how="abrupt"|"close"|"stall")``.
 
+Coinbase Exchange websocket feed (``_ws.CoinbaseFeed``, at ``/ws-feed``:
+``ws://127.0.0.1:PORT/ws-feed`` stands for
+``wss://ws-feed.exchange.coinbase.com``): ``{"type":"subscribe",
+"product_ids":["BTC-USD"],"channels":["ticker","heartbeat"]}`` within 5 s,
+answered ``{"type":"subscriptions","channels":[...]}``; ``ticker`` messages
+(``{"type":"ticker","sequence","product_id","price","open_24h",
+"volume_24h","low_24h","high_24h","volume_30d","best_bid","best_bid_size",
+"best_ask","best_ask_size","side","time","trade_id","last_size"}``,
+strings) and ``heartbeat`` messages (1/s per product); errors
+``{"type":"error","message","reason"}``.
+
+Kraken websocket v2 (``_ws.KrakenFeed``, at ``/v2``: ``ws://127.0.0.1:PORT/v2``
+stands for ``wss://ws.kraken.com/v2``; symbols ``BTC/USD``,
+``emulator.stream_symbols("kraken")``): a ``status`` message on connecting,
+``{"method":"subscribe","params":{"channel":"ticker","symbol":[...]}}``
+answered per symbol (``{"method":"subscribe","result":{...},"success":true}``),
+then ``{"channel":"ticker","type":"snapshot"|"update","data":[{"symbol",
+"bid","bid_qty","ask","ask_qty","last","volume","vwap","low","high",
+"change","change_pct","timestamp"}]}`` (numbers), ``{"channel":"heartbeat"}``
+each second without updates, ``{"method":"ping"}`` answered
+``{"method":"pong",...}``; a connection silent for 60 s is closed.
+``emulator.feeds[exchange]`` holds each feed (the same knobs, faults and
+``disconnect`` as Binance's).
+
 Coinbase Exchange (``_coinbase``): ``GET /products/BTC-USD/ticker`` ->
 ``{"ask","bid","volume","trade_id","price","size","time"}``: strings,
 ``trade_id`` an integer, ``time`` ISO 8601 with ``Z``. Unknown: 404
@@ -144,9 +168,10 @@ Counters
 ``emulator.stats[exchange][endpoint]``: ``requests``, ``status`` (by
 HTTP status, keys are strings), ``refused`` (rate-limit answers),
 ``faults`` (by kind), ``records`` (records in usable answers).
-``emulator.stats["binance"]["ws"]``: websocket ``connections``,
-``rejected``, ``messages``, ``dropped``, ``received``, ``refused``,
-``faults``, ``subscriptions`` (the streams of each connection).
+``emulator.stats[exchange]["ws"]`` (binance, coinbase, kraken): websocket
+``connections``, ``rejected``, ``messages``, ``heartbeats``, ``dropped``,
+``received``, ``requests`` (by method), ``refused``, ``faults``,
+``subscriptions`` (the streams of each connection).
 ``reset_stats()``, ``reset_limits()``, ``reset()``.
 
 HTTP control (for an emulator in another process)
@@ -166,9 +191,10 @@ HTTP control (for an emulator in another process)
 - ``GET /_emulator/universe``: the symbol mapping
 - ``GET /_emulator/served?exchange=NAME``: last served quotes
 - ``GET /_emulator/prices?exchange=NAME``: quotes due now
-- ``GET /_emulator/ws``: open websocket connections and settings;
-  ``POST /_emulator/ws/disconnect`` with ``{"how": "abrupt"|"close"|"stall",
-  "code": 1001}`` acts on every open connection
+- ``GET /_emulator/ws?exchange=NAME``: a feed's open websocket connections
+  and settings (default: Binance's); ``POST /_emulator/ws/disconnect`` with
+  ``{"how": "abrupt"|"close"|"stall", "code": 1001, "exchange": "kraken"}``
+  acts on every open connection of that feed (no ``exchange``: of every feed)
 
 Bad control requests get 400 ``{"error": "..."}`` naming the field.
 """
@@ -189,14 +215,19 @@ from ._market import Asset as Asset
 from ._market import Quote as Quote
 from ._market import make_universe as make_universe
 from ._ws import BinanceStreams as BinanceStreams
+from ._ws import CoinbaseFeed as CoinbaseFeed
+from ._ws import KrakenFeed as KrakenFeed
+from ._ws import WsFeed as WsFeed
 
 __all__ = [
     "BAD_VALUE_KINDS",
     "EXCHANGES",
     "Asset",
     "BinanceStreams",
+    "CoinbaseFeed",
     "Emulator",
     "Faults",
+    "KrakenFeed",
     "Latency",
     "Quote",
     "RateLimit",
@@ -204,5 +235,6 @@ __all__ = [
     "WeightLimit",
     "WindowLimit",
     "WsFaults",
+    "WsFeed",
     "make_universe",
 ]

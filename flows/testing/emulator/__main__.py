@@ -215,6 +215,14 @@ def _examples(url: str) -> str:
             f"  curl -H 'Authorization: Bearer test-key' '{url}/v3/assets?ids=bitcoin,ethereum'",
             f"  curl '{url}/api/v5/market/tickers?instType=SPOT'",
             f"  websocat '{url.replace('http', 'ws', 1)}/stream?streams=btcusdt@trade/ethusdt@bookTicker'",
+            (
+                f"  echo '{{\"type\":\"subscribe\",\"product_ids\":[\"BTC-USD\"],"
+                f"\"channels\":[\"ticker\"]}}' | websocat -n '{url.replace('http', 'ws', 1)}/ws-feed'"
+            ),
+            (
+                f"  echo '{{\"method\":\"subscribe\",\"params\":{{\"channel\":\"ticker\","
+                f"\"symbol\":[\"BTC/USD\"]}}}}' | websocat -n '{url.replace('http', 'ws', 1)}/v2'"
+            ),
             f"  curl '{url}/_emulator/stats'",
             f'  curl -X POST \'{url}/_emulator/faults\' -d \'{{"exchange": "okx", "error_rate": 0.2}}\'',
         ]

@@ -27,7 +27,7 @@ from ._kraken import Kraken
 from ._limits import Limiter, RateLimit, TokenBucket, Verdict, WeightLimit, WindowLimit
 from ._market import EXCHANGES, Asset, Market, Quote, make_universe
 from ._okx import OKX
-from ._ws import BinanceStreams, new_ws_stats
+from ._ws import BinanceStreams, CoinbaseFeed, KrakenFeed, WsFeed, new_ws_stats
 
 __all__ = ["Emulator"]
 
@@ -95,13 +95,17 @@ class Emulator:
         volatility: standard deviation of a moving asset's log-return.
         coincap_api_keys: keys CoinCap accepts (empty: no key needed).
         keep_alive_timeout: seconds hypercorn keeps idle connections.
-        ws_rate: websocket events per second per stream (see ``_ws``).
+        ws_rate: websocket events per second per stream, on every feed
+            (see ``_ws``).
         ws_ping_interval: seconds between the server's websocket pings
             (``None``: no pings).
-        ws_max_connection_seconds: websocket connection lifetime (Binance
-            closes connections after 24 h).
+        ws_max_connection_seconds: websocket connection lifetime, on every
+            feed (Binance closes connections after 24 h).
 
-    Binance's websocket streams are ``self.ws`` (a ``BinanceStreams``).
+    Websocket feeds: ``self.feeds`` by exchange: Binance's streams
+    (``self.ws``, a ``BinanceStreams``: ``/ws``, ``/stream``), Coinbase's
+    ws-feed (a ``CoinbaseFeed``: ``/ws-feed``) and Kraken's v2 (a
+    ``KrakenFeed``: ``/v2``).
     """
 
     def __init__(
@@ -152,12 +156,17 @@ class Emulator:
         self._cache_step = -1
         self._stats: dict[str, dict[str, dict[str, Any]]] = {}
         self._served: dict[str, dict[str, Quote]] = {}
-        self.ws = BinanceStreams(
-            self,
-            rate=ws_rate,
-            ping_interval=ws_ping_interval,
-            max_connection_seconds=ws_max_connection_seconds,
-        )
+        feed_options = {
+            "rate": ws_rate,
+            "ping_interval": ws_ping_interval,
+            "max_connection_seconds": ws_max_connection_seconds,
+        }
+        self.ws = BinanceStreams(self, **feed_options)
+        self.feeds: dict[str, WsFeed] = {
+            "binance": self.ws,
+            "coinbase": CoinbaseFeed(self, **feed_options),
+            "kraken": KrakenFeed(self, **feed_options),
+        }
         self.reset_stats()
         self.app = self._make_app()
 
@@ -176,13 +185,31 @@ class Emulator:
         self._exchange(exchange)
         return [a.symbol(exchange) for a in self.universe]
 
+    def stream_symbols(self, exchange: str) -> list[str]:
+        """Every symbol as ``exchange``'s websocket feed names it (``BTCUSDT``,
+        ``BTC-USD``, Kraken v2's ``BTC/USD``)."""
+        self.feed(exchange)
+        return [a.stream_symbol(exchange) for a in self.universe]
+
+    def feed(self, exchange: str) -> WsFeed:
+        """``exchange``'s websocket feed."""
+        self._exchange(exchange)
+        try:
+            return self.feeds[exchange]
+        except KeyError:
+            raise ValueError(
+                f"{exchange} has no websocket feed here; one of {', '.join(self.feeds)}"
+            ) from None
+
     def asset(self, exchange: str, symbol: str) -> Asset:
         """The asset behind ``symbol`` on ``exchange`` (its own name, Kraken's
-        altnames, or the base symbol such as ``BTC``)."""
+        altnames and v2 names, or the base symbol such as ``BTC``)."""
         api = self._exchange(exchange)
         found = api.by_symbol.get(symbol)
         if found is None and isinstance(api, Kraken):
             found = api.lookup.get(symbol.upper())
+        if found is None and exchange in self.feeds:
+            found = getattr(self.feeds[exchange], "by_symbol", {}).get(symbol)
         if found is None:
             found = next((a for a in self.universe if a.base == symbol.upper()), None)
         if found is None:
@@ -303,7 +330,8 @@ class Emulator:
             for name, api in self.exchanges.items()
         }
         self._served = {name: {} for name in self.exchanges}
-        self._stats["binance"]["ws"] = new_ws_stats()
+        for name in self.feeds:
+            self._stats[name]["ws"] = new_ws_stats()
 
     def reset(self) -> None:
         """``reset_limits()`` and ``reset_stats()``."""
@@ -328,7 +356,8 @@ class Emulator:
         config.keep_alive_timeout = self.keep_alive_timeout
         config.websocket_ping_interval = self.ws.ping_interval
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.ws.run)
+            for feed in self.feeds.values():
+                nursery.start_soon(feed.run)
             urls = await nursery.start(hypercorn_serve, self.app, config)
             self.url = urls[0]
             task_status.started(urls[0])
@@ -341,7 +370,11 @@ class Emulator:
                 await answer_lifespan(receive, send)
                 return
             if scope["type"] == "websocket":
-                await self.ws.handle(scope, receive, send)
+                path = scope["path"]
+                feed = next(
+                    (f for f in self.feeds.values() if f.accepts(path)), self.ws
+                )  # Binance's refuses paths nobody serves
+                await feed.handle(scope, receive, send)
                 return
             if scope["type"] != "http":
                 return
@@ -528,8 +561,8 @@ class Emulator:
                     "WS /ws/<stream>",
                     "WS /stream?streams=<stream>/<stream>",
                 ],
-                "coinbase": ["GET /products/{product_id}/ticker"],
-                "kraken": ["GET /0/public/Ticker"],
+                "coinbase": ["GET /products/{product_id}/ticker", "WS /ws-feed"],
+                "kraken": ["GET /0/public/Ticker", "WS /v2"],
                 "coingecko": ["GET /api/v3/simple/price"],
                 "coincap": ["GET /v3/assets", "GET /v3/assets/{slug}"],
                 "okx": ["GET /api/v5/market/tickers", "GET /api/v5/market/ticker"],
@@ -543,7 +576,7 @@ class Emulator:
                 "GET /_emulator/universe",
                 "GET /_emulator/served?exchange=NAME",
                 "GET /_emulator/prices?exchange=NAME",
-                "GET /_emulator/ws",
+                "GET /_emulator/ws?exchange=NAME",
                 "POST /_emulator/ws/disconnect",
             ],
             "rate_limits": msgspec.to_builtins(self.rate_limits),
@@ -608,24 +641,26 @@ class Emulator:
                 raise _ControlError("limits: GET or POST")
             return msgspec.to_builtins(self.rate_limits)
         if what == "ws" and method == "GET":
-            return {
-                "connections": self.ws.connections,
-                "rate": self.ws.rate,
-                "ping_interval": self.ws.ping_interval,
-                "max_connection_seconds": self.ws.max_connection_seconds,
-                "max_streams": self.ws.max_streams,
-                "message_limit": self.ws.message_limit,
-            }
+            name = exchange_param() or "binance"
+            if name not in self.feeds:
+                raise _ControlError(f"{name} has no websocket feed here")
+            return self.feeds[name].settings()
         if what == "ws/disconnect" and method == "POST":
             data = payload()
             if not isinstance(data, dict):
                 raise _ControlError("ws/disconnect: a JSON object")
+            name = data.get("exchange")
+            if name is not None and name not in self.feeds:
+                raise _ControlError(f"ws/disconnect: no websocket feed {name!r}")
+            feeds = list(self.feeds.values()) if name is None else [self.feeds[name]]
+            hit = 0
             try:
-                hit = self.ws.disconnect(
-                    str(data.get("how", "abrupt")),
-                    code=int(data.get("code", 1001)),
-                    reason=str(data.get("reason", "")),
-                )
+                for feed in feeds:
+                    hit += feed.disconnect(
+                        str(data.get("how", "abrupt")),
+                        code=int(data.get("code", 1001)),
+                        reason=str(data.get("reason", "")),
+                    )
             except (ValueError, TypeError) as exc:
                 raise _ControlError(f"ws/disconnect: {exc}") from None
             return {"disconnected": hit}

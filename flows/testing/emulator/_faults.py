@@ -66,13 +66,14 @@ class WsFaults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
 
     - ``malformed_rate``: a text frame that is not JSON (cut short or
       mangled).
-    - ``gap_rate``: the event's update id (bookTicker ``u``, trade ``t``)
-      jumps by 2-5 instead of 1, as if events were lost (every subscriber
-      of the stream sees the same jump).
+    - ``gap_rate``: the event's update id (Binance bookTicker ``u``, trade
+      ``t``; Coinbase ticker ``sequence``) jumps by 2-5 instead of 1, as if
+      events were lost (every subscriber of the stream sees the same jump;
+      never on a stream's first event). Kraken's v2 ticker has no id: there the event is not sent at all.
     - ``abrupt_close_rate``: the TCP connection is closed with no close
       frame (the client sees 1006, abnormal closure).
     - ``stall_rate``: the connection goes silent: it stays open (protocol
-      pings go on) but no more data is sent on it.
+      pings go on) but no more data (events, heartbeats) is sent on it.
     - ``close_rate``: the server closes the connection with a close frame
       (1001, going away), as a server restart does.
     """

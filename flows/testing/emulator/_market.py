@@ -92,6 +92,17 @@ class Asset:
         """The asset's symbol as ``exchange`` reports it in responses."""
         return getattr(self, exchange)
 
+    @property
+    def kraken_v2(self) -> str:
+        """Kraken's websocket v2 name: ``BTC/USD``, ``DOGE/USD`` (v2 uses the
+        common codes, not Kraken's XBT and XDG)."""
+        return f"{self.base}/USD"
+
+    def stream_symbol(self, exchange: str) -> str:
+        """The asset's symbol on ``exchange``'s websocket feed (Kraken's v2
+        name; elsewhere the same as ``symbol``)."""
+        return self.kraken_v2 if exchange == "kraken" else self.symbol(exchange)
+
 
 @attrs.frozen
 class Quote:

@@ -1,9 +1,22 @@
-"""Binance spot websocket streams: ``/ws/<stream>`` and ``/stream?streams=a/b/c``.
+"""Websocket market data feeds: Binance's streams, Coinbase's ws-feed and Kraken's v2.
 
 Served by the same ASGI app (hypercorn's websocket support) on the same port
-as the REST endpoints: ``ws://127.0.0.1:PORT/stream?streams=btcusdt@trade``.
+as the REST endpoints; the path picks the exchange:
 
-Streams (``<symbol>`` in lower case)::
+=========  ============================================  ==========================
+exchange   emulator path                                 real URL
+=========  ============================================  ==========================
+binance    ``/ws/<stream>``, ``/stream?streams=a/b/c``   ``wss://stream.binance.com:9443``
+coinbase   ``/ws-feed``                                  ``wss://ws-feed.exchange.coinbase.com``
+kraken     ``/v2``                                       ``wss://ws.kraken.com/v2``
+=========  ============================================  ==========================
+
+So a client's base URL is ``ws://127.0.0.1:PORT`` for Binance,
+``ws://127.0.0.1:PORT/ws-feed`` for Coinbase and ``ws://127.0.0.1:PORT/v2``
+for Kraken. Any other websocket path is refused (HTTP 403, counted as
+Binance's ``rejected``).
+
+Binance (``BinanceStreams``; streams ``<symbol>@<channel>``, symbol in lower case)::
 
     <symbol>@trade       {"e":"trade","E":1711356300123,"s":"BTCUSDT","t":10001,
                           "p":"67187.33000000","q":"0.01230000","T":1711356300123,
@@ -22,60 +35,144 @@ Streams (``<symbol>`` in lower case)::
 ``LIST_SUBSCRIPTIONS`` (answer ``{"result":[...],"id":1}``). Errors look
 like ``{"error":{"code":2,"msg":"Invalid request: ..."},"id":1}`` (code 3:
 not JSON). Unknown streams in the URL refuse the handshake (HTTP 403).
-
 Limits, as Binance documents them: at most ``max_streams`` (1024) streams
 per connection; at most ``message_limit`` (5) incoming messages per second
-per connection, else the connection is closed (1008); every connection is
-closed after ``max_connection_seconds`` (24 h; 1001, going away); the server
-sends a protocol ping every ``ping_interval`` seconds (hypercorn's
-``websocket_ping_interval``: fixed when ``serve`` starts; trio-websocket
-answers pings by itself). Binance also allows 300 new connections per 5
+per connection, else the connection is closed (1008). Binance also allows
+300 new connections per 5 minutes per IP; the emulator does not refuse
+connections.
+
+Coinbase Exchange (``CoinbaseFeed``; streams ``<channel>:<product id>``,
+channels ``ticker`` and ``heartbeat``). Nothing is sent until the client
+subscribes, which it must do within ``subscribe_timeout`` (5 s) or be
+closed (1008, counted ``refused``)::
+
+    -> {"type":"subscribe","product_ids":["BTC-USD"],"channels":["ticker","heartbeat"]}
+       (channels may also be {"name":"ticker","product_ids":[...]} objects)
+    <- {"type":"subscriptions","channels":[{"name":"ticker","product_ids":["BTC-USD"]},
+                                           {"name":"heartbeat","product_ids":["BTC-USD"]}]}
+    <- {"type":"ticker","sequence":37475248783,"product_id":"BTC-USD","price":"67187.33",
+        "open_24h":"66010.00","volume_24h":"16234.56789012","low_24h":"65800.10",
+        "high_24h":"68011.00","volume_30d":"487036.03670360","best_bid":"67184.00",
+        "best_bid_size":"12.34500000","best_ask":"67190.71","best_ask_size":"8.23000000",
+        "side":"buy","time":"2024-03-25T08:45:00.123456Z","trade_id":86326522,
+        "last_size":"0.01234567"}
+    <- {"type":"heartbeat","sequence":37475248783,"last_trade_id":86326522,
+        "product_id":"BTC-USD","time":"2024-03-25T08:45:00.123456Z"}   (1/s per product)
+
+``sequence`` goes up by one per ticker event of a product (the real feed's
+sequence counts every message of the product on every channel, so there a
+ticker's sequence jumps); a heartbeat repeats the product's current one.
+``unsubscribe`` works the same way. Errors:
+``{"type":"error","message":"Failed to subscribe","reason":"BTC-FOO is not a
+valid product"}`` (also for a channel the emulator does not serve, or one
+with no product ids); ``{"type":"error","message":"Malformed JSON"}``.
+Coinbase documents 8 new connections per second per IP (bursts of 20) and
+100 client messages per second per IP; the emulator closes a connection
+that sends more than ``message_limit`` (100) messages in a second (1008).
+
+Kraken websocket v2 (``KrakenFeed``; streams ``ticker:<symbol>``, symbols
+``BTC/USD``: v2 uses the common codes BTC and DOGE, not XBT and XDG). On
+connecting the server sends ``{"channel":"status","type":"update","data":
+[{"api_version":"v2","connection_id":N,"system":"online","version":"2.0.8"}]}``::
+
+    -> {"method":"subscribe","params":{"channel":"ticker","symbol":["BTC/USD"]},"req_id":1}
+    <- {"method":"subscribe","result":{"channel":"ticker","event_trigger":"trades",
+        "snapshot":true,"symbol":"BTC/USD"},"success":true,"time_in":"...",
+        "time_out":"...","req_id":1}                        (one per symbol)
+    <- {"channel":"ticker","type":"snapshot","data":[{"symbol":"BTC/USD","bid":67184.0,
+        "bid_qty":12.345,"ask":67190.7,"ask_qty":8.23,"last":67187.3,"volume":16234.56789012,
+        "vwap":66598.6,"low":65800.1,"high":68011.0,"change":1177.3,"change_pct":1.78,
+        "timestamp":"2024-03-25T08:45:00.123456Z"}]}      (then "type":"update")
+    <- {"channel":"heartbeat"}    (each second without other updates, once subscribed)
+    -> {"method":"ping","req_id":7}
+    <- {"method":"pong","req_id":7,"time_in":"...","time_out":"..."}
+
+Numbers, not strings. ``snapshot: false`` in ``params`` skips the snapshot.
+Errors: ``{"error":"Currency pair not supported FOO/USD","method":"subscribe",
+"success":false,"symbol":"FOO/USD",...}``; a channel the emulator does not
+serve, an unknown method or a message that is not JSON get
+``{"error":"...","success":false,...}``. The server closes a connection from
+which it has heard nothing for ``idle_timeout`` (60 s; Kraken: "within
+approximately one minute of inactivity ... any request, for example a ping,
+can be used to keep the connection alive"), with 1000, counted
+``faults["idle"]``. Kraken's per-connection message rate limit is not
+published ("Exceeded msg rate"); ``message_limit`` is off by default.
+Kraken (Cloudflare) allows about 150 connection attempts per rolling 10
 minutes per IP; the emulator does not refuse connections.
 
-Events: every ``1 / rate`` seconds of trio's clock, each stream with at least
-one subscriber gets one event (trade ids and book update ids go up by one
-per event and are shared by every subscriber). Prices follow the market's
-random walk (``tick_interval``), so consecutive events may repeat a price.
-A subscriber that does not read fast enough has events dropped once its
-queue (``queue_size`` messages) is full (counted in ``dropped``).
+Common to every feed (attributes; change at will, ``ping_interval`` before
+``serve``): every ``1 / rate`` seconds of trio's clock each stream with at
+least one subscriber gets one event (ids go up by one per event and are
+shared by every subscriber); prices follow the market's random walk
+(``tick_interval``), so consecutive events may repeat a price. A subscriber
+that does not read fast enough has events dropped once its queue
+(``queue_size`` messages) is full (counted in ``dropped``). The server sends
+a protocol ping every ``ping_interval`` seconds (hypercorn's
+``websocket_ping_interval``: one setting for every feed, fixed when
+``serve`` starts). Every connection is closed after
+``max_connection_seconds`` (Binance: 24 h; 1001, counted
+``faults["lifetime"]``).
 
-Faults (``Faults.ws``, a ``WsFaults``; per exchange or global, as for REST):
-``malformed_rate``, ``gap_rate``, ``abrupt_close_rate``, ``stall_rate``,
-``close_rate``. One-shot actions on every open connection:
-``emulator.ws.disconnect(how="abrupt"|"close"|"stall", code=1001)``, also
-``POST /_emulator/ws/disconnect`` with ``{"how": "abrupt"}``.
+Faults (``Faults.ws``, a ``WsFaults``; per exchange or global, as for REST),
+drawn per frame sent (events and heartbeats; not answers to requests):
+``malformed_rate``, ``gap_rate`` (per event: Binance's ``t``/``u`` and
+Coinbase's ``sequence`` jump by 2-5; Kraken's v2 ticker carries no id, so
+there the event is not sent at all: a loss no client can see),
+``abrupt_close_rate``, ``stall_rate``, ``close_rate``. One-shot actions on
+every open connection of a feed: ``feed.disconnect(how="abrupt"|"close"|
+"stall", code=1001)`` (``emulator.ws`` is Binance's feed,
+``emulator.feeds["coinbase"]`` and ``emulator.feeds["kraken"]`` the
+others), also ``POST /_emulator/ws/disconnect`` with ``{"how": "abrupt",
+"exchange": "kraken"}`` (no ``exchange``: every feed).
 
-Counters: ``emulator.stats["binance"]["ws"]``: ``connections`` (accepted),
-``rejected``, ``messages`` (data frames sent), ``dropped``, ``received``
-(client messages), ``refused`` (closed for exceeding the message limit),
-``faults`` (by kind), ``subscriptions`` (per connection, in order, the
-streams it subscribed, in the order it asked for them; the last 1000
-connections). ``emulator.ws.connections``: the open connections.
+Counters: ``emulator.stats[exchange]["ws"]``: ``connections`` (accepted),
+``rejected``, ``messages`` (frames sent by the event writer: events and
+heartbeats), ``heartbeats`` (of those, heartbeats), ``dropped``,
+``received`` (client messages), ``requests`` (client messages by method or
+type; ``invalid`` for those that are not JSON objects), ``refused`` (closed
+for exceeding the message limit or, on Coinbase, for not subscribing in
+time), ``faults`` (by kind), ``subscriptions`` (per connection, in order,
+the streams it subscribed, in the order it asked for them; the last 1000
+connections). ``feed.connections``: the open connections.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs
 
 import attrs
 import msgspec
 import trio
 
-from ._base import fixed
+from ._base import fixed, iso_z
 
 if TYPE_CHECKING:
     from ._emulator import Emulator
+    from ._faults import WsFaults
+    from ._market import Asset
 
-__all__ = ["CHANNELS", "BinanceStreams", "new_ws_stats"]
+__all__ = [
+    "CHANNELS",
+    "BinanceStreams",
+    "CoinbaseFeed",
+    "KrakenFeed",
+    "WsFeed",
+    "new_ws_stats",
+]
 
 log = logging.getLogger("flows.testing.emulator.ws")
 
 CHANNELS = ("trade", "bookTicker", "miniTicker")
+"""Binance's stream channels."""
+
 _MAX_LOG = 1000
+_UNSET: Any = object()  # "the feed's default" for max_streams and message_limit
 _json = msgspec.json.Encoder()
 _METHODS = "SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY, GET_PROPERTY"
 
@@ -85,8 +182,10 @@ def new_ws_stats() -> dict[str, Any]:
         "connections": 0,
         "rejected": 0,
         "messages": 0,
+        "heartbeats": 0,
         "dropped": 0,
         "received": 0,
+        "requests": {},
         "refused": 0,
         "faults": {},
         "subscriptions": [],
@@ -112,6 +211,10 @@ class Connection:
     scope: trio.CancelScope | None = None
     gone: bool = False
     incoming: deque[float] = attrs.Factory(deque)
+    requests: int = 0  # client messages read
+    last_received: float = 0.0  # trio time of the last client message
+    last_queued: float = 0.0  # trio time an event was last queued for it
+    subscribed: bool = False  # a subscribe request succeeded
 
     def info(self) -> dict[str, Any]:
         return {
@@ -121,6 +224,12 @@ class Connection:
             "streams": list(self.streams),
             "stalled": self.stalled,
         }
+
+    def close_now(self, action: str, code: int = 1001, reason: str = "") -> None:
+        """End the connection: ``abrupt`` or ``close`` (with ``code``)."""
+        self.action, self.code, self.reason = action, code, reason
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class _Refused(Exception):
@@ -132,19 +241,36 @@ class _Refused(Exception):
         self.msg = msg
 
 
-class BinanceStreams:
-    """Binance's websocket streams, fed by the emulator's market.
+Answer = tuple[list[str], list[str]]
+"""What a client message gets: texts sent back at once, and streams the
+connection subscribes once they are sent (so no event overtakes them)."""
+
+
+class WsFeed:
+    """What every exchange's websocket feed shares: connections, the event
+    loop, heartbeats, faults, limits, one-shot disconnects and counters.
+
+    A subclass names its ``exchange`` and ``paths``, and implements
+    ``_event`` (one event of a stream), ``_request`` (the answer to a client
+    message) and optionally ``_open`` (streams from the URL), ``_greeting``,
+    ``_heartbeat`` and ``_watchdog``.
 
     Parameters (attributes; change them at will, ``ping_interval`` before
     ``serve``):
         rate: events per second per stream.
         ping_interval: seconds between server pings (``None``: none).
-        max_connection_seconds: connection lifetime (Binance: 24 h).
-        max_streams: streams per connection.
+        max_connection_seconds: connection lifetime.
+        max_streams: streams per connection (``None``: no limit).
         message_limit: incoming messages per second per connection
             (``None``: unlimited).
         queue_size: events queued per connection before dropping.
     """
+
+    exchange: ClassVar[str]
+    paths: ClassVar[tuple[str, ...]] = ()
+    heartbeat_interval: ClassVar[float | None] = None
+    default_max_streams: ClassVar[int | None] = None
+    default_message_limit: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -153,8 +279,8 @@ class BinanceStreams:
         rate: float = 10.0,
         ping_interval: float | None = 20.0,
         max_connection_seconds: float = 86400.0,
-        max_streams: int = 1024,
-        message_limit: float | None = 5.0,
+        max_streams: int | None = _UNSET,
+        message_limit: float | None = _UNSET,
         queue_size: int = 1000,
     ) -> None:
         if not rate > 0:
@@ -164,10 +290,11 @@ class BinanceStreams:
         self.rate = rate
         self.ping_interval = ping_interval
         self.max_connection_seconds = max_connection_seconds
-        self.max_streams = max_streams
-        self.message_limit = message_limit
+        self.max_streams = self.default_max_streams if max_streams is _UNSET else max_streams
+        self.message_limit = (
+            self.default_message_limit if message_limit is _UNSET else message_limit
+        )
         self.queue_size = queue_size
-        self.by_symbol = {a.binance.lower(): a for a in emulator.universe}
         self._conns: dict[int, Connection] = {}
         self._next_conn = 0
         self._ids: dict[str, int] = {}
@@ -178,7 +305,7 @@ class BinanceStreams:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return self.emulator._stats["binance"]["ws"]
+        return self.emulator._stats[self.exchange]["ws"]
 
     @property
     def connections(self) -> list[dict[str, Any]]:
@@ -186,16 +313,36 @@ class BinanceStreams:
         return [c.info() for c in self._conns.values()]
 
     def last_event(self, stream: str) -> dict[str, Any] | None:
-        """The payload last sent on ``stream`` (``btcusdt@trade``), or None."""
+        """The payload last sent on ``stream`` (Binance ``btcusdt@trade``,
+        Coinbase ``ticker:BTC-USD``, Kraken ``ticker:BTC/USD``: its data
+        item), or None."""
         return self._last.get(stream)
 
-    def valid_stream(self, stream: str) -> bool:
-        symbol, sep, channel = stream.partition("@")
-        return bool(sep) and channel in CHANNELS and symbol in self.by_symbol
+    def settings(self) -> dict[str, Any]:
+        """The knobs, as ``GET /_emulator/ws`` shows them."""
+        return {
+            "connections": self.connections,
+            "rate": self.rate,
+            "ping_interval": self.ping_interval,
+            "max_connection_seconds": self.max_connection_seconds,
+            "max_streams": self.max_streams,
+            "message_limit": self.message_limit,
+        }
+
+    def accepts(self, path: str) -> bool:
+        """Whether this feed serves websocket connections to ``path``."""
+        return path in self.paths
 
     def _fault(self, kind: str) -> None:
         faults = self.stats["faults"]
         faults[kind] = faults.get(kind, 0) + 1
+
+    def _count_request(self, kind: str) -> None:
+        requests = self.stats["requests"]
+        requests[kind] = requests.get(kind, 0) + 1
+
+    def _faults(self) -> WsFaults:
+        return self.emulator.faults_for(self.exchange).ws
 
     # -- one-shot actions --------------------------------------------------------
 
@@ -216,21 +363,33 @@ class BinanceStreams:
             if how == "stall":
                 conn.stalled = True
             else:
-                conn.action, conn.code, conn.reason = how, code, reason
-                if conn.scope is not None:
-                    conn.scope.cancel()
+                conn.close_now(how, code, reason)
             hit += 1
         return hit
 
     # -- events ------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Emit events to subscribers every ``1 / rate`` seconds (runs in serve)."""
+        """Emit events (and heartbeats) to subscribers (runs in serve)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._events)
+            if self.heartbeat_interval:
+                nursery.start_soon(self._heartbeats, self.heartbeat_interval)
+
+    async def _until_connected(self) -> bool:
+        """Wait for a connection; True if there was none (the caller waited)."""
+        waited = False
+        while not self._conns:
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            await self._wake.wait()
+            waited = True
+        return waited
+
+    async def _events(self) -> None:
         next_at = trio.current_time()
         while True:
-            if not self._conns:
-                self._wake = trio.Event()
-                await self._wake.wait()
+            if await self._until_connected():
                 next_at = trio.current_time()
             self._emit_round()
             next_at = max(next_at + 1.0 / self.rate, trio.current_time())
@@ -238,121 +397,110 @@ class BinanceStreams:
 
     def _emit_round(self) -> None:
         self.market.advance()
-        wall_ms = int(self.market.wall() * 1000)
-        faults = self.emulator.faults_for("binance").ws
-        events: dict[str, tuple[str, str]] = {}
+        wall = self.market.wall()
+        faults = self._faults()
+        events: dict[str, Any] = {}
         stats = self.stats
+        now = trio.current_time()
         for conn in list(self._conns.values()):
             if conn.stalled or conn.action is not None:
                 continue
             for stream in conn.streams:
-                texts = events.get(stream)
-                if texts is None:
-                    texts = events[stream] = self._event(stream, wall_ms, faults.gap_rate)
+                if stream in events:
+                    event = events[stream]
+                else:
+                    event = events[stream] = self._event(stream, wall, faults)
+                if event is None:
+                    continue
                 try:
-                    conn.sender.send_nowait(texts[1] if conn.combined else texts[0])
+                    conn.sender.send_nowait(self._frame(conn, event))
                 except trio.WouldBlock:
                     stats["dropped"] += 1
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
+                conn.last_queued = now
 
-    def _event(self, stream: str, wall_ms: int, gap_rate: float) -> tuple[str, str]:
-        """(bare payload, combined payload) of the next event on ``stream``."""
-        symbol, _, channel = stream.partition("@")
-        asset = self.by_symbol[symbol]
-        quote = self.market.quote("binance", asset)
-        step = 1
-        if gap_rate and self.emulator._rng.random() < gap_rate:
-            step = self.emulator._rng.randint(2, 5)
+    def _gap(self, gap_rate: float, first: bool = False) -> int:
+        """How far the next id moves: 1, or 2-5 when a gap fault is drawn
+        (never on a stream's ``first`` event: there is nothing before it
+        that a subscriber could see missing)."""
+        if gap_rate and not first and self.emulator._rng.random() < gap_rate:
             self._fault("gap")
-        if channel == "trade":
-            trade_id = self._ids.get(stream, 10_000_000 + asset.index * 7919) + step
-            self._ids[stream] = trade_id
-            payload: dict[str, Any] = {
-                "e": "trade",
-                "E": wall_ms,
-                "s": quote.symbol,
-                "t": trade_id,
-                "p": fixed(quote.price, 8),
-                "q": fixed(quote.last_size, 8),
-                "T": wall_ms,
-                "m": trade_id % 2 == 0,
-                "M": True,
-            }
-        elif channel == "bookTicker":
-            update_id = self._ids.get(stream, 400_000_000 + asset.index * 1_000_003) + step
-            self._ids[stream] = update_id
-            payload = {
-                "u": update_id,
-                "s": quote.symbol,
-                "b": fixed(quote.bid, 8),
-                "B": fixed(quote.bid_size, 8),
-                "a": fixed(quote.ask, 8),
-                "A": fixed(quote.ask_size, 8),
-            }
-        else:
-            payload = {
-                "e": "24hrMiniTicker",
-                "E": wall_ms,
-                "s": quote.symbol,
-                "c": fixed(quote.price, 8),
-                "o": fixed(quote.open, 8),
-                "h": fixed(quote.high, 8),
-                "l": fixed(quote.low, 8),
-                "v": fixed(quote.volume, 8),
-                "q": fixed(quote.volume * quote.price, 8),
-            }
-        self._last[stream] = payload
-        bare = _json.encode(payload).decode()
-        combined = f'{{"stream":"{stream}","data":{bare}}}'
-        return bare, combined
+            return self.emulator._rng.randint(2, 5)
+        return 1
+
+    def _event(self, stream: str, wall: float, faults: WsFaults) -> Any:
+        """The next event on ``stream`` (``None``: nothing this round)."""
+        raise NotImplementedError
+
+    def _frame(self, conn: Connection, event: Any) -> str:
+        """The text of ``event`` for ``conn``."""
+        return event
+
+    async def _heartbeats(self, interval: float) -> None:
+        while True:
+            await self._until_connected()
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for conn in list(self._conns.values()):
+                if conn.stalled or conn.action is not None:
+                    continue
+                for text in self._heartbeat(conn, now):
+                    try:
+                        conn.sender.send_nowait(text)
+                    except trio.WouldBlock:
+                        self.stats["dropped"] += 1
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+
+    def _heartbeat(self, conn: Connection, now: float) -> list[str]:
+        """Heartbeat frames due on ``conn`` now."""
+        return []
 
     # -- connections -------------------------------------------------------------
 
-    def _streams_from(self, scope: dict[str, Any]) -> tuple[bool, list[str]] | None:
-        """(combined, streams) for the request path, or None (not ours)."""
-        path = scope["path"]
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if path in ("/stream", "/stream/"):
-            raw = (query.get("streams") or [""])[0]
-            return True, [s for s in raw.split("/") if s]
-        if path in ("/ws", "/ws/"):
-            return False, []
-        if path.startswith("/ws/"):
-            return False, [s for s in path[len("/ws/"):].split("/") if s]
-        return None
+    def _open(self, scope: dict[str, Any]) -> tuple[bool, list[str]] | None:
+        """(combined, streams) for the request, or None (refuse it)."""
+        return False, []
+
+    def _greeting(self, conn: Connection) -> list[str]:
+        """Frames sent as soon as the connection is accepted."""
+        return []
+
+    async def _watchdog(self, conn: Connection) -> None:
+        """Runs beside the connection's reader and writer (default: nothing)."""
+
+    def _request(self, conn: Connection, text: str) -> Answer:
+        """The answer to one client message."""
+        raise NotImplementedError
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI websocket handler."""
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        found = self._streams_from(scope)
+        found = self._open(scope)
         stats = self.stats
-        streams: list[str] = []
-        if found is not None:
-            combined, asked = found
-            streams = list(dict.fromkeys(asked))
-        if (
-            found is None
-            or not all(self.valid_stream(s) for s in streams)
-            or len(streams) > self.max_streams
-        ):
+        if found is None:
             stats["rejected"] += 1
             await send({"type": "websocket.close", "code": 1008})
             return
+        combined, streams = found
         await send({"type": "websocket.accept"})
         sender, receiver = trio.open_memory_channel[str](self.queue_size)
         entry = list(streams)
+        now = trio.current_time()
         conn = Connection(
             id=self._next_conn,
             path=scope["path"],
             combined=combined,
             streams=streams,
-            opened=trio.current_time(),
+            opened=now,
             sender=sender,
             receiver=receiver,
             log=entry,
+            last_received=now,
+            last_queued=now,
         )
         self._next_conn += 1
         stats["connections"] += 1
@@ -361,6 +509,8 @@ class BinanceStreams:
         self._conns[conn.id] = conn
         self._wake.set()
         try:
+            for text in self._greeting(conn):
+                await send({"type": "websocket.send", "text": text})
             await self._serve(conn, receive, send)
         finally:
             self._conns.pop(conn.id, None)
@@ -375,6 +525,7 @@ class BinanceStreams:
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._reader, conn, receive, send)
                 nursery.start_soon(self._writer, conn, send)
+                nursery.start_soon(self._watchdog, conn)
         if conn.gone:
             return
         if lifetime.cancelled_caught and conn.action is None:
@@ -402,34 +553,167 @@ class BinanceStreams:
             if message["type"] != "websocket.receive":
                 continue
             stats["received"] += 1
+            conn.requests += 1
+            now = conn.last_received = trio.current_time()
             if self.message_limit is not None:
-                now = trio.current_time()
                 incoming = conn.incoming
                 incoming.append(now)
                 while incoming and incoming[0] <= now - 1.0:
                     incoming.popleft()
                 if len(incoming) > self.message_limit:
                     stats["refused"] += 1
-                    conn.action, conn.code, conn.reason = "close", 1008, "Too many requests"
-                    assert conn.scope is not None
-                    conn.scope.cancel()
+                    conn.close_now("close", 1008, "Too many requests")
                     return
             text = message.get("text")
             if text is None:
                 text = (message.get("bytes") or b"").decode("utf-8", "replace")
-            answer = self._request(conn, text)
-            await send({"type": "websocket.send", "text": _json.encode(answer).decode()})
+            answers, subscribe = self._request(conn, text)
+            for answer in answers:
+                await send({"type": "websocket.send", "text": answer})
+            new = [s for s in dict.fromkeys(subscribe) if s not in conn.streams]
+            conn.streams.extend(new)
+            conn.log.extend(new)
 
-    def _request(self, conn: Connection, text: str) -> dict[str, Any]:
-        """The answer to one client message."""
+    async def _writer(self, conn: Connection, send: Any) -> None:
+        stats = self.stats
+        rng = self.emulator._rng
+        async for text in conn.receiver:
+            if conn.stalled:
+                await trio.sleep_forever()
+            faults = self._faults()
+            if faults.abrupt_close_rate and rng.random() < faults.abrupt_close_rate:
+                self._fault("abrupt_close")
+                conn.action = "abrupt"
+            elif faults.close_rate and rng.random() < faults.close_rate:
+                self._fault("close")
+                conn.action, conn.code = "close", 1001
+            elif faults.stall_rate and rng.random() < faults.stall_rate:
+                self._fault("stall")
+                conn.stalled = True
+                await trio.sleep_forever()
+            if conn.action is not None:
+                assert conn.scope is not None
+                conn.scope.cancel()
+                return
+            if faults.malformed_rate and rng.random() < faults.malformed_rate:
+                self._fault("malformed")
+                text = _malform(text, rng.random())
+            await send({"type": "websocket.send", "text": text})
+            stats["messages"] += 1
+
+
+# -- Binance -------------------------------------------------------------------------
+
+
+class BinanceStreams(WsFeed):
+    """Binance's websocket streams, fed by the emulator's market (see the
+    module docstring). ``max_streams`` 1024, ``message_limit`` 5."""
+
+    exchange = "binance"
+    default_max_streams = 1024
+    default_message_limit = 5.0
+
+    def __init__(self, emulator: Emulator, **options: Any) -> None:
+        super().__init__(emulator, **options)
+        self.by_symbol = {a.binance.lower(): a for a in emulator.universe}
+
+    def accepts(self, path: str) -> bool:
+        return path in ("/stream", "/stream/", "/ws", "/ws/") or path.startswith("/ws/")
+
+    def valid_stream(self, stream: str) -> bool:
+        symbol, sep, channel = stream.partition("@")
+        return bool(sep) and channel in CHANNELS and symbol in self.by_symbol
+
+    def _open(self, scope: dict[str, Any]) -> tuple[bool, list[str]] | None:
+        path = scope["path"]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if path in ("/stream", "/stream/"):
+            raw = (query.get("streams") or [""])[0]
+            combined, asked = True, [s for s in raw.split("/") if s]
+        elif path in ("/ws", "/ws/"):
+            combined, asked = False, []
+        elif path.startswith("/ws/"):
+            combined, asked = False, [s for s in path[len("/ws/"):].split("/") if s]
+        else:
+            return None
+        streams = list(dict.fromkeys(asked))
+        if not all(self.valid_stream(s) for s in streams) or (
+            self.max_streams is not None and len(streams) > self.max_streams
+        ):
+            return None
+        return combined, streams
+
+    def _frame(self, conn: Connection, event: tuple[str, str]) -> str:
+        return event[1] if conn.combined else event[0]
+
+    def _event(self, stream: str, wall: float, faults: WsFaults) -> tuple[str, str]:
+        """(bare payload, combined payload) of the next event on ``stream``."""
+        wall_ms = int(wall * 1000)
+        symbol, _, channel = stream.partition("@")
+        asset = self.by_symbol[symbol]
+        quote = self.market.quote("binance", asset)
+        if channel == "trade":
+            step = self._gap(faults.gap_rate, stream not in self._ids)
+            trade_id = self._ids.get(stream, 10_000_000 + asset.index * 7919) + step
+            self._ids[stream] = trade_id
+            payload: dict[str, Any] = {
+                "e": "trade",
+                "E": wall_ms,
+                "s": quote.symbol,
+                "t": trade_id,
+                "p": fixed(quote.price, 8),
+                "q": fixed(quote.last_size, 8),
+                "T": wall_ms,
+                "m": trade_id % 2 == 0,
+                "M": True,
+            }
+        elif channel == "bookTicker":
+            step = self._gap(faults.gap_rate, stream not in self._ids)
+            update_id = self._ids.get(stream, 400_000_000 + asset.index * 1_000_003) + step
+            self._ids[stream] = update_id
+            payload = {
+                "u": update_id,
+                "s": quote.symbol,
+                "b": fixed(quote.bid, 8),
+                "B": fixed(quote.bid_size, 8),
+                "a": fixed(quote.ask, 8),
+                "A": fixed(quote.ask_size, 8),
+            }
+        else:
+            self._gap(faults.gap_rate)  # a draw, as before: the sequence of draws stays
+            payload = {
+                "e": "24hrMiniTicker",
+                "E": wall_ms,
+                "s": quote.symbol,
+                "c": fixed(quote.price, 8),
+                "o": fixed(quote.open, 8),
+                "h": fixed(quote.high, 8),
+                "l": fixed(quote.low, 8),
+                "v": fixed(quote.volume, 8),
+                "q": fixed(quote.volume * quote.price, 8),
+            }
+        self._last[stream] = payload
+        bare = _json.encode(payload).decode()
+        combined = f'{{"stream":"{stream}","data":{bare}}}'
+        return bare, combined
+
+    def _request(self, conn: Connection, text: str) -> Answer:
+        subscribe: list[str] = []
+        answer = self._answer(conn, text, subscribe)
+        return [_json.encode(answer).decode()], subscribe
+
+    def _answer(self, conn: Connection, text: str, subscribe: list[str]) -> dict[str, Any]:
         request_id: Any = None
         try:
             try:
                 request = msgspec.json.decode(text)
             except msgspec.DecodeError as exc:
+                self._count_request("invalid")
                 raise _Refused(3, f"Invalid JSON: {exc}") from None
             if not isinstance(request, dict):
+                self._count_request("invalid")
                 raise _Refused(2, "Invalid request: expected an object")
+            self._count_request(str(request.get("method")))
             request_id = request.get("id")
             if request_id is not None and (
                 not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0
@@ -451,12 +735,11 @@ class BinanceStreams:
                 raise _Refused(2, f"Invalid request: unknown stream {bad[0]!r}")
             if method == "SUBSCRIBE":
                 new = [p for p in dict.fromkeys(params) if p not in conn.streams]
-                if len(conn.streams) + len(new) > self.max_streams:
+                if self.max_streams is not None and len(conn.streams) + len(new) > self.max_streams:
                     raise _Refused(
                         2, f"Invalid request: more than {self.max_streams} streams"
                     )
-                conn.streams.extend(new)
-                conn.log.extend(new)
+                subscribe.extend(new)
             else:
                 gone = set(params)
                 conn.streams[:] = [s for s in conn.streams if s not in gone]
@@ -464,32 +747,324 @@ class BinanceStreams:
         except _Refused as exc:
             return {"error": {"code": exc.code, "msg": exc.msg}, "id": request_id}
 
-    async def _writer(self, conn: Connection, send: Any) -> None:
-        stats = self.stats
-        rng = self.emulator._rng
-        async for text in conn.receiver:
-            if conn.stalled:
-                await trio.sleep_forever()
-            faults = self.emulator.faults_for("binance").ws
-            if faults.abrupt_close_rate and rng.random() < faults.abrupt_close_rate:
-                self._fault("abrupt_close")
-                conn.action = "abrupt"
-            elif faults.close_rate and rng.random() < faults.close_rate:
-                self._fault("close")
-                conn.action, conn.code = "close", 1001
-            elif faults.stall_rate and rng.random() < faults.stall_rate:
-                self._fault("stall")
-                conn.stalled = True
-                await trio.sleep_forever()
-            if conn.action is not None:
-                assert conn.scope is not None
-                conn.scope.cancel()
+
+# -- Coinbase --------------------------------------------------------------------------
+
+_COINBASE_CHANNELS = ("ticker", "heartbeat")
+
+
+class CoinbaseFeed(WsFeed):
+    """Coinbase Exchange's websocket feed (``/ws-feed``): the ``ticker`` and
+    ``heartbeat`` channels (see the module docstring). ``message_limit``
+    100; ``subscribe_timeout`` seconds to send a subscribe message."""
+
+    exchange = "coinbase"
+    paths = ("/ws-feed", "/ws-feed/")
+    heartbeat_interval = 1.0
+    default_message_limit = 100.0
+
+    def __init__(
+        self, emulator: Emulator, *, subscribe_timeout: float | None = 5.0, **options: Any
+    ) -> None:
+        super().__init__(emulator, **options)
+        self.subscribe_timeout = subscribe_timeout
+        self.by_symbol: dict[str, Asset] = {a.coinbase: a for a in emulator.universe}
+        self._trade_ids: dict[str, int] = {}
+
+    def _sequence(self, product: str, asset: Asset) -> int:
+        return self._ids.get(product, 30_000_000_000 + asset.index * 1_000_003)
+
+    def _event(self, stream: str, wall: float, faults: WsFaults) -> str | None:
+        channel, _, product = stream.partition(":")
+        if channel != "ticker":
+            return None  # heartbeats have their own loop
+        asset = self.by_symbol[product]
+        quote = self.market.quote("coinbase", asset)
+        sequence = self._sequence(product, asset) + self._gap(
+            faults.gap_rate, product not in self._ids)
+        self._ids[product] = sequence
+        trade_id = self._trade_ids.get(product, quote.trades * 100) + 1
+        self._trade_ids[product] = trade_id
+        payload = {
+            "type": "ticker",
+            "sequence": sequence,
+            "product_id": product,
+            "price": fixed(quote.price),
+            "open_24h": fixed(quote.open),
+            "volume_24h": fixed(quote.volume, 8),
+            "low_24h": fixed(quote.low),
+            "high_24h": fixed(quote.high),
+            "volume_30d": fixed(quote.volume * 30, 8),
+            "best_bid": fixed(quote.bid),
+            "best_bid_size": fixed(quote.bid_size, 8),
+            "best_ask": fixed(quote.ask),
+            "best_ask_size": fixed(quote.ask_size, 8),
+            "side": "buy" if trade_id % 2 else "sell",
+            "time": iso_z(wall),
+            "trade_id": trade_id,
+            "last_size": fixed(quote.last_size, 8),
+        }
+        self._last[stream] = payload
+        return _json.encode(payload).decode()
+
+    def _heartbeat(self, conn: Connection, now: float) -> list[str]:
+        wall = iso_z(self.market.wall(now))
+        texts = []
+        for stream in conn.streams:
+            channel, _, product = stream.partition(":")
+            if channel == "heartbeat":
+                asset = self.by_symbol[product]
+                texts.append(_json.encode({
+                    "type": "heartbeat",
+                    "sequence": self._sequence(product, asset),
+                    "last_trade_id": self._trade_ids.get(product, 0),
+                    "product_id": product,
+                    "time": wall,
+                }).decode())
+        self.stats["heartbeats"] += len(texts)
+        return texts
+
+    async def _watchdog(self, conn: Connection) -> None:
+        if self.subscribe_timeout is None:
+            return
+        await trio.sleep(self.subscribe_timeout)
+        if not conn.subscribed and conn.action is None and not conn.gone:
+            self.stats["refused"] += 1
+            conn.close_now("close", 1008, "no subscribe message in time")
+
+    def _request(self, conn: Connection, text: str) -> Answer:
+        try:
+            request = msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            self._count_request("invalid")
+            return [_json.encode({"type": "error", "message": "Malformed JSON"}).decode()], []
+        if not isinstance(request, dict):
+            self._count_request("invalid")
+            return [_json.encode({"type": "error", "message": "Malformed JSON"}).decode()], []
+        kind = request.get("type")
+        self._count_request(str(kind))
+        subscribe: list[str] = []
+        try:
+            if kind not in ("subscribe", "unsubscribe"):
+                raise _Refused(0, f"{kind!r} is not a valid message type")
+            pairs = self._pairs(request)
+            if kind == "subscribe":
+                new = [s for s in dict.fromkeys(pairs) if s not in conn.streams]
+                if self.max_streams is not None and len(conn.streams) + len(new) > self.max_streams:
+                    raise _Refused(0, f"more than {self.max_streams} subscriptions")
+                subscribe = new
+                conn.subscribed = True
+            else:
+                gone = set(pairs)
+                conn.streams[:] = [s for s in conn.streams if s not in gone]
+        except _Refused as exc:
+            message = "Failed to subscribe" if kind == "subscribe" else "Failed to unsubscribe"
+            if kind not in ("subscribe", "unsubscribe"):
+                message = "Failed to parse message"
+            error = {"type": "error", "message": message, "reason": exc.msg}
+            return [_json.encode(error).decode()], []
+        current: dict[str, list[str]] = {}
+        for stream in [*conn.streams, *subscribe]:
+            channel, _, product = stream.partition(":")
+            current.setdefault(channel, []).append(product)
+        answer = {
+            "type": "subscriptions",
+            "channels": [{"name": name, "product_ids": ids} for name, ids in current.items()],
+        }
+        return [_json.encode(answer).decode()], subscribe
+
+    def _pairs(self, request: dict[str, Any]) -> list[str]:
+        """``channel:product`` streams a (un)subscribe message names."""
+        products = request.get("product_ids", [])
+        channels = request.get("channels")
+        if not isinstance(products, list) or not all(isinstance(p, str) for p in products):
+            raise _Refused(0, "product_ids must be a list of product ids")
+        if not isinstance(channels, list) or not channels:
+            raise _Refused(0, "channels must be a list of channels")
+        pairs = []
+        for channel in channels:
+            if isinstance(channel, str):
+                name, ids = channel, products
+            elif isinstance(channel, dict) and isinstance(channel.get("name"), str):
+                name = channel["name"]
+                ids = channel.get("product_ids", products)
+                if not isinstance(ids, list) or not all(isinstance(p, str) for p in ids):
+                    raise _Refused(0, "product_ids must be a list of product ids")
+            else:
+                raise _Refused(0, f"{channel!r} is not a valid channel")
+            if name not in _COINBASE_CHANNELS:
+                raise _Refused(0, f"{name} is not a valid channel (the emulator serves "
+                                  f"{', '.join(_COINBASE_CHANNELS)})")
+            if not ids:
+                raise _Refused(0, f"You need to specify at least one product ID for channel "
+                                  f"{name}")
+            for product in ids:
+                if product not in self.by_symbol:
+                    raise _Refused(0, f"{product} is not a valid product")
+                pairs.append(f"{name}:{product}")
+        return pairs
+
+
+# -- Kraken ----------------------------------------------------------------------------
+
+
+def _num(value: Decimal) -> float:
+    return float(value)
+
+
+class KrakenFeed(WsFeed):
+    """Kraken's websocket API v2 (``/v2``): the ``ticker`` channel, ``status``,
+    ``heartbeat`` and ``ping`` (see the module docstring).
+    ``idle_timeout``: seconds without a client message before the server
+    closes the connection (``None``: never)."""
+
+    exchange = "kraken"
+    paths = ("/v2", "/v2/")
+    heartbeat_interval = 1.0
+    version = "2.0.8"
+
+    def __init__(
+        self, emulator: Emulator, *, idle_timeout: float | None = 60.0, **options: Any
+    ) -> None:
+        super().__init__(emulator, **options)
+        self.idle_timeout = idle_timeout
+        self.by_symbol: dict[str, Asset] = {a.kraken_v2: a for a in emulator.universe}
+        self._connection_ids = itertools.count(11_000_000_000 + emulator.seed)
+
+    def _greeting(self, conn: Connection) -> list[str]:
+        status = {
+            "channel": "status",
+            "type": "update",
+            "data": [{
+                "api_version": "v2",
+                "connection_id": next(self._connection_ids),
+                "system": "online",
+                "version": self.version,
+            }],
+        }
+        return [_json.encode(status).decode()]
+
+    def _item(self, symbol: str, wall: float) -> dict[str, Any]:
+        asset = self.by_symbol[symbol]
+        quote = self.market.quote("kraken", asset)
+        change = quote.price - quote.open
+        return {
+            "symbol": symbol,
+            "bid": _num(quote.bid),
+            "bid_qty": _num(quote.bid_size),
+            "ask": _num(quote.ask),
+            "ask_qty": _num(quote.ask_size),
+            "last": _num(quote.price),
+            "volume": _num(quote.volume),
+            "vwap": _num((quote.open + quote.price) / 2),
+            "low": _num(quote.low),
+            "high": _num(quote.high),
+            "change": _num(change),
+            "change_pct": round(float(change / quote.open * 100), 2),
+            "timestamp": iso_z(wall),
+        }
+
+    def _event(self, stream: str, wall: float, faults: WsFaults) -> str | None:
+        if self._gap(faults.gap_rate) > 1:
+            return None  # lost: v2's ticker has no id that would show it
+        item = self._item(stream.partition(":")[2], wall)
+        self._last[stream] = item
+        return _json.encode({"channel": "ticker", "type": "update", "data": [item]}).decode()
+
+    def _heartbeat(self, conn: Connection, now: float) -> list[str]:
+        if not conn.streams or now - conn.last_queued < 1.0:
+            return []
+        self.stats["heartbeats"] += 1
+        return ['{"channel":"heartbeat"}']
+
+    async def _watchdog(self, conn: Connection) -> None:
+        if self.idle_timeout is None:
+            return
+        while True:
+            await trio.sleep_until(conn.last_received + self.idle_timeout)
+            if trio.current_time() >= conn.last_received + self.idle_timeout:
+                self._fault("idle")
+                conn.close_now("close", 1000, "idle")
                 return
-            if faults.malformed_rate and rng.random() < faults.malformed_rate:
-                self._fault("malformed")
-                text = _malform(text, rng.random())
-            await send({"type": "websocket.send", "text": text})
-            stats["messages"] += 1
+
+    def _request(self, conn: Connection, text: str) -> Answer:
+        stamp = iso_z(self.market.wall())
+        try:
+            request = msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            request = None
+        if not isinstance(request, dict):
+            self._count_request("invalid")
+            error = {"error": "Malformed request", "success": False,
+                     "time_in": stamp, "time_out": stamp}
+            return [_json.encode(error).decode()], []
+        method = request.get("method")
+        self._count_request(str(method))
+        req_id = request.get("req_id")
+        tail: dict[str, Any] = {"time_in": stamp, "time_out": stamp}
+        if req_id is not None:
+            tail["req_id"] = req_id
+
+        def answer(body: dict[str, Any]) -> str:
+            return _json.encode({**body, **tail}).decode()
+
+        if method == "ping":
+            return [answer({"method": "pong"})], []
+        if method not in ("subscribe", "unsubscribe"):
+            return [answer({"error": f"Method {method!r} not found", "method": method,
+                            "success": False})], []
+        params = request.get("params")
+        if not isinstance(params, dict):
+            return [answer({"error": "Missing params", "method": method,
+                            "success": False})], []
+        channel = params.get("channel")
+        symbols = params.get("symbol")
+        if channel != "ticker":
+            return [answer({"error": f"Channel {channel!r} not served by the emulator",
+                            "method": method, "success": False})], []
+        if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
+            return [answer({"error": "symbol must be a list of pairs", "method": method,
+                            "success": False})], []
+        snapshot = params.get("snapshot", True) is not False
+        trigger = params.get("event_trigger", "trades")
+        if trigger not in ("trades", "bbo"):
+            return [answer({"error": f"event_trigger {trigger!r} is not one of trades, bbo",
+                            "method": method, "success": False})], []
+        answers: list[str] = []
+        snapshots: list[str] = []
+        subscribe: list[str] = []
+        self.market.advance()
+        wall = self.market.wall()
+        for symbol in dict.fromkeys(symbols):
+            if symbol not in self.by_symbol:
+                answers.append(answer({"error": f"Currency pair not supported {symbol}",
+                                       "method": method, "success": False,
+                                       "symbol": symbol}))
+                continue
+            stream = f"ticker:{symbol}"
+            result: dict[str, Any] = {"channel": "ticker", "symbol": symbol}
+            if method == "subscribe":
+                result = {"channel": "ticker", "event_trigger": trigger,
+                          "snapshot": snapshot, "symbol": symbol}
+                if stream not in conn.streams and stream not in subscribe:
+                    if self.max_streams is not None and (
+                        len(conn.streams) + len(subscribe) >= self.max_streams
+                    ):
+                        answers.append(answer({"error": "Subscription limit reached",
+                                               "method": method, "success": False,
+                                               "symbol": symbol}))
+                        continue
+                    subscribe.append(stream)
+                    if snapshot:
+                        item = self._item(symbol, wall)
+                        self._last[stream] = item
+                        snapshots.append(_json.encode(
+                            {"channel": "ticker", "type": "snapshot", "data": [item]}
+                        ).decode())
+            else:
+                conn.streams[:] = [s for s in conn.streams if s != stream]
+            answers.append(answer({"method": method, "result": result, "success": True}))
+        return answers + snapshots, subscribe
 
 
 def _malform(text: str, draw: float) -> str:

@@ -1,0 +1,311 @@
+"""sources.coinbase.CoinbaseStream against the exchange emulator's Coinbase ws-feed
+(``/ws-feed``), and that feed itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from contextlib import asynccontextmanager
+
+import msgspec
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+from trio_websocket import ConnectionClosed
+
+from flows import Edge, Flow, Runtime
+from flows._limits import RateLimit
+from flows._ws import RECONNECT_REASONS, open_ws
+from flows.testing import GatedSink, ListSink, assert_component_metrics, sample
+from flows.testing.emulator import Emulator, WsFaults
+from sources.coinbase import CoinbaseStream
+
+FLOW = "live"
+STAGE = "coinbase_stream"
+FROZEN = 1e9  # a tick interval no test outlives: prices stay put
+NONE = dict.fromkeys(RECONNECT_REASONS, 0.0)
+
+
+@pytest.fixture
+async def start(nursery):
+    """start(**emulator_options) -> (emulator, Coinbase feed URL)."""
+
+    async def start(**options):
+        options.setdefault("seed", 5)
+        options.setdefault("assets", 20)
+        emulator = Emulator(**options)
+        url = await nursery.start(emulator.serve)
+        return emulator, url.replace("http://", "ws://") + "/ws-feed"
+
+    return start
+
+
+@asynccontextmanager
+async def running(source, sink=None, **flow_options):
+    registry = CollectorRegistry()
+    sink = sink or ListSink()
+    rt = Runtime(Flow(FLOW, sources=[source], sinks=[sink], **flow_options), registry=registry,
+                 metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        yield rt, sink, registry
+        rt.stop()
+
+
+async def until(condition, timeout: float = 60.0, poll: float = 0.05) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(poll)
+
+
+def reconnects(registry) -> dict[str, float]:
+    return {r: sample(registry, "flows_source_reconnects_total", FLOW, STAGE, reason=r)
+            for r in RECONNECT_REASONS}
+
+
+def discarded(registry, reason: str) -> float:
+    return sample(registry, "flows_records_discarded_total", FLOW, STAGE, reason=reason)
+
+
+def ws_stats(emulator) -> dict:
+    return emulator.stats["coinbase"]["ws"]
+
+
+def subscribed(emulator) -> list[set[str]]:
+    return [set(s) for s in ws_stats(emulator)["subscriptions"]]
+
+
+def streams(products, channels=("ticker", "heartbeat")) -> set[str]:
+    return {f"{c}:{p}" for p in products for c in channels}
+
+
+def epoch(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+# -- the source ------------------------------------------------------------------
+
+
+async def test_ticks_carry_the_served_prices_and_times(start, autojump_clock):
+    emulator, url = await start(tick_interval=FROZEN)
+    products = emulator.symbols("coinbase")[:5]
+    source = CoinbaseStream(symbols=[p.lower() for p in products], base_url=url)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: {t.symbol for t in sink.records} == set(products))
+        await trio.sleep(2.5)  # heartbeats, once a second per product
+        assert_component_metrics(registry, FLOW, STAGE, "source")
+    assert subscribed(emulator) == [streams(products)]
+    for t in sink.records:
+        quote = emulator.quote("coinbase", t.symbol)
+        assert t.source == STAGE
+        assert (t.price, t.bid, t.ask) == (float(quote.price), float(quote.bid), float(quote.ask))
+        assert t.volume == float(quote.volume)
+    last = emulator.feed("coinbase").last_event(f"ticker:{products[0]}")
+    newest = max(t.ts for t in sink.records if t.symbol == products[0])
+    assert epoch(last["time"]) - 1 <= newest <= epoch(last["time"])  # the match time
+    stats = ws_stats(emulator)
+    assert stats["heartbeats"] >= 2 * len(products)
+    assert sample(registry, "flows_source_messages_total", FLOW, STAGE) >= (
+        len(sink.records) + stats["heartbeats"])
+    assert discarded(registry, "invalid") == 0
+    assert sample(registry, "flows_source_gaps_total", FLOW, STAGE) == 0
+    assert reconnects(registry) == NONE
+
+
+async def test_reconnects_after_an_abrupt_close_with_the_same_subscriptions(start,
+                                                                          autojump_clock):
+    emulator, url = await start()
+    products = emulator.symbols("coinbase")[:4]
+    source = CoinbaseStream(symbols=products, base_url=url, backoff=0.2)
+    async with running(source) as (rt, sink, registry):
+        await until(lambda: len(sink.records) >= 8)
+        assert emulator.feed("coinbase").disconnect("abrupt") == 1
+        await until(lambda: ws_stats(emulator)["connections"] == 2)
+        before = len(sink.records)
+        await until(lambda: len(sink.records) >= before + 8)
+        assert rt.ready()[0]
+    assert reconnects(registry) == {**NONE, "closed": 1.0}
+    assert subscribed(emulator) == [streams(products)] * 2
+    assert ws_stats(emulator)["faults"] == {"abrupt_close": 1}
+
+
+async def test_reconnects_after_a_silent_stall(start, autojump_clock):
+    emulator, url = await start(ws_ping_interval=0.5)  # pings go on while it is silent
+    products = emulator.symbols("coinbase")[:3]
+    source = CoinbaseStream(symbols=products, base_url=url, silence_timeout=3.0)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 6)
+        stalled_at = trio.current_time()
+        emulator.feed("coinbase").disconnect("stall")  # heartbeats stop too
+        await until(lambda: ws_stats(emulator)["connections"] == 2)
+        assert trio.current_time() - stalled_at >= 3.0 - 1e-6
+        before = len(sink.records)
+        await until(lambda: len(sink.records) >= before + 6)
+    assert reconnects(registry) == {**NONE, "silent": 1.0}
+    assert subscribed(emulator) == [streams(products)] * 2
+
+
+async def test_malformed_frames_are_counted_and_skipped(start, autojump_clock):
+    emulator, url = await start(tick_interval=FROZEN)
+    emulator.set_faults(exchange="coinbase", ws=WsFaults(malformed_rate=0.3))
+    products = emulator.symbols("coinbase")[:5]
+    source = CoinbaseStream(symbols=products, base_url=url)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 100)
+        emulator.feed("coinbase").disconnect("stall")  # no more frames: the counts settle
+        await trio.sleep(1)
+    malformed = ws_stats(emulator)["faults"]["malformed"]
+    assert discarded(registry, "invalid") == malformed > 10  # heartbeats included
+    assert all(t.price == float(emulator.price("coinbase", t.symbol)) for t in sink.records)
+    assert reconnects(registry) == NONE
+
+
+@pytest.mark.parametrize("check", [True, False])
+async def test_sequence_gaps_only_when_asked(start, check, autojump_clock):
+    emulator, url = await start()
+    emulator.set_faults(exchange="coinbase", ws={"gap_rate": 0.1})
+    products = emulator.symbols("coinbase")[:5]
+    source = CoinbaseStream(symbols=products, base_url=url, check_gaps=check)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 200)
+        emulator.feed("coinbase").disconnect("stall")
+        await trio.sleep(1)
+    gaps = sample(registry, "flows_source_gaps_total", FLOW, STAGE)
+    assert gaps == (ws_stats(emulator)["faults"]["gap"] if check else 0)
+    assert not check or gaps > 5
+
+
+async def test_an_unknown_product_is_left_out_of_the_next_connection(start, autojump_clock):
+    emulator, url = await start()
+    products = emulator.symbols("coinbase")[:3]
+    source = CoinbaseStream(symbols=[*products, "NOPE-USD"], base_url=url, heartbeat=False,
+                            backoff=0.2)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: {t.symbol for t in sink.records} == set(products))
+    assert source.unknown == {"NOPE-USD"}
+    # Coinbase closes a connection with no subscription after 5 s; the next one subscribes
+    assert trio.current_time() >= 5.0
+    assert reconnects(registry) == {**NONE, "server": 1.0}
+    assert ws_stats(emulator)["refused"] == 1
+    assert subscribed(emulator) == [set(), streams(products, ["ticker"])]
+
+
+async def test_conflation_under_a_blocked_sink_keeps_the_latest_price(start, autojump_clock):
+    emulator, url = await start(assets=10, tick_interval=0.05, unchanged=0.0, ws_rate=50)
+    products = emulator.symbols("coinbase")
+    source = CoinbaseStream(symbols=products, base_url=url)
+    sink = GatedSink()
+    async with running(source, sink, edges={"gated": Edge(policy="conflate", capacity=1)}) as (
+        rt, _, registry
+    ):
+        consumer = next(s for s in rt.slots if s.actor is sink).metrics
+        most_pending = 0
+        for _ in range(20):  # 2 s: 1000 tickers for a sink that takes nothing
+            await trio.sleep(0.1)
+            most_pending = max(most_pending, consumer.pending())
+        emulator.feed("coinbase").disconnect("stall")  # the market goes quiet
+        await trio.sleep(0.5)
+        sent = sample(registry, "flows_records_sent_total", FLOW, STAGE)
+        conflated = sample(registry, "flows_records_discarded_total", FLOW, "gated",
+                           reason="conflated")
+        sink.gate.set()
+        await until(lambda: consumer.pending() == 0 and len(sink.records) > 0)
+        await trio.sleep(0.5)
+    assert sent > 800 and conflated > sent * 0.9
+    assert most_pending <= len(products)  # memory bounded by the number of products
+    assert len(sink.records) <= 3 * len(products)
+    latest = {t.symbol: t.price for t in sink.records}
+    for product in products:
+        event = emulator.feed("coinbase").last_event(f"ticker:{product}")
+        assert latest[product] == float(event["price"]), product
+    assert reconnects(registry) == NONE
+
+
+def test_argument_checks_and_messages():
+    with pytest.raises(ValueError, match="products_per_message"):
+        CoinbaseStream(symbols=["BTC-USD"], products_per_message=0)
+    source = CoinbaseStream(symbols=["btc-usd", "ETH-USD", "SOL-USD"], products_per_message=2,
+                            heartbeat=False)
+    assert source.symbols == ["BTC-USD", "ETH-USD", "SOL-USD"]
+    assert source.url(source.symbols) == "wss://ws-feed.exchange.coinbase.com"
+    assert source.silence_timeout == 60.0
+    assert CoinbaseStream.CONNECT_LIMITS == (RateLimit(8, 1.0),)  # 8 connections/s per IP
+    assert [msgspec.json.decode(m) for m in source.subscribe_messages(source.symbols)] == [
+        {"type": "subscribe", "product_ids": ["BTC-USD", "ETH-USD"], "channels": ["ticker"]},
+        {"type": "subscribe", "product_ids": ["SOL-USD"], "channels": ["ticker"]},
+    ]
+    assert CoinbaseStream(symbols=["BTC-USD"]).silence_timeout == 10.0
+    # types it does not use are ignored, as Coinbase asks; a ticker without a price is not
+    assert source.parse('{"type":"status","products":[]}').ticks == []
+    with pytest.raises(ValueError):
+        source.parse('{"type":"ticker","product_id":"BTC-USD","price":"-1"}')
+    tick = source.parse('{"type":"ticker","product_id":"BTC-USD","price":"5.5"}').ticks[0]
+    assert tick.bid is None and abs(tick.ts - time.time()) < 60  # no time: the arrival
+
+
+# -- the emulator's feed -----------------------------------------------------------
+
+
+async def test_emulator_feed_format_and_requests(start, autojump_clock):
+    emulator, url = await start(tick_interval=FROZEN)
+    async with open_ws(url) as ws:
+        async def ask(request):
+            await ws.send_message(msgspec.json.encode(request).decode())
+            while True:
+                answer = msgspec.json.decode(await ws.get_message())
+                if answer["type"] in ("subscriptions", "error"):
+                    return answer
+
+        assert await ask({"type": "subscribe", "product_ids": ["BTC-USD"],
+                          "channels": ["ticker", {"name": "heartbeat",
+                                                  "product_ids": ["ETH-USD"]}]}) == {
+            "type": "subscriptions",
+            "channels": [{"name": "ticker", "product_ids": ["BTC-USD"]},
+                         {"name": "heartbeat", "product_ids": ["ETH-USD"]}]}
+        got = {}
+        while len(got) < 2:
+            message = msgspec.json.decode(await ws.get_message())
+            got[message["type"]] = message
+        ticker, heartbeat = got["ticker"], got["heartbeat"]
+        assert list(ticker) == [
+            "type", "sequence", "product_id", "price", "open_24h", "volume_24h", "low_24h",
+            "high_24h", "volume_30d", "best_bid", "best_bid_size", "best_ask",
+            "best_ask_size", "side", "time", "trade_id", "last_size"]
+        assert ticker["product_id"] == "BTC-USD" and isinstance(ticker["trade_id"], int)
+        assert float(ticker["price"]) == float(emulator.price("coinbase", "BTC-USD"))
+        assert ticker["time"].endswith("Z") and isinstance(ticker["sequence"], int)
+        assert list(heartbeat) == ["type", "sequence", "last_trade_id", "product_id", "time"]
+        assert heartbeat["product_id"] == "ETH-USD"
+        while True:  # sequence numbers go up by one per ticker
+            message = msgspec.json.decode(await ws.get_message())
+            if message["type"] == "ticker":
+                assert message["sequence"] == ticker["sequence"] + 1
+                break
+        errors = [
+            await ask({"type": "subscribe", "product_ids": ["BTC-FOO"], "channels": ["ticker"]}),
+            await ask({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["full"]}),
+            await ask({"type": "subscribe", "channels": ["ticker"]}),
+            await ask({"type": "frobnicate"}),
+        ]
+        assert [e["reason"] for e in errors] == [
+            "BTC-FOO is not a valid product",
+            "full is not a valid channel (the emulator serves ticker, heartbeat)",
+            "You need to specify at least one product ID for channel ticker",
+            "'frobnicate' is not a valid message type"]
+        assert errors[0]["message"] == "Failed to subscribe"
+        await ws.send_message("{nope")
+        while (answer := msgspec.json.decode(await ws.get_message()))["type"] != "error":
+            pass
+        assert answer == {"type": "error", "message": "Malformed JSON"}
+        assert await ask({"type": "unsubscribe", "product_ids": ["ETH-USD"],
+                          "channels": ["heartbeat"]}) == {
+            "type": "subscriptions", "channels": [{"name": "ticker", "product_ids": ["BTC-USD"]}]}
+    async with open_ws(url) as ws:  # no subscribe within 5 s: closed
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 1008 and trio.current_time() >= 5
+    stats = ws_stats(emulator)
+    assert stats["connections"] == 2 and stats["refused"] == 1
+    assert stats["requests"] == {"subscribe": 4, "frobnicate": 1, "invalid": 1,
+                                 "unsubscribe": 1}
+    assert "WS /ws-feed" in emulator.describe()["endpoints"]["coinbase"]

@@ -1,0 +1,319 @@
+"""sources.kraken.KrakenStream against the exchange emulator's Kraken websocket v2
+(``/v2``), and that feed itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import msgspec
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+from trio_websocket import ConnectionClosed
+
+from flows import Flow, Runtime
+from flows._ws import RECONNECT_REASONS, open_ws
+from flows.testing import ListSink, assert_component_metrics, sample
+from flows.testing.emulator import Emulator, WsFaults
+from sources.kraken import KrakenStream, v2_symbol
+
+FLOW = "live"
+STAGE = "kraken_stream"
+FROZEN = 1e9  # a tick interval no test outlives: prices stay put
+NONE = dict.fromkeys(RECONNECT_REASONS, 0.0)
+
+
+@pytest.fixture
+async def start(nursery):
+    """start(**emulator_options) -> (emulator, Kraken v2 URL)."""
+
+    async def start(**options):
+        options.setdefault("seed", 6)
+        options.setdefault("assets", 20)
+        emulator = Emulator(**options)
+        url = await nursery.start(emulator.serve)
+        return emulator, url.replace("http://", "ws://") + "/v2"
+
+    return start
+
+
+@asynccontextmanager
+async def running(source, sink=None, **flow_options):
+    registry = CollectorRegistry()
+    sink = sink or ListSink()
+    rt = Runtime(Flow(FLOW, sources=[source], sinks=[sink], **flow_options), registry=registry,
+                 metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        yield rt, sink, registry
+        rt.stop()
+
+
+async def until(condition, timeout: float = 120.0, poll: float = 0.05) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(poll)
+
+
+def reconnects(registry) -> dict[str, float]:
+    return {r: sample(registry, "flows_source_reconnects_total", FLOW, STAGE, reason=r)
+            for r in RECONNECT_REASONS}
+
+
+def discarded(registry, reason: str) -> float:
+    return sample(registry, "flows_records_discarded_total", FLOW, STAGE, reason=reason)
+
+
+def ws_stats(emulator) -> dict:
+    return emulator.stats["kraken"]["ws"]
+
+
+def subscribed(emulator) -> list[set[str]]:
+    return [set(s) for s in ws_stats(emulator)["subscriptions"]]
+
+
+def streams(symbols) -> set[str]:
+    return {f"ticker:{s}" for s in symbols}
+
+
+# -- the source ------------------------------------------------------------------
+
+
+async def test_ticks_carry_the_served_prices(start, autojump_clock):
+    emulator, url = await start(tick_interval=FROZEN)
+    symbols = emulator.stream_symbols("kraken")[:5]
+    assert symbols[0] == "BTC/USD"
+    source = KrakenStream(symbols=["XBT/USD", *symbols[1:]], base_url=url)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: {t.symbol for t in sink.records} == set(symbols))
+        assert_component_metrics(registry, FLOW, STAGE, "source")
+    assert subscribed(emulator) == [streams(symbols)]
+    for t in sink.records:
+        quote = emulator.quote("kraken", t.symbol)
+        assert t.source == STAGE
+        assert (t.price, t.bid, t.ask) == (float(quote.price), float(quote.bid), float(quote.ask))
+        assert t.volume == float(quote.volume)
+    last = emulator.feed("kraken").last_event("ticker:BTC/USD")
+    newest = max(t.ts for t in sink.records if t.symbol == "BTC/USD")
+    event_ts = dt.datetime.fromisoformat(last["timestamp"]).timestamp()
+    assert event_ts - 1 <= newest <= event_ts  # the event's timestamp
+    assert discarded(registry, "invalid") == 0
+    assert sample(registry, "flows_source_gaps_total", FLOW, STAGE) == 0
+    assert reconnects(registry) == NONE
+
+
+async def test_heartbeats_and_pings_keep_a_quiet_connection(start, autojump_clock):
+    emulator, url = await start(ws_rate=0.2)  # an update every 5 s: heartbeats between
+    symbols = emulator.stream_symbols("kraken")[:2]
+    source = KrakenStream(symbols=symbols, base_url=url, silence_timeout=3.0)
+    async with running(source) as (_, sink, registry):
+        await trio.sleep(95)  # past Kraken's one-minute idle limit, and then some
+    stats = ws_stats(emulator)
+    assert stats["heartbeats"] > 50  # about one a second between updates
+    assert stats["requests"] == {"subscribe": 1, "ping": 3}  # one every 30 s
+    assert source.pongs == 3
+    assert reconnects(registry) == NONE  # never silent for 3 s, never idle for 60 s
+    assert discarded(registry, "invalid") == 0
+    messages = sample(registry, "flows_source_messages_total", FLOW, STAGE)
+    assert messages >= stats["heartbeats"] + len(sink.records) + 3 + 1  # pongs, status
+    # without pings, the server closes the connection after a minute of silence
+    emulator.reset_stats()
+    source = KrakenStream(symbols=symbols, base_url=url, heartbeat_interval=0, backoff=0.1)
+    started = trio.current_time()
+    async with running(source) as (_, sink, registry):
+        await until(lambda: ws_stats(emulator)["connections"] == 2)
+        assert 60 <= trio.current_time() - started < 62
+    assert ws_stats(emulator)["faults"] == {"idle": 1}
+    assert reconnects(registry) == {**NONE, "server": 1.0}
+
+
+async def test_reconnects_after_an_abrupt_close_with_the_same_subscriptions(start,
+                                                                          autojump_clock):
+    emulator, url = await start()
+    symbols = emulator.stream_symbols("kraken")[:4]
+    source = KrakenStream(symbols=symbols, base_url=url, backoff=0.2)
+    async with running(source) as (rt, sink, registry):
+        await until(lambda: len(sink.records) >= 8)
+        assert emulator.feed("kraken").disconnect("abrupt") == 1
+        await until(lambda: ws_stats(emulator)["connections"] == 2)
+        before = len(sink.records)
+        await until(lambda: len(sink.records) >= before + 8)
+        assert rt.ready()[0]
+    assert reconnects(registry) == {**NONE, "closed": 1.0}
+    assert subscribed(emulator) == [streams(symbols)] * 2
+    assert ws_stats(emulator)["faults"] == {"abrupt_close": 1}
+
+
+async def test_reconnects_after_a_silent_stall(start, autojump_clock):
+    emulator, url = await start(ws_ping_interval=0.5)  # pings go on while it is silent
+    symbols = emulator.stream_symbols("kraken")[:3]
+    source = KrakenStream(symbols=symbols, base_url=url, silence_timeout=3.0)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 6)
+        stalled_at = trio.current_time()
+        emulator.feed("kraken").disconnect("stall")  # no updates, no heartbeats
+        await until(lambda: ws_stats(emulator)["connections"] == 2)
+        assert trio.current_time() - stalled_at >= 3.0 - 1e-6
+        before = len(sink.records)
+        await until(lambda: len(sink.records) >= before + 6)
+    assert reconnects(registry) == {**NONE, "silent": 1.0}
+    assert subscribed(emulator) == [streams(symbols)] * 2
+
+
+async def test_malformed_frames_are_counted_and_skipped(start, autojump_clock):
+    emulator, url = await start(tick_interval=FROZEN)
+    emulator.set_faults(exchange="kraken", ws=WsFaults(malformed_rate=0.3))
+    symbols = emulator.stream_symbols("kraken")[:5]
+    source = KrakenStream(symbols=symbols, base_url=url)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 100)
+        emulator.feed("kraken").disconnect("stall")  # no more frames: the counts settle
+        await trio.sleep(1)
+    malformed = ws_stats(emulator)["faults"]["malformed"]
+    assert discarded(registry, "invalid") == malformed > 10
+    assert all(t.price == float(emulator.price("kraken", t.symbol)) for t in sink.records)
+    assert reconnects(registry) == NONE
+
+
+async def test_an_unknown_pair_is_refused_and_the_others_stream(start, autojump_clock):
+    emulator, url = await start()
+    symbols = emulator.stream_symbols("kraken")[:3]
+    source = KrakenStream(symbols=[*symbols, "NOPE/USD"], base_url=url)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: {t.symbol for t in sink.records} == set(symbols))
+    assert source.unknown == {"NOPE/USD"}
+    assert source.subscribe_messages(source.symbols)[0].count("/USD") == 3
+    assert reconnects(registry) == NONE and discarded(registry, "invalid") == 0
+
+
+def test_argument_checks_and_messages():
+    with pytest.raises(ValueError, match="event_trigger"):
+        KrakenStream(symbols=["BTC/USD"], event_trigger="rumours")
+    with pytest.raises(ValueError, match="symbols_per_message"):
+        KrakenStream(symbols=["BTC/USD"], symbols_per_message=0)
+    assert [v2_symbol(s) for s in ("xbt/usd", "XDG/EUR", "ETH/XBT", "SOLUSD")] == [
+        "BTC/USD", "DOGE/EUR", "ETH/BTC", "SOLUSD"]
+    source = KrakenStream(symbols=["BTC/USD", "ETH/USD", "SOL/USD"], symbols_per_message=2,
+                          event_trigger="bbo", snapshot=False)
+    assert source.url(source.symbols) == "wss://ws.kraken.com/v2"
+    assert source.heartbeat_interval == 30.0 and source.silence_timeout == 10.0
+    assert [msgspec.json.decode(m) for m in source.subscribe_messages(source.symbols)] == [
+        {"method": "subscribe", "params": {"channel": "ticker", "symbol": ["BTC/USD", "ETH/USD"],
+                                           "event_trigger": "bbo", "snapshot": False},
+         "req_id": 1},
+        {"method": "subscribe", "params": {"channel": "ticker", "symbol": ["SOL/USD"],
+                                           "event_trigger": "bbo", "snapshot": False},
+         "req_id": 2},
+    ]
+    assert msgspec.json.decode(source.heartbeat()) == {"method": "ping", "req_id": 3}
+    # v2's first ticker had no timestamp: the arrival time stands in
+    tick = source.parse('{"channel":"ticker","type":"update","data":[{"symbol":"BTC/USD",'
+                        '"last":67187.3,"bid":67184,"ask":67190.7}]}').ticks[0]
+    assert (tick.price, tick.bid, tick.volume) == (67187.3, 67184.0, None)
+    assert abs(tick.ts - time.time()) < 60
+    for bad in ('{"channel":"ticker","data":[{"symbol":"BTC/USD","last":-1}]}',
+                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":"1.5"}]}',
+                '{"channel":"ticker","type":"update"}'):
+        with pytest.raises((ValueError, msgspec.ValidationError)):
+            source.parse(bad)
+    for quiet in ('{"channel":"heartbeat"}', '{"method":"pong","req_id":3}',
+                  '{"channel":"book","type":"update","data":[{"symbol":"BTC/USD"}]}'):
+        assert source.parse(quiet).ticks == []
+    assert source.pongs == 1
+
+
+# -- the emulator's feed -----------------------------------------------------------
+
+
+async def test_emulator_feed_format_and_requests(start, autojump_clock):
+    emulator, url = await start(tick_interval=FROZEN)
+    async with open_ws(url) as ws:
+        status = msgspec.json.decode(await ws.get_message())
+        assert status["channel"] == "status" and status["type"] == "update"
+        assert status["data"][0]["system"] == "online"
+        assert status["data"][0]["api_version"] == "v2"
+        await ws.send_message('{"method":"subscribe","params":{"channel":"ticker",'
+                              '"symbol":["BTC/USD","FOO/USD","ETH/USD"]},"req_id":4}')
+        answers = [msgspec.json.decode(await ws.get_message()) for _ in range(5)]
+        acks = [{k: v for k, v in a.items() if k not in ("time_in", "time_out")}
+                for a in answers[:3]]
+        assert acks == [
+            {"method": "subscribe", "result": {"channel": "ticker", "event_trigger": "trades",
+                                               "snapshot": True, "symbol": "BTC/USD"},
+             "success": True, "req_id": 4},
+            {"error": "Currency pair not supported FOO/USD", "method": "subscribe",
+             "success": False, "symbol": "FOO/USD", "req_id": 4},
+            {"method": "subscribe", "result": {"channel": "ticker", "event_trigger": "trades",
+                                               "snapshot": True, "symbol": "ETH/USD"},
+             "success": True, "req_id": 4},
+        ]
+        assert all(a["time_in"].endswith("Z") for a in answers[:3])
+        assert [(a["type"], a["data"][0]["symbol"]) for a in answers[3:]] == [
+            ("snapshot", "BTC/USD"), ("snapshot", "ETH/USD")]
+        item = answers[3]["data"][0]
+        assert list(item) == ["symbol", "bid", "bid_qty", "ask", "ask_qty", "last", "volume",
+                              "vwap", "low", "high", "change", "change_pct", "timestamp"]
+        assert all(isinstance(item[k], float) for k in list(item)[1:-1])
+        assert item["last"] == float(emulator.price("kraken", "BTC/USD"))
+        update = msgspec.json.decode(await ws.get_message())
+        assert update["channel"] == "ticker" and update["type"] == "update"
+
+        async def ask(request):
+            await ws.send_message(request)
+            while True:
+                answer = msgspec.json.decode(await ws.get_message())
+                if "channel" not in answer:
+                    return {k: v for k, v in answer.items() if k not in ("time_in", "time_out")}
+
+        assert await ask('{"method":"ping","req_id":9}') == {"method": "pong", "req_id": 9}
+        assert await ask('{"method":"ping"}') == {"method": "pong"}
+        assert (await ask('{"method":"subscribe","params":{"channel":"book",'
+                          '"symbol":["BTC/USD"]}}'))["success"] is False
+        assert (await ask('{"method":"frob"}'))["error"] == "Method 'frob' not found"
+        assert await ask("{nope") == {"error": "Malformed request", "success": False}
+        assert await ask('{"method":"unsubscribe","params":{"channel":"ticker",'
+                         '"symbol":["ETH/USD"]}}') == {
+            "method": "unsubscribe", "result": {"channel": "ticker", "symbol": "ETH/USD"},
+            "success": True}
+        assert emulator.feed("kraken").connections[0]["streams"] == ["ticker:BTC/USD"]
+        # no client message for a minute: closed
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason.code == 1000
+    stats = ws_stats(emulator)
+    assert stats["requests"] == {"subscribe": 2, "ping": 2, "frob": 1, "invalid": 1,
+                                 "unsubscribe": 1}
+    assert stats["faults"] == {"idle": 1} and stats["connections"] == 1
+    assert "WS /v2" in emulator.describe()["endpoints"]["kraken"]
+
+
+async def test_emulator_ws_control_endpoints_per_exchange(start, autojump_clock):
+    emulator, url = await start()
+    async with httpx.AsyncClient(base_url=emulator.url) as client, open_ws(url) as ws:
+        await ws.get_message()  # status
+        info = (await client.get("/_emulator/ws", params={"exchange": "kraken"})).json()
+        assert [c["path"] for c in info["connections"]] == ["/v2"]
+        assert info["message_limit"] is None
+        assert (await client.get("/_emulator/ws")).json()["connections"] == []  # Binance's
+        assert (await client.get("/_emulator/ws", params={"exchange": "okx"})).status_code == 400
+        r = await client.post("/_emulator/ws/disconnect", json={"how": "close", "code": 4001,
+                                                                "exchange": "coinbase"})
+        assert r.json() == {"disconnected": 0}
+        r = await client.post("/_emulator/ws/disconnect", json={"how": "close", "code": 4001,
+                                                                "exchange": "kraken"})
+        assert r.json() == {"disconnected": 1}
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason.code == 4001
+        r = await client.post("/_emulator/ws/disconnect", json={"exchange": "nasdaq"})
+        assert r.status_code == 400
+    assert emulator.asset("kraken", "BTC/USD") is emulator.asset("kraken", "XBTUSD")
+    assert emulator.stream_symbols("kraken")[:2] == ["BTC/USD", "ETH/USD"]
+    assert emulator.stream_symbols("coinbase")[:1] == ["BTC-USD"]
+    with pytest.raises(ValueError, match="no websocket feed"):
+        emulator.feed("okx")

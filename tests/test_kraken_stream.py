@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from contextlib import asynccontextmanager
 
 import httpx
 import msgspec
 import pytest
 import trio
-from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionClosed
 
-from flows import Flow, Runtime
 from flows._ws import RECONNECT_REASONS, open_ws
-from flows.testing import ListSink, assert_component_metrics, sample
+from flows.testing import assert_component_metrics, running_source, sample, wait_until
 from flows.testing.emulator import Emulator, WsFaults
 from sources.kraken import KrakenStream, v2_symbol
 
@@ -40,22 +37,12 @@ async def start(nursery):
     return start
 
 
-@asynccontextmanager
-async def running(source, sink=None, **flow_options):
-    registry = CollectorRegistry()
-    sink = sink or ListSink()
-    rt = Runtime(Flow(FLOW, sources=[source], sinks=[sink], **flow_options), registry=registry,
-                 metrics_addr=None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rt.run)
-        yield rt, sink, registry
-        rt.stop()
+def running(source, sink=None, **flow_options):
+    return running_source(source, sink, flow=FLOW, **flow_options)
 
 
-async def until(condition, timeout: float = 120.0, poll: float = 0.05) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(poll)
+def until(condition, timeout: float = 120.0, poll: float = 0.05):
+    return wait_until(condition, timeout, poll)
 
 
 def reconnects(registry) -> dict[str, float]:

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -26,6 +27,8 @@ __all__ = [
     "ListSink",
     "GatedSink",
     "run_briefly",
+    "running_source",
+    "wait_until",
 ]
 
 
@@ -139,3 +142,26 @@ async def run_briefly(flow: Flow, **options: Any) -> tuple[RunResult, CollectorR
     options.setdefault("metrics_addr", None)
     result = await Runtime(flow, registry=registry, **options).run()
     return result, registry
+
+
+@asynccontextmanager
+async def running_source(
+    source: Any, sink: Any = None, *, flow: str = "live", **flow_options: Any
+) -> AsyncIterator[tuple[Runtime, Any, CollectorRegistry]]:
+    """Run ``source`` -> ``sink`` (default: a ListSink) in the background
+    with a fresh registry; stops (drains) the flow when the block ends."""
+    registry = CollectorRegistry()
+    sink = sink or ListSink()
+    rt = Runtime(Flow(flow, sources=[source], sinks=[sink], **flow_options), registry=registry,
+                 metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        yield rt, sink, registry
+        rt.stop()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 60.0, poll: float = 0.05) -> None:
+    """Check ``condition`` every ``poll`` s (of trio's clock) until true; fail after ``timeout``."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(poll)

@@ -58,12 +58,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import prometheus_client.metrics as pm  # noqa: E402
-import trio  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
+import prometheus_client.metrics as pm
+import trio
+from prometheus_client import CollectorRegistry
 
-from flows import Batch, ChangeDetector, Flow, Inbox, Outbox, Runtime  # noqa: E402
-from sources.synthetic import SyntheticMarket  # noqa: E402
+from flows import Batch, ChangeDetector, Flow, Inbox, Outbox, Runtime
+from sources.synthetic import SyntheticMarket
 
 BATCH_SIZES = (1, 100, 1000)
 REL = 0.0005
@@ -148,7 +148,7 @@ def metrics_disabled() -> Iterator[None]:
     """prometheus_client's Counter.inc, Gauge.set, Histogram.observe as no-ops."""
     saved = [(cls, attr, cls.__dict__[attr]) for cls, attr in
              ((pm.Counter, "inc"), (pm.Gauge, "set"), (pm.Histogram, "observe"))]
-    noop = lambda *a, **k: None  # noqa: E731
+    noop = lambda *a, **k: None
     try:
         for cls, attr, _ in saved:
             setattr(cls, attr, noop)

@@ -110,17 +110,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import trio  # noqa: E402
-import trio_websocket  # noqa: E402
-import wsproto  # noqa: E402
-import wsproto.connection  # noqa: E402
-import wsproto.events  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
+import trio
+import trio_websocket
+import wsproto
+import wsproto.connection
+import wsproto.events
+from prometheus_client import CollectorRegistry
 
-from flows import Batch, ChangeDetector, Flow, Inbox, Runtime  # noqa: E402
-from flows._metrics import quantile  # noqa: E402
-from flows._ws import open_ws  # noqa: E402
-from sources.binance import BinanceStream  # noqa: E402
+from flows import Batch, ChangeDetector, Flow, Inbox, Runtime
+from flows._metrics import quantile
+from flows._ws import open_ws
+from sources.binance import BinanceStream
 
 TARGET = 100_000
 REL = 0.0005

@@ -23,11 +23,11 @@ from ._metrics import SlowThresholds as SlowThresholds
 from ._records import Batch as Batch
 from ._records import Tick as Tick
 from ._runtime import FlowFailed as FlowFailed
-from ._shard import Shard as Shard
-from ._shard import shard_of as shard_of
 from ._runtime import RunResult as RunResult
 from ._runtime import Runtime as Runtime
 from ._runtime import run_flow as run_flow
+from ._shard import Shard as Shard
+from ._shard import shard_of as shard_of
 from ._sink import BatchingSink as BatchingSink
 from ._sink import Retry as Retry
 

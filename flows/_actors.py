@@ -19,16 +19,16 @@ universe keeps only the symbols ``context.shard`` owns).
 from __future__ import annotations
 
 import inspect
-
-import attrs
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
-from ._channels import Inbox, Outbox
-from ._shard import Shard
-from ._records import Batch
+import attrs
 
-__all__ = ["Source", "Stage", "Sink", "FunctionStage", "RunContext", "stage"]
+from ._channels import Inbox, Outbox
+from ._records import Batch
+from ._shard import Shard
+
+__all__ = ["FunctionStage", "RunContext", "Sink", "Source", "Stage", "stage"]
 
 
 @attrs.frozen(kw_only=True)

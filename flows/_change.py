@@ -93,7 +93,7 @@ class ChangeDetector:
         self,
         *,
         rel: float = 0.0,
-        abs: float = 0.0,  # noqa: A002 - the documented parameter name
+        abs: float = 0.0,
         heartbeat: float | None = None,
         max_keys: int = 1_000_000,
         key: Callable[[Any], Hashable] = _tick_key,

@@ -19,7 +19,7 @@ import trio
 from ._metrics import ComponentMetrics
 from ._records import Batch
 
-__all__ = ["Edge", "Inbox", "Outbox", "EdgePort", "open_edge", "POLICIES"]
+__all__ = ["POLICIES", "Edge", "EdgePort", "Inbox", "Outbox", "open_edge"]
 
 Policy = Literal["block", "conflate", "drop_newest", "drop_oldest"]
 POLICIES: tuple[str, ...] = ("block", "conflate", "drop_newest", "drop_oldest")
@@ -198,7 +198,7 @@ _RANK = {"skipped": 0, "written": 1, "dropped": 2, "failed": 3}
 class _Join:
     """One ack hook shared by the fan-out copies of a batch."""
 
-    __slots__ = ("left", "worst", "hooks")
+    __slots__ = ("hooks", "left", "worst")
 
     def __init__(self, n: int, hooks: tuple[Any, ...]) -> None:
         self.left, self.worst, self.hooks = n, "skipped", hooks

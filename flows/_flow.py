@@ -148,5 +148,5 @@ class Flow:
         return "stage"
 
     def __repr__(self) -> str:
-        names = lambda xs: ",".join(a.name for a in xs)  # noqa: E731
+        names = lambda xs: ",".join(a.name for a in xs)
         return f"Flow({self.name!r}: [{names(self.sources)}] -> [{names(self.stages)}] -> [{names(self.sinks)}])"

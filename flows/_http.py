@@ -42,7 +42,7 @@ from ._log import DropLog
 from ._metrics import ComponentMetrics
 from ._records import Batch, Tick
 
-__all__ = ["HttpSource", "Request", "Parsed", "HttpError"]
+__all__ = ["HttpError", "HttpSource", "Parsed", "Request"]
 
 log = logging.getLogger("flows.http")
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import ClassVar
 
 import attrs
 import trio
 
-__all__ = ["RateLimit", "RateLimiter", "CircuitBreaker"]
+__all__ = ["CircuitBreaker", "RateLimit", "RateLimiter"]
 
 
 @attrs.frozen
@@ -130,7 +131,7 @@ class CircuitBreaker:
     _probing: bool = attrs.field(default=False, init=False)
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
-    STATES = {"closed": 0, "half_open": 1, "open": 2}
+    STATES: ClassVar[dict[str, int]] = {"closed": 0, "half_open": 1, "open": 2}
 
     def allow(self) -> bool:
         """Whether a request may go out now (a half-open circuit lets one probe)."""

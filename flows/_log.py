@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["DropLog", "setup_logging", "JsonFormatter"]
+__all__ = ["DropLog", "JsonFormatter", "setup_logging"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 

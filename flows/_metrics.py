@@ -20,7 +20,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 __all__ = [
-    "FlowMetrics", "ComponentMetrics", "SlowThresholds", "metrics_for", "quantile", "METRICS",
+    "METRICS",
+    "ComponentMetrics",
+    "FlowMetrics",
+    "SlowThresholds",
+    "metrics_for",
+    "quantile",
 ]
 
 FAST_BUCKETS = (
@@ -119,8 +124,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "flows_source_reconnects_total": (
         "counter",
         ("reason",),
-        "At a stream source: connections replaced, by reason (closed, error, silent, timeout, "
-        "server).",
+        (
+            "At a stream source: connections replaced, by reason (closed, error, silent, "
+            "timeout, server)."
+        ),
     ),
     "flows_source_connection_uptime_seconds": (
         "gauge",
@@ -211,7 +218,7 @@ class ComponentMetrics:
         self.flow_metrics = fm
         self.flow, self.stage, self.kind = flow, stage, kind
         f = fm.families
-        child = lambda name: f[name].labels(flow, stage)  # noqa: E731
+        child = lambda name: f[name].labels(flow, stage)
         self.received = child("flows_records_received_total")
         self.sent = child("flows_records_sent_total")
         self.restarts = child("flows_actor_restarts_total")

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Tick", "Batch", "AckHook", "OUTCOMES"]
+__all__ = ["OUTCOMES", "AckHook", "Batch", "Tick"]
 
 
 class Tick(msgspec.Struct, frozen=True, gc=False):
@@ -45,7 +45,7 @@ class Batch:
     source attached (acknowledgements); derived batches carry them on.
     """
 
-    __slots__ = ("records", "created", "acks")
+    __slots__ = ("acks", "created", "records")
 
     def __init__(
         self,

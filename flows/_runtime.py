@@ -28,7 +28,7 @@ from ._metrics import ComponentMetrics, metrics_for
 from ._shard import Shard
 from ._status import flow_status
 
-__all__ = ["Runtime", "RunResult", "FlowFailed", "run_flow"]
+__all__ = ["FlowFailed", "RunResult", "Runtime", "run_flow"]
 
 log = logging.getLogger("flows.runtime")
 

@@ -23,7 +23,7 @@ from prometheus_client import make_asgi_app
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["serve_endpoints", "check_addr", "make_app", "parse_addr", "answer_lifespan"]
+__all__ = ["answer_lifespan", "check_addr", "make_app", "parse_addr", "serve_endpoints"]
 
 _json = msgspec.json.Encoder()
 

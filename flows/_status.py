@@ -12,7 +12,7 @@ from ._metrics import FlowMetrics, quantile
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["flow_status", "figures"]
+__all__ = ["figures", "flow_status"]
 
 _COUNTERS = {
     "flows_records_received_total": "received",

@@ -26,7 +26,7 @@ from ._log import setup_logging
 from ._runtime import FlowFailed, Runtime
 from ._shard import Shard
 
-__all__ = ["main", "load_flow", "demo_flow"]
+__all__ = ["demo_flow", "load_flow", "main"]
 
 log = logging.getLogger("flows.run")
 
@@ -74,7 +74,7 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except FlowError as exc:
         raise TargetError(f"{path}: bad flow definition: {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any import error becomes one line
         where = _where(exc, str(path.resolve()))
         raise TargetError(
             f"{path}: importing it raised {type(exc).__name__}{where}: {exc}"
@@ -91,7 +91,7 @@ def _import_module(spec: str) -> Any:
         raise TargetError(f"module {spec!r} not found ({exc})") from None
     except FlowError as exc:
         raise TargetError(f"{spec}: bad flow definition: {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any import error becomes one line
         raise TargetError(f"{spec}: importing it raised {type(exc).__name__}: {exc}") from None
 
 
@@ -112,7 +112,7 @@ def load_flow(target: str, attr: str | None = None) -> Flow:
             obj = obj()
         except FlowError as exc:
             raise TargetError(f"{target}: {name}(): bad flow definition: {exc}") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported as one line
             raise TargetError(f"{target}: {name}() raised {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, Flow):
         raise TargetError(f"{target}: {name!r} is a {type(obj).__name__}, not a Flow")

@@ -110,7 +110,7 @@ import httpx
 
 from flows import BatchingSink, Retry
 
-__all__ = ["InfluxSink", "InfluxWriteError", "InfluxConfigError", "LineProtocolError", "timestamp"]
+__all__ = ["InfluxConfigError", "InfluxSink", "InfluxWriteError", "LineProtocolError", "timestamp"]
 
 Precision = Literal["ns", "us", "ms", "s"]
 FieldSpec = Sequence[str] | Mapping[str, "str | Callable[[Any], Any]"]
@@ -195,7 +195,7 @@ def _check_name(what: str, name: object, *, measurement: bool = False) -> str:
 def _specs(what: str, spec: FieldSpec) -> list[tuple[str, str, str | Callable[[Any], Any]]]:
     """(key, escaped "key=", attribute name or function) for each tag or field."""
     if isinstance(spec, str):
-        raise ValueError(f"{what} must be a sequence or mapping of names, not the string {spec!r}")
+        raise ValueError(f"{what} must be a sequence or mapping of names, not the string {spec!r}")  # noqa: TRY004 - a config error, like the others
     items = spec.items() if isinstance(spec, Mapping) else ((name, name) for name in spec)
     out: list[tuple[str, str, str | Callable[[Any], Any]]] = []
     for key, source in items:

@@ -152,10 +152,9 @@ class PostgresSink(BatchingSink):
         try:
             try:
                 # The common case, a batch never stored before: COPY straight in.
-                with conn.transaction(), conn.cursor() as cur:
-                    with cur.copy(self._copy_direct) as copy:
-                        for row in rows:
-                            copy.write_row(row)
+                with conn.transaction(), conn.cursor() as cur, cur.copy(self._copy_direct) as copy:
+                    for row in rows:
+                        copy.write_row(row)
                 return
             except psycopg.errors.UniqueViolation:
                 pass  # some rows are stored already (a redelivery): dedupe through staging

@@ -68,7 +68,7 @@ from redis.retry import Retry as _RedisRetry
 
 from flows import BatchingSink, Retry
 
-__all__ = ["RedisStreamSink", "FIELD", "encode_record", "no_retry"]
+__all__ = ["FIELD", "RedisStreamSink", "encode_record", "no_retry"]
 
 FIELD = b"t"
 """The one field of every entry: the record, JSON-encoded."""

@@ -94,10 +94,10 @@ class _Price(msgspec.Struct):
 
 class _Book(msgspec.Struct):
     symbol: str
-    bidPrice: str | None = None  # noqa: N815 - Binance's field names
-    askPrice: str | None = None  # noqa: N815
-    bidQty: str | None = None  # noqa: N815
-    askQty: str | None = None  # noqa: N815
+    bidPrice: str | None = None
+    askPrice: str | None = None
+    bidQty: str | None = None
+    askQty: str | None = None
 
 
 _decode_prices = msgspec.json.Decoder(list[_Price] | _Price)

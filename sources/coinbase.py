@@ -144,17 +144,17 @@ class CoinbaseTickers(HttpSource):
 # Appended to the REST source above. This part imports what it uses itself (some names
 # again: F811), so the part above can change without breaking it.
 
-import datetime as dt  # noqa: E402, F811
-import logging  # noqa: E402
-import time  # noqa: E402, F811
-from typing import Any  # noqa: E402
+import datetime as dt  # noqa: F811
+import logging
+import time  # noqa: F811
+from typing import Any
 
-import msgspec  # noqa: E402
+import msgspec
 
-from flows._http import optional_float, price  # noqa: E402, F811
-from flows._limits import RateLimit  # noqa: E402
-from flows._records import Tick  # noqa: E402, F811
-from flows._ws import StreamParsed, WebSocketSource  # noqa: E402
+from flows._http import optional_float, price  # noqa: F811
+from flows._limits import RateLimit
+from flows._records import Tick  # noqa: F811
+from flows._ws import StreamParsed, WebSocketSource
 
 __all__ += ["CoinbaseStream"]
 

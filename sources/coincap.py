@@ -59,8 +59,8 @@ __all__ = ["CoinCapPrices"]
 
 class _Asset(msgspec.Struct):
     id: str
-    priceUsd: str | float | None = None  # noqa: N815 - CoinCap's field names
-    volumeUsd24Hr: str | float | None = None  # noqa: N815
+    priceUsd: str | float | None = None
+    volumeUsd24Hr: str | float | None = None
 
 
 class _Assets(msgspec.Struct):

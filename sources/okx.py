@@ -62,10 +62,10 @@ class _Head(msgspec.Struct):
 
 
 class _Ticker(msgspec.Struct):
-    instId: str  # noqa: N815 - OKX's field names
+    instId: str
     last: str | float | None = None
-    askPx: str | float | None = None  # noqa: N815
-    bidPx: str | float | None = None  # noqa: N815
+    askPx: str | float | None = None
+    bidPx: str | float | None = None
     vol24h: str | float | None = None
     ts: str | int | None = None
 

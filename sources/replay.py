@@ -113,7 +113,7 @@ from flows._checkpoint import write_atomic
 from flows._log import DropLog
 from flows._metrics import ComponentMetrics
 
-__all__ = ["ReplaySource", "OffsetTracker", "count_lines", "OFFSET_VERSION"]
+__all__ = ["OFFSET_VERSION", "OffsetTracker", "ReplaySource", "count_lines"]
 
 OFFSET_VERSION = 1
 
@@ -432,7 +432,7 @@ class ReplaySource:
     def _open(self, start: int) -> tuple[IO[Any], Iterator[_Row]]:
         """Open the file, skip its first ``start`` lines (blocking)."""
         if self._fmt == "jsonl":
-            f: IO[Any] = open(self.path, "rb")
+            f: IO[Any] = open(self.path, "rb")  # noqa: SIM115 - returned, closed by run()
             try:
                 for _ in zip(range(start), f):
                     pass
@@ -440,7 +440,7 @@ class ReplaySource:
                 f.close()
                 raise
             return f, self._jsonl_rows(f, start)
-        f = open(self.path, encoding="utf-8", errors="replace", newline="")
+        f = open(self.path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115 - returned
         try:
             reader = csv.reader(f)
             header = next(reader, None)
@@ -749,7 +749,7 @@ class _RichProgress(_Progress):
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     minutes, seconds = divmod(seconds, 60)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from flows import Flow, Runtime
 from flows._limits import CircuitBreaker, RateLimit
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
-from flows.testing.emulator import Emulator, Faults, WeightLimit
+from flows.testing.emulator import Emulator, WeightLimit
 from sources.binance import BinanceTickers
 
 

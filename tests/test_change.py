@@ -9,6 +9,7 @@ key last emitted. Invalid values are dropped, state is bounded by
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, OrderedDict
 from typing import Any
@@ -18,7 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flows import ChangeDetector, Flow, Tick
-from flows.testing import ListSink, ListSource, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    ListSource,
+    assert_component_metrics,
+    run_briefly,
+    sample,
+)
 
 NAN, INF = math.nan, math.inf
 
@@ -468,7 +475,7 @@ def moved(v: float, lv: float, rel: float, abs_: float) -> bool:
 
 def split(records: list[Tick], cuts: list[int]) -> list[list[Tick]]:
     bounds = sorted({0, len(records), *(c % (len(records) + 1) for c in cuts)})
-    return [records[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [records[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @settings(max_examples=200, deadline=None)

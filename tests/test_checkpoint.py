@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
-
+from _cli import run_cli
 from prometheus_client import CollectorRegistry
 
 from flows import Batch, ChangeDetector, Flow, Runtime, Tick
@@ -104,11 +101,7 @@ def test_cli_fresh_flag(tmp_path):
     )
 
     def rows_after(*extra: str) -> int:
-        proc = subprocess.run(
-            [sys.executable, "-m", "flows.run", str(tmp_path / "f.py"), "--metrics-addr", "0", *extra],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        proc = run_cli(str(tmp_path / "f.py"), "--metrics-addr", "0", *extra, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         with sqlite3.connect(db) as conn:
             return conn.execute("SELECT count(*) FROM ticks").fetchone()[0]

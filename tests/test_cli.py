@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sqlite3
@@ -12,22 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _cli import ENV, run_cli
 
 from flows.run import load_flow
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.run", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
 
 FLOW_FILE = """
 from flows import Flow, ChangeDetector
@@ -129,7 +115,7 @@ def test_signal_drains_every_emitted_record_into_sqlite(tmp_path, signum):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=ENV,
     )
     try:
         # The console summary reports what SQLite wrote; wait for real writes.
@@ -141,7 +127,7 @@ def test_signal_drains_every_emitted_record_into_sqlite(tmp_path, signum):
         else:
             pytest.fail(f"flow ended early: {proc.stderr.read() if proc.stderr else ''}")
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0, err
@@ -211,7 +197,7 @@ def test_interrupted_replay_resumes_to_the_same_rows_as_one_run(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.run", str(target), "--metrics-addr", "0"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=ENV,
     )
     try:
         assert proc.stdout is not None

@@ -14,7 +14,13 @@ from trio_websocket import ConnectionClosed
 from flows import Edge
 from flows._limits import RateLimit
 from flows._ws import RECONNECT_REASONS, open_ws
-from flows.testing import GatedSink, assert_component_metrics, running_source, sample, wait_until
+from flows.testing import (
+    GatedSink,
+    assert_component_metrics,
+    running_source,
+    sample,
+    wait_until,
+)
 from flows.testing.emulator import Emulator, WsFaults
 from sources.coinbase import CoinbaseStream
 

@@ -19,9 +19,21 @@ from prometheus_client import CollectorRegistry
 
 from flows import Flow, FlowFailed, Retry, Runtime, Supervision, Tick
 from flows.testing import ListSource, assert_component_metrics, run_briefly, sample
-from flows.testing.influx import InfluxServer, create_database, free_port, influxd_path, query
+from flows.testing.influx import (
+    InfluxServer,
+    create_database,
+    free_port,
+    influxd_path,
+    query,
+)
 from sinks import influx as influx_module
-from sinks.influx import InfluxConfigError, InfluxSink, InfluxWriteError, LineProtocolError, timestamp
+from sinks.influx import (
+    InfluxConfigError,
+    InfluxSink,
+    InfluxWriteError,
+    LineProtocolError,
+    timestamp,
+)
 
 needs_influxd = pytest.mark.skipif(
     influxd_path() is None, reason="influxd (InfluxDB 1.x) is not installed: apt-get install influxdb"

@@ -109,7 +109,7 @@ class FlowThread:
 
         try:
             trio.run(body)
-        except BaseException as exc:  # reported by stop() / start()
+        except BaseException as exc:  # noqa: BLE001 - reported by stop() / start()
             self.error = exc
         finally:
             self._started.set()
@@ -153,7 +153,7 @@ def metrics_text(flow_url) -> str:
         while True:  # until every actor has moved (the sinks flush every 0.1 s)
             text = client.get("/metrics").text
             if re.search(rf'^flows_end_to_end_latency_seconds_count{{flow="{FLOW}",'
-                         rf'stage="jsonl"}} [1-9]', text, re.M) or time.monotonic() > deadline:
+                         rf'stage="jsonl"}} [1-9]', text, re.MULTILINE) or time.monotonic() > deadline:
                 return text
             time.sleep(0.1)
 
@@ -431,13 +431,13 @@ def test_dashboard_metrics_exist_and_are_exported(metrics_text):
     used = metric_names(" ".join(e for _, e in exprs) + " ".join(variables.values()))
     unknown = used - set(METRICS)
     assert not unknown, f"the dashboard queries metrics flows does not define: {unknown}"
-    typed = set(re.findall(r"^# TYPE (\S+) ", metrics_text, re.M))
+    typed = set(re.findall(r"^# TYPE (\S+) ", metrics_text, re.MULTILINE))
     for name in used:
         base = name.removesuffix("_total") if METRICS[name][0] == "counter" else name
         assert base in typed or name in typed, f"{name} has no # TYPE line on /metrics"
         if name in SERIES_LATER:
             continue
-        assert re.search(rf'^{name}(_bucket|_count|_sum)?{{flow="{FLOW}"', metrics_text, re.M), (
+        assert re.search(rf'^{name}(_bucket|_count|_sum)?{{flow="{FLOW}"', metrics_text, re.MULTILINE), (
             f"{name} has no series on a running flow's /metrics"
         )
 

@@ -17,11 +17,11 @@ if not (PG_BIN / "postgres").exists():
                 allow_module_level=True)
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed (extra 'postgres')")
 
-from flows import ChangeDetector, Flow, Retry, Runtime, Tick  # noqa: E402
-from flows.testing import ListSource, assert_component_metrics, run_briefly, sample  # noqa: E402
-from flows.testing.postgres import PostgresServer, start_postgres  # noqa: E402
-from sinks.postgres import PostgresSink  # noqa: E402
-from sources.synthetic import SyntheticMarket  # noqa: E402
+from flows import ChangeDetector, Flow, Retry, Runtime, Tick
+from flows.testing import ListSource, assert_component_metrics, run_briefly, sample
+from flows.testing.postgres import PostgresServer, start_postgres
+from sinks.postgres import PostgresSink
+from sources.synthetic import SyntheticMarket
 
 COLUMNS = "source, symbol, ts, price, bid, ask, volume"
 

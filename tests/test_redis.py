@@ -11,7 +11,13 @@ import pytest
 import trio
 
 from flows import Flow, Retry, Runtime, Tick
-from flows.testing import ListSink, ListSource, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    ListSource,
+    assert_component_metrics,
+    run_briefly,
+    sample,
+)
 from flows.testing.redis import RedisServer, free_port, redis_server_path
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed (pip install 'flows[redis]')")
@@ -21,8 +27,8 @@ pytestmark = pytest.mark.skipif(
     reason="redis-server is not installed (Debian: apt-get install redis-server)",
 )
 
-from sinks.redis import FIELD, RedisStreamSink  # noqa: E402
-from sources.redis import RedisStreamSource  # noqa: E402
+from sinks.redis import FIELD, RedisStreamSink
+from sources.redis import RedisStreamSource
 
 
 @pytest.fixture(scope="module")

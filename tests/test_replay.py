@@ -14,7 +14,13 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from flows import Edge, Flow, FlowFailed, Runtime, Supervision, Tick
-from flows.testing import GatedSink, ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    GatedSink,
+    ListSink,
+    assert_component_metrics,
+    run_briefly,
+    sample,
+)
 from sources.replay import OffsetTracker, ReplaySource, count_lines
 
 LOGGER = "flows.source.replay"
@@ -465,6 +471,6 @@ def test_the_docstring_example_builds(tmp_path, monkeypatch):
     example = textwrap.dedent(doc.split("Example::", 1)[1])
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(example, "sources/replay.py example", "exec"), namespace)
+    exec(compile(example, "sources/replay.py example", "exec"), namespace)  # noqa: S102 - the doc example
     flow = namespace["flow"]
     assert isinstance(flow, Flow) and isinstance(flow.sources[0], ReplaySource)

@@ -194,7 +194,7 @@ async def test_plain_functions_become_stages_and_drops_are_counted():
 
     sink = ListSink()
     flow = Flow("fn", sources=[ListSource(batches(4, 10))], stages=[only_even, double], sinks=[sink])
-    result, registry = await run_briefly(flow)
+    _, registry = await run_briefly(flow)
     assert [t.ts for t in sink.records] == [float(i) for i in range(0, 40, 2)]
     assert all(t.price == 2 * (100.0 + t.ts) for t in sink.records)
     assert sample(registry, "flows_records_discarded_total", "fn", "only_even", reason="filtered") == 20

@@ -17,8 +17,8 @@ import pytest
 pytest.importorskip("psycopg")
 redis = pytest.importorskip("redis")
 
-from flows.testing.postgres import PG_BIN, start_postgres  # noqa: E402
-from flows.testing.redis import RedisServer, redis_server_path  # noqa: E402
+from flows.testing.postgres import PG_BIN, start_postgres
+from flows.testing.redis import RedisServer, redis_server_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

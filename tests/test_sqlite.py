@@ -67,7 +67,7 @@ async def test_flushes_by_time_while_the_flow_runs(tmp_path, autojump_clock):
 
     sink.write = write
     flow = Flow("timed", sources=[SlowSource([ticks(30)])], sinks=[sink])
-    result, registry = await run_briefly(flow)
+    await run_briefly(flow)
     assert len(rows(db)) == 30
     assert trio.current_time() >= 2.0  # the write waited for the flush interval
 

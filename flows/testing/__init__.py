@@ -21,13 +21,13 @@ from .._records import Batch
 from .._runtime import RunResult, Runtime
 
 __all__ = [
-    "assert_component_metrics",
-    "sample",
-    "ListSource",
-    "ListSink",
     "GatedSink",
+    "ListSink",
+    "ListSource",
+    "assert_component_metrics",
     "run_briefly",
     "running_source",
+    "sample",
     "wait_until",
 ]
 

@@ -10,7 +10,7 @@ import subprocess
 from types import TracebackType
 from typing import Any
 
-__all__ = ["free_port", "find_binary", "terminate", "ManagedServer"]
+__all__ = ["ManagedServer", "find_binary", "free_port", "terminate"]
 
 
 def free_port() -> int:

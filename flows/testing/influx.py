@@ -36,9 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._ports import ManagedServer, find_binary, free_port, terminate
-
 import httpx
+
+from ._ports import ManagedServer, find_binary, free_port, terminate
 
 __all__ = ["InfluxServer", "create_database", "free_port", "influxd_path", "query"]
 

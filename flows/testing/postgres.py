@@ -42,10 +42,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 from ._ports import free_port
 
-__all__ = ["PG_BIN", "PostgresServer", "PostgresError", "start_postgres", "postgres_server"]
+__all__ = ["PG_BIN", "PostgresError", "PostgresServer", "postgres_server", "start_postgres"]
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 """Where the server binaries are looked for by default."""
@@ -124,7 +125,7 @@ class PostgresServer:
         try:
             done = subprocess.run(
                 cmd, cwd=self.root, stdin=subprocess.DEVNULL, capture_output=True,
-                timeout=self.timeout, **self._user_args(),
+                timeout=self.timeout, check=False, **self._user_args(),
             )
         except subprocess.TimeoutExpired as exc:
             raise PostgresError(f"initdb took more than {self.timeout:g}s") from exc
@@ -169,7 +170,7 @@ class PostgresServer:
     def _ready(self) -> bool:
         probe = subprocess.run(
             [str(self.bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-t", "1"],
-            stdin=subprocess.DEVNULL, capture_output=True,
+            stdin=subprocess.DEVNULL, capture_output=True, check=False,
         )
         return probe.returncode == 0
 
@@ -220,7 +221,7 @@ class PostgresServer:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> PostgresServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -298,7 +298,7 @@ class HttpSource:
                 if ticks:
                     await outbox.send(Batch(ticks))
                 if on_done is not None and ticks is not None:
-                    on_done(request)
+                    await on_done(request)
 
     async def _fetch(
         self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics, state: Any
@@ -381,23 +381,24 @@ class HttpSource:
         report = _Progress(self.name, total, finished, self.progress)
         last_save = trio.current_time()
 
-        def on_done(request: Request) -> None:
+        async def on_done(request: Request) -> None:
             nonlocal last_save
             done.update(request.symbols)
             report.advance(len(request.symbols))
             if self.resume is not None and trio.current_time() - last_save >= 1.0:
                 last_save = trio.current_time()
-                self._save_done(done)
+                await trio.to_thread.run_sync(self._save_done, sorted(done))
 
         try:
             await self._cycle(client, outbox, todo, state, on_done)
         finally:
             report.close()
             if self.resume is not None:
-                if done >= set(self.symbols):
-                    self.resume.unlink(missing_ok=True)
-                else:
-                    self._save_done(done)
+                with trio.CancelScope(shield=True):  # a killed sync still saves
+                    if done >= set(self.symbols):
+                        await trio.to_thread.run_sync(self.resume.unlink, True)
+                    else:
+                        await trio.to_thread.run_sync(self._save_done, sorted(done))
 
     def _load_done(self) -> set[str]:
         assert self.resume is not None
@@ -410,9 +411,10 @@ class HttpSource:
                         self.name, self.resume, exc)
             return set()
 
-    def _save_done(self, done: set[str]) -> None:
+    def _save_done(self, done: list[str]) -> None:
+        """Write the finished symbols (blocking: call it in a thread)."""
         assert self.resume is not None
-        write_atomic(self.resume, msgspec.json.encode(sorted(done)))
+        write_atomic(self.resume, msgspec.json.encode(done))
 
 
 class _Progress:

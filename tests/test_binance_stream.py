@@ -9,6 +9,15 @@ import httpx
 import msgspec
 import pytest
 import trio
+from _streams import (
+    FLOW,
+    FROZEN,
+    feed_starter,
+    reconnect_counts,
+    running,
+    subscriptions,
+    until,
+)
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from flows import Edge
@@ -17,47 +26,28 @@ from flows._ws import RECONNECT_REASONS, open_ws
 from flows.testing import (
     GatedSink,
     assert_component_metrics,
-    running_source,
     sample,
-    wait_until,
 )
-from flows.testing.emulator import Emulator, WsFaults
+from flows.testing.emulator import WsFaults
 from sources.binance import BinanceStream
 
-FLOW = "live"
 STAGE = "binance_stream"
-FROZEN = 1e9  # a tick interval no test outlives: prices stay put
 
 
 @pytest.fixture
-async def start(nursery):
-    """start(**emulator_options) -> (emulator, ws base URL)."""
-
-    async def start(**options):
-        options.setdefault("seed", 4)
-        options.setdefault("assets", 20)
-        emulator = Emulator(**options)
-        url = await nursery.start(emulator.serve)
-        return emulator, url.replace("http://", "ws://")
-
-    return start
+def start(nursery):
+    """start(**emulator_options) -> (emulator, the binance feed URL)."""
+    return feed_starter(nursery, "", seed=4)
 
 
-def running(source, sink=None, **flow_options):
-    return running_source(source, sink, flow=FLOW, **flow_options)
-
-
-def until(condition, timeout: float = 60.0, poll: float = 0.05):
-    return wait_until(condition, timeout, poll)
 
 
 def reconnects(registry) -> dict[str, float]:
-    return {r: sample(registry, "flows_source_reconnects_total", FLOW, STAGE, reason=r)
-            for r in RECONNECT_REASONS}
+    return reconnect_counts(registry, STAGE)
 
 
 def subscribed(emulator) -> list[set[str]]:
-    return [set(s) for s in emulator.stats["binance"]["ws"]["subscriptions"]]
+    return subscriptions(emulator, "binance")
 
 
 # -- the source ------------------------------------------------------------------

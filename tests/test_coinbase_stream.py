@@ -9,6 +9,16 @@ import time
 import msgspec
 import pytest
 import trio
+from _streams import (
+    FLOW,
+    FROZEN,
+    discarded_count,
+    feed_starter,
+    reconnect_counts,
+    running,
+    subscriptions,
+    until,
+)
 from trio_websocket import ConnectionClosed
 
 from flows import Edge
@@ -17,48 +27,29 @@ from flows._ws import RECONNECT_REASONS, open_ws
 from flows.testing import (
     GatedSink,
     assert_component_metrics,
-    running_source,
     sample,
-    wait_until,
 )
-from flows.testing.emulator import Emulator, WsFaults
+from flows.testing.emulator import WsFaults
 from sources.coinbase import CoinbaseStream
 
-FLOW = "live"
 STAGE = "coinbase_stream"
-FROZEN = 1e9  # a tick interval no test outlives: prices stay put
 NONE = dict.fromkeys(RECONNECT_REASONS, 0.0)
 
 
 @pytest.fixture
-async def start(nursery):
-    """start(**emulator_options) -> (emulator, Coinbase feed URL)."""
-
-    async def start(**options):
-        options.setdefault("seed", 5)
-        options.setdefault("assets", 20)
-        emulator = Emulator(**options)
-        url = await nursery.start(emulator.serve)
-        return emulator, url.replace("http://", "ws://") + "/ws-feed"
-
-    return start
+def start(nursery):
+    """start(**emulator_options) -> (emulator, the coinbase feed URL)."""
+    return feed_starter(nursery, "/ws-feed", seed=5)
 
 
-def running(source, sink=None, **flow_options):
-    return running_source(source, sink, flow=FLOW, **flow_options)
-
-
-def until(condition, timeout: float = 60.0, poll: float = 0.05):
-    return wait_until(condition, timeout, poll)
 
 
 def reconnects(registry) -> dict[str, float]:
-    return {r: sample(registry, "flows_source_reconnects_total", FLOW, STAGE, reason=r)
-            for r in RECONNECT_REASONS}
+    return reconnect_counts(registry, STAGE)
 
 
 def discarded(registry, reason: str) -> float:
-    return sample(registry, "flows_records_discarded_total", FLOW, STAGE, reason=reason)
+    return discarded_count(registry, STAGE, reason)
 
 
 def ws_stats(emulator) -> dict:
@@ -66,7 +57,7 @@ def ws_stats(emulator) -> dict:
 
 
 def subscribed(emulator) -> list[set[str]]:
-    return [set(s) for s in ws_stats(emulator)["subscriptions"]]
+    return subscriptions(emulator, "coinbase")
 
 
 def streams(products, channels=("ticker", "heartbeat")) -> set[str]:

@@ -64,13 +64,12 @@ class Parsed:
 
     ticks: list[Tick] = attrs.field(factory=list)
     invalid: dict[str, int] = attrs.field(factory=dict)
+    details: list[str] = attrs.field(factory=list)
 
     def bad(self, reason: str, detail: str = "") -> None:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
         if detail:
             self.details.append(detail)
-
-    details: list[str] = attrs.field(factory=list)
 
 
 class HttpError(Exception):

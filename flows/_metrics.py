@@ -214,7 +214,6 @@ class ComponentMetrics:
     """Cached labelled children for one component; cheap to call per batch."""
 
     def __init__(self, fm: FlowMetrics, flow: str, stage: str, kind: str) -> None:
-        self._fm = fm
         self.flow_metrics = fm
         self.flow, self.stage, self.kind = flow, stage, kind
         f = fm.families
@@ -249,7 +248,7 @@ class ComponentMetrics:
         child = self._labeled.get((name, value))
         if child is None:
             values = (self.flow, self.stage) if value is None else (self.flow, self.stage, value)
-            child = self._labeled[(name, value)] = self._fm.families[name].labels(*values)
+            child = self._labeled[(name, value)] = self.flow_metrics.families[name].labels(*values)
         return child
 
     def discarded(self, reason: str, n: int = 1) -> None:

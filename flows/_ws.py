@@ -17,7 +17,7 @@ message:
   record, reason ``invalid``, and skipped;
 - optionally ``heartbeat() -> str | bytes | None``: an exchange-level
   heartbeat sent every ``heartbeat_interval`` seconds (protocol pings from
-  the server are answered by trio-websocket without help);
+  the server are answered by the client without help);
 - optionally ``on_gap(key)``: called for each gap (default: when a
   ``snapshot`` HTTP source is given, fetch one REST snapshot of ``key``
   through it and send its Ticks).
@@ -27,12 +27,14 @@ most ``max_streams_per_connection`` symbols, one connection each. Each
 connection:
 
 1. waits for the connection rate limiter (``connect_limits``), connects
-   within ``connect_timeout`` (trio-websocket's ``open_websocket_url``) and
+   within ``connect_timeout`` (``flows._websocket.open_ws``) and
    sends the subscribe messages;
-2. reads messages. The first message of a batch opens a window of
-   ``batch_window`` seconds; messages arriving within it (up to
-   ``batch_size`` records) go out as one Batch, so per-batch costs (channel
-   hop, histogram observations) are paid per batch, not per message;
+2. reads messages: every message of one socket read at once (up to 64 KiB,
+   hundreds of messages under load). The first read of a batch opens a
+   window of ``batch_window`` seconds; what arrives within it (up to
+   ``batch_size`` records) goes out as one Batch, so per-batch costs
+   (channel hop, histogram observations) are paid per batch, not per
+   message;
 3. when nothing arrives for ``silence_timeout`` seconds, or the connection
    closes or fails, it reconnects after a full-jitter exponential backoff
    (``backoff`` doubling up to ``max_backoff``; back to ``backoff`` after a
@@ -45,9 +47,8 @@ connection:
    error). Sequence tracking restarts on each connection.
 
 Backpressure: the source buffers nothing of its own. While ``outbox.send``
-blocks, the source stops reading: messages wait in trio-websocket's bounded
-queue (``message_queue_size``), then in the socket buffers, then at the
-exchange, which drops slow consumers (they reconnect, and the gap shows in
+blocks, the source stops reading: messages wait in the socket buffers
+(the kernel's, bounded), then at the exchange, which drops slow consumers (they reconnect, and the gap shows in
 the metrics). For market data the usual answer to a slow consumer is a
 ``conflate`` edge, set on the consumer (the first stage or sink after the
 source): ``Flow(..., edges={"sink": Edge(policy="conflate")})``. The source
@@ -63,19 +64,17 @@ so a subclass sets ``Tick.ts`` to the exchange's event time when it has one.
 ``health()`` says ``disconnected`` when a connection has been down for more
 than ``down_after`` seconds (shown on ``/readyz``).
 
-Needs the ``ws`` extra: ``pip install 'flows[ws]'`` (trio-websocket).
+The websocket client is ``flows._websocket`` (h11 for the upgrade, frames
+read in the source's own task); no extra is needed.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import msgspec
@@ -88,11 +87,7 @@ from ._limits import RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import ComponentMetrics
 from ._records import Batch, Tick
-
-try:
-    import trio_websocket
-except ImportError:  # pragma: no cover - the ws extra is missing
-    trio_websocket = None  # type: ignore[assignment]
+from ._websocket import ConnectionClosed, HandshakeError, WebSocket, open_ws, split_ws_url
 
 __all__ = ["RECONNECT_REASONS", "StreamParsed", "WebSocketSource", "open_ws", "split_ws_url"]
 
@@ -153,7 +148,7 @@ class WebSocketSource:
         backoff, max_backoff: full-jitter exponential reconnect backoff (s).
         batch_size: most records per Batch.
         batch_window: seconds a Batch stays open for more messages after its
-            first one (0: one message per Batch).
+            first one (0: one socket read per Batch).
         subscribe_limits: pace of messages the source sends per connection
             (default ``SUBSCRIBE_LIMITS``).
         connect_limits: pace of new connections (default ``CONNECT_LIMITS``).
@@ -164,8 +159,6 @@ class WebSocketSource:
             limiter and ``parse``) and sent as this source's Ticks.
         down_after: seconds a connection may be down before ``health()``
             reports the source disconnected.
-        message_queue_size: messages trio-websocket buffers per connection
-            while the source is busy or blocked (bounded memory).
         max_message_size: larger messages close the connection (1009).
         name: the actor's name and the ``source`` field of its Ticks.
     """
@@ -188,26 +181,22 @@ class WebSocketSource:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         batch_size: int = 1000,
-        batch_window: float = 0.05,
+        batch_window: float = 0.005,
         subscribe_limits: Sequence[RateLimit] | None = None,
         connect_limits: Sequence[RateLimit] | None = None,
         heartbeat_interval: float | None = None,
         snapshot: HttpSource | None = None,
         down_after: float = 5.0,
-        message_queue_size: int = 64,
         max_message_size: int = 1 << 20,
         name: str,
     ) -> None:
-        if trio_websocket is None:  # pragma: no cover
-            raise ImportError(f"{name}: websocket sources need trio-websocket: "
-                              "pip install 'flows[ws]'")
         if not symbols:
             raise ValueError(f"{name}: symbols must not be empty")
         per = self.MAX_STREAMS_PER_CONNECTION if max_streams_per_connection is None \
             else max_streams_per_connection
-        if per < 1 or batch_size < 1 or message_queue_size < 1:
+        if per < 1 or batch_size < 1 or max_message_size < 1:
             raise ValueError(f"{name}: max_streams_per_connection, batch_size and "
-                             "message_queue_size must be >= 1")
+                             "max_message_size must be >= 1")
         if not (connect_timeout > 0 and silence_timeout > 0 and close_timeout > 0):
             raise ValueError(f"{name}: timeouts must be > 0")
         if backoff < 0 or max_backoff < backoff or batch_window < 0:
@@ -231,7 +220,6 @@ class WebSocketSource:
         )
         self.snapshot = snapshot
         self.down_after = down_after
-        self.message_queue_size = message_queue_size
         self.max_message_size = max_message_size
         self.name = name
         self.shards: list[_Shard] = []
@@ -350,7 +338,6 @@ class WebSocketSource:
     async def _connect_once(self, shard: _Shard, outbox: Outbox) -> tuple[str, bool]:
         """One connection, from connecting to its end: (reason it ended,
         whether it delivered data)."""
-        tw = trio_websocket
         m = outbox.metrics
         url = self.url(shard.symbols)
         reason: str | None = None
@@ -367,11 +354,11 @@ class WebSocketSource:
                 finally:
                     shard.opened_at = shard.opened_mono = None
                     shard.down_since = trio.current_time()
-        except _ConnectTimeout:
+        except TimeoutError:  # (an OSError: caught first)
             reason = reason or "timeout"
-        except tw.ConnectionClosed as exc:
-            reason = reason or _close_reason(exc.reason)
-        except (tw.HandshakeError, OSError, trio.BrokenResourceError) as exc:
+        except ConnectionClosed as exc:
+            reason = reason or _close_reason(exc)
+        except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
             if reason is None:
                 reason = "error"
                 m.error(type(exc).__name__)
@@ -382,7 +369,6 @@ class WebSocketSource:
     def _open(self, url: str) -> Any:
         return open_ws(url, connect_timeout=self.connect_timeout,
                        close_timeout=self.close_timeout,
-                       message_queue_size=self.message_queue_size,
                        max_message_size=self.max_message_size)
 
     async def _serve(self, ws: Any, shard: _Shard, outbox: Outbox) -> str:
@@ -395,8 +381,8 @@ class WebSocketSource:
                 nursery.start_soon(self._heartbeat, ws, limiter)
             try:
                 reason = await self._receive(ws, shard, outbox, limiter)
-            except trio_websocket.ConnectionClosed as exc:
-                reason = _close_reason(exc.reason)
+            except ConnectionClosed as exc:
+                reason = _close_reason(exc)
             nursery.cancel_scope.cancel()
         return reason
 
@@ -404,7 +390,7 @@ class WebSocketSource:
         await limiter.acquire()
         try:
             await ws.send_message(message)
-        except trio_websocket.ConnectionClosed:
+        except ConnectionClosed:
             return False
         return True
 
@@ -422,43 +408,42 @@ class WebSocketSource:
                 return
 
     async def _receive(
-        self, ws: Any, shard: _Shard, outbox: Outbox, limiter: RateLimiter
+        self, ws: WebSocket, shard: _Shard, outbox: Outbox, limiter: RateLimiter
     ) -> str:
         """Read and send batches until the connection goes silent (returns
         ``"silent"``) or closes (raises ConnectionClosed)."""
         m = outbox.metrics
         counter = m.labeled("flows_source_messages_total")
         gaps = m.labeled("flows_source_gaps_total")
-        closed_error = trio_websocket.ConnectionClosed
         silence, window, size = self.silence_timeout, self.batch_window, self.batch_size
         while True:
-            message: Message | None = None
-            with trio.move_on_after(silence):
-                message = await ws.get_message()
-            if message is None:
-                return "silent"
             ticks: list[Tick] = []
             replies: list[Message] = []
-            t0 = time.perf_counter()
-            self._take(message, shard, ticks, replies, m, gaps)
-            busy = time.perf_counter() - t0
-            n = 1
-            closed: BaseException | None = None
-            if window > 0:
-                deadline = trio.current_time() + window
-                while len(ticks) < size:
-                    message = None
-                    with trio.move_on_at(deadline):
-                        try:
-                            message = await ws.get_message()
-                        except closed_error as exc:
-                            closed = exc
-                    if message is None:
-                        break
-                    t0 = time.perf_counter()
+            n, busy = 0, 0.0
+            closed: ConnectionClosed | None = None
+            deadline = trio.current_time() + silence
+            while True:  # the first read opens the batch window
+                messages: list[bytes] | None = None
+                with trio.move_on_at(deadline):
+                    try:
+                        messages = await ws.receive_messages()
+                    except ConnectionClosed as exc:
+                        if not n:
+                            raise
+                        closed = exc
+                if messages is None:
+                    break
+                t0 = time.perf_counter()
+                for message in messages:
                     self._take(message, shard, ticks, replies, m, gaps)
-                    busy += time.perf_counter() - t0
-                    n += 1
+                busy += time.perf_counter() - t0
+                if not n:
+                    deadline = trio.current_time() + window
+                n += len(messages)
+                if len(ticks) >= size or window <= 0:
+                    break
+            if not n:
+                return "silent"
             counter.inc(n)
             m.observe_processing(busy)
             for reply in replies:
@@ -552,97 +537,13 @@ class WebSocketSource:
                         await outbox.send(Batch(ticks))
 
 
-class _ConnectTimeout(TimeoutError):
-    """Connecting (TCP, TLS, websocket handshake) took too long."""
-
-
-@asynccontextmanager
-async def open_ws(
-    url: str,
-    *,
-    connect_timeout: float = 10.0,
-    close_timeout: float = 2.0,
-    message_queue_size: int = 64,
-    max_message_size: int = 1 << 20,
-) -> AsyncIterator[Any]:
-    """A trio-websocket client connection to ``url`` whose socket is closed
-    however it ends (unlike ``trio_websocket.open_websocket_url``, which
-    leaves the socket to the garbage collector when the handshake is
-    rejected or times out). Raises ``HandshakeError`` (``ConnectionRejected``
-    included) or ``OSError`` when connecting fails, and ``TimeoutError``
-    (a ``_ConnectTimeout``) after ``connect_timeout``."""
-    host, port, host_header, resource, secure = split_ws_url(url)
-    stream: Any = None
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(connect_timeout):
-                    if secure:
-                        stream = await trio.open_ssl_over_tcp_stream(
-                            host, port, ssl_context=ssl.create_default_context(),
-                            https_compatible=True,
-                        )
-                    else:
-                        stream = await trio.open_tcp_stream(host, port)
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery, stream, host_header, resource,
-                        message_queue_size=message_queue_size,
-                        max_message_size=max_message_size,
-                    )
-            except trio.TooSlowError:
-                raise _ConnectTimeout(f"no connection within {connect_timeout}s") from None
-            try:
-                yield ws
-            finally:
-                with trio.CancelScope(shield=True) as closing:
-                    closing.deadline = trio.current_time() + close_timeout
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        single = _single(group)
-        if single is None:
-            raise
-        raise single from None
-    finally:
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-
-
-def split_ws_url(url: str) -> tuple[str, int, str, str, bool]:
-    """``ws[s]://host[:port]/path?query`` -> (host, port, Host header,
-    resource, secure)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(f"not a websocket URL: {url!r} (want ws://... or wss://...)")
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    host_header = parts.netloc.rpartition("@")[2]
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.hostname, port, host_header, resource, secure
-
-
-def _single(group: BaseExceptionGroup) -> BaseException | None:
-    """The one exception in ``group`` that is not a cancellation, if there
-    is exactly one; else None (re-raise the group as it is)."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else None
-
-
-def _close_reason(reason: Any) -> str:
+def _close_reason(closed: ConnectionClosed) -> str:
     """``closed`` for a connection that dropped (1006: no close frame),
-    ``error`` for one this side closed over a too-large message (1009),
-    ``server`` for a close frame from the server."""
-    code = getattr(reason, "code", None)
-    if code in (None, 1006):
-        return "closed"
-    return "error" if code == 1009 else "server"
+    ``error`` for one this side closed (a protocol error, a message too
+    large), ``server`` for a close frame from the server."""
+    if closed.local:
+        return "error"
+    return "closed" if closed.code == 1006 else "server"
 
 
 _REASON_TEXT = {

@@ -58,7 +58,7 @@ messages, pings and pongs; more and the connection is closed), 300 new
 connections per 5 minutes per IP, and every connection is closed after
 24 hours (the source reconnects and resubscribes). The server pings every
 20 seconds and drops a connection that has not answered for a minute;
-trio-websocket answers pings by itself, as long as the source keeps
+the source answers pings by itself, as long as it keeps
 reading: put a ``conflate`` edge on the consumer so a slow sink never
 stops it::
 

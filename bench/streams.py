@@ -31,48 +31,39 @@ message counted to the last, by wall clock, with this process's CPU time
 over the same span (``cpu%``; ``msgs/cpu-s`` = messages per CPU-second):
 
 - ``flows``: ``BinanceStream(channel="trade")`` (defaults: batch window
-  50 ms, trade-id gap checks on) -> ``ChangeDetector(rel=0.0005)`` -> a
+  5 ms, trade-id gap checks on) -> ``ChangeDetector(rel=0.0005)`` -> a
   null sink, in a ``Flow`` run by ``flows.Runtime`` (fresh registry, no
   metrics server). Messages counted by the source (the same number as
   ``flows_source_messages_total``, checked at the end).
+- the baseline, ``same flow over trio-websocket``: the same source reading
+  through trio-websocket instead of ``flows._websocket`` (a bench-local
+  subclass whose connection hands over one message per read: a reader
+  task, a memory channel of 64 messages and wsproto frame parsing, as
+  ``WebSocketSource`` was built first). Every row's ``vs baseline`` is its
+  rate over this one's.
 - ceilings, in layers, to show where the time goes:
   ``msgspec decode`` (the frames' payloads decoded with BinanceStream's
   decoder, in a loop: no I/O), ``BinanceStream.parse`` (decode + Tick),
   ``wsproto only`` (the frame bytes fed to a wsproto client connection in
-  64 KiB chunks, events iterated: no I/O, no trio),
-  ``trio-websocket get_message`` (a bare ``await ws.get_message()`` loop
-  over the network, through ``flows._ws.open_ws``: trio-websocket as the
-  source uses it, nothing done with the messages), the same plus
-  ``msgspec decode``, ``wsproto direct`` (trio socket + wsproto, decoding
-  each message in the loop that reads the socket: what a source without
-  trio-websocket's reader task and per-message channel could do) and
-  ``raw frames`` (trio socket, frames split by hand, decoded: no wsproto).
-- two fixes, measured here without touching ``flows/_ws.py`` (bench-local
-  ``BinanceStream`` subclasses in the same flow):
-  ``flows, drain (fix 1)``: the batch loop takes messages already queued in
-  trio-websocket's channel with ``receive_nowait`` (no cancel scope and no
-  checkpoint per message), ``message_queue_size=1024``;
-  ``flows, direct reader (fix 2)``: the source reads the socket itself
-  (``RawWebSocket``: handshake and frame splitting by hand, text frames,
-  pings answered, close frames) and parses every message of one
-  ``receive_some`` (64 KiB) in one go: one cancel scope and one scheduler
-  round per read instead of per message. A prototype: no fragmented
-  frames, no extensions, no TLS.
+  64 KiB chunks, events iterated: no I/O, no trio), and the transports over
+  the network with nothing else done: ``flows._websocket
+  receive_messages`` (a bare loop; every message of one 64 KiB read at
+  once), ``trio-websocket get_message`` (a bare loop), each also with
+  ``msgspec decode`` of every message.
 
 Lag: the server paces at 50% of the rate ``flows`` sustained (or
 ``--lag-rate``) for ``--lag-seconds``; lag is measured per record at the
 null sink as ``time.time() - tick.ts`` (``ts`` = the send time in ``T``:
 server and client share the host's clock; rounding to the millisecond adds
 at most +-0.5 ms; the first 5% of records, the start-up, are left out),
-after the change detector, so it covers the socket, trio-websocket, the
-source's batch window (50 ms by default: a record waits up to that long
-for its batch to close), the channel to the stage and the one to the
-sink. Shown: p50, p99 and max (the median run by p99 of ``--lag-repeat``
-runs, with the p99 range), the rate received, the CPU share, and the
-source's own ``flows_source_lag_seconds`` p99 (interpolated inside
-histogram buckets, so coarse: between 50 and 100 ms it reads as up to
-99.5 ms). Each for ``batch_window`` 50 ms (the default) and 5 ms, and the
-same for the direct-reader prototype at 50% of its own rate.
+after the change detector, so it covers the socket, the client, the
+source's batch window (a record waits up to that long for its batch to
+close), the channel to the stage and the one to the sink. Shown: p50, p99
+and max (the median run by p99 of ``--lag-repeat`` runs, with the p99
+range), the rate received, the CPU share, and the source's own
+``flows_source_lag_seconds`` p99 (interpolated inside histogram buckets,
+so coarse). For ``batch_window`` 5 ms (the default) and 50 ms, and for the
+trio-websocket baseline at 50% of its own rate.
 
 ``--profile`` adds a cProfile run of ``flows`` (CPU time by module and the
 top functions, per message; cProfile inflates per-call costs about
@@ -117,9 +108,9 @@ import wsproto.connection
 import wsproto.events
 from prometheus_client import CollectorRegistry
 
-from flows import Batch, ChangeDetector, Flow, Inbox, Runtime
+from flows import ChangeDetector, Flow, Inbox, Runtime
 from flows._metrics import quantile
-from flows._ws import open_ws
+from flows._websocket import ConnectionClosed, open_ws
 from sources.binance import BinanceStream
 
 TARGET = 100_000
@@ -412,106 +403,44 @@ def online(port: int, n: int, repeat: int, client: Callable[[str, int, Span], Aw
     return best(runs)
 
 
-async def get_message_client(url: str, n: int, span: Span, decode: bool = False) -> None:
+async def flows_client_bare(url: str, n: int, span: Span, decode: bool = False) -> None:
+    """``flows._websocket``: a bare ``receive_messages`` loop (no source)."""
     dec = BinanceStream(symbols=["X"], channel="trade")._decode
     async with open_ws(url + "/stream?streams=s0usdt@trade") as ws:
+        got = len(await ws.receive_messages())
+        span.start(got)
+        receive = ws.receive_messages
+        while got < n:
+            messages = await receive()
+            if decode:
+                for message in messages:
+                    dec(message)
+            got += len(messages)
+        span.stop(got)
+
+
+async def flows_decode_client(url: str, n: int, span: Span) -> None:
+    await flows_client_bare(url, n, span, decode=True)
+
+
+async def trio_websocket_client(url: str, n: int, span: Span, decode: bool = False) -> None:
+    """trio-websocket: a bare ``get_message`` loop."""
+    dec = BinanceStream(symbols=["X"], channel="trade")._decode
+    async with trio_websocket.open_websocket_url(url + "/stream?streams=s0usdt@trade") as ws:
         await ws.get_message()
         span.start(1)
         got = 1
         get = ws.get_message
-        if decode:
-            while got < n:
-                dec(await get())
-                got += 1
-        else:
-            while got < n:
-                await get()
-                got += 1
-        span.stop(got)
-
-
-async def get_decode_client(url: str, n: int, span: Span) -> None:
-    await get_message_client(url, n, span, decode=True)
-
-
-async def _raw_connect(url: str, *, full_path: bool = False) -> tuple[Any, bytes]:
-    """A trio TCP stream past the websocket handshake, and bytes already read
-    (``full_path``: ``url`` is the whole URL, else a stream is appended)."""
-    rest = url.split("://", 1)[1]
-    hostport, _, path = rest.partition("/")
-    host, _, port = hostport.partition(":")
-    if not full_path:
-        path += "/stream?streams=s0usdt@trade"
-    stream = await trio.open_tcp_stream(host, int(port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\n"
-        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
-    head, _, rest_bytes = data.partition(b"\r\n\r\n")
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    return stream, rest_bytes
-
-
-async def wsproto_direct_client(url: str, n: int, span: Span) -> None:
-    dec = BinanceStream(symbols=["X"], channel="trade")._decode
-    stream, rest = await _raw_connect(url)
-    conn = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT)
-    text_message = wsproto.events.TextMessage
-    got = 0
-    parts: list[str] = []
-    async with stream:
-        data = rest
         while got < n:
-            if data:  # (wsproto takes empty data for the end of the stream)
-                conn.receive_data(data)
-            for event in conn.events():
-                if type(event) is text_message:
-                    parts.append(event.data)
-                    if event.message_finished:
-                        dec("".join(parts))
-                        parts = []
-                        got += 1
-                        if got == 1:
-                            span.start(1)
-            if got < n:
-                data = await stream.receive_some(65536)
+            message = await get()
+            if decode:
+                dec(message)
+            got += 1
         span.stop(got)
 
 
-async def raw_frames_client(url: str, n: int, span: Span) -> None:
-    dec = BinanceStream(symbols=["X"], channel="trade")._decode
-    stream, rest = await _raw_connect(url)
-    got = 0
-    buf = bytearray(rest)
-    async with stream:
-        while got < n:
-            at = 0
-            size = len(buf)
-            view = memoryview(buf)
-            while size - at >= 2:
-                length = buf[at + 1] & 0x7F
-                head = 2
-                if length == 126:
-                    if size - at < 4:
-                        break
-                    length, head = int.from_bytes(buf[at + 2 : at + 4], "big"), 4
-                if size - at < head + length:
-                    break
-                dec(view[at + head : at + head + length])
-                at += head + length
-                got += 1
-                if got == 1:
-                    span.start(1)
-            view.release()
-            del buf[:at]
-            if got < n:
-                buf += await stream.receive_some(65536)
-        span.stop(got)
+async def trio_websocket_decode_client(url: str, n: int, span: Span) -> None:
+    await trio_websocket_client(url, n, span, decode=True)
 
 
 class NullSink:
@@ -532,188 +461,32 @@ class NullSink:
             batch.ack("written")
 
 
-class DrainingBinanceStream(BinanceStream):
-    """The proposed fix, bench-local: the batch loop takes what is already
-    queued in trio-websocket's channel with ``receive_nowait``, and only
-    waits (under a cancel scope) when nothing is."""
+class _TrioWebsocketAdapter:
+    """trio-websocket behind the interface ``WebSocketSource`` reads: one
+    message per ``receive_messages`` call (how the source read before)."""
 
-    async def _receive(self, ws: Any, shard: Any, outbox: Any, limiter: Any) -> str:
-        m = outbox.metrics
-        counter = m.labeled("flows_source_messages_total")
-        gaps = m.labeled("flows_source_gaps_total")
-        closed_error = trio_websocket.ConnectionClosed
-        silence, window, size = self.silence_timeout, self.batch_window, self.batch_size
-        take = self._take
-        channel = ws._recv_channel  # trio-websocket's queue of received messages
-        while True:
-            message: Any = None
-            with trio.move_on_after(silence):
-                message = await ws.get_message()
-            if message is None:
-                return "silent"
-            ticks: list[Any] = []
-            replies: list[Any] = []
-            t0 = time.perf_counter()
-            take(message, shard, ticks, replies, m, gaps)
-            n = 1
-            closed: BaseException | None = None
-            deadline = trio.current_time() + window
-            while len(ticks) < size:
-                try:
-                    message = channel.receive_nowait()
-                except trio.WouldBlock:
-                    if window <= 0 or trio.current_time() >= deadline:
-                        break
-                    busy_wait = None
-                    with trio.move_on_at(deadline):
-                        try:
-                            busy_wait = await ws.get_message()
-                        except closed_error as exc:
-                            closed = exc
-                    if busy_wait is None:
-                        break
-                    message = busy_wait
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    closed = closed_error(ws.closed)
-                    break
-                take(message, shard, ticks, replies, m, gaps)
-                n += 1
-            counter.inc(n)
-            m.observe_processing(time.perf_counter() - t0)
-            for reply in replies:
-                await self._send(ws, limiter, reply)
-            if ticks:
-                shard.messages += n
-                for i in range(0, len(ticks), size):
-                    await outbox.send(Batch(ticks[i : i + size]))
-            if closed is not None:
-                raise closed
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def receive_messages(self) -> list[Any]:
+        try:
+            return [await self.ws.get_message()]
+        except trio_websocket.ConnectionClosed as exc:
+            raise ConnectionClosed(exc.reason.code or 1006) from None
+
+    async def send_message(self, message: Any) -> None:
+        await self.ws.send_message(message)
 
 
-class RawWebSocket:
-    """A minimal websocket client for the prototype below: trio TCP stream,
-    handshake by hand, server frames split by hand (text, ping, close; no
-    fragmentation, no extensions), every frame of one ``receive_some``
-    returned at once. Raises trio-websocket's ``ConnectionClosed`` so the
-    base class's reconnect logic applies unchanged."""
-
-    def __init__(self, stream: Any, rest: bytes) -> None:
-        self.stream = stream
-        self.buf = bytearray(rest)
-
-    async def send_message(self, message: str | bytes) -> None:
-        await self.stream.send_all(_client_frame(
-            message.encode() if isinstance(message, str) else message, 0x1))
-
-    async def get_messages(self) -> list[bytes]:
-        """Every complete text message buffered, reading once if there is none."""
-        buf = self.buf
-        out: list[bytes] = []
-        while True:
-            at, size = 0, len(buf)
-            while size - at >= 2:
-                b0, length = buf[at], buf[at + 1] & 0x7F
-                head = 2
-                if length == 126:
-                    if size - at < 4:
-                        break
-                    length, head = int.from_bytes(buf[at + 2 : at + 4], "big"), 4
-                elif length == 127:
-                    if size - at < 10:
-                        break
-                    length, head = int.from_bytes(buf[at + 2 : at + 10], "big"), 10
-                end = at + head + length
-                if size < end:
-                    break
-                opcode = b0 & 0x0F
-                if opcode == 0x1 and b0 & 0x80:
-                    out.append(bytes(buf[at + head : end]))
-                elif opcode == 0x9:  # ping: pong with the same payload
-                    await self.stream.send_all(_client_frame(bytes(buf[at + head : end]), 0xA))
-                elif opcode == 0x8:
-                    code = int.from_bytes(buf[at + head : at + head + 2], "big") if length else 1005
-                    raise trio_websocket.ConnectionClosed(trio_websocket.CloseReason(code, None))
-                elif opcode != 0xA:
-                    raise NotImplementedError(f"frame opcode {opcode} (fragmented?)")
-                at = end
-            del buf[:at]
-            if out:
-                return out
-            try:
-                data = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                raise trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1006, None))
-            buf += data
-
-
-def _client_frame(data: bytes, opcode: int) -> bytes:
-    mask = os.urandom(4)
-    n = len(data)
-    head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else (
-        bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big"))
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-    return head + mask + masked
-
-
-class DirectBinanceStream(BinanceStream):
-    """The structural fix, prototyped bench-local: the source reads the
-    socket itself (``RawWebSocket``) and parses every message of one read
-    in one go, so a batch costs one cancel scope and one scheduler round
-    instead of one per message."""
+class TrioWebsocketBinanceStream(BinanceStream):
+    """The baseline: the same source over trio-websocket (a reader task and a
+    memory channel per connection, wsproto frames), as ``WebSocketSource``
+    was built before it read frames itself."""
 
     @asynccontextmanager
     async def _open(self, url: str) -> Any:
-        stream, rest = await _raw_connect(url, full_path=True)
-        async with stream:
-            yield RawWebSocket(stream, rest)
-
-    async def _receive(self, ws: Any, shard: Any, outbox: Any, limiter: Any) -> str:
-        m = outbox.metrics
-        counter = m.labeled("flows_source_messages_total")
-        gaps = m.labeled("flows_source_gaps_total")
-        silence, window, size = self.silence_timeout, self.batch_window, self.batch_size
-        take = self._take
-        while True:
-            messages: list[bytes] | None = None
-            with trio.move_on_after(silence):
-                messages = await ws.get_messages()
-            if messages is None:
-                return "silent"
-            ticks: list[Any] = []
-            replies: list[Any] = []
-            t0 = time.perf_counter()
-            for message in messages:
-                take(message, shard, ticks, replies, m, gaps)
-            n = len(messages)
-            busy = time.perf_counter() - t0
-            closed: BaseException | None = None
-            deadline = trio.current_time() + window
-            while window > 0 and len(ticks) < size:
-                more: list[bytes] | None = None
-                with trio.move_on_at(deadline):
-                    try:
-                        more = await ws.get_messages()
-                    except trio_websocket.ConnectionClosed as exc:
-                        closed = exc
-                if more is None:
-                    break
-                t0 = time.perf_counter()
-                for message in more:
-                    take(message, shard, ticks, replies, m, gaps)
-                busy += time.perf_counter() - t0
-                n += len(more)
-            counter.inc(n)
-            m.observe_processing(busy)
-            for reply in replies:
-                await self._send(ws, limiter, reply)
-            if ticks:
-                shard.messages += n
-                for i in range(0, len(ticks), size):
-                    await outbox.send(Batch(ticks[i : i + size]))
-            if closed is not None:
-                raise closed
+        async with trio_websocket.open_websocket_url(url, message_queue_size=64) as ws:
+            yield _TrioWebsocketAdapter(ws)
 
 
 def flow_client(cls: type[BinanceStream] = BinanceStream, **options: Any
@@ -867,32 +640,30 @@ def main(argv: list[str] | None = None) -> int:
 
         flows_span = online(port, n, repeat, flow_client())
         row("flows (BinanceStream->Change->null)", flows_span)
-        row("flows, drain (fix 1)", online(
-            port, n, repeat, flow_client(DrainingBinanceStream, message_queue_size=1024)))
-        direct_span = online(port, n, repeat, flow_client(DirectBinanceStream))
-        row("flows, direct reader (fix 2)", direct_span, "prototype")
+        before_span = online(port, n, repeat, flow_client(TrioWebsocketBinanceStream))
+        row("same flow over trio-websocket", before_span, "baseline")
         row("msgspec decode (no I/O)", offline(decode_loop(frames), repeat), "ceiling")
         row("BinanceStream.parse (no I/O)", offline(parse_loop(frames), repeat), "ceiling")
         row("wsproto only (no I/O)", offline(wsproto_loop(frames), repeat), "ceiling")
-        row("trio-websocket get_message", online(port, n, repeat, get_message_client),
+        row("flows._websocket receive_messages", online(port, n, repeat, flows_client_bare),
             "transport")
-        row("trio-websocket + decode", online(port, n, repeat, get_decode_client), "transport")
-        row("wsproto direct + decode", online(port, n, repeat, wsproto_direct_client),
+        row("flows._websocket + decode", online(port, n, repeat, flows_decode_client),
             "transport")
-        row("raw frames + decode", online(port, n, repeat, raw_frames_client), "transport")
+        row("trio-websocket get_message", online(port, n, repeat, trio_websocket_client),
+            "transport")
+        row("trio-websocket + decode", online(port, n, repeat, trio_websocket_decode_client),
+            "transport")
 
         lag_rate = args.lag_rate or flows_span.rate / 2
-        direct_rate = direct_span.rate / 2
+        before_rate = before_span.rate / 2
         print(f"\nlag runs ({args.lag_seconds:.0f} s each)", flush=True)
         variants: list[tuple[str, float, type[BinanceStream], dict[str, Any]]] = [
-            (f"flows at {lag_rate:,.0f}/s, batch_window 50 ms (default)", lag_rate,
+            (f"flows at {lag_rate:,.0f}/s, batch_window 5 ms (default)", lag_rate,
              BinanceStream, {}),
-            (f"flows at {lag_rate:,.0f}/s, batch_window 5 ms", lag_rate, BinanceStream,
-             {"batch_window": 0.005}),
-            (f"direct reader (fix 2) at {direct_rate:,.0f}/s, batch_window 50 ms", direct_rate,
-             DirectBinanceStream, {}),
-            (f"direct reader (fix 2) at {direct_rate:,.0f}/s, batch_window 5 ms", direct_rate,
-             DirectBinanceStream, {"batch_window": 0.005}),
+            (f"flows at {lag_rate:,.0f}/s, batch_window 50 ms", lag_rate, BinanceStream,
+             {"batch_window": 0.05}),
+            (f"trio-websocket baseline at {before_rate:,.0f}/s, batch_window 5 ms",
+             before_rate, TrioWebsocketBinanceStream, {}),
         ]
         lags = []
         for name, rate, cls, options in variants:
@@ -909,14 +680,15 @@ def main(argv: list[str] | None = None) -> int:
         process.terminate()
         process.wait(timeout=10)
 
-    print("\n| variant | msgs/s | cpu | msgs/cpu-s | vs target |")
-    print("|---|---:|---:|---:|---|")
+    print("\n| variant | msgs/s | cpu | msgs/cpu-s | vs baseline | vs target |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, span, note in rows:
         verdict = ""
-        if name.startswith("flows"):
+        if name.startswith("flows ("):
             verdict = "PASS" if span.rate >= TARGET else "FAIL"
         print(f"| {name}{' (' + note + ')' if note else ''} | {span.rate:,.0f} | "
-              f"{100 * span.cpu / span.wall:.0f}% | {span.cpu_rate:,.0f} | {verdict} |")
+              f"{100 * span.cpu / span.wall:.0f}% | {span.cpu_rate:,.0f} | "
+              f"{span.rate / before_span.rate:.2f}x | {verdict} |")
     print(f"\ntarget: flows >= {TARGET:,} msgs/s on one core: "
           f"{'PASS' if flows_span.rate >= TARGET else 'FAIL'} ({flows_span.rate:,.0f})")
     print(f"\n| lag, server paced at 50% of the sustained rate (median of {args.lag_repeat} runs "

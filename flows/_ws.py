@@ -10,11 +10,15 @@ message:
   after connecting (default: none), paced by ``subscribe_limits`` (Binance
   counts every incoming message, 5 per second per connection);
 - ``parse(message) -> Parsed``: Ticks plus counts of bad records, as for
-  HTTP sources. Return a ``StreamParsed`` to also report ``sequences``
-  (``(key, update id)`` pairs: a jump of more than one is a gap) or a
-  ``reply`` to send back (an exchange-level ping's pong). A message that
-  raises (not JSON, wrong shape, bad price) is counted as one discarded
-  record, reason ``invalid``, and skipped;
+  HTTP sources (``message`` is the frame's payload, ``bytes``). Return a
+  ``StreamParsed`` to also report ``sequences`` (``(key, update id)``
+  pairs: a jump of more than one is a gap) or ``replies`` to send back (an
+  exchange-level ping's pong). A message that raises (not JSON, wrong
+  shape, bad price) is counted as one discarded record, reason
+  ``invalid``, and skipped. A source on a busy feed may implement
+  ``parse_into(message, out)`` instead: it adds to one ``StreamParsed``
+  shared by the whole batch (no object per message), and must raise
+  before it adds anything;
 - optionally ``heartbeat() -> str | bytes | None``: an exchange-level
   heartbeat sent every ``heartbeat_interval`` seconds (protocol pings from
   the server are answered by the client without help);
@@ -106,12 +110,22 @@ class StreamParsed(Parsed):
     """``Parsed`` plus what only streams have.
 
     ``sequences``: ``(key, update id)`` per update, in message order; ids
-    must go up by one per key, a larger jump is a gap. ``reply``: a message
+    must go up by one per key, a larger jump is a gap. ``replies``: messages
     to send back on the same connection (an exchange-level ping's answer).
     """
 
     sequences: list[tuple[str, int]] = attrs.field(factory=list)
-    reply: Message | None = None
+    replies: list[Message] = attrs.field(factory=list)
+
+    def merge(self, other: Parsed) -> None:
+        """Add ``other``'s ticks, counts, details (and ids, replies) to these."""
+        self.ticks += other.ticks
+        for reason, n in other.invalid.items():
+            self.invalid[reason] = self.invalid.get(reason, 0) + n
+        self.details += other.details
+        if isinstance(other, StreamParsed):
+            self.sequences += other.sequences
+            self.replies += other.replies
 
 
 @attrs.define(eq=False)
@@ -242,6 +256,12 @@ class WebSocketSource:
         """Ticks (and bad records counted by reason) from one message; raise
         on a message that cannot be read."""
         raise NotImplementedError
+
+    def parse_into(self, message: Message, out: StreamParsed) -> None:
+        """Add what ``message`` holds to ``out`` (shared by a batch); raise,
+        before adding anything, on a message that cannot be read. Default:
+        ``parse`` merged into ``out``."""
+        out.merge(self.parse(message))
 
     def heartbeat(self) -> Message | None:
         """The exchange-level heartbeat sent every ``heartbeat_interval`` s."""
@@ -417,8 +437,7 @@ class WebSocketSource:
         gaps = m.labeled("flows_source_gaps_total")
         silence, window, size = self.silence_timeout, self.batch_window, self.batch_size
         while True:
-            ticks: list[Tick] = []
-            replies: list[Message] = []
+            out = StreamParsed()
             n, busy = 0, 0.0
             closed: ConnectionClosed | None = None
             deadline = trio.current_time() + silence
@@ -434,19 +453,20 @@ class WebSocketSource:
                 if messages is None:
                     break
                 t0 = time.perf_counter()
-                for message in messages:
-                    self._take(message, shard, ticks, replies, m, gaps)
+                self._parse_all(messages, out, m)
                 busy += time.perf_counter() - t0
                 if not n:
                     deadline = trio.current_time() + window
                 n += len(messages)
-                if len(ticks) >= size or window <= 0:
+                if len(out.ticks) >= size or window <= 0:
                     break
             if not n:
                 return "silent"
+            t0 = time.perf_counter()
+            ticks = self._check(out, shard, m, gaps)
+            m.observe_processing(busy + time.perf_counter() - t0)
             counter.inc(n)
-            m.observe_processing(busy)
-            for reply in replies:
+            for reply in out.replies:
                 await self._send(ws, limiter, reply)
             if ticks:
                 shard.messages += n
@@ -455,48 +475,44 @@ class WebSocketSource:
             if closed is not None:
                 raise closed
 
-    def _take(
-        self,
-        message: Message,
-        shard: _Shard,
-        ticks: list[Tick],
-        replies: list[Message],
-        m: ComponentMetrics,
-        gaps: Any,
-    ) -> None:
-        """Parse one message into ``ticks``; count what is bad; check ids."""
-        try:
-            parsed = self.parse(message)
-        except _PARSE_ERRORS as exc:
-            m.discarded("invalid")
-            self._drops.drop("invalid", f"unreadable message ({exc}): {message[:100]!r}")
-            return
-        if parsed.invalid:
-            for reason, n in parsed.invalid.items():
+    def _parse_all(self, messages: list[bytes], out: StreamParsed, m: ComponentMetrics) -> None:
+        """Parse ``messages`` into ``out``; count and skip the unreadable."""
+        parse_into = self.parse_into
+        for message in messages:
+            try:
+                parse_into(message, out)
+            except _PARSE_ERRORS as exc:
+                m.discarded("invalid")
+                self._drops.drop("invalid", f"unreadable message ({exc}): {message[:100]!r}")
+
+    def _check(
+        self, out: StreamParsed, shard: _Shard, m: ComponentMetrics, gaps: Any
+    ) -> list[Tick]:
+        """The batch's Ticks for subscribed symbols; bad records and unknown
+        symbols counted, update ids checked for gaps."""
+        if out.invalid:
+            for reason, n in out.invalid.items():
                 m.discarded(reason, n)
-            for detail in parsed.details[:1]:
+            for detail in out.details[:1]:
                 self._drops.drop("invalid", detail)
         wanted = shard.wanted
-        for tick in parsed.ticks:
-            if tick.symbol in wanted:
-                ticks.append(tick)
-            else:
-                m.discarded("unknown_symbol")
-                self._drops.drop("unknown_symbol", f"{tick.symbol} was not subscribed")
-        if isinstance(parsed, StreamParsed):
-            if parsed.sequences:
-                last_ids = shard.last_ids
-                for key, seq in parsed.sequences:
-                    if key not in wanted:
-                        continue
-                    last = last_ids.get(key)
-                    if last is None or seq > last:
-                        last_ids[key] = seq
-                        if last is not None and seq > last + 1:
-                            gaps.inc()
-                            self.on_gap(key)
-            if parsed.reply is not None:
-                replies.append(parsed.reply)
+        ticks = out.ticks
+        unknown = [t for t in ticks if t.symbol not in wanted]
+        if unknown:
+            m.discarded("unknown_symbol", len(unknown))
+            self._drops.drop("unknown_symbol", f"{unknown[0].symbol} was not subscribed")
+            ticks = [t for t in ticks if t.symbol in wanted]
+        last_ids = shard.last_ids
+        for key, seq in out.sequences:
+            last = last_ids.get(key)
+            if last is None or seq > last:
+                if key not in wanted:
+                    continue
+                last_ids[key] = seq
+                if last is not None and seq > last + 1:
+                    gaps.inc()
+                    self.on_gap(key)
+        return ticks
 
     # -- gap snapshots -----------------------------------------------------------
 

@@ -28,7 +28,7 @@ Example::
     flow = Flow("binance", sources=[BinanceTickers(symbols=["BTCUSDT", "ETHUSDT"], every=1.0)],
                 stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
 
-Websocket streams (``BinanceStream``, needs ``flows[ws]``): combined streams
+Websocket streams (``BinanceStream``): combined streams
 at ``wss://stream.binance.com:9443/stream?streams=btcusdt@trade/...``; each
 message is ``{"stream": "btcusdt@trade", "data": {...}}`` with ``data``:
 
@@ -347,14 +347,18 @@ class BinanceStream(WebSocketSource):
         return messages
 
     def parse(self, message: str | bytes) -> StreamParsed:
-        envelope = self._decode(message)
         out = StreamParsed()
+        self.parse_into(message, out)
+        return out
+
+    def parse_into(self, message: str | bytes, out: StreamParsed) -> None:
+        envelope = self._decode(message)
         d = envelope.data
         if d is None:
             if envelope.error is not None:
                 _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
                                     envelope.id, envelope.error.msg, envelope.error.code)
-            return out
+            return
         if isinstance(d, BinanceBookTicker):
             bid, ask = price(d.b), price(d.a)
             out.ticks.append(Tick(self.name, d.s, (bid + ask) / 2, time.time(), bid=bid, ask=ask))
@@ -368,4 +372,3 @@ class BinanceStream(WebSocketSource):
         else:
             out.ticks.append(Tick(self.name, d.s, price(d.c), d.E / 1000,
                                   volume=optional_float(d.v)))
-        return out

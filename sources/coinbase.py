@@ -196,8 +196,7 @@ _feed_log = logging.getLogger("flows.source.coinbase")
 
 
 class CoinbaseStream(WebSocketSource):
-    """Source: Coinbase Exchange's websocket feed, ``ticker`` channel (needs
-    ``flows[ws]``).
+    """Source: Coinbase Exchange's websocket feed, ``ticker`` channel.
 
     Connects to ``wss://ws-feed.exchange.coinbase.com`` (the sandbox:
     ``wss://ws-feed-public.sandbox.exchange.coinbase.com``; flows' emulator:

@@ -332,8 +332,7 @@ def _v2_price(value: float | None) -> float | None:
 
 
 class KrakenStream(WebSocketSource):
-    """Source: Kraken spot tickers over the websocket API v2 (needs
-    ``flows[ws]``).
+    """Source: Kraken spot tickers over the websocket API v2.
 
     Connects to ``wss://ws.kraken.com/v2`` (flows' emulator:
     ``ws://127.0.0.1:PORT/v2``). Kraken first sends ``{"channel": "status",

@@ -62,7 +62,7 @@ class FakeSource(WebSocketSource):
         m = _decode(message)
         out = StreamParsed()
         if m.op == "ping":
-            out.reply = msgspec.json.encode({"op": "pong", "n": m.n}).decode()
+            out.replies.append(msgspec.json.encode({"op": "pong", "n": m.n}).decode())
         elif m.op is None:
             if m.p is None or m.s is None or not m.p > 0:
                 raise ValueError(f"bad price {m.p!r}")

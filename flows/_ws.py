@@ -91,7 +91,13 @@ from ._limits import RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import ComponentMetrics
 from ._records import Batch, Tick
-from ._websocket import ConnectionClosed, HandshakeError, WebSocket, open_ws, split_ws_url
+from ._websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocket,
+    open_ws,
+    split_ws_url,
+)
 
 __all__ = ["RECONNECT_REASONS", "StreamParsed", "WebSocketSource", "open_ws", "split_ws_url"]
 

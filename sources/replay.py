@@ -50,9 +50,12 @@ of order) with ``written``, ``skipped`` or ``dropped``; a ``failed`` batch
 stops the offset there. The offset is written atomically to the offset
 file, as JSON ``{"version": 1, "path": ..., "line": N, "size": ...}``
 (``size``: the file's size at the save), at most every ``offset_every``
-seconds while acks come in, whenever it advances once the source has
-finished (so after the runtime's drain the file holds the final offset),
-and when the source stops. The next run skips the first ``line`` lines.
+seconds while acks come in (also during the drain after the source
+finished; each write is an fsync on the event loop's thread, so they are
+kept rare), when the source stops, and at the last ack once the source has
+finished (so after a complete drain the file holds the final offset; a
+drain cut short by its deadline leaves at most ``offset_every`` seconds of
+acks unsaved, replayed next time). The next run skips the first ``line`` lines.
 This is at-least-once delivery: after a crash the batches not yet acked
 are replayed, so sinks must be idempotent on (source, symbol, ts), as the
 storing sinks are. An offset file that is unreadable, or saved for another
@@ -418,10 +421,13 @@ class ReplaySource:
                 "(the next run replays from there)",
                 self.name, outcome, tracker.failed_at,
             )
-        if not advanced or self.offset_path is None:
+        if self.offset_path is None:
             return
-        if self._finished:
-            self.save_offset()  # draining: every advance counts (the last one is final)
+        if self._finished and tracker.outstanding == 0:
+            if self._dirty():
+                self.save_offset()  # the last ack after the source finished: final
+            return
+        if not advanced:
             return
         self._maybe_save(_now())
         if self._acked is not None and self._dirty():

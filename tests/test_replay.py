@@ -20,6 +20,7 @@ from flows.testing import (
     assert_component_metrics,
     run_briefly,
     sample,
+    wait_until,
 )
 from sources.replay import OffsetTracker, ReplaySource, count_lines
 
@@ -474,3 +475,30 @@ def test_the_docstring_example_builds(tmp_path, monkeypatch):
     exec(compile(example, "sources/replay.py example", "exec"), namespace)  # noqa: S102 - the doc example
     flow = namespace["flow"]
     assert isinstance(flow, Flow) and isinstance(flow.sources[0], ReplaySource)
+
+
+async def test_acks_during_the_drain_write_the_offset_rarely(tmp_path, monkeypatch):
+    """Each offset write is an fsync on the event loop's thread: acks that
+    arrive after the source finished must not each write one."""
+    import sources.replay as replay_module
+
+    writes: list[bytes] = []
+    real_write = replay_module.write_atomic
+
+    def counting_write(path, data):
+        writes.append(data)
+        real_write(path, data)
+
+    monkeypatch.setattr(replay_module, "write_atomic", counting_write)
+    path = tmp_path / "ticks.jsonl"
+    write_jsonl(path, make_ticks(200))
+    source = ReplaySource(path=path, batch_size=1, offset_every=3600)
+    sink = GatedSink()
+    flow = Flow("rp", sources=[source], sinks=[sink], edges={"gated": Edge(capacity=300)})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_briefly, flow)
+        await wait_until(lambda: source._finished)  # every batch sent, none acked yet
+        sink.gate.set()
+    assert len(sink.records) == 200
+    assert read_offset(source)["line"] == 200
+    assert len(writes) <= 2  # when the source stopped, and at the last ack

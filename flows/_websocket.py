@@ -340,6 +340,9 @@ async def open_ws(
         if stream is not None:
             await trio.aclose_forcefully(stream)
         raise TimeoutError(f"no websocket connection to {url} within {connect_timeout}s") from None
+    except trio.BrokenResourceError as exc:  # a reset, or TLS failed (an untrusted certificate)
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError(f"connecting to {url} failed: {exc.__cause__ or exc!r}") from exc
     except BaseException:
         if stream is not None:
             await trio.aclose_forcefully(stream)

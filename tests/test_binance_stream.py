@@ -18,10 +18,10 @@ from _streams import (
     subscriptions,
     until,
 )
-from flows._websocket import ConnectionClosed, ConnectionRejected
 
 from flows import Edge
 from flows._limits import RateLimit
+from flows._websocket import ConnectionClosed, ConnectionRejected
 from flows._ws import RECONNECT_REASONS, open_ws
 from flows.testing import (
     GatedSink,

@@ -19,10 +19,10 @@ from _streams import (
     subscriptions,
     until,
 )
-from flows._websocket import ConnectionClosed
 
 from flows import Edge
 from flows._limits import RateLimit
+from flows._websocket import ConnectionClosed
 from flows._ws import RECONNECT_REASONS, open_ws
 from flows.testing import (
     GatedSink,

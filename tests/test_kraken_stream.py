@@ -20,8 +20,8 @@ from _streams import (
     subscriptions,
 )
 from _streams import until as _until
-from flows._websocket import ConnectionClosed
 
+from flows._websocket import ConnectionClosed
 from flows._ws import RECONNECT_REASONS, open_ws
 from flows.testing import assert_component_metrics, sample
 from flows.testing.emulator import WsFaults

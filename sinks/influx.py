@@ -173,11 +173,20 @@ def timestamp(ts: float, precision: str = "ns") -> int:
             if us / 1e6 == ts:
                 n = us * 1000
             else:
-                n = int(Decimal(repr(ts)).scaleb(9).to_integral_value())
+                n = _ns_of_repr(ts)
     ns_per_unit = 1_000_000_000 // scale
     if not _MIN_NS <= n * ns_per_unit <= _MAX_NS:
         raise LineProtocolError(f"timestamp {ts!r} is outside InfluxDB's range (years 1677-2262)")
     return n
+
+
+def _ns_of_repr(ts: float) -> int:
+    """Nanoseconds of the decimal value ``repr(ts)`` shows (rounded to even)."""
+    text = repr(ts)
+    whole, _, fraction = text.partition(".")
+    if len(fraction) <= 9 and "e" not in text:
+        return int(whole + fraction.ljust(9, "0"))
+    return int(Decimal(text).scaleb(9).to_integral_value())
 
 
 def _check_name(what: str, name: object, *, measurement: bool = False) -> str:
@@ -384,28 +393,46 @@ class InfluxSink(BatchingSink):
 
         Raises ``LineProtocolError`` when the record cannot be written.
         """
-        values = self._tag_values(record)
-        try:
-            head = self._heads.get(values)
-        except TypeError:  # an unhashable tag value
-            head = None
-        if head is None:
-            head = self._head(values)
-        fields = []
-        for prefix, value in zip(self._field_prefixes, self._field_values(record)):
-            if type(value) is float:
-                if value - value == 0.0:  # finite
-                    fields.append(prefix + repr(value))
-            elif value is not None:
-                try:
-                    text = _field_value(value)
-                except LineProtocolError as exc:
-                    raise LineProtocolError(f"field {prefix[:-1]!r}: {exc}") from None
-                if text is not None:
-                    fields.append(prefix + text)
-        if not fields:
-            raise LineProtocolError("no field to write (all are None, NaN or infinite)")
-        return f"{head} {','.join(fields)} {timestamp(self._time(record), self.precision)}"
+        return self._lines([record])[0]
+
+    def _lines(self, records: list[Any]) -> list[str]:
+        """The lines of ``records`` (the hot path: locals, one timestamp
+        conversion per run of equal times, cached tag heads)."""
+        tag_values, heads, make_head = self._tag_values, self._heads, self._head
+        field_prefixes, field_values = self._field_prefixes, self._field_values
+        time_of, precision = self._time, self.precision
+        last_ts: Any = None
+        stamp = ""
+        lines: list[str] = []
+        append = lines.append
+        for record in records:
+            values = tag_values(record)
+            try:
+                head = heads.get(values)
+            except TypeError:  # an unhashable tag value
+                head = None
+            if head is None:
+                head = make_head(values)
+            fields = []
+            for prefix, value in zip(field_prefixes, field_values(record)):
+                if type(value) is float:
+                    if value - value == 0.0:  # finite
+                        fields.append(prefix + repr(value))
+                elif value is not None:
+                    try:
+                        text = _field_value(value)
+                    except LineProtocolError as exc:
+                        raise LineProtocolError(f"field {prefix[:-1]!r}: {exc}") from None
+                    if text is not None:
+                        fields.append(prefix + text)
+            if not fields:
+                raise LineProtocolError("no field to write (all are None, NaN or infinite)")
+            ts = time_of(record)
+            if ts is not last_ts and ts != last_ts:
+                stamp = str(timestamp(ts, precision))
+                last_ts = ts
+            append(f"{head} {','.join(fields)} {stamp}")
+        return lines
 
     def _head(self, values: tuple[Any, ...]) -> str:
         """``measurement,tag=value,...`` for these tag values (cached when all are str)."""
@@ -425,7 +452,7 @@ class InfluxSink(BatchingSink):
 
     def encode_batch(self, records: list[Any]) -> bytes:
         """The request body for ``records``: their lines, UTF-8."""
-        return "\n".join([self.encode(r) for r in records]).encode()
+        return "\n".join(self._lines(records)).encode()
 
     # -- BatchingSink -----------------------------------------------------
 

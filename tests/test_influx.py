@@ -15,6 +15,8 @@ import httpx
 import msgspec
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, FlowFailed, Retry, Runtime, Supervision, Tick
@@ -362,6 +364,20 @@ def test_timestamps_of_distinct_floats_stay_distinct():
         neighbours.append(math.nextafter(neighbours[-1], math.inf))
     stamps = [timestamp(x, "ns") for x in neighbours]
     assert stamps == sorted(set(stamps))
+
+
+@given(st.lists(st.sampled_from([1_700_000_000, 1_700_000_000.0, 1_700_000_000.1234567,
+                                  1_700_000_000.000001, -1.25, 0.1, 1e-12]), max_size=30),
+       st.sampled_from(["ns", "us", "ms", "s"]))
+def test_a_batch_encodes_like_its_records_one_by_one(times, precision):
+    """encode_batch converts a timestamp once per run of equal times: the
+    lines must still equal each record's own."""
+    sink = InfluxSink("http://h:1", precision=precision)
+    ticks = [Tick("s", f"S{i % 3}", 1.0 + i, ts) for i, ts in enumerate(times)]
+    expected = "\n".join(sink.encode(t) for t in ticks).encode()
+    assert sink.encode_batch(ticks) == expected
+    assert all(line.endswith(f" {timestamp(t.ts, precision)}")
+               for line, t in zip(expected.decode().split("\n"), ticks) if ticks)
 
 
 @pytest.mark.parametrize("options, match", [

@@ -26,7 +26,10 @@ What the client does (the client half of RFC 6455, no extensions):
   ``ConnectionClosed(1006)``.
 
 Sends (masked, as clients must) are serialised by a lock, so a heartbeat
-task and the reading task may share a connection.
+task and the reading task may share a connection, and each frame is sent
+shielded from cancellation (bounded by ``close_timeout``): a send cut off
+mid-frame would corrupt the stream, so a timeout around a send makes it
+late, never partial.
 """
 
 from __future__ import annotations
@@ -247,14 +250,22 @@ class WebSocket:
     async def _send_frame(self, opcode: int, payload: bytes, *, ignore_closed: bool = False
                           ) -> None:
         data = encode_frame(opcode, payload, mask=os.urandom(4))
-        try:
-            async with self._send_lock:
-                await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if ignore_closed:
-                return
+        broken = False
+        async with self._send_lock:
+            # A cancelled send_all may leave half a frame on the wire, so a
+            # frame is sent shielded, for at most close_timeout seconds;
+            # one that does not go out in time breaks the connection.
+            deadline = trio.current_time() + self.close_timeout
+            with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    broken = True
+            broken = broken or scope.cancelled_caught
+        if broken:
             self.closed = self.closed or ConnectionClosed(1006, "connection lost")
-            raise self.closed from None
+            if not ignore_closed:
+                raise self.closed from None
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """The close handshake (bounded by ``close_timeout``), then the socket."""

@@ -313,6 +313,24 @@ async def test_sent_messages_are_masked_typed_and_never_interleaved():
     assert close == close_frame(1000)
 
 
+async def test_a_send_cut_short_by_a_timeout_still_puts_the_whole_frame_out(autojump_clock):
+    """Cancelling a send mid-frame would corrupt the stream: the frame goes
+    out whole (within close_timeout) and the connection stays usable."""
+    big = os.urandom(32 << 20)  # more than the socket buffers hold
+
+    async def script(peer: Peer):
+        await trio.sleep(1.5)  # start reading after the client's timeout
+        return len(await peer.next_message()), await peer.next_message()
+
+    async with serve(script) as server:
+        async with open_ws(server.url, close_timeout=5.0) as ws:
+            with trio.move_on_after(1.0) as scope:
+                await ws.send_message(big)
+            assert scope.cancel_called and ws.closed is None  # late, but whole
+            await ws.send_message("after")
+            assert await server.result() == (len(big), "after")
+
+
 @pytest.mark.parametrize(("args", "code", "reason"), [
     ((), 1000, ""), ((4001, "done"), 4001, "done")])
 async def test_close_handshake(args, code, reason, autojump_clock):

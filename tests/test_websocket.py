@@ -322,13 +322,12 @@ async def test_a_send_cut_short_by_a_timeout_still_puts_the_whole_frame_out(auto
         await trio.sleep(1.5)  # start reading after the client's timeout
         return len(await peer.next_message()), await peer.next_message()
 
-    async with serve(script) as server:
-        async with open_ws(server.url, close_timeout=5.0) as ws:
-            with trio.move_on_after(1.0) as scope:
-                await ws.send_message(big)
-            assert scope.cancel_called and ws.closed is None  # late, but whole
-            await ws.send_message("after")
-            assert await server.result() == (len(big), "after")
+    async with serve(script) as server, open_ws(server.url, close_timeout=5.0) as ws:
+        with trio.move_on_after(1.0) as scope:
+            await ws.send_message(big)
+        assert scope.cancel_called and ws.closed is None  # late, but whole
+        await ws.send_message("after")
+        assert await server.result() == (len(big), "after")
 
 
 @pytest.mark.parametrize(("args", "code", "reason"), [

@@ -24,7 +24,6 @@ from _streams import until as _until
 from flows._websocket import ConnectionClosed
 from flows._ws import RECONNECT_REASONS, open_ws
 from flows.testing import assert_component_metrics, sample
-from flows.testing.emulator import WsFaults
 from sources.kraken import KrakenStream, v2_symbol
 
 STAGE = "kraken_stream"
@@ -35,7 +34,6 @@ NONE = dict.fromkeys(RECONNECT_REASONS, 0.0)
 def start(nursery):
     """start(**emulator_options) -> (emulator, the kraken feed URL)."""
     return feed_starter(nursery, "/v2", seed=6)
-
 
 
 def until(condition, timeout: float = 120.0, poll: float = 0.05):
@@ -111,54 +109,6 @@ async def test_heartbeats_and_pings_keep_a_quiet_connection(start, autojump_cloc
         assert 60 <= trio.current_time() - started < 62
     assert ws_stats(emulator)["faults"] == {"idle": 1}
     assert reconnects(registry) == {**NONE, "server": 1.0}
-
-
-async def test_reconnects_after_an_abrupt_close_with_the_same_subscriptions(start,
-                                                                          autojump_clock):
-    emulator, url = await start()
-    symbols = emulator.stream_symbols("kraken")[:4]
-    source = KrakenStream(symbols=symbols, base_url=url, backoff=0.2)
-    async with running(source) as (rt, sink, registry):
-        await until(lambda: len(sink.records) >= 8)
-        assert emulator.feed("kraken").disconnect("abrupt") == 1
-        await until(lambda: ws_stats(emulator)["connections"] == 2)
-        before = len(sink.records)
-        await until(lambda: len(sink.records) >= before + 8)
-        assert rt.ready()[0]
-    assert reconnects(registry) == {**NONE, "closed": 1.0}
-    assert subscribed(emulator) == [streams(symbols)] * 2
-    assert ws_stats(emulator)["faults"] == {"abrupt_close": 1}
-
-
-async def test_reconnects_after_a_silent_stall(start, autojump_clock):
-    emulator, url = await start(ws_ping_interval=0.5)  # pings go on while it is silent
-    symbols = emulator.stream_symbols("kraken")[:3]
-    source = KrakenStream(symbols=symbols, base_url=url, silence_timeout=3.0)
-    async with running(source) as (_, sink, registry):
-        await until(lambda: len(sink.records) >= 6)
-        stalled_at = trio.current_time()
-        emulator.feed("kraken").disconnect("stall")  # no updates, no heartbeats
-        await until(lambda: ws_stats(emulator)["connections"] == 2)
-        assert trio.current_time() - stalled_at >= 3.0 - 1e-6
-        before = len(sink.records)
-        await until(lambda: len(sink.records) >= before + 6)
-    assert reconnects(registry) == {**NONE, "silent": 1.0}
-    assert subscribed(emulator) == [streams(symbols)] * 2
-
-
-async def test_malformed_frames_are_counted_and_skipped(start, autojump_clock):
-    emulator, url = await start(tick_interval=FROZEN)
-    emulator.set_faults(exchange="kraken", ws=WsFaults(malformed_rate=0.3))
-    symbols = emulator.stream_symbols("kraken")[:5]
-    source = KrakenStream(symbols=symbols, base_url=url)
-    async with running(source) as (_, sink, registry):
-        await until(lambda: len(sink.records) >= 100)
-        emulator.feed("kraken").disconnect("stall")  # no more frames: the counts settle
-        await trio.sleep(1)
-    malformed = ws_stats(emulator)["faults"]["malformed"]
-    assert discarded(registry, "invalid") == malformed > 10
-    assert all(t.price == float(emulator.price("kraken", t.symbol)) for t in sink.records)
-    assert reconnects(registry) == NONE
 
 
 async def test_an_unknown_pair_is_refused_and_the_others_stream(start, autojump_clock):

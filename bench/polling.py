@@ -58,9 +58,7 @@ from one that waits on the limit.
 Experiments (off by default; the defaults measure flows as it is):
 ``--limit-share S`` gives flows a limit of S times the emulator's (head
 room against the jitter of arrival times: the server counts a request when
-it answers, not when the client sent it); ``--limiter-fix pacing`` and
-``--limiter-fix usage`` monkeypatch ``flows._limits.RateLimiter`` in this
-process (see ``apply_limiter_fix``); ``--window 60`` gives the emulator
+it answers, not when the client sent it); ``--window 60`` gives the emulator
 Binance's real one-minute window (12000 weight per 60 s at R=100).
 
 Targets, reported as PASS/FAIL (the exit status is 0 either way): clean,
@@ -71,7 +69,7 @@ Run from the repository root (about 3 minutes with the defaults)::
 
     python bench/polling.py
     python bench/polling.py --symbols 500 --rate 50 --cycles 2 --fault-cycles 4
-    python bench/polling.py --skip sequential --skip gather --limit-share 0.98 --limiter-fix pacing --limiter-fix usage
+    python bench/polling.py --skip sequential --skip gather --limit-share 0.98
 """
 
 from __future__ import annotations
@@ -248,54 +246,6 @@ def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
     return [s for _, _, s in spans], missing, seen_429, notes
 
 
-def apply_limiter_fix(which: list[str]) -> None:
-    """Experiments (``--limiter-fix``), monkeypatched into ``flows._limits.RateLimiter``
-    for this process only:
-
-    - ``pacing``: ``acquire`` anchors the next slot to this one's scheduled
-      time, not to the (late) time the caller woke up; late wake-ups
-      (timer granularity, a busy loop) no longer slow the long-run rate;
-    - ``usage``: ``observe_usage`` pauses only when the API's count exceeds
-      this limiter's own usage over the window (someone else shares the
-      budget), not whenever usage passes 90% (which a client running near
-      the limit does every window, by itself).
-    """
-    from flows._limits import RateLimiter
-
-    async def acquire(self: RateLimiter, weight: float = 1.0) -> float:
-        start = trio.current_time()
-        async with self._lock:
-            while True:
-                now = trio.current_time()
-                at = self._ready_at(weight, now)
-                if at <= now:
-                    break
-                await trio.sleep_until(at)
-            spacing = max((weight * lim.window / lim.limit for lim in self.limits), default=0.0)
-            # was: self._next = max(now, self._next) + spacing
-            self._next = max(now - spacing, self._next) + spacing
-            for log in self._logs:
-                log.append((now, weight))
-        return trio.current_time() - start
-
-    def observe_usage(self: RateLimiter, used: float, limit: float, window_end: float) -> None:
-        if used < 0.9 * limit:
-            return
-        now = trio.current_time()
-        for lim, log in zip(self.limits, self._logs):
-            if lim.limit == limit:
-                own = sum(w for t, w in log if t > now - lim.window)
-                if used <= own + 0.05 * limit:
-                    return  # (nearly) all of it is ours: the sliding log keeps us under
-                break
-        self.pause_until(window_end)
-
-    if "pacing" in which:
-        RateLimiter.acquire = acquire  # type: ignore[method-assign]
-    if "usage" in which:
-        RateLimiter.observe_usage = observe_usage  # type: ignore[method-assign]
-
-
 # -- naive asyncio clients -----------------------------------------------------------
 
 
@@ -372,9 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-share", type=float, default=1.0,
                         help="flows' limit as a share of the emulator's (default 1.0: exactly "
                              "the limit)")
-    parser.add_argument("--limiter-fix", action="append", default=[], choices=("pacing", "usage"),
-                        help="experiment: monkeypatch flows' RateLimiter (see apply_limiter_fix; "
-                             "repeatable)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=("flows", "sequential", "gather", "faults"),
                         help="leave a variant out (repeatable)")
@@ -382,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.symbols < 1 or args.rate <= 0 or args.cycles < 1 or args.fault_cycles < 1:
         parser.error("--symbols, --rate, --cycles and --fault-cycles must be positive")
     logging.basicConfig(level=logging.ERROR)  # flows' own warnings off the table
-    if args.limiter_fix:
-        apply_limiter_fix(args.limiter_fix)
 
     t_start = time.perf_counter()
     bound = args.symbols / args.rate
@@ -394,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             f"N={args.symbols} symbols, R={args.rate:g} req/s (binance {emulator.limit_spec}, "
             f"weight {WEIGHT}/request), latency lognormal median {args.latency_ms:g} ms sigma 0.5; "
             f"bound N/R = {bound:.2f}s; flows concurrency {args.concurrency}, limit "
-            f"{args.limit_share:g}x R{'; PATCHED RateLimiter: ' + '+'.join(args.limiter_fix) if args.limiter_fix else ''}; emulator "
+            f"{args.limit_share:g}x R; emulator "
             f"{emulator.url} (separate process); {os.cpu_count()} CPUs, python "
             f"{sys.version.split()[0]}, httpx {httpx.__version__}, trio {trio.__version__}"
         )

@@ -58,12 +58,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _common
 import prometheus_client.metrics as pm
 import trio
+from _common import PregenSource, cut
 from prometheus_client import CollectorRegistry
 
-from flows import Batch, ChangeDetector, Flow, Inbox, Outbox, Runtime
-from sources.synthetic import SyntheticMarket
+from flows import ChangeDetector, Flow, Inbox, Runtime
 
 BATCH_SIZES = (1, 100, 1000)
 REL = 0.0005
@@ -80,31 +81,7 @@ clock = time.process_time
 
 def make_records(n: int) -> list[Any]:
     """``n`` ticks, whole universes of SYMBOLS at a time (the last one cut)."""
-    market = SyntheticMarket(symbols=SYMBOLS, unchanged=UNCHANGED, seed=1)
-    records: list[Any] = []
-    while len(records) < n:
-        records.extend(market.tick())
-    return records[:n]
-
-
-def cut(records: list[Any], size: int) -> list[list[Any]]:
-    return [records[i : i + size] for i in range(0, len(records), size)]
-
-
-# -- engine ---------------------------------------------------------------------
-
-
-class PregenSource:
-    """Source: sends pre-generated record lists, one Batch each, then ends."""
-
-    def __init__(self, batches: list[list[Any]], *, name: str = "pregen") -> None:
-        self.batches = batches
-        self.name = name
-
-    async def run(self, outbox: Outbox) -> None:
-        send = outbox.send
-        for records in self.batches:
-            await send(Batch(records))
+    return _common.make_records(n, symbols=SYMBOLS, unchanged=UNCHANGED)
 
 
 class NullSink:

@@ -69,11 +69,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _common
 import trio
+from _common import PregenSource, cut
 from prometheus_client import CollectorRegistry
 
-from flows import Batch, Flow, Outbox, Runtime
-from sources.synthetic import SyntheticMarket
+from flows import Flow, Runtime
 
 BATCH_SIZES = (100, 1000, 10000)
 TARGET_BATCH = 1000
@@ -102,11 +103,7 @@ SQLITE_DDL = (
 
 def make_records(n: int) -> list[Any]:
     """``n`` ticks, whole universes of SYMBOLS at a time (the last one cut)."""
-    market = SyntheticMarket(symbols=SYMBOLS, seed=1)
-    records: list[Any] = []
-    while len(records) < n:
-        records.extend(market.tick())
-    records = records[:n]
+    records = _common.make_records(n, symbols=SYMBOLS)
     keys = {(r.source, r.symbol, r.ts) for r in records}
     assert len(keys) == n, "ticks are not unique by (source, symbol, ts)"
     return records
@@ -116,24 +113,7 @@ def rows_of(records: list[Any]) -> list[tuple[Any, ...]]:
     return [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
 
 
-def cut(records: list[Any], size: int) -> list[list[Any]]:
-    return [records[i : i + size] for i in range(0, len(records), size)]
-
-
 # -- the flows side ---------------------------------------------------------------
-
-
-class PregenSource:
-    """Source: sends pre-generated record lists, one Batch each, then ends."""
-
-    def __init__(self, batches: list[list[Any]], *, name: str = "pregen") -> None:
-        self.batches = batches
-        self.name = name
-
-    async def run(self, outbox: Outbox) -> None:
-        send = outbox.send
-        for records in self.batches:
-            await send(Batch(records))
 
 
 def run_flow(sink: Any, batches: list[list[Any]]) -> float:

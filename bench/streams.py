@@ -96,6 +96,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -344,25 +345,13 @@ def offline(fn: Callable[[], int], repeat: int) -> Span:
     return best(runs)
 
 
-def decode_loop(frames: list[bytes]) -> Callable[[], int]:
-    decode = BinanceStream(symbols=["X"], channel="trade")._decode
+def call_each(fn: Callable[[bytes], Any], frames: list[bytes]) -> Callable[[], int]:
+    """A loop calling ``fn`` on every frame's payload (bytes, as the source gets them)."""
 
     def run() -> int:
         for data in frames:
-            decode(data)
+            fn(data)
         return len(frames)
-
-    return run
-
-
-def parse_loop(frames: list[bytes]) -> Callable[[], int]:
-    parse = BinanceStream(symbols=["X"], channel="trade").parse
-    texts = [f.decode() for f in frames]
-
-    def run() -> int:
-        for text in texts:
-            parse(text)
-        return len(texts)
 
     return run
 
@@ -419,10 +408,6 @@ async def flows_client_bare(url: str, n: int, span: Span, decode: bool = False) 
         span.stop(got)
 
 
-async def flows_decode_client(url: str, n: int, span: Span) -> None:
-    await flows_client_bare(url, n, span, decode=True)
-
-
 async def trio_websocket_client(url: str, n: int, span: Span, decode: bool = False) -> None:
     """trio-websocket: a bare ``get_message`` loop."""
     dec = BinanceStream(symbols=["X"], channel="trade")._decode
@@ -437,10 +422,6 @@ async def trio_websocket_client(url: str, n: int, span: Span, decode: bool = Fal
                 dec(message)
             got += 1
         span.stop(got)
-
-
-async def trio_websocket_decode_client(url: str, n: int, span: Span) -> None:
-    await trio_websocket_client(url, n, span, decode=True)
 
 
 class NullSink:
@@ -642,16 +623,17 @@ def main(argv: list[str] | None = None) -> int:
         row("flows (BinanceStream->Change->null)", flows_span)
         before_span = online(port, n, repeat, flow_client(TrioWebsocketBinanceStream))
         row("same flow over trio-websocket", before_span, "baseline")
-        row("msgspec decode (no I/O)", offline(decode_loop(frames), repeat), "ceiling")
-        row("BinanceStream.parse (no I/O)", offline(parse_loop(frames), repeat), "ceiling")
+        probe = BinanceStream(symbols=["X"], channel="trade")
+        row("msgspec decode (no I/O)", offline(call_each(probe._decode, frames), repeat), "ceiling")
+        row("BinanceStream.parse (no I/O)", offline(call_each(probe.parse, frames), repeat), "ceiling")
         row("wsproto only (no I/O)", offline(wsproto_loop(frames), repeat), "ceiling")
         row("flows._websocket receive_messages", online(port, n, repeat, flows_client_bare),
             "transport")
-        row("flows._websocket + decode", online(port, n, repeat, flows_decode_client),
+        row("flows._websocket + decode", online(port, n, repeat, partial(flows_client_bare, decode=True)),
             "transport")
         row("trio-websocket get_message", online(port, n, repeat, trio_websocket_client),
             "transport")
-        row("trio-websocket + decode", online(port, n, repeat, trio_websocket_decode_client),
+        row("trio-websocket + decode", online(port, n, repeat, partial(trio_websocket_client, decode=True)),
             "transport")
 
         lag_rate = args.lag_rate or flows_span.rate / 2

@@ -7,6 +7,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -41,13 +43,74 @@ def terminate(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -> N
 
 
 class ManagedServer:
-    """``with Server() as s:`` runs ``start()`` and ``stop()``."""
+    """A server run as a child process: ``with Server() as s:`` runs
+    ``start()`` and ``stop()``.
+
+    A subclass sets ``name`` and ``ready_timeout``, calls ``_launch(cmd,
+    log_path)`` from ``start()`` and says in ``_is_ready()`` when the server
+    answers; ``_launch`` waits for that (failing with the server's log when
+    it exits or does not answer in time) and stops the server on failure.
+    """
+
+    name = "server"
+    ready_timeout = 10.0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
 
     def start(self) -> Any:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def _is_ready(self) -> bool:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        """What the server wrote to stdout and stderr so far."""
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _launch(self, cmd: list[str], log_path: Path, *, cwd: Path | None = None) -> None:
+        if self.process is not None:
+            raise RuntimeError(f"this {type(self).__name__} is already started")
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {code} before it was ready; its log:\n{self.log()}"
+                )
+            if self._is_ready():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.name} was not ready within {self.ready_timeout:g}s ({self!r}); "
+                    f"its log:\n{self.log()}"
+                )
+            time.sleep(0.02)
+
+    def _terminate(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; idempotent."""
+        process, self.process = self.process, None
+        terminate(process, timeout)
 
     def __enter__(self) -> Any:
         return self.start()

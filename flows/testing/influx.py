@@ -31,14 +31,12 @@ Restart on the same port and data (a database coming back after an outage)::
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
-from ._ports import ManagedServer, find_binary, free_port, terminate
+from ._ports import ManagedServer, find_binary, free_port
 
 __all__ = ["InfluxServer", "create_database", "free_port", "influxd_path", "query"]
 
@@ -86,6 +84,8 @@ class InfluxServer(ManagedServer):
         binary: the influxd to run (default: ``influxd_path()``).
     """
 
+    name = "influxd"
+
     def __init__(
         self,
         *,
@@ -100,72 +100,29 @@ class InfluxServer(ManagedServer):
         self.dir = Path(tempfile.mkdtemp(prefix="influxd-") if data_dir is None else data_dir)
         self.ready_timeout = ready_timeout
         self.binary = binary or influxd_path()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "influxd.log"
-
-    def log(self) -> str:
-        """What the server wrote to stdout and stderr so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def start(self) -> InfluxServer:
         """Start influxd and wait until ``GET /ping`` is 204; returns ``self``."""
         if self.binary is None:
             raise RuntimeError("influxd is not installed (Debian: apt-get install influxdb)")
-        if self.process is not None:
-            raise RuntimeError("this InfluxServer is already started")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "influxdb.conf"
         config.write_text(_CONFIG.format(root=self.dir, port=self.port, rpc_port=free_port()))
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "run", "-config", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._launch([self.binary, "run", "-config", str(config)], self.dir / "influxd.log")
         return self
 
-    def _wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.ready_timeout
-        with httpx.Client(timeout=1.0) as client:
-            while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise RuntimeError(
-                        f"influxd exited with code {code} before it was ready; its log:\n{self.log()}"
-                    )
-                try:
-                    if client.get(f"{self.url}/ping").status_code == 204:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"influxd did not answer /ping on {self.url} within "
-                        f"{self.ready_timeout}s; its log:\n{self.log()}"
-                    )
-                time.sleep(0.02)
+    def _is_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 204
+        except httpx.HTTPError:
+            return False
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``); idempotent.
 
         Deletes the data directory if the server made it.
         """
-        process, self.process = self.process, None
-        if process is not None:
-            terminate(process, timeout)
+        self._terminate(timeout)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

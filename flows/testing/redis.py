@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from ._ports import ManagedServer, find_binary, free_port, terminate
+from ._ports import ManagedServer, find_binary, free_port
 
 __all__ = ["RedisServer", "free_port", "redis_server_path"]
 
@@ -68,6 +66,8 @@ class RedisServer(ManagedServer):
     ``process`` (``None`` when stopped).
     """
 
+    name = "redis-server"
+
     def __init__(
         self,
         *,
@@ -80,20 +80,10 @@ class RedisServer(ManagedServer):
         self.ready_timeout = ready_timeout
         self.binary = binary or redis_server_path()
         self.dir: Path | None = None
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-    def log(self) -> str:
-        """What the server wrote to stdout and stderr so far."""
-        if self.dir is None:
-            return ""
-        try:
-            return (self.dir / "redis.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def start(self) -> RedisServer:
         """Start redis-server and wait until it answers ``PING``; returns ``self``."""
@@ -106,41 +96,16 @@ class RedisServer(ManagedServer):
             self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
         ]
-        with open(self.dir / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(cmd, self.dir / "redis.log", cwd=self.dir)
         return self
 
-    def _wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"redis-server exited with code {code} before it was ready; its log:\n{self.log()}"
-                )
-            if _pong(self.port):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"redis-server did not answer PING on port {self.port} within "
-                    f"{self.ready_timeout:g}s; its log:\n{self.log()}"
-                )
-            time.sleep(0.01)
+    def _is_ready(self) -> bool:
+        return _pong(self.port)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``) and delete
         its directory; idempotent."""
-        process, self.process = self.process, None
-        if process is not None:
-            terminate(process, timeout)
+        self._terminate(timeout)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None

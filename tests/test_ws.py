@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from contextlib import asynccontextmanager
 
 import msgspec
 import pytest
 import trio
-from prometheus_client import CollectorRegistry
+from _streams import FLOW, running, until
 from trio_websocket import ConnectionClosed, serve_websocket
 
-from flows import Flow, Runtime
 from flows._limits import RateLimit
 from flows._ws import RECONNECT_REASONS, StreamParsed, WebSocketSource
-from flows.testing import ListSink, assert_component_metrics, sample
-
-FLOW = "ws"
+from flows.testing import assert_component_metrics, sample
 
 
 class _Msg(msgspec.Struct):
@@ -149,26 +145,6 @@ async def fake(nursery):
     f = Fake()
     await nursery.start(f.serve)
     return f
-
-
-@asynccontextmanager
-async def running(source, sink=None, **flow_options):
-    registry = CollectorRegistry()
-    sink = sink or ListSink()
-    rt = Runtime(Flow(FLOW, sources=[source], sinks=[sink], **flow_options), registry=registry,
-                 metrics_addr=None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rt.run)
-        yield rt, sink, registry
-        rt.stop()
-
-
-async def until(condition, timeout: float = 30.0, poll: float = 0.01) -> None:
-    """Wait for ``condition()``; conditions that read the registry (a full
-    collect, ~10 ms) poll less often."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(poll)
 
 
 def reconnects(registry, stage: str = "fake") -> dict[str, float]:

@@ -94,19 +94,19 @@ from ._records import Batch, Tick
 from ._websocket import (
     ConnectionClosed,
     HandshakeError,
+    Message,
     WebSocket,
     open_ws,
     split_ws_url,
 )
 
-__all__ = ["RECONNECT_REASONS", "StreamParsed", "WebSocketSource", "open_ws", "split_ws_url"]
+__all__ = ["RECONNECT_REASONS", "StreamParsed", "WebSocketSource"]
 
 log = logging.getLogger("flows.ws")
 
 RECONNECT_REASONS = ("closed", "error", "silent", "timeout", "server")
 """Why a connection was replaced (the ``reason`` label of reconnects)."""
 
-Message = str | bytes
 
 _PARSE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError)
 

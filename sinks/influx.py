@@ -428,7 +428,7 @@ class InfluxSink(BatchingSink):
             if not fields:
                 raise LineProtocolError("no field to write (all are None, NaN or infinite)")
             ts = time_of(record)
-            if ts is not last_ts and ts != last_ts:
+            if ts != last_ts:
                 stamp = str(timestamp(ts, precision))
                 last_ts = ts
             append(f"{head} {','.join(fields)} {stamp}")

@@ -21,8 +21,8 @@ from _streams import (
 
 from flows import Edge
 from flows._limits import RateLimit
-from flows._websocket import ConnectionClosed, ConnectionRejected
-from flows._ws import RECONNECT_REASONS, open_ws
+from flows._websocket import ConnectionClosed, ConnectionRejected, open_ws
+from flows._ws import RECONNECT_REASONS
 from flows.testing import (
     GatedSink,
     assert_component_metrics,

@@ -22,8 +22,8 @@ from _streams import (
 
 from flows import Edge
 from flows._limits import RateLimit
-from flows._websocket import ConnectionClosed
-from flows._ws import RECONNECT_REASONS, open_ws
+from flows._websocket import ConnectionClosed, open_ws
+from flows._ws import RECONNECT_REASONS
 from flows.testing import (
     GatedSink,
     assert_component_metrics,

@@ -147,6 +147,18 @@ class WebSocket:
         size = len(buf)
         at = 0
         out: list[bytes] = []
+        view = memoryview(buf)  # payloads copied once, not sliced then copied
+        try:
+            at = self._split_frames(buf, view, size, out)
+        finally:
+            view.release()  # (the buffer cannot shrink while a view is held)
+        del buf[:at]
+        return out
+
+    def _split_frames(self, buf: bytearray, view: memoryview, size: int, out: list[bytes]
+                      ) -> int:
+        """Append the complete frames' messages to ``out``; where they end."""
+        at = 0
         while size - at >= 2:
             b0, b1 = buf[at], buf[at + 1]
             length = b1 & 0x7F
@@ -171,13 +183,11 @@ class WebSocket:
                 break
             opcode = b0 & 0x0F
             if b0 & 0x80 and not self._fragments and opcode in (_TEXT, _BINARY):
-                out.append(bytes(buf[at + head : end]))  # the common case
-            elif not self._frame(b0, opcode, bytes(buf[at + head : end]), out):
-                at = end
-                break
+                out.append(bytes(view[at + head : end]))  # the common case
+            elif not self._frame(b0, opcode, bytes(view[at + head : end]), out):
+                return end
             at = end
-        del buf[:at]
-        return out
+        return at
 
     def _frame(self, b0: int, opcode: int, payload: bytes, out: list[bytes]) -> bool:
         """Any frame but an unfragmented data frame; False: stop reading."""

@@ -150,6 +150,9 @@ class HttpSource:
 
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
+    PAUSE_WITHOUT_RETRY_AFTER = False
+    """A 429 without ``Retry-After`` pauses for the longest limit window (for
+    APIs that count per window and do not say when it ends)."""
 
     def __init__(
         self,
@@ -215,8 +218,13 @@ class HttpSource:
             return
         text = body[:200].decode("utf-8", "replace")
         if status in (418, 429):
+            retry_after = _retry_after(response)
+            if retry_after is None and self.PAUSE_WITHOUT_RETRY_AFTER and self.limiter.limits:
+                window = max(limit.window for limit in self.limiter.limits)
+                raise HttpError(f"HTTP {status} (rate limited, pausing {window:g} s): {text}",
+                                transient=True, retry_after=window)
             raise HttpError(f"HTTP {status} (rate limited): {text}", transient=True,
-                            retry_after=_retry_after(response))
+                            retry_after=retry_after)
         raise HttpError(f"HTTP {status}: {text}", transient=status >= 500)
 
     # -- life cycle ----------------------------------------------------------

@@ -88,6 +88,7 @@ class CoinCapPrices(HttpSource):
 
     DEFAULT_URL = "https://rest.coincap.io"
     DEFAULT_LIMITS = (RateLimit(600, 60.0),)
+    PAUSE_WITHOUT_RETRY_AFTER = True  # CoinCap sends no Retry-After
 
     def __init__(
         self,
@@ -134,11 +135,6 @@ class CoinCapPrices(HttpSource):
             raise HttpError(
                 f"HTTP {status}: CoinCap refused {self.key_origin}; check it (or your plan) "
                 f"at https://pro.coincap.io/dashboard: {text}", transient=False)
-        if status == 429 and response.headers.get("retry-after") is None:
-            window = max(limit.window for limit in self.limiter.limits)
-            raise HttpError(f"HTTP 429 (rate limited, pausing {window:g} s): "
-                            f"{body[:200].decode('utf-8', 'replace')}",
-                            transient=True, retry_after=window)
         super().check(response, body)
 
     def parse(self, request: Request, body: bytes) -> Parsed:

@@ -97,6 +97,7 @@ class CoinGeckoPrices(HttpSource):
 
     DEFAULT_URL = _URLS["demo"]
     DEFAULT_LIMITS = (RateLimit(30, 60.0),)
+    PAUSE_WITHOUT_RETRY_AFTER = True  # the free plans send no Retry-After
 
     def __init__(
         self,
@@ -150,11 +151,6 @@ class CoinGeckoPrices(HttpSource):
                 f"${self.api_key_env} (a Demo key needs api.coingecko.com, a Pro key "
                 f"pro-api.coingecko.com): {body[:200].decode('utf-8', 'replace')}",
                 transient=False)
-        if status == 429 and response.headers.get("retry-after") is None:
-            window = max(limit.window for limit in self.limiter.limits)
-            raise HttpError(f"HTTP 429 (rate limited, pausing {window:g} s): "
-                            f"{body[:200].decode('utf-8', 'replace')}",
-                            transient=True, retry_after=window)
         super().check(response, body)
 
     def parse(self, request: Request, body: bytes) -> Parsed:

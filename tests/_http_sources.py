@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -39,3 +42,26 @@ async def check_bad_bodies_are_dropped_and_polling_goes_on(
         assert len(sink.records) >= before + n  # recovered
         assert rt.ready()[0]
         rt.stop()
+
+
+async def scripted_http_server(nursery, answers: list[tuple[int, bytes]], then: bytes,
+                               on_request: Callable[[bytes], object]) -> str:
+    """A bare HTTP server on 127.0.0.1 answering with ``answers`` (status,
+    JSON body) in turn, then ``(200, then)``; ``on_request`` gets each
+    request's head. Returns its URL."""
+
+    async def handler(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        on_request(data)
+        status, body = answers.pop(0) if answers else (200, then)
+        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                              b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
+        await stream.aclose()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"

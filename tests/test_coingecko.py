@@ -4,11 +4,13 @@ malformed bodies, the limiter, Retry-After."""
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import pytest
 import trio
-from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
+from _http_sources import (
+    check_bad_bodies_are_dropped_and_polling_goes_on,
+    scripted_http_server,
+)
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, Runtime
@@ -107,22 +109,7 @@ _BITCOIN = b'{"bitcoin":{"usd":67187.33,"last_updated_at":1711356300}}'
 async def _bare_server(nursery, answers: list[tuple[int, bytes]], seen: list[bytes]) -> str:
     """An HTTP server answering with ``answers`` in turn (then ``_BITCOIN``),
     keeping each request's head in ``seen``."""
-
-    async def handler(stream):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
-        seen.append(data)
-        status, body = answers.pop(0) if answers else (200, _BITCOIN)
-        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                              b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
-        await stream.aclose()
-
-    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    return await scripted_http_server(nursery, answers, _BITCOIN, seen.append)
 
 
 async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator, autojump_clock):

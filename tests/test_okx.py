@@ -4,11 +4,13 @@ instruments, bad records, malformed bodies, the limiter, HTTP-200 error codes.""
 from __future__ import annotations
 
 from decimal import Decimal
-from functools import partial
 
 import pytest
 import trio
-from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
+from _http_sources import (
+    check_bad_bodies_are_dropped_and_polling_goes_on,
+    scripted_http_server,
+)
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, Runtime
@@ -127,23 +129,10 @@ _OK = (b'{"code":"0","msg":"","data":[{"instType":"SPOT","instId":"BTC-USDT","la
 
 
 async def _scripted_okx(nursery, answers: list[tuple[int, bytes]], log: list[float]) -> str:
-    """A bare HTTP server answering with ``answers`` in turn, then ``_OK``."""
-
-    async def handler(stream):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
-        log.append(trio.current_time())
-        status, body = answers.pop(0) if answers else (200, _OK)
-        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                              b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
-        await stream.aclose()
-
-    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    """A bare HTTP server answering with ``answers`` in turn, then ``_OK``;
+    ``log`` gets the (trio) time of each request."""
+    return await scripted_http_server(nursery, answers, _OK,
+                                      lambda _: log.append(trio.current_time()))
 
 
 @pytest.mark.parametrize(

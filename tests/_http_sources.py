@@ -65,3 +65,14 @@ async def scripted_http_server(nursery, answers: list[tuple[int, bytes]], then: 
 
     (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+
+
+async def run_until(flow: Flow, done, registry: CollectorRegistry | None = None) -> Runtime:
+    """Run ``flow`` until ``done()`` holds (checked every 0.5 s), then stop it."""
+    rt = Runtime(flow, registry=registry or CollectorRegistry(), metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        while not done():
+            await trio.sleep(0.5)
+        rt.stop()
+    return rt

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 import trio
+from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, Runtime
@@ -21,17 +22,6 @@ async def emulator(nursery):
     em = Emulator(seed=3, assets=40, tick_interval=0)
     em.url = await nursery.start(em.serve)
     return em
-
-
-async def _run_until(flow: Flow, done, registry: CollectorRegistry | None = None) -> Runtime:
-    """Run ``flow`` until ``done()`` holds (checked every 0.5 s), then stop it."""
-    rt = Runtime(flow, registry=registry or CollectorRegistry(), metrics_addr=None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rt.run)
-        while not done():
-            await trio.sleep(0.5)
-        rt.stop()
-    return rt
 
 
 async def test_ticks_match_what_the_exchange_served(emulator, autojump_clock):
@@ -114,7 +104,7 @@ async def test_malformed_and_truncated_bodies_are_dropped_and_the_flow_recovers(
             bad_from = source.cycles
         return bad_from and source.cycles >= bad_from + 2
 
-    await _run_until(Flow("mal", sources=[source], sinks=[sink]), recovered, registry)
+    await run_until(Flow("mal", sources=[source], sinks=[sink]), recovered, registry)
     faults = emulator.stats["coinbase"]["ticker"]["faults"]
     assert faults.get("malformed", 0) > 0 and faults.get("truncated", 0) > 0
     assert {t.symbol for t in sink.records} == set(symbols)  # it kept polling and recovered
@@ -127,7 +117,7 @@ async def test_the_limiter_keeps_under_the_public_limit_with_no_429(emulator, au
     symbols = emulator.symbols("coinbase")[:40]
     sink = ListSink()
     source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=0.1)  # default limits
-    await _run_until(Flow("lim", sources=[source], sinks=[sink]), lambda: source.cycles >= 3)
+    await run_until(Flow("lim", sources=[source], sinks=[sink]), lambda: source.cycles >= 3)
     stats = emulator.stats["coinbase"]["ticker"]
     assert stats["refused"] == 0 and stats["status"].get("429", 0) == 0
     assert stats["requests"] >= 3 * 40
@@ -173,6 +163,6 @@ async def test_5xx_burst_opens_the_circuit(emulator, autojump_clock):
 async def test_unknown_products_in_a_row_do_not_open_the_circuit(emulator, autojump_clock):
     symbols = emulator.symbols("coinbase")[:4] + [f"NOSUCH{i}-USD" for i in range(6)]
     source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, concurrency=1)
-    await _run_until(Flow("unk", sources=[source], sinks=[ListSink()]), lambda: source.cycles >= 3)
+    await run_until(Flow("unk", sources=[source], sinks=[ListSink()]), lambda: source.cycles >= 3)
     assert trio.current_time() < 10  # 3 cycles of 10 requests at 10/s, not 3 x 30 s open
     assert source.circuit.state == "closed"

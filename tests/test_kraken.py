@@ -8,6 +8,7 @@ import httpx
 import msgspec
 import pytest
 import trio
+from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, Runtime
@@ -32,17 +33,6 @@ def altnames(emulator: Emulator, n: int) -> list[str]:
 def served_for(emulator: Emulator, symbol: str):
     """What the emulator last served for a pair asked as ``symbol`` (any name)."""
     return emulator.last_served("kraken")[emulator.asset("kraken", symbol).kraken]
-
-
-async def _run_until(flow: Flow, done, registry: CollectorRegistry | None = None) -> Runtime:
-    """Run ``flow`` until ``done()`` holds (checked every 0.5 s), then stop it."""
-    rt = Runtime(flow, registry=registry or CollectorRegistry(), metrics_addr=None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rt.run)
-        while not done():
-            await trio.sleep(0.5)
-        rt.stop()
-    return rt
 
 
 async def test_ticks_match_what_the_exchange_served(emulator, autojump_clock):
@@ -122,7 +112,7 @@ async def test_malformed_and_truncated_bodies_are_dropped_and_the_flow_recovers(
             bad_until = source.cycles
         return bool(bad_until) and source.cycles >= bad_until + 2
 
-    await _run_until(Flow("mal", sources=[source], sinks=[sink]), recovered, registry)
+    await run_until(Flow("mal", sources=[source], sinks=[sink]), recovered, registry)
     faults = emulator.stats["kraken"]["Ticker"]["faults"]
     assert faults.get("malformed", 0) > 0 and faults.get("truncated", 0) > 0
     assert {t.symbol for t in sink.records} == set(symbols)  # it kept polling and recovered
@@ -150,7 +140,7 @@ async def test_an_unknown_pair_is_counted_not_retried_then_isolated(emulator, au
     plan = source.plan
     source.plan = lambda syms: planned.append([r.symbols for r in plan(syms)]) or plan(syms)
     sink = ListSink()
-    await _run_until(Flow("unk2", sources=[source], sinks=[sink]), lambda: source.cycles >= 4)
+    await run_until(Flow("unk2", sources=[source], sinks=[sink]), lambda: source.cycles >= 4)
     assert source.unknown == {"NOSUCHUSD"}
     assert source.circuit.state == "closed"  # an unknown pair says nothing about Kraken's health
     # cycle 1: the failed request; 2: each pair alone; 3, 4: the 5 known pairs together
@@ -165,7 +155,7 @@ async def test_the_limiter_keeps_under_the_public_limit_with_no_refusal(emulator
     symbols = altnames(emulator, 40)
     sink = ListSink()
     source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=0.1, per_request=5)
-    await _run_until(Flow("lim", sources=[source], sinks=[sink]), lambda: source.cycles >= 3)
+    await run_until(Flow("lim", sources=[source], sinks=[sink]), lambda: source.cycles >= 3)
     stats = emulator.stats["kraken"]["Ticker"]
     assert stats["refused"] == 0
     assert stats["requests"] >= 3 * 8 and len(sink.records) >= 3 * 40

@@ -138,15 +138,30 @@ def run_flow(sink: Any, batches: list[list[Any]]) -> float:
 # first (outside the timing) and check the count after it.
 
 
-class PostgresBench:
-    name = "postgres"
-    tool = "psql \\copy"
+class SinkBench:
+    """What every database's bench has: the input, no server yet, no extra
+    reference figures."""
+
+    name = ""
+    tool = ""
 
     def __init__(self, records: list[Any], tmp: Path) -> None:
         self.records = records
         self.n = len(records)
-        self.csv_path = tmp / "ticks.csv"
+        self.tmp = tmp
         self.server: Any = None
+
+    def references(self) -> list[tuple[str, float]]:
+        return []
+
+
+class PostgresBench(SinkBench):
+    name = "postgres"
+    tool = "psql \\copy"
+
+    def __init__(self, records: list[Any], tmp: Path) -> None:
+        super().__init__(records, tmp)
+        self.csv_path = tmp / "ticks.csv"
         self.conn: Any = None
 
     def start(self) -> None:
@@ -191,9 +206,6 @@ class PostgresBench:
         self._check("ticks_base")
         return seconds
 
-    def references(self) -> list[tuple[str, float]]:
-        return []
-
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
@@ -201,15 +213,12 @@ class PostgresBench:
             self.server.close()
 
 
-class RedisBench:
+class RedisBench(SinkBench):
     name = "redis"
     tool = "pipelined XADD"
 
     def __init__(self, records: list[Any], tmp: Path) -> None:
-        self.records = records
-        self.n = len(records)
-        self.tmp = tmp
-        self.server: Any = None
+        super().__init__(records, tmp)
         self.client: Any = None
 
     def start(self) -> None:
@@ -295,14 +304,12 @@ class RedisBench:
             self.server.stop()
 
 
-class InfluxBench:
+class InfluxBench(SinkBench):
     name = "influx"
     tool = "one /write"
 
     def __init__(self, records: list[Any], tmp: Path) -> None:
-        self.records = records
-        self.n = len(records)
-        self.server: Any = None
+        super().__init__(records, tmp)
         self.run_no = 0
 
     def start(self) -> None:
@@ -360,22 +367,18 @@ class InfluxBench:
         self._check(db)
         return seconds
 
-    def references(self) -> list[tuple[str, float]]:
-        return []
-
     def stop(self) -> None:
         if self.server is not None:
             self.http.close()
             self.server.stop()
 
 
-class SQLiteBench:
+class SQLiteBench(SinkBench):
     name = "sqlite"
     tool = "executemany"
 
     def __init__(self, records: list[Any], tmp: Path) -> None:
-        self.records = records
-        self.n = len(records)
+        super().__init__(records, tmp)
         self.dir = tmp / "sqlite"
         self.run_no = 0
 
@@ -418,9 +421,6 @@ class SQLiteBench:
         seconds = time.perf_counter() - t0
         self._check(path)
         return seconds
-
-    def references(self) -> list[tuple[str, float]]:
-        return []
 
     def stop(self) -> None:
         pass

@@ -142,6 +142,12 @@ class Outbox:
     With several consumers (fan-out) each gets the batch in turn, so the
     slowest blocking consumer sets the pace; the batch's ack hooks fire once,
     when every consumer has acked (with the worst outcome).
+
+    A consumer that reads a branch of a split or route (``chains[i]``, see
+    ``Flow``) gets only its branch's records; a batch divided among several
+    consumers still acks once, when every part has been handled. Records of
+    ``unrouted`` branches (splits nobody reads that way) are counted as
+    discarded, reason ``unrouted``.
     """
 
     def __init__(
@@ -150,8 +156,20 @@ class Outbox:
         metrics: ComponentMetrics,
         *,
         observe_lag: bool = False,
+        chains: Sequence[tuple[Any, ...]] | None = None,
+        unrouted: Sequence[tuple[Any, ...]] = (),
     ) -> None:
-        self._ports = [port.attach() for port in ports]
+        chains = list(chains) if chains is not None else [()] * len(ports)
+        if len(chains) != len(ports):
+            raise ValueError("Outbox: one chain per port")
+        self._ports = list(ports)
+        for port in dict.fromkeys(self._ports):
+            port.attach()
+        self._chains = chains
+        self._unrouted = list(unrouted)
+        self._routed = any(chains) or bool(self._unrouted)
+        self.waits = [0.0] * len(self._ports)
+        """Seconds each send to ``ports[i]`` blocked, in total (per-edge backpressure)."""
         self.metrics = metrics
         self._observe_lag = observe_lag
         self._streak = 0
@@ -172,10 +190,20 @@ class Outbox:
             if ts is not None:
                 m.lag.observe(max(time.time() - ts, 0.0))
         ports = self._ports
-        copies = _fan_out(batch, len(ports)) if len(ports) > 1 and batch.acks else None
+        if self._routed:
+            parts, sent = self._route(batch)
+        else:
+            copies = _fan_out(batch, len(ports)) if len(ports) > 1 and batch.acks else None
+            parts, sent = (copies or [batch] * len(ports)), len(records)
         waited = 0.0
+        waits = self.waits
         for i, port in enumerate(ports):
-            waited += await port.send(batch if copies is None else copies[i])
+            part = parts[i]
+            if part is not None:
+                w = await port.send(part)
+                if w:
+                    waits[i] += w
+                    waited += w
         if not waited:
             self._streak += 1
             if self._streak >= _YIELD_EVERY:
@@ -183,13 +211,53 @@ class Outbox:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         m.wait_seconds += waited
         m.send_wait.observe(waited)
-        m.sent.inc(len(records))
+        if sent:
+            m.sent.inc(sent)
+
+    def _route(self, batch: Batch) -> tuple[list[Batch | None], int]:
+        """Each port's part of ``batch`` (None: nothing for it) and the
+        number of records that reached some consumer."""
+        records = batch.records
+        picked: dict[tuple[Any, ...], list[Any]] = {(): records}
+        split: dict[tuple[Any, ...], list[list[Any]]] = {}
+        selected = [_pick(chain, picked, split) for chain in self._chains]
+        lost = sum(len(_pick(chain, picked, split)) for chain in self._unrouted)
+        if lost:
+            self.metrics.discarded("unrouted", lost)
+        n = sum(1 for part in selected if part)
+        if n == 0:
+            batch.ack("skipped")
+            return [None] * len(selected), 0
+        hooks, batch.acks = batch.acks, ()
+        acks = (_Join(n, hooks),) if hooks else ()
+        parts = [
+            Batch(part, created=batch.created, acks=acks) if part else None for part in selected
+        ]
+        return parts, len(records) - lost
 
     def close(self) -> None:
         """Let go of every downstream edge (the last producer closes it)."""
         ports, self._ports = self._ports, []
-        for port in ports:
+        for port in dict.fromkeys(ports):
             port.detach()
+
+
+def _pick(
+    chain: tuple[Any, ...], picked: dict[tuple[Any, ...], list[Any]],
+    split: dict[tuple[Any, ...], list[list[Any]]],
+) -> list[Any]:
+    """The records that pass ``chain`` (a tuple of Flow branches), memoized
+    so each splitter looks at each record once per send."""
+    got = picked.get(chain)
+    if got is None:
+        head, branch = chain[:-1], chain[-1]
+        key = (*head, branch.splitter)
+        parts = split.get(key)
+        if parts is None:
+            parent = _pick(head, picked, split)
+            parts = split[key] = branch.splitter.partition(parent) if parent else []
+        got = picked[chain] = parts[branch.index] if parts else []
+    return got
 
 
 _RANK = {"skipped": 0, "written": 1, "dropped": 2, "failed": 3}

@@ -51,6 +51,29 @@ class RunResult:
     seconds: float
 
 
+@attrs.frozen
+class _Link:
+    """One edge of the running graph, for /status: its producer's outbox
+    slot and its consumer's inbox."""
+
+    producer: str
+    consumer: str
+    branch: str
+    outbox: Outbox
+    index: int
+    inbox: Inbox
+
+    def figures(self) -> dict[str, Any]:
+        used, capacity = self.inbox.buffer()
+        return {
+            "from": self.producer,
+            "to": self.consumer,
+            "branch": self.branch or None,
+            "buffer": {"used": used, "capacity": capacity},
+            "send_wait_seconds": round(self.outbox.waits[self.index], 6),
+        }
+
+
 @attrs.define
 class _ActorSlot:
     actor: Any
@@ -92,6 +115,7 @@ class Runtime:
     ) -> None:
         if not isinstance(flow, Flow):
             raise FlowError(f"expected a Flow, got {type(flow).__name__}")
+        flow.validate()
         self.flow = flow
         self.registry = REGISTRY if registry is None else registry
         self.metrics = metrics_for(self.registry)
@@ -120,6 +144,7 @@ class Runtime:
         self._outer: trio.Nursery | None = None
         self._forced = False
         self._failure: str | None = None
+        self.links: list[_Link] = []
 
     # -- control ---------------------------------------------------------
 
@@ -259,32 +284,45 @@ class Runtime:
             setup = getattr(actor, "setup", None)
             if callable(setup):
                 setup(context)
-        by_name = {s.actor.name: s for s in self.slots}
-
-        def channel(consumer: Any) -> tuple[EdgePort, Inbox]:
-            port, inbox = open_edge(flow.edge(consumer.name), by_name[consumer.name].metrics)
-            if isinstance(port, ConflatingPort):
-                nursery.start_soon(port.pump)
-            return port, inbox
-
-        sink_ends = [channel(s) for s in flow.sinks]
-        stage_ends = [channel(s) for s in flow.stages]
-        downstream = [port for port, _ in sink_ends]
-        for i in reversed(range(len(flow.stages))):
-            slot = by_name[flow.stages[i].name]
-            outbox = Outbox(downstream, slot.metrics)
-            inbox = stage_ends[i][1]
-            nursery.start_soon(self._supervise, slot, self._stage_call(slot, inbox, outbox),
-                               self._closer(inbox, outbox))
-            downstream = [stage_ends[i][0]]
-        for sink, (_, inbox) in zip(flow.sinks, sink_ends):
-            slot = by_name[sink.name]
-            nursery.start_soon(self._supervise, slot, lambda s=slot, i=inbox: s.actor.run(i),
-                               self._closer(inbox, None))
-        source_outboxes = [
-            Outbox(downstream, by_name[s.name].metrics, observe_lag=True) for s in flow.sources
-        ]
-        nursery.start_soon(self._run_sources, source_outboxes)
+        ports: dict[str, EdgePort] = {}
+        inboxes: dict[str, Inbox] = {}
+        for slot in self.slots:
+            if slot.kind != "source":
+                name = slot.actor.name
+                ports[name], inboxes[name] = open_edge(flow.edge(name), slot.metrics)
+                if isinstance(ports[name], ConflatingPort):
+                    nursery.start_soon(ports[name].pump)
+        outboxes: dict[str, Outbox] = {}
+        self.links = []
+        for slot in self.slots:
+            if slot.kind == "sink":
+                continue
+            name = slot.actor.name
+            consumers = flow.consumers(name)
+            outboxes[name] = outbox = Outbox(
+                [ports[c] for c, _ in consumers], slot.metrics,
+                observe_lag=slot.kind == "source",
+                chains=[chain for _, chain in consumers],
+                unrouted=flow.unconsumed(name),
+            )
+            self.links += [
+                _Link(name, c, " / ".join(b.label for b in chain), outbox, i, inboxes[c])
+                for i, (c, chain) in enumerate(consumers)
+            ]
+        for slot in self.slots:
+            name = slot.actor.name
+            if slot.kind == "stage":
+                nursery.start_soon(
+                    self._supervise, slot,
+                    self._stage_call(slot, inboxes[name], outboxes[name]),
+                    self._closer(inboxes[name], outboxes[name]),
+                )
+            elif slot.kind == "sink":
+                nursery.start_soon(
+                    self._supervise, slot, lambda s=slot, i=inboxes[name]: s.actor.run(i),
+                    self._closer(inboxes[name], None),
+                )
+        nursery.start_soon(self._run_sources, [outboxes[s.name] for s in flow.sources])
 
     @staticmethod
     def _stage_call(slot: _ActorSlot, inbox: Inbox, outbox: Outbox) -> Callable[[], Awaitable[Any]]:

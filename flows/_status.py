@@ -111,7 +111,6 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
                 entry[f"{key}_seconds"] = _summarize(h)
         actors.append(entry)
     flow = rt.flow
-    edges = _edges(flow)
     return {
         "flow": flow.name,
         "state": rt.state,
@@ -119,24 +118,24 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
         "uptime_seconds": round(time.monotonic() - rt.started_at, 3),
         "ready": rt.ready()[0],
         "actors": actors,
-        "edges": edges,
+        "edges": edges(rt),
     }
 
 
-def _edges(flow: Any) -> list[dict[str, Any]]:
-    edges = []
-    upstream = [s.name for s in flow.sources]
-    for consumer in [*flow.stages]:
-        e = flow.edge(consumer.name)
-        edges += [
-            {"from": u, "to": consumer.name, "capacity": e.capacity, "policy": e.policy}
-            for u in upstream
-        ]
-        upstream = [consumer.name]
-    for sink in flow.sinks:
-        e = flow.edge(sink.name)
-        edges += [
-            {"from": u, "to": sink.name, "capacity": e.capacity, "policy": e.policy}
-            for u in upstream
-        ]
-    return edges
+def edges(rt: Runtime) -> list[dict[str, Any]]:
+    """The flow's edges: producer, consumer, branch (of a split or route),
+    the consumer's channel settings and, once running, buffer and send-wait."""
+    flow = rt.flow
+    live = {(link.producer, link.consumer, link.branch): link for link in rt.links}
+    out = []
+    for producer, consumer, branch in flow.links():
+        e = flow.edge(consumer)
+        entry: dict[str, Any] = {
+            "from": producer, "to": consumer, "branch": branch or None,
+            "capacity": e.capacity, "policy": e.policy,
+        }
+        link = live.get((producer, consumer, branch))
+        if link is not None:
+            entry.update(link.figures())
+        out.append(entry)
+    return out

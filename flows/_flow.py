@@ -36,6 +36,7 @@ import attrs
 from ._actors import FunctionStage
 from ._channels import Edge
 from ._metrics import SlowThresholds
+from ._render import graph_lines, mermaid
 
 __all__ = ["Branch", "Flow", "FlowError", "Routes", "Stream", "Supervision"]
 
@@ -74,9 +75,11 @@ def _arity(actor: Any) -> int:
     return len(params)
 
 
-def _as_stage(obj: Any) -> Any:
+def _as_stage(obj: Any, name: str | None = None) -> Any:
     if not hasattr(obj, "run") and callable(obj):
-        return FunctionStage(obj)
+        return FunctionStage(obj, name)
+    if name is not None:
+        raise FlowError(f"then(name={name!r}) names a function stage; {obj!r} has its own name")
     return obj
 
 
@@ -178,13 +181,14 @@ class Stream:
         self.flow = flow
         self.taps: tuple[Tap, ...] = tuple(dict.fromkeys(taps))
 
-    def then(self, stage: Any, *, edge: Edge | None = None) -> Stream:
+    def then(self, stage: Any, *, edge: Edge | None = None, name: str | None = None) -> Stream:
         """Feed this stream into ``stage`` (an actor, or a function
-        ``batch -> batch | None``); returns the stage's output stream.
+        ``batch -> batch | None`` named ``name``, default its ``__name__``);
+        returns the stage's output stream.
 
         Feeding a stage that is already in the flow merges this stream into
         its input."""
-        node = self.flow._consume(_as_stage(stage), "stage", self, edge)
+        node = self.flow._consume(_as_stage(stage, name), "stage", self, edge)
         return Stream(self.flow, [Tap(node.actor.name)])
 
     def to(self, *sinks: Any, edge: Edge | None = None) -> Stream:
@@ -502,6 +506,32 @@ class Flow:
             for name, node in self._nodes.items()
             for tap in node.inputs
         ]
+
+    def describe(self) -> dict[str, Any]:
+        """The graph as plain data: ``actors`` (name, kind) and ``edges``
+        (from, to, branch, capacity, policy), as ``/status`` serves it."""
+        edges = []
+        for producer, consumer, branch in self.links():
+            e = self.edge(consumer)
+            edges.append({"from": producer, "to": consumer, "branch": branch or None,
+                          "capacity": e.capacity, "policy": e.policy})
+        actors = [{"name": a.name, "kind": self.kind(a)} for a in self.actors]
+        return {"flow": self.name, "actors": actors, "edges": edges}
+
+    def to_text(self) -> str:
+        """The graph in a few lines: its actors, then one line per producer."""
+        d = self.describe()
+        lines = [f"flow {self.name}"]
+        for kind in ("source", "stage", "sink"):
+            names = [a["name"] for a in d["actors"] if a["kind"] == kind]
+            if names:
+                lines.append(f"  {kind}s: {', '.join(names)}")
+        lines += [f"  {line}" for line in graph_lines(d, capacity=True)]
+        return "\n".join(lines)
+
+    def to_mermaid(self) -> str:
+        """The graph as a Mermaid flowchart (renders in Markdown on code hosts)."""
+        return mermaid(self.describe())
 
     def __repr__(self) -> str:
         if self._is_chain():

@@ -125,17 +125,10 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
 def edges(rt: Runtime) -> list[dict[str, Any]]:
     """The flow's edges: producer, consumer, branch (of a split or route),
     the consumer's channel settings and, once running, buffer and send-wait."""
-    flow = rt.flow
-    live = {(link.producer, link.consumer, link.branch): link for link in rt.links}
-    out = []
-    for producer, consumer, branch in flow.links():
-        e = flow.edge(consumer)
-        entry: dict[str, Any] = {
-            "from": producer, "to": consumer, "branch": branch or None,
-            "capacity": e.capacity, "policy": e.policy,
-        }
-        link = live.get((producer, consumer, branch))
+    live = {(link.producer, link.consumer, link.branch or None): link for link in rt.links}
+    out = rt.flow.describe()["edges"]
+    for entry in out:
+        link = live.get((entry["from"], entry["to"], entry["branch"]))
         if link is not None:
             entry.update(link.figures())
-        out.append(entry)
     return out

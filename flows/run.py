@@ -145,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="poll only shard K of N of each source's symbols (rendezvous hashing)")
     p.add_argument("--fresh", action="store_true",
                    help="ignore saved state (change-detector checkpoints, replay offsets)")
+    p.add_argument("--graph", action="store_true",
+                   help="print the flow's graph (text, then a Mermaid block) and exit")
     p.add_argument("--db", default="ticks.db", help="SQLite file for the demo (default: %(default)s)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_format, args.log_level)
     try:
         flow = load_flow(args.target, args.flow) if args.target else demo_flow(args.db)
+        if args.graph:
+            print(flow.validate().to_text())
+            print(f"\n```mermaid\n{flow.to_mermaid()}\n```")
+            return 0
         runtime = Runtime(
             flow,
             metrics_addr=args.metrics_addr,

@@ -38,6 +38,8 @@ from typing import Any
 import attrs
 import httpx
 
+from ._render import chain_line, graph_lines
+
 try:
     from rich import box
     from rich.console import Console, Group
@@ -187,19 +189,11 @@ def _share(x: float | None) -> str:
     return f"{100 * x:.1f}%" if x < 0.995 else f"{100 * x:.0f}%"
 
 
-def _graph(status: dict[str, Any]) -> str:
-    """``src1, src2 → stage → sink1, sink2`` with non-default edge policies."""
-    actors = status.get("actors", [])
-    layers = [[a["name"] for a in actors if a["kind"] == "source"]]
-    layers += [[a["name"]] for a in actors if a["kind"] == "stage"]
-    layers.append([a["name"] for a in actors if a["kind"] == "sink"])
-    policy = {e["to"]: e.get("policy", "block") for e in status.get("edges", [])}
-
-    def name(n: str) -> str:
-        p = policy.get(n, "block")
-        return n if p == "block" else f"[{p}] {n}"
-
-    return " → ".join(", ".join(name(n) for n in layer) for layer in layers if layer)
+def _graph(status: dict[str, Any]) -> list[str]:
+    """A chain as one line (``src1, src2 → stage → sink1, sink2``), any other
+    graph as one line per producer, with branches and edge policies."""
+    line = chain_line(status)
+    return [line] if line is not None else graph_lines(status)
 
 
 def _health(actor: dict[str, Any], reasons: list[str]) -> Text:
@@ -258,7 +252,8 @@ def render(
         head.append(f"  {url}", style="dim")
         head.append("  " + time.strftime("%H:%M:%S", time.localtime(sample.taken)), style="dim")
         parts.append(head)
-        parts.append(Text.assemble(("graph ", "dim"), _graph(st)))
+        for i, line in enumerate(_graph(st)):
+            parts.append(Text.assemble(("graph " if i == 0 else "      ", "dim"), line))
         named: set[str] = set()
         rates, window = actor_rates(prev, sample)
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False,

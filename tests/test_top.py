@@ -157,7 +157,8 @@ def test_health_comes_from_readyz_reasons(top_module):
     reasons = ["flow is draining", "source binance: circuit open",
                "degraded: backup stands in for binance"]
     status = {"flow": "f", "state": "draining", "uptime_seconds": 5.0, "ready": False,
-              "actors": actors, "edges": [{"from": "backup", "to": "db", "policy": "conflate"}]}
+              "actors": actors, "edges": [{"from": "binance", "to": "db", "policy": "conflate"},
+                        {"from": "backup", "to": "db", "policy": "conflate"}]}
     sample = top_module.Sample(status, False, reasons, 0.0)
     console = Console(width=220, record=True, file=io.StringIO())
     console.print(top_module.render("http://h:1", sample, None, None, 1.0, live=False))

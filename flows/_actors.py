@@ -97,7 +97,7 @@ class FunctionStage:
             if out is None:
                 batch.ack("skipped")
                 continue
-            if batch.acks:  # a new Batch, not batch.replace(): carry the hooks over
+            if batch.acks and out is not batch:  # a new Batch, not batch.replace(): carry the hooks over
                 out.acks, batch.acks = batch.acks + out.acks, ()
             await outbox.send(out)
 

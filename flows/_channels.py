@@ -216,14 +216,18 @@ class Outbox:
 
     def _route(self, batch: Batch) -> tuple[list[Batch | None], int]:
         """Each port's part of ``batch`` (None: nothing for it) and the
-        number of records that reached some consumer."""
+        number of records that reached some consumer (the others, left in
+        branches nobody reads, are counted ``unrouted``)."""
         records = batch.records
         picked: dict[tuple[Any, ...], list[Any]] = {(): records}
         split: dict[tuple[Any, ...], list[list[Any]]] = {}
         selected = [_pick(chain, picked, split) for chain in self._chains]
-        lost = sum(len(_pick(chain, picked, split)) for chain in self._unrouted)
-        if lost:
-            self.metrics.discarded("unrouted", lost)
+        lost = 0
+        if self._unrouted and any(_pick(chain, picked, split) for chain in self._unrouted):
+            delivered = {id(r) for part in selected for r in part}
+            lost = sum(1 for r in records if id(r) not in delivered)
+            if lost:
+                self.metrics.discarded("unrouted", lost)
         n = sum(1 for part in selected if part)
         if n == 0:
             batch.ack("skipped")

@@ -286,3 +286,25 @@ def test_the_chain_shorthand_is_a_graph_too():
         ("a", "change"), ("b", "change"), ("change", "x"), ("change", "y")
     ]
     assert repr(flow) == "Flow('chain': [a,b] -> [change] -> [x,y])"
+
+
+async def test_a_function_stage_returning_its_own_batch_passes_the_ack_on(registry):
+    source = AckingSource("s", n=5)
+    flow = Flow("same")
+    flow.source(source).then(lambda batch: batch, name="identity").to(ListSink())
+    await run(flow, registry)
+    assert source.outcomes() == {"written": 5}
+
+
+async def test_unrouted_counts_records_that_reached_no_consumer_once(registry):
+    source = AckingSource("s", n=2)  # ts 0..19
+    sink = ListSink()
+    flow = Flow("overlap")
+    polled = flow.source(source)
+    polled.filter(lambda t: t.ts % 2 == 0, name="even").to(sink)
+    polled.filter(lambda t: t.ts % 3 == 0, name="third").to(sink)
+    await run(flow, registry)
+    reached = {t.ts for t in source.records if t.ts % 2 == 0 or t.ts % 3 == 0}
+    assert len(sink.records) == 10 + 7
+    assert sample(registry, "flows_records_discarded_total", "overlap", "s", reason="unrouted") == 20 - len(reached)
+    assert sample(registry, "flows_records_sent_total", "overlap", "s") == len(reached)

@@ -1,4 +1,4 @@
-"""Engine throughput: synthetic ticks -> ChangeDetector -> null sink.
+"""Engine throughput: synthetic ticks -> ChangeDetector -> null sink, as a chain and as a graph.
 
 What it measures: records/s (input records per second) for
 
@@ -17,6 +17,12 @@ What it measures: records/s (input records per second) for
   per-record ``asyncio.Queue(maxsize=1000)``: a producer putting each
   record of the same batches, a task doing the same change detection, a
   task counting;
+- ``graph``: the same source fanned out to three branches, each into a
+  counting sink: a fresh ``ChangeDetector(rel=0.0005)`` (sink ``changed``),
+  a filter ``price > 100`` (a split branch, evaluated in the source's
+  outbox; sink ``filtered``) and a pass-through function stage
+  ``relay`` (``lambda batch: batch``; sink ``passed``); built with
+  ``Flow.source``/``then``/``filter``/``to`` and run like ``engine``;
 
 for batch sizes 1, 100 and 1000; plus the engine at batch size 1000 with
 metrics enabled and disabled (disabled: prometheus_client's ``Counter.inc``,
@@ -36,10 +42,28 @@ Targets, reported as PASS/FAIL (the exit status is 0 either way): at batch
 size 1000 the engine reaches >= 0.8x the bare loop and >= 5x the asyncio
 pipeline; metrics cost < 5%.
 
+The graph case gets its own table, against the chain (``engine``: source ->
+change -> null) from the same rounds at the same batch size. Its cost is
+also given per hop, a hop being an edge the records travel: the chain has
+2 (source -> change, change -> null), the graph 5 (source -> change ->
+changed, source -[filter]-> filtered, source -> relay -> passed);
+``us/batch/hop`` is ``us/batch`` over the hops, and the table gives the
+graph's time and cost per hop as multiples of the chain's. The per-hop
+figure spreads all of a run's time, change detection included, over its
+hops: it is the cost of the whole per hop, not of a channel alone (the
+chain's 2 hops carry the same change detection as the graph's 5, so the
+graph's per-hop cost comes out lower at large batches). records/s still
+counts input records, once each, however many branches they take. The
+sinks' counts are checked: ``changed`` gets as many records as the chain's
+sink, ``filtered`` those with ``price > 100`` in the input, ``passed``
+every record. ``--only graph`` runs only the chain and the graph (at every
+batch size) and prints only that table.
+
 Run from the repository root (under a minute with the defaults)::
 
     python bench/engine.py                    # 200k records, best of 3
     python bench/engine.py --records 50000 --repeat 5 --clock wall
+    python bench/engine.py --only graph       # only the chain vs graph table
 """
 
 from __future__ import annotations
@@ -71,6 +95,9 @@ REL = 0.0005
 SYMBOLS = 500
 UNCHANGED = 0.6
 QUEUE_SIZE = 1000
+DEAR = 100.0  # the graph's filter branch keeps ticks priced above this
+CHAIN_HOPS = 2  # source -> change -> null
+GRAPH_HOPS = 5  # source -> change -> null, source -[dear]-> null, source -> relay -> null
 
 # What a run's seconds are read from (set by --clock): CPU time of this
 # process by default, so other work on the machine does not count.
@@ -118,6 +145,39 @@ def run_engine(batches: list[list[Any]]) -> tuple[float, int]:
 
     seconds = trio.run(main)
     return seconds, sink.n
+
+
+def is_dear(tick: Any) -> bool:
+    """The graph's filter branch: ticks priced above DEAR."""
+    return tick.price > DEAR
+
+
+def relay(batch: Any) -> Any:
+    """The graph's pass-through function stage."""
+    return batch
+
+
+def run_graph(batches: list[list[Any]]) -> tuple[float, tuple[int, int, int]]:
+    """(seconds, records received by (changed, filtered, passed)) for one run
+    of the graph: one source fanned out to change detection, a filter and a
+    pass-through stage, each into a null sink."""
+    changed, filtered, passed = (NullSink(name=n) for n in ("changed", "filtered", "passed"))
+    flow = Flow("bench-graph")
+    polled = flow.source(PregenSource(batches))
+    polled.then(ChangeDetector(rel=REL)).to(changed)
+    polled.filter(is_dear, name="dear").to(filtered)
+    polled.then(relay, name="relay").to(passed)
+    runtime = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
+
+    async def main() -> float:
+        t0 = clock()
+        result = await runtime.run()
+        seconds = clock() - t0
+        assert result.clean, result
+        return seconds
+
+    seconds = trio.run(main)
+    return seconds, (changed.n, filtered.n, passed.n)
 
 
 @contextmanager
@@ -244,18 +304,20 @@ def run_asyncio(batches: list[list[Any]]) -> tuple[float, int]:
 # -- measuring --------------------------------------------------------------------
 
 
-Runner = Callable[[list[list[Any]]], tuple[float, int]]
+# A runner returns (seconds, records emitted): an int, or a tuple of the
+# counts of several sinks (the graph).
+Runner = Callable[[list[list[Any]]], tuple[float, Any]]
 
 
 def measure(variants: list[tuple[str, Runner]], batches: list[list[Any]],
-            repeat: int) -> dict[str, tuple[float, int]]:
+            repeat: int) -> dict[str, tuple[float, Any]]:
     """name -> (least seconds, records emitted) over ``repeat`` rounds.
 
     The variants take turns within each round, so a burst of other load on
     the machine hits them alike. A variant must emit the same number of
     records every time.
     """
-    best: dict[str, tuple[float, int]] = {}
+    best: dict[str, tuple[float, Any]] = {}
     for _ in range(repeat):
         for name, fn in variants:
             gc.collect()
@@ -276,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs per measurement, the best kept (default 3)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="time runs by this process's CPU time (default) or wall time")
+    parser.add_argument("--only", choices=("all", "graph"), default="all",
+                        help="graph: run only the chain and the graph and print only "
+                             "their table (default all)")
     args = parser.parse_args(argv)
     if args.records < 1 or args.repeat < 1:
         parser.error("--records and --repeat must be >= 1")
@@ -295,16 +360,34 @@ def main(argv: list[str] | None = None) -> int:
         ("filter() loop", run_filter_loop),
         ("asyncio queue", run_asyncio),
         ("engine", run_engine),
+        ("graph", run_graph),
     ]
+    if args.only == "graph":
+        variants = [(name, fn) for name, fn in variants if name in ("engine", "graph")]
+    dear = sum(1 for r in records if is_dear(r))
     rows = []
+    graph_rows = []
     rates: dict[tuple[str, int], float] = {}
     for size in BATCH_SIZES:
-        result = measure(variants, cut(records, size), args.repeat)
+        batches = cut(records, size)
+        result = measure(variants, batches, args.repeat)
+        graph_seconds, graph_counts = result.pop("graph")
         counts = {name: n for name, (_, n) in result.items()}
         assert len(set(counts.values())) == 1, f"batch size {size}: emitted counts differ: {counts}"
+        want = (counts["engine"], dear, total)
+        assert graph_counts == want, (
+            f"batch size {size}: graph sinks (changed, filtered, passed) got {graph_counts}, "
+            f"want {want}"
+        )
+        graph_rows.append((size, len(batches), result["engine"][0], graph_seconds, graph_counts))
         for name, (seconds, n) in result.items():
             rates[name, size] = total / seconds
             rows.append((name, size, rates[name, size], n))
+
+    if args.only == "graph":
+        print_graph_table(graph_rows, total)
+        print(f"\n({time.perf_counter() - t_start:.0f}s)")
+        return 0
 
     # Metrics on/off at the largest batch size, taking turns; the difference
     # is a few percent, so more rounds (these runs are short).
@@ -335,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         f"records/s, overhead {overhead * 100:.1f}%"
     )
 
+    print_graph_table(graph_rows, total)
+
     vs_bare = rates["engine", size] / rates["bare loop", size]
     vs_asyncio = rates["engine", size] / rates["asyncio queue", size]
     print()
@@ -347,6 +432,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if ok else 'FAIL'}  {what}: {got}")
     print(f"\n({time.perf_counter() - t_start:.0f}s)")
     return 0
+
+
+def print_graph_table(graph_rows: list[tuple[int, int, float, float, tuple[int, int, int]]],
+                      total: int) -> None:
+    """The chain and the graph at each batch size: records/s, cost per batch
+    and per hop, the graph's as multiples of the chain's, the sinks' counts."""
+    print()
+    print(
+        f"graph: source -> change -> changed, source -[price > {DEAR:g}]-> filtered, "
+        f"source -> relay -> passed ({GRAPH_HOPS} hops); chain: source -> change -> null "
+        f"({CHAIN_HOPS} hops)"
+    )
+    header = (
+        f"{'variant':<7} {'batch':>6} {'hops':>4} {'records/s':>13} {'us/batch':>9} "
+        f"{'us/batch/hop':>12} {'time vs chain':>13} {'per hop vs chain':>16}  sinks"
+    )
+    print(header)
+    print("-" * len(header))
+    for size, nbatches, chain_s, graph_s, (changed, filtered, passed) in graph_rows:
+        chain_hop = chain_s / nbatches / CHAIN_HOPS * 1e6
+        graph_hop = graph_s / nbatches / GRAPH_HOPS * 1e6
+        print(
+            f"{'chain':<7} {size:>6} {CHAIN_HOPS:>4} {total / chain_s:>13,.0f} "
+            f"{chain_s / nbatches * 1e6:>9.2f} {chain_hop:>12.2f} {'':>13} {'':>16}  "
+            f"null={changed}"
+        )
+        print(
+            f"{'graph':<7} {size:>6} {GRAPH_HOPS:>4} {total / graph_s:>13,.0f} "
+            f"{graph_s / nbatches * 1e6:>9.2f} {graph_hop:>12.2f} {graph_s / chain_s:>12.2f}x "
+            f"{graph_hop / chain_hop:>15.2f}x  changed={changed} filtered={filtered} passed={passed}"
+        )
 
 
 if __name__ == "__main__":

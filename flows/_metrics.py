@@ -3,6 +3,11 @@
 Every metric carries the labels ``flow`` and ``stage`` (the component's
 name) plus, for a few, one label from a small fixed set (``reason``,
 ``error_type``). A symbol never becomes a label value.
+
+``METRICS`` holds the core families every component shares; they are
+registered with the registry. A family only some components use is a
+``MetricFamily`` the component declares (``METRICS`` class attribute),
+registered on its first use through ``ComponentMetrics.labeled``.
 """
 
 from __future__ import annotations

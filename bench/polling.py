@@ -93,8 +93,7 @@ import httpx
 import trio
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Inbox, Runtime
-from flows._limits import RateLimit
+from flows import Flow, Inbox, RateLimit, Runtime
 from flows.testing import sample
 from flows.testing.emulator import Emulator
 from sources.binance import BinanceTickers

@@ -109,8 +109,7 @@ import wsproto.connection
 import wsproto.events
 from prometheus_client import CollectorRegistry
 
-from flows import ChangeDetector, Flow, Inbox, Runtime
-from flows._metrics import quantile
+from flows import ChangeDetector, Flow, Inbox, Runtime, histogram_quantile
 from flows._websocket import ConnectionClosed, open_ws
 from sources.binance import BinanceStream
 
@@ -527,7 +526,7 @@ def lag_run(port: int, rate: float, seconds: float, cls: type[BinanceStream] = B
                                if s.name.endswith("_bucket")
                                and s.labels["stage"] == source.name]
             result.update(rate=span.rate, cpu=span.cpu / span.wall,
-                          source_p99=quantile(0.99, buckets))
+                          source_p99=histogram_quantile(0.99, buckets))
             rt.stop()
 
     trio.run(_bounded, main)

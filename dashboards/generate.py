@@ -6,10 +6,16 @@ same legend and unit conventions). After changing this file run::
 
     python dashboards/generate.py
 
+The metric families come from their declarations: ``flows.all_metrics()``,
+the engine's core table plus what every registered component (entry points
+``flows.sources``, ``flows.sinks``) declares. Writing fails when a panel
+queries a family nobody declares, and a declared family that no panel below
+shows gets a generic panel in an "Other components" row, so a new
+component's metrics reach the dashboard without editing this file.
+
 ``tests/test_observability.py`` checks that ``flows.json`` is what this
-script writes, that every metric it queries is in ``flows.METRICS`` and on
-a running flow's ``/metrics``, and that every query runs on a real
-Prometheus.
+script writes, that every metric it queries is declared and on a running
+flow's ``/metrics``, and that every query runs on a real Prometheus.
 
 Grafana 9 or newer: Dashboards -> Import -> upload ``flows.json``, pick
 your Prometheus data source. Panels use the ``datasource`` variable, so
@@ -27,12 +33,16 @@ actors of the chosen flow by kind, from the shape of their series:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "flows.json"
+sys.path.insert(0, str(HERE.parent))  # the checkout's flows, whatever is installed
+
+import flows
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
@@ -215,7 +225,43 @@ def _core_panels(lay: Layout, kind: str, noun: str) -> None:
     )
 
 
+def metric_names(text: str, known: dict[str, Any]) -> set[str]:
+    """The flows_ families named in PromQL text (``_bucket`` etc. of a known
+    histogram count as the histogram)."""
+    names = set()
+    for name in re.findall(r"\bflows_[a-z0-9_]+", text):
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and name.removesuffix(suffix) in known:
+                name = name.removesuffix(suffix)
+        names.add(name)
+    return names
+
+
+def _queried(lay: Layout, known: dict[str, Any]) -> set[str]:
+    exprs = [t["expr"] for p in lay.panels for t in p.get("targets", [])]
+    return metric_names(" ".join(exprs), known)
+
+
+def _declared_panels(lay: Layout, families: list[flows.MetricFamily]) -> None:
+    """A generic panel for each declared family no hand-made panel shows."""
+    lay.row("Other components")
+    for f in families:
+        by = ", ".join(("stage", *f.labels))
+        legend = " ".join("{{" + b + "}}" for b in ("stage", *f.labels))
+        description = f"{f.help} ({f.name}, declared by a component)"
+        if f.kind == "counter":
+            lay.panel(f.name, description, [(rate(f.name, None, by), f"{legend}")],
+                      unit="suffix:/s")
+        elif f.kind == "gauge":
+            lay.panel(f.name, description, [(f"max by ({by}) ({f.name}{sel()})", legend)],
+                      unit="none")
+        else:
+            lay.panel(f.name, description, p50_p99(f.name, None, by),
+                      unit="s" if f.name.endswith("_seconds") else "none")
+
+
 def build() -> dict[str, Any]:
+    declared = flows.all_metrics()
     lay = Layout()
 
     lay.row("Flow")
@@ -408,6 +454,13 @@ def build() -> dict[str, Any]:
         unit="none",
         stack=True,
     )
+
+    unknown = _queried(lay, declared) - set(declared)
+    if unknown:
+        raise SystemExit(f"dashboards/generate.py queries undeclared metrics: {sorted(unknown)}")
+    missing = [f for name, f in declared.items() if name not in _queried(lay, declared)]
+    if missing:
+        _declared_panels(lay, missing)
 
     return {
         "__inputs": [{

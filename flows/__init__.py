@@ -1,6 +1,8 @@
 """flows: a Prometheus-instrumented streaming dataflow for market data, on trio.
 
 The public surface is re-exported here; the modules behind it are private.
+A component (a source, stage or sink) needs nothing else: see the README's
+"Write a component".
 """
 
 from ._actors import FunctionStage as FunctionStage
@@ -13,15 +15,35 @@ from ._change import ChangeDetector as ChangeDetector
 from ._channels import Edge as Edge
 from ._channels import Inbox as Inbox
 from ._channels import Outbox as Outbox
+from ._checkpoint import write_atomic as write_atomic
 from ._flow import Flow as Flow
 from ._flow import FlowError as FlowError
 from ._flow import Supervision as Supervision
+from ._http import HttpError as HttpError
+from ._http import HttpSource as HttpSource
+from ._http import Parsed as Parsed
+from ._http import Request as Request
+from ._http import parse_optional_float as parse_optional_float
+from ._http import parse_price as parse_price
 from ._limits import CircuitBreaker as CircuitBreaker
 from ._limits import RateLimit as RateLimit
+from ._log import DropLog as DropLog
+from ._metrics import FAST_BUCKETS as FAST_BUCKETS
+from ._metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ._metrics import METRICS as METRICS
+from ._metrics import SIZE_BUCKETS as SIZE_BUCKETS
+from ._metrics import ComponentMetrics as ComponentMetrics
+from ._metrics import MetricFamily as MetricFamily
 from ._metrics import SlowThresholds as SlowThresholds
+from ._metrics import declared_metrics as declared_metrics
+from ._metrics import histogram_quantile as histogram_quantile
 from ._records import Batch as Batch
 from ._records import Tick as Tick
+from ._registry import Component as Component
+from ._registry import ComponentError as ComponentError
+from ._registry import all_metrics as all_metrics
+from ._registry import components as components
+from ._registry import load_component as load_component
 from ._runtime import FlowFailed as FlowFailed
 from ._runtime import RunResult as RunResult
 from ._runtime import Runtime as Runtime
@@ -30,5 +52,9 @@ from ._shard import Shard as Shard
 from ._shard import shard_of as shard_of
 from ._sink import BatchingSink as BatchingSink
 from ._sink import Retry as Retry
+from ._status import figures as flow_figures  # noqa: F401 - _status names it figures
+from ._ws import RECONNECT_REASONS as RECONNECT_REASONS
+from ._ws import StreamParsed as StreamParsed
+from ._ws import WebSocketSource as WebSocketSource
 
 __version__ = "0.1.0"

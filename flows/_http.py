@@ -16,6 +16,12 @@ circuit breaker, the per-source metrics, standby for a primary source
 (fallback), and a one-shot mode that polls the symbol set once, shows
 progress, and keeps a checkpoint of finished symbols so a crashed sync
 resumes where it stopped.
+
+Metrics (labels ``flow``, ``stage``), declared in ``HttpSource.METRICS``:
+``flows_source_request_seconds`` (``endpoint``),
+``flows_source_responses_total`` (``status_class``),
+``flows_source_retries_total``, ``flows_source_rate_limit_wait_seconds``,
+``flows_source_circuit_state``, plus the core set.
 """
 
 from __future__ import annotations
@@ -39,10 +45,10 @@ from ._channels import Outbox
 from ._checkpoint import write_atomic
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
-from ._metrics import ComponentMetrics
+from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
 from ._records import Batch, Tick
 
-__all__ = ["HttpError", "HttpSource", "Parsed", "Request"]
+__all__ = ["HttpError", "HttpSource", "Parsed", "Request", "parse_optional_float", "parse_price"]
 
 log = logging.getLogger("flows.http")
 
@@ -94,19 +100,48 @@ class HttpError(Exception):
         self.symbol_error = symbol_error
 
 
-def price(value: Any) -> float:
-    """A positive finite price from a number or numeric string, else ValueError."""
+def parse_price(value: Any) -> float:
+    """A positive finite price from a number or numeric string, else ValueError
+    (also for ``"NaN"``, ``"inf"``, zero and negative values)."""
     number = float(value)
     if not (number > 0 and math.isfinite(number)):
         raise ValueError(f"price {value!r} is not a positive number")
     return number
 
 
-def optional_float(value: Any) -> float | None:
+def parse_optional_float(value: Any) -> float | None:
+    """A float from a number or numeric string; None for None, ``""`` and
+    non-finite values; ValueError for a non-numeric string."""
     if value is None or value == "":
         return None
     number = float(value)
     return number if math.isfinite(number) else None
+
+
+price = parse_price  # the older names
+optional_float = parse_optional_float
+
+REQUEST_SECONDS = MetricFamily(
+    "flows_source_request_seconds", "histogram",
+    "At an HTTP source: time one request took, by endpoint.",
+    labels=("endpoint",), buckets=LATENCY_BUCKETS,
+)
+RESPONSES = MetricFamily(
+    "flows_source_responses_total", "counter",
+    "At an HTTP source: responses by status class (2xx, 4xx, 429, 5xx, error when there was "
+    "no response).",
+    labels=("status_class",),
+)
+RETRIES = MetricFamily("flows_source_retries_total", "counter",
+                       "At an HTTP source: requests retried.")
+RATE_LIMIT_WAIT = MetricFamily(
+    "flows_source_rate_limit_wait_seconds", "histogram",
+    "At an HTTP source: time a request waited for the rate limiter.", buckets=LATENCY_BUCKETS,
+)
+CIRCUIT_STATE = MetricFamily(
+    "flows_source_circuit_state", "gauge",
+    "At an HTTP source: circuit breaker state (0 closed, 1 half-open, 2 open).",
+)
 
 
 def status_class(status: int) -> str:
@@ -150,6 +185,7 @@ class HttpSource:
 
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
+    METRICS = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE)
     PAUSE_WITHOUT_RETRY_AFTER = False
     """A 429 without ``Retry-After`` pauses for the longest limit window (for
     APIs that count per window and do not say when it ends)."""
@@ -244,8 +280,9 @@ class HttpSource:
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
-        m.labeled("flows_source_retries_total")  # export the series from the start
-        state = m.labeled("flows_source_circuit_state")
+        m.register(*self.METRICS)
+        m.labeled(RETRIES)  # export the series from the start
+        state = m.labeled(CIRCUIT_STATE)
         state.set(CircuitBreaker.STATES[self.circuit.state])
         async with httpx.AsyncClient(
             base_url=self.base_url,
@@ -317,7 +354,7 @@ class HttpSource:
                 await trio.sleep_until(max(self.circuit.reopens_at(), trio.current_time() + 0.01))
                 continue
             waited = await self.limiter.acquire(request.weight)
-            m.labeled("flows_source_rate_limit_wait_seconds").observe(waited)
+            m.labeled(RATE_LIMIT_WAIT).observe(waited)
             try:
                 parsed = await self._get(client, request, m)
             except HttpError as exc:
@@ -334,7 +371,7 @@ class HttpSource:
                     m.discarded("request_failed", max(len(request.symbols), 1))
                     return None
                 attempt += 1
-                m.labeled("flows_source_retries_total").inc()
+                m.labeled(RETRIES).inc()
                 cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 await trio.sleep(random.uniform(0, cap))
                 continue
@@ -359,16 +396,16 @@ class HttpSource:
                             f"response larger than {self.max_response_bytes} bytes", transient=True
                         )
         except httpx.TimeoutException as exc:
-            m.labeled("flows_source_responses_total", "error").inc()
+            m.labeled(RESPONSES, "error").inc()
             raise HttpError(f"timeout ({type(exc).__name__})", transient=True) from None
         except httpx.RequestError as exc:  # transport, decoding, redirects
-            m.labeled("flows_source_responses_total", "error").inc()
+            m.labeled(RESPONSES, "error").inc()
             raise HttpError(f"{type(exc).__name__}: {exc}", transient=True) from None
         finally:
-            m.labeled("flows_source_request_seconds", request.endpoint).observe(
+            m.labeled(REQUEST_SECONDS, request.endpoint).observe(
                 time.perf_counter() - t0
             )
-        m.labeled("flows_source_responses_total", status_class(response.status_code)).inc()
+        m.labeled(RESPONSES, status_class(response.status_code)).inc()
         self.on_response(response)
         self.check(response, bytes(body))
         try:

@@ -3,12 +3,18 @@
 Every metric carries the labels ``flow`` and ``stage`` (the component's
 name) plus, for a few, one label from a small fixed set (``reason``,
 ``error_type``). A symbol never becomes a label value.
+
+``METRICS`` holds the core families every component shares; they are
+registered with the registry. A family only some components use is a
+``MetricFamily`` the component declares (``METRICS`` class attribute),
+registered on its first use through ``ComponentMetrics.labeled``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -20,14 +26,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 __all__ = [
+    "FAST_BUCKETS",
+    "LATENCY_BUCKETS",
     "METRICS",
+    "SIZE_BUCKETS",
     "ComponentMetrics",
     "FlowMetrics",
+    "MetricFamily",
     "SlowThresholds",
+    "declared_metrics",
+    "histogram_quantile",
     "metrics_for",
-    "quantile",
 ]
 
+# Histogram bounds: FAST for short operations (a batch, a write: 10 us to 10 s),
+# LATENCY for waits and delays (100 us to 5 min), SIZE for record counts.
 FAST_BUCKETS = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -40,139 +53,167 @@ SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 
 FS = ("flow", "stage")
 
-# name -> (type, extra labels, help). The README's metrics reference and the
-# metrics test are both checked against this table.
-METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "flows_records_received_total": ("counter", (), "Records a component took from its inbox."),
-    "flows_records_sent_total": ("counter", (), "Records a component sent downstream."),
-    "flows_records_discarded_total": (
-        "counter",
-        ("reason",),
-        "Records a component dropped, by reason (unchanged, invalid, evicted, error, ...).",
-    ),
-    "flows_errors_total": ("counter", ("error_type",), "Errors a component met, by type."),
-    "flows_actor_restarts_total": ("counter", (), "Times the supervisor restarted an actor."),
-    "flows_actor_up": ("gauge", (), "1 while the actor runs, 0 otherwise."),
-    "flows_batch_processing_seconds": (
-        "histogram",
-        (),
-        "Time a component spent on one batch (not counting waits on its inbox or outbox).",
-    ),
-    "flows_send_wait_seconds": (
-        "histogram",
-        (),
-        "Time a send to the outbox blocked on a full channel (backpressure).",
-    ),
-    "flows_channel_buffer_batches": ("gauge", (), "Batches waiting in the component's inbox."),
-    "flows_channel_capacity_batches": ("gauge", (), "Capacity of the component's inbox."),
-    "flows_utilization_ratio": ("gauge", (), "Share of recent time the component was busy (0-1)."),
-    "flows_end_to_end_latency_seconds": (
-        "histogram",
-        (),
-        "At a sink: time from the source making a batch to the sink having written it.",
-    ),
-    "flows_source_lag_seconds": (
-        "histogram",
-        (),
-        "At a source: time from the exchange timestamp to the batch being sent.",
-    ),
-    "flows_source_poll_cycle_seconds": (
-        "histogram",
-        (),
-        "At a source: time to refresh the whole symbol set once.",
-    ),
-    "flows_sink_write_seconds": ("histogram", (), "At a sink: time one write took."),
-    "flows_sink_batch_records": ("histogram", (), "At a sink: records per write."),
-    "flows_sink_write_errors_total": ("counter", (), "At a sink: writes that failed."),
-    "flows_sink_retries_total": ("counter", (), "At a sink: writes retried after a failure."),
-    "flows_slow_batches_total": (
-        "counter",
-        ("severity",),
-        "Batches whose processing crossed the slow threshold (warning, critical).",
-    ),
-    "flows_slow_poll_cycles_total": (
-        "counter",
-        ("severity",),
-        "Source poll cycles that crossed the slow threshold (warning, critical).",
-    ),
-    "flows_source_request_seconds": (
-        "histogram",
-        ("endpoint",),
-        "At an HTTP source: time one request took, by endpoint.",
-    ),
-    "flows_source_responses_total": (
-        "counter",
-        ("status_class",),
-        "At an HTTP source: responses by status class (2xx, 4xx, 429, 5xx, error for no response).",
-    ),
-    "flows_source_retries_total": ("counter", (), "At an HTTP source: requests retried."),
-    "flows_source_rate_limit_wait_seconds": (
-        "histogram",
-        (),
-        "At an HTTP source: time a request waited for the rate limiter.",
-    ),
-    "flows_source_circuit_state": (
-        "gauge",
-        (),
-        "At an HTTP source: circuit breaker state (0 closed, 1 half-open, 2 open).",
-    ),
-    "flows_source_messages_total": (
-        "counter",
-        (),
-        "At a stream source: websocket messages received.",
-    ),
-    "flows_source_reconnects_total": (
-        "counter",
-        ("reason",),
-        (
-            "At a stream source: connections replaced, by reason (closed, error, silent, "
-            "timeout, server)."
-        ),
-    ),
-    "flows_source_connection_uptime_seconds": (
-        "gauge",
-        (),
-        "At a stream source: seconds since the youngest connection opened (0 while one is down).",
-    ),
-    "flows_source_gaps_total": (
-        "counter",
-        (),
-        "At a stream source: jumps in a symbol's update ids (lost updates).",
-    ),
-}
-
-_BUCKETS = {
-    "flows_batch_processing_seconds": FAST_BUCKETS,
-    "flows_send_wait_seconds": FAST_BUCKETS,
-    "flows_end_to_end_latency_seconds": LATENCY_BUCKETS,
-    "flows_source_lag_seconds": LATENCY_BUCKETS,
-    "flows_source_poll_cycle_seconds": LATENCY_BUCKETS,
-    "flows_sink_write_seconds": FAST_BUCKETS,
-    "flows_sink_batch_records": SIZE_BUCKETS,
-    "flows_source_request_seconds": LATENCY_BUCKETS,
-    "flows_source_rate_limit_wait_seconds": LATENCY_BUCKETS,
-}
-
 _KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+_NAME = re.compile(r"flows_[a-z0-9_]+")
+_LABEL = re.compile(r"[a-z][a-z0-9_]*")
+_DEFAULT_BUCKETS = LATENCY_BUCKETS
+
+
+@attrs.frozen
+class MetricFamily:
+    """The declaration of one metric family: name, kind, help, extra labels.
+
+    Every family also carries the labels ``flow`` and ``stage``; ``labels``
+    lists the extra ones, each with values from a small fixed set (never a
+    symbol). Names use the ``flows_`` prefix and base units; counters end in
+    ``_total``. ``buckets`` are a histogram's upper bounds (default
+    ``LATENCY_BUCKETS``)::
+
+        REQUESTS = MetricFamily("flows_source_fix_requests_total", "counter",
+                                "At a FIX source: requests sent, by type.", labels=("type",))
+
+    A component lists the families it uses in a class attribute
+    ``METRICS: tuple[MetricFamily, ...]`` (base classes' lists are inherited,
+    see ``declared_metrics``) and reads its children with
+    ``metrics.labeled(family, value)``: the family is registered on the
+    registry on first use. Two declarations of one name must be equal.
+    """
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    buckets: tuple[float, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"metric {self.name}: kind must be one of {sorted(_KINDS)}, "
+                             f"not {self.kind!r}")
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"metric {self.name!r}: a name is flows_ then [a-z0-9_]")
+        if self.name.endswith("_total") != (self.kind == "counter"):
+            raise ValueError(f"metric {self.name}: counters, and only counters, end in _total")
+        for label in self.labels:
+            if not _LABEL.fullmatch(label) or label in ("flow", "stage", "le", "quantile"):
+                raise ValueError(f"metric {self.name}: bad extra label {label!r}")
+        if self.kind == "histogram":
+            if self.buckets is None:
+                object.__setattr__(self, "buckets", _DEFAULT_BUCKETS)
+        elif self.buckets is not None:
+            raise ValueError(f"metric {self.name}: only histograms have buckets")
+
+    def create(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        """The prometheus_client family, registered on ``registry``."""
+        kwargs = {"buckets": self.buckets} if self.kind == "histogram" else {}
+        base = self.name.removesuffix("_total") if self.kind == "counter" else self.name
+        return _KINDS[self.kind](base, self.help, FS + self.labels, registry=registry, **kwargs)
+
+
+def declared_metrics(component: Any) -> tuple[MetricFamily, ...]:
+    """The families a component (class or instance) declares in ``METRICS``,
+    its base classes' included, without repeats."""
+    cls = component if isinstance(component, type) else type(component)
+    out: dict[str, MetricFamily] = {}
+    for klass in reversed(cls.__mro__):
+        for family in vars(klass).get("METRICS", ()):
+            if not isinstance(family, MetricFamily):
+                raise TypeError(f"{klass.__qualname__}.METRICS holds {family!r}, "
+                                "not a MetricFamily")
+            if out.setdefault(family.name, family) != family:
+                raise ValueError(f"{cls.__qualname__} declares metric {family.name} twice, "
+                                 f"differently: {out[family.name]!r} and {family!r}")
+    return tuple(out.values())
+
+
+_CORE = (
+    MetricFamily("flows_records_received_total", "counter",
+                 "Records a component took from its inbox (stages, sinks)."),
+    MetricFamily("flows_records_sent_total", "counter",
+                 "Records a component sent downstream (sources, stages)."),
+    MetricFamily("flows_records_discarded_total", "counter",
+                 "Records a component dropped, by reason (unchanged, invalid, evicted, error, ...).",
+                 labels=("reason",)),
+    MetricFamily("flows_errors_total", "counter",
+                 "Errors a component met, by exception type: actor crashes and failed sink writes.",
+                 labels=("error_type",)),
+    MetricFamily("flows_actor_restarts_total", "counter",
+                 "Times the supervisor restarted the actor."),
+    MetricFamily("flows_actor_up", "gauge", "1 while the actor runs, 0 otherwise."),
+    MetricFamily("flows_batch_processing_seconds", "histogram",
+                 "Time a component spent on one batch (not counting waits on its inbox or outbox).",
+                 buckets=FAST_BUCKETS),
+    MetricFamily("flows_send_wait_seconds", "histogram",
+                 "Time a send to the outbox blocked on a full channel (backpressure), per batch sent.",
+                 buckets=FAST_BUCKETS),
+    MetricFamily("flows_channel_buffer_batches", "gauge",
+                 "Batches waiting in the component's inbox (stages, sinks)."),
+    MetricFamily("flows_channel_capacity_batches", "gauge",
+                 "Capacity of the component's inbox, in batches."),
+    MetricFamily("flows_utilization_ratio", "gauge",
+                 "Share of recent time the component was busy (0-1), computed at read time "
+                 "over at least 1 s."),
+    MetricFamily("flows_end_to_end_latency_seconds", "histogram",
+                 "At a sink: time from the source making a batch to the sink having written it.",
+                 buckets=LATENCY_BUCKETS),
+    MetricFamily("flows_source_lag_seconds", "histogram",
+                 "At a source: time from the exchange timestamp to the batch being sent.",
+                 buckets=LATENCY_BUCKETS),
+    MetricFamily("flows_source_poll_cycle_seconds", "histogram",
+                 "At a source: time to refresh the whole symbol set once.",
+                 buckets=LATENCY_BUCKETS),
+    MetricFamily("flows_sink_write_seconds", "histogram",
+                 "At a storing sink: time one successful write took.", buckets=FAST_BUCKETS),
+    MetricFamily("flows_sink_batch_records", "histogram",
+                 "At a storing sink: records per write.", buckets=SIZE_BUCKETS),
+    MetricFamily("flows_sink_write_errors_total", "counter",
+                 "At a storing sink: writes that failed."),
+    MetricFamily("flows_sink_retries_total", "counter",
+                 "At a storing sink: writes retried after a failure."),
+    MetricFamily("flows_slow_batches_total", "counter",
+                 "Batches whose processing crossed the slow threshold (warning, critical).",
+                 labels=("severity",)),
+    MetricFamily("flows_slow_poll_cycles_total", "counter",
+                 "Source poll cycles that crossed the slow threshold (warning, critical).",
+                 labels=("severity",)),
+)
+
+METRICS: dict[str, MetricFamily] = {family.name: family for family in _CORE}
+"""The core families every component shares, by name. Families only some
+components use are declared by them (``MetricFamily``, ``all_metrics``)."""
+
+# Served by the live collector, computed at scrape time.
+_LIVE = ("flows_channel_buffer_batches", "flows_channel_capacity_batches", "flows_utilization_ratio")
 
 
 class FlowMetrics:
-    """All flows_ metric families registered on one registry."""
+    """All flows_ metric families registered on one registry: the core ones
+    from the start, a component's own ones on first use."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.families: dict[str, Counter | Gauge | Histogram] = {}
-        for name, (kind, extra, doc) in METRICS.items():
-            if name in ("flows_channel_buffer_batches", "flows_channel_capacity_batches",
-                        "flows_utilization_ratio"):
-                continue  # served by the live collector below
-            kwargs = {"buckets": _BUCKETS[name]} if kind == "histogram" else {}
-            base = name.removesuffix("_total") if kind == "counter" else name
-            self.families[name] = _KINDS[kind](
-                base, doc, FS + extra, registry=registry, **kwargs
-            )
+        self.declared: dict[str, MetricFamily] = {}
+        for family in METRICS.values():
+            if family.name in _LIVE:
+                self.declared[family.name] = family  # served by the live collector below
+            else:
+                self.declare(family)
         self.components: list[ComponentMetrics] = []
         registry.register(_LiveCollector(self))
+
+    def declare(self, family: MetricFamily) -> Counter | Gauge | Histogram:
+        """The registered family ``family`` declares: registered now on first
+        use; a different declaration of the same name is a ValueError."""
+        known = self.declared.get(family.name)
+        if known is None:
+            self.families[family.name] = family.create(self.registry)
+            self.declared[family.name] = family
+        elif known != family:
+            raise ValueError(f"metric {family.name} is declared twice, differently: "
+                             f"{known!r} and {family!r}")
+        return self.families[family.name]
 
     def component(self, flow: str, stage: str, kind: str) -> ComponentMetrics:
         """The metrics of one component (created on first use, then shared)."""
@@ -242,14 +283,31 @@ class ComponentMetrics:
         self._util_ref = (time.monotonic(), 0.0)
         self._util_value = 0.0
 
-    def labeled(self, name: str, value: str | None = None) -> Any:
-        """The child of family ``name`` for this component (and one extra
-        label value, for families that have one); created on first use."""
-        child = self._labeled.get((name, value))
+    def labeled(self, family: MetricFamily | str, *values: str) -> Any:
+        """This component's child of ``family`` (with ``values`` for the
+        family's extra labels), created on first use and cached.
+
+        ``family`` is a ``MetricFamily`` (registered on the registry on first
+        use) or the name of one already registered (the core families).
+        """
+        name = family if isinstance(family, str) else family.name
+        key = (name, *values)
+        child = self._labeled.get(key)
         if child is None:
-            values = (self.flow, self.stage) if value is None else (self.flow, self.stage, value)
-            child = self._labeled[(name, value)] = self.flow_metrics.families[name].labels(*values)
+            fm = self.flow_metrics
+            if isinstance(family, MetricFamily):
+                parent = fm.declare(family)
+            elif name in fm.families:
+                parent = fm.families[name]
+            else:
+                raise KeyError(f"metric {name} is not registered: pass its MetricFamily")
+            child = self._labeled[key] = parent.labels(self.flow, self.stage, *values)
         return child
+
+    def register(self, *families: MetricFamily) -> None:
+        """Register ``families`` now, so /metrics lists them before first use."""
+        for family in families:
+            self.flow_metrics.declare(family)
 
     def discarded(self, reason: str, n: int = 1) -> None:
         """Count ``n`` records dropped for ``reason`` (a small fixed word)."""
@@ -314,7 +372,7 @@ class _LiveCollector:
         return []
 
     def collect(self):
-        doc = {n: METRICS[n][2] for n in METRICS}
+        doc = {n: METRICS[n].help for n in _LIVE}
         used = GaugeMetricFamily(
             "flows_channel_buffer_batches", doc["flows_channel_buffer_batches"], labels=FS
         )
@@ -334,7 +392,7 @@ class _LiveCollector:
         yield from (used, cap, util)
 
 
-def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     """Estimate quantile ``q`` from cumulative ``(upper_bound, count)`` pairs.
 
     Interpolates linearly inside a bucket, as PromQL's histogram_quantile
@@ -354,3 +412,6 @@ def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
             return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
         prev_bound, prev_count = bound, count
     return prev_bound
+
+
+quantile = histogram_quantile  # the engine's older name

@@ -58,7 +58,8 @@ the metrics). For market data the usual answer to a slow consumer is a
 source): ``Flow(..., edges={"sink": Edge(policy="conflate")})``. The source
 then never blocks, and the consumer gets the latest Tick per symbol.
 
-Metrics (labels ``flow``, ``stage``): ``flows_source_messages_total``,
+Metrics (labels ``flow``, ``stage``), declared in ``WebSocketSource.METRICS``:
+``flows_source_messages_total``,
 ``flows_source_reconnects_total`` (``reason``),
 ``flows_source_connection_uptime_seconds`` (the youngest connection's age;
 0 while any is down), ``flows_source_gaps_total``, plus the core set. The
@@ -89,7 +90,7 @@ from ._channels import Outbox
 from ._http import HttpError, HttpSource, Parsed
 from ._limits import RateLimit, RateLimiter
 from ._log import DropLog
-from ._metrics import ComponentMetrics
+from ._metrics import ComponentMetrics, MetricFamily
 from ._records import Batch, Tick
 from ._websocket import (
     ConnectionClosed,
@@ -106,6 +107,23 @@ log = logging.getLogger("flows.ws")
 
 RECONNECT_REASONS = ("closed", "error", "silent", "timeout", "server")
 """Why a connection was replaced (the ``reason`` label of reconnects)."""
+
+MESSAGES = MetricFamily("flows_source_messages_total", "counter",
+                        "At a stream (websocket) source: messages received.")
+RECONNECTS = MetricFamily(
+    "flows_source_reconnects_total", "counter",
+    "At a stream source: connections replaced, by reason (closed: dropped with no close frame; "
+    "server: closed by the server; silent: no message within silence_timeout; timeout: "
+    "connecting took too long; error: refused or failed).",
+    labels=("reason",),
+)
+UPTIME = MetricFamily(
+    "flows_source_connection_uptime_seconds", "gauge",
+    "At a stream source: seconds since the youngest connection opened, 0 while any "
+    "connection is down.",
+)
+GAPS = MetricFamily("flows_source_gaps_total", "counter",
+                    "At a stream source: jumps in a symbol's update ids (lost updates).")
 
 
 _PARSE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError)
@@ -188,6 +206,7 @@ class WebSocketSource:
     SUBSCRIBE_LIMITS: tuple[RateLimit, ...] = ()
     CONNECT_LIMITS: tuple[RateLimit, ...] = ()
     HEARTBEAT_INTERVAL: float | None = None
+    METRICS = (MESSAGES, RECONNECTS, UPTIME, GAPS)
 
     def __init__(
         self,
@@ -318,11 +337,12 @@ class WebSocketSource:
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
-        m.labeled("flows_source_messages_total")  # export the series from the start
-        m.labeled("flows_source_gaps_total")
+        m.register(*self.METRICS)
+        m.labeled(MESSAGES)  # export the series from the start
+        m.labeled(GAPS)
         for reason in RECONNECT_REASONS:
-            m.labeled("flows_source_reconnects_total", reason)
-        m.labeled("flows_source_connection_uptime_seconds").set_function(self.uptime)
+            m.labeled(RECONNECTS, reason)
+        m.labeled(UPTIME).set_function(self.uptime)
         if not self.symbols:  # this process's shard owns none of them: stand by
             log.info("source %s: no symbols in this shard; idle", self.name)
             await trio.sleep_forever()
@@ -353,7 +373,7 @@ class WebSocketSource:
         while True:
             await self.connect_limiter.acquire()
             reason, delivered = await self._connect_once(shard, outbox)
-            m.labeled("flows_source_reconnects_total", reason).inc()
+            m.labeled(RECONNECTS, reason).inc()
             attempt = 0 if delivered else attempt + 1
             delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
             log.info("source %s: connection %d %s; reconnecting in %.2fs",
@@ -439,8 +459,8 @@ class WebSocketSource:
         """Read and send batches until the connection goes silent (returns
         ``"silent"``) or closes (raises ConnectionClosed)."""
         m = outbox.metrics
-        counter = m.labeled("flows_source_messages_total")
-        gaps = m.labeled("flows_source_gaps_total")
+        counter = m.labeled(MESSAGES)
+        gaps = m.labeled(GAPS)
         silence, window, size = self.silence_timeout, self.batch_window, self.batch_size
         while True:
             out = StreamParsed()

@@ -2,7 +2,9 @@
 
 TARGET is a ``.py`` file or ``package.module:attr`` holding a Flow (or a
 function returning one). Without TARGET the built-in demo runs: a synthetic
-market -> change detection -> SQLite and a console summary.
+market -> change detection -> SQLite and a console summary. ``--list``
+prints the registered sources and sinks (entry points ``flows.sources`` and
+``flows.sinks``), one a line with its one-line doc.
 
 Exit codes: 0 after a clean drain, 1 when the flow failed or had to be
 stopped by force, 2 for a bad command line or flow definition.
@@ -23,10 +25,11 @@ import trio
 
 from ._flow import Flow, FlowError
 from ._log import setup_logging
+from ._registry import ComponentError, components, load_component
 from ._runtime import FlowFailed, Runtime
 from ._shard import Shard
 
-__all__ = ["demo_flow", "load_flow", "main"]
+__all__ = ["demo_flow", "list_components", "load_flow", "main"]
 
 log = logging.getLogger("flows.run")
 
@@ -36,12 +39,15 @@ class TargetError(Exception):
 
 
 def demo_flow(db: str = "ticks.db") -> Flow:
-    """The built-in demo: synthetic market -> ChangeDetector -> SQLite + console."""
-    from sinks.console import ConsoleSink
-    from sinks.sqlite import SQLiteSink
-    from sources.synthetic import SyntheticMarket
+    """The built-in demo: synthetic market -> ChangeDetector -> SQLite + console.
 
+    Its source and sinks come through the component registry (entry points).
+    """
     from ._change import ChangeDetector
+
+    SyntheticMarket = load_component("source", "synthetic")
+    SQLiteSink = load_component("sink", "sqlite")
+    ConsoleSink = load_component("sink", "console")
 
     return Flow(
         "demo",
@@ -49,6 +55,28 @@ def demo_flow(db: str = "ticks.db") -> Flow:
         stages=[ChangeDetector(rel=0.0005, heartbeat=60.0)],
         sinks=[SQLiteSink(db, flush_interval=0.5), ConsoleSink(every=5.0)],
     )
+
+
+def list_components(out: Any = None, err: Any = None) -> int:
+    """Print the registered sources and sinks, one a line with its one-line
+    doc; a component that cannot be loaded gets one error line on ``err``.
+    Returns the exit code (1 if any failed to load)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    found = components()
+    width = max((len(c.name) for c in found), default=0)
+    path = max((len(c.value) for c in found), default=0)
+    failed = 0
+    for c in found:
+        try:
+            doc = c.summary()
+        except ComponentError as exc:
+            failed += 1
+            print(f"flows: error: {exc}", file=err)
+            continue
+        print(f"{c.kind:6}  {c.name:{width}}  {c.value:{path}}  {doc}".rstrip(), file=out)
+    if not found:
+        print("flows: no components registered (is flows installed? pip install -e .)", file=err)
+    return 1 if failed else 0
 
 
 def _where(exc: BaseException, origin: str) -> str:
@@ -133,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
         "(synthetic market -> change detection -> SQLite + console summary).",
     )
     p.add_argument("target", nargs="?", help="a .py file or package.module:attr holding a Flow")
+    p.add_argument("--list", action="store_true",
+                   help="list the registered sources and sinks (entry points) and exit")
     p.add_argument("--flow", metavar="NAME", help="attribute holding the Flow (default: flow)")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="drain and stop after this long")
     p.add_argument(
@@ -156,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.list:
+        return list_components()
     setup_logging(args.log_format, args.log_level)
     try:
         flow = load_flow(args.target, args.flow) if args.target else demo_flow(args.db)
@@ -172,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             fresh=args.fresh,
             shard=args.shard,
         )
-    except (TargetError, FlowError, ValueError) as exc:
+    except (TargetError, FlowError, ComponentError, ValueError) as exc:
         print(f"flows: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -20,9 +20,7 @@ from typing import Any, Literal, TextIO
 
 import trio
 
-from flows import Inbox
-from flows._metrics import ComponentMetrics, quantile
-from flows._status import figures
+from flows import ComponentMetrics, Inbox, flow_figures, histogram_quantile
 
 __all__ = ["ConsoleSink", "format_summary"]
 
@@ -35,7 +33,7 @@ def format_summary(
     metrics: ComponentMetrics, previous: dict[str, float], elapsed: float
 ) -> list[str]:
     """Summary lines for the flow ``metrics`` belongs to; updates ``previous``."""
-    figs = figures(metrics.flow_metrics, metrics.flow)
+    figs = flow_figures(metrics.flow_metrics, metrics.flow)
     lines = [f"-- flow {metrics.flow} at {time.strftime('%H:%M:%S')} --"]
     for c in metrics.flow_metrics.components:
         if c.flow != metrics.flow:
@@ -50,7 +48,8 @@ def format_summary(
         line = (
             f"{c.kind:6} {c.stage:14} in={int(count_in):>9} ({rate:>9.0f}/s)"
             f" out={int(f.get('sent', 0)):>9}"
-            f" p50={_ms(quantile(0.5, h['buckets'])):>9} p99={_ms(quantile(0.99, h['buckets'])):>9}"
+            f" p50={_ms(histogram_quantile(0.5, h['buckets'])):>9}"
+            f" p99={_ms(histogram_quantile(0.99, h['buckets'])):>9}"
         )
         if written is not None and written["count"]:
             line += f" written={int(written['sum'])}"

@@ -79,10 +79,18 @@ import httpx
 import msgspec
 import trio
 
-from flows._http import HttpError, HttpSource, Parsed, Request, optional_float, price
-from flows._limits import RateLimit
-from flows._records import Tick
-from flows._ws import StreamParsed, WebSocketSource
+from flows import (
+    HttpError,
+    HttpSource,
+    Parsed,
+    RateLimit,
+    Request,
+    StreamParsed,
+    Tick,
+    WebSocketSource,
+    parse_optional_float,
+    parse_price,
+)
 
 __all__ = ["BinanceStream", "BinanceTickers"]
 
@@ -170,17 +178,17 @@ class BinanceTickers(HttpSource):
             items = _decode_prices.decode(body)
             for item in items if isinstance(items, list) else [items]:
                 try:
-                    out.ticks.append(Tick(self.name, item.symbol, price(item.price), now))
+                    out.ticks.append(Tick(self.name, item.symbol, parse_price(item.price), now))
                 except (TypeError, ValueError) as exc:
                     out.bad("invalid", f"{item.symbol}: {exc}")
         else:
             books = _decode_books.decode(body)
             for book in books if isinstance(books, list) else [books]:
                 try:
-                    bid, ask = price(book.bidPrice), price(book.askPrice)
+                    bid, ask = parse_price(book.bidPrice), parse_price(book.askPrice)
                     out.ticks.append(
                         Tick(self.name, book.symbol, (bid + ask) / 2, now, bid=bid, ask=ask,
-                             volume=optional_float(book.bidQty))
+                             volume=parse_optional_float(book.bidQty))
                     )
                 except (TypeError, ValueError) as exc:
                     out.bad("invalid", f"{book.symbol}: {exc}")
@@ -360,15 +368,15 @@ class BinanceStream(WebSocketSource):
                                     envelope.id, envelope.error.msg, envelope.error.code)
             return
         if isinstance(d, BinanceBookTicker):
-            bid, ask = price(d.b), price(d.a)
+            bid, ask = parse_price(d.b), parse_price(d.a)
             out.ticks.append(Tick(self.name, d.s, (bid + ask) / 2, time.time(), bid=bid, ask=ask))
             if self.check_gaps:
                 out.sequences.append((d.s, d.u))
         elif isinstance(d, BinanceTrade):
-            out.ticks.append(Tick(self.name, d.s, price(d.p), d.T / 1000,
-                                  volume=optional_float(d.q)))
+            out.ticks.append(Tick(self.name, d.s, parse_price(d.p), d.T / 1000,
+                                  volume=parse_optional_float(d.q)))
             if self.check_gaps:
                 out.sequences.append((d.s, d.t))
         else:
-            out.ticks.append(Tick(self.name, d.s, price(d.c), d.E / 1000,
-                                  volume=optional_float(d.v)))
+            out.ticks.append(Tick(self.name, d.s, parse_price(d.c), d.E / 1000,
+                                  volume=parse_optional_float(d.v)))

@@ -45,9 +45,16 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from flows._http import HttpError, HttpSource, Parsed, Request, optional_float, price
-from flows._limits import RateLimit
-from flows._records import Tick
+from flows import (
+    HttpError,
+    HttpSource,
+    Parsed,
+    RateLimit,
+    Request,
+    Tick,
+    parse_optional_float,
+    parse_price,
+)
 
 __all__ = ["CoinbaseTickers"]
 
@@ -75,7 +82,7 @@ def _epoch(value: str) -> float:
 
 
 def _optional_price(value: str | None) -> float | None:
-    return None if value is None or value == "" else price(value)
+    return None if value is None or value == "" else parse_price(value)
 
 
 class CoinbaseTickers(HttpSource):
@@ -131,8 +138,8 @@ class CoinbaseTickers(HttpSource):
         try:
             ts = now if not item.time else _epoch(item.time)
             out.ticks.append(
-                Tick(self.name, symbol, price(item.price), ts, bid=_optional_price(item.bid),
-                     ask=_optional_price(item.ask), volume=optional_float(item.volume))
+                Tick(self.name, symbol, parse_price(item.price), ts, bid=_optional_price(item.bid),
+                     ask=_optional_price(item.ask), volume=parse_optional_float(item.volume))
             )
         except (TypeError, ValueError) as exc:
             out.bad("invalid", f"{symbol}: {exc}")
@@ -151,10 +158,14 @@ from typing import Any
 
 import msgspec
 
-from flows._http import optional_float, price  # noqa: F811
-from flows._limits import RateLimit
-from flows._records import Tick  # noqa: F811
-from flows._ws import StreamParsed, WebSocketSource
+from flows import (  # noqa: F811
+    RateLimit,
+    StreamParsed,
+    Tick,
+    WebSocketSource,
+    parse_optional_float,
+    parse_price,
+)
 
 __all__ += ["CoinbaseStream"]
 
@@ -189,7 +200,7 @@ def _feed_epoch(value: str) -> float:
 
 
 def _feed_price(value: str | None) -> float | None:
-    return None if value is None or value == "" else price(value)
+    return None if value is None or value == "" else parse_price(value)
 
 
 _feed_log = logging.getLogger("flows.source.coinbase")
@@ -318,10 +329,10 @@ class CoinbaseStream(WebSocketSource):
             if m.product_id is None:
                 raise ValueError("ticker message without product_id")
             out.ticks.append(Tick(
-                self.name, m.product_id, price(m.price),
+                self.name, m.product_id, parse_price(m.price),
                 _feed_epoch(m.time) if m.time else time.time(),
                 bid=_feed_price(m.best_bid), ask=_feed_price(m.best_ask),
-                volume=optional_float(m.volume_24h),
+                volume=parse_optional_float(m.volume_24h),
             ))
             if self.check_gaps and m.sequence is not None:
                 out.sequences.append((m.product_id, m.sequence))

@@ -50,9 +50,16 @@ import time
 import httpx
 import msgspec
 
-from flows._http import HttpError, HttpSource, Parsed, Request, optional_float, price
-from flows._limits import RateLimit
-from flows._records import Tick
+from flows import (
+    HttpError,
+    HttpSource,
+    Parsed,
+    RateLimit,
+    Request,
+    Tick,
+    parse_optional_float,
+    parse_price,
+)
 
 __all__ = ["CoinCapPrices"]
 
@@ -149,8 +156,8 @@ class CoinCapPrices(HttpSource):
                 continue
             seen.add(asset.id)
             try:
-                out.ticks.append(Tick(self.name, asset.id, price(asset.priceUsd), ts,
-                                      volume=optional_float(asset.volumeUsd24Hr)))
+                out.ticks.append(Tick(self.name, asset.id, parse_price(asset.priceUsd), ts,
+                                      volume=parse_optional_float(asset.volumeUsd24Hr)))
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{asset.id}: {exc}")
         missing = len(wanted - seen)

@@ -52,9 +52,7 @@ from typing import Any, Literal
 import httpx
 import msgspec
 
-from flows._http import HttpError, HttpSource, Parsed, Request, price
-from flows._limits import RateLimit
-from flows._records import Tick
+from flows import HttpError, HttpSource, Parsed, RateLimit, Request, Tick, parse_price
 
 __all__ = ["CoinGeckoPrices"]
 
@@ -69,7 +67,7 @@ def _number(value: Any) -> float:
     """A positive finite price from a JSON number (CoinGecko never sends strings)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"price {value!r} is not a number")
-    return price(value)
+    return parse_price(value)
 
 
 def _epoch(value: Any) -> float | None:

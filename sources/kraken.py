@@ -74,9 +74,16 @@ import time
 import httpx
 import msgspec
 
-from flows._http import HttpError, HttpSource, Parsed, Request, optional_float, price
-from flows._limits import RateLimit
-from flows._records import Tick
+from flows import (
+    HttpError,
+    HttpSource,
+    Parsed,
+    RateLimit,
+    Request,
+    Tick,
+    parse_optional_float,
+    parse_price,
+)
 
 __all__ = ["KrakenTickers"]
 
@@ -127,7 +134,7 @@ def _first(values: list[str] | None, index: int = 0) -> str | None:
 
 
 def _optional_price(value: str | None) -> float | None:
-    return None if value is None or value == "" else price(value)
+    return None if value is None or value == "" else parse_price(value)
 
 
 class KrakenTickers(HttpSource):
@@ -226,9 +233,9 @@ class KrakenTickers(HttpSource):
             seen.update(names)
             try:
                 ticker = _decode_ticker.decode(raw)
-                last = price(_first(ticker.c))
+                last = parse_price(_first(ticker.c))
                 bid, ask = _optional_price(_first(ticker.b)), _optional_price(_first(ticker.a))
-                volume = optional_float(_first(ticker.v, 1))
+                volume = parse_optional_float(_first(ticker.v, 1))
             except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
                 for symbol in names:
                     out.bad("invalid", f"{symbol} ({key}): {exc}")
@@ -256,10 +263,13 @@ from typing import Any, Literal
 
 import msgspec
 
-from flows._http import price  # noqa: F811
-from flows._limits import RateLimit
-from flows._records import Tick  # noqa: F811
-from flows._ws import StreamParsed, WebSocketSource
+from flows import (  # noqa: F811
+    RateLimit,
+    StreamParsed,
+    Tick,
+    WebSocketSource,
+    parse_price,
+)
 
 __all__ += ["KrakenStream"]
 
@@ -328,7 +338,7 @@ def _v2_epoch(value: str) -> float:
 
 
 def _v2_price(value: float | None) -> float | None:
-    return None if value is None else price(value)
+    return None if value is None else parse_price(value)
 
 
 class KrakenStream(WebSocketSource):
@@ -459,7 +469,7 @@ class KrakenStream(WebSocketSource):
             now = time.time()
             for item in _decode_v2_tickers(m.data):
                 out.ticks.append(Tick(
-                    self.name, item.symbol, price(item.last),
+                    self.name, item.symbol, parse_price(item.last),
                     _v2_epoch(item.timestamp) if item.timestamp else now,
                     bid=_v2_price(item.bid), ask=_v2_price(item.ask), volume=item.volume,
                 ))

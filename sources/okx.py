@@ -49,9 +49,16 @@ from typing import Literal
 import httpx
 import msgspec
 
-from flows._http import HttpError, HttpSource, Parsed, Request, optional_float, price
-from flows._limits import RateLimit
-from flows._records import Tick
+from flows import (
+    HttpError,
+    HttpSource,
+    Parsed,
+    RateLimit,
+    Request,
+    Tick,
+    parse_optional_float,
+    parse_price,
+)
 
 __all__ = ["OKXTickers"]
 
@@ -165,11 +172,11 @@ class OKXTickers(HttpSource):
                 continue  # market/tickers lists every instrument: keep the asked ones
             seen.add(t.instId)
             try:
-                ts = optional_float(t.ts)
+                ts = parse_optional_float(t.ts)
                 out.ticks.append(
-                    Tick(self.name, t.instId, price(t.last), ts / 1000 if ts and ts > 0 else now,
-                         bid=optional_float(t.bidPx), ask=optional_float(t.askPx),
-                         volume=optional_float(t.vol24h))
+                    Tick(self.name, t.instId, parse_price(t.last), ts / 1000 if ts and ts > 0 else now,
+                         bid=parse_optional_float(t.bidPx), ask=parse_optional_float(t.askPx),
+                         volume=parse_optional_float(t.vol24h))
                 )
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{t.instId}: {exc}")

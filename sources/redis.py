@@ -95,9 +95,7 @@ import msgspec
 import redis
 import trio
 
-from flows import Batch, Outbox, Tick
-from flows._log import DropLog
-from flows._metrics import ComponentMetrics
+from flows import Batch, ComponentMetrics, DropLog, Outbox, Tick
 from sinks.redis import FIELD, no_retry
 
 __all__ = ["RedisStreamSource"]

@@ -110,11 +110,15 @@ import attrs
 import msgspec
 import trio
 
-from flows import Batch, Outbox, Tick
-from flows._actors import RunContext
-from flows._checkpoint import write_atomic
-from flows._log import DropLog
-from flows._metrics import ComponentMetrics
+from flows import (
+    Batch,
+    ComponentMetrics,
+    DropLog,
+    Outbox,
+    RunContext,
+    Tick,
+    write_atomic,
+)
 
 __all__ = ["OFFSET_VERSION", "OffsetTracker", "ReplaySource", "count_lines"]
 

@@ -67,6 +67,34 @@ async def scripted_http_server(nursery, answers: list[tuple[int, bytes]], then: 
     return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
 
 
+async def routed_http_server(nursery, routes: dict[str, list[tuple[int, bytes]]],
+                             on_request: Callable[[bytes], object] = lambda head: None) -> str:
+    """A bare HTTP server on 127.0.0.1 answering a GET of each path in
+    ``routes`` with its (status, body) answers in turn, the last one repeated
+    (an HTML 404 for other paths); ``on_request`` gets each request's head.
+    Returns its URL."""
+    answers = {path: list(script) for path, script in routes.items()}
+
+    async def handler(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        on_request(data)
+        path = data.split(b" ", 2)[1].decode()
+        script = answers.get(path, [(404, b"<html><body><h1>404 Not Found</h1></body></html>")])
+        status, body = script.pop(0) if len(script) > 1 else script[0]
+        kind = b"text/html" if body.startswith(b"<") else b"application/json"
+        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n"
+                              b"content-length: %d\r\n\r\n%s" % (status, kind, len(body), body))
+        await stream.aclose()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+
+
 async def run_until(flow: Flow, done, registry: CollectorRegistry | None = None) -> Runtime:
     """Run ``flow`` until ``done()`` holds (checked every 0.5 s), then stop it."""
     rt = Runtime(flow, registry=registry or CollectorRegistry(), metrics_addr=None)

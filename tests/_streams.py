@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows._ws import RECONNECT_REASONS
+from flows import RECONNECT_REASONS
 from flows.testing import running_source, sample, wait_until
 from flows.testing.emulator import Emulator
 

@@ -9,8 +9,7 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Runtime
-from flows._limits import CircuitBreaker, RateLimit
+from flows import CircuitBreaker, Flow, RateLimit, Runtime
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator, WeightLimit
 from sources.binance import BinanceTickers

@@ -9,9 +9,7 @@ import trio
 from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Runtime
-from flows._http import Request
-from flows._limits import CircuitBreaker, RateLimit
+from flows import CircuitBreaker, Flow, RateLimit, Request, Runtime
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator
 from sources.coinbase import CoinbaseTickers

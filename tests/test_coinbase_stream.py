@@ -20,10 +20,8 @@ from _streams import (
     until,
 )
 
-from flows import Edge
-from flows._limits import RateLimit
+from flows import RECONNECT_REASONS, Edge, RateLimit
 from flows._websocket import ConnectionClosed, open_ws
-from flows._ws import RECONNECT_REASONS
 from flows.testing import (
     GatedSink,
     assert_component_metrics,

@@ -11,8 +11,7 @@ import trio
 from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Runtime
-from flows._limits import CircuitBreaker, RateLimit
+from flows import CircuitBreaker, Flow, RateLimit, Runtime
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coincap import CoinCapPrices

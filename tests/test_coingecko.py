@@ -13,8 +13,7 @@ from _http_sources import (
 )
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Runtime
-from flows._limits import CircuitBreaker, RateLimit
+from flows import CircuitBreaker, Flow, RateLimit, Runtime
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coingecko import CoinGeckoPrices

@@ -11,9 +11,7 @@ import trio
 from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Runtime
-from flows._http import HttpError, Request
-from flows._limits import CircuitBreaker, RateLimit
+from flows import CircuitBreaker, Flow, HttpError, RateLimit, Request, Runtime
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator
 from sources.kraken import KrakenTickers

@@ -21,8 +21,8 @@ from _streams import (
 )
 from _streams import until as _until
 
+from flows import RECONNECT_REASONS
 from flows._websocket import ConnectionClosed, open_ws
-from flows._ws import RECONNECT_REASONS
 from flows.testing import assert_component_metrics, sample
 from sources.kraken import KrakenStream, v2_symbol
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from flows._limits import CircuitBreaker, RateLimit, RateLimiter
+from flows import CircuitBreaker, RateLimit
+from flows._limits import RateLimiter
 
 
 async def starts(limiter: RateLimiter, n: int, weight: float = 1.0) -> list[float]:

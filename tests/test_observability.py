@@ -14,9 +14,13 @@ Checked here:
   records/s, send-wait, end-to-end p99 at the sinks) exist, are finite and
   plausible, and agree with the flow's own /status;
 - ``promtool check metrics`` passes on /metrics;
-- ``dashboards/flows.json`` is what ``dashboards/generate.py`` writes, every
-  metric it queries is in ``flows.METRICS`` and on /metrics, and every
-  query runs on Prometheus (with the kind variables resolved);
+- ``dashboards/flows.json`` is what ``dashboards/generate.py`` writes from
+  the metric declarations (``flows.all_metrics()``: the core table plus what
+  registered components declare), every metric it queries is declared, every
+  core one is on /metrics (a component's own families are registered when that
+  component runs: checked here for the HTTP and websocket source bases against
+  the exchange emulator), and every query runs on Prometheus (with the kind
+  variables resolved);
 - ``monitoring/alerts.yml`` and ``monitoring/prometheus.yml`` pass promtool,
   use only known metrics, load in Prometheus and stay quiet on a healthy flow.
 """
@@ -39,12 +43,24 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
-from flows import METRICS, ChangeDetector, Flow, Runtime
-from flows._metrics import FAST_BUCKETS, LATENCY_BUCKETS
+from flows import (
+    FAST_BUCKETS,
+    LATENCY_BUCKETS,
+    METRICS,
+    ChangeDetector,
+    Flow,
+    MetricFamily,
+    Runtime,
+    all_metrics,
+    declared_metrics,
+)
+from flows.testing import ListSink, wait_until
+from flows.testing.emulator import Emulator
 from sinks.jsonl import JSONLSink
 from sinks.sqlite import SQLiteSink
+from sources.binance import BinanceStream, BinanceTickers
 from sources.synthetic import SyntheticMarket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,19 +74,11 @@ NOMINAL = SYMBOLS / INTERVAL  # records/s the source makes when it keeps up
 STAGES = {"synthetic": "source", "change": "stage", "sqlite": "sink", "jsonl": "sink"}
 WAIT = 20.0  # longest wait for Prometheus to have an answer
 
-# Families that only get series with an HTTP source, an error or a slow operation.
-HTTP_ONLY = {
-    "flows_source_request_seconds",
-    "flows_source_responses_total",
-    "flows_source_retries_total",
-    "flows_source_rate_limit_wait_seconds",
-    "flows_source_circuit_state",
-    "flows_source_messages_total",
-    "flows_source_reconnects_total",
-    "flows_source_connection_uptime_seconds",
-    "flows_source_gaps_total",
-}
-SERIES_LATER = HTTP_ONLY | {
+ALL = all_metrics()  # the core table plus what registered components declare
+# Families declared by components (HTTP and stream sources) this flow lacks,
+# and core ones that only get series with an error or a slow operation.
+DECLARED = set(ALL) - set(METRICS)
+SERIES_LATER = DECLARED | {
     "flows_errors_total", "flows_slow_batches_total", "flows_slow_poll_cycles_total",
 }
 
@@ -387,7 +395,7 @@ def metric_names(text: str) -> set[str]:
     names = set()
     for name in re.findall(r"\bflows_[a-z0-9_]+", text):
         for suffix in ("_bucket", "_sum", "_count"):
-            if name.endswith(suffix) and name.removesuffix(suffix) in METRICS:
+            if name.endswith(suffix) and name.removesuffix(suffix) in ALL:
                 name = name.removesuffix(suffix)
         names.add(name)
     return names
@@ -429,11 +437,13 @@ def test_dashboard_is_generated_and_well_formed():
 def test_dashboard_metrics_exist_and_are_exported(metrics_text):
     exprs, variables = dashboard_queries(json.loads(DASHBOARD.read_text()))
     used = metric_names(" ".join(e for _, e in exprs) + " ".join(variables.values()))
-    unknown = used - set(METRICS)
-    assert not unknown, f"the dashboard queries metrics flows does not define: {unknown}"
+    unknown = used - set(ALL)
+    assert not unknown, f"the dashboard queries metrics flows does not declare: {unknown}"
     typed = set(re.findall(r"^# TYPE (\S+) ", metrics_text, re.MULTILINE))
     for name in used:
-        base = name.removesuffix("_total") if METRICS[name][0] == "counter" else name
+        if name in DECLARED:
+            continue  # registered when its component runs: see the test below
+        base = name.removesuffix("_total") if ALL[name].kind == "counter" else name
         assert base in typed or name in typed, f"{name} has no # TYPE line on /metrics"
         if name in SERIES_LATER:
             continue
@@ -445,9 +455,70 @@ def test_dashboard_metrics_exist_and_are_exported(metrics_text):
 def test_dashboard_covers_every_metric():
     exprs, variables = dashboard_queries(json.loads(DASHBOARD.read_text()))
     used = metric_names(" ".join(e for _, e in exprs) + " ".join(variables.values()))
-    assert used == set(METRICS), (
-        f"not on the dashboard: {set(METRICS) - used}; add panels in dashboards/generate.py"
+    assert used == set(ALL), (
+        f"not on the dashboard: {set(ALL) - used}; add panels in dashboards/generate.py"
     )
+    rows = [p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"]
+    assert "Other components" not in rows  # every shipped family has a hand-made panel
+
+
+def test_a_newly_declared_family_gets_a_generic_panel(monkeypatch):
+    generator = load_generator()
+    extra = {
+        "flows_source_fix_sessions_total": MetricFamily(
+            "flows_source_fix_sessions_total", "counter", "FIX sessions opened.", labels=("reason",)),
+        "flows_source_fix_logon_seconds": MetricFamily(
+            "flows_source_fix_logon_seconds", "histogram", "FIX logon time."),
+    }
+    monkeypatch.setattr(generator.flows, "all_metrics", lambda: {**ALL, **extra})
+    board = generator.build()
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert rows[-1] == "Other components"
+    exprs, _ = dashboard_queries(board)
+    assert {t for t, _ in exprs} >= set(extra)
+    queried = generator.metric_names(" ".join(e for _, e in exprs), {**ALL, **extra})
+    assert queried == set(extra) | set(ALL)
+    for title, expr in exprs:
+        assert 'flow=~"$flow"' in expr, (title, expr)
+    # a panel asking for a family nobody declares stops the generator
+    monkeypatch.setattr(generator.flows, "all_metrics", lambda: dict(METRICS))
+    with pytest.raises(SystemExit, match="undeclared metrics"):
+        generator.build()
+
+
+async def test_declared_families_reach_metrics_when_their_component_runs(nursery, autojump_clock):
+    """HttpSource's and WebSocketSource's own families are not on every
+    registry: they are registered once such a source runs, with the declared
+    kind, help and labels, and pass promtool."""
+    emulator = Emulator(seed=3, assets=10, tick_interval=0)
+    url = await nursery.start(emulator.serve)
+    symbols = emulator.symbols("binance")[:3]
+    sink = ListSink()
+    flow = Flow("own", sources=[
+        BinanceTickers(symbols=symbols, base_url=url, every=1.0),
+        BinanceStream(symbols=symbols, base_url=url.replace("http://", "ws://")),
+    ], sinks=[sink])
+    registry = CollectorRegistry()
+    runtime = Runtime(flow, registry=registry, metrics_addr=None)
+    declared = {f.name: f for cls in (BinanceTickers, BinanceStream) for f in declared_metrics(cls)}
+    async with trio.open_nursery() as inner:
+        await inner.start(runtime.run)
+        await wait_until(lambda: {t.source for t in sink.records} == {"binance", "binance_stream"})
+        text = generate_latest(registry).decode()
+        runtime.stop()
+    assert set(declared) == DECLARED
+    for name, family in declared.items():
+        base = name.removesuffix("_total") if family.kind == "counter" else name
+        assert {f"# TYPE {n} {family.kind}\n" for n in (name, base)} & {*text.splitlines(True)}, name
+        assert {f"# HELP {n} {family.help}\n" for n in (name, base)} & {*text.splitlines(True)}, name
+        sample = re.search(rf"^{name}(_bucket|_count)?{{(.*?)}}", text, re.MULTILINE)
+        assert sample is not None, f"{name} has no series"
+        labels = [kv.split("=")[0] for kv in re.findall(r'(\w+)="', sample.group(2))]
+        assert set(labels) - {"le"} == {"flow", "stage", *family.labels}, name
+    if shutil.which("promtool"):
+        check = await trio.run_process(["promtool", "check", "metrics"], stdin=text.encode(),
+                                       capture_stdout=True, capture_stderr=True, check=False)
+        assert check.returncode == 0, (check.stdout + check.stderr).decode()
 
 
 def resolve(expr: str, values: dict[str, list[str]]) -> str:
@@ -504,7 +575,7 @@ def test_alert_rules_use_known_metrics():
     text = ALERTS.read_text()
     used = metric_names(text)
     assert used, "no flows_ metric in the rules"
-    assert not used - set(METRICS), f"unknown metrics in alerts.yml: {used - set(METRICS)}"
+    assert not used - set(ALL), f"unknown metrics in alerts.yml: {used - set(ALL)}"
     for needed in ("flows_batch_processing_seconds", "flows_source_circuit_state",
                    "flows_channel_buffer_batches", "flows_records_sent_total",
                    "flows_actor_restarts_total", "flows_slow_batches_total"):

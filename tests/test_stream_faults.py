@@ -18,7 +18,7 @@ from _streams import (
     until,
 )
 
-from flows._ws import RECONNECT_REASONS
+from flows import RECONNECT_REASONS
 from flows.testing.emulator import WsFaults
 from sources.binance import BinanceStream
 from sources.coinbase import CoinbaseStream

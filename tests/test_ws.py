@@ -18,8 +18,7 @@ import trio
 from _streams import FLOW, running, until
 from trio_websocket import ConnectionClosed, serve_websocket
 
-from flows._limits import RateLimit
-from flows._ws import RECONNECT_REASONS, StreamParsed, WebSocketSource
+from flows import RECONNECT_REASONS, RateLimit, StreamParsed, WebSocketSource
 from flows.testing import assert_component_metrics, sample
 
 

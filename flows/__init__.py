@@ -18,6 +18,8 @@ from ._channels import Outbox as Outbox
 from ._checkpoint import write_atomic as write_atomic
 from ._flow import Flow as Flow
 from ._flow import FlowError as FlowError
+from ._flow import Routes as Routes
+from ._flow import Stream as Stream
 from ._flow import Supervision as Supervision
 from ._http import HttpError as HttpError
 from ._http import HttpSource as HttpSource

@@ -234,6 +234,8 @@ class HttpSource:
         self.cycles = 0
         self._drops = DropLog(f"flows.source.{name}")
         self._fresh = False
+        self.metrics: ComponentMetrics | None = None
+        """The component's metrics once running (for hooks that count their own families)."""
 
     # -- subclass hooks ----------------------------------------------------
 
@@ -280,6 +282,7 @@ class HttpSource:
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
+        self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(RETRIES)  # export the series from the start
         state = m.labeled(CIRCUIT_STATE)

@@ -266,6 +266,8 @@ class WebSocketSource:
         self._gap_keys: set[str] = set()
         self._gap_wake = trio.Event()
         self._running = False
+        self.metrics: ComponentMetrics | None = None
+        """The component's metrics once running (for hooks that count their own families)."""
 
     # -- subclass hooks ----------------------------------------------------
 
@@ -337,6 +339,7 @@ class WebSocketSource:
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
+        self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(MESSAGES)  # export the series from the start
         m.labeled(GAPS)

@@ -187,7 +187,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list:
-        return list_components()
+        try:
+            return list_components()
+        except BrokenPipeError:  # `--list | head`: the reader left; not an error
+            sys.stdout = None  # type: ignore[assignment]  # no flush at exit
+            return 0
     setup_logging(args.log_format, args.log_level)
     try:
         flow = load_flow(args.target, args.flow) if args.target else demo_flow(args.db)

@@ -44,11 +44,11 @@ async def check_bad_bodies_are_dropped_and_polling_goes_on(
         rt.stop()
 
 
-async def scripted_http_server(nursery, answers: list[tuple[int, bytes]], then: bytes,
-                               on_request: Callable[[bytes], object]) -> str:
-    """A bare HTTP server on 127.0.0.1 answering with ``answers`` (status,
-    JSON body) in turn, then ``(200, then)``; ``on_request`` gets each
-    request's head. Returns its URL."""
+async def _serve(nursery, answer: Callable[[bytes], tuple[int, bytes, bytes]],
+                 on_request: Callable[[bytes], object]) -> str:
+    """A bare HTTP/1.1 server on 127.0.0.1: reads each request's head, gives
+    it to ``on_request``, sends ``answer(head)`` (status, content type, body)
+    and closes. Returns its URL."""
 
     async def handler(stream):
         data = b""
@@ -58,13 +58,26 @@ async def scripted_http_server(nursery, answers: list[tuple[int, bytes]], then: 
                 return
             data += chunk
         on_request(data)
-        status, body = answers.pop(0) if answers else (200, then)
-        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                              b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
+        status, kind, body = answer(data)
+        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n"
+                              b"content-length: %d\r\n\r\n%s" % (status, kind, len(body), body))
         await stream.aclose()
 
     (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+
+
+async def scripted_http_server(nursery, answers: list[tuple[int, bytes]], then: bytes,
+                               on_request: Callable[[bytes], object]) -> str:
+    """A bare HTTP server on 127.0.0.1 answering with ``answers`` (status,
+    JSON body) in turn, then ``(200, then)``; ``on_request`` gets each
+    request's head. Returns its URL."""
+
+    def answer(head: bytes) -> tuple[int, bytes, bytes]:
+        status, body = answers.pop(0) if answers else (200, then)
+        return status, b"application/json", body
+
+    return await _serve(nursery, answer, on_request)
 
 
 async def routed_http_server(nursery, routes: dict[str, list[tuple[int, bytes]]],
@@ -75,24 +88,13 @@ async def routed_http_server(nursery, routes: dict[str, list[tuple[int, bytes]]]
     Returns its URL."""
     answers = {path: list(script) for path, script in routes.items()}
 
-    async def handler(stream):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
-        on_request(data)
-        path = data.split(b" ", 2)[1].decode()
+    def answer(head: bytes) -> tuple[int, bytes, bytes]:
+        path = head.split(b" ", 2)[1].decode()
         script = answers.get(path, [(404, b"<html><body><h1>404 Not Found</h1></body></html>")])
         status, body = script.pop(0) if len(script) > 1 else script[0]
-        kind = b"text/html" if body.startswith(b"<") else b"application/json"
-        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n"
-                              b"content-length: %d\r\n\r\n%s" % (status, kind, len(body), body))
-        await stream.aclose()
+        return status, b"text/html" if body.startswith(b"<") else b"application/json", body
 
-    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    return await _serve(nursery, answer, on_request)
 
 
 async def run_until(flow: Flow, done, registry: CollectorRegistry | None = None) -> Runtime:

@@ -16,16 +16,28 @@ is evicted (counted as discarded with reason ``evicted``).
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
 atomically) every ``checkpoint_every`` seconds and when the stage stops,
 and restored when it starts, so a restarted flow does not re-emit every
-unchanged symbol. A run with ``fresh`` (``python -m flows.run --fresh``)
-ignores the file. A missing, corrupt or foreign checkpoint is reported in
-one log line and ignored.
+unchanged symbol. The file holds only what every consumer downstream has
+acknowledged: each emitted batch carries an ack hook, and the state a save
+writes is built from the batches acked so far, in order (``written``,
+``skipped`` and ``dropped`` count; a ``failed`` batch's values are left
+out, so they are emitted again). A crash between emitting a record and its
+sink storing it therefore re-emits the record after the restart (at least
+once) instead of skipping it as unchanged. When the stage stops, the final
+save waits for the acks still to come (it is written by the last one).
+
+The file is a magic line and length-prefixed msgpack frames, the most
+recently seen keys first, so a restore reads no more than ``max_keys``
+entries however large the file. A run with ``fresh`` (``python -m
+flows.run --fresh``) ignores the file. A missing, corrupt, hostile or
+foreign checkpoint is reported in one log line and ignored.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
+import struct
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -38,16 +50,28 @@ from ._channels import Inbox, Outbox
 from ._checkpoint import write_atomic
 from ._log import DropLog
 from ._metrics import ComponentMetrics
+from ._records import Batch
 
 log = logging.getLogger("flows.change")
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_MAGIC = b"flows.ChangeDetector 2\n"
+_FRAME = struct.Struct(">I")
+_FRAME_ENTRIES = 4096
+_MAX_FRAME = 64 << 20
+_SETTLED = frozenset(("written", "skipped", "dropped"))
+"""Outcomes whose values the checkpoint keeps (a ``failed`` batch is emitted again)."""
 
 
 class _Checkpoint(msgspec.Struct, frozen=True):
+    """Version 1: the whole state in one msgpack object (still read)."""
+
     version: int
     kind: str
     entries: list[tuple[Any, float, float]]  # key, last emitted value, its time
+
+
+_Entries = msgspec.msgpack.Decoder(list[tuple[Any, float, float]])
 
 
 def _hashable(key: Any) -> Hashable:
@@ -118,6 +142,10 @@ class ChangeDetector:
         self.checkpoint_every = checkpoint_every
         # key -> [last emitted value, time it was emitted]
         self.state: OrderedDict[Hashable, list[float]] = OrderedDict()
+        # what the checkpoint holds: the state as of the batches acked so far
+        self.acked: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+        self._unacked: deque[list[Any]] = deque()  # [emitted records, outcome], in order
+        self._closing = False
         self._drops = DropLog(f"flows.stage.{name}")
         self._fresh = False
         self._restored = False
@@ -126,46 +154,68 @@ class ChangeDetector:
         self._fresh = context.fresh
 
     def save(self) -> None:
-        """Write the state to the checkpoint file (atomically)."""
+        """Write the acknowledged state to the checkpoint file (atomically):
+        the magic line, then frames of entries, most recently emitted first."""
         if self.checkpoint is None:
             return
-        entries = [(k, v[0], v[1]) for k, v in self.state.items()]
-        data = msgspec.msgpack.encode(
-            _Checkpoint(CHECKPOINT_VERSION, "flows.ChangeDetector", entries)
-        )
-        write_atomic(self.checkpoint, data)
+        entries = [(k, v, t) for k, (v, t) in reversed(self.acked.items())]
+        parts = [_MAGIC]
+        encode = msgspec.msgpack.encode
+        for i in range(0, len(entries), _FRAME_ENTRIES):
+            frame = encode(entries[i : i + _FRAME_ENTRIES])
+            parts += (_FRAME.pack(len(frame)), frame)
+        write_atomic(self.checkpoint, b"".join(parts))
 
     def restore(self) -> int:
         """Load the checkpoint file into the state; returns the keys loaded.
 
-        Anything wrong with the file is logged once and ignored.
+        Reads at most ``max_keys`` entries. Anything wrong with the file is
+        logged once and ignored.
         """
         path = self.checkpoint
         if path is None:
             return 0
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                entries = self._read(f)
         except FileNotFoundError:
             log.info("change %s: no checkpoint at %s yet; starting empty", self.name, path)
             return 0
         except OSError as exc:
             log.warning("change %s: cannot read checkpoint %s (%s); ignoring it", self.name, path, exc)
             return 0
-        try:
-            cp = msgspec.msgpack.decode(data, type=_Checkpoint)
-            if cp.version != CHECKPOINT_VERSION or cp.kind != "flows.ChangeDetector":
-                raise ValueError(f"version {cp.version} of {cp.kind!r}, expected {CHECKPOINT_VERSION}")
-            state = OrderedDict((_hashable(k), [v, t]) for k, v, t in cp.entries)
-        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
             log.warning(
-                "change %s: checkpoint %s is unusable (%s); ignoring it", self.name, path, exc
+                "change %s: checkpoint %s is unusable (%s); ignoring it", self.name, path,
+                str(exc)[:200],
             )
             return 0
-        while len(state) > self.max_keys:
-            state.popitem(last=False)
-        self.state = state
-        log.info("change %s: restored %d keys from %s", self.name, len(state), path)
-        return len(state)
+        self.state = OrderedDict((k, [v, t]) for k, v, t in reversed(entries))
+        self.acked = OrderedDict((k, (v, t)) for k, v, t in reversed(entries))
+        log.info("change %s: restored %d keys from %s", self.name, len(entries), path)
+        return len(entries)
+
+    def _read(self, f: Any) -> list[tuple[Hashable, float, float]]:
+        """Up to ``max_keys`` entries, most recently seen first."""
+        head = f.read(len(_MAGIC))
+        if head != _MAGIC:  # version 1: one object, oldest first
+            cp = msgspec.msgpack.decode(head + f.read(), type=_Checkpoint)
+            if cp.version != 1 or cp.kind != "flows.ChangeDetector":
+                raise ValueError(f"version {cp.version} of {cp.kind!r}, expected {CHECKPOINT_VERSION}")
+            return [(_hashable(k), v, t) for k, v, t in reversed(cp.entries[-self.max_keys :])]
+        entries: list[tuple[Hashable, float, float]] = []
+        while len(entries) < self.max_keys:
+            size = f.read(_FRAME.size)
+            if not size:
+                break
+            (n,) = _FRAME.unpack(size) if len(size) == _FRAME.size else (-1,)
+            if not 0 < n <= _MAX_FRAME:
+                raise ValueError("a frame is cut short or too large")
+            frame = f.read(n)
+            if len(frame) != n:
+                raise ValueError("the last frame is cut short")
+            entries += ((_hashable(k), v, t) for k, v, t in _Entries.decode(frame))
+        return entries[: self.max_keys]
 
     def filter(self, records: list[Any], metrics: ComponentMetrics | None = None) -> list[Any]:
         """The records of ``records`` that must be emitted; updates the state."""
@@ -271,16 +321,56 @@ class ChangeDetector:
             else:
                 await trio.to_thread.run_sync(self.restore)
         next_save = trio.current_time() + self.checkpoint_every
+        checkpointing = self.checkpoint is not None
+        self._closing = False
         try:
             async for batch in inbox:
                 kept = self.filter(batch.records, metrics)
-                await outbox.send(batch.replace(kept))  # an empty batch is acked "skipped"
-                if self.checkpoint is not None and trio.current_time() >= next_save:
+                out = batch.replace(kept)
+                if checkpointing and kept:
+                    self._track(out)
+                await outbox.send(out)  # an empty batch is acked "skipped"
+                if checkpointing and trio.current_time() >= next_save:
                     await self._save(metrics)
                     next_save = trio.current_time() + self.checkpoint_every
         finally:
-            with trio.CancelScope(shield=True):
-                await self._save(metrics)
+            self._closing = True
+            if not self._unacked:
+                with trio.CancelScope(shield=True):
+                    await self._save(metrics)
+            # else the last ack to come writes the final checkpoint
+
+    def _track(self, batch: Batch) -> None:
+        """Hook ``batch`` (emitted records) so its values reach the
+        checkpoint once every consumer has handled it."""
+        entry: list[Any] = [batch.records, None]
+        self._unacked.append(entry)
+
+        def acked(outcome: str) -> None:
+            entry[1] = outcome
+            self._settle()
+
+        batch.acks += (acked,)
+
+    def _settle(self) -> None:
+        """Move the values of batches acked in order into ``acked``."""
+        pending, acked, limit = self._unacked, self.acked, self.max_keys
+        key_of, value_of, time_of = self.key, self.value, self.time
+        while pending and pending[0][1] is not None:
+            records, outcome = pending.popleft()
+            if outcome not in _SETTLED:
+                continue
+            for r in records:
+                k = key_of(r)
+                acked[k] = (value_of(r), time_of(r))
+                acked.move_to_end(k)
+            while len(acked) > limit:
+                acked.popitem(last=False)
+        if self._closing and not pending:
+            try:
+                self.save()  # the final save, once the last ack is in
+            except OSError as exc:
+                log.error("change %s: cannot write checkpoint %s: %s", self.name, self.checkpoint, exc)
 
     async def _save(self, metrics: ComponentMetrics) -> None:
         if self.checkpoint is None:

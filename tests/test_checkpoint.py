@@ -122,8 +122,10 @@ async def test_the_checkpoint_holds_only_what_the_sinks_acknowledged(tmp_path):
     rt = Runtime(flow, metrics_addr=None, registry=CollectorRegistry())
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        await trio.testing.wait_all_tasks_blocked()
-        assert len(detector.state) == 50  # emitted, waiting at the stalled sink
+        with trio.fail_after(10):  # the restore runs in a thread: poll, with a deadline
+            while len(detector.state) < 50:
+                await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked()  # emitted, waiting at the stalled sink
         await trio.to_thread.run_sync(detector.save)
         assert ChangeDetector(checkpoint=path).restore() == 0
         sink.gate.set()

@@ -276,6 +276,8 @@ class HttpSource:
         """None when healthy, else why not (shown on /readyz)."""
         if self.circuit.state == "open":
             return f"source {self.name}: circuit open"
+        if self.circuit.state == "half_open":
+            return f"source {self.name}: circuit half-open (probing)"
         if self.standby_for is not None and self.standby_for.circuit.state != "closed":
             return f"degraded: {self.name} stands in for {self.standby_for.name}"
         return None
@@ -352,20 +354,28 @@ class HttpSource:
     ) -> list[Tick] | None:
         """One request with retries; its Ticks, or None when it failed for good."""
         attempt = 0
+        circuit = self.circuit
         while True:
-            if not self.circuit.allow():
-                await trio.sleep_until(max(self.circuit.reopens_at(), trio.current_time() + 0.01))
+            if not circuit.allow():
+                if circuit.state == "open":
+                    await trio.sleep_until(circuit.reopens_at())
+                else:  # half-open, another request is the probe: wait for its outcome
+                    await circuit.wait_changed()
                 continue
-            waited = await self.limiter.acquire(request.weight)
-            m.labeled(RATE_LIMIT_WAIT).observe(waited)
+            probe = circuit.state == "half_open"
+            state.set(CircuitBreaker.STATES[circuit.state])
             try:
+                waited = await self.limiter.acquire(request.weight)
+                m.labeled(RATE_LIMIT_WAIT).observe(waited)
                 parsed = await self._get(client, request, m)
             except HttpError as exc:
                 if exc.symbol_error:
-                    self.circuit.success()  # the API answered: only the symbol is bad
-                elif exc.retry_after is None:
-                    self.circuit.failure()  # rate limiting is the limiter's business
-                state.set(CircuitBreaker.STATES[self.circuit.state])
+                    circuit.success()  # the API answered: only the symbol is bad
+                elif exc.retry_after is not None:
+                    circuit.answered()  # rate limited: the limiter's business, not the breaker's
+                else:
+                    circuit.failure()
+                state.set(CircuitBreaker.STATES[circuit.state])
                 m.error("http" if exc.transient else "http_permanent")
                 if exc.retry_after is not None:
                     self.limiter.pause_until(trio.current_time() + exc.retry_after)
@@ -378,8 +388,11 @@ class HttpSource:
                 cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 await trio.sleep(random.uniform(0, cap))
                 continue
-            self.circuit.success()
-            state.set(CircuitBreaker.STATES[self.circuit.state])
+            finally:
+                if probe:
+                    circuit.release()  # a probe cancelled mid-request lets the next one through
+            circuit.success()
+            state.set(CircuitBreaker.STATES[circuit.state])
             with m.timed_batch():
                 for reason, n in parsed.invalid.items():
                     m.discarded(reason, n)

@@ -149,24 +149,48 @@ class CircuitBreaker:
         return self._opened_at + self.reset_after
 
     def success(self) -> None:
+        """A request was answered: the circuit closes."""
         self._failed = 0
         self._probing = False
         if self.state != "closed":
             self._set("closed")
+        self._wake()
 
     def failure(self) -> None:
+        """A request failed: a half-open circuit (its probe failed) or
+        ``failures`` in a row open it."""
         self._failed += 1
         self._probing = False
         if self.state == "half_open" or self._failed >= self.failures:
             self._opened_at = trio.current_time()
             if self.state != "open":
                 self._set("open")
+        self._wake()
+
+    def answered(self) -> None:
+        """The API answered, but not with data (rate limited): a half-open
+        probe succeeded (the API is up; pacing is the limiter's business); a
+        closed circuit's failure count is left as it is."""
+        if self.state == "closed":
+            self._wake()
+        else:
+            self.success()
+
+    def release(self) -> None:
+        """A probe ended without an answer either way (cancelled): let
+        another one through."""
+        if self._probing:
+            self._probing = False
+            self._wake()
 
     async def wait_changed(self) -> None:
-        """Wait for the next state change."""
+        """Wait for the next state change or probe outcome."""
         await self._changed.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def _set(self, state: str) -> None:
         self.state = state
-        self._changed.set()
-        self._changed = trio.Event()
+        self._wake()

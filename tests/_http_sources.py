@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -44,11 +45,12 @@ async def check_bad_bodies_are_dropped_and_polling_goes_on(
         rt.stop()
 
 
-async def _serve(nursery, answer: Callable[[bytes], tuple[int, bytes, bytes]],
+async def serve_answers(nursery, answer: Callable[[bytes], tuple[Any, ...]],
                  on_request: Callable[[bytes], object]) -> str:
     """A bare HTTP/1.1 server on 127.0.0.1: reads each request's head, gives
-    it to ``on_request``, sends ``answer(head)`` (status, content type, body)
-    and closes. Returns its URL."""
+    it to ``on_request``, sends ``answer(head)`` (status, content type, body,
+    optionally a list of extra (name, value) headers, all bytes but the
+    status) and closes. Returns its URL."""
 
     async def handler(stream):
         data = b""
@@ -58,9 +60,10 @@ async def _serve(nursery, answer: Callable[[bytes], tuple[int, bytes, bytes]],
                 return
             data += chunk
         on_request(data)
-        status, kind, body = answer(data)
-        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n"
-                              b"content-length: %d\r\n\r\n%s" % (status, kind, len(body), body))
+        status, kind, body, *extra = answer(data)
+        head = b"".join(b"%s: %s\r\n" % kv for kv in (extra[0] if extra else ()))
+        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n%s"
+                              b"content-length: %d\r\n\r\n%s" % (status, kind, head, len(body), body))
         await stream.aclose()
 
     (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
@@ -77,7 +80,7 @@ async def scripted_http_server(nursery, answers: list[tuple[int, bytes]], then: 
         status, body = answers.pop(0) if answers else (200, then)
         return status, b"application/json", body
 
-    return await _serve(nursery, answer, on_request)
+    return await serve_answers(nursery, answer, on_request)
 
 
 async def routed_http_server(nursery, routes: dict[str, list[tuple[int, bytes]]],
@@ -94,7 +97,7 @@ async def routed_http_server(nursery, routes: dict[str, list[tuple[int, bytes]]]
         status, body = script.pop(0) if len(script) > 1 else script[0]
         return status, b"text/html" if body.startswith(b"<") else b"application/json", body
 
-    return await _serve(nursery, answer, on_request)
+    return await serve_answers(nursery, answer, on_request)
 
 
 async def run_until(flow: Flow, done, registry: CollectorRegistry | None = None) -> Runtime:

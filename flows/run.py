@@ -16,10 +16,11 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -147,6 +148,32 @@ def load_flow(target: str, attr: str | None = None) -> Flow:
     return obj
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors on one line: ``flows: error: ...`` and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"flows: error: {message} (see --help)\n")
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _db_arg(text: str) -> str:
+    folder = Path(text).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} is not writable")
+    return text
+
+
 def _shard_arg(text: str) -> Shard:
     try:
         return Shard.parse(text)
@@ -155,7 +182,7 @@ def _shard_arg(text: str) -> Shard:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m flows.run",
         description="Run a flow. Without TARGET, run the built-in demo "
         "(synthetic market -> change detection -> SQLite + console summary).",
@@ -164,12 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true",
                    help="list the registered sources and sinks (entry points) and exit")
     p.add_argument("--flow", metavar="NAME", help="attribute holding the Flow (default: flow)")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="drain and stop after this long")
+    p.add_argument("--duration", type=_seconds_arg, metavar="SECONDS", help="drain and stop after this long")
     p.add_argument(
         "--metrics-addr", default="127.0.0.1:9099", metavar="HOST:PORT",
         help="serve /metrics, /healthz, /readyz, /status here; 0 disables (default: %(default)s)",
     )
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--drain-timeout", type=_seconds_arg, default=30.0, metavar="SECONDS",
                    help="longest a drain may take before a forced stop (default: %(default)s)")
     p.add_argument("--shard", metavar="K/N", type=_shard_arg,
                    help="poll only shard K of N of each source's symbols (rendezvous hashing)")
@@ -177,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="ignore saved state (change-detector checkpoints, replay offsets)")
     p.add_argument("--graph", action="store_true",
                    help="print the flow's graph (text, then a Mermaid block) and exit")
-    p.add_argument("--db", default="ticks.db", help="SQLite file for the demo (default: %(default)s)")
+    p.add_argument("--db", default="ticks.db", type=_db_arg, help="SQLite file for the demo (default: %(default)s)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"))

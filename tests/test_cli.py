@@ -223,3 +223,17 @@ def test_interrupted_replay_resumes_to_the_same_rows_as_one_run(tmp_path):
 
     assert 0 < first < len(rows(whole))  # really interrupted
     assert rows(parts) == rows(whole)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--duration", "-1"], "argument --duration: must be a positive number of seconds, got -1"),
+    (["--drain-timeout", "-5"], "argument --drain-timeout: must be a positive number of seconds"),
+    (["--duration", "soon"], "'soon' is not a number of seconds"),
+    (["--db", "/nonexistent/dir/x.db"], "argument --db: folder '/nonexistent/dir' does not exist"),
+])
+def test_bad_options_are_one_line_and_exit_2_before_anything_starts(tmp_path, args, says):
+    done = run_cli(*args, "--metrics-addr", "0", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flows: error: ") and says in lines[0], done.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran: no database was made

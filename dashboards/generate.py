@@ -309,6 +309,30 @@ def build() -> dict[str, Any]:
         unit="s",
     )
     lay.panel(
+        "Sources: freshness",
+        "Seconds since each source last sent a valid record "
+        "(flows_source_last_record_age_seconds) against its stale_after "
+        "(flows_source_stale_after_seconds): above it, /readyz answers 503 (stale).",
+        [
+            (f"max by (stage) (flows_source_last_record_age_seconds{sel('source')})",
+             "{{stage}} age"),
+            (f"max by (stage) (flows_source_stale_after_seconds{sel('source')})",
+             "{{stage}} stale_after"),
+        ],
+        unit="s",
+    )
+    lay.panel(
+        "Sources: stale symbols",
+        "Symbols whose last valid record is older than stale_after "
+        "(flows_source_stale_symbols), out of those seen (flows_source_symbols). "
+        "/status and flows.top name the stalest.",
+        [
+            (f"max by (stage) (flows_source_stale_symbols{sel('source')})", "{{stage}} stale"),
+            (f"max by (stage) (flows_source_symbols{sel('source')})", "{{stage}} seen"),
+        ],
+        unit="short",
+    )
+    lay.panel(
         "HTTP sources: request latency by endpoint p50 / p99",
         "Time one request took, by endpoint (flows_source_request_seconds).",
         p50_p99("flows_source_request_seconds", "source", "stage, endpoint"),

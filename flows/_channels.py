@@ -158,6 +158,7 @@ class Outbox:
         observe_lag: bool = False,
         chains: Sequence[tuple[Any, ...]] | None = None,
         unrouted: Sequence[tuple[Any, ...]] = (),
+        freshness: Any = None,
     ) -> None:
         chains = list(chains) if chains is not None else [()] * len(ports)
         if len(chains) != len(ports):
@@ -172,6 +173,8 @@ class Outbox:
         """Seconds each send to ``ports[i]`` blocked, in total (per-edge backpressure)."""
         self.metrics = metrics
         self._observe_lag = observe_lag
+        self._freshness = freshness
+        """A source's ``Freshness``: told of every batch sent."""
         self._streak = 0
 
     async def send(self, batch: Batch) -> None:
@@ -189,6 +192,8 @@ class Outbox:
             ts = getattr(records[0], "ts", None)
             if ts is not None:
                 m.lag.observe(max(time.time() - ts, 0.0))
+            if self._freshness is not None:
+                self._freshness.seen(records)
         ports = self._ports
         if self._routed:
             parts, sent = self._route(batch)

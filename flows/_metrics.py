@@ -160,6 +160,15 @@ _CORE = (
     MetricFamily("flows_source_lag_seconds", "histogram",
                  "At a source: time from the exchange timestamp to the batch being sent.",
                  buckets=LATENCY_BUCKETS),
+    MetricFamily("flows_source_last_record_age_seconds", "gauge",
+                 "At a source: seconds since it last sent a valid record (since the start "
+                 "when none yet)."),
+    MetricFamily("flows_source_stale_after_seconds", "gauge",
+                 "At a source: the age past which the source, or one of its symbols, is stale."),
+    MetricFamily("flows_source_symbols", "gauge",
+                 "At a source: symbols that have sent a valid record since the start."),
+    MetricFamily("flows_source_stale_symbols", "gauge",
+                 "At a source: symbols whose last valid record is older than stale_after."),
     MetricFamily("flows_source_poll_cycle_seconds", "histogram",
                  "At a source: time to refresh the whole symbol set once.",
                  buckets=LATENCY_BUCKETS),
@@ -184,7 +193,9 @@ METRICS: dict[str, MetricFamily] = {family.name: family for family in _CORE}
 components use are declared by them (``MetricFamily``, ``all_metrics``)."""
 
 # Served by the live collector, computed at scrape time.
-_LIVE = ("flows_channel_buffer_batches", "flows_channel_capacity_batches", "flows_utilization_ratio")
+_LIVE = ("flows_channel_buffer_batches", "flows_channel_capacity_batches", "flows_utilization_ratio",
+         "flows_source_last_record_age_seconds", "flows_source_stale_after_seconds",
+         "flows_source_symbols", "flows_source_stale_symbols")
 
 
 class FlowMetrics:
@@ -278,6 +289,7 @@ class ComponentMetrics:
         # Live figures read by the collector at scrape time.
         self.buffer: Callable[[], tuple[int, float]] | None = None
         self.pending: Callable[[], int] | None = None  # conflation buffer
+        self.freshness: Any = None  # a source's Freshness, set by the runtime
         self.busy_seconds = 0.0
         self.wait_seconds = 0.0
         self._util_ref = (time.monotonic(), 0.0)
@@ -382,6 +394,7 @@ class _LiveCollector:
         util = GaugeMetricFamily(
             "flows_utilization_ratio", doc["flows_utilization_ratio"], labels=FS
         )
+        fresh = {n: GaugeMetricFamily(n, doc[n], labels=FS) for n in _LIVE[3:]}
         for c in list(self._fm.components):
             labels = [c.flow, c.stage]
             if c.buffer is not None:
@@ -389,7 +402,14 @@ class _LiveCollector:
                 used.add_metric(labels, n)
                 cap.add_metric(labels, capacity)
             util.add_metric(labels, c.utilization())
-        yield from (used, cap, util)
+            f = c.freshness
+            if f is not None:
+                now = f.now()
+                fresh["flows_source_last_record_age_seconds"].add_metric(labels, f.age(now))
+                fresh["flows_source_stale_after_seconds"].add_metric(labels, f.stale_after)
+                fresh["flows_source_symbols"].add_metric(labels, len(f.symbols))
+                fresh["flows_source_stale_symbols"].add_metric(labels, f.stale_symbols(now))
+        yield from (used, cap, util, *fresh.values())
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:

@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from ._actors import RunContext
 from ._channels import ConflatingPort, EdgePort, Inbox, Outbox, open_edge
 from ._flow import Flow, FlowError
+from ._freshness import Freshness, stale_after_for
 from ._metrics import ComponentMetrics, metrics_for
 from ._shard import Shard
 from ._status import flow_status
@@ -82,6 +83,7 @@ class _ActorSlot:
     state: str = "starting"
     restarts: int = 0
     last_error: str | None = None
+    freshness: Freshness | None = None
 
 
 class Runtime:
@@ -204,6 +206,10 @@ class Runtime:
             problem = health() if callable(health) else None
             if problem:
                 reasons.append(problem)
+            if slot.freshness is not None and slot.state == "running":
+                stale = slot.freshness.problem(slot.actor.name)
+                if stale:
+                    reasons.append(stale)
         if self.state != "running":
             reasons.insert(0, f"flow is {self.state}")
         return not reasons, reasons
@@ -299,9 +305,11 @@ class Runtime:
                 continue
             name = slot.actor.name
             consumers = flow.consumers(name)
+            if slot.kind == "source":
+                slot.freshness = slot.metrics.freshness = Freshness(stale_after_for(slot.actor))
             outboxes[name] = outbox = Outbox(
                 [ports[c] for c, _ in consumers], slot.metrics,
-                observe_lag=slot.kind == "source",
+                observe_lag=slot.kind == "source", freshness=slot.freshness,
                 chains=[chain for _, chain in consumers],
                 unrouted=flow.unconsumed(name),
             )

@@ -98,6 +98,8 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
             "errors": {k: int(v) for k, v in f["errors"].items()},
             "utilization": round(m.utilization(), 4),
         }
+        if slot.freshness is not None:
+            entry["freshness"] = slot.freshness.figures()
         if m.buffer is not None:
             used, cap = m.buffer()
             entry["buffer"] = {"used": used, "capacity": cap}

@@ -204,6 +204,11 @@ def _health(actor: dict[str, Any], reasons: list[str]) -> Text:
         text.append(("; " if text else "") + f"{actor['restarts']} restarts", style="yellow")
         if actor.get("last_error"):
             text.append(f" (last: {actor['last_error']})", style="dim")
+    fresh = actor.get("freshness") or {}
+    if fresh.get("stale_symbols"):
+        oldest = ", ".join(f"{s['symbol']} {_uptime(s['age_seconds'])}" for s in fresh["stalest"][:3])
+        text.append(("; " if text else "") + f"{fresh['stale_symbols']} stale symbols", style="yellow")
+        text.append(f" (oldest: {oldest})", style="dim")
     errors = actor.get("errors") or {}
     if errors:
         listed = ", ".join(f"{k}={_count(v)}" for k, v in sorted(errors.items()))

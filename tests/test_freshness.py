@@ -1,0 +1,131 @@
+"""A feed never silently stops: the age of each source's last valid record,
+stale symbols (counted, never labels), /readyz, /status, the top view, and
+a change detector whose heartbeat never makes a dead symbol look alive."""
+
+from __future__ import annotations
+
+import io
+
+import trio
+import trio.testing
+
+from flows import Batch, ChangeDetector, Flow, Runtime, Tick
+from flows._freshness import DEFAULT_STALE_AFTER, stale_after_for
+from flows.testing import ListSink, sample
+
+
+class Pushed:
+    """A source that sends what the test pushes, then waits for more."""
+
+    def __init__(self, name: str = "feed", **attrs) -> None:
+        self.name = name
+        self.send, self._receive = trio.open_memory_channel(100)
+        self.__dict__.update(attrs)
+
+    async def run(self, outbox) -> None:
+        async for records in self._receive:
+            await outbox.send(Batch(records))
+
+
+def ticks(*symbols: str, ts: float = 1.0) -> list[Tick]:
+    return [Tick("feed", s, 100.0, ts) for s in symbols]
+
+
+async def test_a_source_that_goes_silent_turns_the_flow_stale_and_back(registry, autojump_clock):
+    source = Pushed(stale_after=30.0)
+    rt = Runtime(Flow("silent", sources=[source], sinks=[ListSink()]), registry=registry,
+                 metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        await source.send.send(ticks("A", "B", "C"))
+        await trio.sleep(10)
+        assert rt.ready() == (True, [])
+        await source.send.send(ticks("A", "B"))  # C goes quiet
+        await trio.sleep(25)
+        assert rt.ready()[0]  # the source is alive: only a symbol is stale
+        status = next(a for a in rt.status()["actors"] if a["name"] == "feed")
+        assert status["freshness"]["stale_symbols"] == 1
+        assert status["freshness"]["stalest"][0]["symbol"] == "C"
+        assert sample(registry, "flows_source_stale_symbols", "silent", "feed") == 1
+        assert sample(registry, "flows_source_symbols", "silent", "feed") == 3
+        await trio.sleep(10)  # now nothing for 35 s
+        ready, reasons = rt.ready()
+        assert not ready and reasons == ["source feed: stale (no valid record for 35s, stale_after 30s)"]
+        assert sample(registry, "flows_source_last_record_age_seconds", "silent", "feed") >= 35
+        assert sample(registry, "flows_source_stale_after_seconds", "silent", "feed") == 30
+        await source.send.send(ticks("A", "B", "C"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert rt.ready() == (True, [])
+        assert sample(registry, "flows_source_stale_symbols", "silent", "feed") == 0
+        rt.stop()
+
+
+async def test_a_source_that_never_sends_is_stale_after_the_start(registry, autojump_clock):
+    source = Pushed(stale_after=5.0)
+    rt = Runtime(Flow("never", sources=[source], sinks=[ListSink()]), registry=registry,
+                 metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        await trio.sleep(6)
+        assert "source feed: stale (no valid record yet for 6s, stale_after 5s)" in rt.ready()[1]
+        rt.stop()
+
+
+def test_stale_after_defaults_follow_the_poll_interval():
+    class Polled:
+        name, every = "p", 30.0
+
+    class Synthetic:
+        name, interval = "s", 0.5
+
+    assert stale_after_for(Polled()) == 90.0
+    assert stale_after_for(Synthetic()) == DEFAULT_STALE_AFTER
+    assert stale_after_for(Pushed(stale_after=2)) == 2.0
+
+
+def test_no_symbol_becomes_a_label():
+    from flows import METRICS
+
+    for name in ("flows_source_stale_symbols", "flows_source_symbols",
+                 "flows_source_last_record_age_seconds"):
+        assert METRICS[name].labels == ()
+
+
+def test_top_names_the_stalest_symbols():
+    from rich.console import Console
+
+    from flows import top
+
+    actor = {"name": "feed", "kind": "source", "state": "running", "sent": 3, "received": 0,
+             "restarts": 0, "discarded": {}, "errors": {},
+             "freshness": {"age_seconds": 1.0, "stale_after": 30, "symbols": 3, "stale_symbols": 2,
+                           "stalest": [{"symbol": "C", "age_seconds": 95.0},
+                                       {"symbol": "B", "age_seconds": 40.0}]}}
+    status = {"flow": "f", "state": "running", "uptime_seconds": 100.0, "ready": True,
+              "actors": [actor], "edges": []}
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(top.render("http://h:1", top.Sample(status, True, [], 0.0), None, None, 1.0,
+                             live=False))
+    assert "2 stale symbols (oldest: C 0:01:35, B 0:00:40)" in console.export_text()
+
+
+async def test_the_heartbeat_never_makes_a_dead_symbol_look_alive(registry, autojump_clock):
+    """Heartbeats ride on fresh input: a symbol whose feed died (no record,
+    or the same stale record again and again) is never re-emitted."""
+    source = Pushed()
+    sink = ListSink()
+    flow = Flow("hb", sources=[source], stages=[ChangeDetector(heartbeat=10.0)], sinks=[sink])
+    rt = Runtime(flow, registry=registry, metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        await source.send.send(ticks("DEAD", "LIVE", ts=0.0))
+        for second in range(1, 60):
+            await trio.sleep(1)
+            # LIVE moves on in time; DEAD's API keeps answering its last, old record
+            await source.send.send(ticks("LIVE", ts=float(second)) + ticks("DEAD", ts=0.0))
+        await trio.testing.wait_all_tasks_blocked()
+        dead = [t for t in sink.records if t.symbol == "DEAD"]
+        live = [t.ts for t in sink.records if t.symbol == "LIVE"]
+        assert len(dead) == 1
+        assert live == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]  # LIVE's heartbeats, on its fresh input
+        rt.stop()

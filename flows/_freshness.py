@@ -63,7 +63,16 @@ class Freshness:
         now = trio.current_time()
         self.last = now
         if hasattr(records[0], "symbol"):
-            self.symbols.update(dict.fromkeys(map(_symbol, records), now))
+            try:
+                self.symbols.update(dict.fromkeys(map(_symbol, records), now))
+            except (AttributeError, TypeError):  # a mixed batch: track those that have one
+                for r in records:
+                    symbol = getattr(r, "symbol", None)
+                    if symbol is not None:
+                        try:
+                            self.symbols[symbol] = now
+                        except TypeError:  # unhashable
+                            pass
 
     def now(self) -> float:
         try:

@@ -333,6 +333,15 @@ def build() -> dict[str, Any]:
         unit="short",
     )
     lay.panel(
+        "Sources: gaps by reason",
+        "Gaps in each source's feed per hour, by reason (flows_gaps_total): lost "
+        "connections, silences, lost updates, failed polls, open circuits. Each is a Gap "
+        "record in flow.gaps() and in /status.",
+        [(f"3600 * {rate('flows_gaps_total', 'source', 'stage, reason')}",
+          "{{stage}} {{reason}}")],
+        unit="short",
+    )
+    lay.panel(
         "HTTP sources: request latency by endpoint p50 / p99",
         "Time one request took, by endpoint (flows_source_request_seconds).",
         p50_p99("flows_source_request_seconds", "source", "stage, endpoint"),

@@ -40,6 +40,7 @@ from ._metrics import SlowThresholds as SlowThresholds
 from ._metrics import declared_metrics as declared_metrics
 from ._metrics import histogram_quantile as histogram_quantile
 from ._records import Batch as Batch
+from ._records import Gap as Gap
 from ._records import Tick as Tick
 from ._registry import Component as Component
 from ._registry import ComponentError as ComponentError

@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from ._metrics import ComponentMetrics
-from ._records import Batch
+from ._records import Batch, Gap
 
 __all__ = ["POLICIES", "Edge", "EdgePort", "Inbox", "Outbox", "open_edge"]
 
@@ -175,6 +175,8 @@ class Outbox:
         self._observe_lag = observe_lag
         self._freshness = freshness
         """A source's ``Freshness``: told of every batch sent."""
+        self.gaps: Any = None
+        """The runtime's ``GapLog`` (set for a source's outbox)."""
         self._streak = 0
 
     async def send(self, batch: Batch) -> None:
@@ -243,6 +245,20 @@ class Outbox:
             Batch(part, created=batch.created, acks=acks) if part else None for part in selected
         ]
         return parts, len(records) - lost
+
+    def gap(
+        self, symbols: Sequence[str] | None, start: float, end: float, reason: str
+    ) -> None:
+        """Report that this source had no data for ``symbols`` (None: all)
+        from ``start`` to ``end`` (epoch seconds) for ``reason`` (a small
+        fixed word): counted, logged, kept in /status, and sent down
+        ``flow.gaps()``."""
+        gap = Gap(self.metrics.stage, None if symbols is None else tuple(symbols),
+                  start, end, reason)
+        if self.gaps is not None:
+            self.gaps.record(gap, self.metrics)
+        else:
+            self.metrics.labeled("flows_gaps_total", reason).inc()
 
     def close(self) -> None:
         """Let go of every downstream edge (the last producer closes it)."""

@@ -318,6 +318,8 @@ class Flow:
         self._nodes: dict[str, _Node] = {}
         self._splits: list[tuple[_Splitter, tuple[Tap, ...]]] = []
         self._splitter_names: set[str] = set()
+        self.gap_source: Any = None
+        """The source behind ``gaps()``, once asked for."""
         if sources is not None or sinks is not None:
             self._chain(sources or [], stages, sinks or [])
 
@@ -343,6 +345,17 @@ class Flow:
             if node is None:
                 self._add(actor, "source")
         return Stream(self, [Tap(a.name) for a in sources])
+
+    def gaps(self) -> Stream:
+        """The stream of ``Gap`` records every source of the flow reports
+        (disconnects, silences, lost updates, failed polls, open circuits),
+        to route to a sink so stored data says where it is incomplete."""
+        if self.gap_source is None:
+            from ._gaps import GapStream
+
+            self.gap_source = GapStream()
+            self._add(self.gap_source, "source")
+        return Stream(self, [Tap(self.gap_source.name)])
 
     def merge(self, *streams: Stream) -> Stream:
         """One stream of all the given streams' records."""

@@ -43,6 +43,7 @@ import trio
 from ._actors import RunContext
 from ._channels import Outbox
 from ._checkpoint import write_atomic
+from ._gaps import WallClock
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
@@ -234,6 +235,11 @@ class HttpSource:
         self.cycles = 0
         self._drops = DropLog(f"flows.source.{name}")
         self._fresh = False
+        self._polled_at: dict[str, float] = {}  # symbol -> epoch time of its last good poll
+        self._polled_all: float | None = None  # of the last good all-symbols poll
+        self._wall: WallClock | None = None  # set per run
+        self._started = time.time()
+        self._opened_wall: float | None = None  # when the circuit opened, epoch seconds
         self.metrics: ComponentMetrics | None = None
         """The component's metrics once running (for hooks that count their own families)."""
 
@@ -284,6 +290,8 @@ class HttpSource:
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
+        self._wall = WallClock()
+        self._started = self._wall.now()
         self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(RETRIES)  # export the series from the start
@@ -343,16 +351,38 @@ class HttpSource:
     async def _worker(self, client, requests, outbox, state, on_done) -> None:
         async with requests:
             async for request in requests:
-                ticks = await self._fetch(client, request, outbox.metrics, state)
+                ticks = await self._fetch(client, request, outbox, state)
+                if isinstance(ticks, HttpError):
+                    if not ticks.symbol_error:  # an unknown symbol is not a hole in the feed
+                        self._report_gap(outbox, request.symbols, "poll_failed")
+                    continue
+                self._polled(request.symbols)
                 if ticks:
                     await outbox.send(Batch(ticks))
-                if on_done is not None and ticks is not None:
+                if on_done is not None:
                     await on_done(request)
 
+    def _polled(self, symbols: Sequence[str]) -> None:
+        now = self._wall.now()
+        if symbols:
+            self._polled_at.update(dict.fromkeys(symbols, now))
+        else:
+            self._polled_all = now
+
+    def _report_gap(self, outbox: Outbox, symbols: Sequence[str], reason: str) -> None:
+        """A gap from the last good poll of ``symbols`` (all: empty) to now."""
+        now = self._wall.now()
+        if symbols:
+            since = min((self._polled_at.get(s, self._started) for s in symbols), default=now)
+        else:
+            since = self._polled_all or self._started
+        outbox.gap(list(symbols) or None, since, now, reason)
+
     async def _fetch(
-        self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics, state: Any
-    ) -> list[Tick] | None:
-        """One request with retries; its Ticks, or None when it failed for good."""
+        self, client: httpx.AsyncClient, request: Request, outbox: Outbox, state: Any
+    ) -> list[Tick] | HttpError:
+        """One request with retries; its Ticks, or the error it failed with for good."""
+        m = outbox.metrics
         attempt = 0
         circuit = self.circuit
         while True:
@@ -369,12 +399,14 @@ class HttpSource:
                 m.labeled(RATE_LIMIT_WAIT).observe(waited)
                 parsed = await self._get(client, request, m)
             except HttpError as exc:
+                was = circuit.state
                 if exc.symbol_error:
                     circuit.success()  # the API answered: only the symbol is bad
                 elif exc.retry_after is not None:
                     circuit.answered()  # rate limited: the limiter's business, not the breaker's
                 else:
                     circuit.failure()
+                self._circuit_moved(outbox, was)
                 state.set(CircuitBreaker.STATES[circuit.state])
                 m.error("http" if exc.transient else "http_permanent")
                 if exc.retry_after is not None:
@@ -382,7 +414,7 @@ class HttpSource:
                 if not exc.transient or attempt >= self.retries:
                     self._drops.drop("request_failed", f"{request.endpoint} {request.path}: {exc}")
                     m.discarded("request_failed", max(len(request.symbols), 1))
-                    return None
+                    return exc
                 attempt += 1
                 m.labeled(RETRIES).inc()
                 cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
@@ -391,7 +423,9 @@ class HttpSource:
             finally:
                 if probe:
                     circuit.release()  # a probe cancelled mid-request lets the next one through
+            was = circuit.state
             circuit.success()
+            self._circuit_moved(outbox, was)
             state.set(CircuitBreaker.STATES[circuit.state])
             with m.timed_batch():
                 for reason, n in parsed.invalid.items():
@@ -399,6 +433,15 @@ class HttpSource:
                 for detail in parsed.details[:1]:
                     self._drops.drop("invalid", detail)
             return parsed.ticks
+
+    def _circuit_moved(self, outbox: Outbox, was: str) -> None:
+        """Note when the circuit opened; when it closes again, that span is a gap."""
+        now_state = self.circuit.state
+        if now_state == "open" and was == "closed":
+            self._opened_wall = self._wall.now()
+        elif now_state == "closed" and was != "closed" and self._opened_wall is not None:
+            outbox.gap(None, self._opened_wall, self._wall.now(), "circuit_open")
+            self._opened_wall = None
 
     async def _get(self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics) -> Parsed:
         t0 = time.perf_counter()

@@ -160,6 +160,10 @@ _CORE = (
     MetricFamily("flows_source_lag_seconds", "histogram",
                  "At a source: time from the exchange timestamp to the batch being sent.",
                  buckets=LATENCY_BUCKETS),
+    MetricFamily("flows_gaps_total", "counter",
+                 "At a source: gaps in its feed (a Gap record each), by reason: closed, error, "
+                 "silent, timeout, server, sequence, poll_failed, circuit_open.",
+                 labels=("reason",)),
     MetricFamily("flows_source_last_record_age_seconds", "gauge",
                  "At a source: seconds since it last sent a valid record (since the start "
                  "when none yet)."),

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["OUTCOMES", "AckHook", "Batch", "Tick"]
+__all__ = ["OUTCOMES", "AckHook", "Batch", "Gap", "Tick"]
 
 
 class Tick(msgspec.Struct, frozen=True, gc=False):
@@ -25,6 +25,20 @@ class Tick(msgspec.Struct, frozen=True, gc=False):
     bid: float | None = None
     ask: float | None = None
     volume: float | None = None
+
+
+class Gap(msgspec.Struct, frozen=True, gc=False):
+    """Where a feed was incomplete: ``source`` had no data for ``symbols``
+    (``None``: all of them) from ``start`` to ``end`` (epoch seconds), for
+    ``reason`` (a small fixed word: ``closed``, ``error``, ``silent``,
+    ``timeout``, ``server`` for a lost connection, ``sequence`` for lost
+    updates, ``poll_failed``, ``circuit_open``)."""
+
+    source: str
+    symbols: tuple[str, ...] | None
+    start: float
+    end: float
+    reason: str
 
 
 AckHook = Callable[[str], None]

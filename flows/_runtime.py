@@ -25,6 +25,7 @@ from ._actors import RunContext
 from ._channels import ConflatingPort, EdgePort, Inbox, Outbox, open_edge
 from ._flow import Flow, FlowError
 from ._freshness import Freshness, stale_after_for
+from ._gaps import GapLog
 from ._metrics import ComponentMetrics, metrics_for
 from ._shard import Shard
 from ._status import flow_status
@@ -147,6 +148,7 @@ class Runtime:
         self._forced = False
         self._failure: str | None = None
         self.links: list[_Link] = []
+        self.gaps = GapLog(flow.name)
 
     # -- control ---------------------------------------------------------
 
@@ -305,7 +307,7 @@ class Runtime:
                 continue
             name = slot.actor.name
             consumers = flow.consumers(name)
-            if slot.kind == "source":
+            if slot.kind == "source" and slot.actor is not flow.gap_source:
                 slot.freshness = slot.metrics.freshness = Freshness(stale_after_for(slot.actor))
             outboxes[name] = outbox = Outbox(
                 [ports[c] for c, _ in consumers], slot.metrics,
@@ -313,6 +315,7 @@ class Runtime:
                 chains=[chain for _, chain in consumers],
                 unrouted=flow.unconsumed(name),
             )
+            outbox.gaps = self.gaps
             self.links += [
                 _Link(name, c, " / ".join(b.label for b in chain), outbox, i, inboxes[c])
                 for i, (c, chain) in enumerate(consumers)
@@ -348,14 +351,24 @@ class Runtime:
         return close
 
     async def _run_sources(self, outboxes: list[Outbox]) -> None:
+        gap_source = self.flow.gap_source
+        self.gaps.stream = gap_source
+        feeds = [(s, o) for s, o in zip(self.flow.sources, outboxes) if s is not gap_source]
         with self._sources_scope:
-            async with trio.open_nursery() as nursery:
-                for source, outbox in zip(self.flow.sources, outboxes):
-                    slot = next(s for s in self.slots if s.actor is source)
-                    nursery.start_soon(
-                        self._supervise, slot, lambda s=source, o=outbox: s.run(o),
-                        self._closer(None, outbox),
-                    )
+            async with trio.open_nursery() as outer:
+                if gap_source is not None:
+                    self._start_source(outer, gap_source, outboxes[self.flow.sources.index(gap_source)])
+                async with trio.open_nursery() as nursery:
+                    for source, outbox in feeds:
+                        self._start_source(nursery, source, outbox)
+                if gap_source is not None:
+                    gap_source.close()  # the feeds ended: so does the stream of their gaps
+
+    def _start_source(self, nursery: trio.Nursery, source: Any, outbox: Outbox) -> None:
+        slot = next(s for s in self.slots if s.actor is source)
+        nursery.start_soon(
+            self._supervise, slot, lambda: source.run(outbox), self._closer(None, outbox)
+        )
 
     async def _supervise(
         self, slot: _ActorSlot, call: Callable[[], Awaitable[Any]], close: Callable[[], None]

@@ -121,6 +121,7 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
         "ready": rt.ready()[0],
         "actors": actors,
         "edges": edges(rt),
+        "gaps": rt.gaps.figures(),
     }
 
 

@@ -87,6 +87,7 @@ import trio
 
 from ._actors import RunContext
 from ._channels import Outbox
+from ._gaps import WallClock
 from ._http import HttpError, HttpSource, Parsed
 from ._limits import RateLimit, RateLimiter
 from ._log import DropLog
@@ -165,6 +166,10 @@ class _Shard:
     connects: int = 0
     messages: int = 0  # data messages on the current connection
     last_ids: dict[str, int] = attrs.field(factory=dict)
+    down_wall: float | None = None  # epoch time (WallClock) the last connection ended
+    down_reason: str | None = None  # why: a gap to report once it is back
+    last_wall: float | None = None  # epoch time (WallClock) of the last batch received
+    new_gaps: list[str] = attrs.field(factory=list)  # keys whose update ids jumped
 
 
 class WebSocketSource:
@@ -266,6 +271,7 @@ class WebSocketSource:
         self._gap_keys: set[str] = set()
         self._gap_wake = trio.Event()
         self._running = False
+        self._wall: Any = None  # a WallClock, set per run
         self.metrics: ComponentMetrics | None = None
         """The component's metrics once running (for hooks that count their own families)."""
 
@@ -346,6 +352,7 @@ class WebSocketSource:
         for reason in RECONNECT_REASONS:
             m.labeled(RECONNECTS, reason)
         m.labeled(UPTIME).set_function(self.uptime)
+        self._wall = WallClock()
         if not self.symbols:  # this process's shard owns none of them: stand by
             log.info("source %s: no symbols in this shard; idle", self.name)
             await trio.sleep_forever()
@@ -377,6 +384,8 @@ class WebSocketSource:
             await self.connect_limiter.acquire()
             reason, delivered = await self._connect_once(shard, outbox)
             m.labeled(RECONNECTS, reason).inc()
+            if shard.down_reason is None:  # it was up: the gap starts now
+                shard.down_wall, shard.down_reason = self._wall.now(), reason
             attempt = 0 if delivered else attempt + 1
             delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
             log.info("source %s: connection %d %s; reconnecting in %.2fs",
@@ -396,6 +405,9 @@ class WebSocketSource:
             async with self._open(url) as ws:
                 shard.opened_at, shard.opened_mono = trio.current_time(), time.monotonic()
                 shard.connects += 1
+                if shard.down_reason is not None and shard.down_wall is not None:
+                    outbox.gap(shard.symbols, shard.down_wall, self._wall.now(), shard.down_reason)
+                shard.down_reason = None
                 log.debug("source %s: connection %d open (%d symbols)",
                           self.name, shard.index, len(shard.symbols))
                 try:
@@ -494,6 +506,12 @@ class WebSocketSource:
             t0 = time.perf_counter()
             ticks = self._check(out, shard, m, gaps)
             m.observe_processing(busy + time.perf_counter() - t0)
+            now = self._wall.now()
+            if shard.new_gaps:
+                for key in shard.new_gaps:
+                    outbox.gap([key], shard.last_wall or now, now, "sequence")
+                shard.new_gaps.clear()
+            shard.last_wall = now
             counter.inc(n)
             for reply in out.replies:
                 await self._send(ws, limiter, reply)
@@ -540,6 +558,7 @@ class WebSocketSource:
                 last_ids[key] = seq
                 if last is not None and seq > last + 1:
                     gaps.inc()
+                    shard.new_gaps.append(key)
                     self.on_gap(key)
         return ticks
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Runtime
+from flows import Flow, HttpSource, Parsed, RateLimit, Request, Runtime, Tick
 from flows.testing import ListSink, sample
 
 
@@ -100,12 +101,39 @@ async def routed_http_server(nursery, routes: dict[str, list[tuple[int, bytes]]]
     return await serve_answers(nursery, answer, on_request)
 
 
-async def run_until(flow: Flow, done, registry: CollectorRegistry | None = None) -> Runtime:
-    """Run ``flow`` until ``done()`` holds (checked every 0.5 s), then stop it."""
+async def run_until(flow: Flow, done, registry: CollectorRegistry | None = None,
+                    timeout: float = 600.0) -> Runtime:
+    """Run ``flow`` until ``done()`` holds (checked every 0.5 s, for at most
+    ``timeout`` s of trio's clock), then stop it."""
     rt = Runtime(flow, registry=registry or CollectorRegistry(), metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while not done():
-            await trio.sleep(0.5)
+        with trio.fail_after(timeout):
+            while not done():
+                await trio.sleep(0.5)
         rt.stop()
     return rt
+
+
+OK = (200, b"application/json", b"{}")
+
+
+class Probe(HttpSource):
+    """One request a cycle for every symbol; any 2xx body is one Tick each."""
+
+    DEFAULT_LIMITS = (RateLimit(1000, 1.0),)
+
+    def __init__(self, **options) -> None:
+        options.setdefault("symbols", ["A"])
+        super().__init__(name="probe", **options)
+
+    def plan(self, symbols: list[str]) -> list[Request]:
+        return [Request("t", "/t", symbols=tuple(symbols))]
+
+    def parse(self, request: Request, body: bytes) -> Parsed:
+        return Parsed(ticks=[Tick(self.name, s, 1.0, time.time()) for s in request.symbols])
+
+
+def http(status: int, retry_after: int | None = None) -> tuple:
+    headers = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else []
+    return (status, b"application/json", b'{"error": "x"}', headers)

@@ -3,43 +3,14 @@ each kind of answer moves the circuit breaker, the pause and the counters."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import trio
 import trio.testing
-from _http_sources import serve_answers
+from _http_sources import OK, Probe, http, serve_answers
 from prometheus_client import CollectorRegistry
 
-from flows import (
-    CircuitBreaker,
-    Flow,
-    HttpSource,
-    Parsed,
-    RateLimit,
-    Request,
-    Runtime,
-    Tick,
-)
+from flows import CircuitBreaker, Flow, Runtime
 from flows.testing import ListSink, sample
-
-OK = (200, b"application/json", b"{}")
-
-
-class Probe(HttpSource):
-    """One request a cycle for every symbol; any 2xx body is one Tick each."""
-
-    DEFAULT_LIMITS = (RateLimit(1000, 1.0),)
-
-    def __init__(self, **options) -> None:
-        options.setdefault("symbols", ["A"])
-        super().__init__(name="probe", **options)
-
-    def plan(self, symbols: list[str]) -> list[Request]:
-        return [Request("t", "/t", symbols=tuple(symbols))]
-
-    def parse(self, request: Request, body: bytes) -> Parsed:
-        return Parsed(ticks=[Tick(self.name, s, 1.0, time.time()) for s in request.symbols])
 
 
 async def scripted(nursery, script: list[tuple], then=OK) -> tuple[str, list[float]]:
@@ -52,11 +23,6 @@ async def scripted(nursery, script: list[tuple], then=OK) -> tuple[str, list[flo
         return script.pop(0) if script else then
 
     return await serve_answers(nursery, answer, lambda head: None), times
-
-
-def http(status: int, retry_after: int | None = None) -> tuple:
-    headers = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else []
-    return (status, b"application/json", b'{"error": "x"}', headers)
 
 
 async def test_a_half_open_probe_answered_429_settles_the_breaker(nursery, autojump_clock):

@@ -79,7 +79,7 @@ ALL = all_metrics()  # the core table plus what registered components declare
 # and core ones that only get series with an error or a slow operation.
 DECLARED = set(ALL) - set(METRICS)
 SERIES_LATER = DECLARED | {
-    "flows_errors_total", "flows_slow_batches_total", "flows_slow_poll_cycles_total",
+    "flows_errors_total", "flows_gaps_total", "flows_slow_batches_total", "flows_slow_poll_cycles_total",
 }
 
 

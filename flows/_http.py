@@ -211,6 +211,7 @@ class HttpSource:
         progress: bool | None = None,
         standby_for: HttpSource | None = None,
         headers: dict[str, str] | None = None,
+        reprobe_every: float = 600.0,
         name: str,
     ) -> None:
         if not symbols:
@@ -235,6 +236,11 @@ class HttpSource:
         self.cycles = 0
         self._drops = DropLog(f"flows.source.{name}")
         self._fresh = False
+        if not reprobe_every > 0:
+            raise ValueError(f"{name}: reprobe_every must be > 0")
+        self.reprobe_every = reprobe_every
+        self.parked: dict[str, float] = {}
+        """Symbols the API does not know, with the trio time of their next probe."""
         self._polled_at: dict[str, float] = {}  # symbol -> epoch time of its last good poll
         self._polled_all: float | None = None  # of the last good all-symbols poll
         self._wall: WallClock | None = None  # set per run
@@ -335,7 +341,7 @@ class HttpSource:
         """Refresh ``symbols`` once: every planned request, ``concurrency`` at a time."""
         m = outbox.metrics
         started = time.perf_counter()
-        requests = self.plan(symbols)
+        requests = self._plan_with_probes(symbols)
         send_channel, receive_channel = trio.open_memory_channel[Request](len(requests) or 1)
         for request in requests:
             send_channel.send_nowait(request)
@@ -348,19 +354,55 @@ class HttpSource:
         m.observe_poll_cycle(time.perf_counter() - started)
         self.cycles += 1
 
+    def _plan_with_probes(self, symbols: list[str]) -> list[Request]:
+        """The requests for ``symbols`` less the parked ones, plus one request
+        for each parked symbol due for a probe."""
+        parked = self.parked
+        if not parked:
+            return self.plan(symbols)
+        now = trio.current_time()
+        due = [s for s in symbols if s in parked and parked[s] <= now]
+        active = [s for s in symbols if s not in parked]
+        return (self.plan(active) if active else []) + [r for s in due for r in self.plan([s])]
+
     async def _worker(self, client, requests, outbox, state, on_done) -> None:
         async with requests:
             async for request in requests:
-                ticks = await self._fetch(client, request, outbox, state)
-                if isinstance(ticks, HttpError):
-                    if not ticks.symbol_error:  # an unknown symbol is not a hole in the feed
-                        self._report_gap(outbox, request.symbols, "poll_failed")
-                    continue
-                self._polled(request.symbols)
-                if ticks:
-                    await outbox.send(Batch(ticks))
-                if on_done is not None:
-                    await on_done(request)
+                await self._poll(client, request, outbox, state, on_done)
+
+    async def _poll(self, client, request: Request, outbox: Outbox, state, on_done) -> None:
+        """Fetch ``request`` and send its Ticks; an unknown symbol among
+        several is isolated by splitting the request, then parked."""
+        ticks = await self._fetch(client, request, outbox, state)
+        if isinstance(ticks, HttpError):
+            if not ticks.symbol_error:
+                self._report_gap(outbox, request.symbols, "poll_failed")
+            elif len(request.symbols) > 1:
+                half = len(request.symbols) // 2
+                for part in (request.symbols[:half], request.symbols[half:]):
+                    for sub in self.plan(list(part)):
+                        await self._poll(client, sub, outbox, state, on_done)
+            else:
+                self._park(request.symbols, ticks, outbox)
+            return
+        self._polled(request.symbols)
+        for symbol in request.symbols:
+            if self.parked.pop(symbol, None) is not None:
+                log.info("source %s: %s answers again; polled as usual", self.name, symbol)
+        if ticks:
+            await outbox.send(Batch(ticks))
+        if on_done is not None:
+            await on_done(request)
+
+    def _park(self, symbols: Sequence[str], exc: HttpError, outbox: Outbox) -> None:
+        """Stop polling ``symbols`` (unknown to the API); probe them again later."""
+        outbox.metrics.discarded("unknown_symbol", max(len(symbols), 1))
+        for symbol in symbols:
+            if symbol not in self.parked:
+                log.warning("source %s: %s is unknown to the API (%s); parked, probed again "
+                            "every %gs", self.name, symbol, exc, self.reprobe_every,
+                            extra={"stage": self.name, "reason": "unknown_symbol"})
+            self.parked[symbol] = trio.current_time() + self.reprobe_every
 
     def _polled(self, symbols: Sequence[str]) -> None:
         now = self._wall.now()
@@ -411,6 +453,8 @@ class HttpSource:
                 m.error("http" if exc.transient else "http_permanent")
                 if exc.retry_after is not None:
                     self.limiter.pause_until(trio.current_time() + exc.retry_after)
+                if exc.symbol_error:
+                    return exc  # not a failure of the API: the caller isolates the symbol
                 if not exc.transient or attempt >= self.retries:
                     self._drops.drop("request_failed", f"{request.endpoint} {request.path}: {exc}")
                     m.discarded("request_failed", max(len(request.symbols), 1))

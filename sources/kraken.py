@@ -32,18 +32,18 @@ Errors come with HTTP 200 in the ``error`` list (``E<category>:<message>``;
 ``W...`` entries are warnings and ignored); HTTP statuses other than 200
 mean Kraken could not be reached (Cloudflare, 5xx). ``check`` sorts them:
 
-- ``EGeneral:Too many requests`` (``EAPI:Rate limit exceeded``): rate
-  limited; transient, and the limiter pauses ``rate_limit_pause`` seconds
+- ``EGeneral:Too many requests``, ``EAPI:Rate limit exceeded`` and
+  ``EService:Throttled``: rate limited; transient, not held against the
+  circuit breaker, and the limiter pauses ``rate_limit_pause`` seconds
   (Kraken restricts further calls "for a few seconds").
-- ``EService:Unavailable``, ``EService:Busy`` (any ``EService:``),
+- ``EService:Unavailable``, ``EService:Busy`` (any other ``EService:``),
   ``EGeneral:Internal error``, ``EGeneral:Temporary lockout``: transient,
   retried with backoff.
-- ``EQuery:Unknown asset pair``: permanent (counted as a failed request,
-  not retried, not held against the circuit breaker). One unknown pair fails the whole request, so the pairs of
-  that request are asked one at a time from the next cycle on; a pair
-  Kraken rejects on its own is dropped from polling (logged, listed in
-  ``unknown``). A one-shot sync has no next cycle: its failed request's
-  pairs count as failed.
+- ``EQuery:Unknown asset pair``: not Kraken failing (not retried, not held
+  against the circuit breaker). One unknown pair fails the whole request,
+  so the source splits the request in halves until the pair is alone, then
+  parks it (counted ``unknown_symbol``, listed in ``parked``, probed again
+  every ``reprobe_every`` seconds), as every HTTP source does.
 - any other ``E...`` error: permanent.
 
 Rate limit: Kraken's support article "What are the API rate limits?"
@@ -89,7 +89,7 @@ __all__ = ["KrakenTickers"]
 
 _PATH = "/0/public/Ticker"
 _UNKNOWN_PAIR = "EQuery:Unknown asset pair"
-_RATE_LIMITED = ("EGeneral:Too many requests", "EAPI:Rate limit exceeded")
+_RATE_LIMITED = ("EGeneral:Too many requests", "EAPI:Rate limit exceeded", "EService:Throttled")
 _TRANSIENT = ("EGeneral:Internal error", "EGeneral:Temporary lockout")
 # Kraken's own codes for assets most exchanges name otherwise
 _ALIASES = (("BTC", "XBT"), ("DOGE", "XDG"))
@@ -148,8 +148,6 @@ class KrakenTickers(HttpSource):
             ``EGeneral:Too many requests``.
         name: default ``kraken``.
 
-    Attributes:
-        unknown: pairs Kraken rejected as unknown, no longer polled.
     """
 
     DEFAULT_URL = "https://api.kraken.com"
@@ -171,16 +169,10 @@ class KrakenTickers(HttpSource):
         super().__init__(symbols=symbols, name=name, **options)
         self.per_request = per_request
         self.rate_limit_pause = rate_limit_pause
-        self.unknown: set[str] = set()
-        self._alone: set[str] = set()  # asked one at a time to find an unknown pair
-        self._log = logging.getLogger(f"flows.source.{name}")
 
     def plan(self, symbols: list[str]) -> list[Request]:
-        symbols = [s for s in symbols if s not in self.unknown]
-        together = [s for s in symbols if s not in self._alone]
-        chunks = [tuple(together[i : i + self.per_request])
-                  for i in range(0, len(together), self.per_request)]
-        chunks += [(s,) for s in symbols if s in self._alone]
+        chunks = [tuple(symbols[i : i + self.per_request])
+                  for i in range(0, len(symbols), self.per_request)]
         return [Request("Ticker", _PATH, {"pair": ",".join(chunk)}, 1, chunk) for chunk in chunks]
 
     def check(self, response: httpx.Response, body: bytes) -> None:
@@ -198,21 +190,8 @@ class KrakenTickers(HttpSource):
         if any(e.startswith("EService:") or e in _TRANSIENT for e in errors):
             raise HttpError(text, transient=True)
         if _UNKNOWN_PAIR in errors:  # the API is up, a pair is wrong
-            self._unknown_pair(response)
             raise HttpError(text, transient=False, symbol_error=True)
         raise HttpError(text, transient=False)
-
-    def _unknown_pair(self, response: httpx.Response) -> None:
-        """Some pair of the request is unknown: isolate its pairs, or drop the pair."""
-        pairs = [p for p in response.request.url.params.get("pair", "").split(",") if p]
-        if len(pairs) == 1:
-            self._alone.discard(pairs[0])
-            if pairs[0] not in self.unknown:
-                self.unknown.add(pairs[0])
-                self._log.warning("source %s: Kraken does not know pair %s; no longer polled",
-                                  self.name, pairs[0])
-        else:
-            self._alone.update(pairs)
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         now = time.time()
@@ -242,8 +221,6 @@ class KrakenTickers(HttpSource):
                 continue
             out.ticks += [Tick(self.name, symbol, last, now, bid=bid, ask=ask, volume=volume)
                           for symbol in names]
-        if len(request.symbols) == 1 and out.ticks:
-            self._alone.discard(request.symbols[0])  # a good pair: back with the others
         missing = len(set(request.symbols) - seen)
         if missing:
             out.invalid["missing"] = out.invalid.get("missing", 0) + missing

@@ -56,9 +56,11 @@ async def test_bad_records_and_unknown_symbols_are_counted_not_fatal(emulator):
     invalid = sample(registry, "flows_records_discarded_total", "bad", "binance", reason="invalid")
     missing = sample(registry, "flows_records_discarded_total", "bad", "binance", reason="missing")
     failed = sample(registry, "flows_records_discarded_total", "bad", "binance", reason="request_failed")
-    assert failed == 1  # the unknown symbol: a 400, not retried
+    unknown = sample(registry, "flows_records_discarded_total", "bad", "binance", reason="unknown_symbol")
+    assert failed == 0 and unknown == 1  # the unknown symbol: a 400, not retried, parked
+    assert source.parked.keys() == {"NOSUCHUSDT"}
     assert invalid + missing > 0
-    assert len(sink.records) + invalid + missing + failed == 31
+    assert len(sink.records) + invalid + missing + unknown == 31
     assert all(t.price > 0 for t in sink.records)
     assert sample(registry, "flows_source_responses_total", "bad", "binance", status_class="4xx") == 1
 

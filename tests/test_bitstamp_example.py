@@ -81,7 +81,8 @@ async def test_ticks_bad_values_an_unknown_pair_and_malformed_bodies(nursery):
 
     discarded = "flows_records_discarded_total"
     assert count(discarded, reason="invalid") == 4  # NaN, abc, -1.5, a bad timestamp
-    assert count(discarded, reason="request_failed") == 2  # dotusd (after a retry), nopeusd
+    assert count(discarded, reason="request_failed") == 1  # dotusd, after a retry
+    assert count(discarded, reason="unknown_symbol") == 1  # nopeusd, parked
     assert count("flows_errors_total", error_type="http") == 3  # malformed: ethusd once, dotusd twice
     assert count("flows_errors_total", error_type="http_permanent") == 1  # the 404
     assert count("flows_source_retries_total") == 2

@@ -71,7 +71,8 @@ async def test_bad_values_are_counted_by_reason_and_unknown_products_not_retried
     failed = sample(registry, "flows_records_discarded_total", "bad", "coinbase", reason="request_failed")
     served = emulator.last_served("coinbase")
     spoiled = sum(served[s].fault is not None for s in symbols[:30])
-    assert failed == 1  # the unknown product: a 404, not retried
+    unknown = sample(registry, "flows_records_discarded_total", "bad", "coinbase", reason="unknown_symbol")
+    assert failed == 0 and unknown == 1  # the unknown product: a 404, not retried, parked
     assert invalid == spoiled > 0
     assert len(sink.records) == 30 - spoiled  # the rest are used
     for t in sink.records:

@@ -112,3 +112,59 @@ async def test_failures_in_a_row_open_the_circuit(nursery, autojump_clock, failu
             await trio.sleep(0.5)
         assert source.circuit.state == state
         rt.stop()
+
+
+class Multi(Probe):
+    """Asks for its symbols in one request (``?s=A,B,...``); a 404 means a
+    symbol of it is unknown (as Binance's -1121 does for a whole request)."""
+
+    def plan(self, symbols):
+        from flows import Request
+
+        return [Request("t", "/t", {"s": ",".join(symbols)}, symbols=tuple(symbols))]
+
+    def check(self, response, body):
+        from flows import HttpError
+
+        if response.status_code == 404:
+            raise HttpError("HTTP 404: unknown symbol", transient=False, symbol_error=True)
+        super().check(response, body)
+
+
+async def test_an_unknown_symbol_is_isolated_parked_and_probed_again(nursery, autojump_clock):
+    asked: list[tuple[float, str]] = []
+    bad = {"BAD"}
+
+    def answer(head: bytes):
+        query = head.split(b" ", 2)[1].decode().partition("s=")[2].replace("%2C", ",")
+        asked.append((trio.current_time(), query))
+        return http(404) if bad & set(query.split(",")) else OK
+
+    from _http_sources import serve_answers as serve
+
+    url = await serve(nursery, answer, lambda head: None)
+    source = Multi(symbols=["A", "B", "BAD", "C"], base_url=url, every=1.0, reprobe_every=30.0,
+                   circuit=CircuitBreaker(failures=1))
+    sink, registry = ListSink(), CollectorRegistry()
+    rt = Runtime(Flow("park", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
+    async with trio.open_nursery() as inner:
+        await inner.start(rt.run)
+        with trio.fail_after(100):
+            while len({t.symbol for t in sink.records}) < 3:
+                await trio.sleep(0.1)
+            first_cycle = [q for _, q in asked[:5]]
+            # halves until BAD is alone: A,B,BAD,C -> A,B ok; BAD,C -> BAD (parked), C
+            assert first_cycle == ["A,B,BAD,C", "A,B", "BAD,C", "BAD", "C"]
+            assert source.parked.keys() == {"BAD"}
+            assert source.circuit.state == "closed"  # failures=1: a 404 there would have opened it
+            await trio.sleep(5)
+            assert [q for _, q in asked[-3:]] == ["A,B,C"] * 3  # BAD is no longer asked for
+            bad.clear()  # listed at last
+            while "BAD" not in {t.symbol for t in sink.records}:
+                await trio.sleep(0.5)
+        probe = next(t for t, q in asked[5:] if q == "BAD")
+        assert probe - asked[0][0] >= 30  # probed alone, after reprobe_every
+        assert not source.parked
+        rt.stop()
+    assert sample(registry, "flows_records_discarded_total", "park", "probe", reason="unknown_symbol") == 1
+    assert sample(registry, "flows_records_discarded_total", "park", "probe", reason="request_failed") == 0

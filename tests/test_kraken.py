@@ -120,32 +120,32 @@ async def test_malformed_and_truncated_bodies_are_dropped_and_the_flow_recovers(
     assert emulator.stats["kraken"]["Ticker"]["refused"] == 0
 
 
-async def test_an_unknown_pair_is_counted_not_retried_then_isolated(emulator, autojump_clock):
+async def test_an_unknown_pair_is_isolated_in_the_same_cycle_and_parked(emulator, autojump_clock):
     symbols = altnames(emulator, 5) + ["NOSUCHUSD"]
     sink = ListSink()
     once = KrakenTickers(symbols=symbols, base_url=emulator.url, once=True)
     _, registry = await run_briefly(Flow("unk", sources=[once], sinks=[sink]))
-    # one unknown pair fails Kraken's whole request (HTTP 200), and it is not retried
-    assert emulator.stats["kraken"]["Ticker"]["requests"] == 1
-    assert sample(registry, "flows_records_discarded_total", "unk", "kraken", reason="request_failed") == 6
-    assert sample(registry, "flows_errors_total", "unk", "kraken", error_type="http_permanent") == 1
+    # one unknown pair fails Kraken's whole request (HTTP 200): halves until it is alone
+    assert {t.symbol for t in sink.records} == set(symbols[:5])
+    assert once.parked.keys() == {"NOSUCHUSD"}
+    count = lambda reason: sample(registry, "flows_records_discarded_total", "unk", "kraken",
+                                  reason=reason)
+    assert count("unknown_symbol") == 1 and count("request_failed") == 0
     assert sample(registry, "flows_source_retries_total", "unk", "kraken") == 0
-    assert not sink.records
-    # polling on: the pairs are asked alone once, the unknown one is dropped, the rest regroup
-    emulator.reset()  # counters, and the one-shot's request leaves the bucket
-    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0)
+    assert once.circuit.state == "closed"  # an unknown pair says nothing about Kraken's health
+    # polling on: the known pairs together, the parked one not at all until its probe
+    emulator.reset()
+    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0, reprobe_every=5.0)
     planned = []
     plan = source.plan
     source.plan = lambda syms: planned.append([r.symbols for r in plan(syms)]) or plan(syms)
     sink = ListSink()
-    await run_until(Flow("unk2", sources=[source], sinks=[sink]), lambda: source.cycles >= 4)
-    assert source.unknown == {"NOSUCHUSD"}
-    assert source.circuit.state == "closed"  # an unknown pair says nothing about Kraken's health
-    # cycle 1: the failed request; 2: each pair alone; 3, 4: the 5 known pairs together
-    assert planned[:4] == [[tuple(symbols)], [(s,) for s in symbols], [tuple(symbols[:5])],
-                           [tuple(symbols[:5])]]
+    await run_until(Flow("unk2", sources=[source], sinks=[sink]), lambda: source.cycles >= 8)
+    assert source.parked.keys() == {"NOSUCHUSD"}
+    cycles = [p for p in planned if p and len(p[0]) >= 5]
+    assert all(p[0] == tuple(symbols[:5]) for p in cycles[1:])  # after the first: known pairs
+    assert [(s,) for s in symbols[5:]] in planned  # and the parked pair's probe, alone
     assert {t.symbol for t in sink.records} == set(symbols[:5])
-    assert len(sink.records) >= 3 * 5
     assert emulator.stats["kraken"]["Ticker"]["refused"] == 0
 
 

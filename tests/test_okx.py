@@ -63,7 +63,8 @@ async def test_single_endpoint_and_an_unknown_instrument(emulator, autojump_cloc
         _same_as_served(t, served[t.symbol])
     stats = emulator.stats["okx"]["ticker"]
     assert stats["requests"] == 6 and stats["status"] == {"200": 6}  # 51001 came with HTTP 200 ...
-    assert sample(registry, "flows_records_discarded_total", "one", "okx", reason="request_failed") == 1
+    assert sample(registry, "flows_records_discarded_total", "one", "okx", reason="unknown_symbol") == 1
+    assert source.parked.keys() == {"NOPE-USDT"}
     assert sample(registry, "flows_errors_total", "one", "okx", error_type="http_permanent") == 1
     assert sample(registry, "flows_source_retries_total", "one", "okx") == 0  # ... and was not retried
     assert sample(registry, "flows_source_request_seconds_count", "one", "okx", endpoint="ticker") == 6
@@ -162,5 +163,5 @@ async def test_error_codes(nursery, autojump_clock, status, code, retried, pause
             assert log[1] - log[0] < 1.0
     else:
         assert sink.records == []
-        assert sample(registry, "flows_records_discarded_total", "codes", "okx",
-                      reason="request_failed") == 1
+        reason = "unknown_symbol" if code == "51001" else "request_failed"
+        assert sample(registry, "flows_records_discarded_total", "codes", "okx", reason=reason) == 1

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import math
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
+from flows.testing.influx import free_port
 from flows.testing.postgres import PG_BIN
 
 if not (PG_BIN / "postgres").exists():
@@ -22,6 +28,7 @@ from flows.testing import ListSource, assert_component_metrics, run_briefly, sam
 from flows.testing.postgres import PostgresServer, start_postgres
 from sinks.postgres import PostgresSink
 from sources.synthetic import SyntheticMarket
+from tests._cli import ENV
 
 COLUMNS = "source, symbol, ts, price, bid, ask, volume"
 
@@ -220,3 +227,88 @@ def test_the_server_helper_restarts_on_the_same_port_and_data(pg, tmp_path):
     assert pg.port == port and pg.dsn == f"postgresql://postgres@127.0.0.1:{port}/postgres"
     assert query(pg, "SELECT count(*) FROM helper_check") == [(1,)]
     assert Path(pg.data_dir).is_dir()
+
+
+# -- issue 17: hung databases, poison records, credentials, readiness -----------
+
+HUNG_FLOW = """
+from flows import Flow
+from sinks.postgres import PostgresSink
+from sources.synthetic import SyntheticMarket
+
+flow = Flow("hung", sources=[SyntheticMarket(symbols=200, interval=0.01)],
+            sinks=[PostgresSink({dsn!r}, table={table!r}, batch_size=200, flush_interval=0.05)])
+"""
+
+
+def poll(condition, timeout: float, what: str) -> None:
+    """Check ``condition`` until true (a real server's state; not a sync point)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_forced_stop_ends_the_process_while_postgres_hangs(pg, table, tmp_path):
+    """Fault 2 (and 5): with the postmaster and its backends SIGSTOPped, SIGTERM
+    ends the process within the drain deadline plus 5 s, exit code 1, and the
+    final line accounts for every record the source sent."""
+    drain = 1.0
+    target = tmp_path / "hung_flow.py"
+    target.write_text(HUNG_FLOW.format(dsn=pg.dsn, table=table))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.run", str(target), "--metrics-addr", f"127.0.0.1:{port}",
+         "--drain-timeout", str(drain)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+
+    def stored() -> int:
+        try:
+            return query(pg, f"SELECT count(*) FROM {table}")[0][0]
+        except psycopg.errors.UndefinedTable:
+            return 0
+
+    def sink_stuck() -> bool:
+        """The sink's inbox is full: it has stopped taking batches (its write hangs)."""
+        status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+        buffer = next(a for a in status["actors"] if a["name"] == "postgres")["buffer"]
+        return buffer["used"] == buffer["capacity"]
+
+    try:
+        poll(lambda: stored() > 0 or proc.poll() is not None, 30, "the first rows")
+        assert proc.poll() is None, proc.communicate()[1]
+        pg.pause()
+        try:
+            poll(sink_stuck, 10, "the sink to block on the hung server")
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            try:
+                _, err = proc.communicate(timeout=drain + 5)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {drain + 5:g}s after SIGTERM with PostgreSQL hung")
+            took = time.monotonic() - t0
+        finally:
+            pg.resume()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1, err
+    assert took < drain + 5
+    final = err.strip().splitlines()[-1]
+    assert "stopped by force" in final, err
+    m = re.search(r"synthetic: in=0 out=(\d+) dropped=0; postgres: in=(\d+) out=0 "
+                  r"dropped=(\d+) written=(\d+) lost=(\d+)", final)
+    assert m, final
+    sent, received, dropped, written, lost = map(int, m.groups())
+    assert lost > 0 and dropped == lost  # nothing rejected: every drop is the forced stop's
+    assert sent == written + lost  # every record the source sent is stored or counted lost
+    assert received <= sent
+    # The abandoned write may still commit once the server resumes (its data
+    # was in the server's socket buffer): counted lost, maybe stored; never more.
+    poll(lambda: query(pg, "SELECT count(*) FROM pg_stat_activity "
+                           "WHERE application_name = 'flows-postgres'")[0][0] == 0,
+         10, "the abandoned connection to go")
+    ((rows,),) = query(pg, f"SELECT count(*) FROM {table}")
+    assert written <= rows <= written + lost

@@ -17,7 +17,9 @@ three kinds:
   a missing privilege, a table of another shape): the write's records are
   dropped (``write_failed``), one error line says why, and the actor
   raises, so the supervisor restarts it and, past its restart budget, stops
-  the flow with that error instead of retrying for ever.
+  the flow with that error instead of retrying for ever (until a write
+  succeeds again, the end of its inbox raises the error again rather than
+  let the flow end cleanly).
 
 Every write is bounded in time: one attempt that has not returned after
 ``write_timeout`` seconds (wall clock) is cancelled, ``abort()`` is called
@@ -220,6 +222,11 @@ class BatchingSink:
                 await self._flush(batches, m, log)
             batches, pending = pending, []
             await self._flush(batches, m, log)
+            failed = self.__dict__.get("_fatal_error")
+            if failed is not None:
+                # Not written since a configuration error: ending cleanly
+                # would hide it (a finite flow whose records were dropped).
+                raise failed.with_traceback(None)
         except trio.Cancelled:
             cancelled = True
             _lose(pending, 0, "forced_stop", m, log)
@@ -263,6 +270,7 @@ class BatchingSink:
                 len(records) - flush.settled,
             )
             _lose(batches, flush.settled, "write_failed", m, log, quiet=True)
+            self.__dict__["_fatal_error"] = cause
             raise cause from None
         except trio.Cancelled:
             _lose(batches, flush.settled, "forced_stop", m, log)
@@ -272,6 +280,7 @@ class BatchingSink:
             raise
         finally:
             self.__dict__["_flush_state"] = None
+        self.__dict__["_fatal_error"] = None
         now = time.monotonic()
         for b in batches:
             m.end_to_end.observe(max(now - b.created, 0.0))
@@ -318,7 +327,7 @@ class BatchingSink:
                 if delay is None:
                     raise _GaveUp from exc
                 log.warning(
-                    "write of %d records failed (%r); retrying in %.2fs", len(records), exc, delay
+                    "write of %d records failed (%s); retrying in %.2fs", len(records), _short(exc, 500), delay
                 )
                 m.write_retries.inc()
                 await trio.sleep(delay)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ if not (PG_BIN / "postgres").exists():
                 allow_module_level=True)
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed (extra 'postgres')")
 
-from flows import ChangeDetector, Flow, Retry, Runtime, Tick
+from flows import ChangeDetector, Flow, FlowFailed, Retry, Runtime, Supervision, Tick
 from flows.testing import ListSource, assert_component_metrics, run_briefly, sample
 from flows.testing.postgres import PostgresServer, start_postgres
 from sinks.postgres import PostgresSink
@@ -312,3 +314,60 @@ def test_a_forced_stop_ends_the_process_while_postgres_hangs(pg, table, tmp_path
          10, "the abandoned connection to go")
     ((rows,),) = query(pg, f"SELECT count(*) FROM {table}")
     assert written <= rows <= written + lost
+
+
+async def test_a_symbol_too_long_to_index_is_rejected_alone_and_the_flow_goes_on(pg, table):
+    """Fault 3: ProgramLimitExceeded (a 5,000-character symbol: the key is too
+    big for the primary key's index) is the record's fault, not a reason to
+    retry the batch for ever."""
+    poison = Tick("t", "".join(random.Random(17).choices(string.ascii_letters, k=5000)), 1.0, 5.0)
+    good = ticks(30)
+    sink = PostgresSink(pg.dsn, table=table, batch_size=1000, flush_interval=60.0)
+    flow = Flow("poison", sources=[ListSource([good[:10], [poison], good[10:20], good[20:]])],
+                sinks=[sink])
+    with trio.fail_after(10):
+        result, registry = await run_briefly(flow)
+    assert result.clean
+    assert query(pg, f"SELECT {COLUMNS} FROM {table} ORDER BY ts") == as_rows(good)
+    assert sample(registry, "flows_records_discarded_total", "poison", "postgres", reason="rejected") == 1
+    assert sample(registry, "flows_errors_total", "poison", "postgres",
+                  error_type="ProgramLimitExceeded") >= 1
+    assert sample(registry, "flows_sink_retries_total", "poison", "postgres") == 0
+
+
+@pytest.fixture(scope="module")
+def password_role(pg: PostgresServer) -> str:
+    """A role that logs in with a password over TCP (scram-sha-256); its name."""
+    query(pg, "DROP ROLE IF EXISTS flows_writer; "
+              "CREATE ROLE flows_writer LOGIN PASSWORD 'right-password'")
+    hba = pg.data_dir / "pg_hba.conf"
+    hba.write_text("host all flows_writer 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    query(pg, "SELECT pg_reload_conf()")
+    return "flows_writer"
+
+
+@pytest.mark.parametrize("problem", ["wrong password", "no such database", "no privilege"])
+async def test_a_configuration_error_fails_the_sink_with_a_clear_error(pg, table, password_role, problem):
+    """Fault 3: bad credentials, a missing database or a missing privilege are
+    not retried for ever: the sink fails, the supervisor restarts it within
+    its budget, then the flow stops with the server's message."""
+    dsn = f"postgresql://{password_role}:right-password@127.0.0.1:{pg.port}/postgres"
+    expected = {
+        "wrong password": 'password authentication failed for user "flows_writer"',
+        "no such database": 'database "nowhere" does not exist',
+        "no privilege": "permission denied for schema public",
+    }[problem]
+    if problem == "wrong password":
+        dsn = dsn.replace("right-password", "wrong-password")
+    elif problem == "no such database":
+        dsn = dsn.replace("/postgres", "/nowhere")
+    sink = PostgresSink(dsn, table=table, retry=Retry(backoff=0.01, max_backoff=0.05))
+    flow = Flow("conf", sources=[ListSource([ticks(5), ticks(5, 5)])], sinks=[sink],
+                supervision=Supervision(max_restarts=1, backoff=0.01))
+    registry = CollectorRegistry()
+    with trio.fail_after(10), pytest.raises(FlowFailed, match=re.escape(expected)) as failed:
+        await Runtime(flow, registry=registry, metrics_addr=None).run()
+    assert "sink 'postgres' failed 2 times" in str(failed.value)
+    assert sample(registry, "flows_sink_retries_total", "conf", "postgres") == 0
+    assert sample(registry, "flows_records_discarded_total", "conf", "postgres", reason="rejected") == 0
+    assert sample(registry, "flows_records_discarded_total", "conf", "postgres", reason="write_failed") == 10

@@ -371,3 +371,29 @@ async def test_a_configuration_error_fails_the_sink_with_a_clear_error(pg, table
     assert sample(registry, "flows_sink_retries_total", "conf", "postgres") == 0
     assert sample(registry, "flows_records_discarded_total", "conf", "postgres", reason="rejected") == 0
     assert sample(registry, "flows_records_discarded_total", "conf", "postgres", reason="write_failed") == 10
+
+
+async def test_a_hung_server_makes_the_flow_not_ready_until_it_answers_again(pg, table):
+    """Fault 4: /readyz (Runtime.ready) is false with the sink's reason while
+    its write hangs on a SIGSTOPped server, and true again once it resumes."""
+    sink = Observed(pg.dsn, table=table, flush_interval=0.05, unready_after=0.5)
+    flow = Flow("readyz", sources=[SyntheticMarket(symbols=50, interval=0.02)], sinks=[sink])
+    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rt.run)
+            await sink.wrote.wait()
+            assert rt.ready() == (True, [])
+            await trio.to_thread.run_sync(pg.pause)
+            try:
+                while rt.ready()[0]:
+                    await trio.sleep(0.05)
+                _, reasons = rt.ready()
+                assert reasons[0].startswith("sink postgres: a write of ")
+                assert "has been in progress for" in reasons[0]
+            finally:
+                await trio.to_thread.run_sync(pg.resume)
+            while not rt.ready()[0]:
+                await trio.sleep(0.05)
+            rt.stop()
+    assert rt.stop_reason == "stop"

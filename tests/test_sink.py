@@ -280,3 +280,16 @@ def test_rejects_bad_timeouts():
         ScriptedSink(["ok"], write_timeout=0)
     with pytest.raises(ValueError, match="unready_after"):
         ScriptedSink(["ok"], unready_after=0)
+
+
+def test_the_watchdog_fires_what_is_due_and_forgets_what_is_cancelled():
+    from flows._sink import _Watchdog
+
+    dog = _Watchdog()
+    fired = threading.Event()
+    late = [dog.call_later(60.0, fired.set) for _ in range(2000)]
+    dog.call_later(0.01, fired.set)
+    for handle in late:
+        dog.cancel(handle)
+    assert fired.wait(10)
+    assert len(dog._heap) < 1100  # cancelled entries do not pile up

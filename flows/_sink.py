@@ -165,9 +165,13 @@ class BatchingSink:
         out of a blocking call soon. The next call waits until the abandoned
         thread has finished, so two never use one connection at once.
         """
-        limiter = self.__dict__.get("_thread_limiter")
-        if limiter is None:
-            limiter = self.__dict__["_thread_limiter"] = trio.CapacityLimiter(1)
+        token = trio.lowlevel.current_trio_token()
+        run, limiter = self.__dict__.get("_thread_limiter", (None, None))
+        if run is not token or limiter is None:
+            # one per trio run: a thread abandoned in an earlier run may
+            # never hand its token back to this one
+            limiter = trio.CapacityLimiter(1)
+            self.__dict__["_thread_limiter"] = (token, limiter)
         try:
             return await trio.to_thread.run_sync(
                 fn, *args, abandon_on_cancel=True, limiter=limiter

@@ -113,16 +113,17 @@ class Inbox:
         """Close the processing span of the last batch (called at actor exit)."""
         self._finish_previous()
 
-    def close(self) -> None:
-        """Stop receiving: batches still queued are acked ``dropped``, and
-        later sends to this consumer are dropped and counted."""
+    def close(self, reason: str = "consumer_gone", outcome: str = "dropped") -> None:
+        """Stop receiving: batches still queued are counted as discarded for
+        ``reason`` and acked ``outcome``, and later sends to this consumer
+        are dropped and counted."""
         while True:
             try:
                 batch = self._receiver.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            self.metrics.discarded("consumer_gone", len(batch.records))
-            batch.ack("dropped")
+            self.metrics.discarded(reason, len(batch.records))
+            batch.ack(outcome)
         self._receiver.close()
 
     def __aiter__(self) -> Inbox:

@@ -217,13 +217,17 @@ class Runtime:
         return not reasons, reasons
 
     def totals(self) -> str:
-        """One line of per-actor record counts: ``name: in=N out=N dropped=N``."""
+        """One line of per-actor record counts: ``name: in=N out=N dropped=N``
+        (plus ``written=N`` at storing sinks, and ``lost=N`` for the records
+        a forced stop took, which ``dropped`` includes)."""
         parts = []
         for a in self.status()["actors"]:
             dropped = sum(a["discarded"].values())
             part = f"{a['name']}: in={a['received']} out={a['sent']} dropped={dropped}"
             if "written" in a:
                 part += f" written={a['written']}"
+            if a["discarded"].get("forced_stop"):
+                part += f" lost={a['discarded']['forced_stop']}"
             parts.append(part)
         return "; ".join(parts)
 
@@ -269,6 +273,8 @@ class Runtime:
                 outer.cancel_scope.cancel()
         seconds = time.monotonic() - self.started_at
         if self._failure is not None:
+            log.info("flow %s: failed after %.1fs; %s", self.flow.name, seconds, self.totals(),
+                     extra=self._extra())
             raise FlowFailed(self._failure)
         if self.stop_reason is None:
             self.stop_reason = "exhausted"
@@ -339,12 +345,14 @@ class Runtime:
     def _stage_call(slot: _ActorSlot, inbox: Inbox, outbox: Outbox) -> Callable[[], Awaitable[Any]]:
         return lambda: slot.actor.run(inbox, outbox)
 
-    @staticmethod
-    def _closer(inbox: Inbox | None, outbox: Outbox | None) -> Callable[[], None]:
+    def _closer(self, inbox: Inbox | None, outbox: Outbox | None) -> Callable[[], None]:
         def close() -> None:
             if inbox is not None:
                 inbox.done()
-                inbox.close()  # a consumer that quit early must not block its producers
+                if self._forced:  # what a forced stop leaves queued is lost: count it
+                    inbox.close("forced_stop", "failed")
+                else:
+                    inbox.close()  # a consumer that quit early must not block its producers
             if outbox is not None:
                 outbox.close()
 

@@ -65,18 +65,23 @@ has written the points to its WAL). Connection errors, timeouts, 5xx,
 408 and 429 are transient: the write is retried with backoff (``retry``,
 default forever) and the flow backs up meanwhile; nothing is dropped.
 Other 4xx answers refuse the data: 400 (bad line, field type conflict,
-and InfluxDB 1.x's "partial write", which means some points were
-refused), 401/403/404 (credentials, database), 413 (body too large),
-422. The base class then splits the write in halves until it has found
-the records the server refuses and drops only those, counted as
-``rejected`` and logged with the server's message (rewriting the good
-ones is harmless: same points). When the sink opens, an empty write
-checks the database/bucket and credentials: a 401, 403 or 404 there fails
-the actor with ``InfluxConfigError`` (the supervisor restarts it, then
-stops the flow with that message) instead of dropping every record. The
-server being down at that moment is not an error: writes retry. InfluxDB
-1.x refuses new tag values past ``max-values-per-tag`` (100000 by
-default): mind it with a large symbol universe.
+a tag too long, and InfluxDB 1.x's "partial write", which means some
+points were refused), 413 (body too large), 422. The base class then
+splits the write in halves until it has found the records the server
+refuses and drops only those, counted as ``rejected`` and logged with the
+server's message (rewriting the good ones is harmless: same points).
+401, 403 and 404 (credentials, permissions, a database or bucket that is
+not there) refuse the sink, not the data: when the sink opens, an empty
+write checks them and fails the actor with ``InfluxConfigError``; a write
+answered so later (a password changed, a database dropped) fails the
+actor with its ``InfluxWriteError``, its records dropped as
+``write_failed`` rather than every one counted ``rejected``. The
+supervisor restarts the actor, then stops the flow with that message. The
+server being down at that moment is not an error: writes retry. Every
+write is bounded by ``timeout`` (each connect, read and write) and
+``write_timeout`` (the whole request). InfluxDB 1.x refuses new tag values
+past ``max-values-per-tag`` (100000 by default): mind it with a large
+symbol universe.
 
 Metrics: the core sink set plus ``flows_sink_write_seconds``,
 ``flows_sink_batch_records``, ``flows_sink_write_errors_total`` and
@@ -148,6 +153,11 @@ class InfluxWriteError(Exception):
     @property
     def transient(self) -> bool:
         return self.status >= 500 or self.status in (408, 429)
+
+    @property
+    def refuses_the_sink(self) -> bool:
+        """401, 403, 404: credentials, permissions, database or bucket."""
+        return self.status in (401, 403, 404)
 
 
 def timestamp(ts: float, precision: str = "ns") -> int:
@@ -299,6 +309,10 @@ class InfluxSink(BatchingSink):
         flush_interval: longest a record waits before its write (s, default 1.0).
         retry: retry policy for transient errors (default: forever, backoff).
         timeout: HTTP connect/read/write timeout (s, default 10.0).
+        write_timeout: longest one write (the whole request) may take (s,
+            default 30); past it the request is cancelled and retried.
+        unready_after: the flow is not ready while a write has been failing
+            or in progress this long (s, default 30).
         name: the actor's name (default ``"influx"``).
     """
 
@@ -319,6 +333,8 @@ class InfluxSink(BatchingSink):
         flush_interval: float = 1.0,
         retry: Retry | None = None,
         timeout: float = 10.0,
+        write_timeout: float | None = 30.0,
+        unready_after: float = 30.0,
         name: str = "influx",
     ) -> None:
         parsed = httpx.URL(url)
@@ -356,7 +372,8 @@ class InfluxSink(BatchingSink):
         self.measurement = measurement
         self.precision = precision
         super().__init__(
-            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
+            write_timeout=write_timeout, unready_after=unready_after,
         )
         self.timeout = timeout
         self._prefix = measurement.translate(_MEASUREMENT)
@@ -506,3 +523,8 @@ class InfluxSink(BatchingSink):
         return isinstance(
             exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, OSError)
         )
+
+    def is_fatal(self, exc: Exception) -> bool:
+        if isinstance(exc, InfluxWriteError):
+            return exc.refuses_the_sink
+        return isinstance(exc, (InfluxConfigError, httpx.UnsupportedProtocol))

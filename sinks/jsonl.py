@@ -29,7 +29,13 @@ a write that failed half way are cut off before the retry, so a line is
 never torn nor written twice by one write. If an existing file does not
 end with a newline (a torn line left by an earlier process), the sink
 starts on a new line and leaves that line as it is. A missing directory is
-an error when the sink opens (the directory is not created).
+an error when the sink opens (the directory is not created). A file the
+sink may not write (permission denied, a read-only file system, a
+directory removed or in the way) is the sink's own fault: not retried, the
+actor fails with the error (after the supervisor's restarts, the flow
+stops). A write that outlasts ``write_timeout`` (a hung network file
+system) is abandoned and retried; the abandoned one may still land, so
+its lines may then appear twice.
 
 Rotation (``rotate_bytes``): before a write that would take the current
 file past ``rotate_bytes``, the file is rotated as logrotate does: for
@@ -57,6 +63,7 @@ writes ``ticks.jsonl``, rotated at 64 MiB into ``ticks.jsonl.1`` ... ``.10``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -64,11 +71,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgspec
-import trio
 
 from flows import BatchingSink, Retry
 
 __all__ = ["JSONLSink"]
+
+_FATAL_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT}
+"""I/O errors that are the sink's own fault: retrying cannot help."""
 
 
 class JSONLSink(BatchingSink):
@@ -86,6 +95,10 @@ class JSONLSink(BatchingSink):
             ``rotate_bytes``.
         fsync: fsync the file after each write (default True).
         retry: retry policy for I/O errors (default: forever, backoff).
+        write_timeout: longest one write may take (s, default 30); past it
+            the write is abandoned and retried.
+        unready_after: the flow is not ready while a write has been failing
+            or in progress this long (s, default 30).
         name: the actor's name (default ``jsonl``).
     """
 
@@ -99,6 +112,8 @@ class JSONLSink(BatchingSink):
         keep: int | None = None,
         fsync: bool = True,
         retry: Retry | None = None,
+        write_timeout: float | None = 30.0,
+        unready_after: float = 30.0,
         name: str = "jsonl",
     ) -> None:
         if rotate_bytes is not None and rotate_bytes < 1:
@@ -110,7 +125,8 @@ class JSONLSink(BatchingSink):
                 raise ValueError(f"keep must be >= 1 (or None), got {keep!r}")
         self.path = Path(path)
         super().__init__(
-            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
+            write_timeout=write_timeout, unready_after=unready_after,
         )
         self.rotate_bytes = rotate_bytes
         self.keep = keep
@@ -124,21 +140,28 @@ class JSONLSink(BatchingSink):
 
     async def open(self) -> None:
         if self._file is None:
-            await trio.to_thread.run_sync(self._open_sync)
+            await self.run_in_thread(self._open_sync)
 
     async def close(self) -> None:
         if self._file is not None:
-            f, self._file = self._file, None
-            await trio.to_thread.run_sync(f.close)
+            await self.run_in_thread(self._close_sync)
 
     async def write(self, records: list[Any]) -> None:
         # Encode everything before touching the file: a record msgspec
         # rejects (TypeError and the like: not transient) fails the write
         # with nothing written, and the base class isolates it.
         data = self._encoder.encode_lines(records)
-        await trio.to_thread.run_sync(self._write_sync, data)
+        await self.run_in_thread(self._write_sync, data)
+
+    def is_fatal(self, exc: Exception) -> bool:
+        return isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS
 
     # -- worker thread -----------------------------------------------------
+
+    def _close_sync(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
 
     def _open_sync(self) -> None:
         directory = self.path.parent

@@ -19,16 +19,37 @@ once, so delivery is at-least-once and storage exactly-once per key.
 
 Outages: the sink connects lazily, at its first write, so a flow can start
 while the database is down. A lost connection, a refused connection, a
-server restart, a timeout (``OperationalError``, ``InterfaceError``, OS
-errors) and any other failure that is not the records' fault drop the
+server restart or shutdown, a timeout, a serialization failure or deadlock
+(``OperationalError``, ``InterfaceError``, OS errors, and any error the
+server does not blame on the records or the configuration) drop the
 connection; the write is retried with backoff on a new one (``retry``,
 default: forever), and the flow backs up behind the sink meanwhile: nothing
-is dropped while PostgreSQL is away. Records the database refuses for good
-(``DataError``, ``IntegrityError`` such as a CHECK constraint of a table you
-created) are isolated by splitting the write, and only they are dropped,
-counted with reason ``rejected``. (A table of another shape or a missing
-privilege is retried too, logged at each attempt: fix it and the flow
-resumes.)
+is dropped while PostgreSQL is away.
+
+Errors are sorted by SQLSTATE:
+
+- the records' fault, isolated by splitting the write, and only those
+  records dropped (counted ``rejected``): class 22 (``DataError``: a value
+  out of range, a NUL byte in a text), 23 (``IntegrityError``: a CHECK
+  constraint of a table you created) and 54 (``ProgramLimitExceeded``: a
+  symbol too long to index);
+- the sink's own fault, not retried: the write's records are dropped
+  (``write_failed``) and the actor fails with the server's message, so the
+  supervisor restarts it and, past its restart budget, stops the flow:
+  class 28 (bad credentials), 3D (no such database), 42 (a missing
+  privilege, a table of another shape), 0A, an invalid DSN, and the
+  connection-time refusals libpq reports without a SQLSTATE ("password
+  authentication failed", "no pg_hba.conf entry", "role/database ...
+  does not exist").
+
+Every write is bounded in time (``write_timeout``, default 30 s): the
+connection has libpq's ``connect_timeout``, TCP keepalives and
+``tcp_user_timeout``, and the session a ``statement_timeout``; a write that
+outlasts ``write_timeout`` anyway (a server that is stopped, not dead, such
+as a SIGSTOPped postmaster, answers none of these) has its socket shut down
+from outside the worker thread, and is retried on a new connection. A
+forced stop abandons the worker thread at once the same way, so the
+process ends within the drain deadline plus a few seconds.
 
 Metrics: the core component set plus ``flows_sink_write_seconds``,
 ``flows_sink_batch_records``, ``flows_sink_write_errors_total`` and
@@ -46,12 +67,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import socket
+import threading
 from typing import Any
 
 import psycopg
-import trio
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from flows import BatchingSink, Retry
 
@@ -59,6 +83,30 @@ __all__ = ["PostgresSink"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 _COLUMNS = ("source", "symbol", "ts", "price", "bid", "ask", "volume")
+
+# SQLSTATE classes: the records' fault (22 data exception, 23 integrity
+# constraint violation, 54 program limit exceeded: a value too long to index)
+# and the sink's own (28 invalid authorization, 3D invalid catalog name,
+# 3F invalid schema name, 42 syntax error or access rule violation: a missing
+# privilege, a table of another shape; 0A feature not supported).
+_REJECTED_CLASSES = ("22", "23", "54")
+_FATAL_CLASSES = ("28", "3D", "3F", "42", "0A")
+# libpq reports a refused connection without a SQLSTATE: its message
+# (PostgreSQL's own, in the server's language; English by default) tells.
+_FATAL_MESSAGES = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "does not exist",  # role, database
+    "is not permitted to log in",
+    "permission denied",
+    "password is required",
+    "no password supplied",
+    "invalid connection option",
+    "invalid integer value",
+    "invalid sslmode value",
+    "server does not support SSL",
+)
 
 log = logging.getLogger("flows.sink.postgres")
 
@@ -77,6 +125,12 @@ class PostgresSink(BatchingSink):
         retry: retry policy for transient errors (default: forever, backoff).
         connect_timeout: how long one connection attempt may take (s,
             default 5.0; libpq's minimum is 2).
+        write_timeout: longest one write may take (s, default 30; also the
+            session's ``statement_timeout`` and the socket's
+            ``tcp_user_timeout``); past it the write is abandoned, its
+            socket shut down, and it is retried.
+        unready_after: the flow is not ready while a write has been failing
+            or in progress this long (s, default 30).
         name: the actor's name.
     """
 
@@ -89,6 +143,8 @@ class PostgresSink(BatchingSink):
         flush_interval: float = 1.0,
         retry: Retry | None = None,
         connect_timeout: float = 5.0,
+        write_timeout: float | None = 30.0,
+        unready_after: float = 30.0,
         name: str = "postgres",
     ) -> None:
         if not _IDENT.match(table):
@@ -98,10 +154,12 @@ class PostgresSink(BatchingSink):
         self.dsn = dsn
         self.table = table
         super().__init__(
-            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
+            write_timeout=write_timeout, unready_after=unready_after,
         )
         self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection[Any] | None = None
+        self._conn_lock = threading.Lock()  # closing vs. abort() shutting the socket down
         target = sql.Identifier(*table.split("."))
         cols = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
         self._create = sql.SQL(
@@ -122,14 +180,37 @@ class PostgresSink(BatchingSink):
             "ON CONFLICT (source, symbol, ts) DO NOTHING"
         ).format(target, cols, cols)
 
+    def _connect_options(self) -> dict[str, Any]:
+        """libpq options that bound the time a connection can hang; what the
+        DSN sets itself is kept."""
+        options: dict[str, Any] = {
+            "connect_timeout": max(2, math.ceil(self.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
+        if self.write_timeout is not None:
+            options["tcp_user_timeout"] = math.ceil(self.write_timeout * 1000)
+        try:
+            given = conninfo_to_dict(self.dsn)
+        except psycopg.Error:
+            given = {}  # a bad DSN: psycopg.connect says why
+        return {k: v for k, v in options.items() if k not in given}
+
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(
             self.dsn,
             autocommit=True,  # transactions are explicit: conn.transaction()
-            connect_timeout=max(2, math.ceil(self.connect_timeout)),
             application_name=f"flows-{self.name}",
+            **self._connect_options(),
         )
         try:
+            if self.write_timeout is not None:
+                conn.execute(
+                    "SELECT set_config('statement_timeout', %s, false)",
+                    [f"{math.ceil(self.write_timeout * 1000)}ms"],
+                )
             try:
                 with conn.transaction():
                     conn.execute(self._create)
@@ -147,8 +228,10 @@ class PostgresSink(BatchingSink):
     def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
-            self._drop_connection()
-            conn = self._conn = self._connect()
+            self._drop_connection(conn)
+            conn = self._connect()
+            with self._conn_lock:
+                self._conn = conn
         try:
             try:
                 # The common case, a batch never stored before: COPY straight in.
@@ -164,36 +247,88 @@ class PostgresSink(BatchingSink):
                     for row in rows:
                         copy.write_row(row)
                 cur.execute(self._insert)
-        except (psycopg.DataError, psycopg.IntegrityError):
-            raise  # the records' fault: the transaction rolled back, the connection is fine
+        except psycopg.Error as exc:
+            if _rejected(exc) and not conn.broken:
+                raise  # the records' fault: the transaction rolled back, the connection is fine
+            self._drop_connection(conn)
+            raise
         except BaseException:
             # lost, refused, restarted, or in an unknown state: start afresh on retry
-            self._drop_connection()
+            self._drop_connection(conn)
             raise
 
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
+    def _drop_connection(self, conn: psycopg.Connection[Any] | None = None) -> None:
+        """Close ``conn`` (default: the current connection); forget it if current."""
+        with self._conn_lock:
+            if conn is None:
+                conn = self._conn
+            if conn is self._conn:
+                self._conn = None
+            if conn is None:
+                return
             try:
                 conn.close()
             except Exception:  # pragma: no cover - closing a broken connection
                 log.debug("closing a broken connection failed", exc_info=True)
+
+    def abort(self) -> None:
+        """Shut the current connection's socket down (both ways), so that a
+        worker thread blocked on it (a server that stopped answering) gets
+        an error at once. The socket stays open (libpq closes it)."""
+        if not self._conn_lock.acquire(blocking=False):
+            return  # being closed right now: nothing to shut down
+        try:
+            conn = self._conn
+            if conn is None or conn.closed:
+                return
+            try:
+                fd = conn.pgconn.socket
+                sock = socket.socket(fileno=os.dup(fd))
+            except (psycopg.Error, OSError):
+                return  # no socket any more
+        finally:
+            self._conn_lock.release()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     async def open(self) -> None:
         """Nothing blocking: the first write connects (the database may be down now)."""
 
     async def close(self) -> None:
         if self._conn is not None:
-            await trio.to_thread.run_sync(self._drop_connection)
+            await self.run_in_thread(self._drop_connection)
 
     async def write(self, records: list[Any]) -> None:
         rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
-        await trio.to_thread.run_sync(self._write_sync, rows)
+        await self.run_in_thread(self._write_sync, rows)
 
     def is_transient(self, exc: Exception) -> bool:
-        # Only the records themselves are worth dropping; anything else
-        # (connection lost or refused, shutdown, timeouts, serialization
-        # failures, a table of the wrong shape) is retried.
-        if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+        # Anything not the records' fault (nor the configuration's, see
+        # is_fatal): connection lost or refused, shutdown, timeouts,
+        # serialization failures, deadlocks, a full disk.
+        if isinstance(exc, psycopg.Error):
+            return not _rejected(exc)
+        return isinstance(exc, (OSError, TimeoutError))
+
+    def is_fatal(self, exc: Exception) -> bool:
+        if not isinstance(exc, psycopg.Error):
             return False
-        return isinstance(exc, (psycopg.Error, OSError, TimeoutError))
+        state = exc.sqlstate
+        if state is not None:
+            return state[:2] in _FATAL_CLASSES
+        if isinstance(exc, (psycopg.ProgrammingError, psycopg.NotSupportedError)):
+            return True  # an invalid DSN, a client-side misuse
+        message = str(exc)
+        return any(m in message for m in _FATAL_MESSAGES)
+
+
+def _rejected(exc: psycopg.Error) -> bool:
+    """The records' fault: the server refused their values."""
+    state = exc.sqlstate
+    if state is not None:
+        return state[:2] in _REJECTED_CLASSES
+    return isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))

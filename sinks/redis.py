@@ -22,15 +22,24 @@ read)::
   Floats round-trip exactly; NaN and infinities become ``null`` (JSON has
   no such numbers), which a ``Tick`` reader rejects as invalid.
 
-Redis' own errors (connection refused or lost, timeouts, ``LOADING``,
-``OOM``, ``READONLY`` after a failover, even ``WRONGTYPE`` from a
-misconfigured key) are all retried with backoff: the sink blocks and the
-flow backs up behind it rather than drop anything while Redis cannot take
-writes (each failure counted in ``flows_sink_write_errors_total`` and
-``flows_errors_total{error_type=...}``). Only a record that cannot be
-encoded is dropped (counted, reason ``rejected``). A batch is acked
-``written`` once ``EXEC`` of the pipeline returned, i.e. Redis has every
-entry (durable as far as the server's own persistence settings go).
+Errors: Redis being unable to take writes for now (connection refused or
+lost, timeouts, ``LOADING``, ``OOM``, ``READONLY`` after a failover,
+``TRYAGAIN``, ``MASTERDOWN``) is retried with backoff: the sink blocks and
+the flow backs up behind it rather than drop anything (each failure
+counted in ``flows_sink_write_errors_total`` and
+``flows_errors_total{error_type=...}``). The sink's own configuration
+(a wrong password or user: ``WRONGPASS``, ``NOAUTH``; an ACL without the
+right: ``NOPERM``; a key of another type: ``WRONGTYPE``; any other error
+reply) is not retried: the actor fails with Redis' message, and after the
+supervisor's restarts the flow stops. A record that cannot be encoded, or
+whose entry would be larger than ``max_entry_bytes`` (Redis refuses a bulk
+string past its ``proto-max-bulk-len``, 512 MB by default, and drops the
+connection), is dropped alone (counted, reason ``rejected``). A batch is
+acked ``written`` once ``EXEC`` of the pipeline returned, i.e. Redis has
+every entry (durable as far as the server's own persistence settings go).
+Every write is bounded by ``socket_timeout`` (each read and send) and
+``write_timeout`` (the whole pipeline: past it, the connections are shut
+down from outside the worker thread, and the write is retried).
 
 Delivery is at-least-once: a pipeline that fails half-way may have added
 some entries already, and the retry adds them again. Readers that must not
@@ -41,7 +50,8 @@ Configuration (defaults shown)::
 
     RedisStreamSink("redis://127.0.0.1:6379/0", stream="ticks", maxlen=None,
                     batch_size=1000, flush_interval=0.5, retry=Retry(),
-                    socket_timeout=10.0, name="redis")
+                    socket_timeout=10.0, max_entry_bytes=512 << 20,
+                    write_timeout=30.0, unready_after=30.0, name="redis")
 
 Metrics: the core sink set (records received, batch processing, end-to-end
 latency) and ``flows_sink_write_seconds``, ``flows_sink_batch_records``,
@@ -62,18 +72,32 @@ from typing import Any
 
 import msgspec
 import redis
-import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry as _RedisRetry
 
 from flows import BatchingSink, Retry
 
-__all__ = ["FIELD", "RedisStreamSink", "encode_record", "no_retry"]
+__all__ = ["FIELD", "EntryTooLarge", "RedisStreamSink", "encode_record", "no_retry"]
 
 FIELD = b"t"
 """The one field of every entry: the record, JSON-encoded."""
 
 _encoder = msgspec.json.Encoder()
+
+_TRANSIENT_REPLIES = (
+    redis.exceptions.OutOfMemoryError,  # OOM
+    redis.exceptions.ReadOnlyError,  # READONLY (a replica, after a failover)
+    redis.exceptions.TryAgainError,  # TRYAGAIN
+    redis.exceptions.ClusterDownError,  # CLUSTERDOWN, MASTERDOWN
+)
+"""Error replies that say Redis cannot take writes for now (redis-py maps
+them to these classes; ``LOADING`` is a ConnectionError). ``BUSY`` (a
+script running) is left as redis-py leaves it: a ResponseError whose text
+starts with the code."""
+
+
+class EntryTooLarge(ValueError):
+    """A record whose entry is larger than ``max_entry_bytes`` (rejected)."""
 
 
 def encode_record(record: Any) -> bytes:
@@ -100,6 +124,13 @@ class RedisStreamSink(BatchingSink):
         retry: retry policy for Redis errors (default: forever, backoff).
         socket_timeout: seconds one write may wait on the server before it
             fails (and is retried).
+        max_entry_bytes: a record whose JSON is larger is rejected (default
+            512 MiB, Redis' default ``proto-max-bulk-len``; set it to your
+            server's).
+        write_timeout: longest one write (the whole pipeline) may take (s,
+            default 30); past it the write is abandoned and retried.
+        unready_after: the flow is not ready while a write has been failing
+            or in progress this long (s, default 30).
         name: the actor's name.
     """
 
@@ -113,6 +144,9 @@ class RedisStreamSink(BatchingSink):
         flush_interval: float = 0.5,
         retry: Retry | None = None,
         socket_timeout: float = 10.0,
+        max_entry_bytes: int = 512 << 20,
+        write_timeout: float | None = 30.0,
+        unready_after: float = 30.0,
         name: str = "redis",
     ) -> None:
         if maxlen is not None and maxlen < 1:
@@ -121,13 +155,17 @@ class RedisStreamSink(BatchingSink):
             raise ValueError("stream must not be empty")
         if not socket_timeout > 0:
             raise ValueError("socket_timeout must be > 0")
+        if max_entry_bytes < 1:
+            raise ValueError("max_entry_bytes must be >= 1")
         self.url = url
         self.stream = stream
         self.maxlen = maxlen
         super().__init__(
-            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
+            write_timeout=write_timeout, unready_after=unready_after,
         )
         self.socket_timeout = socket_timeout
+        self.max_entry_bytes = max_entry_bytes
         self._client: redis.Redis | None = None
 
     async def open(self) -> None:
@@ -143,21 +181,44 @@ class RedisStreamSink(BatchingSink):
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            await trio.to_thread.run_sync(client.close)
+            await self.run_in_thread(client.close)
 
     def _write_sync(self, records: list[Any]) -> None:
         assert self._client is not None
-        encode, stream, maxlen = _encoder.encode, self.stream, self.maxlen
-        entries = [{FIELD: encode(r)} for r in records]  # a bad record fails before any XADD
+        encode, stream, maxlen, limit = _encoder.encode, self.stream, self.maxlen, self.max_entry_bytes
+        entries = []
+        for r in records:  # a bad record fails before any XADD
+            data = encode(r)
+            if len(data) > limit:
+                raise EntryTooLarge(f"entry of {len(data)} bytes > max_entry_bytes ({limit})")
+            entries.append({FIELD: data})
         with self._client.pipeline(transaction=False) as pipe:
             for fields in entries:
                 pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
             pipe.execute()
 
     async def write(self, records: list[Any]) -> None:
-        await trio.to_thread.run_sync(self._write_sync, records)
+        await self.run_in_thread(self._write_sync, records)
+
+    def abort(self) -> None:
+        client = self._client
+        if client is not None:
+            # shuts the sockets down (in use ones too): a blocked read fails now
+            client.connection_pool.disconnect(inuse_connections=True)
 
     def is_transient(self, exc: Exception) -> bool:
-        # Every Redis error is about the server or its configuration, not about
-        # a record: retry (block) rather than drop. Encoding errors are not.
+        # Redis cannot take writes for now. Neither this nor is_fatal: the
+        # record's fault (it cannot be encoded, or is too large).
+        if isinstance(exc, redis.ResponseError):
+            return isinstance(exc, _TRANSIENT_REPLIES) or str(exc).startswith("BUSY ")
+        if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError,
+                            redis.DataError)):
+            return False
         return isinstance(exc, (redis.RedisError, OSError, TimeoutError))
+
+    def is_fatal(self, exc: Exception) -> bool:
+        # The sink's configuration: credentials, ACL, a key of another type,
+        # any other error reply.
+        if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+            return True
+        return isinstance(exc, redis.ResponseError) and not self.is_transient(exc)

@@ -9,10 +9,17 @@ thread so the trio thread never blocks. One table (default ``ticks``):
 
 Rows are inserted with ``ON CONFLICT (source, symbol, ts) DO NOTHING``, so
 a batch delivered twice is stored once; a row that breaks another
-constraint is dropped alone and counted (reason ``rejected``).
-"database is locked", "disk full" and I/O errors are retried with backoff
-(the flow backs up meanwhile); nothing is dropped while SQLite cannot
-write. Needs SQLite 3.24+ (upsert syntax).
+constraint, or holds a value SQLite cannot take (an integer past 64 bits, a
+string that is not UTF-8), is dropped alone and counted (reason
+``rejected``). "database is locked", "disk full" and I/O errors are
+retried with backoff (the flow backs up meanwhile); nothing is dropped
+while SQLite cannot write. A read-only or unopenable file, a corrupt
+database or a table of another shape is the sink's own fault: not retried,
+the actor fails with SQLite's message (after the supervisor's restarts, the
+flow stops). A write is bounded in time: a lock waits ``busy_timeout``, and
+a write that outlasts ``write_timeout`` is interrupted
+(``sqlite3.Connection.interrupt``) and retried. Needs SQLite 3.24+ (upsert
+syntax).
 
 Example::
 
@@ -27,13 +34,34 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from flows import BatchingSink, Retry
 
 __all__ = ["SQLiteSink"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Primary result codes (the low byte of an extended one): worth retrying, or
+# the sink's own fault. The rest (CONSTRAINT, TOOBIG, MISMATCH, RANGE, ...)
+# and errors raised before SQLite sees a row are the records' fault.
+_TRANSIENT_CODES = {
+    5,  # SQLITE_BUSY
+    6,  # SQLITE_LOCKED
+    7,  # SQLITE_NOMEM
+    9,  # SQLITE_INTERRUPT (write_timeout)
+    10,  # SQLITE_IOERR
+    13,  # SQLITE_FULL
+    15,  # SQLITE_PROTOCOL
+    17,  # SQLITE_SCHEMA
+}
+_FATAL_CODES = {
+    1,  # SQLITE_ERROR: no such table or column (a table of another shape)
+    3,  # SQLITE_PERM
+    8,  # SQLITE_READONLY
+    11,  # SQLITE_CORRUPT
+    14,  # SQLITE_CANTOPEN
+    23,  # SQLITE_AUTH
+    26,  # SQLITE_NOTADB
+}
 
 
 class SQLiteSink(BatchingSink):
@@ -47,6 +75,10 @@ class SQLiteSink(BatchingSink):
         retry: retry policy for transient errors (default: forever, backoff).
         busy_timeout: how long one write waits on a lock held by another
             connection before it fails and is retried (s).
+        write_timeout: longest one write may take (s, default 30); past it
+            the write is interrupted and retried.
+        unready_after: the flow is not ready while a write has been failing
+            or in progress this long (s, default 30).
         name: the actor's name.
     """
 
@@ -59,6 +91,8 @@ class SQLiteSink(BatchingSink):
         flush_interval: float = 1.0,
         retry: Retry | None = None,
         busy_timeout: float = 5.0,
+        write_timeout: float | None = 30.0,
+        unready_after: float = 30.0,
         name: str = "sqlite",
     ) -> None:
         if not _IDENT.match(table):
@@ -66,7 +100,8 @@ class SQLiteSink(BatchingSink):
         self.path = Path(path)
         self.table = table
         super().__init__(
-            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
+            name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
+            write_timeout=write_timeout, unready_after=unready_after,
         )
         self.busy_timeout = busy_timeout
         self._db: sqlite3.Connection | None = None
@@ -90,12 +125,12 @@ class SQLiteSink(BatchingSink):
 
     async def open(self) -> None:
         if self._db is None:
-            self._db = await trio.to_thread.run_sync(self._connect)
+            self._db = await self.run_in_thread(self._connect)
 
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
-            await trio.to_thread.run_sync(db.close)
+            await self.run_in_thread(db.close)
 
     def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
         assert self._db is not None
@@ -111,8 +146,23 @@ class SQLiteSink(BatchingSink):
 
     async def write(self, records: list[Any]) -> None:
         rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
-        await trio.to_thread.run_sync(self._write_sync, rows)
+        await self.run_in_thread(self._write_sync, rows)
+
+    def abort(self) -> None:
+        db = self._db
+        if db is not None:
+            db.interrupt()  # thread-safe: the statement in progress fails with "interrupted"
 
     def is_transient(self, exc: Exception) -> bool:
-        # locked/busy, disk full, I/O error: all OperationalError in sqlite3
-        return isinstance(exc, (sqlite3.OperationalError, OSError))
+        # locked/busy, disk full, I/O error, interrupted
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is None:  # no code: a closed database, a misuse
+                return isinstance(exc, sqlite3.OperationalError)
+            return code & 0xFF in _TRANSIENT_CODES
+        return isinstance(exc, (OSError, TimeoutError))
+
+    def is_fatal(self, exc: Exception) -> bool:
+        # read-only or unopenable file, corrupt database, a table of another shape
+        code = getattr(exc, "sqlite_errorcode", None)
+        return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _FATAL_CODES

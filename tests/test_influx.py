@@ -514,3 +514,90 @@ def test_write_errors_say_whether_they_are_transient():
     assert sink.is_transient(httpx.RemoteProtocolError("x"))
     assert not sink.is_transient(LineProtocolError("x"))
     assert str(InfluxWriteError(400, "bad")) == "HTTP 400: bad"
+
+
+@needs_influxd
+async def test_a_tag_too_long_for_influxdb_is_rejected_alone(server, db):
+    """Fault 3: one record InfluxDB refuses (a series key past 64 KiB) among
+    good ones: the good ones are stored, the bad one counted rejected."""
+    good = [Tick("x", f"S{i}", 10.0 + i, 1_700_000_000.0 + i) for i in range(20)]
+    huge = Tick("x", "Y" * 70_000, 1.0, 1_700_000_050.0)
+    sink = InfluxSink(server.url, database=db, batch_size=100)
+    flow = Flow("long", sources=[ListSource([good[:10], [huge], good[10:]])], sinks=[sink])
+    with trio.fail_after(20):
+        result, registry = await run_briefly(flow)
+    assert result.clean
+    assert [p["symbol"] for p in points(server.url, db)] == [t.symbol for t in good]
+    assert sample(registry, "flows_records_discarded_total", "long", "influx", reason="rejected") == 1
+    assert sample(registry, "flows_sink_retries_total", "long", "influx") == 0
+
+
+class GatedSource:
+    """Source: sends its first batch, waits for ``gate``, sends the rest."""
+
+    name = "gated"
+
+    def __init__(self, batches: list[list[Tick]]) -> None:
+        self.batches = batches
+        self.gate = trio.Event()
+
+    async def run(self, outbox) -> None:
+        from flows import Batch
+
+        for i, records in enumerate(self.batches):
+            if i == 1:
+                await self.gate.wait()
+            await outbox.send(Batch(records))
+
+
+ADMIN = ("admin", "admin-password")
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    if influxd_path() is None:
+        pytest.skip("influxd (InfluxDB 1.x) is not installed: apt-get install influxdb")
+    with InfluxServer(admin=ADMIN) as s:
+        create_database(s.url, "guarded", auth=ADMIN)
+        yield s
+
+
+@needs_influxd
+@pytest.mark.parametrize("when", ["at open", "mid-run"])
+async def test_refused_credentials_fail_the_sink_instead_of_dropping_records(guarded, when):
+    """Fault 3: with authentication on, a wrong password (or one changed while
+    the flow runs) fails the sink with InfluxDB's message, not retried for ever
+    nor every record counted as rejected."""
+    user = f"writer_{when.replace(' ', '_').replace('-', '_')}"
+    query(guarded.url, f"CREATE USER \"{user}\" WITH PASSWORD 'pw-1'", method="POST", auth=ADMIN)
+    query(guarded.url, f'GRANT WRITE ON "guarded" TO "{user}"', method="POST", auth=ADMIN)
+    password = "pw-wrong" if when == "at open" else "pw-1"
+    url = guarded.url.replace("http://", f"http://{user}:{password}@")
+    data = [Tick("x", f"S{i}", 10.0 + i, 1_700_000_000.0 + i) for i in range(10)]
+    source = GatedSource([data[:5], data[5:]])
+    sink = InfluxSink(url, database="guarded", batch_size=5, retry=Retry(backoff=0.01))
+    flow = Flow("auth", sources=[source], sinks=[sink],
+                supervision=Supervision(max_restarts=1, backoff=0.0))
+    registry = CollectorRegistry()
+
+    async def change_password_after_the_first_write() -> None:
+        if when == "mid-run":
+            while not sample(registry, "flows_sink_batch_records_sum", "auth", "influx"):
+                await trio.sleep(0.01)
+            await trio.to_thread.run_sync(functools.partial(
+                query, guarded.url, f"SET PASSWORD FOR \"{user}\" = 'pw-2'", method="POST",
+                auth=ADMIN))
+        source.gate.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(change_password_after_the_first_write)
+            with pytest.raises(FlowFailed) as failed:
+                await Runtime(flow, registry=registry, metrics_addr=None).run()
+    assert "HTTP 401" in str(failed.value) and "authorization failed" in str(failed.value)
+    assert sample(registry, "flows_records_discarded_total", "auth", "influx", reason="rejected") == 0
+    assert sample(registry, "flows_sink_retries_total", "auth", "influx") == 0
+    if when == "mid-run":
+        assert sample(registry, "flows_sink_batch_records_sum", "auth", "influx") == 5
+        assert sample(registry, "flows_records_discarded_total", "auth", "influx",
+                      reason="write_failed") == 5

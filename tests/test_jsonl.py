@@ -275,3 +275,24 @@ async def test_a_rotation_that_fails_half_way_is_completed_by_the_retry(tmp_path
     assert [p.name for p in files] == ["ticks.jsonl.3", "ticks.jsonl.2", "ticks.jsonl.1", "ticks.jsonl"]
     assert [t for p in files for t in read(p)] == data
     assert sample(registry, "flows_sink_retries_total", "rf", "jsonl") == 1
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(errno.EACCES, "Permission denied"),
+    OSError(errno.EROFS, "Read-only file system"),
+])
+async def test_a_file_the_sink_may_not_write_fails_it_not_retried(tmp_path, monkeypatch, error):
+    """Fault 3: permission denied or a read-only file system is the sink's own
+    fault: the flow stops with the error instead of retrying for ever."""
+    path = tmp_path / "ticks.jsonl"
+
+    def refuse(f, buffer):
+        raise error
+
+    monkeypatch.setattr(sinks.jsonl, "_write_all", refuse)
+    flow = Flow("ro", sources=[ListSource([ticks(4)])], sinks=[JSONLSink(path)],
+                supervision=Supervision(max_restarts=1, backoff=0.0))
+    with trio.fail_after(10), pytest.raises(FlowFailed, match=error.strerror) as failed:
+        await run_briefly(flow)
+    assert "sink 'jsonl' failed 2 times" in str(failed.value)
+    assert path.read_bytes() == b""

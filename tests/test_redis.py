@@ -157,6 +157,49 @@ async def test_sink_blocks_and_retries_while_redis_is_down(client, stream):
     assert sample(registry, "flows_records_discarded_total", "down", "redis", reason="write_failed") == 0
 
 
+async def test_sink_rejects_a_record_too_large_or_unencodable_alone(client, stream, server):
+    """Fault 3: a record whose entry is over max_entry_bytes (Redis would drop
+    the connection, for ever) or that cannot be encoded is dropped alone."""
+    good = ticks(20)
+    big = Tick("t", "X" * 5000, 1.0, 0.5)
+    odd = Tick("t", "S", object(), 0.6)  # type: ignore[arg-type] - not JSON
+    sink = RedisStreamSink(server.url, stream=stream, batch_size=100, max_entry_bytes=1000)
+    flow = Flow("big", sources=[ListSource([good[:10], [big, odd], good[10:]])], sinks=[sink])
+    with trio.fail_after(10):
+        result, registry = await run_briefly(flow)
+    assert result.clean
+    assert [msgspec.json.decode(f[FIELD], type=Tick) for _, f in client.xrange(stream)] == good
+    assert sample(registry, "flows_records_discarded_total", "big", "redis", reason="rejected") == 2
+    assert sample(registry, "flows_errors_total", "big", "redis", error_type="EntryTooLarge") >= 1
+    assert sample(registry, "flows_sink_retries_total", "big", "redis") == 0
+
+
+@pytest.mark.parametrize("password", ["wrong-password", None])
+async def test_sink_with_bad_credentials_fails_not_retried(stream, password):
+    """Fault 3: a wrong password (WRONGPASS) or none (NOAUTH) is not retried
+    for ever: the flow stops with Redis' message."""
+    from prometheus_client import CollectorRegistry
+
+    from flows import FlowFailed, Supervision
+
+    with RedisServer(password="right-password") as guarded:
+        url = guarded.url.replace("right-password", password) if password else (
+            f"redis://127.0.0.1:{guarded.port}/0")
+        flow = Flow("auth", sources=[ListSource([ticks(5)])],
+                    sinks=[RedisStreamSink(url, stream=stream, retry=Retry(backoff=0.01))],
+                    supervision=Supervision(max_restarts=1, backoff=0.0))
+        registry = CollectorRegistry()
+        with trio.fail_after(10), pytest.raises(FlowFailed, match="AuthenticationError") as failed:
+            await Runtime(flow, registry=registry, metrics_addr=None).run()
+        with redis.Redis.from_url(guarded.url) as conn:
+            assert conn.exists(stream) == 0
+    message = str(failed.value)
+    assert ("invalid username-password pair" in message if password else "authenticated" in message)
+    assert "right-password" not in message and "wrong-password" not in message
+    assert sample(registry, "flows_sink_retries_total", "auth", "redis") == 0
+    assert sample(registry, "flows_records_discarded_total", "auth", "redis", reason="write_failed") == 5
+
+
 # -- source ----------------------------------------------------------------
 
 

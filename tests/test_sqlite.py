@@ -6,8 +6,9 @@ import sqlite3
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
 
-from flows import Flow, Retry, Tick
+from flows import Flow, FlowFailed, Retry, Runtime, Supervision, Tick
 from flows.testing import ListSource, assert_component_metrics, run_briefly, sample
 from sinks.sqlite import SQLiteSink
 
@@ -126,3 +127,37 @@ def test_rejects_bad_configuration(tmp_path):
         SQLiteSink(tmp_path / "x.db", table="ticks; DROP TABLE x")
     with pytest.raises(ValueError):
         SQLiteSink(tmp_path / "x.db", batch_size=0)
+
+
+async def test_records_sqlite_cannot_take_are_rejected_alone(tmp_path):
+    """Fault 3: a value past 64 bits or a symbol that is not UTF-8 is the
+    record's fault: dropped alone, counted, and the flow goes on."""
+    db = tmp_path / "t.db"
+    good = ticks(20)
+    huge = Tick("t", "HUGE", 2**70, 1.5)  # type: ignore[arg-type] - hostile input
+    surrogate = Tick("t", "\ud800", 1.0, 2.5)
+    flow = Flow("poison", sources=[ListSource([good[:10], [huge, surrogate], good[10:]])],
+                sinks=[SQLiteSink(db, batch_size=100)])
+    with trio.fail_after(10):
+        result, registry = await run_briefly(flow)
+    assert result.clean
+    assert rows(db) == [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in good]
+    assert sample(registry, "flows_records_discarded_total", "poison", "sqlite", reason="rejected") == 2
+    assert sample(registry, "flows_sink_retries_total", "poison", "sqlite") == 0
+
+
+async def test_a_table_of_another_shape_fails_the_sink_not_retried(tmp_path):
+    """Fault 3: a configuration error (here a table without our columns) is
+    not retried for ever: the sink fails and the flow stops with SQLite's message."""
+    db = tmp_path / "t.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE ticks (source TEXT, symbol TEXT, ts REAL, price REAL, "
+                     "PRIMARY KEY (source, symbol, ts))")
+    flow = Flow("shape", sources=[ListSource([ticks(5)])], sinks=[SQLiteSink(db)],
+                supervision=Supervision(max_restarts=1, backoff=0.0))
+    registry = CollectorRegistry()
+    with trio.fail_after(10), pytest.raises(FlowFailed, match="table ticks has no column named bid"):
+        await Runtime(flow, registry=registry, metrics_addr=None).run()
+    assert sample(registry, "flows_sink_retries_total", "shape", "sqlite") == 0
+    assert sample(registry, "flows_records_discarded_total", "shape", "sqlite", reason="write_failed") == 5
+    assert sample(registry, "flows_records_discarded_total", "shape", "sqlite", reason="rejected") == 0

@@ -67,7 +67,7 @@ bind-address = "127.0.0.1:{rpc_port}"
 [http]
   enabled = true
   bind-address = "127.0.0.1:{port}"
-  auth-enabled = false
+  auth-enabled = {auth}
   log-enabled = false
   pprof-enabled = false
 """
@@ -82,6 +82,8 @@ class InfluxServer(ManagedServer):
             new temporary directory, deleted at ``stop()``; a given one is kept).
         ready_timeout: how long ``start()`` waits for ``/ping`` (s, default 15).
         binary: the influxd to run (default: ``influxd_path()``).
+        admin: ``(user, password)``: turn authentication on and create this
+            admin user at start (pass ``auth=admin`` to ``query()``).
     """
 
     name = "influxd"
@@ -93,9 +95,11 @@ class InfluxServer(ManagedServer):
         data_dir: str | Path | None = None,
         ready_timeout: float = 15.0,
         binary: str | None = None,
+        admin: tuple[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = admin
         self._own_dir = data_dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="influxd-") if data_dir is None else data_dir)
         self.ready_timeout = ready_timeout
@@ -107,8 +111,14 @@ class InfluxServer(ManagedServer):
             raise RuntimeError("influxd is not installed (Debian: apt-get install influxdb)")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "influxdb.conf"
-        config.write_text(_CONFIG.format(root=self.dir, port=self.port, rpc_port=free_port()))
+        config.write_text(_CONFIG.format(root=self.dir, port=self.port, rpc_port=free_port(),
+                                         auth="true" if self.admin else "false"))
         self._launch([self.binary, "run", "-config", str(config)], self.dir / "influxd.log")
+        if self.admin:
+            user, password = self.admin
+            # allowed without credentials while no admin exists
+            query(self.url, f"CREATE USER \"{_quote(user)}\" WITH PASSWORD '{_quote_str(password)}' "
+                  "WITH ALL PRIVILEGES", method="POST")
         return self
 
     def _is_ready(self) -> bool:
@@ -131,8 +141,10 @@ class InfluxServer(ManagedServer):
         return f"InfluxServer({self.url}, {state})"
 
 
-def query(url: str, q: str, *, db: str | None = None, epoch: str | None = None, method: str = "GET") -> dict:
-    """Run InfluxQL ``q`` over HTTP (``/query``) and return the decoded JSON.
+def query(url: str, q: str, *, db: str | None = None, epoch: str | None = None, method: str = "GET",
+          auth: tuple[str, str] | None = None) -> dict:
+    """Run InfluxQL ``q`` over HTTP (``/query``) and return the decoded JSON;
+    ``auth`` is ``(user, password)`` when the server requires it.
 
     Raises ``RuntimeError`` with the server's message when a statement fails.
     """
@@ -141,7 +153,7 @@ def query(url: str, q: str, *, db: str | None = None, epoch: str | None = None, 
         params["db"] = db
     if epoch is not None:
         params["epoch"] = epoch
-    with httpx.Client(timeout=10.0) as client:
+    with httpx.Client(timeout=10.0, auth=auth) as client:
         if method == "POST":
             response = client.post(f"{url}/query", data=params)
         else:
@@ -154,10 +166,14 @@ def query(url: str, q: str, *, db: str | None = None, epoch: str | None = None, 
     return body
 
 
-def create_database(url: str, name: str) -> None:
+def create_database(url: str, name: str, *, auth: tuple[str, str] | None = None) -> None:
     """``CREATE DATABASE name`` (a no-op if it exists) via ``POST /query``."""
-    query(url, f'CREATE DATABASE "{_quote(name)}"', method="POST")
+    query(url, f'CREATE DATABASE "{_quote(name)}"', method="POST", auth=auth)
 
 
 def _quote(identifier: str) -> str:
     return identifier.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _quote_str(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")

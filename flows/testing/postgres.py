@@ -25,6 +25,11 @@ Example::
         pg.stop()                            # an outage
         pg.start()                           # same port, same data
 
+``pause()`` SIGSTOPs the postmaster and every backend (a hung server: it
+accepts TCP connections and data into the kernel's buffers, and answers
+nothing); ``resume()`` SIGCONTs them (``stop()`` resumes a paused server
+first).
+
 ``start_postgres()`` returns a started server to ``close()`` yourself (a
 pytest fixture's teardown); a server left running is stopped at interpreter
 exit.
@@ -175,7 +180,9 @@ class PostgresServer:
         return probe.returncode == 0
 
     def stop(self) -> None:
-        """Stop the server with SIGINT (fast shutdown) and wait for it to exit."""
+        """Stop the server with SIGINT (fast shutdown) and wait for it to exit
+        (a paused server is resumed first)."""
+        self.resume()
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -188,6 +195,43 @@ class PostgresServer:
                 raise PostgresError(
                     f"postgres did not stop within {self.timeout:g}s; killed:\n{self.log()}"
                 ) from None
+
+    def pids(self) -> list[int]:
+        """The postmaster's pid then its children's (backends, background
+        workers: they are in sessions of their own, so not in its process
+        group); empty when the server is not running."""
+        if not self.running:
+            return []
+        assert self._proc is not None
+        root = self._proc.pid
+        return [root, *_children(root)]
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster, then every process it forked."""
+        if not self.running:
+            raise PostgresError("the server is not running")
+        assert self._proc is not None
+        os.kill(self._proc.pid, signal.SIGSTOP)  # first: it forks no more
+        stopped: set[int] = set()
+        while True:
+            fresh = set(_children(self._proc.pid)) - stopped
+            if not fresh:
+                return
+            for pid in fresh:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            stopped |= fresh
+
+    def resume(self) -> None:
+        """SIGCONT the postmaster and every process it forked (safe to call
+        on a server that is not paused)."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def kill(self) -> None:
         """SIGKILL the server and its backends (a crash) and reap it."""
@@ -230,6 +274,23 @@ class PostgresServer:
     def __repr__(self) -> str:
         state = "running" if self.running else "closed" if self._closed else "stopped"
         return f"<PostgresServer {self.dsn} {state}>"
+
+
+def _children(parent: int) -> list[int]:
+    """Pids whose parent is ``parent`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) "
+        if len(fields) > 1 and int(fields[1]) == parent:
+            out.append(int(entry))
+    return out
 
 
 def start_postgres(base_dir: str | Path | None = None, **options: object) -> PostgresServer:

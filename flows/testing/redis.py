@@ -49,7 +49,7 @@ def _pong(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up (with a password)
     except OSError:
         return False
 
@@ -61,6 +61,8 @@ class RedisServer(ManagedServer):
         port: TCP port (default: a free one).
         ready_timeout: how long ``start()`` waits for ``PING`` (s, default 10).
         binary: the redis-server to run (default: ``redis_server_path()``).
+        password: when given, the server requires it (``--requirepass``) and
+            ``url`` holds it (``redis://:PASSWORD@127.0.0.1:PORT/0``).
 
     Attributes: ``port``, ``url`` (``redis://127.0.0.1:PORT/0``), ``dir``,
     ``process`` (``None`` when stopped).
@@ -74,9 +76,12 @@ class RedisServer(ManagedServer):
         port: int | None = None,
         ready_timeout: float = 10.0,
         binary: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.ready_timeout = ready_timeout
         self.binary = binary or redis_server_path()
         self.dir: Path | None = None
@@ -96,6 +101,8 @@ class RedisServer(ManagedServer):
             self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
         ]
+        if self.password:
+            cmd += ["--requirepass", self.password]
         self._launch(cmd, self.dir / "redis.log", cwd=self.dir)
         return self
 
@@ -111,4 +118,5 @@ class RedisServer(ManagedServer):
             self.dir = None
 
     def __repr__(self) -> str:
-        return f"RedisServer({self.url}, {'running' if self.running else 'stopped'})"
+        where = f"redis://127.0.0.1:{self.port}/0"  # never the password
+        return f"RedisServer({where}, {'running' if self.running else 'stopped'})"

@@ -41,6 +41,9 @@ from ._metrics import declared_metrics as declared_metrics
 from ._metrics import histogram_quantile as histogram_quantile
 from ._records import Batch as Batch
 from ._records import Tick as Tick
+from ._records import check_tick as check_tick
+from ._redact import add_secret as add_secret
+from ._redact import redact as redact
 from ._registry import Component as Component
 from ._registry import ComponentError as ComponentError
 from ._registry import all_metrics as all_metrics

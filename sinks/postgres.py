@@ -53,7 +53,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from flows import BatchingSink, Retry
+from flows import BatchingSink, Retry, redact
 
 __all__ = ["PostgresSink"]
 
@@ -69,7 +69,9 @@ class PostgresSink(BatchingSink):
     Parameters:
         dsn: a libpq connection string or URI
             (``postgresql://user@host:5432/db``); libpq's ``PG*``
-            environment variables fill in what it leaves out.
+            environment variables fill in what it leaves out. A password
+            in it (``user:password@``, ``password=...``) is masked
+            wherever the sink is shown (``flows.redact``).
         table: table name, optionally ``schema.table`` (created if
             missing; used as written: quoted, so case-sensitive).
         batch_size: rows per transaction at most (default 1000).
@@ -96,6 +98,7 @@ class PostgresSink(BatchingSink):
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be > 0")
         self.dsn = dsn
+        self._shown_dsn = redact(dsn, learn=True)  # the password never shows
         self.table = table
         super().__init__(
             name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry
@@ -121,6 +124,9 @@ class PostgresSink(BatchingSink):
             "INSERT INTO {} ({}) SELECT {} FROM flows_staging "
             "ON CONFLICT (source, symbol, ts) DO NOTHING"
         ).format(target, cols, cols)
+
+    def __repr__(self) -> str:
+        return f"PostgresSink({self._shown_dsn!r}, table={self.table!r}, name={self.name!r})"
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(

@@ -66,7 +66,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry as _RedisRetry
 
-from flows import BatchingSink, Retry
+from flows import BatchingSink, Retry, redact
 
 __all__ = ["FIELD", "RedisStreamSink", "encode_record", "no_retry"]
 
@@ -91,7 +91,8 @@ class RedisStreamSink(BatchingSink):
 
     Parameters:
         url: the server, ``redis://[user:password@]host:port/db`` (or
-            ``rediss://``, ``unix://``), as redis-py's ``from_url`` takes it.
+            ``rediss://``, ``unix://``), as redis-py's ``from_url`` takes it;
+            the password is masked wherever the sink is shown.
         stream: the stream's key.
         maxlen: cap the stream at about this many entries (``MAXLEN ~``);
             ``None``: no cap.
@@ -122,6 +123,7 @@ class RedisStreamSink(BatchingSink):
         if not socket_timeout > 0:
             raise ValueError("socket_timeout must be > 0")
         self.url = url
+        self._shown_url = redact(url, learn=True)  # the password never shows
         self.stream = stream
         self.maxlen = maxlen
         super().__init__(
@@ -129,6 +131,9 @@ class RedisStreamSink(BatchingSink):
         )
         self.socket_timeout = socket_timeout
         self._client: redis.Redis | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisStreamSink({self._shown_url!r}, stream={self.stream!r}, name={self.name!r})"
 
     async def open(self) -> None:
         if self._client is None:

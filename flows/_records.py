@@ -68,7 +68,17 @@ def check_tick(record: Any, now: float | None = None) -> str | None:
     Pass ``now`` (``time.time()``) when checking a batch, to read the clock
     once.
     """
+    hi = (time.time() if now is None else now) + MAX_FUTURE_SECONDS
     if type(record) is Tick:
+        try:  # the common case, a good Tick: one expression
+            if (MIN_TS <= record.ts <= hi and 0 < len(record.symbol) <= MAX_SYMBOL_LENGTH
+                    and 0 < len(record.source) <= MAX_SYMBOL_LENGTH and 0 < record.price < math.inf
+                    and (record.bid is None or _isfinite(record.bid))
+                    and (record.ask is None or _isfinite(record.ask))
+                    and (record.volume is None or _isfinite(record.volume))):
+                return None
+        except TypeError:
+            pass
         ts, price, names = record.ts, record.price, (("symbol", record.symbol),
                                                      ("source", record.source))
         extras = (("bid", record.bid), ("ask", record.ask), ("volume", record.volume))
@@ -79,7 +89,7 @@ def check_tick(record: Any, now: float | None = None) -> str | None:
         extras = tuple((n, getattr(record, n, None)) for n in ("bid", "ask", "volume"))
     if ts is not None or type(record) is Tick:
         try:
-            if not MIN_TS <= ts <= (time.time() if now is None else now) + MAX_FUTURE_SECONDS:
+            if not MIN_TS <= ts <= hi:
                 return f"ts {ts!r} is not a time from 2000-01-01 to tomorrow (epoch seconds)"
         except TypeError:
             return f"ts {ts!r} is not a number"

@@ -42,6 +42,9 @@ from ._metrics import histogram_quantile as histogram_quantile
 from ._records import Batch as Batch
 from ._records import Gap as Gap
 from ._records import Tick as Tick
+from ._records import check_tick as check_tick
+from ._redact import add_secret as add_secret
+from ._redact import redact as redact
 from ._registry import Component as Component
 from ._registry import ComponentError as ComponentError
 from ._registry import all_metrics as all_metrics

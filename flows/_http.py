@@ -4,7 +4,10 @@ A subclass says what to ask and how to read the answer:
 
 - ``plan(symbols) -> list[Request]``: the requests that refresh ``symbols``
   (one per symbol, or a few for an all-symbols or multi-symbol endpoint);
-- ``parse(request, body) -> Parsed``: Ticks plus counts of bad records;
+- ``parse(request, body) -> Parsed``: Ticks plus counts of bad records
+  (the base then drops, as ``invalid``, every Tick ``flows.check_tick``
+  refuses: a ``ts`` that is not a time from 2000-01-01 to tomorrow, a
+  symbol that is empty or longer than 64 characters, a bad price);
 - optionally ``on_response(response)`` to read usage headers.
 
 ``HttpSource`` does the rest: one ``httpx.AsyncClient`` per source with
@@ -47,7 +50,8 @@ from ._gaps import WallClock
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
-from ._records import Batch, Tick
+from ._records import Batch, Tick, screen
+from ._redact import add_secret, redact
 
 __all__ = ["HttpError", "HttpSource", "Parsed", "Request", "parse_optional_float", "parse_price"]
 
@@ -99,6 +103,33 @@ class HttpError(Exception):
         self.transient = transient
         self.retry_after = retry_after
         self.symbol_error = symbol_error
+
+
+def _learn_secrets(url: str, headers: dict[str, str]) -> None:
+    """Register the secrets of a source's URL and headers with ``redact``:
+    a URL's password or key parameters, and every header value that
+    carries credentials (``Authorization``, ``Cookie``, a name holding
+    key, token, secret, ...)."""
+    redact(url, learn=True)
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in ("authorization", "proxy-authorization"):
+            redact(f"{name}: {value}", learn=True)
+        elif lowered == "cookie" or any(word in lowered for word in _SECRET_HEADER_WORDS):
+            add_secret(value)
+
+
+_SECRET_HEADER_WORDS = ("key", "token", "secret", "pass", "auth", "signature", "credential",
+                        "session")
+
+
+def screened(parsed: Parsed) -> Parsed:
+    """``parsed`` without the Ticks ``check_tick`` refuses (bad time, symbol
+    or values), those counted as ``invalid`` with their reasons."""
+    parsed.ticks, bad = screen(parsed.ticks)
+    for why in bad:
+        parsed.bad("invalid", why)
+    return parsed
 
 
 def parse_price(value: Any) -> float:
@@ -181,6 +212,9 @@ class HttpSource:
             sync resumes where it stopped (deleted when the sync completes).
         progress: show a progress bar (default: when stderr is a terminal).
         standby_for: another source; poll only while its circuit is open.
+        headers: sent with every request (API keys: the values of
+            ``Authorization``, ``Cookie`` and headers named like key,
+            token, secret are masked wherever shown, ``flows.redact``).
         name: the actor's name and the ``source`` field of its Ticks.
     """
 
@@ -232,6 +266,7 @@ class HttpSource:
         self.progress = progress
         self.standby_for = standby_for
         self.headers = dict(headers or {})
+        _learn_secrets(self.base_url, self.headers)
         self.name = name
         self.cycles = 0
         self._drops = DropLog(f"flows.source.{name}")
@@ -512,9 +547,10 @@ class HttpSource:
         self.on_response(response)
         self.check(response, bytes(body))
         try:
-            return self.parse(request, bytes(body))
+            parsed = self.parse(request, bytes(body))
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError) as exc:
             raise HttpError(f"malformed body: {exc}", transient=True) from None
+        return screened(parsed)
 
     # -- one-shot sync -------------------------------------------------------
 

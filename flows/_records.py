@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
-__all__ = ["OUTCOMES", "AckHook", "Batch", "Gap", "Tick"]
+__all__ = [
+    "MAX_FUTURE_SECONDS",
+    "MAX_SYMBOL_LENGTH",
+    "MIN_TS",
+    "OUTCOMES",
+    "AckHook",
+    "Batch",
+    "Gap",
+    "Tick",
+    "check_tick",
+    "screen",
+]
 
 
 class Tick(msgspec.Struct, frozen=True, gc=False):
@@ -39,6 +51,117 @@ class Gap(msgspec.Struct, frozen=True, gc=False):
     start: float
     end: float
     reason: str
+
+
+MIN_TS = 946_684_800.0
+"""The earliest ``ts`` a source accepts: 2000-01-01T00:00:00Z (epoch seconds)."""
+MAX_FUTURE_SECONDS = 86_400.0
+"""How far past the wall clock a ``ts`` may be: one day (clock skew, time zones)."""
+MAX_SYMBOL_LENGTH = 64
+"""The longest ``symbol`` (and ``source``) a source accepts, in characters."""
+
+_isfinite = math.isfinite
+
+
+def check_tick(record: Any, now: float | None = None) -> str | None:
+    """None when ``record`` is fit to enter a flow, else why not.
+
+    Sources call it on every record they read (the HTTP and websocket
+    bases, replay and the Redis stream source do), and count a record that
+    fails as discarded with reason ``invalid``. It checks a ``Tick``'s
+    fields, and the same fields of another record type where it has them:
+
+    - ``ts``: a finite number of epoch seconds from ``MIN_TS``
+      (2000-01-01) to ``now`` (default: the wall clock) plus
+      ``MAX_FUTURE_SECONDS`` (one day): NaN, infinities, negative times
+      and milliseconds taken for seconds are refused;
+    - ``symbol`` and ``source``: strings of 1 to ``MAX_SYMBOL_LENGTH``
+      (64) characters;
+    - ``price``: a positive finite number; ``bid``, ``ask``, ``volume``:
+      ``None`` or finite numbers.
+
+    Pass ``now`` (``time.time()``) when checking a batch, to read the clock
+    once.
+    """
+    hi = (time.time() if now is None else now) + MAX_FUTURE_SECONDS
+    if type(record) is Tick:
+        try:  # the common case, a good Tick: one expression
+            if (MIN_TS <= record.ts <= hi and 0 < len(record.symbol) <= MAX_SYMBOL_LENGTH
+                    and 0 < len(record.source) <= MAX_SYMBOL_LENGTH and 0 < record.price < math.inf
+                    and (record.bid is None or _isfinite(record.bid))
+                    and (record.ask is None or _isfinite(record.ask))
+                    and (record.volume is None or _isfinite(record.volume))):
+                return None
+        except TypeError:
+            pass
+        ts, price, names = record.ts, record.price, (("symbol", record.symbol),
+                                                     ("source", record.source))
+        extras = (("bid", record.bid), ("ask", record.ask), ("volume", record.volume))
+    else:
+        ts, price = getattr(record, "ts", None), getattr(record, "price", None)
+        names = tuple((n, v) for n in ("symbol", "source")
+                      if (v := getattr(record, n, None)) is not None)
+        extras = tuple((n, getattr(record, n, None)) for n in ("bid", "ask", "volume"))
+    if ts is not None or type(record) is Tick:
+        try:
+            if not MIN_TS <= ts <= hi:
+                return f"ts {ts!r} is not a time from 2000-01-01 to tomorrow (epoch seconds)"
+        except TypeError:
+            return f"ts {ts!r} is not a number"
+    for name, value in names:
+        if not isinstance(value, str):
+            return f"{name} {value!r} is not a string"
+        if not 0 < len(value) <= MAX_SYMBOL_LENGTH:
+            shown = repr(value) if not value else f"{value[:20]!r}... ({len(value):,} characters)"
+            return f"{name} {shown} is not 1 to {MAX_SYMBOL_LENGTH} characters long"
+    if price is not None or type(record) is Tick:
+        try:
+            if not (price > 0 and _isfinite(price)):
+                return f"price {price!r} is not a positive number"
+        except TypeError:
+            return f"price {price!r} is not a number"
+    for name, value in extras:
+        if value is not None:
+            try:
+                if not _isfinite(value):
+                    return f"{name} {value!r} is not finite"
+            except TypeError:
+                return f"{name} {value!r} is not a number"
+    return None
+
+
+def screen(records: list[Any], now: float | None = None) -> tuple[list[Any], list[str]]:
+    """``records`` split by ``check_tick``: (the good ones, why each bad one is bad).
+
+    The hot path of the sources' bases: Ticks are checked inline, and only a
+    record that fails is passed to ``check_tick`` for its reason.
+    """
+    hi = (time.time() if now is None else now) + MAX_FUTURE_SECONDS
+    lo, most, isfinite = MIN_TS, MAX_SYMBOL_LENGTH, _isfinite
+    bad_at: list[int] = []
+    for i, r in enumerate(records):
+        try:
+            if (type(r) is Tick and lo <= r.ts <= hi and 0 < len(r.symbol) <= most
+                    and 0 < len(r.source) <= most and 0 < r.price < math.inf
+                    and (r.bid is None or isfinite(r.bid)) and (r.ask is None or isfinite(r.ask))
+                    and (r.volume is None or isfinite(r.volume))):
+                continue
+        except TypeError:
+            pass
+        bad_at.append(i)
+    if not bad_at:
+        return records, []
+    reasons: list[str] = []
+    good = records[: bad_at[0]]
+    skip = set(bad_at)
+    for i in range(bad_at[0], len(records)):
+        r = records[i]
+        why = check_tick(r, hi - MAX_FUTURE_SECONDS) if i in skip else None
+        if why is None:
+            good.append(r)
+        else:
+            reasons.append(why)
+    return good, reasons
 
 
 AckHook = Callable[[str], None]

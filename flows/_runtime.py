@@ -27,6 +27,7 @@ from ._flow import Flow, FlowError
 from ._freshness import Freshness, stale_after_for
 from ._gaps import GapLog
 from ._metrics import ComponentMetrics, metrics_for
+from ._redact import redact
 from ._shard import Shard
 from ._status import flow_status
 
@@ -394,7 +395,7 @@ class Runtime:
                 except Exception as exc:
                     m.up.set(0)
                     m.error(type(exc).__name__)
-                    slot.last_error = f"{type(exc).__name__}: {exc}"
+                    slot.last_error = redact(f"{type(exc).__name__}: {exc}")  # shown: /status, logs
                     now = trio.current_time()
                     while recent and recent[0] < now - policy.window:
                         recent.popleft()

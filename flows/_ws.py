@@ -15,7 +15,8 @@ message:
   pairs: a jump of more than one is a gap) or ``replies`` to send back (an
   exchange-level ping's pong). A message that raises (not JSON, wrong
   shape, bad price) is counted as one discarded record, reason
-  ``invalid``, and skipped. A source on a busy feed may implement
+  ``invalid``, and skipped; so is every Tick ``flows.check_tick``
+  refuses (a bad ``ts``, symbol or price). A source on a busy feed may implement
   ``parse_into(message, out)`` instead: it adds to one ``StreamParsed``
   shared by the whole batch (no object per message), and must raise
   before it adds anything;
@@ -88,11 +89,12 @@ import trio
 from ._actors import RunContext
 from ._channels import Outbox
 from ._gaps import WallClock
-from ._http import HttpError, HttpSource, Parsed
+from ._http import HttpError, HttpSource, Parsed, screened
 from ._limits import RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import ComponentMetrics, MetricFamily
 from ._records import Batch, Tick
+from ._redact import redact
 from ._websocket import (
     ConnectionClosed,
     HandshakeError,
@@ -247,6 +249,7 @@ class WebSocketSource:
             raise ValueError(f"{name}: need 0 <= backoff <= max_backoff and batch_window >= 0")
         self.symbols = list(dict.fromkeys(symbols))
         self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
+        redact(self.base_url, learn=True)  # a key in the URL never shows
         self.max_streams_per_connection = per
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
@@ -423,8 +426,8 @@ class WebSocketSource:
             if reason is None:
                 reason = "error"
                 m.error(type(exc).__name__)
-                log.warning("source %s: connection %d to %s failed: %r",
-                            self.name, shard.index, url, exc)
+                log.warning("source %s: connection %d to %s failed: %s",
+                            self.name, shard.index, redact(url), redact(repr(exc)))
         return reason or "closed", shard.messages > 0
 
     def _open(self, url: str) -> Any:
@@ -537,6 +540,7 @@ class WebSocketSource:
     ) -> list[Tick]:
         """The batch's Ticks for subscribed symbols; bad records and unknown
         symbols counted, update ids checked for gaps."""
+        screened(out)
         if out.invalid:
             for reason, n in out.invalid.items():
                 m.discarded(reason, n)

@@ -26,6 +26,7 @@ import trio
 
 from ._flow import Flow, FlowError
 from ._log import setup_logging
+from ._redact import redact
 from ._registry import ComponentError, components, load_component
 from ._runtime import FlowFailed, Runtime
 from ._shard import Shard
@@ -236,15 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             shard=args.shard,
         )
     except (TargetError, FlowError, ComponentError, ValueError) as exc:
-        print(f"flows: error: {exc}", file=sys.stderr)
+        print(f"flows: error: {redact(exc)}", file=sys.stderr)
         return 2
     try:
         result = trio.run(runtime.run)
     except FlowFailed as exc:
-        print(f"flows: error: {exc}", file=sys.stderr)
+        print(f"flows: error: {redact(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"flows: error: {exc}", file=sys.stderr)
+        print(f"flows: error: {redact(exc)}", file=sys.stderr)
         return 1
     return 0 if result.clean else 1
 

@@ -19,7 +19,10 @@ Talks to an InfluxDB server's HTTP write API over one pooled
   precision, and reads a timestamp of 0 as "now".
 
 ``token`` is sent with any of them (``Token user:password`` is how 1.8+
-takes credentials).
+takes credentials). A URL's user info (``http://user:password@host:8086``)
+is sent as HTTP basic authentication (how 1.x takes credentials); the
+password and the token never show: ``repr()``, errors and log lines mask
+them (``flows.redact``).
 
 Line format (one line per record; ``\\n`` between lines)::
 
@@ -104,6 +107,7 @@ first), queried with ``SELECT * FROM ticks WHERE symbol = 'S0001'``.
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import operator
@@ -113,7 +117,7 @@ from typing import Any, Literal
 
 import httpx
 
-from flows import BatchingSink, Retry
+from flows import BatchingSink, Retry, add_secret, redact
 
 __all__ = ["InfluxConfigError", "InfluxSink", "InfluxWriteError", "LineProtocolError", "timestamp"]
 
@@ -337,9 +341,14 @@ class InfluxSink(BatchingSink):
         unready_after: float = 30.0,
         name: str = "influx",
     ) -> None:
-        parsed = httpx.URL(url)
+        shown = redact(url, learn=True)  # the URL as repr() and messages show it
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
+            parsed = httpx.URL()
         if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"url {url!r} must be an http:// or https:// URL")
+            raise ValueError(f"url {shown!r} must be an http:// or https:// URL")
+        add_secret(token, parsed.password)
         if database is not None and bucket is not None:
             raise ValueError("give database (InfluxDB 1.x) or bucket (2.x), not both")
         if bucket is not None and not org:
@@ -365,7 +374,10 @@ class InfluxSink(BatchingSink):
         else:
             raise ValueError(f"time must be an attribute name or a function, not {time!r}")
 
-        self.url = str(parsed).rstrip("/")
+        # Credentials in the URL go in a header, not in the client's base URL,
+        # which httpx shows in its log lines and errors.
+        self.url = str(parsed.copy_with(username=None, password=None)).rstrip("/")
+        self._shown_url = shown.rstrip("/")
         self.database = database
         self.bucket = bucket
         self.org = org
@@ -393,6 +405,9 @@ class InfluxSink(BatchingSink):
         self._headers = {"Content-Type": "text/plain; charset=utf-8"}
         if token:
             self._headers["Authorization"] = f"Token {token}"
+        if parsed.username or parsed.password:  # as httpx does with a URL's user info
+            pair = f"{parsed.username}:{parsed.password}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         self._client: httpx.AsyncClient | None = None
         self._log = logging.getLogger(f"flows.sink.{name}")
 
@@ -401,7 +416,7 @@ class InfluxSink(BatchingSink):
             f"database={self.database!r}" if self.database is not None
             else f"bucket={self.bucket!r}" if self.bucket is not None else "no database"
         )
-        return f"InfluxSink({self.url!r}, {target}, measurement={self.measurement!r})"
+        return f"InfluxSink({self._shown_url!r}, {target}, measurement={self.measurement!r})"
 
     # -- encoding ---------------------------------------------------------
 

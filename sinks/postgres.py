@@ -77,7 +77,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from flows import BatchingSink, Retry
+from flows import BatchingSink, Retry, redact
 
 __all__ = ["PostgresSink"]
 
@@ -117,7 +117,9 @@ class PostgresSink(BatchingSink):
     Parameters:
         dsn: a libpq connection string or URI
             (``postgresql://user@host:5432/db``); libpq's ``PG*``
-            environment variables fill in what it leaves out.
+            environment variables fill in what it leaves out. A password
+            in it (``user:password@``, ``password=...``) is masked
+            wherever the sink is shown (``flows.redact``).
         table: table name, optionally ``schema.table`` (created if
             missing; used as written: quoted, so case-sensitive).
         batch_size: rows per transaction at most (default 1000).
@@ -152,6 +154,7 @@ class PostgresSink(BatchingSink):
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be > 0")
         self.dsn = dsn
+        self._shown_dsn = redact(dsn, learn=True)  # the password never shows
         self.table = table
         super().__init__(
             name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
@@ -197,6 +200,9 @@ class PostgresSink(BatchingSink):
         except psycopg.Error:
             given = {}  # a bad DSN: psycopg.connect says why
         return {k: v for k, v in options.items() if k not in given}
+
+    def __repr__(self) -> str:
+        return f"PostgresSink({self._shown_dsn!r}, table={self.table!r}, name={self.name!r})"
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(

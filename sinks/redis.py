@@ -75,7 +75,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as _RedisRetry
 
-from flows import BatchingSink, Retry
+from flows import BatchingSink, Retry, redact
 
 __all__ = ["FIELD", "EntryTooLarge", "RedisStreamSink", "encode_record", "no_retry"]
 
@@ -115,7 +115,8 @@ class RedisStreamSink(BatchingSink):
 
     Parameters:
         url: the server, ``redis://[user:password@]host:port/db`` (or
-            ``rediss://``, ``unix://``), as redis-py's ``from_url`` takes it.
+            ``rediss://``, ``unix://``), as redis-py's ``from_url`` takes it;
+            the password is masked wherever the sink is shown.
         stream: the stream's key.
         maxlen: cap the stream at about this many entries (``MAXLEN ~``);
             ``None``: no cap.
@@ -158,6 +159,7 @@ class RedisStreamSink(BatchingSink):
         if max_entry_bytes < 1:
             raise ValueError("max_entry_bytes must be >= 1")
         self.url = url
+        self._shown_url = redact(url, learn=True)  # the password never shows
         self.stream = stream
         self.maxlen = maxlen
         super().__init__(
@@ -167,6 +169,9 @@ class RedisStreamSink(BatchingSink):
         self.socket_timeout = socket_timeout
         self.max_entry_bytes = max_entry_bytes
         self._client: redis.Redis | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisStreamSink({self._shown_url!r}, stream={self.stream!r}, name={self.name!r})"
 
     async def open(self) -> None:
         if self._client is None:

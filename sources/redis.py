@@ -21,9 +21,11 @@ What it does, in order:
    died, or a sink failed them) and emits them; in between it reads new
    entries (``XREADGROUP ... >``, blocking at most ``block`` seconds).
 
-It runs until cancelled (the runtime's stop). Entries whose field is missing
-or does not decode are counted as discarded (reason ``invalid``, logged at a
-bounded rate) and acked at once, so they do not come back forever. Pending
+It runs until cancelled (the runtime's stop). Entries whose field is missing,
+does not decode, or decodes into a record ``flows.check_tick`` refuses (a
+``ts`` that is not a time from 2000-01-01 to tomorrow, a symbol longer than
+64 characters, a bad price) are counted as discarded (reason ``invalid``,
+logged at a bounded rate) and acked at once, so they do not come back forever. Pending
 entries whose data was trimmed away (``MAXLEN``) meanwhile are counted as
 ``trimmed`` and leave the PEL too.
 
@@ -95,7 +97,7 @@ import msgspec
 import redis
 import trio
 
-from flows import Batch, ComponentMetrics, DropLog, Outbox, Tick
+from flows import Batch, ComponentMetrics, DropLog, Outbox, Tick, check_tick, redact
 from sinks.redis import FIELD, no_retry
 
 __all__ = ["RedisStreamSource"]
@@ -128,7 +130,8 @@ class RedisStreamSource:
     """Source: consume a Redis stream as one consumer of a consumer group.
 
     Parameters:
-        url: the server, as redis-py's ``from_url`` takes it.
+        url: the server, as redis-py's ``from_url`` takes it (a password
+            in it is masked wherever the source is shown).
         stream: the stream's key.
         group: the consumer group (created if missing).
         consumer: this consumer's name in the group; keep it stable across
@@ -178,6 +181,7 @@ class RedisStreamSource:
         if ack_linger < 0 or not socket_timeout > 0:
             raise ValueError("ack_linger must be >= 0 and socket_timeout > 0")
         self.url = url
+        self._shown_url = redact(url, learn=True)  # the password never shows
         self.stream = stream
         self.group = group
         self.consumer = consumer or _default_consumer()
@@ -196,6 +200,10 @@ class RedisStreamSource:
         self._drops = DropLog(f"flows.source.{name}")
         self._acker = _Acker(self)
         self._reader_name = ""
+
+    def __repr__(self) -> str:
+        return (f"RedisStreamSource({self._shown_url!r}, stream={self.stream!r}, "
+                f"group={self.group!r}, consumer={self.consumer!r})")
 
     # -- the consumer loop -------------------------------------------------
 
@@ -383,6 +391,7 @@ class RedisStreamSource:
         ids: list[bytes] = []
         with m.timed_batch():
             bad: list[bytes] = []
+            now = time.time()
             for entry_id, fields in entries:
                 if entry_id in skip:
                     continue
@@ -394,12 +403,17 @@ class RedisStreamSource:
                     bad.append(entry_id)
                     continue
                 try:
-                    records.append(decode(payload))
+                    record = decode(payload)
                 except msgspec.DecodeError as exc:
+                    record, why = None, str(exc)
+                else:
+                    why = check_tick(record, now)
+                if why is not None:
                     m.discarded("invalid")
-                    self._drops.drop("invalid", f"entry {entry_id!r}: {exc}")
+                    self._drops.drop("invalid", f"entry {entry_id!r}: {why}")
                     bad.append(entry_id)
                     continue
+                records.append(record)
                 ids.append(entry_id)
             if bad:
                 self._acker.ack_now(bad)

@@ -28,10 +28,15 @@ Formats (``format``; by default from the file's extension: ``.jsonl``,
 Bad lines (malformed JSON, a missing field, a price such as ``abc``, a CSV
 row with the wrong number of cells) are not errors: each is counted as
 discarded with reason ``invalid``, reported in a rate-limited log line,
-and the rest of the file is replayed. Values are only parsed here: a NaN,
-zero or negative price is left to the change detector, which drops it as
-``invalid``. A CSV header without ``symbol``, ``price`` or ``ts`` is an
-error (the whole file is unusable).
+and the rest of the file is replayed. So is every tick ``flows.check_tick``
+refuses: a ``ts`` that is not a finite time from 2000-01-01 to tomorrow
+(``inf``, ``nan``, negative, milliseconds), a symbol or source that is
+empty or longer than 64 characters, a NaN, zero or negative price, an
+infinite bid, ask or volume. A line longer than ``max_line_bytes``
+(default 64 KiB; a tick takes about 150 bytes) is skipped unread, also
+counted ``invalid``: a hostile or corrupt file cannot make the source hold
+a huge line in memory. A CSV header without ``symbol``, ``price`` or
+``ts`` is an error (the whole file is unusable).
 
 Pacing (``speed``): ``None`` (default) replays as fast as the flow takes the
 ticks (backpressure sets the rate). ``1.0`` keeps the recording's pacing,
@@ -95,6 +100,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 import math
 import os
@@ -117,6 +123,7 @@ from flows import (
     Outbox,
     RunContext,
     Tick,
+    check_tick,
     write_atomic,
 )
 
@@ -132,6 +139,40 @@ _OPTIONAL = ("bid", "ask", "volume")
 # One line of the file: (tick or None, the line's number (1-based), why it
 # is invalid or None). (None, n, None) is a blank line.
 _Row = tuple[Tick | None, int, str | None]
+
+
+def _bounded_lines(f: IO[Any], most: int) -> Iterator[Any]:
+    """The lines of ``f``, each read with at most ``most + 1`` characters
+    (bytes in binary mode) in memory; a longer line is skipped in pieces
+    and yields ``None`` instead."""
+    ends = ("\n", "\r") if isinstance(f, io.TextIOBase) else (b"\n",)
+    readline = f.readline
+    while raw := readline(most + 1):
+        if len(raw) > most and not raw.endswith(ends):
+            while raw and not raw.endswith(ends):
+                raw = readline(1 << 16)
+            yield None
+            continue
+        yield raw
+
+
+class _CsvLines:
+    """The lines of a CSV file for ``csv.reader``: an overlong line becomes
+    an empty one, and ``overlong`` counts them (so the row is refused)."""
+
+    def __init__(self, f: IO[str], most: int) -> None:
+        self._lines = _bounded_lines(f, most)
+        self.overlong = 0
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        if line is None:
+            self.overlong += 1
+            return "\n"
+        return line
 
 
 def count_lines(path: str | os.PathLike[str], chunk: int = 1 << 20) -> int:
@@ -266,6 +307,8 @@ class ReplaySource:
             terminal); else log lines.
         progress_every: seconds between progress log lines (default 5;
             ``None``: no progress lines, and no line count up front).
+        max_line_bytes: longest line read (default 65536; characters for
+            CSV); a longer one is skipped and counted ``invalid``.
         name: the actor's name (default ``replay``).
     """
 
@@ -283,6 +326,7 @@ class ReplaySource:
     fresh: bool = False
     progress: bool = attrs.field(factory=_stderr_is_tty)
     progress_every: float | None = attrs.field(default=5.0, validator=_positive_or_none_or_zero)
+    max_line_bytes: int = attrs.field(default=65_536, validator=attrs.validators.ge(64))
     name: str = "replay"
     _fmt: str = attrs.field(init=False)
     _log: logging.Logger = attrs.field(init=False)
@@ -444,15 +488,17 @@ class ReplaySource:
         if self._fmt == "jsonl":
             f: IO[Any] = open(self.path, "rb")  # noqa: SIM115 - returned, closed by run()
             try:
-                for _ in zip(range(start), f):
+                lines = _bounded_lines(f, self.max_line_bytes)
+                for _ in zip(range(start), lines):
                     pass
             except BaseException:
                 f.close()
                 raise
-            return f, self._jsonl_rows(f, start)
+            return f, self._jsonl_rows(lines, start)
         f = open(self.path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115 - returned
         try:
-            reader = csv.reader(f)
+            csv_lines = _CsvLines(f, self.max_line_bytes)
+            reader = csv.reader(csv_lines)
             header = next(reader, None)
             if header is None:
                 return f, iter(())
@@ -472,27 +518,42 @@ class ReplaySource:
         except BaseException:
             f.close()
             raise
-        return f, self._csv_rows(reader, columns, len(header))
+        return f, self._csv_rows(reader, csv_lines, columns, len(header))
 
-    def _jsonl_rows(self, f: IO[bytes], line: int) -> Iterator[_Row]:
+    def _too_long(self) -> str:
+        return f"line longer than {self.max_line_bytes} bytes (max_line_bytes), skipped"
+
+    def _jsonl_rows(self, lines: Iterator[bytes | None], line: int) -> Iterator[_Row]:
         decode = self._decoder.decode
-        for raw in f:
+        now = time.time()
+        for raw in lines:
             line += 1
+            if not line & 4095:
+                now = time.time()  # check_tick's "tomorrow", read once per 4096 lines
+            if raw is None:
+                yield None, line, self._too_long()
+                continue
             raw = raw.strip()
             if not raw:
                 yield None, line, None
                 continue
             try:
-                yield decode(raw), line, None
+                tick = decode(raw)
             except msgspec.MsgspecError as exc:
                 yield None, line, str(exc)
+                continue
+            why = check_tick(tick, now)
+            yield (tick, line, None) if why is None else (None, line, why)
 
-    def _csv_rows(self, reader: Any, columns: dict[str, int], width: int) -> Iterator[_Row]:
+    def _csv_rows(
+        self, reader: Any, lines: _CsvLines, columns: dict[str, int], width: int
+    ) -> Iterator[_Row]:
         i_symbol, i_price, i_ts = (columns[c] for c in _REQUIRED)
         i_source = columns.get("source")
         optional = [(c, columns[c]) for c in _OPTIONAL if c in columns]
         default_source = self.source
         while True:
+            overlong = lines.overlong
             try:
                 row = next(reader)
             except StopIteration:
@@ -501,6 +562,9 @@ class ReplaySource:
                 yield None, reader.line_num, f"CSV: {exc}"
                 continue
             line = reader.line_num
+            if lines.overlong != overlong:
+                yield None, line, self._too_long()
+                continue
             if not row or (len(row) == 1 and not row[0].strip()):
                 yield None, line, None
                 continue
@@ -526,7 +590,8 @@ class ReplaySource:
             except ValueError as exc:
                 yield None, line, str(exc)
                 continue
-            yield tick, line, None
+            why = check_tick(tick)
+            yield (tick, line, None) if why is None else (None, line, why)
 
     # -- running -------------------------------------------------------------
 

@@ -24,7 +24,9 @@ PUBLIC = {
     # writing components: bases, their request/parse types, resilience
     "BatchingSink", "CircuitBreaker", "HttpError", "HttpSource", "Parsed", "RECONNECT_REASONS",
     "RateLimit", "Request", "Retry", "StreamParsed", "WebSocketSource", "parse_optional_float",
-    "parse_price", "DropLog", "write_atomic",
+    "parse_price", "DropLog", "write_atomic", "check_tick",
+    # secrets: masking them wherever a URL, DSN or error is shown
+    "redact", "add_secret",
     # metrics: the core table, declarations, reading them back
     "METRICS", "MetricFamily", "ComponentMetrics", "all_metrics", "declared_metrics",
     "FAST_BUCKETS", "LATENCY_BUCKETS", "SIZE_BUCKETS", "histogram_quantile", "flow_figures",

@@ -101,9 +101,9 @@ async def test_csv_replays_every_tick_in_order_in_batches(tmp_path, with_source)
 
 async def test_csv_source_parameter_fills_missing_sources(tmp_path):
     path = tmp_path / "export.csv"
-    path.write_text("source,symbol,price,ts\n,BTCUSDT,1.5,10\nkraken,ETHUSDT,2,11\n")
+    path.write_text("source,symbol,price,ts\n,BTCUSDT,1.5,1700000010\nkraken,ETHUSDT,2,1700000011\n")
     _, _, sink = await replay(ReplaySource(path=path, source="archive"))
-    assert sink.records == [Tick("archive", "BTCUSDT", 1.5, 10.0), Tick("kraken", "ETHUSDT", 2.0, 11.0)]
+    assert sink.records == [Tick("archive", "BTCUSDT", 1.5, T0 + 10), Tick("kraken", "ETHUSDT", 2.0, T0 + 11)]
 
 
 async def test_format_overrides_the_extension(tmp_path):
@@ -156,18 +156,18 @@ async def test_malformed_jsonl_lines_are_counted_and_skipped(tmp_path, caplog):
         b'{"source":"rec","symbol":"BTCUSDT","price":"abc","ts":1.0}',
         b"",  # blank: neither a tick nor invalid
         enc.encode(good[1]),
-        b'{"source":"rec","symbol":"BTCUSDT","price":-1.0,"ts":1.0}',  # parsed: for the detector
+        b'{"source":"rec","symbol":"BTCUSDT","price":-1.0,"ts":1700000000.0}',  # check_tick
         enc.encode(good[2]),
     ]) + b"\n")
     source = ReplaySource(path=path)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         result, registry, sink = await replay(source)
     assert result.clean
-    assert sink.records == [good[0], good[1], Tick("rec", "BTCUSDT", -1.0, 1.0), good[2]]
-    assert sample(registry, "flows_records_discarded_total", "rp", "replay", reason="invalid") == 3
+    assert sink.records == [good[0], good[1], good[2]]
+    assert sample(registry, "flows_records_discarded_total", "rp", "replay", reason="invalid") == 4
     drops = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert drops and "invalid" in drops[0] and "ticks.jsonl:2" in drops[0]
-    assert len(drops) == 1  # rate-limited: the other two are summed into the next line
+    assert len(drops) == 1  # rate-limited: the others are summed into the next line
     assert read_offset(source)["line"] == 8
 
 
@@ -175,15 +175,15 @@ async def test_malformed_csv_rows_are_counted_and_skipped(tmp_path):
     path = tmp_path / "ticks.csv"
     path.write_text(
         "source,symbol,price,ts,bid\n"
-        "a,BTCUSDT,1.5,10,\n"
-        "a,BTCUSDT,abc,11,\n"  # price not a number
-        "a,BTCUSDT,,12,\n"  # no price
+        "a,BTCUSDT,1.5,1700000010,\n"
+        "a,BTCUSDT,abc,1700000011,\n"  # price not a number
+        "a,BTCUSDT,,1700000012,\n"  # no price
         "a,BTCUSDT,2.5\n"  # too few cells
         "\n"
-        "a,ETHUSDT,3.5,13,3.4\n"
+        "a,ETHUSDT,3.5,1700000013,3.4\n"
     )
     _, registry, sink = await replay(ReplaySource(path=path))
-    assert sink.records == [Tick("a", "BTCUSDT", 1.5, 10.0), Tick("a", "ETHUSDT", 3.5, 13.0, bid=3.4)]
+    assert sink.records == [Tick("a", "BTCUSDT", 1.5, T0 + 10), Tick("a", "ETHUSDT", 3.5, T0 + 13, bid=3.4)]
     assert sample(registry, "flows_records_discarded_total", "rp", "replay", reason="invalid") == 3
 
 

@@ -7,25 +7,36 @@ What it measures: input records/s of a flow running as fast as it can
 process collectors included, as ``python -m flows.run`` has), in windows
 of ``--seconds`` each, one flow run throughout:
 
-    quiet, storm /metrics, quiet, storm /status, quiet
+    quiet, storm /metrics, quiet, storm /status, quiet   (x --rounds, one last quiet)
 
 A storm is ``--clients`` concurrent clients in a separate process (this
-script run with ``--storm``): one thread and one ``httpx.Client`` (keep-alive,
-httpx's default ``Accept-Encoding``, so gzip) each, issuing GETs back to back
-for ``--seconds``. The flow's window starts when the scraper process says its
-threads run and ends ``--seconds`` later; the scraper reports how many
-responses it got (and any that were not 200). ``quiet`` is the mean of the
-three quiet windows (their spread shows the machine's noise); each storm's
-``ratio`` is its throughput over ``quiet``. ``scrapes/s`` are responses
-served per second during the storm.
+script run with ``--storm``), so they do not share the flow's thread or
+GIL: one thread and one ``httpx.Client`` each (keep-alive, httpx's default
+``Accept-Encoding``, so gzip), issuing GETs back to back for ``--seconds``.
+The flow's window starts when the scraper process says every client is
+ready and ends ``--seconds`` later.
 
-Target (PASS/FAIL; the exit status is 0 either way): each storm leaves the
-flow at least 70% of its quiet throughput.
+Columns: ``records/s`` (input records per wall second) and ``rec/CPU-s``
+(per CPU second of the flow's process: what the server takes from the
+flow, whatever else runs on the machine); ``quiet`` is the mean of the
+quiet windows (listed, their spread shows the machine's noise) and each
+storm's ``ratio`` is its figure over ``quiet``'s; ``scrapes/s`` are the
+answers the scrapers got within the window, per second, and
+``responses`` those answers by status (or by error).
+
+``--endpoint-cache`` and ``--endpoint-rate`` are passed to ``Runtime``:
+``--endpoint-cache 0 --endpoint-rate none`` serves as the endpoints did
+before answers were reused and requests paced (every request computed).
+
+Target (PASS/FAIL by ``--clock``, wall by default; the exit status is 0
+either way): each storm leaves the flow at least 70% of its quiet
+throughput.
 
 Run from the repository root (about a minute with the defaults)::
 
     python bench/scrape.py
-    python bench/scrape.py --clients 50 --seconds 10 --symbols 1000
+    python bench/scrape.py --endpoint-cache 0 --endpoint-rate none   # no reuse, no pacing
+    python bench/scrape.py --clients 50 --seconds 10 --rounds 2 --clock cpu
 """
 
 from __future__ import annotations
@@ -51,38 +62,39 @@ PATHS = ("/metrics", "/status")
 
 def storm(url: str, path: str, clients: int, seconds: float) -> None:
     """``clients`` threads GET ``url + path`` back to back for ``seconds``;
-    print ``ready`` when they start and a JSON summary at the end."""
+    print ``ready`` when they all start and, at the end, a JSON object of
+    the responses answered within ``seconds``, by status (or error)."""
     import httpx
 
     counts: list[dict[str, int]] = [{} for _ in range(clients)]
-    start = threading.Event()
+    ready = threading.Barrier(clients + 1)
     deadline = [0.0]
 
     def scrape(i: int) -> None:
         seen = counts[i]
-        with httpx.Client(base_url=url, timeout=30.0) as client:
-            start.wait()
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            ready.wait()
             while time.monotonic() < deadline[0]:
                 try:
                     status = str(client.get(path).status_code)
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
-                seen[status] = seen.get(status, 0) + 1
+                if time.monotonic() <= deadline[0]:  # not the last, late answers
+                    seen[status] = seen.get(status, 0) + 1
 
     threads = [threading.Thread(target=scrape, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
+    deadline[0] = time.monotonic() + 3600.0
+    ready.wait()  # every client made
     deadline[0] = time.monotonic() + seconds
-    cpu0 = time.process_time()
     print("ready", flush=True)
-    start.set()
     for t in threads:
         t.join()
     total: dict[str, int] = {}
     for seen in counts:
         for status, n in seen.items():
             total[status] = total.get(status, 0) + n
-    total["cpu_seconds"] = round(time.process_time() - cpu0, 3)  # hmm
     print(json.dumps(total), flush=True)
 
 
@@ -120,7 +132,8 @@ async def run_bench(args: argparse.Namespace) -> list[Window]:
     source = SyntheticMarket(symbols=args.symbols, interval=0, batch_size=args.batch_size)
     flow = Flow("storm", sources=[source], stages=[ChangeDetector(rel=0.0005)],
                 sinks=[CountingSink()])
-    runtime = Runtime(flow, metrics_addr="127.0.0.1:0", drain_timeout=5.0)
+    runtime = Runtime(flow, metrics_addr="127.0.0.1:0", drain_timeout=5.0,
+                      endpoint_cache=args.endpoint_cache, endpoint_rate=args.endpoint_rate)
     windows: list[Window] = []
 
     async def window() -> tuple[float, float]:
@@ -171,6 +184,10 @@ async def _lines(stream: Any):
         yield line.decode().strip()
 
 
+def _rate(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50, help="concurrent scrapers (default 50)")
@@ -183,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="judge the target on records per second (default) or per CPU "
                              "second of the flow's process")
+    parser.add_argument("--endpoint-cache", type=float, default=0.5, metavar="SECONDS",
+                        help="Runtime(endpoint_cache=...): 0 computes every answer (default 0.5)")
+    parser.add_argument("--endpoint-rate", type=_rate, default=20.0, metavar="RATE",
+                        help="Runtime(endpoint_rate=...): requests/s per endpoint, or 'none' "
+                             "for no limit (default 20)")
     parser.add_argument("--storm", nargs=2, metavar=("URL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.storm:
@@ -196,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"flow: SyntheticMarket(symbols={args.symbols}, interval=0, batch_size={args.batch_size})"
           f" -> ChangeDetector(rel=0.0005) -> counting sink; endpoints on 127.0.0.1:0; "
           f"{args.clients} clients x {args.seconds:g}s per storm (separate process); "
-          f"{args.rounds} round(s); python {sys.version.split()[0]}, trio {trio.__version__}")
+          f"{args.rounds} round(s); endpoint_cache={args.endpoint_cache:g}, "
+          f"endpoint_rate={args.endpoint_rate}; python {sys.version.split()[0]}, trio {trio.__version__}")
     windows = trio.run(run_bench, args)
     quiet = [w for w in windows if w.name == "quiet"]
     base_wall = sum(w.wall for w in quiet) / len(quiet)

@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default %(default)s)"
+        "--host", default="127.0.0.1",
+        help="address to bind (default %(default)s; a non-loopback address warns: the control "
+             "API has no authentication)",
     )
     parser.add_argument(
         "--port",

@@ -27,9 +27,14 @@ able to take it over:
   request over the rate waits its turn (first come, first served): it
   costs nothing while it waits, and a client that waits for its answer
   before asking again is slowed down. So the server's share of the thread
-  stays bounded whatever the clients do (each answer costs about a
-  millisecond of hypercorn and trio even when its body is cached), and a
-  storm on ``/metrics`` does not delay ``/readyz`` or ``/healthz``.
+  stays bounded whatever the clients do (each answer costs about half a
+  millisecond of hypercorn and trio even when its body is reused), and a
+  storm on ``/metrics`` does not delay ``/readyz`` or ``/healthz``. A
+  waiter that gives up (its client went away) leaves its slot unused.
+
+Measured by ``bench/scrape.py``: 50 clients scraping as fast as they can
+leave an unthrottled flow about 95% of its throughput (about 11% for
+``/metrics`` and 22% for ``/status`` when every request was computed).
 """
 
 from __future__ import annotations
@@ -331,7 +336,7 @@ async def serve_endpoints(
     config.graceful_timeout = 0.5
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(serve, make_app(rt, cache=cache, rate=rate, burst=burst), config)
-        if not is_loopback(host):
+        if not is_loopback(host):  # before started(): the warning precedes the flow's first line
             log.warning(
                 "endpoints on %s have no authentication: anyone who can reach this address "
                 "can read /metrics and /status (bind to 127.0.0.1 or put a proxy with "

@@ -15,6 +15,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -98,6 +99,11 @@ class Runtime:
             registry, with the process collectors).
         metrics_addr: ``host:port`` for /metrics, /healthz, /readyz and
             /status; port 0 picks a free port; ``None`` or ``"0"`` disables.
+        endpoint_cache: the longest an answer of /metrics, /status or
+            /readyz is reused, in seconds (a scrape storm computes each at
+            most once per interval; /readyz also changes with the flow's state).
+        endpoint_rate: requests per second each endpoint answers on average
+            (20 back to back); more wait their turn. ``None``: no limit.
         drain_timeout: seconds the drain may take before a forced stop.
         duration: stop by itself after this many seconds.
         handle_signals: drain on SIGINT/SIGTERM (main thread only).
@@ -111,6 +117,8 @@ class Runtime:
         *,
         registry: CollectorRegistry | None = None,
         metrics_addr: str | None = "127.0.0.1:9099",
+        endpoint_cache: float = 0.5,
+        endpoint_rate: float | None = 20.0,
         drain_timeout: float = 30.0,
         duration: float | None = None,
         handle_signals: bool = False,
@@ -125,9 +133,11 @@ class Runtime:
         self.metrics = metrics_for(self.registry)
         self.metrics_addr = None if metrics_addr in (None, "", "0") else metrics_addr
         if self.metrics_addr is not None:
-            from ._server import parse_addr
+            from ._server import check_limits, parse_addr
 
             parse_addr(self.metrics_addr)  # a bad address fails here, not mid-run
+            check_limits(endpoint_cache, endpoint_rate)
+        self.endpoint_limits = {"cache": endpoint_cache, "rate": endpoint_rate}
         self.metrics_url: str | None = None
         self.drain_timeout = drain_timeout
         self.duration = duration
@@ -251,7 +261,9 @@ class Runtime:
         async with trio.open_nursery() as outer:
             self._outer = outer
             if self.metrics_addr is not None:
-                self.metrics_url = await outer.start(serve_endpoints, self, self.metrics_addr)
+                self.metrics_url = await outer.start(
+                    partial(serve_endpoints, self, self.metrics_addr, **self.endpoint_limits)
+                )
             if self.handle_signals:
                 outer.start_soon(self._watch_signals)
             if self.duration is not None:

@@ -16,11 +16,14 @@ from typing import Any
 import msgspec
 import trio
 
+from ..._server import is_loopback
 from ._emulator import Emulator
 from ._faults import Faults, Latency
 from ._market import EXCHANGES
 
 __all__ = ["main", "parse_rate_limit"]
+
+log = logging.getLogger("flows.testing.emulator")
 
 
 def parse_rate_limit(text: str) -> tuple[str, dict[str, Any] | None]:
@@ -75,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default %(default)s)"
+        "--host", default="127.0.0.1",
+        help="address to bind (default %(default)s; a non-loopback address warns: the control "
+             "API has no authentication)",
     )
     parser.add_argument(
         "--port",
@@ -280,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(emulator.serve, args.host, args.port)
             print(url, flush=True)
+            if not is_loopback(args.host):
+                log.warning(
+                    "the emulator on %s has no authentication: anyone who can reach it can "
+                    "change its faults and rate limits through its control API (/_emulator/...)",
+                    url,
+                )
             print(
                 f"exchange emulator: {len(emulator.universe)} assets, seed {args.seed}; "
                 f"Ctrl-C to stop. Try:\n{_examples(url)}",

@@ -162,11 +162,12 @@ def redact(value: object, *, learn: bool = False) -> str:
         "host=db user=flows password='***' dbname=market"
     """
     text = value if isinstance(value, str) else str(value)
+    if learn:  # learn from the text as given, before a known secret hides part of one
+        masker = _Masker(set())
+        masker.text(text)
+        if masker.found:
+            add_secret(*masker.found)
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)
-    masker = _Masker(set() if learn else None)
-    text = masker.text(text)
-    if masker.found:
-        add_secret(*masker.found)
-    return text
+    return _Masker(None).text(text)

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import msgspec
 import pytest
 import redis
-from _http_sources import _serve
+from _http_sources import serve_answers
 from trio_websocket import ConnectionClosed, serve_websocket
 
 from flows import Flow, Tick, check_tick
@@ -228,7 +228,7 @@ HTTP_CASES = {
 @pytest.mark.parametrize("family", sorted(HTTP_CASES))
 async def test_http_sources_refuse_bad_times_and_long_symbols(nursery, family):
     make, body, good, bad = HTTP_CASES[family]
-    url = await _serve(nursery, lambda head: (200, b"application/json", body(_target(head))),
+    url = await serve_answers(nursery, lambda head: (200, b"application/json", body(_target(head))),
                        lambda head: None)
     source = make(url)
     sink = ListSink()

@@ -21,7 +21,7 @@ import pytest
 import redis
 import trio
 from _cli import ENV
-from _http_sources import _serve
+from _http_sources import serve_answers
 from prometheus_client import CollectorRegistry, generate_latest
 
 from flows import Flow, Runtime, Supervision, add_secret, redact
@@ -73,7 +73,7 @@ async def refusing_server(nursery) -> str:
             ("host:", "accept", "connection:", "user-agent:", "content-length:"))]
         return 401, b"application/json", json.dumps({"error": f"refused: {echoed}"}).encode()
 
-    return await _serve(nursery, answer, lambda head: None)
+    return await serve_answers(nursery, answer, lambda head: None)
 
 
 @pytest.fixture(scope="module")

@@ -282,21 +282,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(emulator.serve, args.host, args.port)
-            print(url, flush=True)
-            if not is_loopback(args.host):
-                log.warning(
-                    "the emulator on %s has no authentication: anyone who can reach it can "
-                    "change its faults and rate limits through its control API (/_emulator/...)",
-                    url,
+        # the signals are ours before the URL tells a parent process we are up
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(emulator.serve, args.host, args.port)
+                print(url, flush=True)
+                if not is_loopback(args.host):
+                    log.warning(
+                        "the emulator on %s has no authentication: anyone who can reach it can "
+                        "change its faults and rate limits through its control API "
+                        "(/_emulator/...)",
+                        url,
+                    )
+                print(
+                    f"exchange emulator: {len(emulator.universe)} assets, seed {args.seed}; "
+                    f"Ctrl-C to stop. Try:\n{_examples(url)}",
+                    flush=True,
                 )
-            print(
-                f"exchange emulator: {len(emulator.universe)} assets, seed {args.seed}; "
-                f"Ctrl-C to stop. Try:\n{_examples(url)}",
-                flush=True,
-            )
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break

@@ -255,8 +255,9 @@ class FastHistogram:
 
     def observe(self, amount: float) -> None:
         self.sum += amount
-        if amount == amount:  # NaN lands in no bucket (as in prometheus_client)
-            self.counts[bisect_left(self.bounds, amount)] += 1
+        i = bisect_left(self.bounds, amount)
+        if amount <= self.bounds[i]:  # NaN lands in no bucket (as in prometheus_client)
+            self.counts[i] += 1
 
     @contextmanager
     def time(self) -> Iterator[None]:

@@ -92,16 +92,29 @@ _TRACK_ALWAYS_BELOW = 4096
 
 
 def _pack(value: Any, at: Any) -> Any:
-    """(value, time) in 32 bytes when both are floats (a complex), else a tuple."""
+    """(value, time) in 32 bytes when both are floats (a complex), the value
+    alone when the time is not kept (None), else a tuple."""
     if value.__class__ is float and at.__class__ is float:
         return complex(value, at)
+    if at is None:
+        return value
     return (value, at)
 
 
+def _time_of(packed: Any, cls: type) -> Any:
+    """The time in ``packed`` (-inf when it was not kept: never emitted)."""
+    if cls is complex:
+        return packed.imag
+    return packed[1] if cls is tuple else -math.inf
+
+
 def _unpack(packed: Any) -> tuple[Any, Any]:
-    if packed.__class__ is complex:
+    cls = packed.__class__
+    if cls is complex:
         return packed.real, packed.imag
-    return packed
+    if cls is tuple:
+        return packed
+    return packed, None
 
 
 _FAST_LOOP = """
@@ -121,7 +134,7 @@ def loop(records, src, vals, times):
             continue
         if 0.0 < v < inf:
             vals[r.symbol] = v
-            times[r.symbol] = r.ts
+            {store_time}
             append(r)
         elif bad is None:
             bad = [r]
@@ -132,7 +145,8 @@ def loop(records, src, vals, times):
 
 
 def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
-    """The plain form's filter loop, written for these thresholds.
+    """The plain form's filter loop, written for these thresholds (times
+    are stored only with a heartbeat: nothing else reads them).
 
     A record is unchanged when its value is within the thresholds of the
     last emitted one (the same arithmetic as ``_filter_ordered``) and no
@@ -153,7 +167,8 @@ def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
     if hb is not None:
         unchanged += " and not (r.ts - times[r.symbol] >= hb)"
     namespace: dict[str, Any] = {"rel": rel, "abs_": abs_, "hb": hb, "inf": math.inf}
-    exec(_FAST_LOOP.format(unchanged=unchanged), namespace)  # noqa: S102 - our own template
+    store_time = "pass" if hb is None else "times[r.symbol] = r.ts"
+    exec(_FAST_LOOP.format(unchanged=unchanged, store_time=store_time), namespace)  # noqa: S102 - our own template
     return namespace["loop"]
 
 
@@ -306,11 +321,12 @@ class ChangeDetector:
     # - the *plain* form, while nothing can be evicted soon (the state holds
     #   fewer than ``_track_from`` keys) and every key so far came from one
     #   source with the default Tick accessors: ``_vals`` (symbol -> value)
-    #   and ``_times`` (symbol -> time), plain dicts in insertion order,
-    #   filtered by a loop made for the thresholds (``_fast_loop``);
+    #   and, with a heartbeat only, ``_times`` (symbol -> time), plain dicts
+    #   in insertion order, filtered by a loop made for the thresholds
+    #   (``_fast_loop``);
     # - the *ordered* form otherwise: ``_od``, an OrderedDict key -> packed
-    #   (value, time) (a complex when both are floats: 32 bytes), kept in
-    #   least-recently-seen order.
+    #   (value, time) (a complex when both are floats: 32 bytes; the value
+    #   alone when its time was not kept), kept in least-recently-seen order.
     #
     # ``_src`` is the source of every key when keys are bare symbols (the
     # default accessors, one source), else None and keys are whole keys.
@@ -318,17 +334,19 @@ class ChangeDetector:
     def _clear(self) -> None:
         self._vals: dict[Hashable, Any] = {}
         self._times: dict[Hashable, Any] = {}
+        self._timed = self.heartbeat is not None  # _times is kept
         self._od: OrderedDict[Hashable, Any] | None = None
         self._src: Any = None
 
     @property
     def state(self) -> OrderedDict[Hashable, list[Any]]:
         """A copy of the state: key -> [last emitted value, its time], least
-        recently seen first (for inspection and tests; not kept up to date)."""
+        recently seen first (for inspection and tests; not kept up to date).
+        The time is None where it was not kept (no heartbeat)."""
         src, od = self._src, self._od
         if od is None:
             times = self._times
-            return OrderedDict(((src, s), [v, times[s]]) for s, v in self._vals.items())
+            return OrderedDict(((src, s), [v, times.get(s)]) for s, v in self._vals.items())
         return OrderedDict(
             (k if src is None else (src, k), list(_unpack(c))) for k, c in od.items()
         )
@@ -348,7 +366,8 @@ class ChangeDetector:
             self._src = next(iter(sources))
             for (_, s), v, t in reversed(entries):
                 self._vals[s] = v
-                self._times[s] = t
+                if self._timed:
+                    self._times[s] = t
         else:
             self._od = OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries))
         while self._size() > self.max_keys:  # a restore reads no more than max_keys
@@ -364,7 +383,7 @@ class ChangeDetector:
             src, times = self._src, self._times
             rekey = whole_keys and src is not None
             od = self._od = OrderedDict(
-                ((src, s) if rekey else s, _pack(v, times[s])) for s, v in self._vals.items()
+                ((src, s) if rekey else s, _pack(v, times.get(s))) for s, v in self._vals.items()
             )
             self._vals, self._times = {}, {}
         elif whole_keys and self._src is not None:
@@ -379,7 +398,8 @@ class ChangeDetector:
     def _evict_oldest(self) -> None:
         if self._od is None:
             s = next(iter(self._vals))
-            del self._vals[s], self._times[s]
+            del self._vals[s]
+            self._times.pop(s, None)
         else:
             self._od.popitem(last=False)
 
@@ -423,6 +443,11 @@ class ChangeDetector:
 
     @property
     def _fast(self) -> Callable[..., tuple[list[Any], list[Any] | None, Any]]:
+        timed = self.heartbeat is not None
+        if timed != self._timed:  # the heartbeat was changed after the start
+            self._timed = timed
+            # keys whose time was not kept count as never emitted
+            self._times = dict.fromkeys(self._vals, -math.inf) if timed else {}
         loop = self._fast_cache
         if loop is None or loop[0] != (self.rel, self.abs, self.heartbeat):
             loop = self._fast_cache = ((self.rel, self.abs, self.heartbeat),
@@ -475,12 +500,12 @@ class ChangeDetector:
                 continue
             if len(od) >= track_from:
                 touch(k)
-            packed = c.__class__ is complex
-            lv = c.real if packed else c[0]
+            cls = c.__class__
+            lv = c[0] if cls is tuple else c.real  # complex, or a bare value (time not kept)
             d = v - lv if v >= lv else lv - v
             if (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_))) or (
                 hb is not None
-                and (r.ts if default else time_of(r)) - (c.imag if packed else c[1]) >= hb
+                and (r.ts if default else time_of(r)) - _time_of(c, cls) >= hb
             ):
                 t = r.ts if default else time_of(r)
                 od[k] = complex(v, t) if v.__class__ is float and t.__class__ is float else (v, t)

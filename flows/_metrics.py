@@ -497,11 +497,11 @@ class ComponentMetrics:
     @property
     def slow(self) -> SlowThresholds:
         """When a batch or a poll cycle counts as slow."""
-        return self._slow
+        return self._thresholds
 
     @slow.setter
     def slow(self, value: SlowThresholds) -> None:
-        self._slow = value
+        self._thresholds = value
         self._slow_batch = value.batch[0]  # read on every batch
 
     def utilization(self) -> float:

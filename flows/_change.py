@@ -11,7 +11,14 @@ seen-set dedupe).
 
 Records whose value is NaN, infinite, zero or negative are dropped as
 ``invalid``. State is bounded by ``max_keys``: the least recently seen key
-is evicted (counted as discarded with reason ``evicted``).
+is evicted (counted as discarded with reason ``evicted``). Recency is what
+eviction needs, so it is kept once eviction can come near: from the first
+key when ``max_keys`` is below 4096, else once the state holds
+``max_keys // 2`` keys. Until then a record that finds its key costs no
+bookkeeping (this is the hot path), and keys keep the order in which they
+were first stored: when the state later fills up, keys not seen since it
+passed half of ``max_keys`` are evicted oldest stored first, then by last
+sight.
 
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
 atomically) every ``checkpoint_every`` seconds and when the stage stops,
@@ -80,6 +87,91 @@ def _hashable(key: Any) -> Hashable:
 __all__ = ["ChangeDetector"]
 
 
+_TRACK_ALWAYS_BELOW = 4096
+"""Detectors with a smaller ``max_keys`` track recency from the first key."""
+
+
+def _pack(value: Any, at: Any) -> Any:
+    """(value, time) in 32 bytes when both are floats (a complex), the value
+    alone when the time is not kept (None), else a tuple."""
+    if value.__class__ is float and at.__class__ is float:
+        return complex(value, at)
+    if at is None:
+        return value
+    return (value, at)
+
+
+def _time_of(packed: Any, cls: type) -> Any:
+    """The time in ``packed`` (-inf when it was not kept: never emitted)."""
+    if cls is complex:
+        return packed.imag
+    return packed[1] if cls is tuple else -math.inf
+
+
+def _unpack(packed: Any) -> tuple[Any, Any]:
+    cls = packed.__class__
+    if cls is complex:
+        return packed.real, packed.imag
+    if cls is tuple:
+        return packed
+    return packed, None
+
+
+_FAST_LOOP = """
+def loop(records, src, vals, times):
+    get = vals.get
+    out = []
+    append = out.append
+    bad = None
+    for r in records:
+        if r.source is not src and r.source != src:
+            return out, bad, r
+        v = r.price
+        lv = get(r.symbol)
+        if lv is None:
+            pass
+        elif {unchanged}:
+            continue
+        if 0.0 < v < inf:
+            vals[r.symbol] = v
+            {store_time}
+            append(r)
+        elif bad is None:
+            bad = [r]
+        else:
+            bad.append(r)
+    return out, bad, None
+"""
+
+
+def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
+    """The plain form's filter loop, written for these thresholds (times
+    are stored only with a heartbeat: nothing else reads them).
+
+    A record is unchanged when its value is within the thresholds of the
+    last emitted one (the same arithmetic as ``_filter_ordered``) and no
+    heartbeat is due. Validity is checked only where a value is about to be
+    stored: an invalid value never passes for unchanged (NaN fails every
+    comparison; a value <= 0 is checked explicitly when the thresholds
+    could let it through) so it always reaches that check.
+    """
+    d = "(v - lv if v >= lv else lv - v)"
+    if rel == 0 and abs_ == 0:
+        unchanged = "v == lv"
+    elif abs_ == 0:
+        unchanged = f"{d} < rel * lv" + (" and v > 0.0" if rel > 1 else "")
+    elif rel == 0:
+        unchanged = f"{d} < abs_ and v > 0.0"
+    else:
+        unchanged = f"(d := {d}) < rel * lv and d < abs_" + (" and v > 0.0" if rel > 1 else "")
+    if hb is not None:
+        unchanged += " and not (r.ts - times[r.symbol] >= hb)"
+    namespace: dict[str, Any] = {"rel": rel, "abs_": abs_, "hb": hb, "inf": math.inf}
+    store_time = "pass" if hb is None else "times[r.symbol] = r.ts"
+    exec(_FAST_LOOP.format(unchanged=unchanged, store_time=store_time), namespace)  # noqa: S102 - our own template
+    return namespace["loop"]
+
+
 def _tick_key(record: Any) -> Hashable:
     return (record.source, record.symbol)
 
@@ -140,8 +232,12 @@ class ChangeDetector:
         if not checkpoint_every > 0:
             raise ValueError("checkpoint_every must be > 0")
         self.checkpoint_every = checkpoint_every
-        # key -> [last emitted value, time it was emitted]
-        self.state: OrderedDict[Hashable, list[float]] = OrderedDict()
+        # Recency (for eviction) is tracked once the state holds this many
+        # keys: before that, nothing can be evicted soon and a hit costs
+        # nothing (see the module docstring).
+        self._track_from = max_keys // 2 if max_keys >= _TRACK_ALWAYS_BELOW else 0
+        self._fast_cache: tuple[Any, Any] | None = None
+        self._clear()
         # what the checkpoint holds: the state as of the batches acked so far
         self.acked: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
         self._unacked: deque[list[Any]] = deque()  # [emitted records, outcome], in order
@@ -190,7 +286,7 @@ class ChangeDetector:
                 str(exc)[:200],
             )
             return 0
-        self.state = OrderedDict((k, [v, t]) for k, v, t in reversed(entries))
+        self._load(entries)
         self.acked = OrderedDict((k, (v, t)) for k, v, t in reversed(entries))
         log.info("change %s: restored %d keys from %s", self.name, len(entries), path)
         return len(entries)
@@ -217,12 +313,124 @@ class ChangeDetector:
             entries += ((_hashable(k), v, t) for k, v, t in _Entries.decode(frame))
         return entries[: self.max_keys]
 
+    # -- the state ---------------------------------------------------------
+    #
+    # Two forms hold the same thing (key -> last emitted value and its time,
+    # least recently seen first):
+    #
+    # - the *plain* form, while nothing can be evicted soon (the state holds
+    #   fewer than ``_track_from`` keys) and every key so far came from one
+    #   source with the default Tick accessors: ``_vals`` (symbol -> value)
+    #   and, with a heartbeat only, ``_times`` (symbol -> time), plain dicts
+    #   in insertion order, filtered by a loop made for the thresholds
+    #   (``_fast_loop``);
+    # - the *ordered* form otherwise: ``_od``, an OrderedDict key -> packed
+    #   (value, time) (a complex when both are floats: 32 bytes; the value
+    #   alone when its time was not kept), kept in least-recently-seen order.
+    #
+    # ``_src`` is the source of every key when keys are bare symbols (the
+    # default accessors, one source), else None and keys are whole keys.
+
+    def _clear(self) -> None:
+        self._vals: dict[Hashable, Any] = {}
+        self._times: dict[Hashable, Any] = {}
+        self._timed = self.heartbeat is not None  # _times is kept
+        self._od: OrderedDict[Hashable, Any] | None = None
+        self._src: Any = None
+
+    @property
+    def state(self) -> OrderedDict[Hashable, list[Any]]:
+        """A copy of the state: key -> [last emitted value, its time], least
+        recently seen first (for inspection and tests; not kept up to date).
+        The time is None where it was not kept (no heartbeat)."""
+        src, od = self._src, self._od
+        if od is None:
+            times = self._times
+            return OrderedDict(((src, s), [v, times.get(s)]) for s, v in self._vals.items())
+        return OrderedDict(
+            (k if src is None else (src, k), list(_unpack(c))) for k, c in od.items()
+        )
+
+    def _size(self) -> int:
+        return len(self._vals) if self._od is None else len(self._od)
+
+    def _load(self, entries: list[tuple[Hashable, float, float]]) -> None:
+        """Replace the state with ``entries`` (most recently seen first)."""
+        self._clear()
+        sources = {k[0] for k, _, _ in entries if isinstance(k, tuple) and len(k) == 2}
+        single = (
+            self._default_accessors() and len(sources) == 1
+            and all(isinstance(k, tuple) and len(k) == 2 for k, _, _ in entries)
+        )
+        if single:
+            self._src = next(iter(sources))
+            for (_, s), v, t in reversed(entries):
+                self._vals[s] = v
+                if self._timed:
+                    self._times[s] = t
+        else:
+            self._od = OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries))
+        while self._size() > self.max_keys:  # a restore reads no more than max_keys
+            self._evict_oldest()
+
+    def _default_accessors(self) -> bool:
+        return self.key is _tick_key and self.value is _tick_value and self.time is _tick_time
+
+    def _to_ordered(self, *, whole_keys: bool) -> OrderedDict[Hashable, Any]:
+        """Move to the ordered form (keys become whole keys if ``whole_keys``)."""
+        od = self._od
+        if od is None:
+            src, times = self._src, self._times
+            rekey = whole_keys and src is not None
+            od = self._od = OrderedDict(
+                ((src, s) if rekey else s, _pack(v, times.get(s))) for s, v in self._vals.items()
+            )
+            self._vals, self._times = {}, {}
+        elif whole_keys and self._src is not None:
+            src = self._src
+            od = self._od = OrderedDict(((src, k), c) for k, c in od.items())
+        else:
+            return od
+        if whole_keys:
+            self._src = None
+        return od
+
+    def _evict_oldest(self) -> None:
+        if self._od is None:
+            s = next(iter(self._vals))
+            del self._vals[s]
+            self._times.pop(s, None)
+        else:
+            self._od.popitem(last=False)
+
+    # -- filtering -----------------------------------------------------------
+
     def filter(self, records: list[Any], metrics: ComponentMetrics | None = None) -> list[Any]:
         """The records of ``records`` that must be emitted; updates the state."""
-        if self.key is _tick_key and self.value is _tick_value and self.time is _tick_time:
-            out, invalid, evicted = self._filter_ticks(records)
+        if not records:
+            return []
+        default = self._default_accessors()
+        if self._od is None:
+            if not self._vals:
+                self._src = records[0].source if default else None
+            if default and len(self._vals) + len(records) <= self._track_from:
+                out, bad, stop = self._fast(records, self._src, self._vals, self._times)
+                invalid, evicted = 0 if bad is None else len(bad), 0
+                if stop is not None:  # a record of another source: keys become whole keys
+                    self._to_ordered(whole_keys=True)
+                    at = next(i for i, r in enumerate(records) if r is stop)
+                    more, invalid2, evicted = self._filter_ordered(records, at, default)
+                    out += more
+                    invalid += invalid2
+                for r in bad or ():
+                    self._invalid((r.source, r.symbol), r.price)
+            else:
+                self._to_ordered(whole_keys=not default)
+                out, invalid, evicted = self._filter_ordered(records, 0, default)
         else:
-            out, invalid, evicted = self._filter_any(records)
+            if not default and self._src is not None:
+                self._to_ordered(whole_keys=True)
+            out, invalid, evicted = self._filter_ordered(records, 0, default)
         if metrics is not None:
             if invalid:
                 metrics.discarded("invalid", invalid)
@@ -233,83 +441,75 @@ class ChangeDetector:
                 metrics.discarded("unchanged", unchanged)
         return out
 
-    def _new_key(self, key: Hashable, value: float, at: float) -> int:
-        """Remember a new key, evicting the least recently seen ones; returns
-        how many were evicted. Evicting as keys arrive (not once per batch)
-        keeps the output independent of how records were split into batches."""
-        state, evicted = self.state, 0
-        while len(state) >= self.max_keys:
-            state.popitem(last=False)
-            evicted += 1
-        state[key] = [value, at]
-        return evicted
+    @property
+    def _fast(self) -> Callable[..., tuple[list[Any], list[Any] | None, Any]]:
+        timed = self.heartbeat is not None
+        if timed != self._timed:  # the heartbeat was changed after the start
+            self._timed = timed
+            # keys whose time was not kept count as never emitted
+            self._times = dict.fromkeys(self._vals, -math.inf) if timed else {}
+        loop = self._fast_cache
+        if loop is None or loop[0] != (self.rel, self.abs, self.heartbeat):
+            loop = self._fast_cache = ((self.rel, self.abs, self.heartbeat),
+                                       _fast_loop(self.rel, self.abs, self.heartbeat))
+        return loop[1]
 
     def _invalid(self, key: Hashable, value: Any) -> None:
         self._drops.drop("invalid", f"{key!r}: value {value!r} is not a positive number")
 
-    def _filter_ticks(self, records: list[Any]) -> tuple[list[Any], int, int]:
-        """``filter`` for Ticks with the default key, value and time (the hot path)."""
-        get, seen = self.state.get, self.state.move_to_end
+    def _filter_ordered(self, records: list[Any], start: int, default: bool) -> tuple[list[Any], int, int]:
+        """``filter`` on the ordered form, from ``records[start]`` on: any
+        record type, any number of sources, eviction."""
+        od = self._to_ordered(whole_keys=False)
+        key_of, value_of, time_of = self.key, self.value, self.time
         rel, abs_, hb = self.rel, self.abs, self.heartbeat
         exact = rel == 0 and abs_ == 0
+        track_from, max_keys = self._track_from, self.max_keys
+        src = self._src
         inf = math.inf
         out: list[Any] = []
         append = out.append
         invalid = evicted = 0
-        for r in records:
-            v = r.price
+        get, touch = od.get, od.move_to_end
+        for r in records if start == 0 else records[start:]:
+            if default:
+                v = r.price
+                if src is None:
+                    k = (r.source, r.symbol)
+                elif r.source is src or r.source == src:
+                    k = r.symbol
+                else:  # a second source: keys become whole keys
+                    od = self._to_ordered(whole_keys=True)
+                    get, touch, src = od.get, od.move_to_end, None
+                    k = (r.source, r.symbol)
+            else:
+                v = value_of(r)
+                k = key_of(r)
             if not 0 < v < inf:  # NaN fails too
                 invalid += 1
-                self._invalid((r.source, r.symbol), v)
+                self._invalid(k if src is None else (src, k), v)
                 continue
-            k = (r.source, r.symbol)
-            last = get(k)
-            if last is None:
-                evicted += self._new_key(k, v, r.ts)
+            c = get(k)
+            if c is None:
+                while len(od) >= max_keys:
+                    od.popitem(last=False)
+                    evicted += 1
+                t = r.ts if default else time_of(r)
+                od[k] = complex(v, t) if v.__class__ is float and t.__class__ is float else (v, t)
                 append(r)
                 continue
-            seen(k)
-            lv = last[0]
+            if len(od) >= track_from:
+                touch(k)
+            cls = c.__class__
+            lv = c[0] if cls is tuple else c.real  # complex, or a bare value (time not kept)
             d = v - lv if v >= lv else lv - v
-            if (
-                (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_)))
-                or (hb is not None and r.ts - last[1] >= hb)
+            if (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_))) or (
+                hb is not None
+                and (r.ts if default else time_of(r)) - _time_of(c, cls) >= hb
             ):
-                last[0] = v
-                last[1] = r.ts
+                t = r.ts if default else time_of(r)
+                od[k] = complex(v, t) if v.__class__ is float and t.__class__ is float else (v, t)
                 append(r)
-        return out, invalid, evicted
-
-    def _filter_any(self, records: list[Any]) -> tuple[list[Any], int, int]:
-        """``filter`` for any record type, through the key/value/time functions."""
-        state, key_of, value_of, time_of = self.state, self.key, self.value, self.time
-        rel, abs_, hb = self.rel, self.abs, self.heartbeat
-        exact = rel == 0 and abs_ == 0
-        isfinite = math.isfinite
-        out: list[Any] = []
-        invalid = evicted = 0
-        for r in records:
-            v = value_of(r)
-            if not (v > 0 and isfinite(v)):  # NaN fails v > 0
-                invalid += 1
-                self._invalid(key_of(r), v)
-                continue
-            k = key_of(r)
-            last = state.get(k)
-            if last is None:
-                evicted += self._new_key(k, v, time_of(r))
-                out.append(r)
-                continue
-            state.move_to_end(k)
-            lv = last[0]
-            d = v - lv if v >= lv else lv - v
-            if (
-                (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_)))
-                or (hb is not None and time_of(r) - last[1] >= hb)
-            ):
-                last[0] = v
-                last[1] = time_of(r)
-                out.append(r)
         return out, invalid, evicted
 
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:

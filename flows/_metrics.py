@@ -17,13 +17,17 @@ import math
 import re
 import time
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import metrics as _pm
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "FAST_BUCKETS",
@@ -201,6 +205,120 @@ _LIVE = ("flows_channel_buffer_batches", "flows_channel_capacity_batches", "flow
          "flows_source_last_record_age_seconds", "flows_source_stale_after_seconds",
          "flows_source_symbols", "flows_source_stale_symbols")
 
+# Core families updated on every batch: counted into plain attributes
+# (no lock; updated from the trio thread) and turned into samples at scrape
+# time, with the same names, labels and samples prometheus_client gives.
+_HOT = ("flows_records_received_total", "flows_records_sent_total",
+        "flows_records_discarded_total", "flows_batch_processing_seconds",
+        "flows_send_wait_seconds", "flows_end_to_end_latency_seconds",
+        "flows_source_lag_seconds")
+
+
+class FastCounter:
+    """A counter child without a lock: ``inc`` adds to ``value`` (the hot
+    path may add to ``value`` itself). For the trio thread: increments from
+    several threads at once could be lost."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+    def get(self) -> float:
+        return self.value
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        out = [("_total", {}, self.value)]
+        if _pm._use_created:
+            out.append(("_created", {}, self.created))
+        return out
+
+
+class FastHistogram:
+    """A histogram child without a lock: ``observe`` adds to ``sum`` and to
+    the count of the first bucket whose bound is >= the amount (``counts``
+    per bucket, not cumulative). Same caveat as ``FastCounter``."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        i = bisect_left(self.bounds, amount)
+        if amount <= self.bounds[i]:  # NaN lands in no bucket (as in prometheus_client)
+            self.counts[i] += 1
+
+    @contextmanager
+    def time(self) -> Iterator[None]:
+        """Observe the seconds the body takes."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe(max(time.perf_counter() - t0, 0.0))
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        out: list[tuple[str, dict[str, str], float]] = []
+        acc = 0.0
+        for bound, n in zip(self.bounds, list(self.counts)):
+            acc += n
+            out.append(("_bucket", {"le": floatToGoString(bound)}, acc))
+        out.append(("_count", {}, acc))
+        out.append(("_sum", {}, self.sum))
+        if _pm._use_created:
+            out.append(("_created", {}, self.created))
+        return out
+
+
+class FastFamily:
+    """A registered family of ``FastCounter`` or ``FastHistogram`` children
+    (``labels(flow, stage, *extra)``), collected like prometheus_client's."""
+
+    def __init__(self, family: MetricFamily, registry: CollectorRegistry) -> None:
+        self.family = family
+        self.labelnames = FS + family.labels
+        self.name = family.name.removesuffix("_total") if family.kind == "counter" else family.name
+        if family.kind == "histogram":
+            bounds = tuple(float(b) for b in family.buckets or ())
+            if not bounds or bounds[-1] != math.inf:
+                bounds += (math.inf,)
+            self._new: Callable[[], Any] = lambda: FastHistogram(bounds)
+        else:
+            self._new = FastCounter
+        self._children: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: Any) -> Any:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.family.name}: expected labels {self.labelnames}, got {values}")
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._new()
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.family.help, self.family.kind)]
+
+    def collect(self) -> list[Metric]:
+        metric = Metric(self.name, self.family.help, self.family.kind)
+        for values, child in list(self._children.items()):
+            series = dict(zip(self.labelnames, values))
+            for suffix, labels, value in child.samples():
+                metric.add_sample(self.name + suffix, {**series, **labels}, value)
+        return [metric]
+
 
 class FlowMetrics:
     """All flows_ metric families registered on one registry: the core ones
@@ -208,17 +326,20 @@ class FlowMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.families: dict[str, Counter | Gauge | Histogram] = {}
+        self.families: dict[str, Counter | Gauge | Histogram | FastFamily] = {}
         self.declared: dict[str, MetricFamily] = {}
         for family in METRICS.values():
             if family.name in _LIVE:
                 self.declared[family.name] = family  # served by the live collector below
+            elif family.name in _HOT:
+                self.families[family.name] = FastFamily(family, registry)
+                self.declared[family.name] = family
             else:
                 self.declare(family)
         self.components: list[ComponentMetrics] = []
         registry.register(_LiveCollector(self))
 
-    def declare(self, family: MetricFamily) -> Counter | Gauge | Histogram:
+    def declare(self, family: MetricFamily) -> Counter | Gauge | Histogram | FastFamily:
         """The registered family ``family`` declares: registered now on first
         use; a different declaration of the same name is a ValueError."""
         known = self.declared.get(family.name)
@@ -288,6 +409,8 @@ class ComponentMetrics:
         self.write_errors = child("flows_sink_write_errors_total")
         self.write_retries = child("flows_sink_retries_total")
         self._labeled: dict[tuple[str, str | None], Any] = {}
+        self._discards: dict[str, Any] = {}
+        self._slow_batch = math.inf
         self.slow = SlowThresholds()
         self._slow_log_after: dict[str, float] = {}
         # Live figures read by the collector at scrape time.
@@ -327,7 +450,10 @@ class ComponentMetrics:
 
     def discarded(self, reason: str, n: int = 1) -> None:
         """Count ``n`` records dropped for ``reason`` (a small fixed word)."""
-        self.labeled("flows_records_discarded_total", reason).inc(n)
+        child = self._discards.get(reason)
+        if child is None:
+            child = self._discards[reason] = self.labeled("flows_records_discarded_total", reason)
+        child.inc(n)
 
     def error(self, error_type: str) -> None:
         """Count one error of ``error_type`` (a small fixed word or class name)."""
@@ -336,7 +462,7 @@ class ComponentMetrics:
     def observe_processing(self, seconds: float) -> None:
         self.busy_seconds += seconds
         self.processing.observe(seconds)
-        if seconds >= self.slow.batch[0]:
+        if seconds >= self._slow_batch:
             self._slow("flows_slow_batches_total", "batch", seconds, self.slow.batch)
 
     def observe_poll_cycle(self, seconds: float) -> None:
@@ -367,6 +493,16 @@ class ComponentMetrics:
             yield
         finally:
             self.observe_processing(time.perf_counter() - t0)
+
+    @property
+    def slow(self) -> SlowThresholds:
+        """When a batch or a poll cycle counts as slow."""
+        return self._thresholds
+
+    @slow.setter
+    def slow(self, value: SlowThresholds) -> None:
+        self._thresholds = value
+        self._slow_batch = value.batch[0]  # read on every batch
 
     def utilization(self) -> float:
         """Busy share since the previous reading (at least one second ago)."""

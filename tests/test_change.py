@@ -266,9 +266,14 @@ def test_invalid_records_leave_state_untouched() -> None:
 
 
 def test_state_holds_last_emitted_value_and_time() -> None:
+    # (internals: the time is kept where a heartbeat needs it, or the state is ordered)
+    for kwargs in ({"heartbeat": 60.0}, {"max_keys": 10}):
+        det = ChangeDetector(rel=0.25, **kwargs)
+        det.filter([T("A", 8.0, 0), T("A", 9.0, 1), T("A", 10.0, 2), T("A", 11.0, 3)])
+        assert det.state[("x", "A")] == [10.0, 2]
     det = ChangeDetector(rel=0.25)
     det.filter([T("A", 8.0, 0), T("A", 9.0, 1), T("A", 10.0, 2), T("A", 11.0, 3)])
-    assert det.state[("x", "A")] == [10.0, 2]
+    assert det.state[("x", "A")] == [10.0, None]
 
 
 def test_state_never_exceeds_max_keys_within_a_batch() -> None:

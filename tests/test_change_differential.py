@@ -1,0 +1,249 @@
+"""The change detector's fast paths against a small reference model.
+
+``ChangeDetector`` keeps its state in one of two forms (a plain dict for
+one source while eviction is far, an ordered dict otherwise) and filters
+the plain form with a loop generated for its thresholds. ``Model`` below
+is the rule written out per record, with nothing clever: it must agree
+with the detector on every random stream: emitted records, discard
+counts, the state (keys in recency order, values, times where kept) and
+the acknowledged state a checkpoint holds, across batch cuts, eviction,
+the switch between forms, a second source, custom accessors, heartbeats,
+invalid values, rel and abs thresholds, and checkpoint round trips.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import flows._change as change_module
+from flows import Batch, ChangeDetector, Tick
+
+NAN, INF = math.nan, math.inf
+
+
+class Model:
+    """Per record: invalid values dropped; a new key emits (evicting the
+    least recently seen keys while full); a known key is marked seen (only
+    once the state holds ``track_from`` keys) and emits when its value moved
+    by ``rel``/``abs`` from the last emitted one or the heartbeat is due.
+    ``acked`` follows what a checkpoint holds: the last acknowledged value
+    per key, most recently emitted last, at most ``max_keys``."""
+
+    def __init__(self, rel: float, abs_: float, hb: float | None, max_keys: int,
+                 track_from: int) -> None:
+        self.rel, self.abs, self.hb, self.max_keys = rel, abs_, hb, max_keys
+        self.track_from = track_from
+        self.state: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+        self.acked: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+        self.counts: Counter[str] = Counter()
+
+    def moved(self, v: float, lv: float) -> bool:
+        d = abs(v - lv)
+        if self.rel == 0 and self.abs == 0:
+            return d != 0
+        return bool((self.rel and d >= self.rel * lv) or (self.abs and d >= self.abs))
+
+    def emits(self, r: Tick) -> bool:
+        v, k = r.price, (r.source, r.symbol)
+        if not (v > 0 and math.isfinite(v)):
+            self.counts["invalid"] += 1
+            return False
+        if k not in self.state:
+            while len(self.state) >= self.max_keys:
+                self.state.popitem(last=False)
+                self.counts["evicted"] += 1
+            self.state[k] = (v, r.ts)
+            return True
+        if len(self.state) >= self.track_from:
+            self.state.move_to_end(k)
+        lv, lt = self.state[k]
+        if self.moved(v, lv) or (self.hb is not None and r.ts - lt >= self.hb):
+            self.state[k] = (v, r.ts)
+            return True
+        self.counts["unchanged"] += 1
+        return False
+
+    def ack(self, records: list[Tick], outcome: str) -> None:
+        if outcome == "failed":
+            return
+        for r in records:
+            k = (r.source, r.symbol)
+            self.acked[k] = (r.price, r.ts)
+            self.acked.move_to_end(k)
+        while len(self.acked) > self.max_keys:
+            self.acked.popitem(last=False)
+
+    def restore(self) -> None:
+        """A restart from the checkpoint: the state is what was acknowledged."""
+        self.state = OrderedDict(self.acked)
+
+
+class CountingMetrics:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def discarded(self, reason: str, n: int = 1) -> None:
+        assert n > 0, (reason, n)
+        self.counts[reason] += n
+
+
+SYMBOLS = ["A", "B", "C", "D", "E", "F", "G", "H"]
+prices = st.one_of(
+    st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False),
+    st.sampled_from([1.0, 1.01, 1.5, 2.0, 100.0, 100.05, 100.1]),
+    st.sampled_from([NAN, INF, -INF, 0.0, -0.0, -1.0, -100.0]),
+)
+gaps = st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=30.0),
+                 st.sampled_from([1.0, 10.0, 7.5]))
+
+
+@st.composite
+def streams(draw: Any) -> list[Tick]:
+    items = draw(st.lists(st.tuples(st.sampled_from(["s1", "s1", "s1", "s2"]),
+                                    st.sampled_from(SYMBOLS), prices, gaps), max_size=60))
+    # one source only, or a second one from some record on
+    second_from = draw(st.none() | st.integers(0, 60))
+    ts, out = 1_000.0, []
+    for i, (source, symbol, price, gap) in enumerate(items):
+        ts += gap
+        if second_from is None or i < second_from:
+            source = "s1"
+        stamp = NAN if gap == 7.5 else ts  # now and then a record without a usable time
+        out.append(Tick(source, symbol, price, stamp))
+    return out
+
+
+def split(records: list[Tick], cuts: list[int]) -> list[list[Tick]]:
+    bounds = sorted({0, len(records), *(c % (len(records) + 1) for c in cuts)})
+    return [records[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def custom_key(r: Tick) -> tuple[str, str]:
+    return (r.source, r.symbol)
+
+
+def custom_value(r: Tick) -> float:
+    return r.price
+
+
+def custom_time(r: Tick) -> float:
+    return r.ts
+
+
+@contextmanager
+def small_track_threshold() -> Iterator[None]:
+    """Detectors with max_keys >= 4 wait for a half-full state before they
+    track recency (4096 in production), so small streams cross every form."""
+    saved = change_module._TRACK_ALWAYS_BELOW
+    change_module._TRACK_ALWAYS_BELOW = 4
+    try:
+        yield
+    finally:
+        change_module._TRACK_ALWAYS_BELOW = saved
+
+
+def ticks(*prices_and_times: tuple[float, float], source: str = "s1") -> list[Tick]:
+    return [Tick(source, "A", p, t) for p, t in prices_and_times]
+
+
+EXAMPLE = {"hb": None, "max_keys": 100, "cuts": [], "custom": False, "round_trip": None,
+           "outcomes": []}
+
+
+@settings(max_examples=1000, deadline=None)
+@example(records=ticks((1.0, 1.0), (-1.0, 2.0), (0.0, 3.0)), rel=0.0, abs_=50.0, **EXAMPLE)
+@example(records=ticks((1.0, 1.0), (-1.0, 2.0)), rel=3.0, abs_=0.0, **EXAMPLE)
+@example(records=ticks((1.0, 1.0), (1.0, 2.0), (1.0 + 2**-52, 3.0), (NAN, 4.0)), rel=0.0,
+         abs_=0.0, **EXAMPLE)
+@example(records=ticks((1.0, 1.0), (1.0, NAN), (1.0, 30.0)), rel=0.1, abs_=0.0,
+         **{**EXAMPLE, "hb": 10.0})
+@example(records=ticks((8.0, 1.0), (10.0, 2.0), (7.5, 3.0), (9.5, 4.0)), rel=0.25, abs_=0.0,
+         **EXAMPLE)  # exactly at the threshold (25% of 8 is 2)
+@example(records=ticks((100.0, 1.0), (100.5, 2.0), (101.0, 3.0)), rel=0.5, abs_=1.0, **EXAMPLE)
+@example(records=[Tick("s1", s, 1.0, 1.0) for s in "ABC"] + [Tick("s1", "D", 1.0, 2.0)],
+         rel=0.0, abs_=0.0, **{**EXAMPLE, "cuts": [3], "round_trip": 1})
+@example(records=[Tick("s1", s, 1.0, 1.0) for s in "ABC"] + [Tick("s2", "A", 1.0, 2.0)]
+         + [Tick("s1", s, 1.0, 3.0) for s in "DE"],
+         rel=0.0, abs_=0.0, **{**EXAMPLE, "max_keys": 4, "cuts": [3, 4]})
+@given(
+    records=streams(),
+    rel=st.one_of(st.just(0.0), st.floats(min_value=1e-6, max_value=3.0),
+                  st.sampled_from([0.01, 0.25, 1.5])),
+    abs_=st.one_of(st.just(0.0), st.floats(min_value=1e-6, max_value=100.0),
+                   st.sampled_from([0.01, 0.5, 50.0])),
+    hb=st.one_of(st.none(), st.floats(min_value=0.5, max_value=60.0), st.sampled_from([1.0, 10.0])),
+    max_keys=st.one_of(st.integers(1, 12), st.integers(13, 150)),
+    cuts=st.lists(st.integers(0, 100), max_size=8),
+    custom=st.booleans(),
+    round_trip=st.none() | st.integers(0, 10),
+    outcomes=st.lists(st.sampled_from(["written", "written", "skipped", "failed"]), max_size=12),
+)
+def test_detector_agrees_with_the_model(
+    records: list[Tick], rel: float, abs_: float, hb: float | None, max_keys: int,
+    cuts: list[int], custom: bool, round_trip: int | None, outcomes: list[str],
+) -> None:
+    accessors = {"key": custom_key, "value": custom_value, "time": custom_time} if custom else {}
+    track_from = max_keys // 2 if max_keys >= 4 else 0
+    with small_track_threshold(), tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "change.ckpt"
+
+        def detector() -> ChangeDetector:
+            return ChangeDetector(rel=rel, abs=abs_, heartbeat=hb, max_keys=max_keys,
+                                  checkpoint=path, **accessors)
+
+        det, model, metrics = detector(), Model(rel, abs_, hb, max_keys, track_from), CountingMetrics()
+        for i, batch in enumerate(split(records, cuts)):
+            if i == round_trip:  # a restart: save what was acknowledged, restore it
+                det.save()
+                det = detector()
+                det.restore()
+                model.restore()
+            out = det.filter(batch, metrics)
+            assert out == [r for r in batch if model.emits(r)], i
+            if out:  # acknowledged as the runtime's sinks would
+                outcome = outcomes[i % len(outcomes)] if outcomes else "written"
+                emitted = Batch(out)
+                det._track(emitted)
+                emitted.ack(outcome)
+                model.ack(out, outcome)
+
+    assert +metrics.counts == +model.counts
+    state = det.state
+    assert list(state) == list(model.state)
+    for k, (v, t) in state.items():
+        lv, lt = model.state[k]
+        assert v == lv, k
+        if t is not None or hb is not None:
+            assert same(t, lt), k
+    assert list(det.acked) == list(model.acked)
+    for k, (v, t) in det.acked.items():
+        assert (v, same(t, model.acked[k][1])) == (model.acked[k][0], True), k
+
+
+def same(a: float, b: float) -> bool:
+    """Equal, NaN included."""
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def test_every_form_is_reached() -> None:
+    """The stream shapes above reach the plain form, the ordered one, the
+    switch between them and eviction (a sanity check of the strategies)."""
+    with small_track_threshold():
+        det = ChangeDetector(max_keys=6)
+        det.filter([Tick("s1", s, 1.0, 0.0) for s in "AB"])
+        assert det._od is None  # plain
+        det.filter([Tick("s1", s, 1.0, 1.0) for s in "CDEFGH"])
+        assert det._od is not None and len(det.state) == 6  # ordered, evicted
+        mixed = ChangeDetector(max_keys=100)
+        mixed.filter([Tick("s1", "A", 1.0, 0.0), Tick("s2", "A", 1.0, 0.0)])
+        assert list(mixed.state) == [("s1", "A"), ("s2", "A")] and mixed._src is None

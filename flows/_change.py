@@ -478,6 +478,7 @@ class ChangeDetector:
         append = out.append
         invalid = evicted = 0
         get, touch = od.get, od.move_to_end
+        tracking = len(od) >= track_from  # (the state only grows: recomputed on inserts)
         for r in records if start == 0 else records[start:]:
             if default:
                 v = r.price
@@ -504,8 +505,9 @@ class ChangeDetector:
                 t = r.ts if default else time_of(r)
                 od[k] = complex(v, t) if v.__class__ is float and t.__class__ is float else (v, t)
                 append(r)
+                tracking = len(od) >= track_from
                 continue
-            if len(od) >= track_from:
+            if tracking:
                 touch(k)
             cls = c.__class__
             lv = c[0] if cls is tuple else c.real  # complex, or a bare value (time not kept)

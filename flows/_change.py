@@ -370,7 +370,8 @@ class ChangeDetector:
         )
         if single:
             self._src = next(iter(sources))
-            for (_, s), v, t in reversed(entries):
+            for key, v, t in reversed(entries):
+                s = key[1]  # type: ignore[index]  # a (source, symbol) tuple, checked above
                 self._vals[s] = v
                 if self._timed:
                     self._times[s] = t
@@ -479,6 +480,7 @@ class ChangeDetector:
         invalid = evicted = 0
         get, touch = od.get, od.move_to_end
         tracking = len(od) >= track_from  # (the state only grows: recomputed on inserts)
+        k: Any
         for r in records if start == 0 else records[start:]:
             if default:
                 v = r.price

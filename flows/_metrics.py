@@ -241,7 +241,7 @@ class FastCounter:
         return self.value
 
     def samples(self) -> list[tuple[str, dict[str, str], float]]:
-        out = [("_total", {}, self.value)]
+        out: list[tuple[str, dict[str, str], float]] = [("_total", {}, self.value)]
         if _pm._use_created:
             out.append(("_created", {}, self.created))
         return out

@@ -23,6 +23,10 @@ What it measures: records/s (input records per second) for
   its default) and a sink that only counts, run by ``flows.Runtime``
   (fresh registry, metrics on, no metrics server) under ``trio.run``; timed
   around ``await Runtime.run()``, so start-up and shutdown count;
+- ``engine unfresh`` (diagnostic): the engine with the source outbox's
+  freshness tracking (``Freshness.seen``: the last-seen time of every
+  record's symbol, a dict store per record) patched to a no-op: its share
+  of the engine's time, not a configuration flows offers;
 - ``graph``: the same source fanned out to three branches, each into a
   counting sink: a fresh ``ChangeDetector(rel=REL)`` (sink ``changed``),
   a filter ``price > 100`` (a split branch, evaluated in the source's
@@ -97,6 +101,7 @@ from _common import PregenSource, cut
 from prometheus_client import CollectorRegistry
 
 from flows import ChangeDetector, Flow, Inbox, Runtime
+from flows._freshness import Freshness
 from flows._metrics import FastCounter, FastHistogram
 
 try:  # the optional peer (pip install -e '.[bench]')
@@ -214,6 +219,17 @@ def metrics_disabled() -> Iterator[None]:
 def run_engine_no_metrics(batches: list[list[Any]]) -> tuple[float, int]:
     with metrics_disabled():
         return run_engine(batches)
+
+
+def run_engine_unfresh(batches: list[list[Any]]) -> tuple[float, int]:
+    """The engine with the source's freshness tracking (``Freshness.seen``,
+    a dict store per record) patched to a no-op: a diagnostic of its share."""
+    saved = Freshness.seen
+    Freshness.seen = lambda self, records: None  # type: ignore[method-assign]
+    try:
+        return run_engine(batches)
+    finally:
+        Freshness.seen = saved  # type: ignore[method-assign]
 
 
 # -- the minimal loop (the ceiling) ----------------------------------------------
@@ -376,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         ("asyncio queue", run_asyncio),
         *([("bytewax", run_bytewax)] if bytewax_missing is None else []),
         ("engine", run_engine),
+        ("engine unfresh", run_engine_unfresh),
         ("graph", run_graph),
     ]
     if bytewax_missing is not None:

@@ -17,7 +17,7 @@ Rows:
   was filed, rebuilt inline: an ``OrderedDict`` of ``(source, symbol)`` ->
   ``[value, time]``;
 - ``plain form``: ``ChangeDetector(max_keys=4 * N)``: the state stays
-  below half of ``max_keys``, so it keeps the plain form (a dict symbol ->
+  below three quarters of ``max_keys``, so it keeps the plain form (a dict symbol ->
   value; no times: nothing reads them without a heartbeat);
 - ``plain, heartbeat``: the same with ``heartbeat=60``: a second dict,
   symbol -> time;

@@ -13,12 +13,12 @@ Records whose value is NaN, infinite, zero or negative are dropped as
 ``invalid``. State is bounded by ``max_keys``: the least recently seen key
 is evicted (counted as discarded with reason ``evicted``). Recency is what
 eviction needs, so it is kept once eviction can come near: from the first
-key when ``max_keys`` is below 4096, else once the state holds
-``max_keys // 2`` keys. Until then a record that finds its key costs no
+key when ``max_keys`` is below 1024, else once the state holds three
+quarters of ``max_keys``. Until then a record that finds its key costs no
 bookkeeping (this is the hot path), and keys keep the order in which they
 were first stored: when the state later fills up, keys not seen since it
-passed half of ``max_keys`` are evicted oldest stored first, then by last
-sight.
+passed three quarters of ``max_keys`` are evicted oldest stored first,
+then by last sight.
 
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
 atomically) every ``checkpoint_every`` seconds and when the stage stops,
@@ -87,8 +87,13 @@ def _hashable(key: Any) -> Hashable:
 __all__ = ["ChangeDetector"]
 
 
-_TRACK_ALWAYS_BELOW = 4096
-"""Detectors with a smaller ``max_keys`` track recency from the first key."""
+_TRACK_ALWAYS_BELOW = 1024
+"""Detectors with a smaller ``max_keys`` track recency from the first key;
+larger ones once the state is three quarters full (``_track_from``)."""
+
+
+def _track_from(max_keys: int) -> int:
+    return max_keys - max_keys // 4 if max_keys >= _TRACK_ALWAYS_BELOW else 0
 
 
 def _pack(value: Any, at: Any) -> Any:
@@ -118,7 +123,7 @@ def _unpack(packed: Any) -> tuple[Any, Any]:
 
 
 _FAST_LOOP = """
-def loop(records, src, vals, times):
+def loop(records, src, vals, times, limit):
     get = vals.get
     out = []
     append = out.append
@@ -129,7 +134,8 @@ def loop(records, src, vals, times):
         v = r.price
         lv = get(r.symbol)
         if lv is None:
-            pass
+            if len(vals) >= limit:  # the state is about to need recency
+                return out, bad, r
         elif {unchanged}:
             continue
         if 0.0 < v < inf:
@@ -235,7 +241,7 @@ class ChangeDetector:
         # Recency (for eviction) is tracked once the state holds this many
         # keys: before that, nothing can be evicted soon and a hit costs
         # nothing (see the module docstring).
-        self._track_from = max_keys // 2 if max_keys >= _TRACK_ALWAYS_BELOW else 0
+        self._track_from = _track_from(max_keys)
         self._fast_cache: tuple[Any, Any] | None = None
         self._clear()
         # what the checkpoint holds: the state as of the batches acked so far
@@ -364,7 +370,8 @@ class ChangeDetector:
         )
         if single:
             self._src = next(iter(sources))
-            for (_, s), v, t in reversed(entries):
+            for key, v, t in reversed(entries):
+                s = key[1]  # type: ignore[index]  # a (source, symbol) tuple, checked above
                 self._vals[s] = v
                 if self._timed:
                     self._times[s] = t
@@ -413,11 +420,12 @@ class ChangeDetector:
         if self._od is None:
             if not self._vals:
                 self._src = records[0].source if default else None
-            if default and len(self._vals) + len(records) <= self._track_from:
-                out, bad, stop = self._fast(records, self._src, self._vals, self._times)
+            if default and len(self._vals) < self._track_from:
+                out, bad, stop = self._fast(
+                    records, self._src, self._vals, self._times, self._track_from - 1
+                )
                 invalid, evicted = 0 if bad is None else len(bad), 0
-                if stop is not None:  # a record of another source: keys become whole keys
-                    self._to_ordered(whole_keys=True)
+                if stop is not None:  # another source, or recency needed from here on
                     at = next(i for i, r in enumerate(records) if r is stop)
                     more, invalid2, evicted = self._filter_ordered(records, at, default)
                     out += more
@@ -471,6 +479,8 @@ class ChangeDetector:
         append = out.append
         invalid = evicted = 0
         get, touch = od.get, od.move_to_end
+        tracking = len(od) >= track_from  # (the state only grows: recomputed on inserts)
+        k: Any
         for r in records if start == 0 else records[start:]:
             if default:
                 v = r.price
@@ -497,8 +507,9 @@ class ChangeDetector:
                 t = r.ts if default else time_of(r)
                 od[k] = complex(v, t) if v.__class__ is float and t.__class__ is float else (v, t)
                 append(r)
+                tracking = len(od) >= track_from
                 continue
-            if len(od) >= track_from:
+            if tracking:
                 touch(k)
             cls = c.__class__
             lv = c[0] if cls is tuple else c.real  # complex, or a bare value (time not kept)

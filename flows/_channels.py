@@ -170,6 +170,12 @@ class Outbox:
         self._chains = chains
         self._unrouted = list(unrouted)
         self._routed = any(chains) or bool(self._unrouted)
+        # the common case, one plain edge: sends go straight to its channel
+        self._direct = (
+            self._ports[0]._sender
+            if len(self._ports) == 1 and not self._routed and type(self._ports[0]) is EdgePort
+            else None
+        )
         self.waits = [0.0] * len(self._ports)
         """Seconds each send to ``ports[i]`` blocked, in total (per-edge backpressure)."""
         self.metrics = metrics
@@ -197,6 +203,25 @@ class Outbox:
                 m.lag.observe(max(time.time() - ts, 0.0))
             if self._freshness is not None:
                 self._freshness.seen(records)
+        direct = self._direct
+        if direct is not None:
+            try:
+                direct.send_nowait(batch)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                waited = await self._ports[0].send(batch)  # blocks, or drops for a gone consumer
+                if waited:
+                    self.waits[0] += waited
+                    m.wait_seconds += waited
+            else:
+                waited = 0.0
+            if not waited:
+                self._streak += 1
+                if self._streak >= _YIELD_EVERY:
+                    self._streak = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+            m.send_wait.observe(waited)
+            m.sent.inc(len(records))
+            return
         ports = self._ports
         if self._routed:
             parts, sent = self._route(batch)
@@ -263,7 +288,7 @@ class Outbox:
 
     def close(self) -> None:
         """Let go of every downstream edge (the last producer closes it)."""
-        ports, self._ports = self._ports, []
+        ports, self._ports, self._direct = self._ports, [], None
         for port in dict.fromkeys(ports):
             port.detach()
 

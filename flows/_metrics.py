@@ -8,6 +8,13 @@ name) plus, for a few, one label from a small fixed set (``reason``,
 registered with the registry. A family only some components use is a
 ``MetricFamily`` the component declares (``METRICS`` class attribute),
 registered on its first use through ``ComponentMetrics.labeled``.
+
+The core families every batch moves (records received, sent and
+discarded, batch processing, send-wait, source lag, end-to-end latency)
+are ``FastFamily``s: their children count into plain attributes without a
+lock (the trio thread updates them) and a collector turns them into the
+same samples prometheus_client would (``_total``, ``_created``,
+``_bucket``...) at scrape time. The others are prometheus_client's.
 """
 
 from __future__ import annotations
@@ -234,7 +241,7 @@ class FastCounter:
         return self.value
 
     def samples(self) -> list[tuple[str, dict[str, str], float]]:
-        out = [("_total", {}, self.value)]
+        out: list[tuple[str, dict[str, str], float]] = [("_total", {}, self.value)]
         if _pm._use_created:
             out.append(("_created", {}, self.created))
         return out

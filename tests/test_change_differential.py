@@ -142,8 +142,9 @@ def custom_time(r: Tick) -> float:
 
 @contextmanager
 def small_track_threshold() -> Iterator[None]:
-    """Detectors with max_keys >= 4 wait for a half-full state before they
-    track recency (4096 in production), so small streams cross every form."""
+    """Detectors with max_keys >= 4 wait for a state three quarters full
+    before they track recency (1024 in production), so small streams cross
+    every form."""
     saved = change_module._TRACK_ALWAYS_BELOW
     change_module._TRACK_ALWAYS_BELOW = 4
     try:
@@ -170,6 +171,8 @@ EXAMPLE = {"hb": None, "max_keys": 100, "cuts": [], "custom": False, "round_trip
 @example(records=ticks((8.0, 1.0), (10.0, 2.0), (7.5, 3.0), (9.5, 4.0)), rel=0.25, abs_=0.0,
          **EXAMPLE)  # exactly at the threshold (25% of 8 is 2)
 @example(records=ticks((100.0, 1.0), (100.5, 2.0), (101.0, 3.0)), rel=0.5, abs_=1.0, **EXAMPLE)
+@example(records=[Tick("s1", s, 1.0, 1.0) for s in "ABCADE"], rel=0.0, abs_=0.0,
+         **{**EXAMPLE, "max_keys": 4})  # a hit just after the state reached track_from
 @example(records=[Tick("s1", s, 1.0, 1.0) for s in "ABC"] + [Tick("s1", "D", 1.0, 2.0)],
          rel=0.0, abs_=0.0, **{**EXAMPLE, "cuts": [3], "round_trip": 1})
 @example(records=[Tick("s1", s, 1.0, 1.0) for s in "ABC"] + [Tick("s2", "A", 1.0, 2.0)]
@@ -193,7 +196,7 @@ def test_detector_agrees_with_the_model(
     cuts: list[int], custom: bool, round_trip: int | None, outcomes: list[str],
 ) -> None:
     accessors = {"key": custom_key, "value": custom_value, "time": custom_time} if custom else {}
-    track_from = max_keys // 2 if max_keys >= 4 else 0
+    track_from = max_keys - max_keys // 4 if max_keys >= 4 else 0
     with small_track_threshold(), tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "change.ckpt"
 
@@ -240,6 +243,8 @@ def test_every_form_is_reached() -> None:
     switch between them and eviction (a sanity check of the strategies)."""
     with small_track_threshold():
         det = ChangeDetector(max_keys=6)
+        det.filter([Tick("s1", s, 1.0, 0.0) for s in "AB"])
+        assert det._od is None
         det.filter([Tick("s1", s, 1.0, 0.0) for s in "AB"])
         assert det._od is None  # plain
         det.filter([Tick("s1", s, 1.0, 1.0) for s in "CDEFGH"])

@@ -44,7 +44,6 @@ class GapStream:
         self.capacity = capacity
         self._send: trio.MemorySendChannel[Gap] | None = None
         self._receive: trio.MemoryReceiveChannel[Gap] | None = None
-        self.stale_after = float("inf")  # silence is the good news here
 
     def setup(self, context: Any) -> None:
         self._send, self._receive = trio.open_memory_channel(self.capacity)

@@ -119,8 +119,9 @@ async def test_sigterm_drains_a_graph_and_acks_every_batch_once_with_a_drop_olde
     rt = Runtime(flow, registry=registry, metrics_addr=None, handle_signals=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.sent < 300:
-            await trio.lowlevel.checkpoint()
+        with trio.fail_after(30):
+            while source.sent < 300:
+                await trio.lowlevel.checkpoint()
         os.kill(os.getpid(), signal.SIGTERM)
     assert rt.stop_reason == "signal SIGTERM"
     outcomes = source.outcomes()
@@ -184,8 +185,9 @@ async def test_status_shows_edges_with_buffer_and_send_wait(registry):
         assert edges["gated"]["policy"] == "block" and edges["gated"]["branch"] is None
         assert edges["collect"]["branch"] == "evens"
         sink.gate.set()
-        while not rt.status()["edges"][0]["send_wait_seconds"]:
-            await trio.lowlevel.checkpoint()
+        with trio.fail_after(30):
+            while not rt.status()["edges"][0]["send_wait_seconds"]:
+                await trio.lowlevel.checkpoint()
         rt.stop()
 
 

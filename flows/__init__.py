@@ -40,8 +40,10 @@ from ._metrics import SlowThresholds as SlowThresholds
 from ._metrics import declared_metrics as declared_metrics
 from ._metrics import histogram_quantile as histogram_quantile
 from ._records import Batch as Batch
+from ._records import Candle as Candle
 from ._records import Gap as Gap
 from ._records import Tick as Tick
+from ._records import Trade as Trade
 from ._records import check_tick as check_tick
 from ._redact import add_secret as add_secret
 from ._redact import redact as redact

@@ -16,8 +16,10 @@ __all__ = [
     "OUTCOMES",
     "AckHook",
     "Batch",
+    "Candle",
     "Gap",
     "Tick",
+    "Trade",
     "check_tick",
     "screen",
 ]
@@ -37,6 +39,48 @@ class Tick(msgspec.Struct, frozen=True, gc=False):
     bid: float | None = None
     ask: float | None = None
     volume: float | None = None
+
+
+class Trade(msgspec.Struct, frozen=True, gc=False):
+    """One trade (a match) at an exchange.
+
+    ``ts`` is the exchange's trade time in epoch seconds; ``size`` is in the
+    base asset; ``side`` is the taker's side, ``"buy"`` or ``"sell"``
+    (``None`` when the exchange does not say). ``trade_id`` is a string
+    because exchanges send ids as numbers, strings or beyond 64 bits.
+    """
+
+    source: str
+    symbol: str
+    price: float
+    size: float
+    ts: float
+    side: str | None = None
+    trade_id: str | None = None
+
+
+class Candle(msgspec.Struct, frozen=True, gc=False):
+    """An OHLCV bar: what ``symbol`` at ``source`` did in the window
+    [``start``, ``start + width``) (epoch seconds).
+
+    ``volume`` and ``vwap`` are ``None`` for candles built from ticks (no
+    sizes); ``trades`` counts the records in the window; ``first_ts`` and
+    ``last_ts`` are the times of its first and last record.
+    """
+
+    source: str
+    symbol: str
+    start: float
+    width: float
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float | None
+    trades: int
+    vwap: float | None
+    first_ts: float
+    last_ts: float
 
 
 class Gap(msgspec.Struct, frozen=True, gc=False):

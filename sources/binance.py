@@ -19,6 +19,15 @@ IP) the source pauses to the end of the minute. A 429 carries
 ``Retry-After``; repeating past it earns a 418 ban, which is honoured the
 same way. Errors look like ``{"code": -1121, "msg": "Invalid symbol."}``.
 
+Symbols are upper case on Binance (``BTCUSDT``); the source upper-cases
+the configured ones, as the stream source does, since a lower-case symbol
+gets -1100 ("Illegal characters found in parameter 'symbols'"). An unknown
+symbol (-1121) or one with characters Binance does not allow (-1100) fails
+the whole ``symbols=[...]`` request: the source splits the request until
+the symbol is alone, then parks it (counted ``unknown_symbol``, probed
+again every ``reprobe_every`` seconds), never holding it against the
+circuit breaker.
+
 Example::
 
     from flows import ChangeDetector, Flow
@@ -141,6 +150,8 @@ class BinanceTickers(HttpSource):
             raise ValueError(f"endpoint must be 'price' or 'book', not {endpoint!r}")
         if per_request < 1:
             raise ValueError("per_request must be >= 1")
+        # Binance's symbols are upper case ("btcusdt" gets -1100, illegal characters)
+        symbols = list(dict.fromkeys(s.strip().upper() for s in symbols))
         super().__init__(symbols=symbols, name=name, **options)
         self.endpoint = endpoint
         self.per_request = per_request
@@ -165,8 +176,13 @@ class BinanceTickers(HttpSource):
             self.limiter.observe_usage(float(used), limit, trio.current_time() + to_minute_end)
 
     def check(self, response: httpx.Response, body: bytes) -> None:
-        """Binance's -1121 ("Invalid symbol.") is the symbol's fault, not the API's."""
-        if response.status_code == 400 and b"-1121" in body[:100]:
+        """Binance's -1121 ("Invalid symbol.") and -1100 for the ``symbol(s)``
+        parameter ("Illegal characters found in parameter 'symbols'") are a
+        symbol's fault, not the API's: isolated and parked, never held
+        against the circuit breaker."""
+        if response.status_code == 400 and (
+            b"-1121" in body[:100] or (b"-1100" in body[:100] and b"parameter 'symbol" in body)
+        ):
             raise HttpError(f"HTTP 400: {body[:200].decode('utf-8', 'replace')}",
                             transient=False, symbol_error=True)
         super().check(response, body)

@@ -71,11 +71,19 @@ class Request:
 
 @attrs.define
 class Parsed:
-    """What a response held: good Ticks and bad records counted by reason."""
+    """What a response held: good Ticks and bad records counted by reason.
+
+    ``unknown``: asked symbols the answer says the API does not know, for
+    APIs that leave an unknown symbol out of their answer instead of
+    failing the request (CoinGecko, CoinCap): the source parks them as it
+    parks a symbol a request failed for (an answer that holds none of
+    several asked symbols is asked again by halves first).
+    """
 
     ticks: list[Tick] = attrs.field(factory=list)
     invalid: dict[str, int] = attrs.field(factory=dict)
     details: list[str] = attrs.field(factory=list)
+    unknown: list[str] = attrs.field(factory=list)
 
     def bad(self, reason: str, detail: str = "") -> None:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
@@ -408,20 +416,26 @@ class HttpSource:
     async def _poll(self, client, request: Request, outbox: Outbox, state, on_done) -> None:
         """Fetch ``request`` and send its Ticks; an unknown symbol among
         several is isolated by splitting the request, then parked."""
-        ticks = await self._fetch(client, request, outbox, state)
-        if isinstance(ticks, HttpError):
-            if not ticks.symbol_error:
+        parsed = await self._fetch(client, request, outbox, state)
+        if isinstance(parsed, HttpError):
+            if not parsed.symbol_error:
                 self._report_gap(outbox, request.symbols, "poll_failed")
             elif len(request.symbols) > 1:
-                half = len(request.symbols) // 2
-                for part in (request.symbols[:half], request.symbols[half:]):
-                    for sub in self.plan(list(part)):
-                        await self._poll(client, sub, outbox, state, on_done)
+                await self._poll_halves(client, request, outbox, state, on_done)
             else:
-                self._park(request.symbols, ticks, outbox)
+                self._park(request.symbols, parsed, outbox)
             return
-        self._polled(request.symbols)
-        for symbol in request.symbols:
+        ticks, answered = parsed.ticks, request.symbols
+        if parsed.unknown:
+            if len(request.symbols) > 1 and set(parsed.unknown) >= set(request.symbols):
+                await self._poll_halves(client, request, outbox, state, on_done)  # none known?
+                return
+            self._park(parsed.unknown, HttpError("left out of the answer", transient=False,
+                                                 symbol_error=True), outbox)
+            answered = tuple(s for s in request.symbols if s not in set(parsed.unknown))
+        if answered:
+            self._polled(answered)
+        for symbol in answered:
             if self.parked.pop(symbol, None) is not None:
                 log.info("source %s: %s answers again; polled as usual", self.name, symbol)
         if ticks:
@@ -429,8 +443,17 @@ class HttpSource:
         if on_done is not None:
             await on_done(request)
 
+    async def _poll_halves(self, client, request: Request, outbox: Outbox, state, on_done) -> None:
+        """Poll ``request``'s symbols again in two halves (to isolate an unknown one)."""
+        half = len(request.symbols) // 2
+        for part in (request.symbols[:half], request.symbols[half:]):
+            for sub in self.plan(list(part)):
+                await self._poll(client, sub, outbox, state, on_done)
+
     def _park(self, symbols: Sequence[str], exc: HttpError, outbox: Outbox) -> None:
-        """Stop polling ``symbols`` (unknown to the API); probe them again later."""
+        """Stop polling ``symbols`` (unknown to the API); probe them again later.
+        A gap (``unknown_symbol``) covers them from their last good poll."""
+        self._report_gap(outbox, symbols, "unknown_symbol")
         outbox.metrics.discarded("unknown_symbol", max(len(symbols), 1))
         for symbol in symbols:
             if symbol not in self.parked:
@@ -457,8 +480,8 @@ class HttpSource:
 
     async def _fetch(
         self, client: httpx.AsyncClient, request: Request, outbox: Outbox, state: Any
-    ) -> list[Tick] | HttpError:
-        """One request with retries; its Ticks, or the error it failed with for good."""
+    ) -> Parsed | HttpError:
+        """One request with retries; what it held, or the error it failed with for good."""
         m = outbox.metrics
         attempt = 0
         circuit = self.circuit
@@ -511,7 +534,7 @@ class HttpSource:
                     m.discarded(reason, n)
                 for detail in parsed.details[:1]:
                     self._drops.drop("invalid", detail)
-            return parsed.ticks
+            return parsed
 
     def _circuit_moved(self, outbox: Outbox, was: str) -> None:
         """Note when the circuit opened; when it closes again, that span is a gap."""

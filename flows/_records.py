@@ -87,8 +87,10 @@ class Gap(msgspec.Struct, frozen=True, gc=False):
     """Where a feed was incomplete: ``source`` had no data for ``symbols``
     (``None``: all of them) from ``start`` to ``end`` (epoch seconds), for
     ``reason`` (a small fixed word: ``closed``, ``error``, ``silent``,
-    ``timeout``, ``server`` for a lost connection, ``sequence`` for lost
-    updates, ``poll_failed``, ``circuit_open``)."""
+    ``timeout``, ``server``, ``server_shutdown`` for a lost or replaced
+    connection, ``sequence`` for lost updates, ``poll_failed``,
+    ``circuit_open``, ``unknown_symbol`` for a symbol the API no longer
+    knows)."""
 
     source: str
     symbols: tuple[str, ...] | None

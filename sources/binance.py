@@ -57,6 +57,12 @@ message is ``{"stream": "btcusdt@trade", "data": {...}}`` with ``data``:
   "o","h","l","v":base volume,"q":quote volume}``, once a second. Tick: the
   close (last) price, ``ts`` the event time, ``volume`` the 24 h base volume.
 
+``{"e": "serverShutdown", "E": ms}`` (bare, or as a combined message's
+``data``) announces that the server is about to go down (Binance sends it
+minutes before it drops its connections): the source closes that
+connection and opens a new one at once, without backoff (reconnect reason
+``server_shutdown``; the short break is a ``Gap`` with that reason).
+
 Subscribing: in the URL (``subscribe="url"``, the default) or with
 ``{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`` messages
 after connecting to ``/stream`` (``subscribe="message"``; answered
@@ -270,13 +276,16 @@ _T = TypeVar("_T")
 
 
 class BinanceCombined(msgspec.Struct, Generic[_T], frozen=True):
-    """A combined-stream message, or the answer to a request (``result``/``error``)."""
+    """A combined-stream message, the answer to a request (``result``/``error``),
+    or a bare event (``e``: ``serverShutdown``)."""
 
     stream: str = ""
     data: _T | None = None
     result: Any = None
     id: int | None = None
     error: BinanceError | None = None
+    e: str = ""  # a bare event's type
+    event: Any = None  # the websocket API's form: {"event": {"e": "serverShutdown", ...}}
 
 
 _CHANNELS = {
@@ -376,12 +385,21 @@ class BinanceStream(WebSocketSource):
         return out
 
     def parse_into(self, message: str | bytes, out: StreamParsed) -> None:
-        envelope = self._decode(message)
+        try:
+            envelope = self._decode(message)
+        except msgspec.ValidationError:
+            if _is_shutdown(message):  # {"stream": ..., "data": {"e": "serverShutdown"}}
+                self._shutdown(out)
+                return
+            raise
         d = envelope.data
         if d is None:
             if envelope.error is not None:
                 _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
                                     envelope.id, envelope.error.msg, envelope.error.code)
+            elif envelope.e == _SHUTDOWN or (
+                    isinstance(envelope.event, dict) and envelope.event.get("e") == _SHUTDOWN):
+                self._shutdown(out)
             return
         if isinstance(d, BinanceBookTicker):
             bid, ask = parse_price(d.b), parse_price(d.a)
@@ -396,3 +414,18 @@ class BinanceStream(WebSocketSource):
         else:
             out.ticks.append(Tick(self.name, d.s, parse_price(d.c), d.E / 1000,
                                   volume=parse_optional_float(d.v)))
+
+    def _shutdown(self, out: StreamParsed) -> None:
+        """Binance announced that the server goes down: replace the connection now."""
+        _stream_log.warning("source %s: Binance announced a server shutdown; "
+                            "opening a new connection at once", self.name)
+        out.reconnect = True
+
+
+_SHUTDOWN = "serverShutdown"
+
+
+def _is_shutdown(message: str | bytes) -> bool:
+    if isinstance(message, str):
+        return f'"{_SHUTDOWN}"' in message
+    return f'"{_SHUTDOWN}"'.encode() in message

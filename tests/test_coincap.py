@@ -93,9 +93,9 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator):
     served = emulator.last_served("coincap")
     spoiled = {s for s, q in served.items() if q.fault is not None}
     invalid = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="invalid")
-    missing = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="missing")
+    unknown = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="unknown_symbol")
     assert spoiled and invalid == len(spoiled)  # field missing, "abc", "-1", "NaN"
-    assert missing == 1  # the unknown id: left out of the answer
+    assert unknown == 1 and source.parked.keys() == {ids[-1]}  # left out of the answer: parked
     assert {t.symbol for t in sink.records} == set(ids[:30]) - spoiled  # the rest is used
     for t in sink.records:
         assert t.price == float(served[t.symbol].price)

@@ -45,7 +45,8 @@ async def test_all_tickers_in_one_request_kept_to_the_asked_ones(emulator):
         _same_as_served(t, served[t.symbol])
         assert t.source == "okx"
     assert_component_metrics(registry, "okx", "okx", "source")
-    assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="missing") == 1
+    assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="unknown_symbol") == 1
+    assert source.parked.keys() == {"NOPE-USDT"}  # left out of the listing: unknown, parked
     assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="invalid") == 0
     assert emulator.stats["okx"]["tickers"]["requests"] == 1
     assert sample(registry, "flows_source_request_seconds_count", "okx", "okx", endpoint="tickers") == 1

@@ -110,17 +110,17 @@ from flows import (
 __all__ = ["BinanceStream", "BinanceTickers"]
 
 
-class _Price(msgspec.Struct):
+class _Price(msgspec.Struct):  # decimal strings, as Binance sends them; numbers taken too
     symbol: str
-    price: str | None = None
+    price: str | float | None = None
 
 
 class _Book(msgspec.Struct):
     symbol: str
-    bidPrice: str | None = None
-    askPrice: str | None = None
-    bidQty: str | None = None
-    askQty: str | None = None
+    bidPrice: str | float | None = None
+    askPrice: str | float | None = None
+    bidQty: str | float | None = None
+    askQty: str | float | None = None
 
 
 _decode_prices = msgspec.json.Decoder(list[_Price] | _Price)

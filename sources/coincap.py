@@ -75,7 +75,7 @@ class _Asset(msgspec.Struct):
 
 class _Assets(msgspec.Struct):
     data: list[_Asset]
-    timestamp: int | float | None = None
+    timestamp: int | float | str | None = None
 
 
 _decode = msgspec.json.Decoder(_Assets)
@@ -149,7 +149,8 @@ class CoinCapPrices(HttpSource):
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         answer = _decode.decode(body)
-        ts = answer.timestamp / 1000 if answer.timestamp and answer.timestamp > 0 else time.time()
+        stamp = parse_optional_float(answer.timestamp)  # ms; a number, or a numeric string
+        ts = stamp / 1000 if stamp and stamp > 0 else time.time()
         out = Parsed()
         wanted = set(request.symbols)
         seen = set()

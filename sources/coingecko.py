@@ -67,14 +67,20 @@ _KEY_HEADERS = {"demo": "x-cg-demo-api-key", "pro": "x-cg-pro-api-key"}
 
 
 def _number(value: Any) -> float:
-    """A positive finite price from a JSON number (CoinGecko never sends strings)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A positive finite price from a JSON number (what CoinGecko sends) or a
+    numeric string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"price {value!r} is not a number")
     return parse_price(value)
 
 
 def _epoch(value: Any) -> float | None:
     """``last_updated_at`` as epoch seconds, or None when absent or unusable."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) and value > 0 else None

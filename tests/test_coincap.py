@@ -140,3 +140,15 @@ async def test_a_429_without_retry_after_pauses_a_window(emulator, autojump_cloc
     stats = emulator.stats["coincap"]["assets"]
     assert stats["refused"] == 2 and stats["requests"] == 14  # no hammering through the backoff
     assert trio.current_time() >= 120.0
+
+
+async def test_numbers_sent_as_json_numbers_are_taken(emulator):
+    emulator.set_faults(exchange="coincap", string_numbers_rate=1.0)
+    ids = emulator.symbols("coincap")[:5]
+    sink = ListSink()
+    source = CoinCapPrices(symbols=ids, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("num", sources=[source], sinks=[sink]))
+    assert emulator.stats["coincap"]["assets"]["faults"]["string_numbers"] == 1
+    served = emulator.last_served("coincap")
+    assert {t.symbol: t.price for t in sink.records} == {i: float(served[i].price) for i in ids}
+    assert sample(registry, "flows_records_discarded_total", "num", "coincap", reason="invalid") == 0

@@ -166,3 +166,17 @@ async def test_error_codes(nursery, autojump_clock, status, code, retried, pause
         assert sink.records == []
         reason = "unknown_symbol" if code == "51001" else "request_failed"
         assert sample(registry, "flows_records_discarded_total", "codes", "okx", reason=reason) == 1
+
+
+async def test_numbers_sent_as_json_numbers_are_taken(emulator):
+    emulator.set_faults(exchange="okx", string_numbers_rate=1.0)
+    inst_ids = emulator.symbols("okx")[:10]
+    sink = ListSink()
+    source = OKXTickers(symbols=inst_ids, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("num", sources=[source], sinks=[sink]))
+    assert emulator.stats["okx"]["tickers"]["faults"]["string_numbers"] == 1
+    served = emulator.last_served("okx")
+    assert sorted(t.symbol for t in sink.records) == sorted(inst_ids)
+    for t in sink.records:
+        _same_as_served(t, served[t.symbol])
+    assert sample(registry, "flows_records_discarded_total", "num", "okx", reason="invalid") == 0

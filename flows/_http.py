@@ -433,11 +433,14 @@ class HttpSource:
             self._park(parsed.unknown, HttpError("left out of the answer", transient=False,
                                                  symbol_error=True), outbox)
             answered = tuple(s for s in request.symbols if s not in set(parsed.unknown))
+        back = [s for s in answered if s in self.parked]
+        if back:  # the time they were parked is a gap
+            self._report_gap(outbox, back, "unknown_symbol")
         if answered:
             self._polled(answered)
-        for symbol in answered:
-            if self.parked.pop(symbol, None) is not None:
-                log.info("source %s: %s answers again; polled as usual", self.name, symbol)
+        for symbol in back:
+            del self.parked[symbol]
+            log.info("source %s: %s answers again; polled as usual", self.name, symbol)
         if ticks:
             await outbox.send(Batch(ticks))
         if on_done is not None:
@@ -469,9 +472,11 @@ class HttpSource:
         else:
             self._polled_all = now
 
-    def _report_gap(self, outbox: Outbox, symbols: Sequence[str], reason: str) -> None:
-        """A gap from the last good poll of ``symbols`` (all: empty) to now."""
-        now = self._wall.now()
+    def _report_gap(self, outbox: Outbox, symbols: Sequence[str], reason: str,
+                    ahead: float = 0.0) -> None:
+        """A gap from the last good poll of ``symbols`` (all: empty) to now
+        (plus ``ahead`` seconds: a pause that starts now)."""
+        now = self._wall.now() + ahead
         if symbols:
             since = min((self._polled_at.get(s, self._started) for s in symbols), default=now)
         else:
@@ -511,6 +516,7 @@ class HttpSource:
                 m.error("http" if exc.transient else "http_permanent")
                 if exc.retry_after is not None:
                     self.limiter.pause_until(trio.current_time() + exc.retry_after)
+                    self._report_gap(outbox, request.symbols, "rate_limited", exc.retry_after)
                 if exc.symbol_error:
                     return exc  # not a failure of the API: the caller isolates the symbol
                 if not exc.transient or attempt >= self.retries:

@@ -203,6 +203,7 @@ async def test_an_id_left_out_of_the_answer_is_parked_and_probed_again_slowly(em
     assert sample(registry, "flows_records_discarded_total", "cg", "coingecko", reason="missing") == 0
     unknown = [g for g in gaps.records if g.reason == "unknown_symbol"]
     assert unknown and all(g.symbols == (ids[3],) for g in unknown)
+    assert unknown[-1].end - unknown[-1].start >= 30  # the parked time, once it answers again
 
 
 async def test_an_answer_without_any_of_several_ids_is_asked_again_by_halves(nursery, autojump_clock):

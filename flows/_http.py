@@ -46,6 +46,7 @@ import trio
 from ._actors import RunContext
 from ._channels import Outbox
 from ._checkpoint import write_atomic
+from ._freshness import stale_after_for
 from ._gaps import WallClock
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
@@ -287,6 +288,7 @@ class HttpSource:
         self._polled_at: dict[str, float] = {}  # symbol -> epoch time of its last good poll
         self._polled_all: float | None = None  # of the last good all-symbols poll
         self._wall: WallClock | None = None  # set per run
+        self._stale_after = math.inf  # the runtime's stale_after for this source, set per run
         self._started = time.time()
         self._opened_wall: float | None = None  # when the circuit opened, epoch seconds
         self.metrics: ComponentMetrics | None = None
@@ -341,6 +343,7 @@ class HttpSource:
         m = outbox.metrics
         self._wall = WallClock()
         self._started = self._wall.now()
+        self._stale_after = stale_after_for(self)
         self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(RETRIES)  # export the series from the start
@@ -436,6 +439,9 @@ class HttpSource:
         back = [s for s in answered if s in self.parked]
         if back:  # the time they were parked is a gap
             self._report_gap(outbox, back, "unknown_symbol")
+        late = self._stale([s for s in answered if s not in self.parked])
+        if late:  # silent past stale_after (retries, waits): the whole silence is a gap
+            self._report_gap(outbox, late, "stale")
         if answered:
             self._polled(answered)
         for symbol in back:
@@ -464,6 +470,12 @@ class HttpSource:
                             "every %gs", self.name, symbol, exc, self.reprobe_every,
                             extra={"stage": self.name, "reason": "unknown_symbol"})
             self.parked[symbol] = trio.current_time() + self.reprobe_every
+
+    def _stale(self, symbols: Sequence[str]) -> list[str]:
+        """Those of ``symbols`` whose last good poll is older than ``stale_after``."""
+        cutoff = self._wall.now() - self._stale_after
+        polled = self._polled_at
+        return [s for s in symbols if polled.get(s, self._started) < cutoff]
 
     def _polled(self, symbols: Sequence[str]) -> None:
         now = self._wall.now()

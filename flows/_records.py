@@ -89,7 +89,8 @@ class Gap(msgspec.Struct, frozen=True, gc=False):
     ``reason`` (a small fixed word: ``closed``, ``error``, ``silent``,
     ``timeout``, ``server``, ``server_shutdown`` for a lost or replaced
     connection, ``sequence`` for lost updates, ``poll_failed``,
-    ``rate_limited`` (a poll refused, to the end of the pause),
+    ``rate_limited`` (a poll refused, to the end of the pause), ``stale``
+    (a symbol polled again after more than ``stale_after`` without data),
     ``circuit_open``, ``unknown_symbol`` for a symbol the API no longer
     knows)."""
 

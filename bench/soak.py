@@ -68,14 +68,14 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime  # noqa: E402
-from flows.testing.emulator import Emulator  # noqa: E402
-from sources.binance import BinanceStream, BinanceTickers  # noqa: E402
-from sources.coinbase import CoinbaseStream, CoinbaseTickers  # noqa: E402
-from sources.coincap import CoinCapPrices  # noqa: E402
-from sources.coingecko import CoinGeckoPrices  # noqa: E402
-from sources.kraken import KrakenStream, KrakenTickers  # noqa: E402
-from sources.okx import OKXTickers  # noqa: E402
+from flows import CircuitBreaker, Flow, RateLimit, Runtime
+from flows.testing.emulator import Emulator
+from sources.binance import BinanceStream, BinanceTickers
+from sources.coinbase import CoinbaseStream, CoinbaseTickers
+from sources.coincap import CoinCapPrices
+from sources.coingecko import CoinGeckoPrices
+from sources.kraken import KrakenStream, KrakenTickers
+from sources.okx import OKXTickers
 
 SYMBOLS = 6
 HTTP_EXCHANGES = ("binance", "coinbase", "kraken", "coingecko", "coincap", "okx")
@@ -133,7 +133,7 @@ class GapKeeper:
 
 
 def http_sources(emulator: Emulator, url: str) -> list[Any]:
-    common = dict(base_url=url, read_timeout=3.0, connect_timeout=2.0, reprobe_every=15.0)
+    common = {"base_url": url, "read_timeout": 3.0, "connect_timeout": 2.0, "reprobe_every": 15.0}
 
     def breaker() -> TracedBreaker:
         return TracedBreaker(failures=5, reset_after=5.0)
@@ -156,7 +156,7 @@ def http_sources(emulator: Emulator, url: str) -> list[Any]:
 
 def stream_sources(emulator: Emulator, url: str) -> list[Any]:
     ws = url.replace("http://", "ws://")
-    common = dict(silence_timeout=5.0)
+    common = {"silence_timeout": 5.0}
     return [
         BinanceStream(symbols=emulator.symbols("binance")[:SYMBOLS], channel="bookTicker",
                       base_url=ws, **common),
@@ -211,7 +211,7 @@ def watch_retry_after(emulator: Emulator) -> list[tuple[str, float, str]]:
     events: list[Any] = []
     original = emulator._answer
 
-    async def answer(api, endpoint, params, request, receive, send):  # noqa: ANN001
+    async def answer(api, endpoint, params, request, receive, send):
         arrived = trio.current_time()
         seen: dict[str, Any] = {}
 
@@ -296,7 +296,7 @@ async def soak(args: argparse.Namespace) -> int:
 
 
 def report(args, sources, tracker, gap_keeper, registry, emulator, events, log_counts,
-           started, fault_end, ended, wall_offset) -> int:  # noqa: ANN001
+           started, fault_end, ended, wall_offset) -> int:
     stale_after = args.stale_after
     print(f"soak: {args.seconds:g} s ({args.seconds * args.fault_share:g} s of faults, then "
           f"quiet), stale_after {stale_after:g} s, seed {args.seed}, {len(sources)} sources "

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator, WeightLimit
 from sources.binance import BinanceTickers
@@ -88,7 +88,7 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:15]
     # the source believes the limit is far higher: the 429 must teach it
     source = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=1, once=True,
-                            limits=[RateLimit(10_000, 60.0)], retries=5, backoff=0.01)
+                            limits=[RateLimit(10_000, 60.0)], retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert len(sink.records) == 15  # everything arrived, after waiting
@@ -102,7 +102,7 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
 async def test_5xx_burst_opens_the_circuit_and_half_open_recovers(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:4]
     source = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=4, every=1.0,
-                            retries=0, circuit=CircuitBreaker(failures=3, reset_after=10.0))
+                            retry=Retry(attempts=1), circuit=CircuitBreaker(failures=3, reset_after=10.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("cb", sources=[source], sinks=[ListSink()]), registry=registry,
                  metrics_addr=None)
@@ -126,7 +126,7 @@ async def test_5xx_burst_opens_the_circuit_and_half_open_recovers(emulator, auto
 async def test_fallback_switches_to_the_backup_and_back(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:4]
     primary = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=4, every=1.0,
-                             retries=0, circuit=CircuitBreaker(failures=2, reset_after=5.0))
+                             retry=Retry(attempts=1), circuit=CircuitBreaker(failures=2, reset_after=5.0))
     backup = BinanceTickers(symbols=symbols, base_url=emulator.url + "/", per_request=4,
                             every=1.0, standby_for=primary, name="backup")
     sink = ListSink()

@@ -19,7 +19,7 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS, Edge, RateLimit
+from flows import RECONNECT_REASONS, Edge, RateLimit, Retry
 from flows._websocket import ConnectionClosed, ConnectionRejected, open_ws
 from flows.testing import (
     GatedSink,
@@ -186,8 +186,8 @@ async def test_conflation_under_a_blocked_sink_keeps_the_latest_price(start, aut
 async def test_refused_streams_are_errors_and_the_source_reports_disconnected(start,
                                                                               autojump_clock):
     emulator, url = await start()
-    source = BinanceStream(symbols=["NOSUCHUSDT"], base_url=url, down_after=2.0, backoff=0.5,
-                           max_backoff=1.0)
+    source = BinanceStream(symbols=["NOSUCHUSDT"], base_url=url, down_after=2.0,
+                           retry=Retry(backoff=0.5, max_backoff=1.0))
     async with running(source) as (rt, _, registry):
         await until(lambda: reconnects(registry)["error"] >= 2, poll=0.5)
         await trio.sleep(2)

@@ -20,7 +20,7 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS, Edge, RateLimit
+from flows import RECONNECT_REASONS, Edge, RateLimit, Retry
 from flows._websocket import ConnectionClosed, open_ws
 from flows.testing import (
     GatedSink,
@@ -111,7 +111,7 @@ async def test_an_unknown_product_is_left_out_of_the_next_connection(start, auto
     emulator, url = await start()
     products = emulator.symbols("coinbase")[:3]
     source = CoinbaseStream(symbols=[*products, "NOPE-USD"], base_url=url, heartbeat=False,
-                            backoff=0.2)
+                            retry=Retry(backoff=0.2))
     async with running(source) as (_, sink, registry):
         await until(lambda: {t.symbol for t in sink.records} == set(products))
     assert source.unknown == {"NOPE-USD"}

@@ -11,7 +11,7 @@ import trio
 from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, HttpError, RateLimit, Request, Runtime
+from flows import CircuitBreaker, Flow, HttpError, RateLimit, Request, Retry, Runtime
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator
 from sources.kraken import KrakenTickers
@@ -96,7 +96,7 @@ async def test_malformed_and_truncated_bodies_are_dropped_and_the_flow_recovers(
 ):
     symbols = altnames(emulator, 6)
     sink = ListSink()
-    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=1,
+    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0, retry=Retry(attempts=2),
                            per_request=3, circuit=CircuitBreaker(failures=1000))
     registry = CollectorRegistry()
     emulator.set_faults(exchange="kraken", malformed_rate=0.5, truncated_rate=1.0)
@@ -164,7 +164,7 @@ async def test_too_many_requests_pauses_the_limiter_and_retries(emulator, autoju
     symbols = altnames(emulator, 6)
     # the source believes the limit is far higher: Kraken's HTTP-200 error must slow it down
     source = KrakenTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=1,
-                           limits=[RateLimit(100, 1.0)], retries=5, backoff=0.01,
+                           limits=[RateLimit(100, 1.0)], retry=Retry(attempts=6, backoff=0.01),
                            rate_limit_pause=3.0)
     sink = ListSink()
     _, registry = await run_briefly(Flow("tmr", sources=[source], sinks=[sink]))
@@ -178,8 +178,8 @@ async def test_too_many_requests_pauses_the_limiter_and_retries(emulator, autoju
 
 async def test_service_unavailable_is_transient_and_opens_the_circuit(emulator, autojump_clock):
     symbols = altnames(emulator, 4)
-    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=1,
-                           backoff=0.01, circuit=CircuitBreaker(failures=3, reset_after=10.0))
+    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0,
+                           retry=Retry(attempts=2, backoff=0.01), circuit=CircuitBreaker(failures=3, reset_after=10.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("svc", sources=[source], sinks=[ListSink()]), registry=registry,
                  metrics_addr=None)

@@ -21,7 +21,7 @@ from _streams import (
 )
 from _streams import until as _until
 
-from flows import RECONNECT_REASONS
+from flows import RECONNECT_REASONS, Retry
 from flows._websocket import ConnectionClosed, open_ws
 from flows.testing import assert_component_metrics, sample
 from sources.kraken import KrakenStream, v2_symbol
@@ -102,7 +102,7 @@ async def test_heartbeats_and_pings_keep_a_quiet_connection(start, autojump_cloc
     assert messages >= stats["heartbeats"] + len(sink.records) + 3 + 1  # pongs, status
     # without pings, the server closes the connection after a minute of silence
     emulator.reset_stats()
-    source = KrakenStream(symbols=symbols, base_url=url, heartbeat_interval=0, backoff=0.1)
+    source = KrakenStream(symbols=symbols, base_url=url, heartbeat_interval=0, retry=Retry(backoff=0.1))
     started = trio.current_time()
     async with running(source) as (_, sink, registry):
         await until(lambda: ws_stats(emulator)["connections"] == 2)

@@ -376,6 +376,11 @@ class WebSocketSource:
                     nursery.start_soon(self._snapshots, outbox)
                 for shard in self.shards:
                     nursery.start_soon(self._keep_connected, shard, outbox)
+        except BaseExceptionGroup as group:
+            gave_up, _ = group.split(ReconnectsExhausted)
+            if gave_up is None:
+                raise
+            raise _first(gave_up) from None  # the reason, not "Exceptions from Trio nursery"
         finally:
             self._running = False
             for shard in self.shards:
@@ -396,7 +401,7 @@ class WebSocketSource:
                 delays = self.retry.delays()  # it worked: a new run of tries
             delay = next(delays, None)
             if delay is None:
-                raise ConnectionError(
+                raise ReconnectsExhausted(
                     f"source {self.name}: connection {shard.index} {_REASON_TEXT[reason]}; "
                     f"giving up: {self.retry.attempts} attempts in a row without data ({self.retry})"
                 )
@@ -621,6 +626,17 @@ def _close_reason(closed: ConnectionClosed) -> str:
     if closed.local:
         return "error"
     return "closed" if closed.code == 1006 else "server"
+
+
+class ReconnectsExhausted(ConnectionError):
+    """A finite ``retry`` policy ran out of connection attempts."""
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 _REASON_TEXT = {

@@ -99,7 +99,16 @@ import msgspec
 import redis
 import trio
 
-from flows import Batch, ComponentMetrics, DropLog, Outbox, Retry, Tick, check_tick, redact
+from flows import (
+    Batch,
+    ComponentMetrics,
+    DropLog,
+    Outbox,
+    Retry,
+    Tick,
+    check_tick,
+    redact,
+)
 from sinks.redis import FIELD, no_retry
 
 __all__ = ["RedisStreamSource"]

@@ -13,7 +13,14 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from flows import CircuitBreaker, Flow, FlowFailed, Retry, Runtime, Supervision, Tick
-from flows.testing import ListSink, ListSource, run_briefly, running_source, sample, wait_until
+from flows.testing import (
+    ListSink,
+    ListSource,
+    run_briefly,
+    running_source,
+    sample,
+    wait_until,
+)
 from flows.testing.emulator import Emulator
 from sinks.sqlite import SQLiteSink
 from sources.binance import BinanceStream, BinanceTickers
@@ -110,7 +117,6 @@ async def test_an_http_source_gives_up_after_the_policys_attempts(emulator, auto
     source = TimedTickers(symbols=symbols, base_url=emulator.url, per_request=3, every=1000.0,
                           retry=policy, circuit=CircuitBreaker(failures=100))
     emulator.set_faults(exchange="binance", error_rate=1.0)
-    registry = CollectorRegistry()
     async with running_source(source, flow="rt") as (_, _, registry):
         await wait_until(lambda: sample(registry, "flows_records_discarded_total", "rt", "binance",
                                         reason="request_failed") == 3,
@@ -150,11 +156,11 @@ async def test_a_connection_that_delivered_starts_a_new_run_of_tries(emulator, a
     ):
         for drop in range(1, 5):
             seen = len(sink.records)
-            await wait_until(lambda: len(sink.records) > seen, timeout=60,
+            await wait_until(lambda seen=seen: len(sink.records) > seen, timeout=60,
                              what=f"records on connection {drop}")
             assert emulator.ws.disconnect(how="close") == 1
-            await wait_until(lambda: sample(registry, "flows_source_reconnects_total", "ws",
-                                            "binance_stream", reason="server") == drop,
+            await wait_until(lambda drop=drop: sample(registry, "flows_source_reconnects_total", "ws",
+                                                      "binance_stream", reason="server") == drop,
                              timeout=60, what=f"reconnect {drop} counted")
         await wait_until(lambda: len(emulator.ws.connections) == 1, timeout=60,
                          what="the fifth connection")
@@ -179,3 +185,45 @@ async def test_a_sink_gives_up_after_the_policys_attempts(tmp_path):
     assert sample(registry, "flows_sink_retries_total", "locked", "sqlite") == 2
     assert sample(registry, "flows_records_discarded_total", "locked", "sqlite",
                   reason="write_failed") == 10
+
+
+async def test_the_redis_source_gives_up_after_the_policys_attempts(caplog):
+    redis = pytest.importorskip("redis", reason="redis-py is not installed")
+    from flows.testing.redis import RedisServer, redis_server_path
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed")
+    import msgspec
+
+    from sinks.redis import FIELD
+    from sources.redis import RedisStreamSource
+
+    server = RedisServer().start()  # real time: the source's calls run in threads
+    try:
+        with redis.Redis.from_url(server.url, protocol=2) as client:
+            for i in range(5):
+                client.xadd("s", {FIELD: msgspec.json.encode(Tick("t", f"S{i}", 1.0, 1.7e9 + i))})
+        source = RedisStreamSource(server.url, stream="s", claim_idle=None, block=0.1, ack_linger=1.0,
+                                   retry=Retry(attempts=3, backoff=0.01, max_backoff=0.02))
+        sink, registry, failed = ListSink(), CollectorRegistry(), []
+        flow = Flow("rd", sources=[source], sinks=[sink], supervision=Supervision(max_restarts=0))
+
+        async def run() -> None:
+            try:
+                await Runtime(flow, registry=registry, metrics_addr=None).run()
+            except FlowFailed as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await wait_until(lambda: len(sink.records) == 5, timeout=10, what="the 5 entries read")
+            assert await source.wait_acked(5.0)
+            await trio.to_thread.run_sync(server.stop)  # Redis goes away for good
+            await wait_until(lambda: failed, timeout=10, what="the source to give up")
+    finally:
+        server.stop()
+    assert "ConnectionError" in str(failed[0])
+    errors = sum(sample(registry, "flows_errors_total", "rd", "redis", error_type=kind)
+                 for kind in ("ConnectionError", "TimeoutError"))
+    assert errors == 3 + 1  # the policy's 3 tries, and the crash the runtime counts
+    retried = [r for r in caplog.records if "redis call failed" in r.getMessage()]
+    assert len(retried) == 2

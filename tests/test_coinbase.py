@@ -10,7 +10,13 @@ from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
 from flows import CircuitBreaker, Flow, RateLimit, Request, Retry, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator
 from sources.coinbase import CoinbaseTickers
 
@@ -148,13 +154,15 @@ async def test_5xx_burst_opens_the_circuit(emulator, autojump_clock):
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         emulator.set_faults(exchange="coinbase", error_rate=1.0)
-        while source.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to open"):
+            while source.circuit.state != "open":
+                await trio.sleep(0.5)
         assert sample(registry, "flows_source_circuit_state", "cb5", "coinbase") == 2
         assert "source coinbase: circuit open" in rt.ready()[1]
         emulator.clear_faults()
-        while source.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to close again"):
+            while source.circuit.state != "closed":
+                await trio.sleep(0.5)
         assert rt.ready()[0]
         rt.stop()
 

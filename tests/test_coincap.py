@@ -12,7 +12,13 @@ from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 from prometheus_client import CollectorRegistry
 
 from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coincap import CoinCapPrices
 
@@ -119,8 +125,9 @@ async def test_the_limiter_keeps_under_the_limit_with_no_429(emulator, autojump_
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 4:
-            await trio.sleep(0.5)
+        with deadline(600, "4 poll cycles"):
+            while source.cycles < 4:
+                await trio.sleep(0.5)
         rt.stop()
     stats = emulator.stats["coincap"]["assets"]
     assert stats["refused"] == 0 and stats["requests"] >= 40

@@ -14,7 +14,13 @@ from _http_sources import (
 from prometheus_client import CollectorRegistry
 
 from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coingecko import CoinGeckoPrices
 
@@ -31,8 +37,9 @@ async def _run_cycles(source: CoinGeckoPrices, sink: ListSink, cycles: int) -> C
     rt = Runtime(Flow("cg", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < cycles:
-            await trio.sleep(0.5)
+        with deadline(600, "the poll cycles"):
+            while source.cycles < cycles:
+                await trio.sleep(0.5)
         rt.stop()
     return registry
 

@@ -12,7 +12,13 @@ from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
 from flows import CircuitBreaker, Flow, HttpError, RateLimit, Request, Retry, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator
 from sources.kraken import KrakenTickers
 
@@ -188,16 +194,18 @@ async def test_service_unavailable_is_transient_and_opens_the_circuit(emulator, 
         # Kraken's own 503 shape: HTTP 200 {"error":["EService:Unavailable"]}
         emulator.set_faults(exchange="kraken", error_rate=1.0, error_statuses=(503,),
                             html_error_share=0.0)
-        while source.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to open"):
+            while source.circuit.state != "open":
+                await trio.sleep(0.5)
         assert emulator.stats["kraken"]["Ticker"]["status"].get("503", 0) == 0  # all HTTP 200
         assert sample(registry, "flows_source_retries_total", "svc", "kraken") >= 1  # transient
         assert sample(registry, "flows_errors_total", "svc", "kraken", error_type="http_permanent") == 0
         assert sample(registry, "flows_source_circuit_state", "svc", "kraken") == 2
         assert "source kraken: circuit open" in rt.ready()[1]
         emulator.clear_faults()
-        while source.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to close again"):
+            while source.circuit.state != "closed":
+                await trio.sleep(0.5)
         assert rt.ready()[0]
         rt.stop()
 

@@ -14,7 +14,13 @@ from _http_sources import (
 from prometheus_client import CollectorRegistry
 
 from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.okx import OKXTickers
 
@@ -102,8 +108,9 @@ async def test_the_limiter_keeps_under_20_per_2_seconds_with_no_429(emulator, au
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 5:
-            await trio.sleep(0.5)
+        with deadline(120, "5 poll cycles"):
+            while source.cycles < 5:
+                await trio.sleep(0.5)
         rt.stop()
     stats = emulator.stats["okx"]["ticker"]
     assert stats["refused"] == 0 and stats["requests"] >= 50

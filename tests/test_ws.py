@@ -107,7 +107,7 @@ class Fake:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, ws, conn)
-                while True:
+                while True:  # not a wait: the fake server feeds its client until it goes
                     await trio.sleep(self.every)
                     if conn["mode"] == "silent":
                         continue

@@ -44,8 +44,9 @@ connection:
    closes or fails, it reconnects after the wait the ``retry`` policy gives
    (``flows.Retry``; its run of tries starts over after a connection that
    delivered data) and subscribes the same symbols again; once a finite
-   policy's ``attempts`` connections in a row delivered nothing, the source
-   raises (the supervisor restarts it, within its restart budget).
+   policy's ``attempts`` connections have ended since the last one that
+   delivered data (that one included), the source raises (the supervisor
+   restarts it, within its restart budget).
    Reconnects are counted by reason: ``closed`` (the connection dropped with
    no close frame: 1006), ``server`` (the server closed it with a close
    frame, e.g. Binance's 24-hour limit), ``silent`` (no message within
@@ -403,7 +404,7 @@ class WebSocketSource:
             if delay is None:
                 raise ReconnectsExhausted(
                     f"source {self.name}: connection {shard.index} {_REASON_TEXT[reason]}; "
-                    f"giving up: {self.retry.attempts} attempts in a row without data ({self.retry})"
+                    f"giving up after {self.retry.attempts} connections without data ({self.retry!r})"
                 )
             log.info("source %s: connection %d %s; reconnecting in %.2fs",
                      self.name, shard.index, _REASON_TEXT[reason], delay,

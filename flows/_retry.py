@@ -55,11 +55,6 @@ class Retry:
                 f"Retry: max_backoff ({self.max_backoff}) must be >= backoff ({self.backoff})"
             )
 
-    @property
-    def retries(self) -> int | None:
-        """Retries after the first try (``None``: forever)."""
-        return None if self.attempts is None else self.attempts - 1
-
     def cap(self, n: int) -> float:
         """The longest wait before retry ``n`` (from 0): ``min(max_backoff, backoff * 2**n)``."""
         return min(self.max_backoff, self.backoff * 2.0 ** min(n, _MAX_EXPONENT))

@@ -59,6 +59,16 @@ closed (1008, counted ``refused``)::
     <- {"type":"heartbeat","sequence":37475248783,"last_trade_id":86326522,
         "product_id":"BTC-USD","time":"2024-03-25T08:45:00.123456Z"}   (1/s per product)
 
+Channel ``matches`` (every trade): on subscribing, each product's
+``last_match`` (the latest trade), then one ``match`` per event::
+
+    <- {"type":"match","trade_id":86326522,"maker_order_id":"...","taker_order_id":"...",
+        "side":"sell","size":"0.01234567","price":"67187.33","product_id":"BTC-USD",
+        "sequence":37475248784,"time":"2024-03-25T08:45:00.123456Z"}
+
+(``side`` is the maker's; ``trade_id`` goes up by one per match of a
+product, by 2-5 on a ``gap_rate`` fault.)
+
 ``sequence`` goes up by one per ticker event of a product (the real feed's
 sequence counts every message of the product on every channel, so there a
 ticker's sequence jumps); a heartbeat repeats the product's current one.
@@ -86,6 +96,16 @@ connecting the server sends ``{"channel":"status","type":"update","data":
     <- {"channel":"heartbeat"}    (each second without other updates, once subscribed)
     -> {"method":"ping","req_id":7}
     <- {"method":"pong","req_id":7,"time_in":"...","time_out":"..."}
+
+Channel ``trade`` (``{"channel":"trade","symbol":[...]}`` in ``params``;
+its snapshot is the pair's latest trade)::
+
+    <- {"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy",
+        "price":67187.3,"qty":0.0123,"ord_type":"market","trade_id":4665906,
+        "timestamp":"2024-03-25T08:45:00.123456Z"}]}
+
+(``side`` is the taker's; ``trade_id`` goes up by one per trade of a pair,
+by 2-5 on a ``gap_rate`` fault.)
 
 Numbers, not strings. ``snapshot: false`` in ``params`` skips the snapshot.
 Errors: ``{"error":"Currency pair not supported FOO/USD","method":"subscribe",
@@ -118,7 +138,9 @@ drawn per frame sent (events and heartbeats; not answers to requests):
 ``malformed_rate``, ``gap_rate`` (per event: Binance's ``t``/``u`` and
 Coinbase's ``sequence`` jump by 2-5; Kraken's v2 ticker carries no id, so
 there the event is not sent at all: a loss no client can see),
-``abrupt_close_rate``, ``stall_rate``, ``close_rate``. One-shot actions on
+``abrupt_close_rate``, ``stall_rate``, ``close_rate``. ``feed.trade_id_offset``
+(default 0) is added to every trade id a feed sends: set it past ``2**64``
+to serve ids beyond 64 bits. One-shot actions on
 every open connection of a feed: ``feed.disconnect(how="abrupt"|"close"|
 "stall", code=1001)`` (``emulator.ws`` is Binance's feed,
 ``emulator.feeds["coinbase"]`` and ``emulator.feeds["kraken"]`` the

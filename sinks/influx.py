@@ -134,6 +134,7 @@ _MIN_NS, _MAX_NS = -9223372036854775806, 9223372036854775806  # InfluxDB's time 
 _MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ "})
 _KEY = str.maketrans({",": "\\,", " ": "\\ ", "=": "\\="})
 _STRING = str.maketrans({"\\": "\\\\", '"': '\\"'})
+_TICKS = {Tick}
 _DEFAULT_MAPPING = ("ticks", ("source", "symbol"), ("price", "bid", "ask", "volume"), "ts")
 _json = msgspec.json.Encoder()
 
@@ -535,7 +536,7 @@ class InfluxSink(_Lines, BatchingSink):
     def _lines(self, records: list[Any]) -> list[str]:
         """The lines of ``records``: with the default mapping, a Struct type
         other than Tick is written by its own (``_layout``)."""
-        if not self._by_type or all(type(r) is Tick for r in records):
+        if not self._by_type or set(map(type, records)) == _TICKS:
             return _Lines._lines(self, records)
         by_type: dict[type, list[Any]] = {}
         for r in records:

@@ -83,6 +83,8 @@ from flows import BatchingSink, Retry, Tick, record_schema, redact
 
 __all__ = ["PostgresSink"]
 
+_TICKS = {Tick}  # a write of Ticks only takes their own path
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 _COLUMNS = ("source", "symbol", "ts", "price", "bid", "ask", "volume")
 
@@ -321,7 +323,7 @@ class PostgresSink(BatchingSink):
             await self.run_in_thread(self._drop_connection)
 
     async def write(self, records: list[Any]) -> None:
-        if all(type(t) is Tick for t in records):  # the Ticks' own path
+        if set(map(type, records)) == _TICKS:  # the Ticks' own path
             rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
             await self.run_in_thread(self._write_sync, rows)
         else:

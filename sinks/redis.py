@@ -199,15 +199,20 @@ class RedisStreamSink(BatchingSink):
     def _write_sync(self, records: list[Any]) -> None:
         assert self._client is not None
         encode, maxlen, limit = _encoder.encode, self.maxlen, self.max_entry_bytes
-        streams, stream_of = self.streams, self._stream_of
         entries = []
         for r in records:  # a bad record fails before any XADD
             data = encode(r)
             if len(data) > limit:
                 raise EntryTooLarge(f"entry of {len(data)} bytes > max_entry_bytes ({limit})")
-            entries.append((streams.get(type(r)) or stream_of(type(r)), {FIELD: data}))
+            entries.append({FIELD: data})
+        kinds = set(map(type, records))
+        if len(kinds) == 1:
+            streams = [self.streams.get(type(records[0])) or self._stream_of(type(records[0]))]
+            streams *= len(records)
+        else:
+            streams = [self.streams.get(type(r)) or self._stream_of(type(r)) for r in records]
         with self._client.pipeline(transaction=False) as pipe:
-            for stream, fields in entries:
+            for stream, fields in zip(streams, entries):
                 pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
             pipe.execute()
 

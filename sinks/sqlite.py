@@ -39,6 +39,8 @@ from flows import BatchingSink, Retry, Tick, record_schema
 
 __all__ = ["SQLiteSink"]
 
+_TICKS = {Tick}  # a write of Ticks only takes their own path
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Primary result codes (the low byte of an extended one): worth retrying, or
@@ -156,7 +158,7 @@ class SQLiteSink(BatchingSink):
             raise
 
     async def write(self, records: list[Any]) -> None:
-        if all(type(t) is Tick for t in records):  # the Ticks' own path
+        if set(map(type, records)) == _TICKS:  # the Ticks' own path
             rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
             await self.run_in_thread(self._write_sync, rows)
         else:

@@ -150,7 +150,7 @@ def _values_of(columns: tuple[Column, ...]) -> Callable[[Any], tuple[Any, ...]]:
     get = operator.attrgetter(*names)
     if len(names) == 1:
         one = get
-        get = lambda record: (one(record),)  # noqa: E731
+        get = lambda record: (one(record),)
     encoded = [i for i, c in enumerate(columns) if c.kind == "json"]
     if not encoded:
         return get

@@ -116,7 +116,6 @@ from decimal import Decimal
 from typing import Any, Literal
 
 import httpx
-
 import msgspec
 
 from flows import BatchingSink, Retry, Tick, add_secret, record_schema, redact
@@ -497,8 +496,8 @@ class InfluxSink(_Lines, BatchingSink):
         # the default mapping: a Struct type other than Tick gets its own (record_schema)
         self._by_type = (measurement, tuple(tags), tuple(fields), time) == _DEFAULT_MAPPING
         self.measurements = dict(measurements or {})
-        for name in self.measurements.values():
-            _check_name("measurement", name, measurement=True)
+        for other in self.measurements.values():
+            _check_name("measurement", other, measurement=True)
         self._layouts: dict[type, _Lines] = {}
         if bucket is not None:
             self._path = "/api/v2/write"

@@ -161,9 +161,9 @@ class PostgresSink(BatchingSink):
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be > 0")
         self.tables = dict(tables or {})
-        for name in self.tables.values():
-            if not _IDENT.match(name):
-                raise ValueError(f"table name {name!r} is not a plain SQL identifier (or schema.table)")
+        for other in self.tables.values():
+            if not _IDENT.match(other):
+                raise ValueError(f"table name {other!r} is not a plain SQL identifier (or schema.table)")
         self._plans: dict[type, _Plan] = {}
         self._created: set[str] = set()  # tables created on the current connection
         self.dsn = dsn

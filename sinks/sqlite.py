@@ -104,9 +104,9 @@ class SQLiteSink(BatchingSink):
         if not _IDENT.match(table):
             raise ValueError(f"table name {table!r} is not a plain SQL identifier")
         self.tables = dict(tables or {})
-        for name in self.tables.values():
-            if not _IDENT.match(name):
-                raise ValueError(f"table name {name!r} is not a plain SQL identifier")
+        for other in self.tables.values():
+            if not _IDENT.match(other):
+                raise ValueError(f"table name {other!r} is not a plain SQL identifier")
         self.path = Path(path)
         self.table = table
         self._plans: dict[type, tuple[str, str, Any]] = {}  # type -> (create, insert, schema)

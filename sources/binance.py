@@ -387,7 +387,7 @@ class BinanceStream(WebSocketSource):
 # Trade records (not Ticks) from ``<symbol>@trade``; appended, so the ticker code above
 # can change without touching it.
 
-from flows import Trade  # noqa: E402
+from flows import Trade
 
 
 class BinanceTradeEvent(msgspec.Struct, frozen=True):

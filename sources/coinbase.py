@@ -359,7 +359,7 @@ class CoinbaseStream(WebSocketSource):
 # Trade records from the ``matches`` channel; appended, so the ticker code above can
 # change without touching it.
 
-from flows import Trade  # noqa: E402
+from flows import Trade
 
 __all__ += ["CoinbaseTrades"]
 

@@ -479,7 +479,7 @@ class KrakenStream(WebSocketSource):
 #
 # Trade records; appended, so the ticker code above can change without touching it.
 
-from flows import Trade  # noqa: E402
+from flows import Trade
 
 __all__ += ["KrakenTrades"]
 

@@ -245,13 +245,18 @@ class PostgresSink(BatchingSink):
             raise
         return conn
 
-    def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The current connection, or a new one if it is gone."""
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             self._drop_connection(conn)
             conn = self._connect()
             with self._conn_lock:
                 self._conn = conn
+        return conn
+
+    def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
+        conn = self._connection()
         try:
             try:
                 # The common case, a batch never stored before: COPY straight in.
@@ -378,12 +383,7 @@ class PostgresSink(BatchingSink):
     def _write_groups_sync(self, groups: list[tuple[_Plan, list[tuple[Any, ...]]]]) -> None:
         """Every group in one transaction: COPYed straight in; on a key stored
         already, again through staging tables, idempotently (as ``_write_sync``)."""
-        conn = self._conn
-        if conn is None or conn.closed or conn.broken:
-            self._drop_connection(conn)
-            conn = self._connect()
-            with self._conn_lock:
-                self._conn = conn
+        conn = self._connection()
         try:
             for plan, _ in groups:
                 if plan.create is not None and plan.table not in self._created:

@@ -290,6 +290,7 @@ class CoinbaseStream(WebSocketSource):
     DEFAULT_URL = "wss://ws-feed.exchange.coinbase.com"
     CONNECT_LIMITS = (RateLimit(8, 1.0),)
     SUBSCRIBE_LIMITS = (RateLimit(10, 1.0),)
+    CHANNEL = "ticker"  # the feed channel subscribed (besides heartbeat)
 
     def __init__(
         self,
@@ -313,7 +314,7 @@ class CoinbaseStream(WebSocketSource):
 
     def subscribe_messages(self, symbols: list[str]) -> list[str | bytes]:
         products = [s for s in symbols if s not in self.unknown]
-        channels = ["ticker", "heartbeat"] if self.heartbeat_channel else ["ticker"]
+        channels = [self.CHANNEL, "heartbeat"] if self.heartbeat_channel else [self.CHANNEL]
         per = self.products_per_message
         return [
             msgspec.json.encode({"type": "subscribe", "product_ids": products[i : i + per],
@@ -415,21 +416,13 @@ class CoinbaseTrades(CoinbaseStream):
              sinks=[SQLiteSink("market.db")])
     """
 
+    CHANNEL = "matches"
+
     def __init__(self, *, symbols: list[str], check_gaps: bool = True, last_match: bool = False,
                  name: str = "coinbase_trades", **options: Any) -> None:
         super().__init__(symbols=symbols, check_gaps=check_gaps, name=name, **options)
         self.last_match = last_match
         self._decode_match = msgspec.json.Decoder(CoinbaseMatch).decode
-
-    def subscribe_messages(self, symbols: list[str]) -> list[str | bytes]:
-        products = [s for s in symbols if s not in self.unknown]
-        channels = ["matches", "heartbeat"] if self.heartbeat_channel else ["matches"]
-        per = self.products_per_message
-        return [
-            msgspec.json.encode({"type": "subscribe", "product_ids": products[i : i + per],
-                                 "channels": channels}).decode()
-            for i in range(0, len(products), per)
-        ]
 
     def parse(self, message: str | bytes) -> StreamParsed:
         m = self._decode_match(message)

@@ -425,13 +425,16 @@ class KrakenStream(WebSocketSource):
         return [
             msgspec.json.encode({
                 "method": "subscribe",
-                "params": {"channel": "ticker", "symbol": pairs[i : i + per],
-                           "event_trigger": self.event_trigger,
-                           "snapshot": self.snapshot_on_subscribe},
+                "params": self.subscription(pairs[i : i + per]),
                 "req_id": next(self._req_ids),
             }).decode()
             for i in range(0, len(pairs), per)
         ]
+
+    def subscription(self, pairs: list[str]) -> dict[str, Any]:
+        """The ``params`` of a subscribe message for ``pairs``."""
+        return {"channel": "ticker", "symbol": pairs, "event_trigger": self.event_trigger,
+                "snapshot": self.snapshot_on_subscribe}
 
     def heartbeat(self) -> str:
         return f'{{"method":"ping","req_id":{next(self._req_ids)}}}'
@@ -535,18 +538,8 @@ class KrakenTrades(KrakenStream):
         super().__init__(symbols=symbols, snapshot=snapshot, name=name, **options)
         self.check_gaps = check_gaps
 
-    def subscribe_messages(self, symbols: list[str]) -> list[str | bytes]:
-        pairs = [s for s in symbols if s not in self.unknown]
-        per = self.symbols_per_message
-        return [
-            msgspec.json.encode({
-                "method": "subscribe",
-                "params": {"channel": "trade", "symbol": pairs[i : i + per],
-                           "snapshot": self.snapshot_on_subscribe},
-                "req_id": next(self._req_ids),
-            }).decode()
-            for i in range(0, len(pairs), per)
-        ]
+    def subscription(self, pairs: list[str]) -> dict[str, Any]:
+        return {"channel": "trade", "symbol": pairs, "snapshot": self.snapshot_on_subscribe}
 
     def parse(self, message: str | bytes) -> StreamParsed:
         m = _decode_v2(message)

@@ -22,7 +22,7 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS, Trade, check_tick
+from flows import RECONNECT_REASONS, Retry, Trade, check_tick
 from flows._websocket import open_ws
 from flows.testing import assert_component_metrics, sample
 from flows.testing.emulator import WsFaults
@@ -136,7 +136,7 @@ async def test_reconnects_after_an_abrupt_close_and_reports_the_gap(exchange, st
                                                                     autojump_clock):
     emulator, url = await start()
     symbols = exchange.symbols(emulator)[:3]
-    source = exchange.source(symbols, url, backoff=0.2)
+    source = exchange.source(symbols, url, retry=Retry(backoff=0.2))
     async with running(source) as (rt, sink, registry):
         await until(lambda: len(sink.records) >= 8)
         assert emulator.feed(exchange.name).disconnect("abrupt") == 1

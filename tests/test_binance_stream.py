@@ -349,7 +349,9 @@ async def test_a_server_shutdown_event_replaces_the_connection_at_once(start, au
 ])
 def test_every_form_of_server_shutdown_asks_for_a_new_connection(form):
     from flows import StreamParsed
+    from sources.binance import BinanceTrades
 
-    out = StreamParsed()
-    BinanceStream(symbols=["BTCUSDT"]).parse_into(form, out)
-    assert out.reconnect and not out.ticks and not out.invalid
+    for source in (BinanceStream(symbols=["BTCUSDT"]), BinanceTrades(symbols=["BTCUSDT"])):
+        out = StreamParsed()
+        source.parse_into(form, out)
+        assert out.reconnect and not out.ticks and not out.invalid

@@ -1,0 +1,254 @@
+"""Windows and candles: equal to a brute-force computation, late records
+counted and never merged, idle keys closed by the clock, restarts."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flows import Batch, Candle, Candles, Flow, Runtime, Tick, Trade, Window
+from flows.testing import ListSink, assert_component_metrics, sample
+
+T0 = 1_700_000_040.0  # a minute boundary (12:00 of the tests)
+assert T0 % 60 == 0
+
+
+def brute_candles(records, every, step, key=lambda r: (r.source, r.symbol)):
+    """Every window's candle, the slow obvious way: records grouped by
+    window in arrival order; open/close from the earliest/latest time (ties:
+    first/last arrived)."""
+    hops = round(every / step)
+    groups = defaultdict(list)
+    for r in records:
+        n = r.ts // step
+        for i in range(hops):
+            groups[(key(r), (n - i) * step)].append(r)
+    out = []
+    for (k, start), rs in groups.items():
+        by_time = sorted(rs, key=lambda r: r.ts)  # stable: ties keep arrival order
+        sizes = [getattr(r, "size", None) for r in rs]
+        sized = [s for s in sizes if s is not None]
+        volume = pv = None
+        for r, s in zip(rs, sizes):
+            if s is not None:
+                volume = s if volume is None else volume + s
+                pv = r.price * s if pv is None else pv + r.price * s
+        out.append(Candle(k[0], k[1], start, every, by_time[0].price, max(r.price for r in rs),
+                          min(r.price for r in rs), by_time[-1].price, volume if sized else None,
+                          len(rs), pv / volume if volume else None, by_time[0].ts, by_time[-1].ts))
+    return sorted(out, key=lambda c: (c.source, c.symbol, c.start))
+
+
+def disordered(rng, n, lateness, symbols=("BTC", "ETH"), kind=Trade):
+    """``n`` records per symbol whose arrival is at most ``lateness`` behind
+    their time: sorted by time + a delay in [0, lateness)."""
+    records = []
+    for symbol in symbols:
+        t = T0 + rng.uniform(0, 30)
+        for _ in range(n):
+            t += rng.choice((0.0, rng.uniform(0, 20), rng.uniform(0, 90)))
+            price = round(rng.uniform(90, 110), 2)
+            if kind is Trade:
+                r = Trade("x", symbol, price, round(rng.uniform(0.001, 3), 3), t)
+            else:
+                r = Tick("x", symbol, price, t)
+            records.append((t + rng.uniform(0, lateness) if lateness else t, r))
+    records.sort(key=lambda p: p[0])
+    return [r for _, r in records]
+
+
+def batches_of(rng, records):
+    out, i = [], 0
+    while i < len(records):
+        n = rng.randint(1, 50)
+        out.append(records[i : i + n])
+        i += n
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), lateness=st.sampled_from([0.0, 1.0, 5.0, 30.0]),
+       every_step=st.sampled_from([(60.0, None), (60.0, 20.0), (15.0, None), (30.0, 10.0)]),
+       kind=st.sampled_from([Trade, Tick]))
+def test_candles_equal_a_brute_force_computation_within_the_lateness(seed, lateness, every_step, kind):
+    rng = random.Random(seed)
+    every, step = every_step
+    records = disordered(rng, rng.randint(1, 120), lateness, kind=kind)
+    candles = Candles(every=every, step=step, lateness=lateness)
+    got = []
+    for batch in batches_of(rng, records):
+        got += candles.push(batch)
+    got += candles.flush()
+    assert candles.late_count == 0
+    assert sorted(got, key=lambda c: (c.source, c.symbol, c.start)) == brute_candles(
+        records, every, step or every)
+    assert len(got) == len({(c.symbol, c.start) for c in got})  # each window once
+
+
+def test_late_trades_are_counted_and_never_merged():
+    candles = Candles(every=60, lateness=5)
+    first = [Trade("x", "BTC", 100.0, 1.0, T0 + 10), Trade("x", "BTC", 101.0, 1.0, T0 + 50)]
+    assert candles.push(first) == []
+    closed = candles.push([Trade("x", "BTC", 102.0, 1.0, T0 + 66)])  # watermark T0+61: closes 12:00
+    assert [(c.start, c.close, c.trades) for c in closed] == [(T0, 101.0, 2)]
+    late = [Trade("x", "BTC", 999.0, 5.0, T0 + 59), Trade("x", "BTC", 1.0, 5.0, T0 + 1)]
+    assert candles.push(late) == []
+    assert candles.late_count == 2
+    rest = candles.flush()
+    assert [(c.start, c.high, c.low, c.volume) for c in rest] == [(T0 + 60, 102.0, 102.0, 1.0)]
+
+
+def test_a_record_within_the_lateness_still_merges():
+    candles = Candles(every=60, lateness=5)
+    candles.push([Trade("x", "BTC", 100.0, 1.0, T0 + 10), Trade("x", "BTC", 101.0, 1.0, T0 + 64)])
+    out = candles.push([Trade("x", "BTC", 50.0, 2.0, T0 + 59.5)])  # 4.5 s behind: not late
+    assert out == [] and candles.late_count == 0
+    (c,) = candles.push([Trade("x", "BTC", 101.0, 1.0, T0 + 70)])
+    assert (c.start, c.low, c.close, c.volume, c.trades) == (T0, 50.0, 50.0, 3.0, 2)
+
+
+def test_empty_windows_carry_the_last_close():
+    candles = Candles(every=60, empty="carry")
+    candles.push([Trade("x", "BTC", 100.0, 1.0, T0 + 10)])
+    out = candles.push([Trade("x", "BTC", 103.0, 1.0, T0 + 200)])
+    assert [(c.start, c.close, c.trades, c.volume) for c in out] == [
+        (T0, 100.0, 1, 1.0), (T0 + 60, 100.0, 0, 0.0), (T0 + 120, 100.0, 0, 0.0)]
+    assert out[1].first_ts == out[1].last_ts == T0 + 10 and out[1].vwap is None
+    skip = Candles(every=60)
+    skip.push([Trade("x", "BTC", 100.0, 1.0, T0 + 10)])
+    assert len(skip.push([Trade("x", "BTC", 103.0, 1.0, T0 + 200)])) == 1
+
+
+def test_bad_records_are_counted_invalid_and_lose_nothing_else():
+    candles = Candles(every=60)
+    good = Trade("x", "BTC", 100.0, 1.0, T0 + 1)
+    bad = [Trade("x", "BTC", math.nan, 1.0, T0 + 2), Trade("x", "BTC", 100.0, -1.0, T0 + 3),
+           Trade("x", "BTC", 100.0, 1.0, math.inf)]
+    candles.push([good, *bad])
+    (c,) = candles.flush()
+    assert candles.invalid_count == 3 and c.trades == 1
+
+
+def test_a_generic_window_and_its_options_are_checked():
+    w = Window(every=10, aggregate=lambda k, start, width, rs: (k, start, len(rs)))
+    w.push([Tick("x", "A", 1.0, T0 + 1), Tick("x", "A", 1.0, T0 + 2), Tick("x", "B", 1.0, T0 + 3)])
+    assert sorted(w.flush()) == [(("x", "A"), T0, 2), (("x", "B"), T0, 1)]
+    with pytest.raises(ValueError, match="multiple of step"):
+        Candles(every=60, step=25)
+    with pytest.raises(ValueError, match="aggregate"):
+        Window(every=10)
+
+
+def test_max_keys_bounds_the_state():
+    candles = Candles(every=60, max_keys=8)
+    candles.push([Trade("x", f"S{i}", 1.0, 1.0, T0 + i) for i in range(20)])
+    assert len(candles._keys) <= 8 and candles.evicted_count >= 12
+
+
+# -- in a flow ---------------------------------------------------------------
+
+
+class PacedTrades:
+    """Source: each (clock time, trade) at that time of trio's clock, then
+    stays open (a live feed gone quiet)."""
+
+    name = "trades"
+
+    def __init__(self, timed):
+        self.timed = timed
+
+    async def run(self, outbox):
+        for at, trade in self.timed:
+            await trio.sleep_until(at)
+            with outbox.metrics.timed_batch():
+                batch = Batch([trade])
+            await outbox.send(batch)
+        await trio.sleep_forever()
+
+
+class TimedSink(ListSink):
+    def __init__(self):
+        super().__init__(name="timed")
+        self.at: list[float] = []
+
+    async def run(self, inbox):
+        async for batch in inbox:
+            self.records += batch.records
+            self.at += [trio.current_time()] * len(batch.records)
+            inbox.metrics.end_to_end.observe(0.0)
+            batch.ack("written")
+
+
+@pytest.mark.parametrize("lateness", [0.0, 3.0])
+async def test_an_idle_keys_window_closes_on_time(autojump_clock, lateness):
+    """Clock time 0 is 12:00:00 (T0); the last trade is at 12:00:30; nothing
+    follows. The 12:00 candle is emitted by 12:01 + lateness + margin (the
+    stage's tick, 1 s), and not before 12:01 + lateness."""
+    start = trio.current_time()
+    timed = [(start + s, Trade("x", sym, 100.0 + s, 1.0, T0 + s))
+             for s in (0, 10, 20, 30) for sym in ("BTC", "ETH")]
+    sink = TimedSink()
+    flow = Flow("idle")
+    flow.source(PacedTrades(timed)).then(Candles(every=60, lateness=lateness)).to(sink)
+    rt = Runtime(flow, registry=(registry := __import__("prometheus_client").CollectorRegistry()),
+                 metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        with trio.fail_after(600):
+            while len(sink.records) < 2:
+                await trio.sleep(0.1)
+        rt.stop()
+        nursery.cancel_scope.cancel()
+    assert {(c.symbol, c.start, c.close, c.trades) for c in sink.records} == {
+        ("BTC", T0, 130.0, 4), ("ETH", T0, 130.0, 4)}
+    for at in sink.at:
+        assert 60 + lateness <= at - start <= 60 + lateness + 1.0 + 0.01
+    assert_component_metrics(registry, "idle", "candles", "stage")
+
+
+async def test_late_records_go_to_a_side_stream():
+    records = [Trade("x", "BTC", 100.0, 1.0, T0 + 1), Trade("x", "BTC", 101.0, 1.0, T0 + 70),
+               Trade("x", "BTC", 7.0, 1.0, T0 + 2)]  # late: 12:00 closed at the second batch
+    from flows.testing import ListSource, run_briefly
+
+    flow = Flow("late")
+    out = flow.source(ListSource([records[:1], records[1:2], records[2:]])).then(
+        Candles(every=60, late="emit"))
+    candles, late = out.split(lambda r: type(r) is Candle, name="candles")
+    candle_sink, late_sink = ListSink(name="candle_sink"), ListSink(name="late_sink")
+    candles.to(candle_sink)
+    late.to(late_sink)
+    _, registry = await run_briefly(flow)
+    assert late_sink.records == [records[2]]
+    assert [(c.start, c.low) for c in candle_sink.records] == [(T0, 100.0), (T0 + 60, 101.0)]
+    assert sample(registry, "flows_records_discarded_total", "late", "candles", reason="late") == 1
+
+
+async def test_input_acks_wait_for_the_windows_they_fed(tmp_path):
+    """A source's batch is acked once the candles its trades went into are
+    stored (and checkpointed), not before."""
+    from flows.testing import ListSource, run_briefly
+
+    outcomes: list[tuple[int, str]] = []
+
+    class AckedSource(ListSource):
+        async def run(self, outbox):
+            for i, records in enumerate(self.batches):
+                await outbox.send(Batch(records, acks=[lambda o, i=i: outcomes.append((i, o))]))
+
+    sink = ListSink()
+    records = [[Trade("x", "BTC", 100.0, 1.0, T0 + 1)], [Trade("x", "BTC", 100.0, 1.0, T0 + 61)],
+               [Trade("x", "BTC", 100.0, 1.0, T0 + 2)]]  # the last is late: acked skipped
+    stage = Candles(every=60, final="keep", checkpoint=tmp_path / "c.ckpt")
+    await run_briefly(Flow("acks", sources=[AckedSource(records)], stages=[stage], sinks=[sink]))
+    assert sorted(outcomes) == [(0, "written"), (2, "skipped")]  # batch 1's window is still open
+    assert [c.start for c in sink.records] == [T0]
+    again = Candles(every=60, final="keep", checkpoint=tmp_path / "c.ckpt")
+    assert again.restore() == 1
+    assert again.push([Trade("x", "BTC", 5.0, 1.0, T0 + 3)]) == [] and again.late_count == 1

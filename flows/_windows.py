@@ -78,7 +78,7 @@ _O, _H, _L, _C, _V, _N, _PV, _FT, _LT = range(2, 11)
 class _Checkpoint(msgspec.Struct, frozen=True):
     version: int
     kind: str
-    entries: list[tuple[Any, float, float, Any]]  # key, closed, latest time, last close
+    entries: list[tuple[Any, float, Any]]  # key, start of its first window not stored, last close
 
 
 def _hashable(key: Any) -> Hashable:
@@ -194,7 +194,7 @@ class Window:
         self._late_out: list[Any] = []
         self._late_holds: list[_Hold] = []
         self.late_count = self.invalid_count = self.evicted_count = 0
-        # acknowledged state, for the checkpoint: key -> [closed, latest time, last]
+        # acknowledged state, for the checkpoint: key -> [closed, last]
         self.acked: dict[Hashable, list[Any]] = {}
         self._unacked: deque[list[Any]] = deque()  # [[(key, start, last)...], holds, outcome]
         self._to_release: list[tuple[_Hold, str]] = []
@@ -220,7 +220,7 @@ class Window:
         ks = [self._first_open(ts), -math.inf, now, math.inf, {}, None, k]
         acked = self.acked.get(k)
         if acked is not None:  # seen before (evicted): windows before `closed` are stored
-            ks[_CLOSED], ks[_LAST] = max(acked[0], ks[_CLOSED]), acked[2]
+            ks[_CLOSED], ks[_LAST] = max(acked[0], ks[_CLOSED]), acked[1]
         keys[k] = ks
         if self.carry and ks[_LAST] is not None:
             self._activate(ks)
@@ -440,6 +440,9 @@ class Window:
                 log.info("window %s: fresh run: ignoring checkpoint %s", self.name, self.checkpoint)
             else:
                 await trio.to_thread.run_sync(self.restore)
+                now = trio.current_time()
+                for ks in self._keys.values():
+                    ks[_SEEN] = now
         checkpointing = self.checkpoint is not None
         next_tick = trio.current_time() + self.tick
         next_save = trio.current_time() + self.checkpoint_every
@@ -525,12 +528,10 @@ class Window:
             if outcome in _SETTLED:
                 for k, start, last in windows:
                     a = acked.get(k)
-                    ks = self._keys.get(k)
-                    latest = -math.inf if ks is None else ks[_MAX]
                     if a is None:
-                        acked[k] = [start + step, latest, last]
+                        acked[k] = [start + step, last]
                     elif start + step > a[0]:
-                        a[0], a[1], a[2] = start + step, max(a[1], latest), last
+                        a[0], a[1] = start + step, last
                 self._dirty = True
             if self.checkpoint is None:
                 for h in holds:
@@ -552,7 +553,7 @@ class Window:
         release the input acks it covers."""
         release, self._to_release = self._to_release, []
         if self.checkpoint is not None:
-            entries = [(k, a[0], a[1], a[2]) for k, a in self.acked.items()]
+            entries = [(k, a[0], a[1]) for k, a in self.acked.items()]
             data = msgspec.msgpack.encode(_Checkpoint(_CHECKPOINT_VERSION, _CHECKPOINT_KIND, entries))
             try:
                 write_atomic(self.checkpoint, data)
@@ -594,11 +595,14 @@ class Window:
                         str(exc)[:200])
             return 0
         entries = cp.entries[-self.max_keys:]
-        self.acked = {_hashable(k): [closed, latest, _hashable(last)] for k, closed, latest, last in entries}
-        for k, a in self.acked.items():
-            ks = [a[0], a[1], trio.current_time(), math.inf, {}, a[2], k]
+        self.acked = {_hashable(k): [closed, _hashable(last)] for k, closed, last in entries}
+        for k, (closed, last) in self.acked.items():
+            # the watermark at which the last stored window closed: the
+            # windows open at the crash close again only with their records
+            latest = closed - self.step + self.every + self.lateness
+            ks = [closed, latest, 0.0, math.inf, {}, last, k]  # run() sets _SEEN
             self._keys[k] = ks
-            if self.carry and a[2] is not None:
+            if self.carry and last is not None:
                 self._activate(ks)
         log.info("window %s: restored %d keys from %s", self.name, len(entries), path)
         return len(entries)

@@ -63,16 +63,19 @@ _MAX_CHECKPOINT = 1 << 30
 
 # Per key state, a list (the hot loop indexes it):
 _CLOSED = 0  # start of the earliest window not closed yet (all before it are emitted)
-_MAX = 1  # latest event time seen
+_MAX = 1  # latest event time seen (the Candles loop keeps it in the newest window)
 _SEEN = 2  # trio clock time at which _MAX was seen
 _DUE = 3  # the _MAX at which the earliest open window closes (inf: none, or queued)
 _WINS = 4  # start -> window entry
 _LAST = 5  # (close, last_ts, had volume) of the last non-empty window, for carry
 _KEY = 6
+_NEWEST = 7  # start of the newest window opened
 
 # A window entry is a list: [last hold, holds, ...aggregate]; a candle's
-# aggregate is open, high, low, close, volume, count, price*size, first_ts, last_ts.
-_O, _H, _L, _C, _V, _N, _PV, _FT, _LT = range(2, 11)
+# aggregate is open, high, low, close, volume, count, price*size, first_ts,
+# last_ts, the clock time last_ts was seen and (in a key's newest window)
+# the last_ts at which the key's oldest window is due.
+_O, _H, _L, _C, _V, _N, _PV, _FT, _LT, _LS, _DUE_AT = range(2, 13)
 
 
 class _Checkpoint(msgspec.Struct, frozen=True):
@@ -191,6 +194,7 @@ class Window:
         self._keys: dict[Hashable, list[Any]] = {}
         self._active: dict[Hashable, list[Any]] = {}  # keys with open windows (or carrying)
         self._due: list[list[Any]] = []
+        self._open: dict[Hashable, list[Any]] | None = None  # Candles: (source, symbol, start) -> entry
         self._late_out: list[Any] = []
         self._late_holds: list[_Hold] = []
         self.late_count = self.invalid_count = self.evicted_count = 0
@@ -217,7 +221,7 @@ class Window:
         keys = self._keys
         if len(keys) >= self.max_keys:
             self._evict()
-        ks = [self._first_open(ts), -math.inf, now, math.inf, {}, None, k]
+        ks = [self._first_open(ts), -math.inf, now, math.inf, {}, None, k, -math.inf]
         acked = self.acked.get(k)
         if acked is not None:  # seen before (evicted): windows before `closed` are stored
             ks[_CLOSED], ks[_LAST] = max(acked[0], ks[_CLOSED]), acked[1]
@@ -236,25 +240,16 @@ class Window:
             del keys[k]
             self._active.pop(k, None)
             wins, ks[_WINS] = ks[_WINS], {}
-            for entry in wins.values():
+            for start, entry in wins.items():
+                if self._open is not None:
+                    self._open.pop((*k, start), None)
                 for hold in entry[1] or ():
                     hold.done("dropped")
         self.evicted_count += len(oldest)
 
     def _activate(self, ks: list[Any]) -> None:
         self._active[ks[_KEY]] = ks
-        self._set_due(ks)
-
-    def _set_due(self, ks: list[Any]) -> None:
-        wins = ks[_WINS]
-        if self.carry and ks[_LAST] is not None:
-            end = ks[_CLOSED] + self.every
-        elif wins:
-            end = min(wins) + self.every
-        else:
-            ks[_DUE] = math.inf
-            return
-        ks[_DUE] = end + self.lateness
+        self._park(ks, ks[_CLOSED] + self.every)
 
     def process(self, records: list[Any], now: float, hooks: tuple[Any, ...] = ()) -> _Hold | None:
         """Fold ``records`` into the windows (``now``: trio's clock). Returns
@@ -301,7 +296,11 @@ class Window:
                 if entry is None:
                     if not wins:
                         self._active[k] = ks
-                    entry = wins[start] = self._create(r, ts)
+                    entry = wins[start] = self._create(r, ts, now)
+                    if self._open is not None:
+                        self._open[(*k, start)] = entry
+                    if start > ks[_NEWEST]:
+                        ks[_NEWEST] = start
                     if hold is not None:
                         entry[0], entry[1] = hold, [hold]
                         hold.left += 1
@@ -312,7 +311,7 @@ class Window:
                             self._due.append(ks)
                             ks[_DUE] = math.inf
                     continue
-                self._add(entry, r, ts)
+                self._add(entry, r, ts, now)
                 if entry[0] is not hold and hold is not None:
                     self._hold(entry, hold)
 
@@ -341,10 +340,10 @@ class Window:
                 self._late_holds.append(hold)
                 hold.left += 1
 
-    def _create(self, record: Any, ts: float) -> list[Any]:
+    def _create(self, record: Any, ts: float, now: float) -> list[Any]:
         return [None, None, [record]]
 
-    def _add(self, entry: list[Any], record: Any, ts: float) -> None:
+    def _add(self, entry: list[Any], record: Any, ts: float, now: float) -> None:
         entry[2].append(record)
 
     def _result(self, k: Hashable, start: float, entry: list[Any]) -> Any:
@@ -356,57 +355,72 @@ class Window:
     def _last_of(self, entry: list[Any]) -> Any:
         return None
 
+    def _clock(self, ks: list[Any]) -> tuple[float, float]:
+        """(latest event time, clock time it was seen) of a key."""
+        return ks[_MAX], ks[_SEEN]
+
     def close_due(self, now: float, *, everything: bool = False, idle: bool = False) -> list[tuple[Any, ...]]:
         """Close the windows whose watermark has passed: those of the keys
         the last batches moved, or (``idle``) of every key with open
         windows, or (``everything``) all open windows. Returns the closed
         windows as ``(key, start, last, result, holds)``."""
         out: list[tuple[Any, ...]] = []
-        if everything:
-            todo = list(self._active.values())
-        elif idle:
-            todo = [ks for ks in self._active.values()
-                    if ks[_DUE] <= ks[_MAX] + max(0.0, now - ks[_SEEN]) or ks[_DUE] == math.inf]
-        else:
-            todo = self._due
+        lateness, every, carry, clock = self.lateness, self.every, self.carry, self._clock
+        todo = self._due
         self._due = []
-        seen: set[int] = set()
-        for ks in todo:
-            if id(ks) in seen:
-                continue
-            seen.add(id(ks))
+        if everything or idle:
+            todo = list(self._active.values())
+        for ks in todo:  # (a key queued twice finds nothing due the second time)
+            latest, at = ks[_MAX], ks[_SEEN] = clock(ks)
+            wins = ks[_WINS]
             if everything:
-                wm = max(ks[_WINS]) + self.every if ks[_WINS] else -math.inf
+                wm = max(wins) + every if wins else -math.inf
             else:
-                wm = ks[_MAX] + max(0.0, now - ks[_SEEN]) - self.lateness
-            self._close_key(ks, wm, out)
+                wm = latest + (now - at if now > at else 0.0) - lateness
+            if carry and ks[_LAST] is not None:
+                end = ks[_CLOSED] + every
+            else:
+                end = min(wins) + every if wins else math.inf
+            if end <= wm:
+                end = self._close_key(ks, wm, out)
+            self._park(ks, end)
         return out
 
-    def _close_key(self, ks: list[Any], wm: float, out: list[tuple[Any, ...]]) -> None:
-        """Close ``ks``'s windows that end at or before ``wm``, in order."""
-        every, step, k, carry = self.every, self.step, ks[_KEY], self.carry
+    def _park(self, ks: list[Any], end: float) -> None:
+        """Note when ``ks``'s oldest open window (ending at ``end``) is due."""
+        ks[_DUE] = end + self.lateness
+        if end == math.inf:
+            self._active.pop(ks[_KEY], None)
+
+    def _close_key(self, ks: list[Any], wm: float, out: list[tuple[Any, ...]]) -> float:
+        """Close ``ks``'s windows that end at or before ``wm``, in order;
+        returns the end of its oldest window still open (inf: none)."""
+        every, step, k, carry, opened = self.every, self.step, ks[_KEY], self.carry, self._open
+        result, append = self._result, out.append
         wins = ks[_WINS]
         closed = ks[_CLOSED]
         carried = 0
         while closed + every <= wm:
             entry = wins.pop(closed, None)
             if entry is not None:
-                last = self._last_of(entry)
-                if last is not None:
-                    ks[_LAST] = last
-                out.append((k, closed, ks[_LAST], self._result(k, closed, entry), entry[1]))
+                if opened is not None:
+                    del opened[(*k, closed)]
+                if carry:
+                    ks[_LAST] = self._last_of(entry)
+                append((k, closed, ks[_LAST], result(k, closed, entry), entry[1]))
             elif carry and ks[_LAST] is not None and carried < _MAX_CARRY:
                 carried += 1
-                out.append((k, closed, ks[_LAST], self._carried(k, closed, ks[_LAST]), None))
+                append((k, closed, ks[_LAST], self._carried(k, closed, ks[_LAST]), None))
             else:  # nothing to emit: on to the next open window, or past the watermark
                 jump = math.floor((wm - every) / step + 1) * step
                 closed = min(min(wins), jump) if wins else jump
                 continue
             closed = (round(closed / step) + 1) * step
         ks[_CLOSED] = closed
-        self._set_due(ks)
-        if ks[_DUE] == math.inf:
-            self._active.pop(k, None)
+        if not wins:
+            ks[_WINS] = {}  # a dict emptied by pops keeps its table
+            return closed + every if carry and ks[_LAST] is not None else math.inf
+        return closed + every if carry and ks[_LAST] is not None else min(wins) + every
 
     def push(self, records: list[Any], now: float = 0.0) -> list[Any]:
         """Outside a flow: fold ``records`` in at clock time ``now`` and
@@ -451,11 +465,14 @@ class Window:
         try:
             while True:
                 batch = None
-                with trio.move_on_at(next_tick):
-                    try:
+                try:
+                    if inbox.buffer()[0]:  # a batch is waiting: no timeout needed
                         batch = await inbox.receive()
-                    except trio.EndOfChannel:
-                        ended = True
+                    else:
+                        with trio.move_on_at(next_tick):
+                            batch = await inbox.receive()
+                except trio.EndOfChannel:
+                    ended = True
                 now = trio.current_time()
                 if ended:
                     break
@@ -510,8 +527,12 @@ class Window:
     def _track(self, batch: Batch, closed: list[tuple[Any, ...]]) -> None:
         """Hook ``batch`` so its windows count as done (and release the
         input acks they hold) once every consumer has handled it."""
-        entry: list[Any] = [[(c[0], c[1], c[2]) for c in closed],
-                            [h for c in closed for h in (c[4] or ())], None]
+        holds = [h for c in closed if c[4] for h in c[4]]
+        checkpointing = self.checkpoint is not None
+        if not (holds or checkpointing):
+            return
+        windows = [(c[0], c[1], c[2]) for c in closed] if checkpointing else ()
+        entry: list[Any] = [windows, holds, None]
         self._unacked.append(entry)
 
         def acked(outcome: str) -> None:
@@ -600,7 +621,7 @@ class Window:
             # the watermark at which the last stored window closed: the
             # windows open at the crash close again only with their records
             latest = closed - self.step + self.every + self.lateness
-            ks = [closed, latest, 0.0, math.inf, {}, last, k]  # run() sets _SEEN
+            ks = [closed, latest, 0.0, math.inf, {}, last, k, -math.inf]  # run() sets _SEEN
             self._keys[k] = ks
             if self.carry and last is not None:
                 self._activate(ks)
@@ -650,19 +671,22 @@ class Candles(Window):
             raise ValueError(f"empty must be 'skip' or 'carry', got {empty!r}")
         self.empty = empty
         self.carry = empty == "carry"
-        self._fast_ok = self.step == self.every and key is _tick_key and time is _tick_time
+        self._fast_ok = (self.step == self.every and self.every.is_integer()
+                         and key is _tick_key and time is _tick_time)
+        if self._fast_ok:
+            self._open = {}
 
     def _valid(self, r: Any) -> bool:
         p, s = r.price, getattr(r, "size", None)
         return 0 < p < math.inf and (s is None or 0 <= s < math.inf)
 
-    def _create(self, r: Any, ts: float) -> list[Any]:
+    def _create(self, r: Any, ts: float, now: float) -> list[Any]:
         p, s = r.price, getattr(r, "size", None)
         if s is None:
-            return [None, None, p, p, p, p, None, 1, None, ts, ts]
-        return [None, None, p, p, p, p, s, 1, p * s, ts, ts]
+            return [None, None, p, p, p, p, None, 1, None, ts, ts, now, math.inf]
+        return [None, None, p, p, p, p, s, 1, p * s, ts, ts, now, math.inf]
 
-    def _add(self, e: list[Any], r: Any, ts: float) -> None:
+    def _add(self, e: list[Any], r: Any, ts: float, now: float) -> None:
         p, s = r.price, getattr(r, "size", None)
         if p > e[_H]:
             e[_H] = p
@@ -671,20 +695,41 @@ class Candles(Window):
         if ts < e[_FT]:
             e[_FT], e[_O] = ts, p
         if ts >= e[_LT]:
-            e[_LT], e[_C] = ts, p
+            e[_LT], e[_C], e[_LS] = ts, p, now
         e[_N] += 1
         if s is not None:
             e[_V] = s if e[_V] is None else e[_V] + s
             e[_PV] = p * s if e[_PV] is None else e[_PV] + p * s
 
+    def _park(self, ks: list[Any], end: float) -> None:
+        """The key's newest window holds the latest time at which the fast
+        loop must queue the key (its oldest window is due)."""
+        ks[_DUE] = due = end + self.lateness
+        if end == math.inf:
+            self._active.pop(ks[_KEY], None)
+        else:
+            e = ks[_WINS].get(ks[_NEWEST])
+            if e is not None:
+                e[_DUE_AT] = due
+
+    def _clock(self, ks: list[Any]) -> tuple[float, float]:
+        """The latest time is kept in the key's newest window by the fast loop."""
+        e = ks[_WINS].get(ks[_NEWEST])
+        if e is not None and e[_LT] > ks[_MAX]:
+            return e[_LT], e[_LS]
+        return ks[_MAX], ks[_SEEN]
+
     def _result(self, k: Any, start: float, e: list[Any]) -> Candle:
-        source, symbol = k if type(k) is tuple and len(k) == 2 else ("", str(k))
-        v = e[_V]
-        return Candle(source, symbol, start, self.every, e[_O], e[_H], e[_L], e[_C], v, e[_N],
-                      e[_PV] / v if v else None, e[_FT], e[_LT])
+        if self._fast_ok:
+            source, symbol = k
+        else:
+            source, symbol = k if type(k) is tuple and len(k) == 2 else ("", str(k))
+        v = e[6]
+        return Candle(source, symbol, start, self.every, e[2], e[3], e[4], e[5], v, e[7],
+                      e[8] / v if v else None, e[9], e[10])
 
     def _last_of(self, e: list[Any]) -> Any:
-        return (e[_C], e[_LT], e[_V] is not None)
+        return (e[_C], e[_LT], e[_V] is not None) if self.carry else None
 
     def _carried(self, k: Any, start: float, last: Any) -> Candle:
         source, symbol = k if type(k) is tuple and len(k) == 2 else ("", str(k))
@@ -692,64 +737,118 @@ class Candles(Window):
         return Candle(source, symbol, start, self.every, close, close, close, close,
                       0.0 if sized else None, 0, None, last_ts, last_ts)
 
+    def close_due(self, now: float, *, everything: bool = False, idle: bool = False) -> list[tuple[Any, ...]]:
+        """``Window.close_due``, inlined for the fast loop's keys (tumbling,
+        no carry): what runs after every batch."""
+        if everything or idle or self.carry or not self._fast_ok:
+            return super().close_due(now, everything=everything, idle=idle)
+        out: list[tuple[Any, ...]] = []
+        append = out.append
+        todo, self._due = self._due, []
+        lateness, every, opened, active, inf = self.lateness, self.every, self._open, self._active, math.inf
+        assert opened is not None
+        for ks in todo:
+            wins = ks[4]
+            if not wins:
+                continue
+            latest, at = ks[1], ks[2]
+            e = wins.get(ks[7])
+            if e is not None and e[10] > latest:
+                latest = ks[1] = e[10]
+                at = ks[2] = e[11]
+            wm = latest + (now - at if now > at else 0.0) - lateness
+            first = min(wins)
+            if first + every <= wm:
+                src, sym = k = ks[6]
+                while True:
+                    c = wins.pop(first)
+                    del opened[(src, sym, first)]
+                    v = c[6]
+                    append((k, first, None, Candle(src, sym, first, every, c[2], c[3], c[4], c[5], v, c[7],
+                                                    c[8] / v if v else None, c[9], c[10]), c[1]))
+                    if not wins:
+                        break
+                    first = min(wins)
+                    if first + every > wm:
+                        break
+                jump = math.floor((wm - every) / every + 1) * every
+                if not wins:
+                    ks[0] = jump
+                    ks[3] = inf
+                    ks[4] = {}  # a dict emptied by pops keeps its table
+                    del active[k]
+                    continue
+                ks[0] = first if first < jump else jump
+            ks[3] = due = first + every + lateness
+            if e is not None:
+                e[12] = due
+        return out
+
     def _fold(self, records: list[Any], now: float, hold: _Hold | None) -> None:
         """Tumbling candles over Trades with the default key and time: one
-        loop, inlined; anything else goes to the generic loop."""
+        loop, inlined; a record whose window is open costs one dict lookup
+        on (source, symbol, start); anything else goes to the generic loop."""
         if not self._fast_ok:
             return super()._fold(records, now, hold)
-        keys, get, due = self._keys, self._keys.get, self._due
+        opened = self._open
+        assert opened is not None
+        oget, get, due = opened.get, self._keys.get, self._due
         every, wl, inf = self.every, self.every + self.lateness, math.inf
-        for i, r in enumerate(records):
-            if r.__class__ is not Trade:
-                return super()._fold(records[i:], now, hold)
+        for r in records:
+            if r.__class__ is not Trade:  # another record type: the generic loop from here
+                at = next(i for i, x in enumerate(records) if x is r)
+                return super()._fold(records[at:], now, hold)
             ts, p, s = r.ts, r.price, r.size
-            if not (0.0 < p < inf and 0.0 <= s < inf and -inf < ts < inf):
+            ps = p * s
+            x = ps + ts
+            if not (p > 0.0 <= s and x - x == 0.0):  # x - x: NaN for NaN and inf
                 self._invalid(r)
                 continue
-            k = (r.source, r.symbol)
+            start = ts - ts % every  # exact for a whole number of seconds: (ts // every) * every
+            src, sym = r.source, r.symbol
+            e = oget((src, sym, start))
+            if e is not None:  # an open window
+                if p > e[3]:
+                    e[3] = p
+                elif p < e[4]:
+                    e[4] = p
+                if ts >= e[10]:
+                    e[10] = ts
+                    e[5] = p
+                    e[11] = now
+                    if ts >= e[12]:  # the key's oldest window is due
+                        e[12] = inf
+                        due.append(get((src, sym)))
+                elif ts < e[9]:
+                    e[9] = ts
+                    e[2] = p
+                e[6] += s
+                e[7] += 1
+                e[8] += ps
+                if e[0] is not hold:
+                    if hold is not None:
+                        self._hold(e, hold)
+                continue
+            k = (src, sym)
             ks = get(k)
             if ks is None:
                 ks = self._new_key(k, ts, now)
-            start = (ts // every) * every
             if start < ks[0]:
                 self._late(r, hold)
                 continue
-            if ts > ks[1]:
-                ks[1] = ts
-                ks[2] = now
-                if ts >= ks[3]:
-                    due.append(ks)
-                    ks[3] = inf
             wins = ks[4]
-            e = wins.get(start)
-            if e is None:
-                if not wins:
-                    self._active[k] = ks
-                if hold is None:
-                    wins[start] = [None, None, p, p, p, p, s, 1, p * s, ts, ts]
-                else:
-                    wins[start] = [hold, [hold], p, p, p, p, s, 1, p * s, ts, ts]
-                    hold.left += 1
-                d = start + wl
-                if d < ks[3]:
-                    ks[3] = d
-                    if ks[1] >= d:
-                        due.append(ks)
-                        ks[3] = inf
-                continue
-            if p > e[3]:
-                e[3] = p
-            elif p < e[4]:
-                e[4] = p
-            if ts >= e[10]:
-                e[10] = ts
-                e[5] = p
-            elif ts < e[9]:
-                e[9] = ts
-                e[2] = p
-            e[6] += s
-            e[7] += 1
-            e[8] += p * s
-            if e[0] is not hold and hold is not None:
-                self._hold(e, hold)
+            if not wins:
+                self._active[k] = ks
+            d = ks[0] + wl  # when the oldest window (or carry) is due
+            if ts >= d:
+                due.append(ks)
+                d = inf
+            if hold is None:
+                e = [None, None, p, p, p, p, s, 1, ps, ts, ts, now, d]
+            else:
+                e = [hold, [hold], p, p, p, p, s, 1, ps, ts, ts, now, d]
+                hold.left += 1
+            wins[start] = opened[(src, sym, start)] = e
+            if start > ks[7]:
+                ks[7] = start
         return None

@@ -794,61 +794,63 @@ class Candles(Window):
         assert opened is not None
         oget, get, due = opened.get, self._keys.get, self._due
         every, wl, inf = self.every, self.every + self.lateness, math.inf
-        for r in records:
-            if r.__class__ is not Trade:  # another record type: the generic loop from here
-                at = next(i for i, x in enumerate(records) if x is r)
-                return super()._fold(records[at:], now, hold)
-            ts, p, s = r.ts, r.price, r.size
-            ps = p * s
-            x = ps + ts
-            if not (p > 0.0 <= s and x - x == 0.0):  # x - x: NaN for NaN and inf
-                self._invalid(r)
-                continue
-            start = ts - ts % every  # exact for a whole number of seconds: (ts // every) * every
-            src, sym = r.source, r.symbol
-            e = oget((src, sym, start))
-            if e is not None:  # an open window
-                if p > e[3]:
-                    e[3] = p
-                elif p < e[4]:
-                    e[4] = p
-                if ts >= e[10]:
-                    e[10] = ts
-                    e[5] = p
-                    e[11] = now
-                    if ts >= e[12]:  # the key's oldest window is due
-                        e[12] = inf
-                        due.append(get((src, sym)))
-                elif ts < e[9]:
-                    e[9] = ts
-                    e[2] = p
-                e[6] += s
-                e[7] += 1
-                e[8] += ps
-                if e[0] is not hold:
-                    if hold is not None:
-                        self._hold(e, hold)
-                continue
-            k = (src, sym)
-            ks = get(k)
-            if ks is None:
-                ks = self._new_key(k, ts, now)
-            if start < ks[0]:
-                self._late(r, hold)
-                continue
-            wins = ks[4]
-            if not wins:
-                self._active[k] = ks
-            d = ks[0] + wl  # when the oldest window (or carry) is due
-            if ts >= d:
-                due.append(ks)
-                d = inf
-            if hold is None:
-                e = [None, None, p, p, p, p, s, 1, ps, ts, ts, now, d]
-            else:
-                e = [hold, [hold], p, p, p, p, s, 1, ps, ts, ts, now, d]
-                hold.left += 1
-            wins[start] = opened[(src, sym, start)] = e
-            if start > ks[7]:
-                ks[7] = start
+        r = None
+        try:
+            for r in records:
+                ts, p, s = r.ts, r.price, r.size  # AttributeError: not a Trade
+                ps = p * s
+                x = ps + ts
+                if not (p > 0.0 <= s and x - x == 0.0):  # x - x: NaN for NaN and inf
+                    self._invalid(r)
+                    continue
+                start = ts - ts % every  # exact for a whole number of seconds: (ts // every) * every
+                src, sym = r.source, r.symbol
+                e = oget((src, sym, start))
+                if e is not None:  # an open window
+                    if p > e[3]:
+                        e[3] = p
+                    elif p < e[4]:
+                        e[4] = p
+                    if ts >= e[10]:
+                        e[10] = ts
+                        e[5] = p
+                        e[11] = now
+                        if ts >= e[12]:  # the key's oldest window is due
+                            e[12] = inf
+                            due.append(get((src, sym)))
+                    elif ts < e[9]:
+                        e[9] = ts
+                        e[2] = p
+                    e[6] += s
+                    e[7] += 1
+                    e[8] += ps
+                    if e[0] is not hold:
+                        if hold is not None:
+                            self._hold(e, hold)
+                    continue
+                k = (src, sym)
+                ks = get(k)
+                if ks is None:
+                    ks = self._new_key(k, ts, now)
+                if start < ks[0]:
+                    self._late(r, hold)
+                    continue
+                wins = ks[4]
+                if not wins:
+                    self._active[k] = ks
+                d = ks[0] + wl  # when the oldest window (or carry) is due
+                if ts >= d:
+                    due.append(ks)
+                    d = inf
+                if hold is None:
+                    e = [None, None, p, p, p, p, s, 1, ps, ts, ts, now, d]
+                else:
+                    e = [hold, [hold], p, p, p, p, s, 1, ps, ts, ts, now, d]
+                    hold.left += 1
+                wins[start] = opened[(src, sym, start)] = e
+                if start > ks[7]:
+                    ks[7] = start
+        except (AttributeError, TypeError):  # a record without a size, or not numbers: the generic loop
+            at = next(i for i, x in enumerate(records) if x is r)
+            return super()._fold(records[at:], now, hold)
         return None

@@ -457,41 +457,17 @@ class Window:
                 now = trio.current_time()
                 for ks in self._keys.values():
                     ks[_SEEN] = now
-        checkpointing = self.checkpoint is not None
-        next_tick = trio.current_time() + self.tick
-        next_save = trio.current_time() + self.checkpoint_every
         self._closing = False
-        ended = False
         try:
-            while True:
-                batch = None
+            async with trio.open_nursery() as nursery:
+                stop = trio.Event()
+                nursery.start_soon(self._clock_loop, stop, outbox, metrics)
                 try:
-                    if inbox.buffer()[0]:  # a batch is waiting: no timeout needed
-                        batch = await inbox.receive()
-                    else:
-                        with trio.move_on_at(next_tick):
-                            batch = await inbox.receive()
-                except trio.EndOfChannel:
-                    ended = True
-                now = trio.current_time()
-                if ended:
-                    break
-                if batch is not None:
-                    before = (self.late_count, self.invalid_count, self.evicted_count)
-                    hold = self.process(batch.records, now, batch.acks)
-                    batch.acks = ()
-                    if hold is not None and hold.left == 0:  # every record late or invalid
-                        hold.left = 1
-                        hold.done("skipped")
-                    self._count(metrics, before)
-                    await self._emit(self.close_due(now), batch.created, outbox)
-                if now >= next_tick:
-                    next_tick = now + self.tick
-                    await self._emit(self.close_due(now, idle=True), None, outbox)
-                    if checkpointing and now >= next_save:
-                        await self._save(metrics)
-                        next_save = trio.current_time() + self.checkpoint_every
-            if self.final == "emit" or (self.final == "auto" and not checkpointing):
+                    async for batch in inbox:
+                        await self._take(batch, outbox, metrics)
+                finally:
+                    stop.set()  # the clock loop ends after its current send (never cut short)
+            if self.final == "emit" or (self.final == "auto" and self.checkpoint is None):
                 await self._emit(self.close_due(math.inf, everything=True), None, outbox)
         finally:
             self._closing = True
@@ -499,6 +475,33 @@ class Window:
                 with trio.CancelScope(shield=True):
                     await self._save(metrics)
             # else the last ack to come writes the final checkpoint
+
+    async def _take(self, batch: Batch, outbox: Outbox, metrics: ComponentMetrics) -> None:
+        """Fold one input batch in and emit the windows it closed."""
+        now = trio.current_time()
+        before = (self.late_count, self.invalid_count, self.evicted_count)
+        hold = self.process(batch.records, now, batch.acks)
+        batch.acks = ()
+        if hold is not None and hold.left == 0:  # every record late or invalid
+            hold.left = 1
+            hold.done("skipped")
+        self._count(metrics, before)
+        await self._emit(self.close_due(now), batch.created, outbox)
+
+    async def _clock_loop(self, stop: trio.Event, outbox: Outbox, metrics: ComponentMetrics) -> None:
+        """Every ``tick`` seconds: close the windows of idle keys, and save
+        the checkpoint when it is due."""
+        next_save = trio.current_time() + self.checkpoint_every
+        while not stop.is_set():
+            with trio.move_on_after(self.tick):
+                await stop.wait()
+            if stop.is_set():
+                return
+            now = trio.current_time()
+            await self._emit(self.close_due(now, idle=True), None, outbox)
+            if self.checkpoint is not None and now >= next_save:
+                await self._save(metrics)
+                next_save = trio.current_time() + self.checkpoint_every
 
     def _count(self, metrics: ComponentMetrics, before: tuple[int, int, int]) -> None:
         late, invalid, evicted = (self.late_count - before[0], self.invalid_count - before[1],

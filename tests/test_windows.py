@@ -344,3 +344,35 @@ async def test_the_candles_example_runs_offline(tmp_path):
         assert c == expected[(c.symbol, c.start)]
     with sqlite3.connect(tmp_path / "ticks.db") as db:
         assert db.execute("SELECT count(*) FROM ticks").fetchone()[0] > 0
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_ignored(tmp_path, caplog):
+    path = tmp_path / "c.ckpt"
+    for data in (b"\x00garbage", b"\xa3abc", __import__("msgspec").msgpack.encode(
+            {"version": 9, "kind": "flows.Window", "entries": []})):
+        path.write_bytes(data)
+        stage = Candles(every=60, checkpoint=path)
+        assert stage.restore() == 0
+        assert stage.push([Trade("x", "BTC", 1.0, 1.0, T0 + 1)]) == []  # starts empty, works
+    assert "unusable" in caplog.text
+
+
+async def test_a_fresh_run_ignores_the_checkpoint(tmp_path):
+    from flows.testing import ListSource, run_briefly
+
+    path = tmp_path / "c.ckpt"
+    first = Candles(every=60, checkpoint=path, final="emit")
+    await run_briefly(Flow("f", sources=[ListSource([[Trade("x", "BTC", 1.0, 1.0, T0 + 1)]])],
+                           stages=[first], sinks=[ListSink()]))
+    assert path.exists()
+    again = [Trade("x", "BTC", 2.0, 1.0, T0 + 2)]
+    kept, fresh = Candles(every=60, checkpoint=path, final="emit"), Candles(every=60, checkpoint=path,
+                                                                            final="emit")
+    out = {}
+    for name, stage in (("kept", kept), ("fresh", fresh)):
+        sink = ListSink()
+        await run_briefly(Flow("f", sources=[ListSource([again])], stages=[stage], sinks=[sink]),
+                          fresh=name == "fresh")
+        out[name] = sink.records
+    assert out["kept"] == [] and kept.late_count == 1  # the 12:00 candle is stored already
+    assert [c.close for c in out["fresh"]] == [2.0]

@@ -574,28 +574,44 @@ class Window:
 
     def save(self) -> None:
         """Write the acknowledged state to the checkpoint (atomically), then
-        release the input acks it covers."""
+        release the input acks it covers. (In a flow the stage writes in a
+        worker thread and releases the acks on trio's thread.)"""
+        release, data = self._snapshot()
+        try:
+            if data is not None:
+                write_atomic(self.checkpoint, data)  # type: ignore[arg-type]
+        except BaseException:
+            self._to_release = release + self._to_release
+            raise
+        self._release(release)
+
+    def _snapshot(self) -> tuple[list[tuple[_Hold, str]], bytes | None]:
+        """The acks the next write covers, and the bytes to write."""
         release, self._to_release = self._to_release, []
-        if self.checkpoint is not None:
-            entries = [(k, a[0], a[1]) for k, a in self.acked.items()]
-            data = msgspec.msgpack.encode(_Checkpoint(_CHECKPOINT_VERSION, _CHECKPOINT_KIND, entries))
-            try:
-                write_atomic(self.checkpoint, data)
-            except BaseException:
-                self._to_release = release + self._to_release
-                raise
         self._dirty = False
+        if self.checkpoint is None:
+            return release, None
+        entries = [(k, a[0], a[1]) for k, a in self.acked.items()]
+        return release, msgspec.msgpack.encode(_Checkpoint(_CHECKPOINT_VERSION, _CHECKPOINT_KIND, entries))
+
+    @staticmethod
+    def _release(release: list[tuple[_Hold, str]]) -> None:
         for hold, outcome in release:
             hold.done(outcome)
 
     async def _save(self, metrics: ComponentMetrics) -> None:
         if self.checkpoint is None or not (self._dirty or self._to_release):
             return
+        release, data = self._snapshot()
         try:
-            await trio.to_thread.run_sync(self.save)
+            await trio.to_thread.run_sync(write_atomic, self.checkpoint, data)
         except OSError as exc:
+            self._to_release = release + self._to_release
+            self._dirty = True
             metrics.error("checkpoint")
             log.error("window %s: cannot write checkpoint %s: %s", self.name, self.checkpoint, exc)
+            return
+        self._release(release)
 
     def restore(self) -> int:
         """Load the checkpoint; returns the keys loaded. A missing or bad

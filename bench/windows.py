@@ -99,8 +99,7 @@ def bare_loop(batches: list[list[Trade]]) -> list[Candle]:
                 c[4] += s
                 c[5] += 1
                 c[6] += p * s
-            if ts > top:
-                top = ts
+            top = max(top, ts)
         wm = top - lateness
         while open_:
             k = next(iter(open_))

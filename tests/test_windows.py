@@ -267,7 +267,6 @@ def test_sigkill_mid_window_and_a_restart_give_the_uninterrupted_candle_table(tm
     import time
 
     import msgspec
-
     from _cli import ENV
 
     for seed, kill_after in ((1, 0.0), (2, 0.3), (3, 0.7)):

@@ -208,6 +208,7 @@ class Window:
         self.acked: dict[Hashable, list[Any]] = {}
         self._unacked: deque[list[Any]] = deque()  # [[(key, start, last)...], holds, outcome]
         self._to_release: list[tuple[_Hold, str]] = []
+        self._failed: dict[Hashable, float] = {}  # key -> start of its first window a sink gave up on
         self._dirty = False
         self._closing = False
         self._fresh = False
@@ -240,7 +241,8 @@ class Window:
         """Forget the least recently seen eighth of the keys (at least one)."""
         keys = self._keys
         n = max(1, len(keys) // 8)
-        oldest = sorted(keys.values(), key=lambda ks: ks[_SEEN])[:n]
+        clock = self._clock
+        oldest = sorted(keys.values(), key=lambda ks: clock(ks)[1])[:n]
         for ks in oldest:
             k = ks[_KEY]
             del keys[k]
@@ -557,12 +559,16 @@ class Window:
             windows, holds, outcome = pending.popleft()
             if outcome in _SETTLED:
                 for k, start, last in windows:
+                    done = min(start + step, self._failed.get(k, math.inf))
                     a = acked.get(k)
                     if a is None:
-                        acked[k] = [start + step, last]
-                    elif start + step > a[0]:
-                        a[0], a[1] = start + step, last
+                        acked[k] = [done, last]
+                    elif done > a[0]:
+                        a[0], a[1] = done, last
                 self._dirty = True
+            else:  # not stored: the checkpoint never goes past it, so a restart rebuilds it
+                for k, start, _ in windows:
+                    self._failed[k] = min(start, self._failed.get(k, math.inf))
             if self.checkpoint is None:
                 for h in holds:
                     h.done(outcome)

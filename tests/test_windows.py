@@ -388,3 +388,30 @@ async def test_a_fresh_run_ignores_the_checkpoint(tmp_path):
         out[name] = sink.records
     assert out["kept"] == [] and kept.late_count == 1  # the 12:00 candle is stored already
     assert [c.close for c in out["fresh"]] == [2.0]
+
+
+async def test_the_checkpoint_never_passes_a_window_a_sink_gave_up_on(tmp_path):
+    """A candle acked ``failed`` holds its key's checkpoint before it, even
+    when later candles of that key are stored: a restart rebuilds it."""
+    from flows.testing import ListSource, run_briefly
+
+    class FailFirst(ListSink):
+        async def run(self, inbox):
+            async for batch in inbox:
+                first = not self.batches
+                self.batches += 1
+                self.records += batch.records
+                inbox.metrics.end_to_end.observe(0.0)
+                batch.ack("failed" if first else "written")
+
+    records = [[Trade("x", "BTC", 1.0, 1.0, T0 + 1)], [Trade("x", "BTC", 2.0, 1.0, T0 + 61)],
+               [Trade("x", "BTC", 3.0, 1.0, T0 + 121)], [Trade("x", "BTC", 4.0, 1.0, T0 + 181)]]
+    path = tmp_path / "c.ckpt"
+    sink = FailFirst()
+    await run_briefly(Flow("fail", sources=[ListSource(records)],
+                           stages=[Candles(every=60, checkpoint=path)], sinks=[sink]))
+    assert [c.start for c in sink.records] == [T0, T0 + 60, T0 + 120]
+    again = Candles(every=60, checkpoint=path)
+    again.restore()
+    (rebuilt,) = again.push([Trade("x", "BTC", 1.0, 1.0, T0 + 1), Trade("x", "BTC", 9.0, 1.0, T0 + 70)])
+    assert (rebuilt.start, again.late_count) == (T0, 0)

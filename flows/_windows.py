@@ -675,7 +675,9 @@ class Candles(Window):
     volume and VWAP are None. ``empty="skip"`` (default) emits nothing for a
     window without records; ``"carry"`` emits a candle at the last close
     (trades 0, volume 0 or None, VWAP None, first and last time those of
-    the last record). The other parameters are ``Window``'s.
+    the last record). A candle's source and symbol come from a (source,
+    symbol) key; any other key becomes its symbol (as text), with source
+    "". The other parameters are ``Window``'s.
     """
 
     def __init__(

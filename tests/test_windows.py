@@ -186,13 +186,15 @@ class TimedSink(ListSink):
 
 
 @pytest.mark.parametrize("lateness", [0.0, 3.0])
-async def test_an_idle_keys_window_closes_on_time(autojump_clock, lateness):
+@pytest.mark.parametrize("kind", ["trades", "ticks"])
+async def test_an_idle_keys_window_closes_on_time(autojump_clock, lateness, kind):
     """Clock time 0 is 12:00:00 (T0); the last trade is at 12:00:30; nothing
     follows. The 12:00 candle is emitted by 12:01 + lateness + margin (the
     stage's tick, 1 s), and not before 12:01 + lateness."""
     start = trio.current_time()
-    timed = [(start + s, Trade("x", sym, 100.0 + s, 1.0, T0 + s))
-             for s in (0, 10, 20, 30) for sym in ("BTC", "ETH")]
+    make = ((lambda sym, s: Trade("x", sym, 100.0 + s, 1.0, T0 + s)) if kind == "trades"
+            else (lambda sym, s: Tick("x", sym, 100.0 + s, T0 + s)))
+    timed = [(start + s, make(sym, s)) for s in (0, 10, 20, 30) for sym in ("BTC", "ETH")]
     sink = TimedSink()
     flow = Flow("idle")
     flow.source(PacedTrades(timed)).then(Candles(every=60, lateness=lateness)).to(sink)

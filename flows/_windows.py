@@ -12,7 +12,10 @@ key whose latest record has time T, seen at clock time c, has the
 watermark ``T + max(0, now - c) - lateness``. So a window closes within
 ``lateness + tick`` seconds (plus the source's delay) of its end even when
 no record follows. The stage checks idle keys every ``tick`` seconds and
-the keys a batch moved after each batch.
+the keys a batch moved after each batch. An idle key's clock never runs
+past the stream's (its last record's time, run on with the clock while
+the whole stream is idle), and nothing is closed by the clock while
+batches wait in the inbox (the stage is behind, not idle).
 
 A record whose every window has already closed is late: counted as
 discarded with reason ``late``, never merged into a later window, and with
@@ -200,6 +203,7 @@ class Window:
         self._keys: dict[Hashable, list[Any]] = {}
         self._active: dict[Hashable, list[Any]] = {}  # keys with open windows (or carrying)
         self._due: list[list[Any]] = []
+        self._top, self._top_seen = -math.inf, 0.0  # the stream's last record time, and when
         self._open: dict[Hashable, list[Any]] | None = None  # Candles: (source, symbol, start) -> entry
         self._late_out: list[Any] = []
         self._late_holds: list[_Hold] = []
@@ -265,7 +269,21 @@ class Window:
         window the records went into is done. Call ``close_due`` after."""
         hold = _Hold(hooks) if hooks else None
         self._fold(records, now, hold)
+        if records:  # the stream's progress: the time of its last record
+            try:
+                t = float(self.time(records[-1]))
+            except (TypeError, ValueError, AttributeError):
+                t = -math.inf
+            if self._top < t < math.inf:
+                self._top, self._top_seen = t, now
         return hold
+
+    def _stream_clock(self, now: float) -> float:
+        """How far the stream's event time has got by clock time ``now``:
+        its last record's time, run on with the clock while it is idle. No
+        key's idle clock runs past it (a replay slowed down by its sinks
+        must not close windows early)."""
+        return self._top + (now - self._top_seen if now > self._top_seen else 0.0)
 
     def _fold(self, records: list[Any], now: float, hold: _Hold | None) -> None:
         """The generic loop: any record type, tumbling or hopping."""
@@ -374,6 +392,7 @@ class Window:
         windows as ``(key, start, last, result, holds)``."""
         out: list[tuple[Any, ...]] = []
         lateness, every, carry, clock = self.lateness, self.every, self.carry, self._clock
+        cap = self._stream_clock(now)
         todo = self._due
         self._due = []
         if everything or idle:
@@ -384,7 +403,10 @@ class Window:
             if everything:
                 wm = max(wins) + every if wins else -math.inf
             else:
-                wm = latest + (now - at if now > at else 0.0) - lateness
+                wm = latest + (now - at if now > at else 0.0)
+                if wm > cap:
+                    wm = max(latest, cap)
+                wm -= lateness
             if carry and ks[_LAST] is not None:
                 end = ks[_CLOSED] + every
             else:
@@ -462,14 +484,14 @@ class Window:
                 log.info("window %s: fresh run: ignoring checkpoint %s", self.name, self.checkpoint)
             else:
                 await trio.to_thread.run_sync(self.restore)
-                now = trio.current_time()
+                now = self._top_seen = trio.current_time()
                 for ks in self._keys.values():
                     ks[_SEEN] = now
         self._closing = False
         try:
             async with trio.open_nursery() as nursery:
                 stop = trio.Event()
-                nursery.start_soon(self._clock_loop, stop, outbox, metrics)
+                nursery.start_soon(self._clock_loop, stop, inbox, outbox)
                 try:
                     async for batch in inbox:
                         await self._take(batch, outbox, metrics)
@@ -496,9 +518,11 @@ class Window:
         self._count(metrics, before)
         await self._emit(self.close_due(now), batch.created, outbox)
 
-    async def _clock_loop(self, stop: trio.Event, outbox: Outbox, metrics: ComponentMetrics) -> None:
-        """Every ``tick`` seconds: close the windows of idle keys, and save
+    async def _clock_loop(self, stop: trio.Event, inbox: Inbox, outbox: Outbox) -> None:
+        """Every ``tick`` seconds: close the windows of idle keys (unless
+        batches are waiting: then the stage is behind, not idle), and save
         the checkpoint when it is due."""
+        metrics = inbox.metrics
         next_save = trio.current_time() + self.checkpoint_every
         while not stop.is_set():
             with trio.move_on_after(self.tick):
@@ -506,7 +530,8 @@ class Window:
             if stop.is_set():
                 return
             now = trio.current_time()
-            await self._emit(self.close_due(now, idle=True), None, outbox)
+            if not inbox.buffer()[0]:
+                await self._emit(self.close_due(now, idle=True), None, outbox)
             if self.checkpoint is not None and now >= next_save:
                 await self._save(metrics)
                 next_save = trio.current_time() + self.checkpoint_every
@@ -654,6 +679,7 @@ class Window:
             latest = closed - self.step + self.every + self.lateness
             ks = [closed, latest, 0.0, math.inf, {}, last, k, -math.inf]  # run() sets _SEEN
             self._keys[k] = ks
+            self._top = max(self._top, latest)
             if self.carry and last is not None:
                 self._activate(ks)
         log.info("window %s: restored %d keys from %s", self.name, len(entries), path)
@@ -777,6 +803,7 @@ class Candles(Window):
         append = out.append
         todo, self._due = self._due, []
         lateness, every, opened, active, inf = self.lateness, self.every, self._open, self._active, math.inf
+        cap = self._stream_clock(now)
         assert opened is not None
         for ks in todo:
             wins = ks[4]
@@ -787,7 +814,10 @@ class Candles(Window):
             if e is not None and e[10] > latest:
                 latest = ks[1] = e[10]
                 at = ks[2] = e[11]
-            wm = latest + (now - at if now > at else 0.0) - lateness
+            wm = latest + (now - at if now > at else 0.0)
+            if wm > cap:
+                wm = max(latest, cap)
+            wm -= lateness
             first = min(wins)
             if first + every <= wm:
                 src, sym = k = ks[6]

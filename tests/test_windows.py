@@ -417,3 +417,19 @@ async def test_the_checkpoint_never_passes_a_window_a_sink_gave_up_on(tmp_path):
     again.restore()
     (rebuilt,) = again.push([Trade("x", "BTC", 1.0, 1.0, T0 + 1), Trade("x", "BTC", 9.0, 1.0, T0 + 70)])
     assert (rebuilt.start, again.late_count) == (T0, 0)
+
+
+def test_an_idle_key_never_runs_ahead_of_the_stream():
+    """A slow replay (sinks holding it back): 10 s of clock pass between
+    batches that advance event time by 1 s. A key missing from a few
+    batches keeps its window open until the stream itself passes its end:
+    its next trade, 2 s of event time later, still counts."""
+    candles = Candles(every=60, lateness=2)
+    candles.push([Trade("x", "A", 1.0, 1.0, T0 + 57), Trade("x", "B", 1.0, 1.0, T0 + 57)], now=0)
+    for i in range(1, 4):  # only B trades, 1 s of event time per 10 s of clock
+        assert candles.push([Trade("x", "B", 1.0, 1.0, T0 + 57 + i)], now=10 * i) == []
+        assert candles.advance(10 * i) == []
+    candles.push([Trade("x", "A", 2.0, 1.0, T0 + 59)], now=40)
+    assert candles.late_count == 0
+    (a,) = [c for c in candles.flush() if c.symbol == "A"]
+    assert (a.trades, a.close) == (2, 2.0)

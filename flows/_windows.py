@@ -454,9 +454,12 @@ class Window:
 
     def push(self, records: list[Any], now: float = 0.0) -> list[Any]:
         """Outside a flow: fold ``records`` in at clock time ``now`` and
-        return the results of the windows that closed."""
+        return the results of the windows that closed (then, with
+        ``late="emit"``, the late records)."""
         self.process(records, now)
-        return [c[3] for c in self.close_due(now) if c[3] is not None]
+        out = [c[3] for c in self.close_due(now) if c[3] is not None]
+        late, self._late_out, self._late_holds = self._late_out, [], []
+        return out + late
 
     def advance(self, now: float) -> list[Any]:
         """Outside a flow: the results of the windows the clock closed by ``now``."""

@@ -91,6 +91,41 @@ def test_candles_equal_a_brute_force_computation_within_the_lateness(seed, laten
     assert len(got) == len({(c.symbol, c.start) for c in got})  # each window once
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), lateness=st.sampled_from([0.0, 2.0, 10.0]),
+       disorder=st.sampled_from([5.0, 30.0, 120.0]))
+def test_beyond_the_lateness_late_trades_are_counted_and_the_rest_still_match(seed, lateness, disorder):
+    """Disorder beyond the lateness (tumbling windows): each late trade is
+    counted and sent on (late="emit") and went into no candle; the candles
+    equal the brute-force ones of the other trades; a window is emitted
+    once, before any of its late trades came."""
+    step = None
+    rng = random.Random(seed)
+    records = disordered(rng, rng.randint(1, 120), disorder)
+    candles = Candles(every=60, step=step, lateness=lateness, late="emit")
+    out, emitted_at = [], {}
+    for batch in batches_of(rng, records):
+        for r in candles.push(batch):
+            if isinstance(r, Candle):
+                assert (r.symbol, r.start) not in emitted_at
+                emitted_at[(r.symbol, r.start)] = len(out)
+            out.append(r)
+    for r in candles.flush():
+        emitted_at[(r.symbol, r.start)] = len(out)
+        out.append(r)
+    late = [r for r in out if isinstance(r, Trade)]
+    assert len(late) == candles.late_count
+    late_ids = {id(r) for r in late}
+    got = sorted((r for r in out if isinstance(r, Candle)), key=lambda c: (c.symbol, c.start))
+    assert got == brute_candles([r for r in records if id(r) not in late_ids], 60.0, step or 60.0)
+    hops = round(60.0 / (step or 60.0))
+    for i, r in enumerate(out):
+        if isinstance(r, Trade):  # every window it belongs to was emitted before it came
+            n = r.ts // (step or 60.0)
+            starts = [(n - j) * (step or 60.0) for j in range(hops)]
+            assert all(emitted_at.get((r.symbol, s), -1) < i for s in starts)
+
+
 def test_late_trades_are_counted_and_never_merged():
     candles = Candles(every=60, lateness=5)
     first = [Trade("x", "BTC", 100.0, 1.0, T0 + 10), Trade("x", "BTC", 101.0, 1.0, T0 + 50)]

@@ -8,7 +8,7 @@ Runs offline: the trades and the tickers come from the synthetic sources
 The graph::
 
     synthetic_trades ─┬─> trades (JSONL: every trade)
-                      └─> candles (Candles, every 60 s) ─> candle_file (JSONL)
+                      └─> candles (Candles, every 60 s) ─> candle_db (candles.db, table candles)
     synthetic ─> change ─> sqlite (ticks.db: the ticks that moved)
 
 A candle is written when its minute is over and ``lateness`` (2 s) has
@@ -17,15 +17,16 @@ idle windows). The candle stage checkpoints what was written to
 ``candles.ckpt``: stop and start the flow again and no candle is written
 twice with different values (``--fresh`` starts over).
 
-Candles go to a JSONL file because ``SQLiteSink`` stores only ``Tick``
-records in this version; once the storing sinks map any record type to a
-table, replace ``JSONLSink(directory / "candles.jsonl", ...)`` with
-``SQLiteSink(directory / "candles.db", table="candles")``.
+``SQLiteSink`` stores each record type in its own table: the candles in
+``candles``, idempotent on (source, symbol, start, width), so a candle
+emitted again after a restart is stored once.
 
 To build candles from Binance's trade stream instead, replace
-``SyntheticTrades(...)`` with the Binance trade stream source
-(``<symbol>@trade``) once it is available, e.g. run the exchange emulator
-(``python -m flows.testing.emulator``) and point the source's URL at it.
+``SyntheticTrades(...)`` with
+``BinanceTrades(symbols=["BTCUSDT", "ETHUSDT"], base_url=...)`` (from
+``sources.binance``): offline, run the exchange emulator
+(``python -m flows.testing.emulator``) and pass its URL as ``base_url``;
+without ``base_url`` it connects to Binance.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def build(
     trades = flow.source(SyntheticTrades(symbols=symbols, interval=interval, disorder=1.0))
     trades.to(JSONLSink(directory / "trades.jsonl", flush_interval=0.5, name="trades"))
     candles = trades.then(Candles(every=every, lateness=lateness, checkpoint=directory / "candles.ckpt"))
-    candles.to(JSONLSink(directory / "candles.jsonl", flush_interval=0.5, name="candle_file"))
+    candles.to(SQLiteSink(directory / "candles.db", flush_interval=0.5, name="candle_db"))
     tickers = flow.source(SyntheticMarket(symbols=symbols, interval=interval * 4))
     tickers.then(ChangeDetector(rel=1e-4, heartbeat=60.0)).to(
         SQLiteSink(directory / "ticks.db", flush_interval=0.5))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import trio
 import trio.testing
 
@@ -155,12 +156,19 @@ async def test_repeated_batches_keep_every_symbol_fresh_and_a_changed_one_is_not
     assert fresh.times()["S05"] == fresh.times()["NEW"] == trio.current_time() - 15
 
 
-async def test_symbol_times_match_a_record_by_record_reference(autojump_clock):
+@pytest.mark.parametrize("limits", [None, (2, 40)], ids=["default", "few-runs"])
+async def test_symbol_times_match_a_record_by_record_reference(autojump_clock, monkeypatch, limits):
     """Random batches (repeats, near repeats, short, mixed and unhashable
-    symbols) against a plain dict updated record by record."""
+    symbols) against a plain dict updated record by record; also with room
+    for only a few runs (remembered runs are dropped and settled often)."""
     import random
 
+    from flows import _freshness
     from flows._freshness import Freshness
+
+    if limits is not None:
+        monkeypatch.setattr(_freshness, "_RUNS_MAX", limits[0])
+        monkeypatch.setattr(_freshness, "_RUN_SYMBOLS_MAX", limits[1])
 
     class Bare:  # a record without a symbol
         pass

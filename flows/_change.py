@@ -124,7 +124,6 @@ def _unpack(packed: Any) -> tuple[Any, Any]:
 
 _FAST_LOOP = """
 def loop(records, src, vals, times, limit):
-    get = vals.get
     out = []
     append = out.append
     bad = None
@@ -132,12 +131,14 @@ def loop(records, src, vals, times, limit):
         if r.source is not src and r.source != src:
             return out, bad, r
         v = r.price
-        lv = get(r.symbol)
-        if lv is None:
+        try:  # (cheaper than vals.get when the key is known, as most are)
+            lv = vals[r.symbol]
+        except KeyError:
             if len(vals) >= limit:  # the state is about to need recency
                 return out, bad, r
-        elif {unchanged}:
-            continue
+        else:
+            if {unchanged}:
+                continue
         if 0.0 < v < inf:
             vals[r.symbol] = v
             {store_time}

@@ -41,6 +41,7 @@ foreign checkpoint is reported in one log line and ignored.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import struct
@@ -150,6 +151,7 @@ def loop(records, src, vals, limit):
 """
 
 
+@functools.lru_cache(maxsize=64)  # (a loop holds no state: detectors with the same thresholds share it)
 def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
     """The plain form's filter loop, written for these thresholds (times
     are stored only with a heartbeat: nothing else reads them; then the
@@ -209,7 +211,10 @@ class ChangeDetector:
         abs: emit when ``|v - last| >= abs`` (0 disables).
         heartbeat: emit when this many seconds (of record time) passed since
             the key last emitted; ``None`` disables.
-        max_keys: most keys remembered; the least recently seen is evicted.
+        max_keys: most keys remembered; past it a key is evicted: the least
+            recently seen once recency is tracked (from the first key when
+            ``max_keys`` < 1024, else from three quarters of ``max_keys``),
+            keys not seen since then first, oldest stored first.
         key, value, time: functions of a record (defaults fit ``Tick``:
             (source, symbol), price, ts). Keys must be msgpack-encodable
             (str, numbers, tuples of them) for checkpoints.

@@ -50,6 +50,11 @@ _RUNS_MAX = 1024
 """Batch shapes (length, first and last symbol) remembered, at most."""
 _RUN_SYMBOLS_MAX = 1 << 17
 """Symbols held by remembered runs, at most (8 bytes each)."""
+_NEW_SHAPES_MAX = 64
+"""After this many batches in a row of shapes not seen before ..."""
+_PAUSE = 1024
+"""... runs are not looked for in this many batches (a source that never
+repeats itself pays for no lookups)."""
 
 
 class Freshness:
@@ -78,6 +83,8 @@ class Freshness:
         # [its symbols, last seen, when they were last stored in ``symbols``]
         self._runs: dict[tuple[int, Any, Any], list[Any] | None] = {}
         self._run_symbols = 0
+        self._new_shapes = 0  # batches in a row whose shape was new
+        self._pause = 0  # batches still to track record by record
 
     def seen(self, records: Sequence[Any]) -> None:
         """``records`` were sent just now."""
@@ -85,7 +92,9 @@ class Freshness:
         self.last = now
         if not hasattr(records[0], "symbol"):
             return
-        if len(records) >= _RUN_MIN:
+        if self._pause:
+            self._pause -= 1
+        elif len(records) >= _RUN_MIN:
             try:
                 shape = (len(records), records[0].symbol, records[-1].symbol)
                 run = self._runs.get(shape, False)
@@ -98,6 +107,7 @@ class Freshness:
                 except AttributeError:
                     self._store_mixed(records, now)
                     return
+                self._new_shapes = 0
                 if run is not None and run[0] == symbols:
                     run[1] = now
                     return
@@ -107,6 +117,9 @@ class Freshness:
             self._runs[shape] = None
             if len(self._runs) > _RUNS_MAX:
                 self._forget_runs()
+            self._new_shapes += 1
+            if self._new_shapes >= _NEW_SHAPES_MAX:
+                self._new_shapes, self._pause = 0, _PAUSE
         self._store(records, now)
 
     def _store(self, records: Sequence[Any], now: float) -> bool:

@@ -97,7 +97,7 @@ class Freshness:
         elif len(records) >= _RUN_MIN:
             try:
                 shape = (len(records), records[0].symbol, records[-1].symbol)
-                run = self._runs.get(shape, False)
+                run: Any = self._runs.get(shape, False)
             except (AttributeError, TypeError):  # mixed, or unhashable
                 self._store_mixed(records, now)
                 return

@@ -46,8 +46,8 @@ BATCHES = 200
 
 def per_record(batches: list[list[Any]]) -> None:
     symbols: dict[Any, float] = {}
-    now = trio.current_time()
     for records in batches:
+        now = trio.current_time()
         for r in records:
             symbols[r.symbol] = now
 

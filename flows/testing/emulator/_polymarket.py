@@ -115,8 +115,8 @@ class Outcomes:
         return m, i, m.probabilities(self.market.step)[i]
 
 
-def _quote(name: str, symbol: str, price: float, wall: float, step: int) -> Quote:
-    value = Decimal(f"{price:.3f}")
+def _quote(name: str, symbol: str, price: str, wall: float, step: int) -> Quote:
+    value = Decimal(price)
     return Quote(exchange=name, symbol=symbol, base=symbol, price=value, bid=value, ask=value,
                  bid_size=Decimal(0), ask_size=Decimal(0), last_size=Decimal(0), open=value,
                  high=value, low=value, volume=Decimal(0), trades=0, step=step, time=wall,
@@ -177,7 +177,7 @@ class PolymarketGamma(ExchangeAPI):
         for m in page:
             record = self._record(m)
             records.append(record)
-            served[m.id] = _quote(self.name, m.id, m.probabilities(self.market.step)[0],
+            served[m.id] = _quote(self.name, m.id, f"{m.probabilities(self.market.step)[0]:g}",
                                   self.market.wall(), self.market.step)
         return Reply(200, records, fields=fields, served=served, empty=[])
 
@@ -257,7 +257,7 @@ class PolymarketClob(ExchangeAPI):
             entry = body.setdefault(token, {})
             entry[side] = self._side(found[2], side)
             fields.append([Field(token, entry, side)])
-            served[token] = _quote(self.name, token, float(entry[side]), self.market.wall(),
+            served[token] = _quote(self.name, token, entry[side], self.market.wall(),
                                    self.market.step)
         return Reply(200, body, fields=fields, served=served, empty={})
 

@@ -149,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
         help="websocket connection lifetime (default %(default)s)",
     )
     parser.add_argument(
+        "--stocks", type=int, default=300,
+        help="stocks in FMP's universe (19205: the daily-sync example's) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prediction-markets", type=int, default=24,
+        help="Polymarket markets (default %(default)s)",
+    )
+    parser.add_argument(
         "--coincap-key",
         action="append",
         metavar="KEY",
@@ -276,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             ws_rate=args.ws_rate,
             ws_ping_interval=args.ws_ping_interval or None,
             ws_max_connection_seconds=args.ws_max_connection_seconds,
+            stocks=args.stocks,
+            prediction_markets=args.prediction_markets,
         )
     except (ValueError, TypeError, msgspec.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -96,6 +96,8 @@ class Emulator:
         volatility: standard deviation of a moving asset's log-return.
         coincap_api_keys: keys CoinCap accepts (empty: no key needed).
         keep_alive_timeout: seconds hypercorn keeps idle connections.
+        stocks: the size of FMP's stock universe (``_fmp``).
+        prediction_markets: how many markets Polymarket lists (``_polymarket``).
         ws_rate: websocket events per second per stream, on every feed
             (see ``_ws``).
         ws_ping_interval: seconds between the server's websocket pings

@@ -16,6 +16,8 @@ unknown key gets 401 ``{"Error Message": "Invalid API KEY. ..."}``.
   "dayLow", "dayHigh", "yearHigh", "yearLow", "marketCap", "priceAvg50",
   "priceAvg200", "exchange", "open", "previousClose", "timestamp"}]``;
   JSON numbers, ``timestamp`` epoch seconds; unknown symbols left out.
+- ``GET /stable/stock-list``: ``[{"symbol": "AAPL", "companyName": "Apple Inc."}]``,
+  the whole universe.
 - ``GET /stable/dividends?symbol=AAPL``: ``[{"symbol", "date", "recordDate",
   "paymentDate", "declarationDate", "adjDividend", "dividend", "yield",
   "frequency"}]``, newest first (``[]`` for a symbol that pays none, or
@@ -62,7 +64,7 @@ _LIMIT_REACHED = ("Limit Reach . Please upgrade your plan or visit our documenta
                   "details at https://site.financialmodelingprep.com/developer/docs/pricing ")
 _ROUTES = {"/stable/eod-bulk": "eod-bulk", "/stable/batch-quote": "batch-quote",
            "/stable/quote": "quote", "/stable/dividends": "dividends",
-           "/stable/profile": "profile"}
+           "/stable/profile": "profile", "/stable/stock-list": "stock-list"}
 
 
 class Stock:
@@ -115,7 +117,7 @@ def _bar(stock: Stock, day: dt.date, seed: int) -> tuple[float, float, float, fl
 class FMP(ExchangeAPI):
     name = "fmp"
     default_limit = WindowLimit(limit=300, window=60.0)
-    endpoints = ("eod-bulk", "batch-quote", "quote", "dividends", "profile")
+    endpoints = ("eod-bulk", "batch-quote", "quote", "dividends", "profile", "stock-list")
     cacheable = False  # CSV bodies, and a universe too large to cache per request
 
     def __init__(self, market: Market, stocks: int = 300, seed: int = 0,
@@ -146,6 +148,8 @@ class FMP(ExchangeAPI):
             return Reply(401, {"Error Message": _INVALID_KEY})
         if endpoint == "eod-bulk":
             return self._eod(request)
+        if endpoint == "stock-list":
+            return Reply(200, [{"symbol": s.symbol, "companyName": s.name} for s in self.stocks])
         if endpoint in ("batch-quote", "quote"):
             names = params.get("symbols") or request.param("symbols") or request.param("symbol") or ""
             return self._quotes([s.strip() for s in names.split(",") if s.strip()], "v3" in params)

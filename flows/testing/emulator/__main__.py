@@ -20,6 +20,9 @@ from ..._server import is_loopback
 from ._emulator import Emulator
 from ._faults import Faults, Latency
 from ._market import EXCHANGES
+from ._seeds import SEED_ENDPOINTS
+
+_NAMES = (*EXCHANGES, *SEED_ENDPOINTS)  # every API with a rate limit
 
 __all__ = ["main", "parse_rate_limit"]
 
@@ -31,9 +34,9 @@ def parse_rate_limit(text: str) -> tuple[str, dict[str, Any] | None]:
     ``kraken=off`` -> ("kraken", None)."""
     exchange, sep, spec = text.partition("=")
     exchange = exchange.strip().lower()
-    if not sep or exchange not in EXCHANGES:
+    if not sep or exchange not in _NAMES:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected EXCHANGE=SPEC with EXCHANGE one of {', '.join(EXCHANGES)}"
+            f"{text!r}: expected EXCHANGE=SPEC with EXCHANGE one of {', '.join(_NAMES)}"
         )
     if spec.strip().lower() in ("off", "none", "0"):
         return exchange, None
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rate_limits: dict[str, Any] = {}
         if args.no_rate_limits:
-            rate_limits = {name: None for name in EXCHANGES}
+            rate_limits = {name: None for name in _NAMES}
         rate_limits.update(dict(args.rate_limit))
         assets: Any = args.assets
         if args.symbols:

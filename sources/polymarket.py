@@ -7,7 +7,8 @@ the CLOB (``https://clob.polymarket.com``, ``base_url``); offline, point
 both at flows' emulator.
 
 - Discovery, every ``discover_every`` seconds: ``GET /markets?active=true&
-  closed=false&limit=100&offset=N`` (paged up to ``max_markets``), or, for
+  closed=false&limit=100&offset=N`` (paged up to ``max_markets``; markets
+  missing from two rounds in a row are forgotten), or, for
   chosen markets, ``GET /markets?id=516710&slug=will-...``: ``[{"id":
   "516710", "slug": "...", "closed": false, "outcomes": "[\\"Yes\\",
   \\"No\\"]", "outcomePrices": "[\\"0.515\\", \\"0.485\\"]",
@@ -173,6 +174,7 @@ class PolymarketPrices(HttpSource):
         self.outcomes: dict[str, _Outcome] = {}  # CLOB token id -> its market and outcome
         self.closed: set[str] = set()  # ids of markets reported closed
         self._discover_due = -math.inf
+        self._listed: dict[str, float] = {}  # market id -> when discovery last listed it
 
     # -- requests ------------------------------------------------------------
 
@@ -181,6 +183,7 @@ class PolymarketPrices(HttpSource):
         if trio.current_time() >= self._discover_due:
             self._discover_due = trio.current_time() + self.discover_every
             requests += self._discovery(symbols)
+        self._forget_unlisted()
         tokens = [t for t, o in self.outcomes.items() if o.market_id not in self.closed]
         if self.side == "midpoint":
             return requests + [Request("midpoint", "/midpoint", {"token_id": t}) for t in tokens]
@@ -189,6 +192,18 @@ class PolymarketPrices(HttpSource):
             requests.append(Request("prices", "/prices",
                                     {"token_ids": ",".join(chunk), "sides": self.side}))
         return requests
+
+    def _forget_unlisted(self) -> None:
+        """Discovering all active markets: forget the tokens of markets no
+        longer listed (closed, or past ``max_markets``) for two rounds."""
+        if self.chosen:
+            return
+        cutoff = trio.current_time() - 2 * self.discover_every - self.every
+        gone = {m for m, seen in self._listed.items() if seen < cutoff}
+        if gone:
+            self.outcomes = {t: o for t, o in self.outcomes.items() if o.market_id not in gone}
+            for market_id in gone:
+                del self._listed[market_id]
 
     def _discovery(self, symbols: list[str]) -> list[Request]:
         url = f"{self.gamma_url}/markets"
@@ -269,6 +284,7 @@ class PolymarketPrices(HttpSource):
             except (msgspec.DecodeError, ValueError) as exc:
                 out.bad("invalid", f"market {market.id}: {exc}")
                 continue
+            self._listed[market.id] = trio.current_time()
             new = tokens[0] not in self.outcomes
             for i, (name, token) in enumerate(zip(names, tokens)):
                 symbol = f"{market.id}:{name}"

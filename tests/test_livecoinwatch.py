@@ -59,8 +59,8 @@ async def test_top_pages_through_coins_list_by_rank(emulator, autojump_clock):
 async def test_the_request_is_a_post_of_json_with_the_key(nursery, autojump_clock):
     seen: list[bytes] = []
     answer = b'[{"code":"BTC","rate":67187.33,"volume":1.5e10,"cap":1.3e12,"delta":{"day":1.01}}]'
-    url = await scripted_http_server(nursery, [(200, b'{"dailyCreditsRemaining":9,'
-                                                     b'"dailyCreditsLimit":10}')], answer, seen.append)
+    url = await scripted_http_server(nursery, [(200, (b'{"dailyCreditsRemaining":9,'
+                                                     b'"dailyCreditsLimit":10}'))], answer, seen.append)
     sink = ListSink()
     source = LiveCoinWatchPrices(symbols=["btc", "eth"], api_key="k-123", base_url=url, once=True,
                                  concurrency=1)

@@ -135,3 +135,20 @@ async def test_malformed_clob_answers_are_dropped_and_polling_goes_on(emulator, 
     assert sample(registry, "flows_records_discarded_total", "mal", "polymarket",
                   reason="request_failed") == broken
     assert len(sink.records) == tokens + tokens * (priced - broken)  # every good answer used
+
+
+async def test_discovering_all_forgets_markets_that_leave_the_listing(emulator, autojump_clock):
+    outcomes = emulator.exchanges["polymarket"].outcomes
+    leaving = open_markets(emulator)[0]
+    source = poly(emulator, every=5.0, discover_every=20.0)
+    registry = CollectorRegistry()
+
+    def scenario() -> bool:
+        if source.cycles >= 2 and not leaving.closed:
+            outcomes.resolve(leaving.id)  # it closes: the active listing drops it
+        return source.cycles >= 40
+
+    await run_until(Flow("pm", sources=[source], sinks=[ListSink()]), scenario, registry)
+    assert not set(leaving.tokens) & set(source.outcomes)  # forgotten
+    missing = sample(registry, "flows_records_discarded_total", "pm", "polymarket", reason="missing")
+    assert 0 < missing <= 2 * (2 * 20 / 5 + 2)  # counted for about two rounds, then no more

@@ -56,7 +56,7 @@ def build(url: str | None, dsn: str, state_dir: Path = Path("."), *,
     key = "test-key" if url else os.environ["FMP_API_KEY"]
     symbols = symbols if symbols is not None else universe(url, key)
     # one limiter per source: give each its share of the plan's per-minute calls
-    share = dict(api_key=key, base_url=url, once=True, progress=progress)
+    share = {"api_key": key, "base_url": url, "once": True, "progress": progress}
     flow = Flow("fmp_sync")
     flow.source(FMPEndOfDay(limits=[RateLimit(1, 60.0)], **share)).to(
         PostgresSink(dsn, table="eod_prices", name="eod_db"))

@@ -70,7 +70,7 @@ _ROUTES = {"/stable/eod-bulk": "eod-bulk", "/stable/batch-quote": "batch-quote",
 class Stock:
     """One listed stock: its symbol, a start price, whether and what it pays."""
 
-    __slots__ = ("index", "symbol", "name", "start", "dividend", "price", "step", "rng")
+    __slots__ = ("dividend", "index", "name", "price", "rng", "start", "step", "symbol")
 
     def __init__(self, index: int, symbol: str, seed: int) -> None:
         rng = random.Random(f"stock-{seed}-{symbol}")

@@ -95,7 +95,6 @@ async def test_livecoinwatch_to_influx_with_its_poll_cycle_histogram(
     create_database(influx.url, "lcw")
     flow = module.build(url, influx.url, "lcw", top=150, every=60.0, daily_credits=100_000)
     registry = CollectorRegistry()
-    source = flow.sources[0] if hasattr(flow, "sources") else None
     await run_until(flow, lambda rt: sample(registry, "flows_source_poll_cycle_seconds_count",
                                             "livecoinwatch", "livecoinwatch") >= 3, registry)
     changed = sample(registry, "flows_records_sent_total", "livecoinwatch", "change")
@@ -112,7 +111,6 @@ async def test_livecoinwatch_to_influx_with_its_poll_cycle_histogram(
     assert emulator.stats["livecoinwatch"]["coins/list"]["requests"] >= 6  # 2 pages a cycle
     assert sample(registry, "flows_source_credits_spent_total", "livecoinwatch",
                   "livecoinwatch") >= 6
-    del source
 
 
 async def test_polymarket_bot_caches_moves_of_five_percent_and_resolutions(

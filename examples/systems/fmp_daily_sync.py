@@ -53,7 +53,9 @@ def build(url: str | None, dsn: str, state_dir: Path = Path("."), *,
           symbols: list[str] | None = None, per_minute: float = 750.0,
           max_age: float = MAX_AGE, progress: bool | None = None) -> Flow:
     """The sync from FMP at ``url`` (``None``: the real API) into ``dsn``."""
-    key = "test-key" if url else os.environ["FMP_API_KEY"]
+    key = "test-key" if url else os.environ.get("FMP_API_KEY", "")  # the emulator's, or yours
+    if not key:
+        raise ValueError("set FMP_API_KEY to your Financial Modeling Prep API key")
     symbols = symbols if symbols is not None else universe(url, key)
     # one limiter per source: give each its share of the plan's per-minute calls
     share = {"api_key": key, "base_url": url, "once": True, "progress": progress}

@@ -108,7 +108,7 @@ async def test_gamma_lists_arrive_as_json_strings_and_bad_ones_are_counted(nurse
 
 async def test_default_limit_keeps_under_gamma_and_clob_limits(emulator, autojump_clock):
     source = poly(emulator, every=0.5, side="midpoint", max_markets=100)
-    await run_until(Flow("pace", sources=[source], sinks=[ListSink()]), lambda: source.cycles >= 12)
+    await run_until(Flow("pace", sources=[source], sinks=[ListSink()]), lambda: source.cycles >= 8)
     stats = emulator.stats
     assert stats["polymarket"]["midpoint"]["requests"] >= 300  # past one window's worth
     assert stats["polymarket"]["midpoint"]["refused"] == 0

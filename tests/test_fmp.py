@@ -12,7 +12,7 @@ import pytest
 import trio
 from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 
-from flows import CircuitBreaker, Flow, RateLimit, redact
+from flows import CircuitBreaker, Flow, RateLimit, Retry, redact
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.fmp import FMPDividends, FMPEndOfDay, FMPProfiles, FMPQuotes
@@ -134,7 +134,7 @@ async def test_a_429_without_retry_after_pauses_a_minute(emulator, autojump_cloc
     symbols = emulator.symbols("fmp")[:8]
     sink = ListSink()
     source = FMPProfiles(symbols=symbols, base_url=emulator.url, once=True, concurrency=1,
-                         retries=3, backoff=0.01, **fast())
+                         retry=Retry(attempts=4, backoff=0.01), **fast())
     await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert {t.symbol for t in sink.records} == set(symbols)
     assert emulator.stats["fmp"]["profile"]["refused"] == 1 and trio.current_time() >= 60.0
@@ -157,7 +157,7 @@ async def test_a_wrong_key_is_permanent_and_never_logged(emulator, monkeypatch, 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(
         emulator, autojump_clock):
     source = FMPQuotes(symbols=emulator.symbols("fmp")[:5], base_url=emulator.url, every=2.0,
-                       retries=0, circuit=CircuitBreaker(failures=100), **fast())
+                       retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100), **fast())
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "fmp", "batch-quote")
 
 
@@ -165,7 +165,7 @@ async def test_a_broken_csv_is_a_malformed_body(nursery, autojump_clock):
     from _http_sources import scripted_http_server
 
     url = await scripted_http_server(nursery, [], b"<html>maintenance</html>", lambda head: None)
-    source = FMPEndOfDay(date=DAY, base_url=url, once=True, retries=1, backoff=0.01, **fast())
+    source = FMPEndOfDay(date=DAY, base_url=url, once=True, retry=Retry(attempts=2, backoff=0.01), **fast())
     sink = ListSink()
     _, registry = await run_briefly(Flow("csv", sources=[source], sinks=[sink]))
     assert sink.records == []

@@ -15,7 +15,7 @@ from _http_sources import (
 )
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit
+from flows import CircuitBreaker, Flow, RateLimit, Retry
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator
 from sources.livecoinwatch import LiveCoinWatchPrices
@@ -89,7 +89,7 @@ async def test_spent_daily_credits_pause_the_source_until_midnight_utc(emulator,
     sink = ListSink()
     # the source believes in a larger plan: the API's 429 must stop it for the day
     source = lcw(emulator, symbols=codes, per_request=1, once=True, concurrency=1,
-                 daily_credits=100_000, retries=2, backoff=0.01)
+                 daily_credits=100_000, retry=Retry(attempts=3, backoff=0.01))
     _, registry = await run_briefly(Flow("day", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(codes)  # after the new day began
     single = emulator.stats["livecoinwatch"]["coins/single"]
@@ -158,7 +158,7 @@ async def test_bad_values_are_counted_and_the_rest_used(emulator, autojump_clock
 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(
         emulator, autojump_clock):
-    source = lcw(emulator, symbols=emulator.symbols("livecoinwatch")[:5], every=2.0, retries=0,
+    source = lcw(emulator, symbols=emulator.symbols("livecoinwatch")[:5], every=2.0, retry=Retry(attempts=1),
                  circuit=CircuitBreaker(failures=100), limits=[RateLimit(1000, 1.0)],
                  credits_every=1e9)
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "livecoinwatch",

@@ -8,7 +8,7 @@ import pytest
 from _http_sources import run_until, scripted_http_server
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow
+from flows import CircuitBreaker, Flow, Retry
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator
 from sources.polymarket import OutcomePrice, PolymarketPrices
@@ -117,7 +117,7 @@ async def test_default_limit_keeps_under_gamma_and_clob_limits(emulator, autojum
 
 async def test_malformed_clob_answers_are_dropped_and_polling_goes_on(emulator, autojump_clock):
     sink = ListSink()
-    source = poly(emulator, every=2.0, retries=0, circuit=CircuitBreaker(failures=100),
+    source = poly(emulator, every=2.0, retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100),
                   discover_every=1e9)
     registry = CollectorRegistry()
     tokens = 2 * len(open_markets(emulator))

@@ -295,8 +295,8 @@ async def soak(args: argparse.Namespace) -> int:
                   started, fault_end, ended, wall_offset)
 
 
-def report(args, sources, tracker, gap_keeper, registry, emulator, events, log_counts,
-           started, fault_end, ended, wall_offset) -> int:
+def report(args, sources, tracker, gap_keeper, registry, emulator, events, log_counts,  # noqa: C901
+           started, fault_end, ended, wall_offset) -> int:  # one check after another, in table order
     stale_after = args.stale_after
     print(f"soak: {args.seconds:g} s ({args.seconds * args.fault_share:g} s of faults, then "
           f"quiet), stale_after {stale_after:g} s, seed {args.seed}, {len(sources)} sources "

@@ -183,7 +183,7 @@ def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
                  "                return out, bad, r\n"
                  "            vals[r.symbol] = complex(v, t)")
     namespace: dict[str, Any] = {"rel": rel, "abs_": abs_, "hb": hb, "inf": math.inf}
-    exec(_FAST_LOOP.format(unchanged=unchanged, load=load, store=store), namespace)  # noqa: S102 - our own template
+    exec(_FAST_LOOP.format(unchanged=unchanged, load=load, store=store), namespace)
     return namespace["loop"]
 
 

@@ -223,6 +223,7 @@ class Outbox:
             m.sent.inc(len(records))
             return
         ports = self._ports
+        parts: Sequence[Batch | None]
         if self._routed:
             parts, sent = self._route(batch)
         else:

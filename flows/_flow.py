@@ -453,8 +453,8 @@ class Flow:
                     "feeds nothing; give it a consumer with .then() or .to()"
                 )
         for name in self.edges:
-            node = self._nodes.get(name)
-            if node is None or node.kind == "source":
+            target = self._nodes.get(name)
+            if target is None or target.kind == "source":
                 raise FlowError(
                     f"flow {self.name!r}: edges names {name!r}, which is not a stage or sink"
                 )

@@ -50,7 +50,7 @@ from ._gaps import WallClock
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
-from ._records import Batch, Tick, screen
+from ._records import Batch, screen
 from ._redact import add_secret, redact
 from ._retry import Retry
 
@@ -81,7 +81,7 @@ class Parsed:
     several asked symbols is asked again by halves first).
     """
 
-    ticks: list[Tick] = attrs.field(factory=list)
+    ticks: list[Any] = attrs.field(factory=list)  # Ticks, Trades, OutcomePrices...
     invalid: dict[str, int] = attrs.field(factory=dict)
     details: list[str] = attrs.field(factory=list)
     unknown: list[str] = attrs.field(factory=list)
@@ -229,7 +229,7 @@ class HttpSource:
 
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
-    METRICS = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE)
+    METRICS: tuple[MetricFamily, ...] = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE)
     DEFAULT_RETRY = Retry(attempts=4, backoff=0.2, max_backoff=5.0)
     PAUSE_WITHOUT_RETRY_AFTER = False
     """A 429 without ``Retry-After`` pauses for the longest limit window (for
@@ -286,7 +286,7 @@ class HttpSource:
         """Symbols the API does not know, with the trio time of their next probe."""
         self._polled_at: dict[str, float] = {}  # symbol -> epoch time of its last good poll
         self._polled_all: float | None = None  # of the last good all-symbols poll
-        self._wall: WallClock | None = None  # set per run
+        self._wall: WallClock  # set per run
         self._stale_after = math.inf  # the runtime's stale_after for this source, set per run
         self._started = time.time()
         self._opened_wall: float | None = None  # when the circuit opened, epoch seconds

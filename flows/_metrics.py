@@ -25,9 +25,9 @@ import re
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, cast
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,7 +42,10 @@ __all__ = [
     "METRICS",
     "SIZE_BUCKETS",
     "ComponentMetrics",
+    "CounterChild",
     "FlowMetrics",
+    "GaugeChild",
+    "HistogramChild",
     "MetricFamily",
     "SlowThresholds",
     "declared_metrics",
@@ -70,6 +73,35 @@ _LABEL = re.compile(r"[a-z][a-z0-9_]*")
 _DEFAULT_BUCKETS = LATENCY_BUCKETS
 
 
+def _labels(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _buckets(bounds: Iterable[float] | None) -> tuple[float, ...] | None:
+    return None if bounds is None else tuple(bounds)
+
+
+class CounterChild(Protocol):
+    """A labelled counter: prometheus_client's ``Counter`` child or a ``FastCounter``."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class GaugeChild(Protocol):
+    """A labelled gauge (prometheus_client's ``Gauge`` child)."""
+
+    def inc(self, amount: float = 1) -> None: ...
+    def dec(self, amount: float = 1) -> None: ...
+    def set(self, value: float) -> None: ...
+    def set_function(self, f: Callable[[], float]) -> None: ...
+
+
+class HistogramChild(Protocol):
+    """A labelled histogram: prometheus_client's ``Histogram`` child or a ``FastHistogram``."""
+
+    def observe(self, amount: float) -> None: ...
+
+
 @attrs.frozen
 class MetricFamily:
     """The declaration of one metric family: name, kind, help, extra labels.
@@ -93,10 +125,8 @@ class MetricFamily:
     name: str
     kind: str
     help: str
-    labels: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    buckets: tuple[float, ...] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(tuple)
-    )
+    labels: tuple[str, ...] = attrs.field(default=(), converter=_labels)
+    buckets: tuple[float, ...] | None = attrs.field(default=None, converter=_buckets)
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -401,23 +431,21 @@ class ComponentMetrics:
     def __init__(self, fm: FlowMetrics, flow: str, stage: str, kind: str) -> None:
         self.flow_metrics = fm
         self.flow, self.stage, self.kind = flow, stage, kind
-        f = fm.families
-        child = lambda name: f[name].labels(flow, stage)
-        self.received = child("flows_records_received_total")
-        self.sent = child("flows_records_sent_total")
-        self.restarts = child("flows_actor_restarts_total")
-        self.up = child("flows_actor_up")
-        self.processing = child("flows_batch_processing_seconds")
-        self.send_wait = child("flows_send_wait_seconds")
-        self.end_to_end = child("flows_end_to_end_latency_seconds")
-        self.lag = child("flows_source_lag_seconds")
-        self.poll_cycle = child("flows_source_poll_cycle_seconds")
-        self.write_seconds = child("flows_sink_write_seconds")
-        self.write_records = child("flows_sink_batch_records")
-        self.write_errors = child("flows_sink_write_errors_total")
-        self.write_retries = child("flows_sink_retries_total")
-        self._labeled: dict[tuple[str, str | None], Any] = {}
-        self._discards: dict[str, Any] = {}
+        self._labeled: dict[tuple[str, ...], Any] = {}
+        self.received = self.counter("flows_records_received_total")
+        self.sent = self.counter("flows_records_sent_total")
+        self.restarts = self.counter("flows_actor_restarts_total")
+        self.up = self.gauge("flows_actor_up")
+        self.processing = self.histogram("flows_batch_processing_seconds")
+        self.send_wait = self.histogram("flows_send_wait_seconds")
+        self.end_to_end = self.histogram("flows_end_to_end_latency_seconds")
+        self.lag = self.histogram("flows_source_lag_seconds")
+        self.poll_cycle = self.histogram("flows_source_poll_cycle_seconds")
+        self.write_seconds = self.histogram("flows_sink_write_seconds")
+        self.write_records = self.histogram("flows_sink_batch_records")
+        self.write_errors = self.counter("flows_sink_write_errors_total")
+        self.write_retries = self.counter("flows_sink_retries_total")
+        self._discards: dict[str, CounterChild] = {}
         self._slow_batch = math.inf
         self.slow = SlowThresholds()
         self._slow_log_after: dict[str, float] = {}
@@ -451,6 +479,25 @@ class ComponentMetrics:
             child = self._labeled[key] = parent.labels(self.flow, self.stage, *values)
         return child
 
+    def counter(self, family: MetricFamily | str, *values: str) -> CounterChild:
+        """``labeled`` for a counter family, typed (a TypeError for another kind)."""
+        return cast(CounterChild, self._typed(family, "counter", values))
+
+    def gauge(self, family: MetricFamily | str, *values: str) -> GaugeChild:
+        """``labeled`` for a gauge family, typed (a TypeError for another kind)."""
+        return cast(GaugeChild, self._typed(family, "gauge", values))
+
+    def histogram(self, family: MetricFamily | str, *values: str) -> HistogramChild:
+        """``labeled`` for a histogram family, typed (a TypeError for another kind)."""
+        return cast(HistogramChild, self._typed(family, "histogram", values))
+
+    def _typed(self, family: MetricFamily | str, kind: str, values: tuple[str, ...]) -> Any:
+        declared = family if isinstance(family, MetricFamily) else (
+            self.flow_metrics.declared.get(family))
+        if declared is not None and declared.kind != kind:
+            raise TypeError(f"metric {declared.name} is a {declared.kind}, not a {kind}")
+        return self.labeled(family, *values)
+
     def register(self, *families: MetricFamily) -> None:
         """Register ``families`` now, so /metrics lists them before first use."""
         for family in families:
@@ -460,12 +507,12 @@ class ComponentMetrics:
         """Count ``n`` records dropped for ``reason`` (a small fixed word)."""
         child = self._discards.get(reason)
         if child is None:
-            child = self._discards[reason] = self.labeled("flows_records_discarded_total", reason)
+            child = self._discards[reason] = self.counter("flows_records_discarded_total", reason)
         child.inc(n)
 
     def error(self, error_type: str) -> None:
         """Count one error of ``error_type`` (a small fixed word or class name)."""
-        self.labeled("flows_errors_total", error_type).inc()
+        self.counter("flows_errors_total", error_type).inc()
 
     def observe_processing(self, seconds: float) -> None:
         self.busy_seconds += seconds
@@ -481,7 +528,7 @@ class ComponentMetrics:
 
     def _slow(self, metric: str, what: str, seconds: float, limits: tuple[float, float]) -> None:
         severity = "critical" if seconds >= limits[1] else "warning"
-        self.labeled(metric, severity).inc()
+        self.counter(metric, severity).inc()
         now = time.monotonic()
         if now >= self._slow_log_after.get(metric, 0.0):
             self._slow_log_after[metric] = now + self.slow.cooldown

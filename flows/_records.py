@@ -143,9 +143,11 @@ def check_tick(record: Any, now: float | None = None) -> str | None:
                 return None
         except TypeError:
             pass
-        ts, price, names = record.ts, record.price, (("symbol", record.symbol),
-                                                     ("source", record.source))
-        extras = (("bid", record.bid), ("ask", record.ask), ("volume", record.volume))
+        ts: Any = record.ts
+        price: Any = record.price
+        names: tuple[tuple[str, Any], ...] = (("symbol", record.symbol), ("source", record.source))
+        extras: tuple[tuple[str, Any], ...] = (
+            ("bid", record.bid), ("ask", record.ask), ("volume", record.volume))
     elif type(record) is Trade:
         return _check_trade(record, hi)
     else:

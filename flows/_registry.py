@@ -66,7 +66,7 @@ class Component:
             obj: Any = importlib.import_module(module.strip())
             for part in attr.strip().split(".") if attr.strip() else ():
                 obj = getattr(obj, part)
-        except Exception as exc:  # noqa: BLE001 - any import error becomes one line
+        except Exception as exc:
             detail = " ".join(str(exc).split())
             raise ComponentError(
                 f"{self.group} entry point {self.name!r} = {self.value!r} (from "

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import attrs
 import trio
@@ -89,6 +89,11 @@ class _ActorSlot:
     freshness: Freshness | None = None
 
 
+class _EndpointLimits(TypedDict):
+    cache: float
+    rate: float | None
+
+
 class Runtime:
     """Runs one Flow. ``await Runtime(flow).run()``; use ``nursery.start`` to
     wait until it is running (the metrics server, if any, is listening).
@@ -137,7 +142,7 @@ class Runtime:
 
             parse_addr(self.metrics_addr)  # a bad address fails here, not mid-run
             check_limits(endpoint_cache, endpoint_rate)
-        self.endpoint_limits = {"cache": endpoint_cache, "rate": endpoint_rate}
+        self.endpoint_limits = _EndpointLimits(cache=endpoint_cache, rate=endpoint_rate)
         self.metrics_url: str | None = None
         self.drain_timeout = drain_timeout
         self.duration = duration
@@ -317,8 +322,9 @@ class Runtime:
             if slot.kind != "source":
                 name = slot.actor.name
                 ports[name], inboxes[name] = open_edge(flow.edge(name), slot.metrics)
-                if isinstance(ports[name], ConflatingPort):
-                    nursery.start_soon(ports[name].pump)
+                port = ports[name]
+                if isinstance(port, ConflatingPort):
+                    nursery.start_soon(port.pump)
         outboxes: dict[str, Outbox] = {}
         self.links = []
         for slot in self.slots:

@@ -57,7 +57,7 @@ _BUILT_IN: dict[type, tuple[str, tuple[str, ...] | None, str | None]] = {
     Candle: ("candles", ("source", "symbol", "start", "width"), "start"),
     Gap: ("gaps", None, "start"),
 }
-_KINDS = {
+_KINDS: dict[type[msgspec.inspect.Type], str] = {
     msgspec.inspect.FloatType: "float",
     msgspec.inspect.IntType: "int",
     msgspec.inspect.StrType: "str",
@@ -114,7 +114,9 @@ def record_schema(record_type: type) -> RecordSchema:
 def _schema(record_type: type) -> RecordSchema:
     if not (isinstance(record_type, type) and issubclass(record_type, msgspec.Struct)):
         raise TypeError(f"a storing sink stores msgspec Structs, not {record_type.__name__}")
-    columns = tuple(_column(f) for f in msgspec.inspect.type_info(record_type).fields)
+    info = msgspec.inspect.type_info(record_type)
+    assert isinstance(info, msgspec.inspect.StructType)  # a Struct subclass, checked above
+    columns = tuple(_column(f) for f in info.fields)
     names = [c.name for c in columns]
     if record_type in _BUILT_IN:
         table, key, time = _BUILT_IN[record_type]
@@ -147,9 +149,9 @@ def _column(field: Any) -> Column:
 def _values_of(columns: tuple[Column, ...]) -> Callable[[Any], tuple[Any, ...]]:
     """record -> its row (one C call when no column is JSON)."""
     names = [c.name for c in columns]
-    get = operator.attrgetter(*names)
+    get: Callable[[Any], tuple[Any, ...]] = operator.attrgetter(*names)
     if len(names) == 1:
-        one = get
+        one = operator.attrgetter(names[0])
         get = lambda record: (one(record),)
     encoded = [i for i, c in enumerate(columns) if c.kind == "json"]
     if not encoded:

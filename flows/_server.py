@@ -209,13 +209,17 @@ def _select(families: list[Metric], names: frozenset[str]) -> list[Metric]:
     return out
 
 
+_BodyKey = tuple[str, bool, "frozenset[str] | None"]  # (content type, gzipped, name[] selection)
+
+
 class _Exposition:
     """/metrics bodies: one collection of the registry per ``ttl`` seconds,
     each format (text, OpenMetrics), compression and ``name[]`` selection
     encoded from it once."""
 
     def __init__(self, registry: CollectorRegistry, ttl: float) -> None:
-        self._collected = _Cached(lambda: (list(registry.collect()), {}), ttl)
+        self._collected: _Cached[tuple[list[Metric], dict[_BodyKey, bytes]]] = _Cached(
+            lambda: (list(registry.collect()), {}), ttl)
 
     @property
     def collections(self) -> int:

@@ -230,7 +230,7 @@ class BatchingSink:
                     await self._bounded(self.close, limit)
                 except TimeoutError:
                     log.warning("closing did not finish within %gs; left to the OS", limit)
-                except Exception as exc:  # noqa: BLE001 - must not hide why the sink stops
+                except Exception as exc:
                     log.warning("closing failed: %r", exc)
 
     async def _flush(self, batches: list[Batch], m: ComponentMetrics, log: logging.Logger) -> None:
@@ -314,7 +314,8 @@ class BatchingSink:
                 if delay is None:
                     raise _GaveUp from exc
                 log.warning(
-                    "write of %d records failed (%s); retrying in %.2fs", len(records), _short(exc, 500), delay
+                    "write of %d records failed (%s); retrying in %.2fs",
+                    len(records), _short(exc, 500), delay
                 )
                 m.write_retries.inc()
                 await trio.sleep(delay)

@@ -911,7 +911,7 @@ class Candles(Window):
                     e = [hold, [hold], p, p, p, p, s, 1, ps, ts, ts, now, d]
                     hold.left += 1
                 wins[start] = opened[(src, sym, start)] = e
-                if start > ks[7]:  # noqa: PLR1730 - the hot loop: a comparison costs less than max()
+                if start > ks[7]:
                     ks[7] = start
         except (AttributeError, TypeError):  # a record without a size, or not numbers: the generic loop
             at = next(i for i, x in enumerate(records) if x is r)

@@ -59,8 +59,8 @@ connection:
 
 Backpressure: the source buffers nothing of its own. While ``outbox.send``
 blocks, the source stops reading: messages wait in the socket buffers
-(the kernel's, bounded), then at the exchange, which drops slow consumers (they reconnect, and the gap shows in
-the metrics). For market data the usual answer to a slow consumer is a
+(the kernel's, bounded), then at the exchange, which drops slow consumers
+(they reconnect, and the gap shows in the metrics). For market data the usual answer to a slow consumer is a
 ``conflate`` edge, set on the consumer (the first stage or sink after the
 source): ``Flow(..., edges={"sink": Edge(policy="conflate")})``. The source
 then never blocks, and the consumer gets the latest Tick per symbol.
@@ -227,7 +227,7 @@ class WebSocketSource:
     CONNECT_LIMITS: tuple[RateLimit, ...] = ()
     HEARTBEAT_INTERVAL: float | None = None
     DEFAULT_RETRY = Retry(backoff=0.5, max_backoff=30.0)
-    METRICS = (MESSAGES, RECONNECTS, UPTIME, GAPS)
+    METRICS: tuple[MetricFamily, ...] = (MESSAGES, RECONNECTS, UPTIME, GAPS)
 
     def __init__(
         self,
@@ -357,7 +357,8 @@ class WebSocketSource:
         shards = self.shards
         if not self._running or not shards or any(s.opened_mono is None for s in shards):
             return 0.0
-        return max(time.monotonic() - max(s.opened_mono for s in shards), 0.0)  # type: ignore[type-var]
+        opened = [s.opened_mono for s in shards if s.opened_mono is not None]
+        return max(time.monotonic() - max(opened), 0.0)
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics

@@ -104,7 +104,7 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except FlowError as exc:
         raise TargetError(f"{path}: bad flow definition: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any import error becomes one line
+    except Exception as exc:
         where = _where(exc, str(path.resolve()))
         raise TargetError(
             f"{path}: importing it raised {type(exc).__name__}{where}: {exc}"
@@ -121,7 +121,7 @@ def _import_module(spec: str) -> Any:
         raise TargetError(f"module {spec!r} not found ({exc})") from None
     except FlowError as exc:
         raise TargetError(f"{spec}: bad flow definition: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any import error becomes one line
+    except Exception as exc:
         raise TargetError(f"{spec}: importing it raised {type(exc).__name__}: {exc}") from None
 
 
@@ -142,7 +142,7 @@ def load_flow(target: str, attr: str | None = None) -> Flow:
             obj = obj()
         except FlowError as exc:
             raise TargetError(f"{target}: {name}(): bad flow definition: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - reported as one line
+        except Exception as exc:
             raise TargetError(f"{target}: {name}() raised {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, Flow):
         raise TargetError(f"{target}: {name!r} is a {type(obj).__name__}, not a Flow")
@@ -205,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ignore saved state (change-detector checkpoints, replay offsets)")
     p.add_argument("--graph", action="store_true",
                    help="print the flow's graph (text, then a Mermaid block) and exit")
-    p.add_argument("--db", default="ticks.db", type=_db_arg, help="SQLite file for the demo (default: %(default)s)")
+    p.add_argument("--db", default="ticks.db", type=_db_arg,
+                   help="SQLite file for the demo (default: %(default)s)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"))

@@ -188,10 +188,7 @@ def timestamp(ts: float, precision: str = "ns") -> int:
             n = round(ts * scale)
         else:
             us = round(ts * 1e6)
-            if us / 1e6 == ts:
-                n = us * 1000
-            else:
-                n = _ns_of_repr(ts)
+            n = us * 1000 if us / 1000000.0 == ts else _ns_of_repr(ts)
     ns_per_unit = 1_000_000_000 // scale
     if not _MIN_NS <= n * ns_per_unit <= _MAX_NS:
         raise LineProtocolError(f"timestamp {ts!r} is outside InfluxDB's range (years 1677-2262)")
@@ -222,7 +219,7 @@ def _check_name(what: str, name: object, *, measurement: bool = False) -> str:
 def _specs(what: str, spec: FieldSpec) -> list[tuple[str, str, str | Callable[[Any], Any]]]:
     """(key, escaped "key=", attribute name or function) for each tag or field."""
     if isinstance(spec, str):
-        raise ValueError(f"{what} must be a sequence or mapping of names, not the string {spec!r}")  # noqa: TRY004 - a config error, like the others
+        raise ValueError(f"{what} must be a sequence or mapping of names, not the string {spec!r}")
     items = spec.items() if isinstance(spec, Mapping) else ((name, name) for name in spec)
     out: list[tuple[str, str, str | Callable[[Any], Any]]] = []
     for key, source in items:
@@ -303,7 +300,16 @@ class _Lines:
     _time: Callable[[Any], Any]
     precision: str
 
-    def _lines(self, records: list[Any]) -> list[str]:
+    def _set_mapping(self, measurement: str, tag_specs: list[Any], field_specs: list[Any]) -> None:
+        """Set the mapping attributes ``_lines`` reads."""
+        self._prefix = measurement.translate(_MEASUREMENT)
+        self._tag_prefixes = [prefix for _, prefix, _ in tag_specs]
+        self._tag_values = _getter([source for _, _, source in tag_specs])
+        self._field_prefixes = [prefix for _, prefix, _ in field_specs]
+        self._field_values = _getter([source for _, _, source in field_specs])
+        self._heads = {}  # tag values -> "measurement,tags"
+
+    def encode_lines(self, records: list[Any]) -> list[str]:
         """The lines of ``records`` (the hot path: locals, one timestamp
         conversion per run of equal times, cached tag heads)."""
         tag_values, heads, make_head = self._tag_values, self._heads, self._head
@@ -359,23 +365,13 @@ class _Lines:
         return head
 
 
-def _set_mapping(obj: Any, measurement: str, tag_specs: list[Any], field_specs: list[Any]) -> None:
-    """Set the attributes ``_Lines`` reads on ``obj``."""
-    obj._prefix = measurement.translate(_MEASUREMENT)
-    obj._tag_prefixes = [prefix for _, prefix, _ in tag_specs]
-    obj._tag_values = _getter([source for _, _, source in tag_specs])
-    obj._field_prefixes = [prefix for _, prefix, _ in field_specs]
-    obj._field_values = _getter([source for _, _, source in field_specs])
-    obj._heads = {}  # tag values -> "measurement,tags"
-
-
 class _Layout(_Lines):
     """A record type's own mapping (the sink's default mapping fits Ticks)."""
 
     def __init__(self, measurement: str, tags: FieldSpec, fields: FieldSpec, time: str,
                  precision: str) -> None:
         _check_name("measurement", measurement, measurement=True)
-        _set_mapping(self, measurement, sorted(_specs("tags", tags), key=operator.itemgetter(0)),
+        self._set_mapping(measurement, sorted(_specs("tags", tags), key=operator.itemgetter(0)),
                      _specs("fields", fields))
         self._time = operator.attrgetter(time)
         self.precision = precision
@@ -492,7 +488,7 @@ class InfluxSink(_Lines, BatchingSink):
             write_timeout=write_timeout, unready_after=unready_after,
         )
         self.timeout = timeout
-        _set_mapping(self, measurement, tag_specs, field_specs)
+        self._set_mapping(measurement, tag_specs, field_specs)
         # the default mapping: a Struct type other than Tick gets its own (record_schema)
         self._by_type = (measurement, tuple(tags), tuple(fields), time) == _DEFAULT_MAPPING
         self.measurements = dict(measurements or {})
@@ -536,14 +532,14 @@ class InfluxSink(_Lines, BatchingSink):
         """The lines of ``records``: with the default mapping, a Struct type
         other than Tick is written by its own (``_layout``)."""
         if not self._by_type or set(map(type, records)) == _TICKS:
-            return _Lines._lines(self, records)
+            return _Lines.encode_lines(self, records)
         by_type: dict[type, list[Any]] = {}
         for r in records:
             by_type.setdefault(type(r), []).append(r)
         lines: list[str] = []
         for kind, same in by_type.items():
             typed = kind is not Tick and issubclass(kind, msgspec.Struct)
-            lines += _Lines._lines(self._layout(kind) if typed else self, same)
+            lines += _Lines.encode_lines(self._layout(kind) if typed else self, same)
         return lines
 
     def _layout(self, kind: type) -> _Lines:

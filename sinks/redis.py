@@ -75,6 +75,7 @@ import msgspec
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as _RedisRetry
+from redis.typing import EncodableT, FieldT
 
 from flows import BatchingSink, Retry, Tick, record_schema, redact
 
@@ -199,7 +200,7 @@ class RedisStreamSink(BatchingSink):
     def _write_sync(self, records: list[Any]) -> None:
         assert self._client is not None
         encode, maxlen, limit = _encoder.encode, self.maxlen, self.max_entry_bytes
-        entries = []
+        entries: list[dict[FieldT, EncodableT]] = []
         for r in records:  # a bad record fails before any XADD
             data = encode(r)
             if len(data) > limit:

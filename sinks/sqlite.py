@@ -124,7 +124,8 @@ class SQLiteSink(BatchingSink):
 
     def _connect(self) -> sqlite3.Connection:
         self._created.clear()
-        db = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False,
+                             isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(

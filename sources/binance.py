@@ -262,7 +262,7 @@ class BinanceMiniTicker(msgspec.Struct, frozen=True):
     c: str  # close (last) price
     o: str  # open price
     h: str  # high
-    l: str  # low
+    l: str  # low  # noqa: E741 (Binance's field name)
     v: str  # base asset volume
     q: str  # quote asset volume
 
@@ -288,10 +288,10 @@ class BinanceCombined(msgspec.Struct, Generic[_T], frozen=True):
     event: Any = None  # the websocket API's form: {"event": {"e": "serverShutdown", ...}}
 
 
-_CHANNELS = {
-    "trade": BinanceTrade,
-    "bookTicker": BinanceBookTicker,
-    "miniTicker": BinanceMiniTicker,
+_CHANNELS: dict[str, Any] = {  # channel -> the combined-stream envelope of its payload
+    "trade": BinanceCombined[BinanceTrade],
+    "bookTicker": BinanceCombined[BinanceBookTicker],
+    "miniTicker": BinanceCombined[BinanceMiniTicker],
 }
 
 _stream_log = logging.getLogger("flows.source.binance")
@@ -354,7 +354,7 @@ class BinanceStream(WebSocketSource):
         self.subscribe = subscribe
         self.streams_per_message = streams_per_message
         self.check_gaps = channel == "trade" if check_gaps is None else check_gaps
-        self._decode = msgspec.json.Decoder(BinanceCombined[_CHANNELS[channel]]).decode
+        self._decode = msgspec.json.Decoder(_CHANNELS[channel]).decode
         self._request_id = 0
 
     def stream_name(self, symbol: str) -> str:
@@ -366,10 +366,10 @@ class BinanceStream(WebSocketSource):
             return f"{self.base_url}/stream"
         return f"{self.base_url}/stream?streams=" + "/".join(map(self.stream_name, symbols))
 
-    def subscribe_messages(self, symbols: list[str]) -> list[str]:
+    def subscribe_messages(self, symbols: list[str]) -> list[str | bytes]:
         if self.subscribe != "message":
             return []
-        messages = []
+        messages: list[str | bytes] = []
         per = self.streams_per_message
         for i in range(0, len(symbols), per):
             self._request_id += 1

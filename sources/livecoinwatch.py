@@ -275,8 +275,8 @@ class LiveCoinWatchPrices(HttpSource):
         now = time.time()
         out = Parsed()
         if request.endpoint == "coins/single":
-            coin = _single.decode(body)
-            self._tick(out, request.symbols[0], coin.rate, coin.volume, now)
+            single = _single.decode(body)
+            self._tick(out, request.symbols[0], single.rate, single.volume, now)
             return out
         coins = _coins.decode(body)
         wanted = set(request.symbols)

@@ -93,7 +93,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -358,7 +358,9 @@ class RedisStreamSource:
 
         limiter = _Marking()
         try:
-            return await trio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=limiter)
+            # trio accepts any object with the limiter's two methods (typed as CapacityLimiter)
+            return await trio.to_thread.run_sync(
+                work, abandon_on_cancel=True, limiter=cast(trio.CapacityLimiter, limiter))
         except trio.Cancelled:
             if limiter.acquired:  # the thread runs: wake the read and wait for it, so
                 # the connection is idle when run() closes it. Entries it
@@ -422,6 +424,7 @@ class RedisStreamSource:
                     self._drops.drop(reason, f"entry {entry_id!r}: no {FIELD!r} field")
                     bad.append(entry_id)
                     continue
+                why: str | None
                 try:
                     record = decode(payload)
                 except msgspec.DecodeError as exc:

@@ -11,8 +11,8 @@ Formats (``format``; by default from the file's extension: ``.jsonl``,
 ``ValueError`` unless ``format`` is given):
 
 - JSONL (https://jsonlines.org): one ``Tick`` object per line (or one
-  ``record``, e.g. ``Trade``), decoded with ``msgspec.json.Decoder(Tick)``; ``bid``, ``ask`` and ``volume`` may
-  be missing or ``null``; blank lines are skipped::
+  ``record``, e.g. ``Trade``), decoded with ``msgspec.json.Decoder(Tick)``;
+  ``bid``, ``ask`` and ``volume`` may be missing or ``null``; blank lines are skipped::
 
       {"source":"binance","symbol":"BTCUSDT","price":64210.5,"ts":1700000000.25,"bid":64210.4,"ask":64210.6,"volume":null}
 
@@ -557,7 +557,7 @@ class ReplaySource:
         i_symbol, i_price, i_ts = (columns[c] for c in _REQUIRED)
         i_source = columns.get("source")
         optional = [(c, columns[c]) for c in _OPTIONAL if c in columns]
-        default_source = self.source
+        default_source = self.source or self.path.stem  # set in __attrs_post_init__
         while True:
             overlong = lines.overlong
             try:
@@ -619,10 +619,7 @@ class ReplaySource:
             f, reader.rows = await trio.to_thread.run_sync(self._open, start)
             while not reader.eof:
                 with metrics.timed_batch():
-                    if self.speed is None:
-                        records = reader.take()
-                    else:
-                        records = reader.take_due(trio.current_time())
+                    records = reader.take() if self.speed is None else reader.take_due(trio.current_time())
                     if reader.invalid:
                         metrics.discarded("invalid", reader.invalid)
                 if reader.consumed > tracker.sent:
@@ -679,7 +676,7 @@ class _BatchReader:
         self.rows: Iterator[_Row] = iter(())
         self.size = source.batch_size
         self.speed = source.speed or 1.0
-        self.drops = source._drops
+        self.drops = source._drops  # noqa: SLF001 (the reader is its source's helper)
         self.label = source.path.name
         self.consumed = start  # lines read and batched (or skipped: blank, invalid)
         self.invalid = 0  # invalid lines in the last batch

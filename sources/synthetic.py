@@ -184,14 +184,16 @@ class SyntheticTrades:
 
     def trades(self, now: float | None = None) -> list[Trade]:
         """One round of trades at epoch time ``now`` (default: the wall clock)."""
-        market, rng = self._market, self._market._rng
+        market = self._market  # its private state: trades walk the same prices
+        rng = market._rng  # noqa: SLF001
         now = time.time() if now is None else now
         src, vol, out = self.name, self.volatility, []
-        for i, symbol in enumerate(market._names):
+        for i, symbol in enumerate(market._names):  # noqa: SLF001
             if rng.random() >= self.active:
                 continue
             for _ in range(rng.randint(1, self.burst)):
-                price = market._prices[i] = round(market._prices[i] * math.exp(rng.gauss(0.0, vol)), 8)
+                step = math.exp(rng.gauss(0.0, vol))
+                price = market._prices[i] = round(market._prices[i] * step, 8)  # noqa: SLF001
                 ts = now - rng.uniform(0.0, self.disorder) if self.disorder else now
                 out.append(Trade(src, symbol, price, round(rng.lognormvariate(0.0, 1.0), 6), ts,
                                  "buy" if rng.random() < 0.5 else "sell", str(self._next_id)))

@@ -95,7 +95,7 @@ async def test_ticks_bad_values_an_unknown_pair_and_malformed_bodies(nursery):
 
 def test_the_example_is_short_documented_and_uses_the_documented_limits():
     assert len(EXAMPLE.read_text().splitlines()) < 100
-    assert BitstampTickers.DEFAULT_LIMITS == (RateLimit(400, 1.0), RateLimit(10_000, 600.0))
+    assert (RateLimit(400, 1.0), RateLimit(10_000, 600.0)) == BitstampTickers.DEFAULT_LIMITS
     assert BitstampTickers.DEFAULT_URL == "https://www.bitstamp.net"
     assert {f.name for f in declared_metrics(BitstampTickers)} >= {"flows_source_request_seconds"}
     doc = load_example().__doc__

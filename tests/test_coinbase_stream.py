@@ -162,7 +162,7 @@ def test_argument_checks_and_messages():
     assert source.symbols == ["BTC-USD", "ETH-USD", "SOL-USD"]
     assert source.url(source.symbols) == "wss://ws-feed.exchange.coinbase.com"
     assert source.silence_timeout == 60.0
-    assert CoinbaseStream.CONNECT_LIMITS == (RateLimit(8, 1.0),)  # 8 connections/s per IP
+    assert (RateLimit(8, 1.0),) == CoinbaseStream.CONNECT_LIMITS  # 8 connections/s per IP
     assert [msgspec.json.decode(m) for m in source.subscribe_messages(source.symbols)] == [
         {"type": "subscribe", "product_ids": ["BTC-USD", "ETH-USD"], "channels": ["ticker"]},
         {"type": "subscribe", "product_ids": ["SOL-USD"], "channels": ["ticker"]},

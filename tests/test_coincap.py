@@ -69,7 +69,7 @@ def test_the_api_key_comes_from_the_environment(monkeypatch):
 
 
 def test_default_limit_is_the_emulated_one():
-    assert CoinCapPrices.DEFAULT_LIMITS == (RateLimit(600, 60.0),)
+    assert (RateLimit(600, 60.0),) == CoinCapPrices.DEFAULT_LIMITS
     assert Emulator().rate_limits["coincap"] == WindowLimit(limit=600, window=60.0)
 
 

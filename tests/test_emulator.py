@@ -422,7 +422,7 @@ def test_latency_distributions_and_fault_validation():
     uniform = [
         Latency(dist="uniform", ms=10, max_ms=20).sample(rng) for _ in range(200)
     ]
-    assert 0.010 <= min(uniform) and max(uniform) <= 0.020
+    assert min(uniform) >= 0.010 and max(uniform) <= 0.020
     lognormal = sorted(
         Latency(dist="lognormal", ms=50, sigma=0.5).sample(rng) for _ in range(999)
     )

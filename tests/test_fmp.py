@@ -76,7 +76,7 @@ async def test_dividends_are_one_tick_per_ex_date(emulator, autojump_clock):
     assert emulator.stats["fmp"]["dividends"]["requests"] == 8
     assert {t.symbol for t in sink.records} == set(payers) and len(sink.records) == 5 * 8
     for t in sink.records:
-        assert t.price == fmp.by_symbol[t.symbol].dividend
+        assert t.price == fmp.stock_by_symbol[t.symbol].dividend
         assert t.ts % 86400 == 0  # the ex-date, midnight UTC
 
 

@@ -233,7 +233,7 @@ async def test_a_missing_directory_is_a_clear_error_at_open(tmp_path, autojump_c
         await JSONLSink(path).open()
     flow = Flow("nodir", sources=[ListSource([ticks(3)])], sinks=[JSONLSink(path)],
                 supervision=Supervision(max_restarts=1))
-    with pytest.raises(FlowFailed, match="directory .* does not exist"):
+    with pytest.raises(FlowFailed, match=r"directory .* does not exist"):
         await run_briefly(flow)
     assert not path.parent.exists()
 

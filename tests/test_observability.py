@@ -117,7 +117,7 @@ class FlowThread:
 
         try:
             trio.run(body)
-        except BaseException as exc:  # noqa: BLE001 - reported by stop() / start()
+        except BaseException as exc:
             self.error = exc
         finally:
             self._started.set()

@@ -164,7 +164,7 @@ def test_another_package_registers_a_component_and_its_metrics(third_party):
     assert "\n" not in message
     assert message.startswith("flows.sinks entry point 'broken' = 'flows_ping_missing.sink:Nope' "
                               "(from flows-ping) cannot be loaded: ModuleNotFoundError")
-    with pytest.raises(ComponentError, match="'idle' .* is not an actor class"):
+    with pytest.raises(ComponentError, match=r"'idle' .* is not an actor class"):
         theirs["idle"].load()
 
 

@@ -474,7 +474,7 @@ def test_the_docstring_example_builds(tmp_path, monkeypatch):
     example = textwrap.dedent(doc.split("Example::", 1)[1])
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(example, "sources/replay.py example", "exec"), namespace)  # noqa: S102 - the doc example
+    exec(compile(example, "sources/replay.py example", "exec"), namespace)
     flow = namespace["flow"]
     assert isinstance(flow, Flow) and isinstance(flow.sources[0], ReplaySource)
 

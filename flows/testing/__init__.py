@@ -180,7 +180,7 @@ async def wait_until(
     ``timeout`` s raise ``trio.TooSlowError`` naming ``what`` was awaited
     (default: the condition's source line)."""
     with deadline(timeout, what or _described(condition)):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 (polls a plain predicate, no event to wait on)
             await trio.sleep(poll)
 
 

@@ -48,7 +48,7 @@ from typing import Any
 from ._base import ExchangeAPI, Reply, Request
 from ._faults import Field
 from ._limits import RateLimit, Verdict, WindowLimit
-from ._market import Market, Quote
+from ._market import Asset, Market, Quote
 
 __all__ = ["FMP", "Stock", "make_stocks"]
 
@@ -125,7 +125,10 @@ class FMP(ExchangeAPI):
         self.market = market  # (not ExchangeAPI.__init__: no Asset name for this API)
         self.seed = seed
         self.stocks = make_stocks(stocks, seed)
-        self.by_symbol = {s.symbol: s for s in self.stocks}  # type: ignore[misc]
+        self.stock_by_symbol = {s.symbol: s for s in self.stocks}
+        self.by_symbol: dict[str, Asset] = {}  # stocks, not crypto assets: see stock_by_symbol
+        self.hidden = frozenset()
+        self.throttle_error = None
         self.api_keys = tuple(api_keys)
 
     def symbols(self) -> list[str]:
@@ -141,7 +144,7 @@ class FMP(ExchangeAPI):
 
     def bar(self, symbol: str, day: dt.date) -> tuple[float, float, float, float, int]:
         """What ``eod-bulk`` serves for ``symbol`` on ``day``: (open, low, high, close, volume)."""
-        return _bar(self.by_symbol[symbol], day, self.seed)
+        return _bar(self.stock_by_symbol[symbol], day, self.seed)
 
     def handle(self, endpoint: str, request: Request, params: dict[str, str]) -> Reply:
         if request.param("apikey") not in self.api_keys:
@@ -153,7 +156,7 @@ class FMP(ExchangeAPI):
         if endpoint in ("batch-quote", "quote"):
             names = params.get("symbols") or request.param("symbols") or request.param("symbol") or ""
             return self._quotes([s.strip() for s in names.split(",") if s.strip()], "v3" in params)
-        stock = self.by_symbol.get(request.param("symbol") or "")
+        stock = self.stock_by_symbol.get(request.param("symbol") or "")
         if stock is None:
             return Reply(200, [], empty=[])
         if endpoint == "dividends":
@@ -185,10 +188,12 @@ class FMP(ExchangeAPI):
     def _quotes(self, symbols: list[str], v3: bool) -> Reply:
         if not symbols:
             return Reply(400, {"Error Message": "symbols is required."})
-        records, fields, served = [], [], {}
+        records: list[dict[str, Any]] = []
+        fields: list[list[Field]] = []
+        served: dict[str, Quote] = {}
         change_key = "changesPercentage" if v3 else "changePercentage"
         for symbol in dict.fromkeys(symbols):
-            stock = self.by_symbol.get(symbol)
+            stock = self.stock_by_symbol.get(symbol)
             if stock is None:
                 continue
             quote = self._quote(stock)

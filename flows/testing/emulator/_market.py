@@ -110,8 +110,8 @@ class Quote:
 
     ``time`` is the emulator's wall clock (epoch seconds, following trio's
     clock) when this exchange first quoted the step; ``changed`` the wall
-    time of the asset's last price move; ``step`` the walk step. ``fault`` names the bad-value fault applied to this
-    record when it was served (``None``: served intact).
+    time of the asset's last price move; ``step`` the walk step. ``fault``
+    names the bad-value fault applied to this record when it was served (``None``: served intact).
     """
 
     exchange: str

@@ -173,7 +173,9 @@ class PolymarketGamma(ExchangeAPI):
         if endpoint == "events":
             return self._events(markets, limit, offset)
         page = markets[offset : offset + limit]
-        records, fields, served = [], [], {}
+        records: list[dict[str, Any]] = []
+        fields: list[list[Field]] = []
+        served: dict[str, Quote] = {}
         for m in page:
             record = self._record(m)
             records.append(record)

@@ -17,7 +17,8 @@ SEED_ENDPOINTS = {
     "polymarket": ["GET /prices", "GET /price", "GET /midpoint"],
     "polymarket_gamma": ["GET /markets", "GET /events"],
     "fmp": ["GET /stable/eod-bulk", "GET /stable/batch-quote", "GET /stable/quote",
-            "GET /stable/dividends", "GET /stable/profile", "GET /stable/stock-list", "GET /api/v3/quote/{symbols}"],
+            "GET /stable/dividends", "GET /stable/profile", "GET /stable/stock-list",
+            "GET /api/v3/quote/{symbols}"],
 }
 
 

@@ -389,8 +389,8 @@ class WsFeed:
             raise ValueError("how must be 'abrupt', 'close', 'stall' or 'shutdown'")
         if how == "shutdown" and not self.announces_shutdown:
             raise ValueError(f"{self.exchange} sends no server shutdown event")
-        if how == "close" and not (code == 1000 or 1001 <= code <= 1014 and code not in
-                                   (1004, 1005, 1006) or 3000 <= code <= 4999):
+        if how == "close" and not (code == 1000 or (1001 <= code <= 1014 and code not in
+                                   (1004, 1005, 1006)) or 3000 <= code <= 4999):
             raise ValueError(f"close code {code} cannot be sent")
         hit = 0
         for conn in list(self._conns.values()):
@@ -905,8 +905,8 @@ class CoinbaseFeed(WsFeed):
         trade_id = self._match_ids.get(product)
         if kind == "match" or trade_id is None:
             first = trade_id is None
-            trade_id = (quote.trades * 100 if first else trade_id) + self._gap(
-                faults.gap_rate, first)
+            last = quote.trades * 100 if trade_id is None else trade_id
+            trade_id = last + self._gap(faults.gap_rate, first)
             self._match_ids[product] = trade_id
             sequence = self._sequence(product, asset) + 1
             self._ids[product] = sequence

@@ -182,13 +182,33 @@ def _shard_arg(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+_EPILOG = """\
+TARGET forms:
+  path/to/flows.py          the Flow in its attribute `flow` (or --flow NAME)
+  package.module            the same, from an importable module
+  package.module:attr       the Flow in `attr`
+  An attribute holding a function is called with no arguments; it must return a Flow.
+
+exit codes:
+  0  the flow ended and drained cleanly (also --list, --graph, --help)
+  1  the flow failed, a drain ran past --drain-timeout and was stopped by force,
+     the metrics address could not be bound, or --list could not load a component
+  2  a bad command line, TARGET or flow definition (nothing was started)
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m flows.run",
         description="Run a flow. Without TARGET, run the built-in demo "
         "(synthetic market -> change detection -> SQLite + console summary).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("target", nargs="?", help="a .py file or package.module:attr holding a Flow")
+    p.add_argument("target", nargs="?", metavar="TARGET",
+                   help="the flow to run: a .py file or package.module[:attr] (forms below)")
     p.add_argument("--list", action="store_true",
                    help="list the registered sources and sinks (entry points) and exit")
     p.add_argument("--flow", metavar="NAME", help="attribute holding the Flow (default: flow)")
@@ -207,9 +227,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the flow's graph (text, then a Mermaid block) and exit")
     p.add_argument("--db", default="ticks.db", type=_db_arg,
                    help="SQLite file for the demo (default: %(default)s)")
-    p.add_argument("--log-format", choices=("text", "json"), default="text")
-    p.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"))
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines to stderr as plain text or one JSON object a line "
+                   "(default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   metavar="LEVEL",
+                   help=f"least severe level logged: {', '.join(LOG_LEVELS)}, any case "
+                   "(default: %(default)s)")
     return p
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from _cli import ENV, run_cli
 
-from flows.run import load_flow
+from flows.run import load_flow, main
 
 FLOW_FILE = """
 from flows import Flow, ChangeDetector
@@ -237,3 +237,26 @@ def test_bad_options_are_one_line_and_exit_2_before_anything_starts(tmp_path, ar
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flows: error: ") and says in lines[0], done.stderr
     assert not list(tmp_path.iterdir())  # nothing ran: no database was made
+
+
+def test_help_documents_every_option_the_target_forms_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    options = re.findall(r"^  (--[a-z-]+)(.*)\n(?:\s{20,}(.*))?", out, re.MULTILINE)
+    assert {o for o, *_ in options} >= {"--log-format", "--log-level", "--list", "--shard"}
+    for option, same_line, next_line in options:
+        helps = re.sub(r"^ ?\S*", "", same_line).strip() or next_line.strip()
+        assert helps, f"{option} has no help text"
+    levels = out.replace("(default: INFO)", "")
+    for level in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        assert levels.count(level) == 1, f"{level} listed {levels.count(level)} times"
+    assert "package.module:attr" in out and "path/to/flows.py" in out
+    for code in ("0", "1", "2"):
+        assert re.search(rf"^  {code}  \S", out, re.MULTILINE), f"exit code {code} not explained"
+
+
+def test_log_level_in_any_case(capsys):
+    assert main(["--log-level", "Warning", "--graph"]) == 0
+    assert "flow demo" in capsys.readouterr().out

@@ -36,7 +36,7 @@ over the same span (``cpu%``; ``msgs/cpu-s`` = messages per CPU-second):
   metrics server). Messages counted by the source (the same number as
   ``flows_source_messages_total``, checked at the end).
 - the baseline, ``same flow over trio-websocket``: the same source reading
-  through trio-websocket instead of ``flows._websocket`` (a bench-local
+  through trio-websocket instead of ``flows._wsclient`` (a bench-local
   subclass whose connection hands over one message per read: a reader
   task, a memory channel of 64 messages and wsproto frame parsing, as
   ``WebSocketSource`` was built first). Every row's ``vs baseline`` is its
@@ -46,7 +46,7 @@ over the same span (``cpu%``; ``msgs/cpu-s`` = messages per CPU-second):
   decoder, in a loop: no I/O), ``BinanceStream.parse`` (decode + Tick),
   ``wsproto only`` (the frame bytes fed to a wsproto client connection in
   64 KiB chunks, events iterated: no I/O, no trio), and the transports over
-  the network with nothing else done: ``flows._websocket
+  the network with nothing else done: ``flows._wsclient
   receive_messages`` (a bare loop; every message of one 64 KiB read at
   once), ``trio-websocket get_message`` (a bare loop), each also with
   ``msgspec decode`` of every message.
@@ -110,7 +110,7 @@ import wsproto.events
 from prometheus_client import CollectorRegistry
 
 from flows import ChangeDetector, Flow, Inbox, Runtime, histogram_quantile
-from flows._websocket import ConnectionClosed, open_ws
+from flows._wsclient import ConnectionClosed, open_ws
 from sources.binance import BinanceStream
 
 TARGET = 100_000
@@ -392,7 +392,7 @@ def online(port: int, n: int, repeat: int, client: Callable[[str, int, Span], Aw
 
 
 async def flows_client_bare(url: str, n: int, span: Span, decode: bool = False) -> None:
-    """``flows._websocket``: a bare ``receive_messages`` loop (no source)."""
+    """``flows._wsclient``: a bare ``receive_messages`` loop (no source)."""
     dec = BinanceStream(symbols=["X"], channel="trade")._decode
     async with open_ws(url + "/stream?streams=s0usdt@trade") as ws:
         got = len(await ws.receive_messages())
@@ -626,9 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         row("msgspec decode (no I/O)", offline(call_each(probe._decode, frames), repeat), "ceiling")
         row("BinanceStream.parse (no I/O)", offline(call_each(probe.parse, frames), repeat), "ceiling")
         row("wsproto only (no I/O)", offline(wsproto_loop(frames), repeat), "ceiling")
-        row("flows._websocket receive_messages", online(port, n, repeat, flows_client_bare),
+        row("flows._wsclient receive_messages", online(port, n, repeat, flows_client_bare),
             "transport")
-        row("flows._websocket + decode", online(port, n, repeat, partial(flows_client_bare, decode=True)),
+        row("flows._wsclient + decode", online(port, n, repeat, partial(flows_client_bare, decode=True)),
             "transport")
         row("trio-websocket get_message", online(port, n, repeat, trio_websocket_client),
             "transport")

@@ -21,7 +21,7 @@ from _streams import (
 )
 
 from flows import RECONNECT_REASONS, Edge, RateLimit, Retry
-from flows._websocket import ConnectionClosed, ConnectionRejected, open_ws
+from flows._wsclient import ConnectionClosed, ConnectionRejected, open_ws
 from flows.testing import (
     GatedSink,
     assert_component_metrics,

@@ -837,7 +837,7 @@ async def test_kraken_throttle_errors_and_string_numbers(start):
 
 
 async def test_binance_server_shutdown_event_then_close(start, autojump_clock):
-    from flows._websocket import ConnectionClosed, open_ws
+    from flows._wsclient import ConnectionClosed, open_ws
 
     emulator, client = await start(assets=3, ws_ping_interval=None)
     emulator.ws.shutdown_after = 5.0

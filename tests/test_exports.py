@@ -92,7 +92,7 @@ def test_the_import_check_catches_each_form(tmp_path):
         "from flows._limits import RateLimit\n"
         "from flows import _records\n"
         "def f():\n"
-        "    from flows._ws import WebSocketSource\n"
+        "    from flows._stream import WebSocketSource\n"
         "from flows import Flow, HttpSource\n"
         "from flows.testing import ListSink\n"
     )

@@ -22,7 +22,7 @@ from _streams import (
 from _streams import until as _until
 
 from flows import RECONNECT_REASONS, Retry
-from flows._websocket import ConnectionClosed, open_ws
+from flows._wsclient import ConnectionClosed, open_ws
 from flows.testing import (
     assert_component_metrics,
     deadline,

@@ -23,7 +23,7 @@ from _streams import (
 )
 
 from flows import RECONNECT_REASONS, Retry, Trade, check_tick
-from flows._websocket import open_ws
+from flows._wsclient import open_ws
 from flows.testing import assert_component_metrics, sample
 from flows.testing.emulator import WsFaults
 from sources.binance import BinanceTrades

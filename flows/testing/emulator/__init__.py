@@ -30,7 +30,7 @@ array). ``{"symbol","price"}`` / ``{"symbol","bidPrice","bidQty",
 ``{"code":-1121,"msg":"Invalid symbol."}``; a name with characters
 outside ``[A-Z0-9-_.]`` (lower case included): 400 -1100.
 
-Binance websocket streams (``_ws``, on the same port: ``ws://127.0.0.1:PORT``):
+Binance websocket streams (``_binance_ws``, on the same port: ``ws://127.0.0.1:PORT``):
 ``/ws/<stream>`` (bare payloads) and ``/stream?streams=a/b/c`` (combined:
 ``{"stream":"btcusdt@trade","data":{...}}``) for ``<symbol>@trade``
 (``{"e":"trade","E","s","t","p","q","T","m","M"}``), ``<symbol>@bookTicker``
@@ -47,7 +47,7 @@ event (``{"e":"serverShutdown","E":ms}``, bare on both paths) on
 ``BinanceStreams``) holds the knobs, the open ``connections`` and
 ``disconnect(how="abrupt"|"close"|"stall"|"shutdown")``.
 
-Coinbase Exchange websocket feed (``_ws.CoinbaseFeed``, at ``/ws-feed``:
+Coinbase Exchange websocket feed (``_coinbase_ws.CoinbaseFeed``, at ``/ws-feed``:
 ``ws://127.0.0.1:PORT/ws-feed`` stands for
 ``wss://ws-feed.exchange.coinbase.com``): ``{"type":"subscribe",
 "product_ids":["BTC-USD"],"channels":["ticker","heartbeat"]}`` within 5 s,
@@ -58,7 +58,7 @@ answered ``{"type":"subscriptions","channels":[...]}``; ``ticker`` messages
 strings) and ``heartbeat`` messages (1/s per product); errors
 ``{"type":"error","message","reason"}``.
 
-Kraken websocket v2 (``_ws.KrakenFeed``, at ``/v2``: ``ws://127.0.0.1:PORT/v2``
+Kraken websocket v2 (``_kraken_ws.KrakenFeed``, at ``/v2``: ``ws://127.0.0.1:PORT/v2``
 stands for ``wss://ws.kraken.com/v2``; symbols ``BTC/USD``,
 ``emulator.stream_symbols("kraken")``): a ``status`` message on connecting,
 ``{"method":"subscribe","params":{"channel":"ticker","symbol":[...]}}``
@@ -230,11 +230,14 @@ Bad control requests get 400 ``{"error": "..."}`` naming the field.
 
 from __future__ import annotations
 
+from ._binance_ws import BinanceStreams as BinanceStreams
+from ._coinbase_ws import CoinbaseFeed as CoinbaseFeed
 from ._emulator import Emulator as Emulator
 from ._faults import BAD_VALUE_KINDS as BAD_VALUE_KINDS
 from ._faults import Faults as Faults
 from ._faults import Latency as Latency
 from ._faults import WsFaults as WsFaults
+from ._kraken_ws import KrakenFeed as KrakenFeed
 from ._limits import RateLimit as RateLimit
 from ._limits import TokenBucket as TokenBucket
 from ._limits import WeightLimit as WeightLimit
@@ -243,10 +246,7 @@ from ._market import EXCHANGES as EXCHANGES
 from ._market import Asset as Asset
 from ._market import Quote as Quote
 from ._market import make_universe as make_universe
-from ._ws import BinanceStreams as BinanceStreams
-from ._ws import CoinbaseFeed as CoinbaseFeed
-from ._ws import KrakenFeed as KrakenFeed
-from ._ws import WsFeed as WsFeed
+from ._wsfeed import WsFeed as WsFeed
 
 __all__ = [
     "BAD_VALUE_KINDS",

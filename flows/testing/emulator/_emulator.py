@@ -19,16 +19,19 @@ from hypercorn.trio import serve as hypercorn_serve
 from ..._server import answer_lifespan
 from ._base import ExchangeAPI, Reply, Request
 from ._binance import Binance
+from ._binance_ws import BinanceStreams
 from ._coinbase import Coinbase
+from ._coinbase_ws import CoinbaseFeed
 from ._coincap import CoinCap
 from ._coingecko import CoinGecko
 from ._faults import HTML_PAGE, Faults, corrupt_field, malform, truncate
 from ._kraken import Kraken
+from ._kraken_ws import KrakenFeed
 from ._limits import Limiter, RateLimit, TokenBucket, Verdict, WeightLimit, WindowLimit
 from ._market import EXCHANGES, Asset, Market, Quote, make_universe
 from ._okx import OKX
 from ._seeds import SEED_ENDPOINTS, seed_apis
-from ._ws import BinanceStreams, CoinbaseFeed, KrakenFeed, WsFeed, new_ws_stats
+from ._wsfeed import WsFeed, new_ws_stats
 
 __all__ = ["Emulator"]
 
@@ -99,7 +102,7 @@ class Emulator:
         stocks: the size of FMP's stock universe (``_fmp``).
         prediction_markets: how many markets Polymarket lists (``_polymarket``).
         ws_rate: websocket events per second per stream, on every feed
-            (see ``_ws``).
+            (see ``_wsfeed``).
         ws_ping_interval: seconds between the server's websocket pings
             (``None``: no pings).
         ws_max_connection_seconds: websocket connection lifetime, on every

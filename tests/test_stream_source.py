@@ -1,4 +1,4 @@
-"""flows._ws.WebSocketSource against a tiny fake exchange served by trio-websocket.
+"""flows._stream.WebSocketSource against a tiny fake exchange served by trio-websocket.
 
 The fake protocol: connect to ``/feed``; send ``{"op":"sub","symbols":[...]}``
 (answered ``{"op":"ack"}``); every ``every`` seconds the server sends

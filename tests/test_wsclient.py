@@ -1,4 +1,4 @@
-"""flows._websocket (the websocket client) against an independent server:
+"""flows._wsclient (the websocket client) against an independent server:
 wsproto does the server's handshake, encodes the frames it sends and decodes
 (and so checks) the client's frames; malformed frames are written raw.
 """
@@ -36,7 +36,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from flows._websocket import (
+from flows._wsclient import (
     ConnectionClosed,
     ConnectionRejected,
     HandshakeError,

@@ -32,7 +32,7 @@ most ``max_streams_per_connection`` symbols, one connection each. Each
 connection:
 
 1. waits for the connection rate limiter (``connect_limits``), connects
-   within ``connect_timeout`` (``flows._websocket.open_ws``) and
+   within ``connect_timeout`` (``flows._wsclient.open_ws``) and
    sends the subscribe messages;
 2. reads messages: every message of one socket read at once (up to 64 KiB,
    hundreds of messages under load). The first read of a batch opens a
@@ -76,7 +76,7 @@ so a subclass sets ``Tick.ts`` to the exchange's event time when it has one.
 ``health()`` says ``disconnected`` when a connection has been down for more
 than ``down_after`` seconds (shown on ``/readyz``).
 
-The websocket client is ``flows._websocket`` (h11 for the upgrade, frames
+The websocket client is ``flows._wsclient`` (h11 for the upgrade, frames
 read in the source's own task); no extra is needed.
 """
 
@@ -101,7 +101,7 @@ from ._metrics import ComponentMetrics, MetricFamily
 from ._records import Batch, Tick
 from ._redact import redact
 from ._retry import Retry
-from ._websocket import (
+from ._wsclient import (
     ConnectionClosed,
     HandshakeError,
     Message,

@@ -539,7 +539,7 @@ def build() -> dict[str, Any]:
             "type": "dashboard",
         }]},
         "description": "flows: per-stage throughput, latency, backpressure and errors "
-                       "(see README: Observe a running flow)",
+                       "(see docs/operations/observing.md)",
         "editable": True,
         "fiscalYearStartMonth": 0,
         "graphTooltip": 1,

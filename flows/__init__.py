@@ -1,8 +1,8 @@
 """flows: a Prometheus-instrumented streaming dataflow for market data, on trio.
 
 The public surface is re-exported here; the modules behind it are private.
-A component (a source, stage or sink) needs nothing else: see the README's
-"Write a component".
+A component (a source, stage or sink) needs nothing else: see
+docs/writing-a-component.md.
 """
 
 from ._actors import FunctionStage as FunctionStage

@@ -143,7 +143,7 @@ def test_runtime_defaults_are_the_servers():
     rt = Runtime(Flow("d", sources=[SyntheticMarket(limit=1)], sinks=[ListSink()]),
                  registry=CollectorRegistry())
     assert rt.endpoint_limits == {"cache": CACHE_SECONDS, "rate": RATE}
-    assert (CACHE_SECONDS, RATE, BURST) == (0.5, 20.0, 20)  # as the README says
+    assert (CACHE_SECONDS, RATE, BURST) == (0.5, 20.0, 20)  # as docs/getting-started.md says
 
 
 # -- under load: answers computed once per interval, requests paced ------------------

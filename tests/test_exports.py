@@ -14,7 +14,13 @@ import flows
 from flows import METRICS, all_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+METRICS_PAGE = DOCS / "operations" / "metrics.md"
+
+
+def docs_text() -> str:
+    """Every page of the documentation site."""
+    return "\n".join(p.read_text() for p in sorted(DOCS.rglob("*.md")))
 
 PUBLIC = {
     # the engine
@@ -51,10 +57,13 @@ def test_public_names_are_reexported_from_private_modules():
         assert module.startswith("flows._"), (name, module)
 
 
-def test_readme_documents_every_public_name():
-    text = README.read_text()
+def test_docs_document_every_public_name():
+    text = docs_text()
     missing = sorted(name for name in PUBLIC if f"`{name}`" not in text and f"`{name}(" not in text)
-    assert not missing, f"README.md does not mention {missing}"
+    assert not missing, f"the docs (docs/*.md) do not mention {missing}"
+    api = (DOCS / "api.md").read_text()
+    unrendered = sorted(name for name in PUBLIC if f"::: flows.{name}\n" not in api)
+    assert not unrendered, f"docs/api.md does not render {unrendered}"
 
 
 def private_imports(path: Path) -> list[tuple[int, str]]:
@@ -136,14 +145,15 @@ def test_metrics_are_the_core_table_plus_component_declarations():
     assert set(every) == set(METRICS) | http | ws | own  # what the shipped components declare
 
 
-def test_readme_metrics_reference_is_generated_from_the_declarations():
+def test_docs_metrics_reference_is_generated_from_the_declarations():
     reference = load_script(ROOT / "docs" / "metrics_reference.py")
-    assert reference.current(README.read_text()) == reference.render(), (
-        "README.md's metrics table differs from the declarations: run python docs/metrics_reference.py"
+    text = METRICS_PAGE.read_text()
+    assert reference.current(text) == reference.render(), (
+        "docs/operations/metrics.md's table differs from the declarations: "
+        "run python docs/metrics_reference.py"
     )
-    text = README.read_text()
     missing = [name for name in all_metrics() if f"`{name}`" not in text]
-    assert not missing, f"README.md's metrics reference lacks {missing}"
+    assert not missing, f"the metrics reference lacks {missing}"
 
 
 def test_metric_names_follow_the_conventions():

@@ -1,0 +1,96 @@
+"""The README and the documentation site (docs/, mkdocs.yml): the README's
+commands, every link resolves, every page is in the nav, every Python example
+compiles and the README's example builds its Flow.
+
+``mkdocs build --strict`` itself runs in ``.ci/run`` (it needs the ``docs``
+extra); this module checks what can break without it, in well under a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import flows
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.rglob("*.md"))
+
+INSTALL_AND_RUN = "pip install -e . && python -m flows.run"
+TEST_CMD = "pip install -e '.[test]' && python -m pytest"
+
+LINK = re.compile(r"(?<!!)\[[^\]]+\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def prose(text: str) -> str:
+    """``text`` without its fenced code blocks (links in code are not links)."""
+    return FENCE.sub("", text)
+
+
+def python_blocks(text: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(text) if lang == "python"]
+
+
+def test_readme_is_short_and_holds_both_commands():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    for command in (INSTALL_AND_RUN, TEST_CMD):
+        assert f"```sh\n{command}\n```" in text, command
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    broken = []
+    for match in LINK.finditer(prose(page.read_text())):
+        url = match.group(1) or match.group(2)
+        if re.match(r"[a-z]+:", url) or url.startswith("#"):
+            continue
+        target = (page.parent / url.split("#")[0]).resolve()
+        if not target.exists():
+            broken.append(url)
+    assert not broken, f"{page.name}: links to missing files {broken}"
+
+
+def test_every_page_is_in_the_nav_and_every_nav_entry_exists():
+    nav = re.findall(r":\s+(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.MULTILINE)
+    assert len(nav) == len(set(nav))
+    missing = [p for p in nav if not (DOCS / p).exists()]
+    assert not missing, f"mkdocs.yml names missing pages {missing}"
+    unlisted = sorted(str(p.relative_to(DOCS)) for p in PAGES if str(p.relative_to(DOCS)) not in nav)
+    assert not unlisted, f"pages not in mkdocs.yml's nav: {unlisted}"
+
+
+def test_the_pages_the_issue_names_exist():
+    names = {str(p.relative_to(DOCS)) for p in PAGES}
+    assert {"index.md", "getting-started.md", "concepts.md", "graphs.md", "writing-a-component.md",
+            "emulator.md", "benchmarks.md", "api.md", "operations/metrics.md",
+            "operations/observing.md", "operations/scaling-out.md"} <= names
+    for family in ("sources", "sinks"):
+        modules = {p.stem for p in (ROOT / family).glob("*.py") if not p.stem.startswith("_")}
+        pages = {Path(n).stem for n in names if n.startswith(f"{family}/")}
+        assert modules <= pages, f"{family} without a page: {sorted(modules - pages)}"
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_compile(page):
+    for i, block in enumerate(python_blocks(page.read_text())):
+        try:
+            compile(block, f"{page.name} block {i + 1}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        except SyntaxError as exc:
+            pytest.fail(f"{page.name}, Python block {i + 1} does not compile: {exc}\n{block}")
+
+
+def test_readme_example_builds_its_flow():
+    (example,) = python_blocks(README.read_text())
+    namespace: dict = {}
+    exec(compile(example, "README example", "exec"), namespace)
+    flow = namespace["flow"]
+    assert isinstance(flow, flows.Flow)
+    text = flow.validate().to_text()
+    assert "change → sqlite" in text and "console (is_btc" in text

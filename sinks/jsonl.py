@@ -1,64 +1,7 @@
 """JSONL sink: append records to a local file, one JSON object per line.
 
-Talks to a local file (JSON Lines, https://jsonlines.org). Each record is
-encoded with msgspec's JSON encoder and written as one line ending in
-``\\n``. A ``Tick`` becomes an object with its field names, in field order,
-optional fields included (``null`` when absent)::
-
-    {"source":"binance","symbol":"BTCUSDT","price":64210.5,"ts":1700000000.25,"bid":64210.4,"ask":64210.6,"volume":null}
-
-Any record msgspec can encode works (Structs, dataclasses, attrs classes,
-dicts, ...). JSON has no NaN or infinity: msgspec writes those as ``null``.
-``msgspec.json.Decoder(Tick)`` reads a line back into a Tick.
-
-Durability and acks: one write (all the records the sink batched, by
-``batch_size`` or ``flush_interval``) is encoded into one buffer first, then
-appended to the file in a worker thread and ``fsync``-ed, so the write is on
-disk when it returns; only then are the batches acked ``written``. Because
-the sink flushes by size and by time, ``flush_interval`` is the fsync
-interval under a light load. With ``fsync=False`` a write is handed to the
-operating system only (it survives the process dying, not the machine).
-The file is opened unbuffered in append mode (``ab``); the sink must be its
-only writer.
-
-Errors: a record msgspec cannot encode is dropped alone and counted (reason
-``rejected``): nothing of its write reaches the file, since encoding happens
-before any byte is written. Disk full and I/O errors (``OSError``) are
-retried with backoff while the flow backs up; nothing is dropped. Bytes of
-a write that failed half way are cut off before the retry, so a line is
-never torn nor written twice by one write. If an existing file does not
-end with a newline (a torn line left by an earlier process), the sink
-starts on a new line and leaves that line as it is. A missing directory is
-an error when the sink opens (the directory is not created). A file the
-sink may not write (permission denied, a read-only file system, a
-directory removed or in the way) is the sink's own fault: not retried, the
-actor fails with the error (after the supervisor's restarts, the flow
-stops). A write that outlasts ``write_timeout`` (a hung network file
-system) is abandoned and retried; the abandoned one may still land, so
-its lines may then appear twice.
-
-Rotation (``rotate_bytes``): before a write that would take the current
-file past ``rotate_bytes``, the file is rotated as logrotate does: for
-``ticks.jsonl``, ``ticks.jsonl.1`` becomes ``ticks.jsonl.2`` (and so on up),
-``ticks.jsonl`` becomes ``ticks.jsonl.1``, and a new ``ticks.jsonl`` is
-started. The higher the number, the older the file; reading
-``.N, ..., .2, .1`` then the current file gives every line in order. With
-``keep``, rotated files past ``ticks.jsonl.<keep>`` are deleted. One write
-never spans two files, so a file exceeds ``rotate_bytes`` only when a
-single write is larger than that.
-
-Metrics: the core sink set plus ``flows_sink_write_seconds``,
-``flows_sink_batch_records``, ``flows_sink_write_errors_total`` and
-``flows_sink_retries_total``; dropped records count in
-``flows_records_discarded_total`` (``rejected``, ``write_failed`` when a
-finite retry policy gives up).
-
-Example::
-
-    Flow("record", sources=[SyntheticMarket()], stages=[ChangeDetector()],
-         sinks=[JSONLSink("ticks.jsonl", rotate_bytes=64 << 20, keep=10)])
-
-writes ``ticks.jsonl``, rotated at 64 MiB into ``ticks.jsonl.1`` ... ``.10``.
+The reference (what it talks to, parameters, metrics, examples) is
+docs/sinks/jsonl.md; the parameters are also in the class docstring.
 """
 
 from __future__ import annotations

@@ -1,66 +1,7 @@
 """PostgreSQL sink: store ticks in a PostgreSQL table, idempotently, through COPY.
 
-Talks to PostgreSQL 12+ through psycopg 3 (``pip install flows[postgres]``),
-with the synchronous client in a worker thread (psycopg's async API runs on
-asyncio only), one connection per sink. One table (default ``ticks``),
-created if missing:
-
-    source text, symbol text, ts double precision, price double precision,
-    bid double precision, ask double precision, volume double precision,
-    PRIMARY KEY (source, symbol, ts)
-
-Each write is one transaction: the rows are COPYed straight into the table
-(the fast path). When that hits a key already stored (a redelivered batch)
-the transaction rolls back and the write takes the safe path: the rows are
-COPYed into a temporary staging table (``ON COMMIT DROP``), then moved with
-``INSERT ... SELECT ... ON CONFLICT (source, symbol, ts) DO NOTHING``. A batch delivered twice (a
-retry after a lost commit acknowledgement, a replayed source) is stored
-once, so delivery is at-least-once and storage exactly-once per key.
-
-Outages: the sink connects lazily, at its first write, so a flow can start
-while the database is down. A lost connection, a refused connection, a
-server restart or shutdown, a timeout, a serialization failure or deadlock
-(``OperationalError``, ``InterfaceError``, OS errors, and any error the
-server does not blame on the records or the configuration) drop the
-connection; the write is retried with backoff on a new one (``retry``,
-default: forever), and the flow backs up behind the sink meanwhile: nothing
-is dropped while PostgreSQL is away.
-
-Errors are sorted by SQLSTATE:
-
-- the records' fault, isolated by splitting the write, and only those
-  records dropped (counted ``rejected``): class 22 (``DataError``: a value
-  out of range, a NUL byte in a text), 23 (``IntegrityError``: a CHECK
-  constraint of a table you created) and 54 (``ProgramLimitExceeded``: a
-  symbol too long to index);
-- the sink's own fault, not retried: the write's records are dropped
-  (``write_failed``) and the actor fails with the server's message, so the
-  supervisor restarts it and, past its restart budget, stops the flow:
-  class 28 (bad credentials), 3D (no such database), 42 (a missing
-  privilege, a table of another shape), 0A, an invalid DSN, and the
-  connection-time refusals libpq reports without a SQLSTATE ("password
-  authentication failed", "no pg_hba.conf entry", "role/database ...
-  does not exist").
-
-Every write is bounded in time (``write_timeout``, default 30 s): the
-connection has libpq's ``connect_timeout``, TCP keepalives and
-``tcp_user_timeout``, and the session a ``statement_timeout``; a write that
-outlasts ``write_timeout`` anyway (a server that is stopped, not dead, such
-as a SIGSTOPped postmaster, answers none of these) has its socket shut down
-from outside the worker thread, and is retried on a new connection. A
-forced stop abandons the worker thread at once the same way, so the
-process ends within the drain deadline plus a few seconds.
-
-Metrics: the core component set plus ``flows_sink_write_seconds``,
-``flows_sink_batch_records``, ``flows_sink_write_errors_total`` and
-``flows_sink_retries_total``; errors by type (``OperationalError``, ...)
-in ``flows_errors_total``.
-
-Example::
-
-    Flow("crypto", sources=[SyntheticMarket()], stages=[ChangeDetector()],
-         sinks=[PostgresSink("postgresql://flows@db.internal/market",
-                             batch_size=5000, flush_interval=0.5)])
+The reference (what it talks to, parameters, metrics, examples) is
+docs/sinks/postgres.md; the parameters are also in the class docstring.
 """
 
 from __future__ import annotations

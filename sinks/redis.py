@@ -1,69 +1,7 @@
 """Redis Streams sink: append records to a stream (scale-out between processes).
 
-Talks to Redis 5+ (tested with 7.0) through redis-py's sync client, called
-in a worker thread so the trio thread never blocks (redis.asyncio does not
-run under trio). Each write sends one ``XADD`` per record in a single
-pipeline (``transaction=False``: one round trip, no MULTI), with
-``MAXLEN ~ maxlen`` when ``maxlen`` is set, so the stream is capped
-approximately (Redis trims whole macro nodes: the stream may hold somewhat
-more than ``maxlen`` entries, never fewer once it has reached it).
-
-Entry format (what ``sources.redis.RedisStreamSource`` and any other tool
-read)::
-
-    XADD <stream> [MAXLEN ~ <maxlen>] * t <record as JSON>
-
-- the entry id is Redis' own (``*``: milliseconds-sequence);
-- one field, ``t`` (``FIELD``), holding the record encoded by msgspec as a
-  UTF-8 JSON object. A ``Tick`` is
-  ``{"source":"synthetic","symbol":"BTCUSDT","price":64123.5,"ts":1718000000.123,"bid":null,"ask":null,"volume":null}``
-  (``ts`` in epoch seconds; absent optional values are ``null``). Any
-  msgspec-encodable record type works; readers decode it with the same type.
-  Floats round-trip exactly; NaN and infinities become ``null`` (JSON has
-  no such numbers), which a ``Tick`` reader rejects as invalid.
-
-Errors: Redis being unable to take writes for now (connection refused or
-lost, timeouts, ``LOADING``, ``OOM``, ``READONLY`` after a failover,
-``TRYAGAIN``, ``MASTERDOWN``) is retried with backoff: the sink blocks and
-the flow backs up behind it rather than drop anything (each failure
-counted in ``flows_sink_write_errors_total`` and
-``flows_errors_total{error_type=...}``). The sink's own configuration
-(a wrong password or user: ``WRONGPASS``, ``NOAUTH``; an ACL without the
-right: ``NOPERM``; a key of another type: ``WRONGTYPE``; any other error
-reply) is not retried: the actor fails with Redis' message, and after the
-supervisor's restarts the flow stops. A record that cannot be encoded, or
-whose entry would be larger than ``max_entry_bytes`` (Redis refuses a bulk
-string past its ``proto-max-bulk-len``, 512 MB by default, and drops the
-connection), is dropped alone (counted, reason ``rejected``). A batch is
-acked ``written`` once ``EXEC`` of the pipeline returned, i.e. Redis has
-every entry (durable as far as the server's own persistence settings go).
-Every write is bounded by ``socket_timeout`` (each read and send) and
-``write_timeout`` (the whole pipeline: past it, the connections are shut
-down from outside the worker thread, and the write is retried).
-
-Delivery is at-least-once: a pipeline that fails half-way may have added
-some entries already, and the retry adds them again. Readers that must not
-see duplicates dedupe by record key (``source, symbol, ts`` for ticks; the
-SQLite and PostgreSQL sinks do).
-
-Configuration (defaults shown)::
-
-    RedisStreamSink("redis://127.0.0.1:6379/0", stream="ticks", maxlen=None,
-                    batch_size=1000, flush_interval=0.5, retry=Retry(),
-                    socket_timeout=10.0, max_entry_bytes=512 << 20,
-                    write_timeout=30.0, unready_after=30.0, name="redis")
-
-Metrics: the core sink set (records received, batch processing, end-to-end
-latency) and ``flows_sink_write_seconds``, ``flows_sink_batch_records``,
-``flows_sink_write_errors_total``, ``flows_sink_retries_total``.
-
-Example (two processes: a poller that publishes, a consumer that stores)::
-
-    Flow("publish", sources=[SyntheticMarket()], stages=[ChangeDetector()],
-         sinks=[RedisStreamSink("redis://127.0.0.1:6379/0", maxlen=1_000_000)])
-
-    Flow("store", sources=[RedisStreamSource("redis://127.0.0.1:6379/0")],
-         sinks=[SQLiteSink("ticks.db")])
+The reference (what it talks to, parameters, metrics, examples) is
+docs/sinks/redis.md; the parameters are also in the class docstring.
 """
 
 from __future__ import annotations

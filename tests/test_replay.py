@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -465,16 +466,12 @@ async def test_progress_falls_back_to_log_lines_without_rich(tmp_path, caplog, m
     assert any("30/30 lines" in r.getMessage() for r in caplog.records if r.name == LOGGER)
 
 
-def test_the_docstring_example_builds(tmp_path, monkeypatch):
-    import textwrap
-
-    import sources.replay
-
-    doc = sources.replay.__doc__
-    example = textwrap.dedent(doc.split("Example::", 1)[1])
+def test_the_docs_example_builds(tmp_path, monkeypatch):
+    page = Path(__file__).resolve().parent.parent / "docs" / "sources" / "replay.md"
+    example = page.read_text().split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(example, "sources/replay.py example", "exec"), namespace)
+    exec(compile(example, "docs/sources/replay.md example", "exec"), namespace)
     flow = namespace["flow"]
     assert isinstance(flow, Flow) and isinstance(flow.sources[0], ReplaySource)
 

@@ -44,6 +44,7 @@ import msgspec
 import trio
 
 from ._actors import RunContext
+from ._budget import BUDGET_METRICS, RateBudget, attached, with_budget
 from ._channels import Outbox
 from ._checkpoint import write_atomic
 from ._gaps import WallClock
@@ -215,12 +216,15 @@ class HttpSource:
         headers: sent with every request (API keys: the values of
             ``Authorization``, ``Cookie`` and headers named like key,
             token, secret are masked wherever shown, ``flows.redact``).
+        rate_budget: a rate budget shared with other processes through Redis
+            (``"redis://127.0.0.1:6379/0"`` or a ``RateBudget``; default: the
+            runtime's ``--rate-budget``, else this process's own limiter).
         name: the actor's name and the ``source`` field of its Ticks.
     """
 
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
-    METRICS = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE)
+    METRICS = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, *BUDGET_METRICS)
     PAUSE_WITHOUT_RETRY_AFTER = False
     """A 429 without ``Retry-After`` pauses for the longest limit window (for
     APIs that count per window and do not say when it ends)."""
@@ -246,6 +250,7 @@ class HttpSource:
         standby_for: HttpSource | None = None,
         headers: dict[str, str] | None = None,
         reprobe_every: float = 600.0,
+        rate_budget: str | RateBudget | None = None,
         name: str,
     ) -> None:
         if not symbols:
@@ -256,6 +261,7 @@ class HttpSource:
         self.every = every
         self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
         self.limiter = RateLimiter(list(limits or self.DEFAULT_LIMITS))
+        self.rate_budget = None if rate_budget is None else RateBudget.of(rate_budget)
         self.concurrency = concurrency
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.max_response_bytes = max_response_bytes
@@ -318,6 +324,8 @@ class HttpSource:
         self._fresh = context.fresh
         if context.shard is not None:
             self.symbols = context.shard.select(self.symbols)
+        self.limiter = with_budget(self.limiter, self.rate_budget or context.rate_budget,
+                                   context.shard, base_url=self.base_url, name=self.name)
 
     def health(self) -> str | None:
         """None when healthy, else why not (shown on /readyz)."""
@@ -327,7 +335,7 @@ class HttpSource:
             return f"source {self.name}: circuit half-open (probing)"
         if self.standby_for is not None and self.standby_for.circuit.state != "closed":
             return f"degraded: {self.name} stands in for {self.standby_for.name}"
-        return None
+        return getattr(self.limiter, "degraded", None)  # a shared rate budget out of reach
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
@@ -344,7 +352,7 @@ class HttpSource:
             headers={"user-agent": "flows/0.1", **self.headers},
             limits=httpx.Limits(max_connections=self.concurrency,
                                 max_keepalive_connections=self.concurrency),
-        ) as client:
+        ) as client, attached(self.limiter, m):
             if self.once:
                 await self._sync_once(client, outbox, state)
                 return

@@ -1,0 +1,159 @@
+"""The shared rate budget's Lua scripts and limiter, against a real Redis.
+
+The scripts take an explicit ``now`` here, so windows, weights, members
+and fairness are checked without waiting; the limiter's fallback runs on
+trio's mock clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+
+redis = pytest.importorskip("redis")
+
+from flows import RateBudget, RateLimit
+from flows._budget import BudgetScripts, SharedRateLimiter, with_budget
+from flows._limits import RateLimiter
+from flows._shard import Shard
+from flows.testing.redis import RedisServer, free_port, redis_server_path
+
+pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="needs redis-server")
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def server():
+    with RedisServer() as rs:
+        yield rs
+
+
+@pytest.fixture
+def scripts(server, request):
+    client = redis.Redis.from_url(server.url)
+    yield BudgetScripts(client, request.node.name)
+    client.close()
+
+
+def reserve(scripts, member, n, limits, weight=1.0, now=T0, processes=1):
+    """Start times of ``n`` back-to-back reservations asked for at ``now``."""
+    return [now + scripts.acquire(member, weight, limits, processes=processes, now=now).wait
+            for _ in range(n)]
+
+
+def most_in_a_window(starts, window, weight=1.0):
+    """The largest weight whose starts fall in one window [t, t + window)."""
+    return max(sum(weight for s in starts if t <= s < t + window - 1e-9) for t in starts)
+
+
+def test_spacing_keeps_every_window_under_the_limit(scripts):
+    starts = reserve(scripts, "a", 40, [RateLimit(10, 1.0)])
+    assert starts[0] == pytest.approx(T0)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(g == pytest.approx(0.1, abs=1e-5) for g in gaps)
+    assert most_in_a_window(starts, 1.0) <= 10
+
+
+def test_weights_and_several_windows_hold_at_once(scripts):
+    limits = [RateLimit(100, 60.0), RateLimit(10, 1.0)]
+    starts = reserve(scripts, "a", 30, limits, weight=4)
+    assert most_in_a_window(starts, 60.0, weight=4) <= 100
+    assert most_in_a_window(starts, 1.0, weight=4) <= 10
+    # the minute is the tighter one: 4 * 60 / 100 = 2.4 s per request
+    assert starts[1] - starts[0] == pytest.approx(2.4, abs=1e-5)
+
+
+def test_busy_members_take_turns_and_an_idle_ones_share_goes_to_the_busy(scripts):
+    limits = [RateLimit(30, 1.0)]
+    # each member holds one reservation; the earliest wakes and reserves again
+    due = {m: scripts.acquire(m, 1, limits, processes=3, now=T0).wait + T0 for m in "abc"}
+    granted = dict.fromkeys("abc", 0)
+    for _ in range(300):
+        member = min(due, key=due.get)
+        granted[member] += 1
+        now = due[member]
+        due[member] = now + scripts.acquire(member, 1, limits, processes=3, now=now).wait
+    assert max(granted.values()) - min(granted.values()) <= 1
+    last = max(due.values())
+    # b and c go idle (they still heartbeat): a alone gets the whole limit
+    for m in "bc":
+        scripts.heartbeat(m, 3.0, now=last)
+    starts = reserve(scripts, "a", 30, limits, now=last, processes=3)
+    assert starts[-1] - starts[0] == pytest.approx(29 / 30, abs=0.05)
+
+
+def test_members_missing_from_n_keep_their_local_share(scripts):
+    limits = [RateLimit(30, 1.0)]
+    alone = reserve(scripts, "a", 10, limits, processes=3)
+    assert alone[1] - alone[0] == pytest.approx(0.1, abs=1e-5)  # 1/3 of 30/s
+    scripts.heartbeat("b", 3.0, now=T0)
+    scripts.heartbeat("c", 3.0, now=T0)
+    now = alone[-1] + 0.1
+    together = reserve(scripts, "a", 3, limits, now=now, processes=3)
+    assert together[2] - together[1] == pytest.approx(1 / 30, abs=1e-5)
+    # b and c silent for longer than member_ttl: a is back to its third
+    later = now + 10
+    again = reserve(scripts, "a", 3, limits, now=later, processes=3)
+    assert again[2] - again[1] == pytest.approx(0.1, abs=1e-5)
+
+
+def test_a_pause_holds_every_member_until_it_ends(scripts):
+    limits = [RateLimit(10, 1.0)]
+    scripts.pause("a", 5.0, now=T0)
+    slot = scripts.acquire("b", 1, limits, now=T0 + 1)
+    assert slot.wait == pytest.approx(4.0, abs=1e-5)
+    assert slot.pause_by == "a" and slot.rest == pytest.approx(4.0, abs=1e-5)
+    assert scripts.pause("b", 1.0, now=T0 + 1) == pytest.approx(T0 + 5)  # never shortened
+    assert scripts.acquire("b", 1, limits, now=T0 + 6).rest < 0
+
+
+def test_usage_pauses_only_when_others_used_the_budget(scripts):
+    limits = [RateLimit(100, 1.0)]
+    reserve(scripts, "a", 90, limits, now=T0)  # 90 starts spread over 0.9 s
+    now = T0 + 0.95
+    paused, ours = scripts.usage("a", 92, 100, 0.05, limits[0], now=now)
+    assert not paused and ours == pytest.approx(90)
+    paused, _ = scripts.usage("b", 99, 100, 0.05, limits[0], now=now)  # 9 unaccounted for
+    assert paused
+    assert scripts.acquire("c", 1, limits, now=now).rest == pytest.approx(0.05, abs=1e-5)
+
+
+def test_with_budget_keeps_the_local_limiter_unless_a_budget_is_named():
+    local = RateLimiter([RateLimit(6000, 60.0)])
+    assert with_budget(local, None, None, base_url="https://api.binance.com", name="b") is local
+    shared = with_budget(local, "redis://127.0.0.1:6379/0", Shard(1, 3),
+                         base_url="https://api.binance.com", name="b")
+    assert isinstance(shared, SharedRateLimiter)
+    assert shared.key == "api.binance.com" and shared.processes == 3
+    assert shared.fallback.limits[0].limit == pytest.approx(6000 / 3 * 0.98)
+    assert with_budget(shared, "redis://x/0", None, base_url="", name="b") is shared
+
+
+def test_a_budget_url_must_be_redis():
+    with pytest.raises(ValueError, match="redis://"):
+        RateBudget(url="http://127.0.0.1:6379")
+    with pytest.raises(ValueError):
+        RateBudget(url="redis://127.0.0.1:6379/0", processes=0)
+
+
+async def test_unreachable_redis_falls_back_to_a_local_share_and_reports_degraded(
+        autojump_clock):
+    budget = RateBudget(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    limiter = SharedRateLimiter(budget, [RateLimit(30, 1.0)], key="k", processes=3, name="src")
+    async with limiter.running():
+        times = []
+        for _ in range(20):
+            await limiter.acquire()
+            times.append(trio.current_time())
+        assert limiter.health() is not None and limiter.health().startswith("degraded:")
+        # a third of 30/s (at 98%): never more than 10 in any second
+        assert most_in_a_window(times, 1.0) <= 10
+        print(times)
+        assert (times[-1] - times[0]) / 19 >= 3 / (30 * 0.98) * 0.9
+        limiter.pause_until(trio.current_time() + 30)
+        start = trio.current_time()
+        await limiter.acquire()
+        assert trio.current_time() - start >= 30 - 1e-6
+    assert not math.isinf(limiter.paused_until)

@@ -351,8 +351,8 @@ class SharedRateLimiter:
     def observe_usage(self, used: float, limit: float, window_end: float) -> None:
         """A usage header: compared with what every sharing process sent."""
         if self.degraded is not None or self._nursery is None:
-            n = self.processes  # on the local share: the others are taken to use theirs
-            self.fallback.observe_usage(used / n, limit / n, window_end)
+            n = self.processes  # on the local share: the others may use all of theirs
+            self.fallback.observe_usage(used - limit * (n - 1) / n, limit / n, window_end)
             return
         rest = window_end - trio.current_time()
         self._nursery.start_soon(self._observed, used, limit, rest)

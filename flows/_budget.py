@@ -13,8 +13,13 @@ How it works (``SharedRateLimiter``, a drop-in for ``RateLimiter``):
   on by ``w * window / limit``, so no ``window`` ever holds more than the
   limit's weight (times ``share``, 98%). Server time (``TIME``), so the
   processes' clocks do not matter. A process holds one reservation at a
-  time: when every process is busy the slots go round, a fair share each;
-  a process alone gets every slot.
+  time.
+- Fair shares: each process also has its own pace, its part of the budget
+  in proportion to its ``demand`` (an HTTP source's number of symbols)
+  among the processes that asked for a slot in the last ``idle_after``
+  seconds. When all are busy each gets its part (every shard then cycles
+  in about the same time, N / R for the whole universe); a process alone,
+  or with idle peers, gets the whole budget.
 - Members: each process heartbeats (``probe_every``) into a sorted set. The
   budget is shared by those seen in the last ``member_ttl`` seconds; the
   ``processes`` expected (``N`` of ``--shard k/N``) minus those seen are
@@ -94,6 +99,9 @@ class RateBudget:
         probe_every: seconds between heartbeats (and probes while Redis is away).
         member_ttl: a process not heard from for this long is taken to run
             on its local share.
+        idle_after: a process that asked for no slot for this long (or for
+            three of its own intervals, if longer) leaves its part of the
+            budget to the busy ones.
         recheck_after: a request that waited longer than this for its slot
             reads the shared pause again before it goes.
     """
@@ -104,6 +112,7 @@ class RateBudget:
     timeout: float = 0.5
     probe_every: float = 0.5
     member_ttl: float = 3.0
+    idle_after: float = 1.0
     recheck_after: float = 0.05
 
     @processes.validator
@@ -123,11 +132,13 @@ class RateBudget:
         return value if isinstance(value, RateBudget) else cls(url=value)
 
 
-# KEYS: state hash, members zset, usage hash.
+# KEYS: state hash, members zset, usage hash, pace hash (demand and own pace of
+# each busy member), busy zset.
 # ARGV: now ('' = server TIME), member, processes, member_ttl, weight, count,
-#       then count x (field, limit, window).
+#       demand, idle_after, then count x (field, limit, window).
 # Returns: {wait seconds, pause (server time), pause_by, members, seconds to the
-# pause} as strings.
+# pause, this member's part, '1' when nothing was reserved (ask again after
+# the wait) else '0'} as strings.
 _ACQUIRE = """
 local function clock(arg)
   if arg ~= '' then return tonumber(arg) end
@@ -135,23 +146,58 @@ local function clock(arg)
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function num(v) return tonumber(v) or 0 end
+local function f6(x) return string.format('%.6f', x) end
 local now = clock(ARGV[1])
 local me, n, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local weight, count = tonumber(ARGV[5]), tonumber(ARGV[6])
+local demand, idle = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- members (heartbeats): those missing from n run on their local share
 redis.call('ZADD', KEYS[2], now, me)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 local members = redis.call('ZCARD', KEYS[2])
 local share = math.min(1, members / n)
+-- busy members (asked within idle): this one's part of the budget, by demand
+redis.call('ZADD', KEYS[5], now, me)
+redis.call('HSET', KEYS[4], 'd|' .. me, demand)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - idle)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - idle)
+  local drop = {}
+  for _, m in ipairs(gone) do
+    drop[#drop + 1] = 'd|' .. m
+    for i = 0, count - 1 do drop[#drop + 1] = 't|' .. ARGV[9 + 3 * i] .. '|' .. m end
+  end
+  redis.call('HDEL', KEYS[4], unpack(drop))
+end
+local total = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  total = total + num(redis.call('HGET', KEYS[4], 'd|' .. m))
+end
+local part = demand / math.max(total, demand)
+-- the slot: after the pause and every limit's next free time (no burst);
+-- a member ahead of its own pace (one interval of tolerance) reserves
+-- nothing and is told when to ask again, so no slot is left unused
 local pause = num(redis.call('HGET', KEYS[1], 'pause'))
 local start = math.max(now, pause)
-local longest = ttl
+local paced = now
+local longest = math.max(ttl, idle)
 for i = 0, count - 1 do
-  start = math.max(start, num(redis.call('HGET', KEYS[1], ARGV[7 + 3 * i])))
-  longest = math.max(longest, tonumber(ARGV[9 + 3 * i]))
+  local field, limit, window = ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i]), tonumber(ARGV[11 + 3 * i])
+  local own = weight * window / (limit * share * part)
+  start = math.max(start, num(redis.call('HGET', KEYS[1], field)))
+  paced = math.max(paced, num(redis.call('HGET', KEYS[4], 't|' .. field .. '|' .. me)) - own)
+  longest = math.max(longest, window)
+end
+if paced > start then
+  return {f6(paced - now), f6(pause), redis.call('HGET', KEYS[1], 'pause_by') or '',
+          tostring(members), f6(pause - now), f6(part), '1'}
 end
 for i = 0, count - 1 do
-  local field, limit, window = ARGV[7 + 3 * i], tonumber(ARGV[8 + 3 * i]), tonumber(ARGV[9 + 3 * i])
-  redis.call('HSET', KEYS[1], field, string.format('%.6f', start + weight * window / (limit * share)))
+  local field, limit, window = ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i]), tonumber(ARGV[11 + 3 * i])
+  local step = weight * window / (limit * share)
+  redis.call('HSET', KEYS[1], field, f6(start + step))
+  local mine = 't|' .. field .. '|' .. me
+  redis.call('HSET', KEYS[4], mine, f6(math.max(num(redis.call('HGET', KEYS[4], mine)), start) + step / part))
   local bucket = math.floor(start * 10 / window)
   redis.call('HINCRBYFLOAT', KEYS[3], field .. '@' .. string.format('%.0f', bucket), weight)
   local old = {}
@@ -159,10 +205,9 @@ for i = 0, count - 1 do
   redis.call('HDEL', KEYS[3], unpack(old))
 end
 local keep = math.ceil((2 * longest + math.max(0, pause - now)) * 1000)
-for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], keep) end
-return {string.format('%.6f', start - now), string.format('%.6f', pause),
-        redis.call('HGET', KEYS[1], 'pause_by') or '', tostring(members),
-        string.format('%.6f', pause - now)}
+for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], keep) end
+return {f6(start - now), f6(pause), redis.call('HGET', KEYS[1], 'pause_by') or '',
+        tostring(members), f6(pause - now), f6(part), '0'}
 """
 
 # KEYS: state hash. ARGV: now, seconds, member. Returns the pause (server time).
@@ -247,6 +292,8 @@ class Slot:
     pause_by: str  # the member that set it
     members: int
     rest: float  # seconds from now until the pause ends (<= 0: none)
+    part: float  # this member's part of the budget while others are busy
+    again: bool  # ahead of its own pace: nothing reserved, ask again after ``wait``
 
 
 class BudgetScripts:
@@ -257,19 +304,23 @@ class BudgetScripts:
     def __init__(self, client: Any, key: str) -> None:
         self.client = client
         base = "{flows:budget:" + key + "}"
-        self.keys = (f"{base}:state", f"{base}:members", f"{base}:usage")
+        self.keys = (f"{base}:state", f"{base}:members", f"{base}:usage", f"{base}:pace",
+                     f"{base}:busy")
         self._acquire = client.register_script(_ACQUIRE)
         self._pause = client.register_script(_PAUSE)
         self._usage = client.register_script(_USAGE)
         self._heartbeat = client.register_script(_HEARTBEAT)
 
     def acquire(self, member: str, weight: float, limits: Sequence[RateLimit], *,
-                processes: int = 1, member_ttl: float = 3.0, now: float | None = None) -> Slot:
-        args: list[Any] = [_now(now), member, processes, member_ttl, weight, len(limits)]
+                processes: int = 1, member_ttl: float = 3.0, demand: float = 1.0,
+                idle_after: float = 1.0, now: float | None = None) -> Slot:
+        args: list[Any] = [_now(now), member, processes, member_ttl, weight, len(limits),
+                           repr(float(demand)), repr(float(idle_after))]
         for limit in limits:
             args += [_field(limit), repr(float(limit.limit)), repr(float(limit.window))]
-        wait, pause, by, members, rest = self._acquire(keys=self.keys, args=args)
-        return Slot(float(wait), float(pause), _text(by), int(members), float(rest))
+        wait, pause, by, members, rest, part, again = self._acquire(keys=self.keys, args=args)
+        return Slot(float(wait), float(pause), _text(by), int(members), float(rest), float(part),
+                    again in (b"1", "1"))
 
     def pause(self, member: str, seconds: float, *, now: float | None = None) -> float:
         return float(self._pause(keys=self.keys[:1], args=[_now(now), repr(seconds), member]))
@@ -315,10 +366,14 @@ class SharedRateLimiter:
     """
 
     def __init__(self, budget: RateBudget, limits: Sequence[RateLimit], *, key: str,
-                 processes: int = 1, share: float = 0.98, name: str = "source") -> None:
+                 processes: int = 1, demand: float = 1.0, share: float = 0.98,
+                 name: str = "source") -> None:
         self.budget = budget
         self.key = budget.key or key
         self.processes = budget.processes or processes
+        self.demand = max(demand, 1e-9)
+        """This process's work per cycle (its symbols): busy processes share
+        the budget in proportion to it."""
         self.name = name
         self.member = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.local = RateLimiter(list(limits), share=share)
@@ -368,10 +423,14 @@ class SharedRateLimiter:
                     break
                 slot = await self._call("acquire", self.member, weight, self.limits,
                                         processes=self.processes,
-                                        member_ttl=self.budget.member_ttl)
+                                        member_ttl=self.budget.member_ttl, demand=self.demand,
+                                        idle_after=self._idle_after(weight))
                 if slot is None:
                     continue  # Redis is away: the fallback takes it from here
                 self._note_pause(slot.pause, slot.pause_by, slot.rest)
+                if slot.again:
+                    await trio.sleep(slot.wait)
+                    continue
                 if slot.wait <= 0:
                     break
                 await trio.sleep(slot.wait)
@@ -441,6 +500,12 @@ class SharedRateLimiter:
 
     # -- helpers --------------------------------------------------------------------
 
+    def _idle_after(self, weight: float) -> float:
+        """Silence that makes a process idle: ``idle_after``, or three of its
+        intervals on a ``1 / processes`` part when that is longer."""
+        interval = max((weight * lim.window / lim.limit for lim in self.limits), default=0.0)
+        return max(self.budget.idle_after, 3 * self.processes * interval)
+
     async def _call(self, what: str, *args: Any, **kwargs: Any) -> Any:
         """A script call in a thread; None (and the fallback) when Redis fails."""
         assert self._scripts is not None
@@ -507,13 +572,15 @@ async def attached(limiter: Any, metrics: Any = None) -> AsyncIterator[None]:
 
 
 def with_budget(limiter: Any, budget: str | RateBudget | None, shard: Any, *, base_url: str,
-                name: str) -> Any:
+                name: str, demand: float = 1.0) -> Any:
     """The limiter an HTTP source runs with: ``limiter`` itself without a
     budget, else a ``SharedRateLimiter`` on ``budget`` under the same limits,
-    keyed by the API's host, whose fallback is ``1 / N`` (N of ``shard``)."""
+    keyed by the API's host, whose fallback is ``1 / N`` (N of ``shard``),
+    sharing in proportion to ``demand`` (the source's symbols)."""
     if budget is None or isinstance(limiter, SharedRateLimiter):
         return limiter
     budget = RateBudget.of(budget)
     key = urlsplit(base_url).netloc or base_url or name
     processes = shard.count if shard is not None else 1
-    return SharedRateLimiter(budget, limiter.declared, key=key, processes=processes, name=name)
+    return SharedRateLimiter(budget, limiter.declared, key=key, processes=processes,
+                             demand=demand, name=name)

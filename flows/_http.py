@@ -325,7 +325,8 @@ class HttpSource:
         if context.shard is not None:
             self.symbols = context.shard.select(self.symbols)
         self.limiter = with_budget(self.limiter, self.rate_budget or context.rate_budget,
-                                   context.shard, base_url=self.base_url, name=self.name)
+                                   context.shard, base_url=self.base_url, name=self.name,
+                                   demand=len(self.symbols))
 
     def health(self) -> str | None:
         """None when healthy, else why not (shown on /readyz)."""

@@ -65,23 +65,48 @@ def test_weights_and_several_windows_hold_at_once(scripts):
     assert starts[1] - starts[0] == pytest.approx(2.4, abs=1e-5)
 
 
-def test_busy_members_take_turns_and_an_idle_ones_share_goes_to_the_busy(scripts):
-    limits = [RateLimit(30, 1.0)]
-    # each member holds one reservation; the earliest wakes and reserves again
-    due = {m: scripts.acquire(m, 1, limits, processes=3, now=T0).wait + T0 for m in "abc"}
-    granted = dict.fromkeys("abc", 0)
-    for _ in range(300):
+def take_turns(scripts, demands, limits, rounds, now=T0):
+    """Members that each hold one reservation: the earliest wakes at its slot
+    and reserves again. Returns (grants per member, the time it ended)."""
+    reserved = {}
+
+    def ask(m, at):
+        slot = scripts.acquire(m, 1, limits, processes=len(demands), demand=demands[m], now=at)
+        reserved[m] = not slot.again  # else: nothing reserved, ask again then
+        return at + slot.wait
+
+    due = {m: ask(m, now) for m in demands}
+    granted = dict.fromkeys(demands, 0)
+    while sum(granted.values()) < rounds:
         member = min(due, key=due.get)
-        granted[member] += 1
-        now = due[member]
-        due[member] = now + scripts.acquire(member, 1, limits, processes=3, now=now).wait
-    assert max(granted.values()) - min(granted.values()) <= 1
-    last = max(due.values())
-    # b and c go idle (they still heartbeat): a alone gets the whole limit
-    for m in "bc":
-        scripts.heartbeat(m, 3.0, now=last)
-    starts = reserve(scripts, "a", 30, limits, now=last, processes=3)
-    assert starts[-1] - starts[0] == pytest.approx(29 / 30, abs=0.05)
+        granted[member] += reserved[member]
+        due[member] = ask(member, due[member])
+    return granted, max(due.values())
+
+
+def test_busy_members_get_equal_parts_for_equal_work(scripts):
+    limits = [RateLimit(30, 1.0)]
+    granted, end = take_turns(scripts, {"a": 10, "b": 10, "c": 10}, limits, 300)
+    assert max(granted.values()) - min(granted.values()) <= 2
+    assert end - T0 == pytest.approx(300 / 30, rel=0.02)  # the whole limit is used
+
+
+def test_busy_members_share_in_proportion_to_their_work(scripts):
+    limits = [RateLimit(60, 1.0)]
+    granted, end = take_turns(scripts, {"a": 10, "b": 20, "c": 30}, limits, 600)
+    for member, part in (("a", 1 / 6), ("b", 2 / 6), ("c", 3 / 6)):
+        assert granted[member] / 600 == pytest.approx(part, abs=0.02)
+    assert end - T0 == pytest.approx(600 / 60, rel=0.03)
+
+
+def test_an_idle_members_part_goes_to_the_busy_ones(scripts):
+    limits = [RateLimit(30, 1.0)]
+    _, end = take_turns(scripts, {"a": 10, "b": 10, "c": 10}, limits, 90)
+    for m in "bc":  # b and c stop asking (they still heartbeat)
+        scripts.heartbeat(m, 3.0, now=end + 1.5)
+    later = end + 1.5  # past idle_after
+    starts = reserve(scripts, "a", 30, limits, now=later, processes=3)
+    assert starts[-1] - starts[0] == pytest.approx(29 / 30, abs=0.01)
 
 
 def test_members_missing_from_n_keep_their_local_share(scripts):

@@ -182,3 +182,65 @@ async def test_unreachable_redis_falls_back_to_a_local_share_and_reports_degrade
         await limiter.acquire()
         assert trio.current_time() - start >= 30 - 1e-6
     assert not math.isinf(limiter.paused_until)
+
+
+async def test_an_http_source_named_a_budget_takes_its_slots_from_redis(server, nursery):
+    from _http_sources import run_until
+
+    from flows import Flow
+    from flows.testing import ListSink, sample
+    from flows.testing.emulator import Emulator
+    from prometheus_client import CollectorRegistry
+    from sources.binance import BinanceTickers
+
+    emulator = Emulator(seed=2, assets=6)
+    url = await nursery.start(emulator.serve)
+    source = BinanceTickers(symbols=emulator.symbols("binance"), base_url=url, per_request=1,
+                            every=0.01, limits=[RateLimit(2400, 60.0)], rate_budget=server.url)
+    sink = ListSink()
+    registry = CollectorRegistry()
+    client = redis.Redis.from_url(server.url)
+    key = "{flows:budget:" + url.removeprefix("http://") + "}:members"
+    seen = []
+
+    def done() -> bool:
+        seen.append((client.zcard(key), source.health()))
+        return len(sink.records) >= 30
+
+    rt = await run_until(Flow("f", sources=[source], sinks=[sink]), done, registry, timeout=20)
+    assert isinstance(source.limiter, SharedRateLimiter)
+    assert max(n for n, _ in seen) == 1 and not any(why for _, why in seen)
+    assert client.zcard(key) == 0  # it left the budget when it stopped
+    client.close()
+    assert sample(registry, "flows_source_budget_wait_seconds_count", "f", source.name) >= 30
+    assert sample(registry, "flows_source_budget_fallback", "f", source.name) == 0
+    assert sample(registry, "flows_source_responses_total", "f", source.name,
+                  status_class="2xx") == rt.status()["actors"][0]["sent"]
+
+
+async def test_an_http_source_reports_degraded_while_its_budget_is_away(nursery):
+    from _http_sources import run_until
+
+    from flows import Flow
+    from flows.testing import ListSink, sample
+    from flows.testing.emulator import Emulator
+    from prometheus_client import CollectorRegistry
+    from sources.binance import BinanceTickers
+
+    emulator = Emulator(seed=2, assets=6)
+    url = await nursery.start(emulator.serve)
+    budget = RateBudget(url=f"redis://127.0.0.1:{free_port()}/0", processes=2, timeout=0.2)
+    source = BinanceTickers(symbols=emulator.symbols("binance"), base_url=url, per_request=1,
+                            every=0.01, limits=[RateLimit(2400, 60.0)], rate_budget=budget)
+    sink = ListSink()
+    registry = CollectorRegistry()
+    reasons = []
+
+    def done() -> bool:
+        reasons.append(source.health())
+        return len(sink.records) >= 10
+
+    await run_until(Flow("f", sources=[source], sinks=[sink]), done, registry, timeout=20)
+    assert any(r and r.startswith("degraded: source binance: rate budget") for r in reasons)
+    assert sample(registry, "flows_source_budget_fallback", "f", source.name) == 1
+    assert source.limiter.fallback.limits[0].limit == pytest.approx(1200 * 0.98)

@@ -461,9 +461,7 @@ class SharedRateLimiter:
         self._scripts = BudgetScripts(client, self.key)
         self._metrics = metrics
         if metrics is not None:
-            metrics.register(*BUDGET_METRICS)
-            metrics.labeled(BUDGET_FALLBACK).set(0)
-            metrics.labeled(BUDGET_PAUSES)
+            _export(metrics)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -562,13 +560,23 @@ class SharedRateLimiter:
 
 @asynccontextmanager
 async def attached(limiter: Any, metrics: Any = None) -> AsyncIterator[None]:
-    """``limiter.running(metrics)`` for a shared limiter; nothing for a local one."""
+    """``limiter.running(metrics)`` for a shared limiter; for a local one,
+    only the budget's series (at 0), so every HTTP source exports them."""
     running = getattr(limiter, "running", None)
     if running is None:
+        if metrics is not None:
+            _export(metrics)
         yield
         return
     async with running(metrics):
         yield
+
+
+def _export(metrics: Any) -> None:
+    metrics.register(*BUDGET_METRICS)
+    metrics.labeled(BUDGET_WAIT)
+    metrics.labeled(BUDGET_FALLBACK).set(0)
+    metrics.labeled(BUDGET_PAUSES)
 
 
 def with_budget(limiter: Any, budget: str | RateBudget | None, shard: Any, *, base_url: str,

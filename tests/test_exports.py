@@ -23,7 +23,8 @@ PUBLIC = {
     "Stage", "Supervision", "Tick", "run_flow", "shard_of", "stage", "Stream", "Routes", "Gap", "Trade", "Candle",
     # writing components: bases, their request/parse types, resilience
     "BatchingSink", "CircuitBreaker", "HttpError", "HttpSource", "Parsed", "RECONNECT_REASONS",
-    "RateLimit", "Request", "Retry", "StreamParsed", "WebSocketSource", "parse_optional_float",
+    "RateLimit", "RateBudget", "Request", "Retry", "StreamParsed", "WebSocketSource",
+    "parse_optional_float",
     "parse_price", "DropLog", "write_atomic", "check_tick",
     # secrets: masking them wherever a URL, DSN or error is shown
     "redact", "add_secret",

@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        logging.basicConfig(level=logging.ERROR)
+        logging.basicConfig(level=getattr(logging, os.environ.get("BENCH_CHILD_LOG", "ERROR")))
         return run_child(args)
     if args.symbols < 1 or args.rate <= 0 or args.cycles < 1 or args.fault_cycles < 1:
         parser.error("--symbols, --rate, --cycles and --fault-cycles must be positive")

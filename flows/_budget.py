@@ -12,8 +12,9 @@ How it works (``SharedRateLimiter``, a drop-in for ``RateLimiter``):
   the next slot free under every limit at once and moves each limit's time
   on by ``w * window / limit``, so no ``window`` ever holds more than the
   limit's weight (times ``share``, 98%). Server time (``TIME``), so the
-  processes' clocks do not matter. A process holds one reservation at a
-  time.
+  processes' clocks do not matter. One request of a process asks at a
+  time; waiting for reserved slots overlaps, so Redis round trips do not
+  slow a process down.
 - Fair shares: each process also has its own pace, its part of the budget
   in proportion to its ``demand`` (an HTTP source's number of symbols)
   among the processes that asked for a slot in the last ``idle_after``
@@ -36,9 +37,11 @@ How it works (``SharedRateLimiter``, a drop-in for ``RateLimiter``):
   last window (its last 11 tenths: never less than the API's own window
   holds of ours, however it is aligned).
 - Fallback: when Redis does not answer (an error, or ``timeout``), the
-  process switches to a local ``RateLimiter`` at ``1 / processes`` of each
-  limit, reports ``degraded`` on /readyz and keeps probing; once Redis
-  answers again it rejoins the shared budget.
+  process switches to a local share (``LocalShare``: ``1 / processes`` of
+  each limit, evenly spaced), reports ``degraded`` on /readyz and keeps
+  probing; once Redis answers again it rejoins the shared budget. It
+  starts on the local share only once the others reserve its part for it
+  (``3 * probe_every`` after Redis last answered it).
 
 Keys (``{flows:budget:KEY}:state`` hash, ``:members`` sorted set, ``:usage``
 hash) expire on their own when nobody uses them.
@@ -50,6 +53,7 @@ import logging
 import math
 import os
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -58,7 +62,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from ._limits import RateLimit, RateLimiter
+from ._limits import RateLimit
 from ._metrics import LATENCY_BUCKETS, MetricFamily
 from ._redact import redact
 
@@ -123,8 +127,9 @@ class RateBudget:
     def __attrs_post_init__(self) -> None:
         if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"rate budget {redact(self.url)!r}: expected redis://host:port/db")
-        if not (self.timeout > 0 and self.probe_every > 0 and self.member_ttl > self.probe_every):
-            raise ValueError("timeout and probe_every must be > 0, member_ttl > probe_every")
+        if not (self.timeout > 0 and self.probe_every > 0
+                and self.member_ttl > 3 * self.probe_every):
+            raise ValueError("timeout and probe_every must be > 0, member_ttl > 3 * probe_every")
         redact(self.url, learn=True)
 
     @classmethod
@@ -132,10 +137,10 @@ class RateBudget:
         return value if isinstance(value, RateBudget) else cls(url=value)
 
 
-# KEYS: state hash, members zset, usage hash, pace hash (demand and own pace of
-# each busy member), busy zset.
+# KEYS: state hash, members zset (last contact), usage hash, pace hash
+# (demand and own pace of each member), busy zset (last slot asked for).
 # ARGV: now ('' = server TIME), member, processes, member_ttl, weight, count,
-#       demand, idle_after, then count x (field, limit, window).
+#       demand, idle_after, fresh, then count x (field, limit, window).
 # Returns: {wait seconds, pause (server time), pause_by, members, seconds to the
 # pause, this member's part, '1' when nothing was reserved (ask again after
 # the wait) else '0'} as strings.
@@ -150,28 +155,37 @@ local function f6(x) return string.format('%.6f', x) end
 local now = clock(ARGV[1])
 local me, n, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local weight, count = tonumber(ARGV[5]), tonumber(ARGV[6])
-local demand, idle = tonumber(ARGV[7]), tonumber(ARGV[8])
--- members (heartbeats): those missing from n run on their local share
+local demand, idle, fresh = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+-- members: those not heard from for ttl (and those missing from n) are on
+-- their local share, so the members use members / n of the limit
 redis.call('ZADD', KEYS[2], now, me)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
-local members = redis.call('ZCARD', KEYS[2])
-local share = math.min(1, members / n)
--- busy members (asked within idle): this one's part of the budget, by demand
-redis.call('ZADD', KEYS[5], now, me)
-redis.call('HSET', KEYS[4], 'd|' .. me, demand)
-local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - idle)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 if #gone > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - idle)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+  redis.call('ZREM', KEYS[5], unpack(gone))
   local drop = {}
   for _, m in ipairs(gone) do
     drop[#drop + 1] = 'd|' .. m
-    for i = 0, count - 1 do drop[#drop + 1] = 't|' .. ARGV[9 + 3 * i] .. '|' .. m end
+    for i = 0, count - 1 do drop[#drop + 1] = 't|' .. ARGV[10 + 3 * i] .. '|' .. m end
   end
   redis.call('HDEL', KEYS[4], unpack(drop))
 end
+local members = redis.call('ZCARD', KEYS[2])
+local share = math.min(1, members / n)
+-- this member's part, by demand, among the members that hold one: those
+-- busy (a slot asked for within idle) and those not heard from lately
+-- (they may be on their local share); an idle member that heartbeats
+-- leaves its part to the others
+redis.call('ZADD', KEYS[5], now, me)
+redis.call('HSET', KEYS[4], 'd|' .. me, demand)
 local total = 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
-  total = total + num(redis.call('HGET', KEYS[4], 'd|' .. m))
+local seen = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+for k = 1, #seen, 2 do
+  local m, last = seen[k], tonumber(seen[k + 1])
+  local busy = tonumber(redis.call('ZSCORE', KEYS[5], m) or nil)
+  if m == me or (busy and busy >= now - idle) or last < now - fresh then
+    total = total + num(redis.call('HGET', KEYS[4], 'd|' .. m))
+  end
 end
 local part = demand / math.max(total, demand)
 -- the slot: after the pause and every limit's next free time (no burst);
@@ -180,9 +194,9 @@ local part = demand / math.max(total, demand)
 local pause = num(redis.call('HGET', KEYS[1], 'pause'))
 local start = math.max(now, pause)
 local paced = now
-local longest = math.max(ttl, idle)
+local longest = ttl
 for i = 0, count - 1 do
-  local field, limit, window = ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i]), tonumber(ARGV[11 + 3 * i])
+  local field, limit, window = ARGV[10 + 3 * i], tonumber(ARGV[11 + 3 * i]), tonumber(ARGV[12 + 3 * i])
   local own = weight * window / (limit * share * part)
   start = math.max(start, num(redis.call('HGET', KEYS[1], field)))
   paced = math.max(paced, num(redis.call('HGET', KEYS[4], 't|' .. field .. '|' .. me)) - own)
@@ -193,7 +207,7 @@ if paced > start then
           tostring(members), f6(pause - now), f6(part), '1'}
 end
 for i = 0, count - 1 do
-  local field, limit, window = ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i]), tonumber(ARGV[11 + 3 * i])
+  local field, limit, window = ARGV[10 + 3 * i], tonumber(ARGV[11 + 3 * i]), tonumber(ARGV[12 + 3 * i])
   local step = weight * window / (limit * share)
   redis.call('HSET', KEYS[1], field, f6(start + step))
   local mine = 't|' .. field .. '|' .. me
@@ -259,8 +273,10 @@ end
 return {'0', tostring(ours)}
 """
 
-# KEYS: state hash, members zset. ARGV: now, member, member_ttl ('' ttl: leave).
-# Returns {pause (server time), pause_by, seconds to it, members}.
+# KEYS: state hash, members zset, pace hash, busy zset. ARGV: now, member,
+# member_ttl ('': leave), demand ('': not busy; else busy with this demand).
+# Returns {pause (server time), pause_by, seconds to it, members}. Members
+# that left are dropped by the acquire script (with their pace).
 _HEARTBEAT = """
 local function clock(arg)
   if arg ~= '' then return tonumber(arg) end
@@ -270,11 +286,17 @@ end
 local now = clock(ARGV[1])
 if ARGV[3] == '' then
   redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('ZREM', KEYS[4], ARGV[2])
 else
   redis.call('ZADD', KEYS[2], now, ARGV[2])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
-  if redis.call('PTTL', KEYS[2]) < 0 then
-    redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[3]) * 2000))
+  if ARGV[4] ~= '' then
+    redis.call('ZADD', KEYS[4], now, ARGV[2])
+    redis.call('HSET', KEYS[3], 'd|' .. ARGV[2], ARGV[4])
+  end
+  for k = 2, 4 do
+    if redis.call('PTTL', KEYS[k]) < 0 then
+      redis.call('PEXPIRE', KEYS[k], math.ceil(tonumber(ARGV[3]) * 2000))
+    end
   end
 end
 local pause = tonumber(redis.call('HGET', KEYS[1], 'pause')) or 0
@@ -313,9 +335,9 @@ class BudgetScripts:
 
     def acquire(self, member: str, weight: float, limits: Sequence[RateLimit], *,
                 processes: int = 1, member_ttl: float = 3.0, demand: float = 1.0,
-                idle_after: float = 1.0, now: float | None = None) -> Slot:
+                idle_after: float = 1.0, fresh: float = 1.5, now: float | None = None) -> Slot:
         args: list[Any] = [_now(now), member, processes, member_ttl, weight, len(limits),
-                           repr(float(demand)), repr(float(idle_after))]
+                           repr(float(demand)), repr(float(idle_after)), repr(float(fresh))]
         for limit in limits:
             args += [_field(limit), repr(float(limit.limit)), repr(float(limit.window))]
         wait, pause, by, members, rest, part, again = self._acquire(keys=self.keys, args=args)
@@ -335,12 +357,15 @@ class BudgetScripts:
                   repr(float(first.window)), member])
         return paused in (b"1", "1"), float(ours)
 
-    def heartbeat(self, member: str, member_ttl: float | None, *,
+    def heartbeat(self, member: str, member_ttl: float | None, *, busy: float | None = None,
                   now: float | None = None) -> tuple[float, str, float, int]:
-        """(pause, paused by, seconds to it, members); ``member_ttl`` None: leave."""
+        """(pause, paused by, seconds to it, members); ``member_ttl`` None:
+        leave; ``busy``: the member's demand, when it is busy."""
         ttl = "" if member_ttl is None else repr(member_ttl)
-        pause, by, rest, members = self._heartbeat(keys=self.keys[:2],
-                                                   args=[_now(now), member, ttl])
+        demand = "" if busy is None else repr(float(busy))
+        pause, by, rest, members = self._heartbeat(
+            keys=(self.keys[0], self.keys[1], self.keys[3], self.keys[4]),
+            args=[_now(now), member, ttl, demand])
         return float(pause), _text(by), float(rest), int(members)
 
 
@@ -354,6 +379,41 @@ def _field(limit: RateLimit) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class LocalShare:
+    """The fallback: ``limits`` (already this process's share), with requests
+    evenly spaced and no burst, as the shared script spaces them, so going
+    from one to the other never lets two requests through at once."""
+
+    def __init__(self, limits: Sequence[RateLimit]) -> None:
+        self.limits = tuple(limits)
+        self._next = -math.inf  # trio time of the next free slot
+        self._paused_until = -math.inf
+        self._sent: deque[tuple[float, float]] = deque()  # (trio time, weight)
+
+    def pause_until(self, deadline: float) -> None:
+        self._paused_until = max(self._paused_until, deadline)
+
+    def next_free(self) -> float:
+        return max(self._next, self._paused_until)
+
+    async def acquire(self, weight: float = 1.0) -> None:
+        interval = max(weight * lim.window / lim.limit for lim in self.limits)
+        while True:
+            at = max(trio.current_time(), self.next_free())
+            self._next = at + interval
+            await trio.sleep_until(at)
+            if self._paused_until <= trio.current_time():  # else a pause came meanwhile
+                break
+        self._sent.append((at, weight))
+
+    def used(self, window: float) -> float:
+        """Weight sent in the last ``window`` seconds."""
+        since = trio.current_time() - window
+        while self._sent and self._sent[0][0] <= since - 60.0:
+            self._sent.popleft()
+        return sum(w for t, w in self._sent if t > since)
 
 
 class SharedRateLimiter:
@@ -376,12 +436,17 @@ class SharedRateLimiter:
         the budget in proportion to it."""
         self.name = name
         self.member = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.local = RateLimiter(list(limits), share=share)
-        self.declared, self.limits = self.local.declared, self.local.limits
-        self.fallback = RateLimiter(
-            [RateLimit(lim.limit / self.processes, lim.window) for lim in self.declared],
-            share=share)
+        self.declared = tuple(limits)
+        self.limits = tuple(RateLimit(lim.limit * share, lim.window) for lim in limits)
+        self.fallback = LocalShare(
+            [RateLimit(lim.limit * share / self.processes, lim.window) for lim in self.declared])
+        self._local_waiters = 0  # requests waiting on the fallback
+        self._drained = trio.Event()  # set when the last of them went
         self.degraded: str | None = None
+        self._rejoining = False  # back from the fallback: space the first request as it would
+        self._weight = 1.0  # of the last request
+        self._asked_at = -math.inf  # trio time of the last acquire
+        self._contact = -math.inf  # trio time Redis last answered
         self._paused_until = -math.inf  # trio time
         self._counted_pause = 0.0  # the last pause from another process already counted
         self._lock = trio.Lock()
@@ -406,42 +471,65 @@ class SharedRateLimiter:
     def observe_usage(self, used: float, limit: float, window_end: float) -> None:
         """A usage header: compared with what every sharing process sent."""
         if self.degraded is not None or self._nursery is None:
-            n = self.processes  # on the local share: the others may use all of theirs
-            self.fallback.observe_usage(used - limit * (n - 1) / n, limit / n, window_end)
+            # on the local share: the others may use all of theirs
+            others = limit * (self.processes - 1) / self.processes
+            own = self.fallback.used(self.limits[0].window)
+            if used >= 0.9 * limit and used > others + own + 0.05 * limit:
+                self._paused_until = max(self._paused_until, window_end)
+                self.fallback.pause_until(window_end)
             return
         rest = window_end - trio.current_time()
         self._nursery.start_soon(self._observed, used, limit, rest)
 
     async def acquire(self, weight: float = 1.0) -> float:
-        """Wait until a request of ``weight`` may start; returns seconds waited."""
-        start = trio.current_time()
-        async with self._lock:
-            while True:
-                await trio.sleep_until(self._paused_until)
-                if self.degraded is not None or self._scripts is None:
-                    await self.fallback.acquire(weight)
-                    break
-                slot = await self._call("acquire", self.member, weight, self.limits,
-                                        processes=self.processes,
-                                        member_ttl=self.budget.member_ttl, demand=self.demand,
-                                        idle_after=self._idle_after(weight))
-                if slot is None:
-                    continue  # Redis is away: the fallback takes it from here
-                self._note_pause(slot.pause, slot.pause_by, slot.rest)
-                if slot.again:
-                    await trio.sleep(slot.wait)
-                    continue
-                if slot.wait <= 0:
-                    break
-                await trio.sleep(slot.wait)
-                if slot.wait < self.budget.recheck_after:
-                    break
-                if not await self._recheck():
-                    break
+        """Wait until a request of ``weight`` may start; returns seconds waited.
+
+        One request at a time asks Redis (and waits there while its process
+        is ahead of its own pace); the waits for reserved slots overlap, so
+        the round trips to Redis do not slow a process down."""
+        start = self._asked_at = trio.current_time()
+        self._weight = weight
+        while not await self._acquire_once(weight):
+            pass
         waited = trio.current_time() - start
         if self._metrics is not None:
             self._metrics.labeled(BUDGET_WAIT).observe(waited)
         return waited
+
+    async def _acquire_once(self, weight: float) -> bool:
+        """One try: True once the request may go, False to try again."""
+        await trio.sleep_until(self._paused_until)
+        if self.degraded is not None or self._scripts is None:
+            self._local_waiters += 1
+            try:
+                await self.fallback.acquire(weight)
+            finally:
+                self._local_waiters -= 1
+                if not self._local_waiters:
+                    self._drained.set()
+                    self._drained = trio.Event()
+            return True
+        async with self._lock:
+            if self._rejoining:  # back from the fallback: its queue first, then its pace
+                while self._local_waiters:
+                    await self._drained.wait()
+                await trio.sleep_until(self.fallback.next_free())
+                self._rejoining = False
+            slot = await self._call("acquire", self.member, weight, self.limits,
+                                    processes=self.processes, member_ttl=self.budget.member_ttl,
+                                    demand=self.demand, idle_after=self._idle_after(weight),
+                                    fresh=self._fresh)
+            if slot is None:
+                return False  # Redis is away: the fallback takes it from here
+            self._note_pause(slot.pause, slot.pause_by, slot.rest)
+            if slot.again:  # ahead of its own pace: nothing reserved, the others wait too
+                await trio.sleep(slot.wait)
+                return False
+        if slot.wait <= 0:
+            return True
+        await trio.sleep(slot.wait)
+        # a long wait: a pause may have come meanwhile
+        return slot.wait < self.budget.recheck_after or not await self._recheck()
 
     # -- health, life cycle -------------------------------------------------------
 
@@ -456,7 +544,8 @@ class SharedRateLimiter:
         from redis.retry import Retry
 
         client = redis.Redis.from_url(
-            self.budget.url, retry=Retry(NoBackoff(), 0), socket_timeout=self.budget.timeout,
+            # one retry: a pooled connection that died with a restarted Redis reconnects
+            self.budget.url, retry=Retry(NoBackoff(), 1), socket_timeout=self.budget.timeout,
             socket_connect_timeout=self.budget.timeout, health_check_interval=0)
         self._scripts = BudgetScripts(client, self.key)
         self._metrics = metrics
@@ -486,7 +575,8 @@ class SharedRateLimiter:
 
     async def _heartbeats(self) -> None:
         while True:
-            beat = await self._call("heartbeat", self.member, self.budget.member_ttl)
+            beat = await self._call("heartbeat", self.member, self.budget.member_ttl,
+                                    busy=self._busy())
             if beat is not None:
                 pause, by, rest, _ = beat
                 self._note_pause(pause, by, rest)
@@ -497,6 +587,17 @@ class SharedRateLimiter:
             await trio.sleep(self.budget.probe_every)
 
     # -- helpers --------------------------------------------------------------------
+
+    @property
+    def _fresh(self) -> float:
+        """Heard from within this, a member is on the shared budget (three
+        heartbeats); past it, it may be on its local share."""
+        return 3 * self.budget.probe_every
+
+    def _busy(self) -> float | None:
+        """This process's demand while it asks for slots, else None."""
+        recent = trio.current_time() - self._asked_at < self.budget.idle_after
+        return self.demand if recent else None
 
     def _idle_after(self, weight: float) -> float:
         """Silence that makes a process idle: ``idle_after``, or three of its
@@ -510,8 +611,10 @@ class SharedRateLimiter:
         fn = getattr(self._scripts, what)
         try:
             with trio.fail_after(self.budget.timeout * 2):
-                return await trio.to_thread.run_sync(
+                answer = await trio.to_thread.run_sync(
                     lambda: fn(*args, **kwargs), abandon_on_cancel=True)
+            self._contact = trio.current_time()
+            return answer
         except Exception as exc:  # noqa: BLE001 - any failure: the safe local share
             if self.degraded is None:
                 log.warning("source %s: rate budget %s unreachable (%s: %s); on a local share "
@@ -524,6 +627,18 @@ class SharedRateLimiter:
             return None
 
     def _set_degraded(self, why: str | None) -> None:
+        """Into the fallback (``why``) or out of it (None). Going in, the local
+        share starts once the others hold this process's part for it (it has
+        not been heard from for ``_fresh``) and one of its intervals after
+        the last shared request; coming out, the next request waits for its
+        local slot (and for the requests queued on the fallback). So the
+        sum stays under the limit across the change."""
+        if why is not None and self.degraded is None:
+            interval = max(self._weight * lim.window / lim.limit for lim in self.fallback.limits)
+            now = trio.current_time()
+            self.fallback.pause_until(max(now + interval, self._contact + self._fresh + 0.1))
+        elif why is None and self.degraded is not None:
+            self._rejoining = True
         self.degraded = why
         if self._metrics is not None:
             self._metrics.labeled(BUDGET_FALLBACK).set(0 if why is None else 1)
@@ -544,7 +659,8 @@ class SharedRateLimiter:
 
     async def _recheck(self) -> bool:
         """After a long wait: is there a shared pause now? (True: go round again.)"""
-        beat = await self._call("heartbeat", self.member, self.budget.member_ttl)
+        beat = await self._call("heartbeat", self.member, self.budget.member_ttl,
+                                busy=self.demand)
         if beat is None:
             return True
         pause, by, rest, _ = beat

@@ -117,7 +117,7 @@ class RateBudget:
     probe_every: float = 0.5
     member_ttl: float = 3.0
     idle_after: float = 1.0
-    recheck_after: float = 0.05
+    recheck_after: float = 0.25
 
     @processes.validator
     def _check_processes(self, _: Any, value: int | None) -> None:
@@ -188,21 +188,24 @@ for k = 1, #seen, 2 do
   end
 end
 local part = demand / math.max(total, demand)
--- the slot: after the pause and every limit's next free time (no burst);
--- a member ahead of its own pace (one interval of tolerance) reserves
--- nothing and is told when to ask again, so no slot is left unused
+-- the slot: after the pause and every limit's next free time (no burst).
+-- While slots are queued (the next is more than one step away), a member
+-- ahead of its own pace (one interval of tolerance) reserves nothing and
+-- is told when to ask again; a slot free now goes to whoever asks, so no
+-- slot is left unused when a member is late
 local pause = num(redis.call('HGET', KEYS[1], 'pause'))
 local start = math.max(now, pause)
 local paced = now
-local longest = ttl
+local longest, step = ttl, 0
 for i = 0, count - 1 do
   local field, limit, window = ARGV[10 + 3 * i], tonumber(ARGV[11 + 3 * i]), tonumber(ARGV[12 + 3 * i])
   local own = weight * window / (limit * share * part)
   start = math.max(start, num(redis.call('HGET', KEYS[1], field)))
   paced = math.max(paced, num(redis.call('HGET', KEYS[4], 't|' .. field .. '|' .. me)) - own)
   longest = math.max(longest, window)
+  step = math.max(step, weight * window / (limit * share))
 end
-if paced > start then
+if paced > start and start > math.max(now, pause) + step then
   return {f6(paced - now), f6(pause), redis.call('HGET', KEYS[1], 'pause_by') or '',
           tostring(members), f6(pause - now), f6(part), '1'}
 end

@@ -53,6 +53,7 @@ from ._registry import ComponentError as ComponentError
 from ._registry import all_metrics as all_metrics
 from ._registry import components as components
 from ._registry import load_component as load_component
+from ._retry import Retry as Retry
 from ._runtime import FlowFailed as FlowFailed
 from ._runtime import RunResult as RunResult
 from ._runtime import Runtime as Runtime
@@ -60,7 +61,6 @@ from ._runtime import run_flow as run_flow
 from ._shard import Shard as Shard
 from ._shard import shard_of as shard_of
 from ._sink import BatchingSink as BatchingSink
-from ._sink import Retry as Retry
 from ._status import figures as flow_figures  # noqa: F401 - _status names it figures
 from ._ws import RECONNECT_REASONS as RECONNECT_REASONS
 from ._ws import StreamParsed as StreamParsed

@@ -13,8 +13,8 @@ A subclass says what to ask and how to read the answer:
 ``HttpSource`` does the rest: one ``httpx.AsyncClient`` per source with
 pooling and separate connect/read timeouts, a cap on response size, the
 rate limiter (the API's documented limits, tightened by 429/418
-Retry-After and usage headers), retries with exponential backoff and full
-jitter for timeouts, connection errors, 5xx and 429 (never other 4xx), a
+Retry-After and usage headers), retries by the ``retry`` policy
+(``flows.Retry``) for timeouts, connection errors, 5xx and 429 (never other 4xx), a
 circuit breaker, the per-source metrics, standby for a primary source
 (fallback), and a one-shot mode that polls the symbol set once, shows
 progress, and keeps a checkpoint of finished symbols so a crashed sync
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
 from ._records import Batch, Tick, screen
 from ._redact import add_secret, redact
+from ._retry import Retry
 
 __all__ = ["HttpError", "HttpSource", "Parsed", "Request", "parse_optional_float", "parse_price"]
 
@@ -205,8 +205,8 @@ class HttpSource:
         concurrency: requests in flight at once.
         connect_timeout, read_timeout: seconds.
         max_response_bytes: larger bodies are refused (counted, retried).
-        retries: attempts after the first for transient failures.
-        backoff, max_backoff: full-jitter exponential backoff (s).
+        retry: the retry policy for transient failures (``flows.Retry``;
+            default ``DEFAULT_RETRY``: 4 attempts, 0.2 s doubling up to 5 s).
         circuit: the breaker (default: 5 failures, 30 s open).
         once: poll the symbol set once and end (a one-shot sync).
         resume: with ``once``, a file listing finished symbols, so a crashed
@@ -225,6 +225,7 @@ class HttpSource:
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
     METRICS = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, *BUDGET_METRICS)
+    DEFAULT_RETRY = Retry(attempts=4, backoff=0.2, max_backoff=5.0)
     PAUSE_WITHOUT_RETRY_AFTER = False
     """A 429 without ``Retry-After`` pauses for the longest limit window (for
     APIs that count per window and do not say when it ends)."""
@@ -240,9 +241,7 @@ class HttpSource:
         connect_timeout: float = 3.0,
         read_timeout: float = 10.0,
         max_response_bytes: int = 8 << 20,
-        retries: int = 3,
-        backoff: float = 0.2,
-        max_backoff: float = 5.0,
+        retry: Retry | None = None,
         circuit: CircuitBreaker | None = None,
         once: bool = False,
         resume: str | Path | None = None,
@@ -255,8 +254,8 @@ class HttpSource:
     ) -> None:
         if not symbols:
             raise ValueError(f"{name}: symbols must not be empty")
-        if not every > 0 or concurrency < 1 or retries < 0:
-            raise ValueError(f"{name}: every must be > 0, concurrency >= 1, retries >= 0")
+        if not every > 0 or concurrency < 1:
+            raise ValueError(f"{name}: every must be > 0 and concurrency >= 1")
         self.symbols = list(symbols)
         self.every = every
         self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
@@ -265,7 +264,7 @@ class HttpSource:
         self.concurrency = concurrency
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.max_response_bytes = max_response_bytes
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.retry = self.DEFAULT_RETRY if retry is None else retry
         self.circuit = circuit or CircuitBreaker()
         self.once = once
         self.resume = None if resume is None else Path(resume)
@@ -469,7 +468,7 @@ class HttpSource:
     ) -> list[Tick] | HttpError:
         """One request with retries; its Ticks, or the error it failed with for good."""
         m = outbox.metrics
-        attempt = 0
+        delays = self.retry.delays()
         circuit = self.circuit
         while True:
             if not circuit.allow():
@@ -499,14 +498,13 @@ class HttpSource:
                     self.limiter.pause_until(trio.current_time() + exc.retry_after)
                 if exc.symbol_error:
                     return exc  # not a failure of the API: the caller isolates the symbol
-                if not exc.transient or attempt >= self.retries:
+                delay = next(delays, None) if exc.transient else None
+                if delay is None:
                     self._drops.drop("request_failed", f"{request.endpoint} {request.path}: {exc}")
                     m.discarded("request_failed", max(len(request.symbols), 1))
                     return exc
-                attempt += 1
                 m.labeled(RETRIES).inc()
-                cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-                await trio.sleep(random.uniform(0, cap))
+                await trio.sleep(delay)
                 continue
             finally:
                 if probe:

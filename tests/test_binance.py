@@ -9,8 +9,14 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WeightLimit
 from sources.binance import BinanceTickers
 
@@ -74,8 +80,9 @@ async def test_the_limiter_keeps_under_the_weight_limit_with_no_429(emulator, au
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 3:
-            await trio.sleep(1)
+        with deadline(300, "3 poll cycles"):
+            while source.cycles < 3:
+                await trio.sleep(1)
         rt.stop()
     stats = emulator.stats["binance"]["ticker/price"]
     assert stats["refused"] == 0
@@ -88,7 +95,7 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:15]
     # the source believes the limit is far higher: the 429 must teach it
     source = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=1, once=True,
-                            limits=[RateLimit(10_000, 60.0)], retries=5, backoff=0.01)
+                            limits=[RateLimit(10_000, 60.0)], retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert len(sink.records) == 15  # everything arrived, after waiting
@@ -102,22 +109,24 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
 async def test_5xx_burst_opens_the_circuit_and_half_open_recovers(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:4]
     source = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=4, every=1.0,
-                            retries=0, circuit=CircuitBreaker(failures=3, reset_after=10.0))
+                            retry=Retry(attempts=1), circuit=CircuitBreaker(failures=3, reset_after=10.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("cb", sources=[source], sinks=[ListSink()]), registry=registry,
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         emulator.set_faults(exchange="binance", error_rate=1.0)
-        while source.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to open"):
+            while source.circuit.state != "open":
+                await trio.sleep(0.5)
         assert sample(registry, "flows_source_circuit_state", "cb", "binance") == 2
         ready, reasons = rt.ready()
         assert not ready and "source binance: circuit open" in reasons
         emulator.clear_faults()
         await trio.sleep(11)
-        while source.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to close again"):
+            while source.circuit.state != "closed":
+                await trio.sleep(0.5)
         assert sample(registry, "flows_source_circuit_state", "cb", "binance") == 0
         assert rt.ready()[0]
         rt.stop()
@@ -126,7 +135,7 @@ async def test_5xx_burst_opens_the_circuit_and_half_open_recovers(emulator, auto
 async def test_fallback_switches_to_the_backup_and_back(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:4]
     primary = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=4, every=1.0,
-                             retries=0, circuit=CircuitBreaker(failures=2, reset_after=5.0))
+                             retry=Retry(attempts=1), circuit=CircuitBreaker(failures=2, reset_after=5.0))
     backup = BinanceTickers(symbols=symbols, base_url=emulator.url + "/", per_request=4,
                             every=1.0, standby_for=primary, name="backup")
     sink = ListSink()
@@ -134,23 +143,26 @@ async def test_fallback_switches_to_the_backup_and_back(emulator, autojump_clock
                  registry=CollectorRegistry(), metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while primary.cycles < 3:
-            await trio.sleep(0.5)
+        with deadline(120, "3 cycles of the primary"):
+            while primary.cycles < 3:
+                await trio.sleep(0.5)
         assert {t.source for t in sink.records} == {"binance"}  # the backup stood by
         # the primary's API fails (the backup talks to the same emulator, so
         # fail only the primary: point it at a dead path)
         original = primary.plan
         primary.plan = lambda syms: [r.__class__(r.endpoint, "/dead" + r.path, r.params, r.weight, r.symbols)
                                      for r in original(syms)]
-        while primary.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the primary's circuit to open"):
+            while primary.circuit.state != "open":
+                await trio.sleep(0.5)
         before = sum(t.source == "backup" for t in sink.records)
         await trio.sleep(3)
         assert sum(t.source == "backup" for t in sink.records) > before
         assert any("degraded" in r for r in rt.ready()[1])
         primary.plan = original  # the primary's API is back
-        while primary.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the primary's circuit to close again"):
+            while primary.circuit.state != "closed":
+                await trio.sleep(0.5)
         await trio.testing.wait_all_tasks_blocked()
         backup_count = sum(t.source == "backup" for t in sink.records)
         await trio.sleep(5)

@@ -19,11 +19,12 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS, Edge, RateLimit
+from flows import RECONNECT_REASONS, Edge, RateLimit, Retry
 from flows._websocket import ConnectionClosed, ConnectionRejected, open_ws
 from flows.testing import (
     GatedSink,
     assert_component_metrics,
+    deadline,
     sample,
 )
 from flows.testing.emulator import WsFaults
@@ -186,8 +187,8 @@ async def test_conflation_under_a_blocked_sink_keeps_the_latest_price(start, aut
 async def test_refused_streams_are_errors_and_the_source_reports_disconnected(start,
                                                                               autojump_clock):
     emulator, url = await start()
-    source = BinanceStream(symbols=["NOSUCHUSDT"], base_url=url, down_after=2.0, backoff=0.5,
-                           max_backoff=1.0)
+    source = BinanceStream(symbols=["NOSUCHUSDT"], base_url=url, down_after=2.0,
+                           retry=Retry(backoff=0.5, max_backoff=1.0))
     async with running(source) as (rt, _, registry):
         await until(lambda: reconnects(registry)["error"] >= 2, poll=0.5)
         await trio.sleep(2)
@@ -238,24 +239,27 @@ async def test_emulator_stream_formats_and_requests(start, autojump_clock):
     assert float(trade["p"]) == float(emulator.price("binance", "BTCUSDT"))
     async with open_ws(url + "/stream?streams=ethusdt@bookTicker/btcusdt@miniTicker") as ws:
         got = {}
-        while len(got) < 2:
-            message = msgspec.json.decode(await ws.get_message())
-            got[message["stream"]] = message["data"]
+        with deadline(30, "a message of each of the 2 streams"):
+            while len(got) < 2:
+                message = msgspec.json.decode(await ws.get_message())
+                got[message["stream"]] = message["data"]
         assert list(got["ethusdt@bookTicker"]) == ["u", "s", "b", "B", "a", "A"]
         assert list(got["btcusdt@miniTicker"]) == ["e", "E", "s", "c", "o", "h", "l", "v", "q"]
         first_u = got["ethusdt@bookTicker"]["u"]
-        while True:  # update ids go up by one per event
-            message = msgspec.json.decode(await ws.get_message())
-            if message["stream"] == "ethusdt@bookTicker":
-                assert message["data"]["u"] == first_u + 1
-                break
+        with deadline(30, "the next bookTicker update"):
+            while True:  # update ids go up by one per event
+                message = msgspec.json.decode(await ws.get_message())
+                if message["stream"] == "ethusdt@bookTicker":
+                    assert message["data"]["u"] == first_u + 1
+                    break
     async with open_ws(url + "/stream") as ws:
         async def ask(request):
             await ws.send_message(request)
-            while True:
-                answer = msgspec.json.decode(await ws.get_message())
-                if "stream" not in answer:
-                    return answer
+            with deadline(30, "the answer to a request"):
+                while True:
+                    answer = msgspec.json.decode(await ws.get_message())
+                    if "stream" not in answer:
+                        return answer
 
         assert await ask('{"method":"SUBSCRIBE","params":["solusdt@trade"],"id":1}') == {
             "result": None, "id": 1}
@@ -273,8 +277,9 @@ async def test_emulator_stream_formats_and_requests(start, autojump_clock):
         with pytest.raises(ConnectionClosed) as closed:
             for i in range(10):
                 await ws.send_message(f'{{"method":"LIST_SUBSCRIPTIONS","id":{i}}}')
-            while True:
-                await ws.get_message()
+            with deadline(30, "the server to close a connection that sent too much"):
+                while True:
+                    await ws.get_message()
         assert closed.value.code == 1008
     with pytest.raises(ConnectionRejected):
         async with open_ws(url + "/ws/btcusdt@depth"):
@@ -301,8 +306,9 @@ async def test_emulator_ws_control_endpoints(start, autojump_clock):
             r = await client.post("/_emulator/ws/disconnect", json={"how": "close", "code": 4000})
             assert r.json() == {"disconnected": 1}
             with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await ws.get_message()
+                with deadline(30, "the close the control endpoint asked for"):
+                    while True:
+                        await ws.get_message()
             assert closed.value.code == 4000
         r = await client.post("/_emulator/ws/disconnect", json={"how": "explode"})
         assert r.status_code == 400

@@ -9,8 +9,14 @@ import trio
 from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Request, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Request, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator
 from sources.coinbase import CoinbaseTickers
 
@@ -89,7 +95,7 @@ async def test_malformed_and_truncated_bodies_are_dropped_and_the_flow_recovers(
 ):
     symbols = emulator.symbols("coinbase")[:4]
     sink = ListSink()
-    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=1,
+    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retry=Retry(attempts=2),
                              circuit=CircuitBreaker(failures=1000))
     registry = CollectorRegistry()
     emulator.set_faults(exchange="coinbase", malformed_rate=0.5, truncated_rate=1.0)
@@ -129,7 +135,7 @@ async def test_a_429_pauses_the_source_and_it_catches_up(emulator, autojump_cloc
     symbols = emulator.symbols("coinbase")[:40]
     # the source believes the limit is far higher: the 429s must slow it down
     source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, once=True,
-                             limits=[RateLimit(1000, 1.0)], retries=5, backoff=0.01)
+                             limits=[RateLimit(1000, 1.0)], retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(symbols)
@@ -140,7 +146,7 @@ async def test_a_429_pauses_the_source_and_it_catches_up(emulator, autojump_cloc
 
 async def test_5xx_burst_opens_the_circuit(emulator, autojump_clock):
     symbols = emulator.symbols("coinbase")[:4]
-    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=0,
+    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retry=Retry(attempts=1),
                              circuit=CircuitBreaker(failures=3, reset_after=10.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("cb5", sources=[source], sinks=[ListSink()]), registry=registry,
@@ -148,13 +154,15 @@ async def test_5xx_burst_opens_the_circuit(emulator, autojump_clock):
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         emulator.set_faults(exchange="coinbase", error_rate=1.0)
-        while source.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to open"):
+            while source.circuit.state != "open":
+                await trio.sleep(0.5)
         assert sample(registry, "flows_source_circuit_state", "cb5", "coinbase") == 2
         assert "source coinbase: circuit open" in rt.ready()[1]
         emulator.clear_faults()
-        while source.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to close again"):
+            while source.circuit.state != "closed":
+                await trio.sleep(0.5)
         assert rt.ready()[0]
         rt.stop()
 

@@ -20,11 +20,12 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS, Edge, RateLimit
+from flows import RECONNECT_REASONS, Edge, RateLimit, Retry
 from flows._websocket import ConnectionClosed, open_ws
 from flows.testing import (
     GatedSink,
     assert_component_metrics,
+    deadline,
     sample,
 )
 from sources.coinbase import CoinbaseStream
@@ -111,7 +112,7 @@ async def test_an_unknown_product_is_left_out_of_the_next_connection(start, auto
     emulator, url = await start()
     products = emulator.symbols("coinbase")[:3]
     source = CoinbaseStream(symbols=[*products, "NOPE-USD"], base_url=url, heartbeat=False,
-                            backoff=0.2)
+                            retry=Retry(backoff=0.2))
     async with running(source) as (_, sink, registry):
         await until(lambda: {t.symbol for t in sink.records} == set(products))
     assert source.unknown == {"NOPE-USD"}
@@ -183,10 +184,11 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
     async with open_ws(url) as ws:
         async def ask(request):
             await ws.send_message(msgspec.json.encode(request).decode())
-            while True:
-                answer = msgspec.json.decode(await ws.get_message())
-                if answer["type"] in ("subscriptions", "error"):
-                    return answer
+            with deadline(30, "the answer to a request"):
+                while True:
+                    answer = msgspec.json.decode(await ws.get_message())
+                    if answer["type"] in ("subscriptions", "error"):
+                        return answer
 
         assert await ask({"type": "subscribe", "product_ids": ["BTC-USD"],
                           "channels": ["ticker", {"name": "heartbeat",
@@ -195,9 +197,10 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
             "channels": [{"name": "ticker", "product_ids": ["BTC-USD"]},
                          {"name": "heartbeat", "product_ids": ["ETH-USD"]}]}
         got = {}
-        while len(got) < 2:
-            message = msgspec.json.decode(await ws.get_message())
-            got[message["type"]] = message
+        with deadline(30, "a ticker and a heartbeat"):
+            while len(got) < 2:
+                message = msgspec.json.decode(await ws.get_message())
+                got[message["type"]] = message
         ticker, heartbeat = got["ticker"], got["heartbeat"]
         assert list(ticker) == [
             "type", "sequence", "product_id", "price", "open_24h", "volume_24h", "low_24h",
@@ -208,11 +211,12 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
         assert ticker["time"].endswith("Z") and isinstance(ticker["sequence"], int)
         assert list(heartbeat) == ["type", "sequence", "last_trade_id", "product_id", "time"]
         assert heartbeat["product_id"] == "ETH-USD"
-        while True:  # sequence numbers go up by one per ticker
-            message = msgspec.json.decode(await ws.get_message())
-            if message["type"] == "ticker":
-                assert message["sequence"] == ticker["sequence"] + 1
-                break
+        with deadline(30, "the next ticker"):
+            while True:  # sequence numbers go up by one per ticker
+                message = msgspec.json.decode(await ws.get_message())
+                if message["type"] == "ticker":
+                    assert message["sequence"] == ticker["sequence"] + 1
+                    break
         errors = [
             await ask({"type": "subscribe", "product_ids": ["BTC-FOO"], "channels": ["ticker"]}),
             await ask({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["full"]}),

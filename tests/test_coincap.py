@@ -11,8 +11,14 @@ import trio
 from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coincap import CoinCapPrices
 
@@ -71,7 +77,7 @@ async def test_a_wrong_key_is_a_401_not_retried_and_names_the_variable(emulator,
     monkeypatch.setenv("COINCAP_API_KEY", "wrong-key")
     ids = emulator.symbols("coincap")[:5]
     sink = ListSink()
-    source = CoinCapPrices(symbols=ids, base_url=emulator.url, once=True, retries=3)
+    source = CoinCapPrices(symbols=ids, base_url=emulator.url, once=True, retry=Retry(attempts=4))
     with caplog.at_level(logging.WARNING, logger="flows.source.coincap"):
         _, registry = await run_briefly(Flow("auth", sources=[source], sinks=[sink]))
     assert sink.records == []
@@ -105,7 +111,7 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator):
 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(emulator, autojump_clock):
     source = CoinCapPrices(symbols=emulator.symbols("coincap")[:5], base_url=emulator.url, every=1.0,
-                   retries=0, circuit=CircuitBreaker(failures=100))
+                   retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100))
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "coincap", "assets")
 
 
@@ -119,8 +125,9 @@ async def test_the_limiter_keeps_under_the_limit_with_no_429(emulator, autojump_
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 4:
-            await trio.sleep(0.5)
+        with deadline(600, "4 poll cycles"):
+            while source.cycles < 4:
+                await trio.sleep(0.5)
         rt.stop()
     stats = emulator.stats["coincap"]["assets"]
     assert stats["refused"] == 0 and stats["requests"] >= 40
@@ -132,8 +139,8 @@ async def test_a_429_without_retry_after_pauses_a_window(emulator, autojump_cloc
     emulator.set_rate_limit("coincap", WindowLimit(limit=5, window=60.0))
     ids = emulator.symbols("coincap")[:12]
     source = CoinCapPrices(symbols=ids, base_url=emulator.url, per_request=1, once=True,
-                           concurrency=1, limits=[RateLimit(10_000, 60.0)], retries=5,
-                           backoff=0.01)
+                           concurrency=1, limits=[RateLimit(10_000, 60.0)],
+                           retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(ids)

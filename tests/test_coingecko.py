@@ -13,8 +13,14 @@ from _http_sources import (
 )
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coingecko import CoinGeckoPrices
 
@@ -31,8 +37,9 @@ async def _run_cycles(source: CoinGeckoPrices, sink: ListSink, cycles: int) -> C
     rt = Runtime(Flow("cg", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < cycles:
-            await trio.sleep(0.5)
+        with deadline(600, "the poll cycles"):
+            while source.cycles < cycles:
+                await trio.sleep(0.5)
         rt.stop()
     return registry
 
@@ -132,7 +139,7 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator, auto
 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(emulator, autojump_clock):
     source = CoinGeckoPrices(symbols=emulator.symbols("coingecko")[:5], base_url=emulator.url, every=2.0,
-                   retries=0, circuit=CircuitBreaker(failures=100))
+                   retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100))
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "coingecko", "simple/price")
 
 
@@ -153,8 +160,8 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
     ids = emulator.symbols("coingecko")[:12]
     # the source believes the limit is far higher: the 429 must teach it
     source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, per_request=1, once=True,
-                             concurrency=1, limits=[RateLimit(10_000, 60.0)], retries=5,
-                             backoff=0.01)
+                             concurrency=1, limits=[RateLimit(10_000, 60.0)],
+                             retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(ids)  # all arrived, after waiting

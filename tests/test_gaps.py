@@ -11,7 +11,7 @@ from _http_sources import OK, Probe, http, serve_answers
 from _streams import feed_starter, until
 from prometheus_client import CollectorRegistry
 
-from flows import Batch, CircuitBreaker, Flow, Gap, Runtime, Tick
+from flows import Batch, CircuitBreaker, Flow, Gap, Retry, Runtime, Tick
 from flows.testing import ListSink, sample
 from sources.binance import BinanceStream
 
@@ -61,7 +61,7 @@ async def test_a_failed_poll_and_an_open_circuit_are_gaps(nursery, autojump_cloc
         return script.pop(0) if script else OK
 
     url = await serve_answers(nursery, answer, lambda head: None)
-    source = Probe(symbols=["A", "B"], base_url=url, every=1.0, retries=0,
+    source = Probe(symbols=["A", "B"], base_url=url, every=1.0, retry=Retry(attempts=1),
                    circuit=CircuitBreaker(failures=2, reset_after=5.0))
     gaps = ListSink(name="gaps_sink")
     registry = CollectorRegistry()

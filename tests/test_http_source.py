@@ -9,7 +9,7 @@ import trio.testing
 from _http_sources import OK, Probe, http, serve_answers
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, Runtime
+from flows import CircuitBreaker, Flow, Retry, Runtime
 from flows.testing import ListSink, sample
 
 
@@ -27,7 +27,7 @@ async def scripted(nursery, script: list[tuple], then=OK) -> tuple[str, list[flo
 
 async def test_a_half_open_probe_answered_429_settles_the_breaker(nursery, autojump_clock):
     url, times = await scripted(nursery, [http(500), http(500), http(429, retry_after=3)])
-    source = Probe(base_url=url, every=1.0, retries=0,
+    source = Probe(base_url=url, every=1.0, retry=Retry(attempts=1),
                    circuit=CircuitBreaker(failures=2, reset_after=5.0))
     sink, registry = ListSink(), CollectorRegistry()
     rt = Runtime(Flow("ho", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
@@ -52,7 +52,7 @@ async def test_a_half_open_probe_answered_429_settles_the_breaker(nursery, autoj
 async def test_half_open_shows_in_health_and_the_state_gauge(nursery, autojump_clock):
     gate = trio.Event()
     url, _times = await scripted(nursery, [http(500), http(500)])
-    source = Probe(base_url=url, every=1.0, retries=0, read_timeout=1000.0,
+    source = Probe(base_url=url, every=1.0, retry=Retry(attempts=1), read_timeout=1000.0,
                    circuit=CircuitBreaker(failures=2, reset_after=5.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("hs", sources=[source], sinks=[ListSink()]), registry=registry,
@@ -100,7 +100,7 @@ def test_a_cancelled_probe_lets_the_next_one_through():
 ])
 async def test_failures_in_a_row_open_the_circuit(nursery, autojump_clock, failures, script, state):
     url, times = await scripted(nursery, list(script))
-    source = Probe(base_url=url, every=1.0, retries=0,
+    source = Probe(base_url=url, every=1.0, retry=Retry(attempts=1),
                    circuit=CircuitBreaker(failures=failures, reset_after=1000.0))
     rt = Runtime(Flow("fr", sources=[source], sinks=[ListSink()]), registry=CollectorRegistry(),
                  metrics_addr=None)

@@ -21,9 +21,13 @@ from _streams import (
 )
 from _streams import until as _until
 
-from flows import RECONNECT_REASONS
+from flows import RECONNECT_REASONS, Retry
 from flows._websocket import ConnectionClosed, open_ws
-from flows.testing import assert_component_metrics, sample
+from flows.testing import (
+    assert_component_metrics,
+    deadline,
+    sample,
+)
 from sources.kraken import KrakenStream, v2_symbol
 
 STAGE = "kraken_stream"
@@ -102,7 +106,7 @@ async def test_heartbeats_and_pings_keep_a_quiet_connection(start, autojump_cloc
     assert messages >= stats["heartbeats"] + len(sink.records) + 3 + 1  # pongs, status
     # without pings, the server closes the connection after a minute of silence
     emulator.reset_stats()
-    source = KrakenStream(symbols=symbols, base_url=url, heartbeat_interval=0, backoff=0.1)
+    source = KrakenStream(symbols=symbols, base_url=url, heartbeat_interval=0, retry=Retry(backoff=0.1))
     started = trio.current_time()
     async with running(source) as (_, sink, registry):
         await until(lambda: ws_stats(emulator)["connections"] == 2)
@@ -196,10 +200,11 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
 
         async def ask(request):
             await ws.send_message(request)
-            while True:
-                answer = msgspec.json.decode(await ws.get_message())
-                if "channel" not in answer:
-                    return {k: v for k, v in answer.items() if k not in ("time_in", "time_out")}
+            with deadline(30, "the answer to a request"):
+                while True:
+                    answer = msgspec.json.decode(await ws.get_message())
+                    if "channel" not in answer:
+                        return {k: v for k, v in answer.items() if k not in ("time_in", "time_out")}
 
         assert await ask('{"method":"ping","req_id":9}') == {"method": "pong", "req_id": 9}
         assert await ask('{"method":"ping"}') == {"method": "pong"}
@@ -214,8 +219,9 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
         assert emulator.feed("kraken").connections[0]["streams"] == ["ticker:BTC/USD"]
         # no client message for a minute: closed
         with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await ws.get_message()
+            with deadline(120, "the close of an idle connection (after 60 s)"):
+                while True:
+                    await ws.get_message()
         assert closed.value.code == 1000
     stats = ws_stats(emulator)
     assert stats["requests"] == {"subscribe": 2, "ping": 2, "frob": 1, "invalid": 1,
@@ -240,8 +246,9 @@ async def test_emulator_ws_control_endpoints_per_exchange(start, autojump_clock)
                                                                 "exchange": "kraken"})
         assert r.json() == {"disconnected": 1}
         with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await ws.get_message()
+            with deadline(30, "the close the control endpoint asked for"):
+                while True:
+                    await ws.get_message()
         assert closed.value.code == 4001
         r = await client.post("/_emulator/ws/disconnect", json={"exchange": "nasdaq"})
         assert r.status_code == 400

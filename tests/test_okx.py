@@ -13,8 +13,14 @@ from _http_sources import (
 )
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.okx import OKXTickers
 
@@ -90,7 +96,7 @@ async def test_bad_values_are_counted_only_for_asked_instruments(emulator):
 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(emulator, autojump_clock):
     source = OKXTickers(symbols=emulator.symbols("okx")[:5], base_url=emulator.url, every=1.0,
-                   retries=0, circuit=CircuitBreaker(failures=100))
+                   retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100))
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "okx", "tickers")
 
 
@@ -102,8 +108,9 @@ async def test_the_limiter_keeps_under_20_per_2_seconds_with_no_429(emulator, au
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 5:
-            await trio.sleep(0.5)
+        with deadline(120, "5 poll cycles"):
+            while source.cycles < 5:
+                await trio.sleep(0.5)
         rt.stop()
     stats = emulator.stats["okx"]["ticker"]
     assert stats["refused"] == 0 and stats["requests"] >= 50
@@ -115,7 +122,7 @@ async def test_a_429_code_50011_pauses_a_window(emulator, autojump_clock):
     inst_ids = emulator.symbols("okx")[:8]
     # the source believes the limit is far higher: the 429 (no Retry-After) must teach it
     source = OKXTickers(symbols=inst_ids, base_url=emulator.url, endpoint="single", once=True,
-                        concurrency=1, limits=[RateLimit(10_000, 2.0)], retries=5, backoff=0.01)
+                        concurrency=1, limits=[RateLimit(10_000, 2.0)], retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(inst_ids)
@@ -150,7 +157,7 @@ async def test_error_codes(nursery, autojump_clock, status, code, retried, pause
     body = b'{"code":"%s","msg":"scripted","data":[]}' % code.encode()
     url = await _scripted_okx(nursery, [(status, body)], log)
     sink = ListSink()
-    source = OKXTickers(symbols=["BTC-USDT"], base_url=url, once=True, retries=2, backoff=0.01)
+    source = OKXTickers(symbols=["BTC-USDT"], base_url=url, once=True, retry=Retry(attempts=3, backoff=0.01))
     _, registry = await run_briefly(Flow("codes", sources=[source], sinks=[sink]))
     assert len(log) == (2 if retried else 1)
     error_type = "http" if retried else "http_permanent"

@@ -207,15 +207,13 @@ async def test_an_http_source_named_a_budget_takes_its_slots_from_redis(server, 
         seen.append((client.zcard(key), source.health()))
         return len(sink.records) >= 30
 
-    rt = await run_until(Flow("f", sources=[source], sinks=[sink]), done, registry, timeout=20)
+    await run_until(Flow("f", sources=[source], sinks=[sink]), done, registry, timeout=20)
     assert isinstance(source.limiter, SharedRateLimiter)
     assert max(n for n, _ in seen) == 1 and not any(why for _, why in seen)
     assert client.zcard(key) == 0  # it left the budget when it stopped
     client.close()
     assert sample(registry, "flows_source_budget_wait_seconds_count", "f", source.name) >= 30
     assert sample(registry, "flows_source_budget_fallback", "f", source.name) == 0
-    assert sample(registry, "flows_source_responses_total", "f", source.name,
-                  status_class="2xx") == rt.status()["actors"][0]["sent"]
 
 
 async def test_an_http_source_reports_degraded_while_its_budget_is_away(nursery):

@@ -17,10 +17,13 @@ How it works (``SharedRateLimiter``, a drop-in for ``RateLimiter``):
   slow a process down.
 - Fair shares: each process also has its own pace, its part of the budget
   in proportion to its ``demand`` (an HTTP source's number of symbols)
-  among the processes that asked for a slot in the last ``idle_after``
-  seconds. When all are busy each gets its part (every shard then cycles
-  in about the same time, N / R for the whole universe); a process alone,
-  or with idle peers, gets the whole budget.
+  among the processes that hold one: those that asked for a slot in the
+  last ``idle_after`` seconds, and those not heard from for three
+  heartbeats (they may be on their local share). While slots are queued,
+  a process ahead of its pace waits; a slot free now goes to whoever
+  asks. When all are busy each gets its part (every shard then cycles in
+  about the same time, N / R for the whole universe); a process alone, or
+  with idle peers, gets the whole budget.
 - Members: each process heartbeats (``probe_every``) into a sorted set. The
   budget is shared by those seen in the last ``member_ttl`` seconds; the
   ``processes`` expected (``N`` of ``--shard k/N``) minus those seen are
@@ -43,8 +46,9 @@ How it works (``SharedRateLimiter``, a drop-in for ``RateLimiter``):
   starts on the local share only once the others reserve its part for it
   (``3 * probe_every`` after Redis last answered it).
 
-Keys (``{flows:budget:KEY}:state`` hash, ``:members`` sorted set, ``:usage``
-hash) expire on their own when nobody uses them.
+Keys (``{flows:budget:KEY}:state`` hash, ``:members`` and ``:busy`` sorted
+sets, ``:usage`` and ``:pace`` hashes) expire on their own when nobody uses
+them.
 """
 
 from __future__ import annotations

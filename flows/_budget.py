@@ -575,8 +575,8 @@ class SharedRateLimiter:
         try:
             if self._scripts is not None and self.degraded is None:
                 self._scripts.heartbeat(self.member, None)
-        except Exception:  # noqa: BLE001 - leaving is best effort
-            pass
+        except Exception as exc:  # noqa: BLE001 - leaving is best effort
+            log.debug("source %s: could not leave the rate budget: %s", self.name, redact(exc))
         finally:
             client.close()
 

@@ -7,17 +7,23 @@ trio's mock clock."""
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import trio
+from _http_sources import run_until
+from prometheus_client import CollectorRegistry
 
 redis = pytest.importorskip("redis")
 
-from flows import RateBudget, RateLimit
+from flows import Flow, RateBudget, RateLimit
 from flows._budget import BudgetScripts, SharedRateLimiter, with_budget
 from flows._limits import RateLimiter
 from flows._shard import Shard
+from flows.testing import ListSink, sample
+from flows.testing.emulator import Emulator
 from flows.testing.redis import RedisServer, free_port, redis_server_path
+from sources.binance import BinanceTickers
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="needs redis-server")
 
@@ -51,7 +57,7 @@ def most_in_a_window(starts, window, weight=1.0):
 def test_spacing_keeps_every_window_under_the_limit(scripts):
     starts = reserve(scripts, "a", 40, [RateLimit(10, 1.0)])
     assert starts[0] == pytest.approx(T0)
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in pairwise(starts)]
     assert all(g == pytest.approx(0.1, abs=1e-5) for g in gaps)
     assert most_in_a_window(starts, 1.0) <= 10
 
@@ -175,7 +181,7 @@ async def test_unreachable_redis_falls_back_to_a_local_share_and_reports_degrade
         assert limiter.health() is not None and limiter.health().startswith("degraded:")
         # a third of 30/s (at 98%): never more than 10 in any second
         assert most_in_a_window(times, 1.0) <= 10
-        gaps = [b - a for a, b in zip(times, times[1:])]  # evenly spaced, no burst
+        gaps = [b - a for a, b in pairwise(times)]  # evenly spaced, no burst
         assert all(g == pytest.approx(3 / (30 * 0.98), rel=1e-6) for g in gaps)
         limiter.pause_until(trio.current_time() + 30)
         start = trio.current_time()
@@ -185,14 +191,6 @@ async def test_unreachable_redis_falls_back_to_a_local_share_and_reports_degrade
 
 
 async def test_an_http_source_named_a_budget_takes_its_slots_from_redis(server, nursery):
-    from _http_sources import run_until
-
-    from flows import Flow
-    from flows.testing import ListSink, sample
-    from flows.testing.emulator import Emulator
-    from prometheus_client import CollectorRegistry
-    from sources.binance import BinanceTickers
-
     emulator = Emulator(seed=2, assets=6)
     url = await nursery.start(emulator.serve)
     source = BinanceTickers(symbols=emulator.symbols("binance"), base_url=url, per_request=1,
@@ -217,14 +215,6 @@ async def test_an_http_source_named_a_budget_takes_its_slots_from_redis(server, 
 
 
 async def test_an_http_source_reports_degraded_while_its_budget_is_away(nursery):
-    from _http_sources import run_until
-
-    from flows import Flow
-    from flows.testing import ListSink, sample
-    from flows.testing.emulator import Emulator
-    from prometheus_client import CollectorRegistry
-    from sources.binance import BinanceTickers
-
     emulator = Emulator(seed=2, assets=6)
     url = await nursery.start(emulator.serve)
     budget = RateBudget(url=f"redis://127.0.0.1:{free_port()}/0", processes=2, timeout=0.2)

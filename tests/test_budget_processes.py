@@ -189,7 +189,7 @@ async def test_three_shards_share_one_limit_with_no_429_and_fair_cycles(setup):
 
 
 async def test_a_429_with_retry_after_pauses_every_process(setup):
-    emulator, recorder, pollers, client = setup
+    _, recorder, pollers, client = setup
     await cycles_at_least(pollers, client, 1)
     recorder.inject = 2
 
@@ -211,7 +211,7 @@ async def test_a_429_with_retry_after_pauses_every_process(setup):
 
 
 async def test_redis_down_falls_back_to_a_local_share_then_resumes(setup, redis_server):
-    emulator, recorder, pollers, client = setup
+    _, recorder, pollers, client = setup
     await cycles_at_least(pollers, client, 1)
     port = redis_server.port
     redis_server.stop()

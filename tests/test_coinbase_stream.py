@@ -225,7 +225,7 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
         ]
         assert [e["reason"] for e in errors] == [
             "BTC-FOO is not a valid product",
-            "full is not a valid channel (the emulator serves ticker, heartbeat)",
+            "full is not a valid channel (the emulator serves ticker, heartbeat, matches)",
             "You need to specify at least one product ID for channel ticker",
             "'frobnicate' is not a valid message type"]
         assert errors[0]["message"] == "Failed to subscribe"

@@ -31,6 +31,8 @@ PUBLIC = {
     # metrics: the core table, declarations, reading them back
     "METRICS", "MetricFamily", "ComponentMetrics", "all_metrics", "declared_metrics",
     "FAST_BUCKETS", "LATENCY_BUCKETS", "SIZE_BUCKETS", "histogram_quantile", "flow_figures",
+    # storing sinks: a record type as a table
+    "RecordSchema", "record_schema",
     # the component registry (entry points)
     "Component", "ComponentError", "components", "load_component",
 }  # fmt: skip

@@ -59,6 +59,16 @@ closed (1008, counted ``refused``)::
     <- {"type":"heartbeat","sequence":37475248783,"last_trade_id":86326522,
         "product_id":"BTC-USD","time":"2024-03-25T08:45:00.123456Z"}   (1/s per product)
 
+Channel ``matches`` (every trade): on subscribing, each product's
+``last_match`` (the latest trade), then one ``match`` per event::
+
+    <- {"type":"match","trade_id":86326522,"maker_order_id":"...","taker_order_id":"...",
+        "side":"sell","size":"0.01234567","price":"67187.33","product_id":"BTC-USD",
+        "sequence":37475248784,"time":"2024-03-25T08:45:00.123456Z"}
+
+(``side`` is the maker's; ``trade_id`` goes up by one per match of a
+product, by 2-5 on a ``gap_rate`` fault.)
+
 ``sequence`` goes up by one per ticker event of a product (the real feed's
 sequence counts every message of the product on every channel, so there a
 ticker's sequence jumps); a heartbeat repeats the product's current one.
@@ -86,6 +96,16 @@ connecting the server sends ``{"channel":"status","type":"update","data":
     <- {"channel":"heartbeat"}    (each second without other updates, once subscribed)
     -> {"method":"ping","req_id":7}
     <- {"method":"pong","req_id":7,"time_in":"...","time_out":"..."}
+
+Channel ``trade`` (``{"channel":"trade","symbol":[...]}`` in ``params``;
+its snapshot is the pair's latest trade)::
+
+    <- {"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy",
+        "price":67187.3,"qty":0.0123,"ord_type":"market","trade_id":4665906,
+        "timestamp":"2024-03-25T08:45:00.123456Z"}]}
+
+(``side`` is the taker's; ``trade_id`` goes up by one per trade of a pair,
+by 2-5 on a ``gap_rate`` fault.)
 
 Numbers, not strings. ``snapshot: false`` in ``params`` skips the snapshot.
 Errors: ``{"error":"Currency pair not supported FOO/USD","method":"subscribe",
@@ -118,7 +138,9 @@ drawn per frame sent (events and heartbeats; not answers to requests):
 ``malformed_rate``, ``gap_rate`` (per event: Binance's ``t``/``u`` and
 Coinbase's ``sequence`` jump by 2-5; Kraken's v2 ticker carries no id, so
 there the event is not sent at all: a loss no client can see),
-``abrupt_close_rate``, ``stall_rate``, ``close_rate``. One-shot actions on
+``abrupt_close_rate``, ``stall_rate``, ``close_rate``. ``feed.trade_id_offset``
+(default 0) is added to every trade id a feed sends: set it past ``2**64``
+to serve ids beyond 64 bits. One-shot actions on
 every open connection of a feed: ``feed.disconnect(how="abrupt"|"close"|
 "stall", code=1001)`` (``emulator.ws`` is Binance's feed,
 ``emulator.feeds["coinbase"]`` and ``emulator.feeds["kraken"]`` the
@@ -268,6 +290,8 @@ class WsFeed:
 
     exchange: ClassVar[str]
     paths: ClassVar[tuple[str, ...]] = ()
+    trade_id_offset: int = 0
+    """Added to every trade id sent (set it past 2**64 to serve ids beyond 64 bits)."""
     heartbeat_interval: ClassVar[float | None] = None
     default_max_streams: ClassVar[int | None] = None
     default_message_limit: ClassVar[float | None] = None
@@ -660,7 +684,7 @@ class BinanceStreams(WsFeed):
                 "e": "trade",
                 "E": wall_ms,
                 "s": quote.symbol,
-                "t": trade_id,
+                "t": trade_id + self.trade_id_offset,
                 "p": fixed(quote.price, 8),
                 "q": fixed(quote.last_size, 8),
                 "T": wall_ms,
@@ -750,7 +774,7 @@ class BinanceStreams(WsFeed):
 
 # -- Coinbase --------------------------------------------------------------------------
 
-_COINBASE_CHANNELS = ("ticker", "heartbeat")
+_COINBASE_CHANNELS = ("ticker", "heartbeat", "matches")
 
 
 class CoinbaseFeed(WsFeed):
@@ -770,12 +794,15 @@ class CoinbaseFeed(WsFeed):
         self.subscribe_timeout = subscribe_timeout
         self.by_symbol: dict[str, Asset] = {a.coinbase: a for a in emulator.universe}
         self._trade_ids: dict[str, int] = {}
+        self._match_ids: dict[str, int] = {}  # the matches channel's trade ids
 
     def _sequence(self, product: str, asset: Asset) -> int:
         return self._ids.get(product, 30_000_000_000 + asset.index * 1_000_003)
 
     def _event(self, stream: str, wall: float, faults: WsFaults) -> str | None:
         channel, _, product = stream.partition(":")
+        if channel == "matches":
+            return self._match(product, wall, faults)
         if channel != "ticker":
             return None  # heartbeats have their own loop
         asset = self.by_symbol[product]
@@ -806,6 +833,40 @@ class CoinbaseFeed(WsFeed):
         }
         self._last[stream] = payload
         return _json.encode(payload).decode()
+
+    def _match(self, product: str, wall: float, faults: WsFaults, kind: str = "match") -> str:
+        """The next ``match`` of ``product`` (``last_match``: the latest one again)."""
+        asset = self.by_symbol[product]
+        quote = self.market.quote("coinbase", asset)
+        trade_id = self._match_ids.get(product)
+        if kind == "match" or trade_id is None:
+            first = trade_id is None
+            trade_id = (quote.trades * 100 if first else trade_id) + self._gap(
+                faults.gap_rate, first)
+            self._match_ids[product] = trade_id
+            sequence = self._sequence(product, asset) + 1
+            self._ids[product] = sequence
+        payload = {
+            "type": kind,
+            "trade_id": trade_id + self.trade_id_offset,
+            "maker_order_id": _order_id(trade_id * 2),
+            "taker_order_id": _order_id(trade_id * 2 + 1),
+            "side": "sell" if trade_id % 2 else "buy",  # the maker's
+            "size": fixed(quote.last_size, 8),
+            "price": fixed(quote.price),
+            "product_id": product,
+            "sequence": self._sequence(product, asset),
+            "time": iso_z(wall),
+        }
+        self._last[f"matches:{product}"] = payload
+        return _json.encode(payload).decode()
+
+    def _last_matches(self, streams: list[str]) -> list[str]:
+        """``last_match`` of each product newly subscribed to ``matches``."""
+        wall = self.market.wall()
+        faults = self._faults()
+        return [self._match(stream.partition(":")[2], wall, faults, "last_match")
+                for stream in streams if stream.startswith("matches:")]
 
     def _heartbeat(self, conn: Connection, now: float) -> list[str]:
         wall = iso_z(self.market.wall(now))
@@ -871,7 +932,7 @@ class CoinbaseFeed(WsFeed):
             "type": "subscriptions",
             "channels": [{"name": name, "product_ids": ids} for name, ids in current.items()],
         }
-        return [_json.encode(answer).decode()], subscribe
+        return [_json.encode(answer).decode(), *self._last_matches(subscribe)], subscribe
 
     def _pairs(self, request: dict[str, Any]) -> list[str]:
         """``channel:product`` streams a (un)subscribe message names."""
@@ -929,6 +990,7 @@ class KrakenFeed(WsFeed):
         super().__init__(emulator, **options)
         self.idle_timeout = idle_timeout
         self.by_symbol: dict[str, Asset] = {a.kraken_v2: a for a in emulator.universe}
+        self._trade_ids: dict[str, int] = {}
         self._connection_ids = itertools.count(11_000_000_000 + emulator.seed)
 
     def _greeting(self, conn: Connection) -> list[str]:
@@ -964,7 +1026,28 @@ class KrakenFeed(WsFeed):
             "timestamp": iso_z(wall),
         }
 
+    def _trade(self, symbol: str, wall: float, step: int = 1) -> dict[str, Any]:
+        """The next item of ``symbol``'s ``trade`` channel (its id ``step`` on)."""
+        asset = self.by_symbol[symbol]
+        quote = self.market.quote("kraken", asset)
+        trade_id = self._trade_ids.get(symbol, quote.trades * 10) + step
+        self._trade_ids[symbol] = trade_id
+        return {
+            "symbol": symbol,
+            "side": "buy" if trade_id % 2 else "sell",
+            "price": _num(quote.price),
+            "qty": _num(quote.last_size),
+            "ord_type": "market" if trade_id % 3 else "limit",
+            "trade_id": trade_id + self.trade_id_offset,
+            "timestamp": iso_z(wall),
+        }
+
     def _event(self, stream: str, wall: float, faults: WsFaults) -> str | None:
+        channel, _, symbol = stream.partition(":")
+        if channel == "trade":
+            item = self._trade(symbol, wall, self._gap(faults.gap_rate, symbol not in self._trade_ids))
+            self._last[stream] = item
+            return _json.encode({"channel": "trade", "type": "update", "data": [item]}).decode()
         if self._gap(faults.gap_rate) > 1:
             return None  # lost: v2's ticker has no id that would show it
         item = self._item(stream.partition(":")[2], wall)
@@ -1019,7 +1102,7 @@ class KrakenFeed(WsFeed):
                             "success": False})], []
         channel = params.get("channel")
         symbols = params.get("symbol")
-        if channel != "ticker":
+        if channel not in _KRAKEN_CHANNELS:
             return [answer({"error": f"Channel {channel!r} not served by the emulator",
                             "method": method, "success": False})], []
         if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
@@ -1041,11 +1124,13 @@ class KrakenFeed(WsFeed):
                                        "method": method, "success": False,
                                        "symbol": symbol}))
                 continue
-            stream = f"ticker:{symbol}"
-            result: dict[str, Any] = {"channel": "ticker", "symbol": symbol}
+            stream = f"{channel}:{symbol}"
+            result: dict[str, Any] = {"channel": channel, "symbol": symbol}
             if method == "subscribe":
                 result = {"channel": "ticker", "event_trigger": trigger,
                           "snapshot": snapshot, "symbol": symbol}
+                if channel == "trade":
+                    result = {"channel": "trade", "snapshot": snapshot, "symbol": symbol}
                 if stream not in conn.streams and stream not in subscribe:
                     if self.max_streams is not None and (
                         len(conn.streams) + len(subscribe) >= self.max_streams
@@ -1055,7 +1140,9 @@ class KrakenFeed(WsFeed):
                                                "symbol": symbol}))
                         continue
                     subscribe.append(stream)
-                    if snapshot:
+                    if snapshot and channel == "trade":
+                        snapshots.append(self._trade_snapshot(symbol, wall))
+                    elif snapshot:
                         item = self._item(symbol, wall)
                         self._last[stream] = item
                         snapshots.append(_json.encode(
@@ -1065,6 +1152,22 @@ class KrakenFeed(WsFeed):
                 conn.streams[:] = [s for s in conn.streams if s != stream]
             answers.append(answer({"method": method, "result": result, "success": True}))
         return answers + snapshots, subscribe
+
+
+    def _trade_snapshot(self, symbol: str, wall: float) -> str:
+        """The ``trade`` snapshot: the pair's latest trade (Kraken sends up to 50)."""
+        last = self._last.get(f"trade:{symbol}") or self._trade(symbol, wall)
+        self._last[f"trade:{symbol}"] = last
+        return _json.encode({"channel": "trade", "type": "snapshot", "data": [last]}).decode()
+
+
+_KRAKEN_CHANNELS = ("ticker", "trade")
+
+
+def _order_id(n: int) -> str:
+    """A Coinbase order id (a UUID) made from ``n``."""
+    text = f"{n:032x}"[-32:]
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _malform(text: str, draw: float) -> str:

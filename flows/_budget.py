@@ -12,9 +12,8 @@ How it works (``SharedRateLimiter``, a drop-in for ``RateLimiter``):
   the next slot free under every limit at once and moves each limit's time
   on by ``w * window / limit``, so no ``window`` ever holds more than the
   limit's weight (times ``share``, 98%). Server time (``TIME``), so the
-  processes' clocks do not matter. One request of a process asks at a
-  time; waiting for reserved slots overlaps, so Redis round trips do not
-  slow a process down.
+  processes' clocks do not matter. A process holds one reservation at a
+  time, so a stalled process sends one late request, not a burst.
 - Fair shares: each process also has its own pace, its part of the budget
   in proportion to its ``demand`` (an HTTP source's number of symbols)
   among the processes that hold one: those that asked for a slot in the
@@ -491,9 +490,9 @@ class SharedRateLimiter:
     async def acquire(self, weight: float = 1.0) -> float:
         """Wait until a request of ``weight`` may start; returns seconds waited.
 
-        One request at a time asks Redis (and waits there while its process
-        is ahead of its own pace); the waits for reserved slots overlap, so
-        the round trips to Redis do not slow a process down."""
+        A process holds one reservation at a time (its other requests queue
+        behind it): after a stall (a busy CPU) it sends one late request,
+        not a burst of them."""
         start = self._asked_at = trio.current_time()
         self._weight = weight
         while not await self._acquire_once(weight):
@@ -529,14 +528,14 @@ class SharedRateLimiter:
             if slot is None:
                 return False  # Redis is away: the fallback takes it from here
             self._note_pause(slot.pause, slot.pause_by, slot.rest)
-            if slot.again:  # ahead of its own pace: nothing reserved, the others wait too
+            if slot.again:  # ahead of its own pace: nothing reserved
                 await trio.sleep(slot.wait)
                 return False
-        if slot.wait <= 0:
-            return True
-        await trio.sleep(slot.wait)
-        # a long wait: a pause may have come meanwhile
-        return slot.wait < self.budget.recheck_after or not await self._recheck()
+            if slot.wait <= 0:
+                return True
+            await trio.sleep(slot.wait)
+            # a long wait: a pause may have come meanwhile
+            return slot.wait < self.budget.recheck_after or not await self._recheck()
 
     # -- health, life cycle -------------------------------------------------------
 

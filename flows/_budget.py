@@ -195,11 +195,12 @@ local part = demand / math.max(total, demand)
 -- While slots are queued (the next is more than one step away), a member
 -- ahead of its own pace (one interval of tolerance) reserves nothing and
 -- is told when to ask again; a slot free now goes to whoever asks, so no
--- slot is left unused when a member is late
+-- slot is left unused when a member is late, but only one interval more:
+-- a part held for a member on its local share stays unused
 local pause = num(redis.call('HGET', KEYS[1], 'pause'))
 local start = math.max(now, pause)
 local paced = now
-local longest, step = ttl, 0
+local longest, step, interval = ttl, 0, 0
 for i = 0, count - 1 do
   local field, limit, window = ARGV[10 + 3 * i], tonumber(ARGV[11 + 3 * i]), tonumber(ARGV[12 + 3 * i])
   local own = weight * window / (limit * share * part)
@@ -207,8 +208,9 @@ for i = 0, count - 1 do
   paced = math.max(paced, num(redis.call('HGET', KEYS[4], 't|' .. field .. '|' .. me)) - own)
   longest = math.max(longest, window)
   step = math.max(step, weight * window / (limit * share))
+  interval = math.max(interval, own)
 end
-if paced > start and start > math.max(now, pause) + step then
+if paced > start and (start > math.max(now, pause) + step or paced > start + interval) then
   return {f6(paced - now), f6(pause), redis.call('HGET', KEYS[1], 'pause_by') or '',
           tostring(members), f6(pause - now), f6(part), '1'}
 end

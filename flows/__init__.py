@@ -64,6 +64,8 @@ from ._shard import Shard as Shard
 from ._shard import shard_of as shard_of
 from ._sink import BatchingSink as BatchingSink
 from ._status import figures as flow_figures  # noqa: F401 - _status names it figures
+from ._windows import Candles as Candles
+from ._windows import Window as Window
 from ._ws import RECONNECT_REASONS as RECONNECT_REASONS
 from ._ws import StreamParsed as StreamParsed
 from ._ws import WebSocketSource as WebSocketSource

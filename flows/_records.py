@@ -87,8 +87,12 @@ class Gap(msgspec.Struct, frozen=True, gc=False):
     """Where a feed was incomplete: ``source`` had no data for ``symbols``
     (``None``: all of them) from ``start`` to ``end`` (epoch seconds), for
     ``reason`` (a small fixed word: ``closed``, ``error``, ``silent``,
-    ``timeout``, ``server`` for a lost connection, ``sequence`` for lost
-    updates, ``poll_failed``, ``circuit_open``)."""
+    ``timeout``, ``server``, ``server_shutdown`` for a lost or replaced
+    connection, ``sequence`` for lost updates, ``poll_failed``,
+    ``rate_limited`` (a poll refused, to the end of the pause), ``stale``
+    (a symbol polled again after more than ``stale_after`` without data),
+    ``circuit_open``, ``unknown_symbol`` for a symbol the API no longer
+    knows)."""
 
     source: str
     symbols: tuple[str, ...] | None

@@ -60,12 +60,12 @@ __all__ = ["CoinbaseTickers"]
 
 
 class _Ticker(msgspec.Struct):
-    ask: str | None = None
-    bid: str | None = None
-    volume: str | None = None
-    trade_id: int | str | None = None
-    price: str | None = None
-    size: str | None = None
+    ask: str | float | None = None
+    bid: str | float | None = None
+    volume: str | float | None = None
+    trade_id: int | str | None = None  # an integer here, a string on other Coinbase APIs
+    price: str | float | None = None
+    size: str | float | None = None
     time: str | None = None
 
 
@@ -81,7 +81,7 @@ def _epoch(value: str) -> float:
     return moment.timestamp()
 
 
-def _optional_price(value: str | None) -> float | None:
+def _optional_price(value: str | float | None) -> float | None:
     return None if value is None or value == "" else parse_price(value)
 
 
@@ -178,14 +178,14 @@ class CoinbaseFeedMessage(msgspec.Struct, frozen=True):
 
     type: str
     product_id: str | None = None
-    sequence: int | None = None
-    price: str | None = None
-    best_bid: str | None = None
-    best_ask: str | None = None
-    volume_24h: str | None = None
+    sequence: int | str | None = None  # ids: integers, or strings as other Coinbase feeds send
+    price: str | float | None = None
+    best_bid: str | float | None = None
+    best_ask: str | float | None = None
+    volume_24h: str | float | None = None
     time: str | None = None
-    trade_id: int | None = None
-    last_trade_id: int | None = None
+    trade_id: int | str | None = None
+    last_trade_id: int | str | None = None
     message: str | None = None
     reason: str | None = None
     channels: list[Any] | None = None
@@ -199,7 +199,7 @@ def _feed_epoch(value: str) -> float:
     return moment.timestamp()
 
 
-def _feed_price(value: str | None) -> float | None:
+def _feed_price(value: str | float | None) -> float | None:
     return None if value is None or value == "" else parse_price(value)
 
 
@@ -230,7 +230,10 @@ class CoinbaseStream(WebSocketSource):
 
     becomes ``Tick(price, ts=time, bid=best_bid, ask=best_ask,
     volume=volume_24h)`` (decimal strings parsed to float; ``time`` is the
-    match's, so a quiet product shows up as source lag). The ticker channel
+    match's, so a quiet product shows up as source lag). Ids (``sequence``,
+    ``trade_id``, ``last_trade_id``) are integers here and strings on
+    Coinbase's other APIs: either form is taken, so a ticker is never
+    dropped for an id's type. The ticker channel
     speaks on every match, batching cascading matches into one message.
 
     ``heartbeat`` (default on): Coinbase then sends ``{"type": "heartbeat",
@@ -336,7 +339,7 @@ class CoinbaseStream(WebSocketSource):
                 volume=parse_optional_float(m.volume_24h),
             ))
             if self.check_gaps and m.sequence is not None:
-                out.sequences.append((m.product_id, m.sequence))
+                out.sequences.append((m.product_id, int(m.sequence)))
         elif kind == "error":
             self._refused(m)
         elif kind == "subscriptions":

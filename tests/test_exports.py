@@ -21,6 +21,7 @@ PUBLIC = {
     "Batch", "ChangeDetector", "Edge", "Flow", "FlowError", "FlowFailed", "FunctionStage", "Inbox",
     "Outbox", "RunContext", "RunResult", "Runtime", "Shard", "SlowThresholds", "Sink", "Source",
     "Stage", "Supervision", "Tick", "run_flow", "shard_of", "stage", "Stream", "Routes", "Gap", "Trade", "Candle",
+    "Window", "Candles",
     # writing components: bases, their request/parse types, resilience
     "BatchingSink", "CircuitBreaker", "HttpError", "HttpSource", "Parsed", "RECONNECT_REASONS",
     "RateLimit", "RateBudget", "Request", "Retry", "StreamParsed", "WebSocketSource",

@@ -18,7 +18,7 @@ import trio
 
 from ..._server import is_loopback
 from ._emulator import Emulator
-from ._faults import Faults, Latency
+from ._faults import KRAKEN_THROTTLE_ERRORS, Faults, Latency, WsFaults
 from ._market import EXCHANGES
 
 __all__ = ["main", "parse_rate_limit"]
@@ -202,6 +202,33 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--truncated-rate", type=float, default=0.0, help="share of cut bodies"
     )
+    faults.add_argument(
+        "--delisted",
+        action="append",
+        default=[],
+        metavar="SYMBOL",
+        help="a symbol (exchange naming, or a base code such as SOL) every exchange "
+        "answers as unknown (repeatable)",
+    )
+    faults.add_argument(
+        "--throttle-error",
+        action="append",
+        default=[],
+        choices=KRAKEN_THROTTLE_ERRORS,
+        help="Kraken's error on a refusal, drawn per refusal (repeatable)",
+    )
+    faults.add_argument(
+        "--string-numbers-rate",
+        type=float,
+        default=0.0,
+        help="share of answers and stream events whose numbers/ids come the other type",
+    )
+    faults.add_argument(
+        "--ws-shutdown-rate",
+        type=float,
+        default=0.0,
+        help="share of Binance stream frames preceded by a serverShutdown event",
+    )
     parser.add_argument("--log-level", default="WARNING", help="(default %(default)s)")
     return parser
 
@@ -256,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             bad_value_rate=args.bad_value_rate,
             malformed_rate=args.malformed_rate,
             truncated_rate=args.truncated_rate,
+            delisted=tuple(args.delisted),
+            throttle_errors=tuple(args.throttle_error),
+            string_numbers_rate=args.string_numbers_rate,
+            ws=WsFaults(
+                shutdown_rate=args.ws_shutdown_rate,
+                string_numbers_rate=args.string_numbers_rate,
+            ),
         )
         rate_limits: dict[str, Any] = {}
         if args.no_rate_limits:

@@ -152,7 +152,8 @@ class Emulator:
         self._faults: dict[str, Faults] = {
             "*": Faults() if faults is None else _checked(Faults, faults, "faults")
         }
-        self._cache: dict[tuple[str, str, str, str], tuple[Reply, bytes]] = {}
+        self._cache: dict[tuple[Any, ...], tuple[Reply, bytes]] = {}
+        self._hidden: dict[tuple[str, tuple[str, ...]], frozenset[Asset]] = {}
         self._cache_step = -1
         self._stats: dict[str, dict[str, dict[str, Any]]] = {}
         self._served: dict[str, dict[str, Quote]] = {}
@@ -272,6 +273,22 @@ class Emulator:
         else:
             self._exchange(exchange)
             self._faults.pop(exchange, None)
+
+    def _delisted(self, exchange: str, names: tuple[str, ...]) -> frozenset[Asset]:
+        """The assets ``names`` (the ``delisted`` fault) denote on ``exchange``."""
+        if not names:
+            return frozenset()
+        key = (exchange, names)
+        found = self._hidden.get(key)
+        if found is None:
+            assets = set()
+            for name in names:
+                try:
+                    assets.add(self.asset(exchange, name))
+                except KeyError:
+                    pass  # not on this exchange
+            found = self._hidden[key] = frozenset(assets)
+        return found
 
     # -- rate limits -------------------------------------------------------------
 
@@ -438,6 +455,8 @@ class Emulator:
         if delay > 0:
             fault("latency")
             await trio.sleep(delay)
+        api.hidden = self._delisted(name, faults.delisted)
+        api.throttle_error = rng.choice(faults.throttle_errors) if faults.throttle_errors else None
         limiter = self._limiters[name]
         verdict = limiter.check(self.market.now(), api.cost(endpoint, request))
         if (
@@ -499,6 +518,11 @@ class Emulator:
                             spoiled += 1
                     if spoiled:
                         fault("bad_value", spoiled)
+                if faults.string_numbers_rate and rng.random() < faults.string_numbers_rate:
+                    retyped = api.retyped(reply.body)
+                    if retyped is not None:
+                        fault("string_numbers")
+                        content = _json.encode(retyped)
                 if content is None:
                     content = _json.encode(reply.body)
                 if faults.malformed_rate and rng.random() < faults.malformed_rate:
@@ -539,6 +563,7 @@ class Emulator:
             request.path,
             request.query_string,
             request.headers.get("authorization", ""),
+            api.hidden,
         )
         hit = self._cache.get(key)
         if hit is None:
@@ -652,12 +677,15 @@ class Emulator:
             name = data.get("exchange")
             if name is not None and name not in self.feeds:
                 raise _ControlError(f"ws/disconnect: no websocket feed {name!r}")
+            how = str(data.get("how", "abrupt"))
             feeds = list(self.feeds.values()) if name is None else [self.feeds[name]]
+            if name is None and how == "shutdown":  # only Binance announces shutdowns
+                feeds = [f for f in feeds if f.announces_shutdown]
             hit = 0
             try:
                 for feed in feeds:
                     hit += feed.disconnect(
-                        str(data.get("how", "abrupt")),
+                        how,
                         code=int(data.get("code", 1001)),
                         reason=str(data.get("reason", "")),
                     )

@@ -194,6 +194,7 @@ CHANNELS = ("trade", "bookTicker", "miniTicker")
 """Binance's stream channels."""
 
 _MAX_LOG = 1000
+_SHUTDOWN_PREFIX = '{"e":"serverShutdown",'
 _UNSET: Any = object()  # "the feed's default" for max_streams and message_limit
 _json = msgspec.json.Encoder()
 _METHODS = "SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY, GET_PROPERTY"
@@ -237,6 +238,8 @@ class Connection:
     last_received: float = 0.0  # trio time of the last client message
     last_queued: float = 0.0  # trio time an event was last queued for it
     subscribed: bool = False  # a subscribe request succeeded
+    lifetime: trio.CancelScope | None = None  # ends the connection (max_connection_seconds)
+    shutting_down: bool = False  # a serverShutdown event was sent on it
 
     def info(self) -> dict[str, Any]:
         return {
@@ -286,10 +289,14 @@ class WsFeed:
         message_limit: incoming messages per second per connection
             (``None``: unlimited).
         queue_size: events queued per connection before dropping.
+        shutdown_after: seconds from a serverShutdown event to the close
+            (feeds that announce shutdowns: Binance).
     """
 
     exchange: ClassVar[str]
     paths: ClassVar[tuple[str, ...]] = ()
+    announces_shutdown: ClassVar[bool] = False
+    """Whether the exchange announces a server shutdown (Binance's serverShutdown)."""
     trade_id_offset: int = 0
     """Added to every trade id sent (set it past 2**64 to serve ids beyond 64 bits)."""
     heartbeat_interval: ClassVar[float | None] = None
@@ -306,6 +313,7 @@ class WsFeed:
         max_streams: int | None = _UNSET,
         message_limit: float | None = _UNSET,
         queue_size: int = 1000,
+        shutdown_after: float = 600.0,
     ) -> None:
         if not rate > 0:
             raise ValueError("ws rate must be > 0")
@@ -319,6 +327,7 @@ class WsFeed:
             self.default_message_limit if message_limit is _UNSET else message_limit
         )
         self.queue_size = queue_size
+        self.shutdown_after = shutdown_after
         self._conns: dict[int, Connection] = {}
         self._next_conn = 0
         self._ids: dict[str, int] = {}
@@ -372,10 +381,14 @@ class WsFeed:
 
     def disconnect(self, how: str = "abrupt", *, code: int = 1001, reason: str = "") -> int:
         """Act on every open connection now: ``abrupt`` (TCP closed, no close
-        frame), ``close`` (a close frame with ``code``) or ``stall`` (stays
-        open, sends nothing more). Returns how many connections it hit."""
-        if how not in ("abrupt", "close", "stall"):
-            raise ValueError("how must be 'abrupt', 'close' or 'stall'")
+        frame), ``close`` (a close frame with ``code``), ``stall`` (stays
+        open, sends nothing more, answers nothing) or ``shutdown`` (Binance:
+        a serverShutdown event, then a close ``shutdown_after`` seconds
+        later). Returns how many connections it hit."""
+        if how not in ("abrupt", "close", "stall", "shutdown"):
+            raise ValueError("how must be 'abrupt', 'close', 'stall' or 'shutdown'")
+        if how == "shutdown" and not self.announces_shutdown:
+            raise ValueError(f"{self.exchange} sends no server shutdown event")
         if how == "close" and not (code == 1000 or 1001 <= code <= 1014 and code not in
                                    (1004, 1005, 1006) or 3000 <= code <= 4999):
             raise ValueError(f"close code {code} cannot be sent")
@@ -383,9 +396,18 @@ class WsFeed:
         for conn in list(self._conns.values()):
             if conn.gone or conn.action is not None:
                 continue
+            if how == "shutdown":
+                if conn.shutting_down or conn.stalled:
+                    continue
+                try:
+                    conn.sender.send_nowait(self._shutdown_frame())
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    continue
             self._fault({"abrupt": "abrupt_close"}.get(how, how))
             if how == "stall":
                 conn.stalled = True
+            elif how == "shutdown":
+                pass  # the writer sends it, then closes the connection shutdown_after s later
             else:
                 conn.close_now(how, code, reason)
             hit += 1
@@ -460,6 +482,25 @@ class WsFeed:
     def _frame(self, conn: Connection, event: Any) -> str:
         """The text of ``event`` for ``conn``."""
         return event
+
+    def _shutdown_frame(self) -> str:
+        """The event announcing a server shutdown (feeds with ``announces_shutdown``)."""
+        raise NotImplementedError
+
+    def _shut_down(self, conn: Connection) -> None:
+        """A shutdown was announced on ``conn``: close it ``shutdown_after`` s from now."""
+        conn.shutting_down = True
+        if conn.lifetime is not None:
+            conn.lifetime.deadline = min(
+                conn.lifetime.deadline, trio.current_time() + self.shutdown_after
+            )
+
+    def _draw_strings(self, faults: WsFaults) -> bool:
+        """Whether this event's numbers and ids come the other way (a fault)."""
+        if faults.string_numbers_rate and self.emulator._rng.random() < faults.string_numbers_rate:
+            self._fault("string_numbers")
+            return True
+        return False
 
     async def _heartbeats(self, interval: float) -> None:
         while True:
@@ -541,7 +582,7 @@ class WsFeed:
             sender.close()
 
     async def _serve(self, conn: Connection, receive: Any, send: Any) -> None:
-        lifetime = trio.move_on_after(self.max_connection_seconds)
+        lifetime = conn.lifetime = trio.move_on_after(self.max_connection_seconds)
         with lifetime:
             async with trio.open_nursery() as nursery:
                 conn.scope = nursery.cancel_scope
@@ -553,7 +594,7 @@ class WsFeed:
         if conn.gone:
             return
         if lifetime.cancelled_caught and conn.action is None:
-            self._fault("lifetime")
+            self._fault("shutdown_close" if conn.shutting_down else "lifetime")
             conn.action, conn.code = "close", 1001
         action = conn.action
         if action == "abrupt":
@@ -588,6 +629,8 @@ class WsFeed:
                     stats["refused"] += 1
                     conn.close_now("close", 1008, "Too many requests")
                     return
+            if conn.stalled:
+                continue  # a stalled connection answers nothing either
             text = message.get("text")
             if text is None:
                 text = (message.get("bytes") or b"").decode("utf-8", "replace")
@@ -604,7 +647,22 @@ class WsFeed:
         async for text in conn.receiver:
             if conn.stalled:
                 await trio.sleep_forever()
+            if text.startswith(_SHUTDOWN_PREFIX):  # disconnect("shutdown"): as it is
+                self._shut_down(conn)
+                await send({"type": "websocket.send", "text": text})
+                stats["messages"] += 1
+                continue
             faults = self._faults()
+            if (
+                faults.shutdown_rate
+                and self.announces_shutdown
+                and not conn.shutting_down
+                and rng.random() < faults.shutdown_rate
+            ):
+                self._fault("shutdown")
+                self._shut_down(conn)
+                await send({"type": "websocket.send", "text": self._shutdown_frame()})
+                stats["messages"] += 1
             if faults.abrupt_close_rate and rng.random() < faults.abrupt_close_rate:
                 self._fault("abrupt_close")
                 conn.action = "abrupt"
@@ -636,6 +694,7 @@ class BinanceStreams(WsFeed):
     exchange = "binance"
     default_max_streams = 1024
     default_message_limit = 5.0
+    announces_shutdown = True
 
     def __init__(self, emulator: Emulator, **options: Any) -> None:
         super().__init__(emulator, **options)
@@ -669,6 +728,9 @@ class BinanceStreams(WsFeed):
 
     def _frame(self, conn: Connection, event: tuple[str, str]) -> str:
         return event[1] if conn.combined else event[0]
+
+    def _shutdown_frame(self) -> str:
+        return f'{_SHUTDOWN_PREFIX}"E":{int(self.market.wall() * 1000)}}}'
 
     def _event(self, stream: str, wall: float, faults: WsFaults) -> tuple[str, str]:
         """(bare payload, combined payload) of the next event on ``stream``."""
@@ -832,6 +894,8 @@ class CoinbaseFeed(WsFeed):
             "last_size": fixed(quote.last_size, 8),
         }
         self._last[stream] = payload
+        if self._draw_strings(faults):  # ids as strings, as other Coinbase feeds send them
+            payload = {**payload, "sequence": str(sequence), "trade_id": str(trade_id)}
         return _json.encode(payload).decode()
 
     def _match(self, product: str, wall: float, faults: WsFaults, kind: str = "match") -> str:
@@ -870,15 +934,20 @@ class CoinbaseFeed(WsFeed):
 
     def _heartbeat(self, conn: Connection, now: float) -> list[str]:
         wall = iso_z(self.market.wall(now))
+        faults = self._faults()
         texts = []
         for stream in conn.streams:
             channel, _, product = stream.partition(":")
             if channel == "heartbeat":
                 asset = self.by_symbol[product]
+                ids: tuple[Any, Any] = (self._sequence(product, asset),
+                                        self._trade_ids.get(product, 0))
+                if self._draw_strings(faults):
+                    ids = (str(ids[0]), str(ids[1]))
                 texts.append(_json.encode({
                     "type": "heartbeat",
-                    "sequence": self._sequence(product, asset),
-                    "last_trade_id": self._trade_ids.get(product, 0),
+                    "sequence": ids[0],
+                    "last_trade_id": ids[1],
                     "product_id": product,
                     "time": wall,
                 }).decode())
@@ -1052,6 +1121,8 @@ class KrakenFeed(WsFeed):
             return None  # lost: v2's ticker has no id that would show it
         item = self._item(stream.partition(":")[2], wall)
         self._last[stream] = item
+        if self._draw_strings(faults):  # decimals as strings (v2 documents numbers)
+            item = {k: repr(v) if isinstance(v, float) else v for k, v in item.items()}
         return _json.encode({"channel": "ticker", "type": "update", "data": [item]}).decode()
 
     def _heartbeat(self, conn: Connection, now: float) -> list[str]:

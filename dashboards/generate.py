@@ -408,6 +408,25 @@ def build() -> dict[str, Any]:
         thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 1},
                     {"color": "red", "value": 2}],
     )
+    lay.panel(
+        "HTTP sources: daily credits",
+        "Credits left today at sources with a daily budget, such as LiveCoinWatch "
+        "(flows_source_credits_remaining), and credits spent per minute "
+        "(flows_source_credits_spent_total).",
+        [
+            (f"min by (stage) (flows_source_credits_remaining{sel('source')})", "{{stage}} left"),
+            (f"60 * {rate('flows_source_credits_spent_total', 'source')}", "{{stage}} spent/min"),
+        ],
+        unit="none",
+    )
+    lay.panel(
+        "HTTP sources: skipped as fresh",
+        "Symbols a daily sync skipped because it fetched them within its max_age "
+        "(flows_source_skipped_total, per sync): calls saved.",
+        [(f"sum by (stage) (increase(flows_source_skipped_total{sel('source')}[{RATE}]))",
+          "{{stage}}")],
+        unit="none",
+    )
 
     lay.panel(
         "Stream sources: messages and reconnects",

@@ -649,7 +649,7 @@ async def test_stats_counters(start, mock_clock):  # frozen clock: one rate wind
     }
     # one limiter per exchange: the other endpoint is refused too
     assert stats["okx"]["ticker"]["status"] == {"429": 1}
-    assert set(stats) == set(EXCHANGES)
+    assert set(stats) == set(EXCHANGES) | {"livecoinwatch", "polymarket", "polymarket_gamma", "fmp"}
     assert (await client.get("/_emulator/stats")).json() == emulator.stats
     assert (await client.delete("/_emulator/stats")).json()["okx"]["tickers"][
         "requests"

@@ -129,7 +129,14 @@ def test_metrics_are_the_core_table_plus_component_declarations():
         "flows_source_connection_uptime_seconds", "flows_source_gaps_total",
     }
     assert not (http | ws) & set(METRICS), "component families stay out of the engine's table"
-    assert set(every) == set(METRICS) | http | ws  # what the shipped components declare
+    from sources.fmp import FMPDividends
+    from sources.livecoinwatch import LiveCoinWatchPrices
+
+    own = {f.name for cls in (LiveCoinWatchPrices, FMPDividends)
+           for f in flows.declared_metrics(cls)} - http  # credits, skipped symbols
+    assert own == {"flows_source_credits_remaining", "flows_source_credits_spent_total",
+                   "flows_source_skipped_total"}
+    assert set(every) == set(METRICS) | http | ws | own  # what the shipped components declare
 
 
 def test_readme_metrics_reference_is_generated_from_the_declarations():

@@ -101,6 +101,20 @@ OKX (``_okx``): ``GET /api/v5/market/tickers?instType=SPOT`` and
 "sodUtc8"}]}``: strings, ``ts`` in ms. Unknown instId: HTTP 200 code
 ``51001``.
 
+LiveCoinWatch, Polymarket and Financial Modeling Prep (``_livecoinwatch``,
+``_polymarket``, ``_fmp``; registered in ``_seeds``): LiveCoinWatch's
+``POST /coins/list``, ``/coins/single``, ``/coins/map``, ``/credits``
+(header ``x-api-key: test-key``; 60 calls a minute and 10,000 credits a
+day), Polymarket's Gamma ``GET /markets``, ``/events`` (exchange name
+``polymarket_gamma``) and CLOB ``GET /prices``, ``/price``, ``/midpoint``
+(``polymarket``), and FMP's ``GET /stable/eod-bulk`` (CSV),
+``/stable/batch-quote``, ``/stable/quote``, ``/stable/dividends``,
+``/stable/profile``, ``/stable/stock-list`` and ``/api/v3/quote/{symbols}``
+(``apikey=test-key``; 300 calls a minute), over their own universes:
+``stocks`` (default 300) and ``prediction_markets`` (24).
+``emulator.symbols(name)`` lists each one's names (coin codes, stock
+tickers, CLOB token ids, Gamma market ids).
+
 Symbols: ``emulator.universe`` lists every ``Asset`` with its name on each
 exchange (``BTCUSDT``, ``BTC-USD``, ``XXBTZUSD``/``XBTUSD``, ``bitcoin``,
 ``bitcoin``, ``BTC-USDT``); ``emulator.symbols(exchange)`` the names one

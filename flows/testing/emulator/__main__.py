@@ -20,6 +20,9 @@ from ..._server import is_loopback
 from ._emulator import Emulator
 from ._faults import KRAKEN_THROTTLE_ERRORS, Faults, Latency, WsFaults
 from ._market import EXCHANGES
+from ._seeds import SEED_ENDPOINTS
+
+_NAMES = (*EXCHANGES, *SEED_ENDPOINTS)  # every API with a rate limit
 
 __all__ = ["main", "parse_rate_limit"]
 
@@ -31,9 +34,9 @@ def parse_rate_limit(text: str) -> tuple[str, dict[str, Any] | None]:
     ``kraken=off`` -> ("kraken", None)."""
     exchange, sep, spec = text.partition("=")
     exchange = exchange.strip().lower()
-    if not sep or exchange not in EXCHANGES:
+    if not sep or exchange not in _NAMES:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected EXCHANGE=SPEC with EXCHANGE one of {', '.join(EXCHANGES)}"
+            f"{text!r}: expected EXCHANGE=SPEC with EXCHANGE one of {', '.join(_NAMES)}"
         )
     if spec.strip().lower() in ("off", "none", "0"):
         return exchange, None
@@ -147,6 +150,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=86400.0,
         help="websocket connection lifetime (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stocks", type=int, default=300,
+        help="stocks in FMP's universe (19205: the daily-sync example's) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prediction-markets", type=int, default=24,
+        help="Polymarket markets (default %(default)s)",
     )
     parser.add_argument(
         "--coincap-key",
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rate_limits: dict[str, Any] = {}
         if args.no_rate_limits:
-            rate_limits = {name: None for name in EXCHANGES}
+            rate_limits = {name: None for name in _NAMES}
         rate_limits.update(dict(args.rate_limit))
         assets: Any = args.assets
         if args.symbols:
@@ -310,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             ws_rate=args.ws_rate,
             ws_ping_interval=args.ws_ping_interval or None,
             ws_max_connection_seconds=args.ws_max_connection_seconds,
+            stocks=args.stocks,
+            prediction_markets=args.prediction_markets,
         )
     except (ValueError, TypeError, msgspec.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)

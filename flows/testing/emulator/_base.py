@@ -23,6 +23,7 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-cased names
     query_string: str = ""
+    body: bytes = b""  # a POST's body (LiveCoinWatch takes JSON bodies)
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -74,6 +75,8 @@ class ExchangeAPI:
     name: ClassVar[str]
     default_limit: ClassVar[RateLimit | None]
     endpoints: ClassVar[tuple[str, ...]]
+    methods: ClassVar[tuple[str, ...]] = ("GET",)
+    cacheable: ClassVar[bool] = True  # answers depend only on path, query and Authorization
 
     def __init__(self, market: Market) -> None:
         self.market = market
@@ -94,6 +97,10 @@ class ExchangeAPI:
         """Every asset of the universe that is not delisted."""
         hidden = self.hidden
         return [a for a in self.market.universe if a not in hidden]
+
+    def symbols(self) -> list[str]:
+        """Every symbol as this API names it."""
+        return [a.symbol(self.name) for a in self.market.universe]
 
     def route(self, path: str) -> tuple[str, dict[str, str]] | None:
         """(endpoint, path parameters) for ``path``, or ``None``."""

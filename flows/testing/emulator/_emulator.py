@@ -27,6 +27,7 @@ from ._kraken import Kraken
 from ._limits import Limiter, RateLimit, TokenBucket, Verdict, WeightLimit, WindowLimit
 from ._market import EXCHANGES, Asset, Market, Quote, make_universe
 from ._okx import OKX
+from ._seeds import SEED_ENDPOINTS, seed_apis
 from ._ws import BinanceStreams, CoinbaseFeed, KrakenFeed, WsFeed, new_ws_stats
 
 __all__ = ["Emulator"]
@@ -95,6 +96,8 @@ class Emulator:
         volatility: standard deviation of a moving asset's log-return.
         coincap_api_keys: keys CoinCap accepts (empty: no key needed).
         keep_alive_timeout: seconds hypercorn keeps idle connections.
+        stocks: the size of FMP's stock universe (``_fmp``).
+        prediction_markets: how many markets Polymarket lists (``_polymarket``).
         ws_rate: websocket events per second per stream, on every feed
             (see ``_ws``).
         ws_ping_interval: seconds between the server's websocket pings
@@ -123,6 +126,8 @@ class Emulator:
         ws_rate: float = 10.0,
         ws_ping_interval: float | None = 20.0,
         ws_max_connection_seconds: float = 86400.0,
+        stocks: int = 300,
+        prediction_markets: int = 24,
     ) -> None:
         self.seed = seed
         self.universe: list[Asset] = make_universe(assets, seed=seed)
@@ -143,6 +148,7 @@ class Emulator:
             "coingecko": CoinGecko(self.market),
             "coincap": CoinCap(self.market, tuple(coincap_api_keys)),
             "okx": OKX(self.market),
+            **seed_apis(self.market, seed=seed, stocks=stocks, prediction_markets=prediction_markets),
         }
         self._limiters = {
             name: Limiter(ex.default_limit) for name, ex in self.exchanges.items()
@@ -183,8 +189,7 @@ class Emulator:
 
     def symbols(self, exchange: str) -> list[str]:
         """Every symbol as ``exchange`` names it (``BTCUSDT``, ``XXBTZUSD``, ``bitcoin``)."""
-        self._exchange(exchange)
-        return [a.symbol(exchange) for a in self.universe]
+        return self._exchange(exchange).symbols()
 
     def stream_symbols(self, exchange: str) -> list[str]:
         """Every symbol as ``exchange``'s websocket feed names it (``BTCUSDT``,
@@ -410,7 +415,7 @@ class Emulator:
                 k.decode("latin-1").lower(): v.decode("latin-1")
                 for k, v in scope["headers"]
             }
-            request = Request(scope["method"], path, query, headers, raw_query)
+            request = Request(scope["method"], path, query, headers, raw_query, body)
             if path == "/_emulator" or path.startswith("/_emulator/"):
                 await self._control(request, body, send)
                 return
@@ -418,7 +423,7 @@ class Emulator:
                 found = route(path)
                 if found is not None:
                     endpoint, params = found
-                    if request.method != "GET":
+                    if request.method not in api.methods:
                         await _send(
                             send,
                             405,
@@ -489,7 +494,7 @@ class Emulator:
                 reply = api.server_error(status)
         else:
             step = self.market.advance(request=True)
-            if faults.bad_value_rate:  # records get spoiled: build them afresh
+            if faults.bad_value_rate or not api.cacheable:  # spoiled or uncacheable: afresh
                 reply = api.handle(endpoint, request, params)
             else:
                 reply, content = self._cached_answer(
@@ -591,6 +596,7 @@ class Emulator:
                 "coingecko": ["GET /api/v3/simple/price"],
                 "coincap": ["GET /v3/assets", "GET /v3/assets/{slug}"],
                 "okx": ["GET /api/v5/market/tickers", "GET /api/v5/market/ticker"],
+                **SEED_ENDPOINTS,
             },
             "control": [
                 "GET /_emulator",
@@ -715,6 +721,7 @@ class Emulator:
                     for a in self.universe
                 }
                 for n in names
+                if n in EXCHANGES  # the crypto venues (their quotes walk with the universe)
             }
         raise _ControlError(
             f"no control endpoint {method} {request.path}; see GET /_emulator"

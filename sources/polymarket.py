@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import msgspec
@@ -72,7 +72,15 @@ _SIDES = ("BUY", "SELL", "midpoint")
 
 
 class OutcomePrice(msgspec.Struct, frozen=True, gc=False):
-    """The price of one outcome of a prediction market: a probability in [0, 1]."""
+    """The price of one outcome of a prediction market: a probability in [0, 1].
+
+    Storing sinks keep it in a table ``outcome_prices``, keyed by
+    ``source, symbol, ts`` (a redelivered batch is stored once).
+    """
+
+    __table__: ClassVar[str] = "outcome_prices"
+    __key__: ClassVar[tuple[str, ...]] = ("source", "symbol", "ts")
+    __time__: ClassVar[str] = "ts"
 
     source: str
     symbol: str  # "{market id}:{outcome}"

@@ -132,7 +132,7 @@ async def test_polymarket_bot_caches_moves_of_five_percent_and_resolutions(
 
     await run_until(flow, scenario, registry)
     stored = rows(tmp_path / "predictions.db",
-                  "select symbol, probability, closed from outcomes order by ts, symbol")
+                  "select symbol, probability, closed from outcome_prices order by ts, symbol")
     cached = sample(registry, "flows_records_sent_total", "predictions", "change")
     finals = sum(1 for _, _, closed in stored if closed)
     assert len(stored) == cached + finals  # moves of 5%, and the resolutions around the cache

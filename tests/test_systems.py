@@ -177,6 +177,16 @@ async def test_fmp_daily_sync_then_a_rerun_that_the_staleness_filter_makes_free(
     counts = {t: pg_count(pg.dsn, t) for t in ("eod_prices", "dividends", "profiles")}
     weekday = module.FMPEndOfDay(api_key="k").date.weekday() < 5
     assert counts == {"eod_prices": 240 * weekday, "dividends": 8 * payers, "profiles": 240}
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        profiles = conn.execute("select symbol, company_name, sector, market_cap, is_etf "
+                                "from profiles").fetchall()
+        dividends = conn.execute("select symbol, date, dividend, payment_date, frequency "
+                                 "from dividends").fetchall()
+    stocks = emulator.exchanges["fmp"].by_symbol
+    assert all(name == stocks[s].name and sector and cap > 0 and etf is False
+               for s, name, sector, cap, etf in profiles)  # the profiles in full
+    assert all(amount == stocks[s].dividend and paid > date and freq == "Quarterly"
+               for s, date, amount, paid, freq in dividends)
     stats = emulator.stats["fmp"]
     assert stats["dividends"]["requests"] == stats["profile"]["requests"] == 240
     assert stats["eod-bulk"]["requests"] == 1 and stats["profile"]["refused"] == 0

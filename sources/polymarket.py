@@ -33,8 +33,8 @@ Records are ``OutcomePrice``: ``symbol`` is ``"{market id}:{outcome}"``
 (e.g. ``516710:Yes``), ``probability`` the price in [0, 1], ``ts`` the
 receive time (the answers carry none), plus the market's slug, the outcome,
 its CLOB token id and ``closed``. Change detection takes
-``value=lambda r: r.probability``. (The SQL sinks store Ticks; see the
-Polymarket example for a small sink of these records.)
+``value=lambda r: r.probability``. Storing sinks keep them in a table
+``outcome_prices`` keyed by source, symbol and ``ts``.
 
 Rate limits (Polymarket's documentation, per 10 s): Gamma ``/markets``
 300, CLOB ``/prices`` 500 and ``/midpoint`` 1,500; the source's one

@@ -177,3 +177,16 @@ async def test_outcome_prices_are_stored_by_the_sqlite_sink_once_each(emulator, 
     assert sorted(stored) == sorted(
         (r.source, r.symbol, r.probability, r.ts, r.market, r.outcome, r.token_id, int(r.closed))
         for r in records)
+
+
+async def test_discovery_by_events_brings_each_events_markets(emulator, autojump_clock):
+    sink = ListSink()
+    source = poly(emulator, discover="events", max_markets=100)
+    await run_until(Flow("ev", sources=[source], sinks=[sink]), lambda: source.cycles >= 1)
+    markets = open_markets(emulator)
+    assert {o.market_id for o in source.outcomes.values()} == {m.id for m in markets}
+    assert len({m.event_id for m in markets}) < len(markets)  # some events hold several
+    gamma = emulator.stats["polymarket_gamma"]
+    assert gamma["events"]["requests"] == 1 and gamma["markets"]["requests"] == 0
+    assert {r.symbol for r in sink.records} >= {f"{m.id}:{o}" for m in markets
+                                                for o in m.outcomes}

@@ -48,7 +48,11 @@ when each symbol was last fetched (written every ``checkpoint_every``
 symbols, and at the end, so a killed sync loses at most that many), drops
 the symbols younger than ``max_age`` before the sync starts, and logs at
 the end the calls made and the calls the filter saved
-(``flows_source_skipped_total`` counts those symbols).
+(``flows_source_skipped_total`` counts those symbols). ``refreshed=``
+tells the same from elsewhere, typically the sink's own table: a mapping
+``{symbol: epoch seconds}`` or a function returning one, called once when
+the source starts (for profiles, ``SELECT symbol, max(ts) FROM profiles
+GROUP BY symbol``); with ``state`` too, the later time counts.
 
 Example::
 
@@ -71,6 +75,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -406,6 +411,10 @@ class FMPQuotes(_FMPSource):
         return out
 
 
+Refreshed = Mapping[str, float] | Callable[[], Mapping[str, float]]
+"""When each symbol was last fetched (epoch seconds), or a function giving it."""
+
+
 class _PerSymbolSync(_FMPSource):
     """A per-symbol FMP source with the staleness filter of daily syncs."""
 
@@ -413,6 +422,7 @@ class _PerSymbolSync(_FMPSource):
     ENDPOINT = ""
 
     def __init__(self, *, symbols: list[str], state: str | Path | None = None,
+                 refreshed: Refreshed | None = None,
                  max_age: float = 20 * 3600.0, checkpoint_every: int = 100,
                  api_key: str | None = None, api_key_env: str = "FMP_API_KEY", name: str,
                  **options: Any) -> None:
@@ -421,6 +431,7 @@ class _PerSymbolSync(_FMPSource):
         super().__init__(symbols=symbols, api_key=api_key, api_key_env=api_key_env, name=name,
                          **options)
         self.state = None if state is None else Path(state)
+        self.refreshed_from = refreshed
         self.max_age, self.checkpoint_every = max_age, checkpoint_every
         self.refreshed: dict[str, float] = {}
         self.skipped = 0
@@ -428,15 +439,25 @@ class _PerSymbolSync(_FMPSource):
 
     def setup(self, context: Any) -> None:
         super().setup(context)
-        if self.state is None:
+        if self.state is None and self.refreshed_from is None:
             return
-        self.refreshed = self._load_state()
+        self.refreshed = self._load_state() if self.state is not None else {}
+        for symbol, when in self._refreshed_elsewhere().items():
+            self.refreshed[symbol] = max(when, self.refreshed.get(symbol, 0.0))
         now = time.time()
         fresh = {s for s in self.symbols if now - self.refreshed.get(s, 0.0) < self.max_age}
         self.skipped = len(fresh)
         self.symbols = [s for s in self.symbols if s not in fresh]
         log.info("source %s: %d symbols refreshed within %gs are skipped, %d to fetch",
                  self.name, self.skipped, self.max_age, len(self.symbols))
+
+    def _refreshed_elsewhere(self) -> dict[str, float]:
+        """What ``refreshed=`` says (e.g. the sink's own table), as {symbol: epoch seconds}."""
+        given = self.refreshed_from
+        if given is None:
+            return {}
+        found = given() if callable(given) else given
+        return {str(s): float(t) for s, t in dict(found).items() if t is not None}
 
     def _load_state(self) -> dict[str, float]:
         assert self.state is not None
@@ -480,8 +501,9 @@ class FMPDividends(_PerSymbolSync):
     """Source: each symbol's dividends (a ``Dividend`` per ex-date), one call per symbol.
 
     Parameters (besides ``HttpSource``'s): ``symbols``; ``state``,
-    ``max_age`` (s, default 20 h) and ``checkpoint_every`` (100) for the
-    staleness filter; ``api_key``, ``api_key_env``; ``name`` default
+    ``refreshed`` (a mapping or function: when each symbol was last
+    fetched, e.g. from the sink's table), ``max_age`` (s, default 20 h) and
+    ``checkpoint_every`` (100) for the staleness filter; ``api_key``, ``api_key_env``; ``name`` default
     ``fmp_dividends``.
     """
 

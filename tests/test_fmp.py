@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sqlite3
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 from flows import CircuitBreaker, Flow, RateLimit, Retry, record_schema, redact
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator, WindowLimit
+from sinks.sqlite import SQLiteSink
 from sources.fmp import (
     Dividend,
     FMPDividends,
@@ -112,6 +114,27 @@ async def test_unknown_profiles_are_parked_the_rest_stored_in_full(emulator, aut
     assert sample(registry, "flows_records_discarded_total", "prof", "fmp_profiles",
                   reason="unknown_symbol") == 1
     assert sample(registry, "flows_source_retries_total", "prof", "fmp_profiles") == 0
+
+
+async def test_the_staleness_filter_can_read_the_sinks_own_table(emulator, tmp_path,
+                                                                 autojump_clock):
+    db = tmp_path / "profiles.db"
+    symbols = emulator.symbols("fmp")[:12]
+    first = FMPProfiles(symbols=symbols[:8], base_url=emulator.url, once=True, **fast())
+    await run_briefly(Flow("p1", sources=[first], sinks=[SQLiteSink(db)]))
+
+    def stored() -> dict[str, float]:
+        with sqlite3.connect(db) as conn:
+            return dict(conn.execute("select symbol, max(ts) from profiles group by symbol"))
+
+    emulator.reset_stats()
+    second = FMPProfiles(symbols=symbols, base_url=emulator.url, once=True, refreshed=stored,
+                         **fast())
+    await run_briefly(Flow("p2", sources=[second], sinks=[SQLiteSink(db)]))
+    assert emulator.stats["fmp"]["profile"]["requests"] == 4 and second.skipped == 8
+    assert len(stored()) == 12
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*) from profiles").fetchone()[0] == 12
 
 
 async def test_the_staleness_filter_skips_symbols_fetched_recently(emulator, tmp_path,

@@ -3,7 +3,8 @@
 A subclass says what to ask and how to read the answer:
 
 - ``plan(symbols) -> list[Request]``: the requests that refresh ``symbols``
-  (one per symbol, or a few for an all-symbols or multi-symbol endpoint);
+  (one per symbol, or a few for an all-symbols or multi-symbol endpoint;
+  GETs, or POSTs of a JSON body: ``Request(method="POST", json=...)``);
 - ``parse(request, body) -> Parsed``: Ticks plus counts of bad records
   (the base then drops, as ``invalid``, every Tick ``flows.check_tick``
   refuses: a ``ts`` that is not a time from 2000-01-01 to tomorrow, a
@@ -62,13 +63,20 @@ log = logging.getLogger("flows.http")
 
 @attrs.frozen
 class Request:
-    """One GET: ``endpoint`` names it in metrics (a small fixed set)."""
+    """One request: ``endpoint`` names it in metrics (a small fixed set).
+
+    A GET by default; ``method="POST"`` with ``json`` (any value msgspec or
+    the json module encodes) sends that as the JSON body, for APIs that
+    take their arguments in the body (LiveCoinWatch).
+    """
 
     endpoint: str
     path: str
     params: dict[str, str] = attrs.field(factory=dict)
     weight: float = 1.0
     symbols: tuple[str, ...] = ()
+    method: str = "GET"
+    json: Any = None
 
 
 @attrs.define
@@ -184,6 +192,14 @@ CIRCUIT_STATE = MetricFamily(
     "flows_source_circuit_state", "gauge",
     "At an HTTP source: circuit breaker state (0 closed, 1 half-open, 2 open).",
 )
+
+
+def _body_of(request: Request) -> dict[str, Any]:
+    """The body options of ``request`` for httpx: its JSON, if it has one."""
+    if request.json is None:
+        return {}
+    return {"content": msgspec.json.encode(request.json),
+            "headers": {"content-type": "application/json"}}
 
 
 def status_class(status: int) -> str:
@@ -573,7 +589,8 @@ class HttpSource:
     async def _get(self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics) -> Parsed:
         t0 = time.perf_counter()
         try:
-            async with client.stream("GET", request.path, params=request.params) as response:
+            async with client.stream(request.method, request.path, params=request.params,
+                                     **_body_of(request)) as response:
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk

@@ -132,7 +132,7 @@ async def test_polymarket_bot_caches_moves_of_five_percent_and_resolutions(
 
     await run_until(flow, scenario, registry)
     stored = rows(tmp_path / "predictions.db",
-                  "select symbol, probability, closed from outcomes order by ts, symbol")
+                  "select symbol, probability, closed from outcome_prices order by ts, symbol")
     cached = sample(registry, "flows_records_sent_total", "predictions", "change")
     finals = sum(1 for _, _, closed in stored if closed)
     assert len(stored) == cached + finals  # moves of 5%, and the resolutions around the cache
@@ -177,6 +177,16 @@ async def test_fmp_daily_sync_then_a_rerun_that_the_staleness_filter_makes_free(
     counts = {t: pg_count(pg.dsn, t) for t in ("eod_prices", "dividends", "profiles")}
     weekday = module.FMPEndOfDay(api_key="k").date.weekday() < 5
     assert counts == {"eod_prices": 240 * weekday, "dividends": 8 * payers, "profiles": 240}
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        profiles = conn.execute("select symbol, company_name, sector, market_cap, is_etf "
+                                "from profiles").fetchall()
+        dividends = conn.execute("select symbol, date, dividend, payment_date, frequency "
+                                 "from dividends").fetchall()
+    stocks = emulator.exchanges["fmp"].by_symbol
+    assert all(name == stocks[s].name and sector and cap > 0 and etf is False
+               for s, name, sector, cap, etf in profiles)  # the profiles in full
+    assert all(amount == stocks[s].dividend and paid > date and freq == "Quarterly"
+               for s, date, amount, paid, freq in dividends)
     stats = emulator.stats["fmp"]
     assert stats["dividends"]["requests"] == stats["profile"]["requests"] == 240
     assert stats["eod-bulk"]["requests"] == 1 and stats["profile"]["refused"] == 0

@@ -11,6 +11,7 @@ from ._actors import Sink as Sink
 from ._actors import Source as Source
 from ._actors import Stage as Stage
 from ._actors import stage as stage
+from ._budget import RateBudget as RateBudget
 from ._change import ChangeDetector as ChangeDetector
 from ._channels import Edge as Edge
 from ._channels import Inbox as Inbox

@@ -3,7 +3,8 @@
 A subclass says what to ask and how to read the answer:
 
 - ``plan(symbols) -> list[Request]``: the requests that refresh ``symbols``
-  (one per symbol, or a few for an all-symbols or multi-symbol endpoint);
+  (one per symbol, or a few for an all-symbols or multi-symbol endpoint;
+  GETs, or POSTs of a JSON body: ``Request(method="POST", json=...)``);
 - ``parse(request, body) -> Parsed``: Ticks plus counts of bad records
   (the base then drops, as ``invalid``, every Tick ``flows.check_tick``
   refuses: a ``ts`` that is not a time from 2000-01-01 to tomorrow, a
@@ -43,6 +44,7 @@ import msgspec
 import trio
 
 from ._actors import RunContext
+from ._budget import BUDGET_METRICS, RateBudget, attached, with_budget
 from ._channels import Outbox
 from ._checkpoint import write_atomic
 from ._freshness import stale_after_for
@@ -61,13 +63,20 @@ log = logging.getLogger("flows.http")
 
 @attrs.frozen
 class Request:
-    """One GET: ``endpoint`` names it in metrics (a small fixed set)."""
+    """One request: ``endpoint`` names it in metrics (a small fixed set).
+
+    A GET by default; ``method="POST"`` with ``json`` (any value msgspec or
+    the json module encodes) sends that as the JSON body, for APIs that
+    take their arguments in the body (LiveCoinWatch).
+    """
 
     endpoint: str
     path: str
     params: dict[str, str] = attrs.field(factory=dict)
     weight: float = 1.0
     symbols: tuple[str, ...] = ()
+    method: str = "GET"
+    json: Any = None
 
 
 @attrs.define
@@ -185,6 +194,14 @@ CIRCUIT_STATE = MetricFamily(
 )
 
 
+def _body_of(request: Request) -> dict[str, Any]:
+    """The body options of ``request`` for httpx: its JSON, if it has one."""
+    if request.json is None:
+        return {}
+    return {"content": msgspec.json.encode(request.json),
+            "headers": {"content-type": "application/json"}}
+
+
 def status_class(status: int) -> str:
     return "429" if status in (418, 429) else f"{status // 100}xx"
 
@@ -224,12 +241,16 @@ class HttpSource:
         headers: sent with every request (API keys: the values of
             ``Authorization``, ``Cookie`` and headers named like key,
             token, secret are masked wherever shown, ``flows.redact``).
+        rate_budget: a rate budget shared with other processes through Redis
+            (``"redis://127.0.0.1:6379/0"`` or a ``RateBudget``; default: the
+            runtime's ``--rate-budget``, else this process's own limiter).
         name: the actor's name and the ``source`` field of its Ticks.
     """
 
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
-    METRICS: tuple[MetricFamily, ...] = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE)
+    METRICS: tuple[MetricFamily, ...] = (
+        REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, *BUDGET_METRICS)
     DEFAULT_RETRY = Retry(attempts=4, backoff=0.2, max_backoff=5.0)
     PAUSE_WITHOUT_RETRY_AFTER = False
     """A 429 without ``Retry-After`` pauses for the longest limit window (for
@@ -254,6 +275,7 @@ class HttpSource:
         standby_for: HttpSource | None = None,
         headers: dict[str, str] | None = None,
         reprobe_every: float = 600.0,
+        rate_budget: str | RateBudget | None = None,
         name: str,
     ) -> None:
         if not symbols:
@@ -264,6 +286,7 @@ class HttpSource:
         self.every = every
         self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
         self.limiter = RateLimiter(list(limits or self.DEFAULT_LIMITS))
+        self.rate_budget = None if rate_budget is None else RateBudget.of(rate_budget)
         self.concurrency = concurrency
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.max_response_bytes = max_response_bytes
@@ -327,6 +350,9 @@ class HttpSource:
         self._fresh = context.fresh
         if context.shard is not None:
             self.symbols = context.shard.select(self.symbols)
+        self.limiter = with_budget(self.limiter, self.rate_budget or context.rate_budget,
+                                   context.shard, base_url=self.base_url, name=self.name,
+                                   demand=len(self.symbols))
 
     def health(self) -> str | None:
         """None when healthy, else why not (shown on /readyz)."""
@@ -336,7 +362,7 @@ class HttpSource:
             return f"source {self.name}: circuit half-open (probing)"
         if self.standby_for is not None and self.standby_for.circuit.state != "closed":
             return f"degraded: {self.name} stands in for {self.standby_for.name}"
-        return None
+        return getattr(self.limiter, "degraded", None)  # a shared rate budget out of reach
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
@@ -354,7 +380,7 @@ class HttpSource:
             headers={"user-agent": "flows/0.1", **self.headers},
             limits=httpx.Limits(max_connections=self.concurrency,
                                 max_keepalive_connections=self.concurrency),
-        ) as client:
+        ) as client, attached(self.limiter, m):
             if self.once:
                 await self._sync_once(client, outbox, state)
                 return
@@ -564,7 +590,8 @@ class HttpSource:
     async def _get(self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics) -> Parsed:
         t0 = time.perf_counter()
         try:
-            async with client.stream("GET", request.path, params=request.params) as response:
+            async with client.stream(request.method, request.path, params=request.params,
+                                     **_body_of(request)) as response:
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk

@@ -17,14 +17,20 @@ flows' emulator); every call carries ``apikey=KEY``:
 - ``FMPDividends``: ``GET /stable/dividends?symbol=AAPL``, one call per
   symbol: ``[{"symbol", "date": "2025-02-10", "dividend": 0.25,
   "adjDividend", "recordDate", "paymentDate", "declarationDate", "yield",
-  "frequency"}]``. A Tick per dividend: ``price`` the amount, ``ts`` the
-  ex-date (midnight UTC), so storing them again is idempotent. ``[]``
-  (no dividends, or no such symbol) gives nothing.
+  "frequency"}]``. A ``Dividend`` record per payment, every field kept
+  (``ts`` the ex-date at midnight UTC), keyed by source, symbol and
+  ex-date: storing it again is idempotent. ``[]`` (no dividends, or no
+  such symbol) gives nothing.
 - ``FMPProfiles``: ``GET /stable/profile?symbol=AAPL``: ``[{"symbol",
-  "price", "marketCap", "companyName", "sector", ...}]``. A Tick per
-  symbol: ``price``, and ``volume`` the market capitalisation; ``[]``: an
-  unknown symbol (parked, probed again every ``reprobe_every``). (The
-  other profile fields need a sink for records other than Ticks.)
+  "price", "marketCap", "companyName", "sector", ...}]``. A ``Profile``
+  record per symbol with every documented field (``ts`` the fetch time),
+  keyed by source, symbol and ``ts`` (one row per sync: a history of
+  profiles); ``[]``: an unknown symbol (parked, probed again every
+  ``reprobe_every``).
+
+Storing sinks (SQLite, PostgreSQL, ...) keep ``Dividend`` records in a
+table ``dividends`` and ``Profile`` records in ``profiles``
+(``flows.record_schema``; ``tables={Dividend: "..."}`` renames them).
 
 API key: ``api_key=`` or the environment variable ``api_key_env``
 (``FMP_API_KEY``), masked wherever flows shows text; a 401 (``{"Error
@@ -42,7 +48,11 @@ when each symbol was last fetched (written every ``checkpoint_every``
 symbols, and at the end, so a killed sync loses at most that many), drops
 the symbols younger than ``max_age`` before the sync starts, and logs at
 the end the calls made and the calls the filter saved
-(``flows_source_skipped_total`` counts those symbols).
+(``flows_source_skipped_total`` counts those symbols). ``refreshed=``
+tells the same from elsewhere, typically the sink's own table: a mapping
+``{symbol: epoch seconds}`` or a function returning one, called once when
+the source starts (for profiles, ``SELECT symbol, max(ts) FROM profiles
+GROUP BY symbol``); with ``state`` too, the later time counts.
 
 Example::
 
@@ -54,7 +64,7 @@ Example::
     flow = Flow("stocks", sources=[FMPEndOfDay(date="2024-10-22", once=True),
                                    FMPDividends(symbols=["AAPL", "MSFT"], once=True,
                                                 state="fmp-state.json", max_age=20 * 3600)],
-                sinks=[PostgresSink("postgresql://flows@db/market")])
+                sinks=[PostgresSink("postgresql://flows@db/market")])  # ticks, dividends
 """
 
 from __future__ import annotations
@@ -65,8 +75,9 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import msgspec
@@ -86,7 +97,7 @@ from flows import (
     write_atomic,
 )
 
-__all__ = ["FMPDividends", "FMPEndOfDay", "FMPProfiles", "FMPQuotes"]
+__all__ = ["Dividend", "FMPDividends", "FMPEndOfDay", "FMPProfiles", "FMPQuotes", "Profile"]
 
 log = logging.getLogger("flows.source.fmp")
 
@@ -106,16 +117,129 @@ class _Quote(msgspec.Struct):
     timestamp: Any = None
 
 
-class _Dividend(msgspec.Struct):
+class Dividend(msgspec.Struct, frozen=True, gc=False):
+    """One dividend of a stock, as FMP lists it (``ts``: the ex-date at midnight UTC)."""
+
+    __table__: ClassVar[str] = "dividends"
+    __key__: ClassVar[tuple[str, ...]] = ("source", "symbol", "date")
+    __time__: ClassVar[str] = "ts"
+
+    source: str
+    symbol: str
+    ts: float
+    date: str  # the ex-date, YYYY-MM-DD
+    dividend: float
+    adj_dividend: float | None = None
+    record_date: str | None = None
+    payment_date: str | None = None
+    declaration_date: str | None = None
+    dividend_yield: float | None = None  # FMP's "yield", in percent
+    frequency: str | None = None
+
+
+class Profile(msgspec.Struct, frozen=True, gc=False):
+    """A company's profile as FMP sends it (``ts``: when it was fetched)."""
+
+    __table__: ClassVar[str] = "profiles"
+    __key__: ClassVar[tuple[str, ...]] = ("source", "symbol", "ts")
+    __time__: ClassVar[str] = "ts"
+
+    source: str
+    symbol: str
+    ts: float
+    price: float
+    market_cap: float | None = None
+    beta: float | None = None
+    last_dividend: float | None = None
+    range: str | None = None
+    change: float | None = None
+    change_percentage: float | None = None
+    volume: float | None = None
+    average_volume: float | None = None
+    company_name: str | None = None
+    currency: str | None = None
+    cik: str | None = None
+    isin: str | None = None
+    cusip: str | None = None
+    exchange_full_name: str | None = None
+    exchange: str | None = None
+    industry: str | None = None
+    website: str | None = None
+    description: str | None = None
+    ceo: str | None = None
+    sector: str | None = None
+    country: str | None = None
+    full_time_employees: int | None = None
+    phone: str | None = None
+    address: str | None = None
+    city: str | None = None
+    state: str | None = None
+    zip: str | None = None
+    image: str | None = None
+    ipo_date: str | None = None
+    is_etf: bool | None = None
+    is_actively_trading: bool | None = None
+    is_adr: bool | None = None
+    is_fund: bool | None = None
+
+
+class _Dividend(msgspec.Struct, rename="camel"):
     symbol: str
     date: str
     dividend: Any = None
+    adj_dividend: Any = None
+    record_date: Any = None
+    payment_date: Any = None
+    declaration_date: Any = None
+    dividend_yield: Any = msgspec.field(default=None, name="yield")
+    frequency: Any = None
 
 
-class _Profile(msgspec.Struct):
+class _Profile(msgspec.Struct, rename="camel"):
     symbol: str
     price: Any = None
-    marketCap: Any = None
+    market_cap: Any = None
+    beta: Any = None
+    last_dividend: Any = None
+    range: Any = None
+    change: Any = None
+    change_percentage: Any = None
+    volume: Any = None
+    average_volume: Any = None
+    company_name: Any = None
+    currency: Any = None
+    cik: Any = None
+    isin: Any = None
+    cusip: Any = None
+    exchange_full_name: Any = None
+    exchange: Any = None
+    industry: Any = None
+    website: Any = None
+    description: Any = None
+    ceo: Any = None
+    sector: Any = None
+    country: Any = None
+    full_time_employees: Any = None
+    phone: Any = None
+    address: Any = None
+    city: Any = None
+    state: Any = None
+    zip: Any = None
+    image: Any = None
+    ipo_date: Any = None
+    is_etf: Any = None
+    is_actively_trading: Any = None
+    is_adr: Any = None
+    is_fund: Any = None
+
+
+_PROFILE_NUMBERS = ("market_cap", "beta", "last_dividend", "change", "change_percentage",
+                    "volume", "average_volume")
+_PROFILE_TEXTS = ("range", "company_name", "currency", "cik", "isin", "cusip",
+                  "exchange_full_name", "exchange", "industry", "website", "description", "ceo",
+                  "sector", "country", "phone", "address", "city", "state", "zip", "image",
+                  "ipo_date")
+_PROFILE_FLAGS = ("is_etf", "is_actively_trading", "is_adr", "is_fund")
 
 
 _quotes = msgspec.json.Decoder(list[_Quote])
@@ -127,6 +251,29 @@ def _number(value: Any) -> float:
     if isinstance(value, (bool, str)) or value is None:
         raise TypeError(f"{value!r} is not a number")
     return parse_price(value)
+
+
+def _text(value: Any) -> str | None:
+    """A string field: None for None and ``""``, else the value as text."""
+    return None if value is None or value == "" else str(value)
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _count(value: Any) -> int | None:
+    """An integer sent as a number or a numeric string ("164000"), else None."""
+    try:
+        return None if value is None or value == "" or isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _optional_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is not a number")
+    return parse_optional_float(value)
 
 
 def _date_ts(text: str, at: dt.time = dt.time(0)) -> float:
@@ -264,6 +411,10 @@ class FMPQuotes(_FMPSource):
         return out
 
 
+Refreshed = Mapping[str, float] | Callable[[], Mapping[str, float]]
+"""When each symbol was last fetched (epoch seconds), or a function giving it."""
+
+
 class _PerSymbolSync(_FMPSource):
     """A per-symbol FMP source with the staleness filter of daily syncs."""
 
@@ -271,6 +422,7 @@ class _PerSymbolSync(_FMPSource):
     ENDPOINT = ""
 
     def __init__(self, *, symbols: list[str], state: str | Path | None = None,
+                 refreshed: Refreshed | None = None,
                  max_age: float = 20 * 3600.0, checkpoint_every: int = 100,
                  api_key: str | None = None, api_key_env: str = "FMP_API_KEY", name: str,
                  **options: Any) -> None:
@@ -279,6 +431,7 @@ class _PerSymbolSync(_FMPSource):
         super().__init__(symbols=symbols, api_key=api_key, api_key_env=api_key_env, name=name,
                          **options)
         self.state = None if state is None else Path(state)
+        self.refreshed_from = refreshed
         self.max_age, self.checkpoint_every = max_age, checkpoint_every
         self.refreshed: dict[str, float] = {}
         self.skipped = 0
@@ -286,15 +439,25 @@ class _PerSymbolSync(_FMPSource):
 
     def setup(self, context: Any) -> None:
         super().setup(context)
-        if self.state is None:
+        if self.state is None and self.refreshed_from is None:
             return
-        self.refreshed = self._load_state()
+        self.refreshed = self._load_state() if self.state is not None else {}
+        for symbol, when in self._refreshed_elsewhere().items():
+            self.refreshed[symbol] = max(when, self.refreshed.get(symbol, 0.0))
         now = time.time()
         fresh = {s for s in self.symbols if now - self.refreshed.get(s, 0.0) < self.max_age}
         self.skipped = len(fresh)
         self.symbols = [s for s in self.symbols if s not in fresh]
         log.info("source %s: %d symbols refreshed within %gs are skipped, %d to fetch",
                  self.name, self.skipped, self.max_age, len(self.symbols))
+
+    def _refreshed_elsewhere(self) -> dict[str, float]:
+        """What ``refreshed=`` says (e.g. the sink's own table), as {symbol: epoch seconds}."""
+        given = self.refreshed_from
+        if given is None:
+            return {}
+        found = given() if callable(given) else given
+        return {str(s): float(t) for s, t in dict(found).items() if t is not None}
 
     def _load_state(self) -> dict[str, float]:
         assert self.state is not None
@@ -335,11 +498,12 @@ class _PerSymbolSync(_FMPSource):
 
 
 class FMPDividends(_PerSymbolSync):
-    """Source: each symbol's dividends (a Tick per ex-date), one call per symbol.
+    """Source: each symbol's dividends (a ``Dividend`` per ex-date), one call per symbol.
 
     Parameters (besides ``HttpSource``'s): ``symbols``; ``state``,
-    ``max_age`` (s, default 20 h) and ``checkpoint_every`` (100) for the
-    staleness filter; ``api_key``, ``api_key_env``; ``name`` default
+    ``refreshed`` (a mapping or function: when each symbol was last
+    fetched, e.g. from the sink's table), ``max_age`` (s, default 20 h) and
+    ``checkpoint_every`` (100) for the staleness filter; ``api_key``, ``api_key_env``; ``name`` default
     ``fmp_dividends``.
     """
 
@@ -355,15 +519,23 @@ class FMPDividends(_PerSymbolSync):
             try:
                 if d.symbol != symbol:
                     raise ValueError(f"answer for {d.symbol!r}")
-                out.ticks.append(Tick(self.name, symbol, _number(d.dividend), _date_ts(d.date)))
+                out.ticks.append(self._dividend(symbol, d))  # type: ignore[arg-type]
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{symbol} dividend of {d.date}: {exc}")
         self._fetched(symbol)
         return out
 
+    def _dividend(self, symbol: str, d: _Dividend) -> Dividend:
+        return Dividend(self.name, symbol, _date_ts(d.date), d.date, _number(d.dividend),
+                        adj_dividend=_optional_number(d.adj_dividend),
+                        record_date=_text(d.record_date), payment_date=_text(d.payment_date),
+                        declaration_date=_text(d.declaration_date),
+                        dividend_yield=_optional_number(d.dividend_yield),
+                        frequency=_text(d.frequency))
+
 
 class FMPProfiles(_PerSymbolSync):
-    """Source: each symbol's company profile (price, market cap), one call per symbol.
+    """Source: each symbol's company profile (a ``Profile``), one call per symbol.
 
     Parameters: as ``FMPDividends``; ``name`` default ``fmp_profiles``.
     """
@@ -381,10 +553,15 @@ class FMPProfiles(_PerSymbolSync):
                             symbol_error=True)
         out = Parsed()
         try:
-            p = profiles[0]
-            out.ticks.append(Tick(self.name, symbol, _number(p.price), time.time(),
-                                  volume=parse_optional_float(p.marketCap)))
+            out.ticks.append(self._profile(symbol, profiles[0]))  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             out.bad("invalid", f"{symbol} profile: {exc}")
         self._fetched(symbol)
         return out
+
+    def _profile(self, symbol: str, p: _Profile) -> Profile:
+        fields: dict[str, Any] = {n: _optional_number(getattr(p, n)) for n in _PROFILE_NUMBERS}
+        fields.update({n: _text(getattr(p, n)) for n in _PROFILE_TEXTS})
+        fields.update({n: _flag(getattr(p, n)) for n in _PROFILE_FLAGS})
+        return Profile(self.name, symbol, time.time(), _number(p.price),
+                       full_time_employees=_count(p.full_time_employees), **fields)

@@ -39,10 +39,6 @@ enforces this figure). Metrics: ``flows_source_credits_remaining`` (what
 when the daily credits are spent the source pauses until midnight UTC,
 else for one minute.
 
-This source sends POSTs although ``HttpSource`` sends GETs: it hands the
-base a view of its HTTP client whose requests go out as POSTs of the
-request's JSON body (see ``_Posting``).
-
 Example::
 
     from flows import ChangeDetector, Flow
@@ -63,7 +59,6 @@ import os
 import time
 from typing import Any
 
-import attrs
 import httpx
 import msgspec
 import trio
@@ -97,7 +92,6 @@ CREDITS_SPENT = MetricFamily(
 
 _PAGE = 100  # /coins/list and /coins/map: the largest ``limit``
 _DAY = 86_400.0
-_JSON = {"content-type": "application/json"}
 
 
 class _Coin(msgspec.Struct):
@@ -121,22 +115,9 @@ _single = msgspec.json.Decoder(_Single)
 _credits = msgspec.json.Decoder(_Credits)
 
 
-@attrs.frozen
-class _Post(Request):
-    """A LiveCoinWatch call: ``path`` and its JSON ``body``."""
-
-    body: bytes = b"{}"
-
-
-class _Posting:
-    """The source's httpx client as ``HttpSource`` uses it, with each of its
-    GETs sent as a POST of ``body`` (LiveCoinWatch takes only POSTs)."""
-
-    def __init__(self, client: httpx.AsyncClient, body: bytes) -> None:
-        self._client, self._body = client, body
-
-    def stream(self, method: str, url: str, **options: Any) -> Any:
-        return self._client.stream("POST", url, content=self._body, headers=_JSON)
+def _post(endpoint: str, body: dict[str, Any], symbols: tuple[str, ...] = ()) -> Request:
+    """A LiveCoinWatch call: every one is a POST of a JSON body."""
+    return Request(endpoint, f"/{endpoint}", symbols=symbols, method="POST", json=body)
 
 
 def _seconds_to_midnight_utc() -> float:
@@ -217,7 +198,7 @@ class LiveCoinWatchPrices(HttpSource):
         requests: list[Request] = []
         if trio.current_time() >= self._credits_due:
             self._credits_due = trio.current_time() + self.credits_every
-            requests.append(_Post("credits", "/credits"))
+            requests.append(_post("credits", {}))
         if self.top is not None:
             return requests + [self._list_page(offset) for offset in range(0, self.top, _PAGE)]
         symbols = self._park_missing(symbols)
@@ -226,26 +207,22 @@ class LiveCoinWatchPrices(HttpSource):
             requests.append(self._single(chunk[0]) if len(chunk) == 1 else self._map(chunk))
         return requests
 
-    def _body(self, **fields: Any) -> bytes:
-        return msgspec.json.encode({"currency": self.currency, **fields})
+    def _body(self, **fields: Any) -> dict[str, Any]:
+        return {"currency": self.currency, **fields}
 
     def _list_page(self, offset: int) -> Request:
         limit = min(_PAGE, self.top - offset)  # type: ignore[operator]
         body = self._body(sort="rank", order="ascending", offset=offset, limit=limit, meta=False)
-        return _Post("coins/list", "/coins/list", body=body)
+        return _post("coins/list", body)
 
     def _map(self, codes: tuple[str, ...]) -> Request:
         body = self._body(codes=list(codes), sort="rank", order="ascending", offset=0,
                           limit=len(codes), meta=False)
-        return _Post("coins/map", "/coins/map", symbols=codes, body=body)
+        return _post("coins/map", body, codes)
 
     def _single(self, code: str) -> Request:
         body = self._body(code=code, meta=False)
-        return _Post("coins/single", "/coins/single", symbols=(code,), body=body)
-
-    async def _get(self, client: httpx.AsyncClient, request: Request, m: Any) -> Parsed:
-        body = request.body if isinstance(request, _Post) else b"{}"
-        return await super()._get(_Posting(client, body), request, m)  # type: ignore[arg-type]
+        return _post("coins/single", body, (code,))
 
     # -- answers -------------------------------------------------------------
 

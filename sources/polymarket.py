@@ -8,7 +8,10 @@ both at flows' emulator.
 
 - Discovery, every ``discover_every`` seconds: ``GET /markets?active=true&
   closed=false&limit=100&offset=N`` (paged up to ``max_markets``; markets
-  missing from two rounds in a row are forgotten), or, for
+  missing from two rounds in a row are forgotten); with
+  ``discover="events"``, ``GET /events?active=true&closed=false&...``
+  (``[{"id", "title", "markets": [...]}]``, each event with its markets,
+  paged up to ``max_markets`` events); or, for
   chosen markets, ``GET /markets?id=516710&slug=will-...``: ``[{"id":
   "516710", "slug": "...", "closed": false, "outcomes": "[\\"Yes\\",
   \\"No\\"]", "outcomePrices": "[\\"0.515\\", \\"0.485\\"]",
@@ -33,8 +36,8 @@ Records are ``OutcomePrice``: ``symbol`` is ``"{market id}:{outcome}"``
 (e.g. ``516710:Yes``), ``probability`` the price in [0, 1], ``ts`` the
 receive time (the answers carry none), plus the market's slug, the outcome,
 its CLOB token id and ``closed``. Change detection takes
-``value=lambda r: r.probability``. (The SQL sinks store Ticks; see the
-Polymarket example for a small sink of these records.)
+``value=lambda r: r.probability``. Storing sinks keep them in a table
+``outcome_prices`` keyed by source, symbol and ``ts``.
 
 Rate limits (Polymarket's documentation, per 10 s): Gamma ``/markets``
 300, CLOB ``/prices`` 500 and ``/midpoint`` 1,500; the source's one
@@ -56,7 +59,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import msgspec
@@ -72,7 +75,15 @@ _SIDES = ("BUY", "SELL", "midpoint")
 
 
 class OutcomePrice(msgspec.Struct, frozen=True, gc=False):
-    """The price of one outcome of a prediction market: a probability in [0, 1]."""
+    """The price of one outcome of a prediction market: a probability in [0, 1].
+
+    Storing sinks keep it in a table ``outcome_prices``, keyed by
+    ``source, symbol, ts`` (a redelivered batch is stored once).
+    """
+
+    __table__: ClassVar[str] = "outcome_prices"
+    __key__: ClassVar[tuple[str, ...]] = ("source", "symbol", "ts")
+    __time__: ClassVar[str] = "ts"
 
     source: str
     symbol: str  # "{market id}:{outcome}"
@@ -93,11 +104,17 @@ class _GammaMarket(msgspec.Struct):
     clobTokenIds: Any = None
 
 
+class _GammaEvent(msgspec.Struct):
+    id: str
+    markets: list[_GammaMarket] = []
+
+
 class _Midpoint(msgspec.Struct):
     mid: Any
 
 
 _markets = msgspec.json.Decoder(list[_GammaMarket])
+_events = msgspec.json.Decoder(list[_GammaEvent])
 _prices = msgspec.json.Decoder(dict[str, dict[str, Any]])
 _midpoint = msgspec.json.Decoder(_Midpoint)
 
@@ -134,7 +151,12 @@ class PolymarketPrices(HttpSource):
     Parameters (besides ``HttpSource``'s; ``base_url`` is the CLOB's):
         markets: Gamma market ids or slugs to follow (default: discover
             the active markets, up to ``max_markets``).
-        max_markets: how many active markets discovery lists.
+        max_markets: how many active markets discovery lists (with
+            ``discover="events"``: how many active events, each with all
+            its markets).
+        discover: ``"markets"`` (Gamma ``/markets``) or ``"events"``
+            (Gamma ``/events``: the markets grouped by event, so a
+            multi-outcome event comes whole).
         side: ``BUY`` (the best ask: what an outcome costs), ``SELL`` (the
             best bid) or ``midpoint``.
         per_request: token ids per ``/prices`` call.
@@ -152,6 +174,7 @@ class PolymarketPrices(HttpSource):
         *,
         markets: list[str] | None = None,
         max_markets: int = 200,
+        discover: str = "markets",
         side: str = "BUY",
         per_request: int = 50,
         gamma_url: str | None = None,
@@ -164,10 +187,13 @@ class PolymarketPrices(HttpSource):
         if max_markets < 1 or per_request < 1 or not discover_every > 0:
             raise ValueError(f"{name}: max_markets and per_request must be >= 1, "
                              "discover_every > 0")
+        if discover not in ("markets", "events"):
+            raise ValueError(f"{name}: discover must be 'markets' or 'events', not {discover!r}")
         if markets is not None and not markets:
             raise ValueError(f"{name}: markets must not be empty (None: discover them)")
         super().__init__(symbols=list(markets) if markets else ["*"], name=name, **options)
         self.chosen = markets is not None
+        self.discover = discover
         self.max_markets, self.side, self.per_request = max_markets, side, per_request
         self.gamma_url = (gamma_url or GAMMA_URL).rstrip("/")
         self.discover_every = discover_every
@@ -208,9 +234,10 @@ class PolymarketPrices(HttpSource):
     def _discovery(self, symbols: list[str]) -> list[Request]:
         url = f"{self.gamma_url}/markets"
         if not self.chosen:
-            return [Request("gamma/markets", url, {"active": "true", "closed": "false",
-                                                   "limit": str(min(_PAGE, self.max_markets - o)),
-                                                   "offset": str(o)})
+            what = self.discover  # markets, or events each with its markets
+            return [Request(f"gamma/{what}", f"{self.gamma_url}/{what}",
+                            {"active": "true", "closed": "false",
+                             "limit": str(min(_PAGE, self.max_markets - o)), "offset": str(o)})
                     for o in range(0, self.max_markets, _PAGE)]
         requests = []
         for i in range(0, len(symbols), _PAGE):
@@ -235,6 +262,8 @@ class PolymarketPrices(HttpSource):
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         now = time.time()
+        if request.endpoint == "gamma/events":
+            return self._discovered([m for e in _events.decode(body) for m in e.markets], now)
         if request.endpoint == "gamma/markets":
             markets = _markets.decode(body)
             out = self._discovered(markets, now)

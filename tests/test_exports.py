@@ -30,7 +30,8 @@ PUBLIC = {
     "Window", "Candles",
     # writing components: bases, their request/parse types, resilience
     "BatchingSink", "CircuitBreaker", "HttpError", "HttpSource", "Parsed", "RECONNECT_REASONS",
-    "RateLimit", "Request", "Retry", "StreamParsed", "WebSocketSource", "parse_optional_float",
+    "RateLimit", "RateBudget", "Request", "Retry", "StreamParsed", "WebSocketSource",
+    "parse_optional_float",
     "parse_price", "DropLog", "write_atomic", "check_tick",
     # secrets: masking them wherever a URL, DSN or error is shown
     "redact", "add_secret",
@@ -129,6 +130,8 @@ def test_metrics_are_the_core_table_plus_component_declarations():
     assert http == {
         "flows_source_request_seconds", "flows_source_responses_total", "flows_source_retries_total",
         "flows_source_rate_limit_wait_seconds", "flows_source_circuit_state",
+        "flows_source_budget_wait_seconds", "flows_source_budget_fallback",
+        "flows_source_budget_pauses_total",
     }
     assert ws == {
         "flows_source_messages_total", "flows_source_reconnects_total",

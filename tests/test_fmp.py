@@ -7,15 +7,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sqlite3
 
 import pytest
 import trio
 from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 
-from flows import CircuitBreaker, Flow, RateLimit, Retry, redact
+from flows import CircuitBreaker, Flow, RateLimit, Retry, record_schema, redact
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator, WindowLimit
-from sources.fmp import FMPDividends, FMPEndOfDay, FMPProfiles, FMPQuotes
+from sinks.sqlite import SQLiteSink
+from sources.fmp import (
+    Dividend,
+    FMPDividends,
+    FMPEndOfDay,
+    FMPProfiles,
+    FMPQuotes,
+    Profile,
+)
 
 DAY = dt.date(2024, 10, 22)  # a Tuesday
 
@@ -66,7 +75,7 @@ async def test_quotes_come_in_comma_separated_batches(emulator, autojump_clock):
     assert sample(registry, "flows_records_discarded_total", "q", "fmp", reason="missing") == 1
 
 
-async def test_dividends_are_one_tick_per_ex_date(emulator, autojump_clock):
+async def test_dividends_are_one_record_per_ex_date_with_every_field(emulator, autojump_clock):
     fmp = emulator.exchanges["fmp"]
     payers = [s.symbol for s in fmp.stocks if s.dividend][:5]
     others = [s.symbol for s in fmp.stocks if not s.dividend][:3]
@@ -74,23 +83,58 @@ async def test_dividends_are_one_tick_per_ex_date(emulator, autojump_clock):
     source = FMPDividends(symbols=payers + others, base_url=emulator.url, once=True, **fast())
     await run_briefly(Flow("div", sources=[source], sinks=[sink]))
     assert emulator.stats["fmp"]["dividends"]["requests"] == 8
-    assert {t.symbol for t in sink.records} == set(payers) and len(sink.records) == 5 * 8
-    for t in sink.records:
-        assert t.price == fmp.stock_by_symbol[t.symbol].dividend
-        assert t.ts % 86400 == 0  # the ex-date, midnight UTC
+    assert {d.symbol for d in sink.records} == set(payers) and len(sink.records) == 5 * 8
+    for d in sink.records:
+        assert isinstance(d, Dividend) and d.source == "fmp_dividends"
+        amount = fmp.stock_by_symbol[d.symbol].dividend
+        assert d.dividend == d.adj_dividend == amount
+        assert d.ts % 86400 == 0 and d.ts == dt.datetime.fromisoformat(d.date + "T00:00Z").timestamp()
+        assert dt.date.fromisoformat(d.payment_date) - dt.date.fromisoformat(d.date) == \
+            dt.timedelta(days=14)
+        assert d.record_date == d.date and d.declaration_date < d.date
+        assert d.dividend_yield > 0 and d.frequency == "Quarterly"
+    assert record_schema(Dividend).key == ("source", "symbol", "date")
 
 
-async def test_unknown_profiles_are_parked_the_rest_stored(emulator, autojump_clock):
+async def test_unknown_profiles_are_parked_the_rest_stored_in_full(emulator, autojump_clock):
     symbols = emulator.symbols("fmp")[:6] + ["NOSUCH"]
     sink = ListSink()
     source = FMPProfiles(symbols=symbols, base_url=emulator.url, once=True, **fast())
     _, registry = await run_briefly(Flow("prof", sources=[source], sinks=[sink]))
-    assert {t.symbol for t in sink.records} == set(symbols[:6])
-    assert all(t.volume > 0 for t in sink.records)  # the market cap
+    assert {p.symbol for p in sink.records} == set(symbols[:6])
+    stocks = emulator.exchanges["fmp"].stock_by_symbol
+    for p in sink.records:
+        stock = stocks[p.symbol]
+        assert isinstance(p, Profile) and p.price > 0 and p.market_cap > 0
+        assert p.company_name == stock.name and p.currency == "USD" and p.sector
+        assert p.cik == f"{stock.index + 1000:010d}" and p.full_time_employees == 100 + stock.index
+        assert p.is_etf is False and p.is_actively_trading is True and p.ipo_date == "1999-01-04"
+        assert p.average_volume == 1_000_000 + stock.index and p.exchange == "NASDAQ"
     assert "NOSUCH" in source.parked
     assert sample(registry, "flows_records_discarded_total", "prof", "fmp_profiles",
                   reason="unknown_symbol") == 1
     assert sample(registry, "flows_source_retries_total", "prof", "fmp_profiles") == 0
+
+
+async def test_the_staleness_filter_can_read_the_sinks_own_table(emulator, tmp_path,
+                                                                 autojump_clock):
+    db = tmp_path / "profiles.db"
+    symbols = emulator.symbols("fmp")[:12]
+    first = FMPProfiles(symbols=symbols[:8], base_url=emulator.url, once=True, **fast())
+    await run_briefly(Flow("p1", sources=[first], sinks=[SQLiteSink(db)]))
+
+    def stored() -> dict[str, float]:
+        with sqlite3.connect(db) as conn:
+            return dict(conn.execute("select symbol, max(ts) from profiles group by symbol"))
+
+    emulator.reset_stats()
+    second = FMPProfiles(symbols=symbols, base_url=emulator.url, once=True, refreshed=stored,
+                         **fast())
+    await run_briefly(Flow("p2", sources=[second], sinks=[SQLiteSink(db)]))
+    assert emulator.stats["fmp"]["profile"]["requests"] == 4 and second.skipped == 8
+    assert len(stored()) == 12
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*) from profiles").fetchone()[0] == 12
 
 
 async def test_the_staleness_filter_skips_symbols_fetched_recently(emulator, tmp_path,

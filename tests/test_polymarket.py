@@ -4,13 +4,22 @@ limit, bad answers, unknown markets."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from _http_sources import run_until, scripted_http_server
 from prometheus_client import CollectorRegistry
 
 from flows import CircuitBreaker, Flow, Retry
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSink,
+    ListSource,
+    assert_component_metrics,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator
+from sinks.sqlite import SQLiteSink
 from sources.polymarket import OutcomePrice, PolymarketPrices
 
 
@@ -152,3 +161,32 @@ async def test_discovering_all_forgets_markets_that_leave_the_listing(emulator, 
     assert not set(leaving.tokens) & set(source.outcomes)  # forgotten
     missing = sample(registry, "flows_records_discarded_total", "pm", "polymarket", reason="missing")
     assert 0 < missing <= 2 * (2 * 20 / 5 + 2)  # counted for about two rounds, then no more
+
+
+async def test_outcome_prices_are_stored_by_the_sqlite_sink_once_each(emulator, tmp_path,
+                                                                       autojump_clock):
+    sink = ListSink()
+    await run_briefly(Flow("pm", sources=[poly(emulator, once=True)], sinks=[sink]))
+    records = sink.records
+    db = tmp_path / "outcomes.db"
+    twice = ListSource([records, records[:5]])  # a redelivered batch
+    await run_briefly(Flow("store", sources=[twice], sinks=[SQLiteSink(db)]))
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("select source, symbol, probability, ts, market, outcome, token_id, "
+                              "closed from outcome_prices").fetchall()
+    assert sorted(stored) == sorted(
+        (r.source, r.symbol, r.probability, r.ts, r.market, r.outcome, r.token_id, int(r.closed))
+        for r in records)
+
+
+async def test_discovery_by_events_brings_each_events_markets(emulator, autojump_clock):
+    sink = ListSink()
+    source = poly(emulator, discover="events", max_markets=100)
+    await run_until(Flow("ev", sources=[source], sinks=[sink]), lambda: source.cycles >= 1)
+    markets = open_markets(emulator)
+    assert {o.market_id for o in source.outcomes.values()} == {m.id for m in markets}
+    assert len({m.event_id for m in markets}) < len(markets)  # some events hold several
+    gamma = emulator.stats["polymarket_gamma"]
+    assert gamma["events"]["requests"] == 1 and gamma["markets"]["requests"] == 0
+    assert {r.symbol for r in sink.records} >= {f"{m.id}:{o}" for m in markets
+                                                for o in m.outcomes}

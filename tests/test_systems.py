@@ -132,7 +132,7 @@ async def test_polymarket_bot_caches_moves_of_five_percent_and_resolutions(
 
     await run_until(flow, scenario, registry)
     stored = rows(tmp_path / "predictions.db",
-                  "select symbol, probability, closed from outcomes order by ts, symbol")
+                  "select symbol, probability, closed from outcome_prices order by ts, symbol")
     cached = sample(registry, "flows_records_sent_total", "predictions", "change")
     finals = sum(1 for _, _, closed in stored if closed)
     assert len(stored) == cached + finals  # moves of 5%, and the resolutions around the cache
@@ -167,8 +167,9 @@ async def test_fmp_daily_sync_then_a_rerun_that_the_staleness_filter_makes_free(
     emulator = Emulator(seed=10, assets=5, tick_interval=0, stocks=240)
     url = await nursery.start(emulator.serve)
     emulator.set_rate_limit("fmp", {"limit": 750})
-    symbols = await trio.to_thread.run_sync(module.universe, url, "test-key")
-    assert len(symbols) == 240
+    # universe() is a blocking call: under the autojump clock the server's virtual
+    # timeouts would run out while a thread waits (test_fmp_universe_lists_every_stock)
+    symbols = [stock.symbol for stock in emulator.exchanges["fmp"].stocks]
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         for table in ("eod_prices", "dividends", "profiles"):
             conn.execute(f"drop table if exists {table}")
@@ -177,6 +178,16 @@ async def test_fmp_daily_sync_then_a_rerun_that_the_staleness_filter_makes_free(
     counts = {t: pg_count(pg.dsn, t) for t in ("eod_prices", "dividends", "profiles")}
     weekday = module.FMPEndOfDay(api_key="k").date.weekday() < 5
     assert counts == {"eod_prices": 240 * weekday, "dividends": 8 * payers, "profiles": 240}
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        profiles = conn.execute("select symbol, company_name, sector, market_cap, is_etf "
+                                "from profiles").fetchall()
+        dividends = conn.execute("select symbol, date, dividend, payment_date, frequency "
+                                 "from dividends").fetchall()
+    stocks = emulator.exchanges["fmp"].by_symbol
+    assert all(name == stocks[s].name and sector and cap > 0 and etf is False
+               for s, name, sector, cap, etf in profiles)  # the profiles in full
+    assert all(amount == stocks[s].dividend and paid > date and freq == "Quarterly"
+               for s, date, amount, paid, freq in dividends)
     stats = emulator.stats["fmp"]
     assert stats["dividends"]["requests"] == stats["profile"]["requests"] == 240
     assert stats["eod-bulk"]["requests"] == 1 and stats["profile"]["refused"] == 0
@@ -189,6 +200,14 @@ async def test_fmp_daily_sync_then_a_rerun_that_the_staleness_filter_makes_free(
     assert sorted(last) == ["source fmp_dividends: 0 requests made, 240 saved by the staleness filter",
                             "source fmp_profiles: 0 requests made, 240 saved by the staleness filter"]
     assert {t: pg_count(pg.dsn, t) for t in counts} == counts  # stored once
+
+
+async def test_fmp_universe_lists_every_stock(monkeypatch, nursery):
+    module = example("fmp_daily_sync", monkeypatch)
+    emulator = Emulator(seed=10, assets=5, tick_interval=0, stocks=240)
+    url = await nursery.start(emulator.serve)
+    symbols = await trio.to_thread.run_sync(module.universe, url, "test-key")
+    assert symbols == [stock.symbol for stock in emulator.exchanges["fmp"].stocks]
 
 
 async def test_signals_only_for_symbols_that_moved(monkeypatch, tmp_path, nursery):

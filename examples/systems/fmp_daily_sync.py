@@ -21,9 +21,9 @@ Against the real API: ``FLOWS_EXCHANGE_URL= FMP_API_KEY=... python -m
 flows.run examples/systems/fmp_daily_sync.py`` (``FMP_PER_MINUTE``: your
 plan's limit, 750 on Premium).
 
-    fmp_eod       -> postgres table eod_prices
-    fmp_dividends -> postgres table dividends
-    fmp_profiles  -> postgres table profiles
+    fmp_eod       -> postgres table eod_prices (Ticks: close, volume)
+    fmp_dividends -> postgres table dividends  (Dividend: amount, ex/record/payment dates, ...)
+    fmp_profiles  -> postgres table profiles   (Profile: price, market cap, company, sector, ...)
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ def build(url: str | None, dsn: str, state_dir: Path = Path("."), *,
     flow = Flow("fmp_sync")
     flow.source(FMPEndOfDay(limits=[RateLimit(1, 60.0)], **share)).to(
         PostgresSink(dsn, table="eod_prices", name="eod_db"))
+    # Dividend and Profile records go to their own tables, ``dividends`` and ``profiles``
     for cls, table in ((FMPDividends, "dividends"), (FMPProfiles, "profiles")):
         source = cls(symbols=symbols, state=state_dir / f"{table}.state.json", max_age=max_age,
                      limits=[RateLimit(per_minute / 2, 60.0)], concurrency=8, **share)
-        flow.source(source).to(PostgresSink(dsn, table=table, name=f"{table}_db",
-                                            batch_size=5000))
+        flow.source(source).to(PostgresSink(dsn, name=f"{table}_db", batch_size=5000))
     return flow
 
 

@@ -86,7 +86,7 @@ async def test_dividends_are_one_record_per_ex_date_with_every_field(emulator, a
     assert {d.symbol for d in sink.records} == set(payers) and len(sink.records) == 5 * 8
     for d in sink.records:
         assert isinstance(d, Dividend) and d.source == "fmp_dividends"
-        amount = fmp.stock_by_symbol[d.symbol].dividend
+        amount = fmp.by_symbol[d.symbol].dividend
         assert d.dividend == d.adj_dividend == amount
         assert d.ts % 86400 == 0 and d.ts == dt.datetime.fromisoformat(d.date + "T00:00Z").timestamp()
         assert dt.date.fromisoformat(d.payment_date) - dt.date.fromisoformat(d.date) == \
@@ -102,7 +102,7 @@ async def test_unknown_profiles_are_parked_the_rest_stored_in_full(emulator, aut
     source = FMPProfiles(symbols=symbols, base_url=emulator.url, once=True, **fast())
     _, registry = await run_briefly(Flow("prof", sources=[source], sinks=[sink]))
     assert {p.symbol for p in sink.records} == set(symbols[:6])
-    stocks = emulator.exchanges["fmp"].stock_by_symbol
+    stocks = emulator.exchanges["fmp"].by_symbol
     for p in sink.records:
         stock = stocks[p.symbol]
         assert isinstance(p, Profile) and p.price > 0 and p.market_cap > 0

@@ -48,7 +48,7 @@ from typing import Any
 from ._base import ExchangeAPI, Reply, Request
 from ._faults import Field
 from ._limits import RateLimit, Verdict, WindowLimit
-from ._market import Asset, Market, Quote
+from ._market import Market, Quote
 
 __all__ = ["FMP", "Stock", "make_stocks"]
 
@@ -126,7 +126,8 @@ class FMP(ExchangeAPI):
         self.seed = seed
         self.stocks = make_stocks(stocks, seed)
         self.stock_by_symbol = {s.symbol: s for s in self.stocks}
-        self.by_symbol: dict[str, Asset] = {}  # stocks, not crypto assets: see stock_by_symbol
+        # the same stocks under the base class's name (typed for crypto Assets there)
+        self.by_symbol = self.stock_by_symbol  # type: ignore[assignment]
         self.hidden = frozenset()
         self.throttle_error = None
         self.api_keys = tuple(api_keys)

@@ -94,3 +94,28 @@ def test_readme_example_builds_its_flow():
     assert isinstance(flow, flows.Flow)
     text = flow.validate().to_text()
     assert "change → sqlite" in text and "console (is_btc" in text
+
+
+def standalone_flow_examples() -> list[tuple[str, str]]:
+    """(where, code) of every docs example that starts with its imports and builds a Flow."""
+    found = []
+    for page in PAGES:
+        for i, block in enumerate(python_blocks(page.read_text())):
+            body = ast.parse(block).body
+            if ("Flow(" in block and "Flow(...," not in block and body
+                    and isinstance(body[0], ast.Import | ast.ImportFrom)):
+                found.append((f"{page.relative_to(DOCS)} block {i + 1}", block))
+    return found
+
+
+@pytest.mark.parametrize(("where", "code"), standalone_flow_examples(), ids=lambda v: v if " block " in v else "")
+def test_standalone_examples_build_their_flows(where, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"REDIS_URL": "redis://127.0.0.1:6379/0", "CONSUMER": "c1",
+                        "PG_DSN": "postgresql://127.0.0.1/flows"}.items():
+        monkeypatch.setenv(name, value)
+    namespace: dict = {}
+    exec(compile(code, where, "exec"), namespace)
+    built = [v for v in namespace.values() if isinstance(v, flows.Flow)]
+    for flow in built:
+        flow.validate()

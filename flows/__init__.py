@@ -57,6 +57,8 @@ from ._runtime import FlowFailed as FlowFailed
 from ._runtime import RunResult as RunResult
 from ._runtime import Runtime as Runtime
 from ._runtime import run_flow as run_flow
+from ._schedule import AdaptiveSchedule as AdaptiveSchedule
+from ._schedule import Calendar as Calendar
 from ._shard import Shard as Shard
 from ._shard import shard_of as shard_of
 from ._sink import BatchingSink as BatchingSink

@@ -100,6 +100,9 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
         }
         if slot.freshness is not None:
             entry["freshness"] = slot.freshness.figures()
+        schedule = getattr(slot.actor, "schedule", None)
+        if hasattr(schedule, "figures"):
+            entry["schedule"] = schedule.figures()
         if m.buffer is not None:
             used, cap = m.buffer()
             entry["buffer"] = {"used": used, "capacity": cap}

@@ -461,10 +461,10 @@ class AdaptiveSchedule:
                 await source._poll(client, request, outbox, state, None)
         finally:
             self._inflight.difference_update(batch)
-            retry_at = trio.current_time() + self.min_interval
-            for s in batch:
-                if self.last[s] < sent:  # not answered: failed, or a parked symbol
-                    self._held[s] = retry_at
+            now = trio.current_time()
+            for s in batch:  # not answered (failed for good, or parked): again in its interval
+                if self.last[s] < sent:
+                    self._held[s] = now + max(self.interval[s], self.min_interval)
             slots.release()
             self._poked.set()
 

@@ -20,8 +20,9 @@ takes well under a minute and measures the schedules, not this machine.
   (the shortest interval of one symbol), the source comparing prices.
 - ``adaptive + detector``: the same behind a ``ChangeDetector()``, which
   feeds the schedule.
-- ``adaptive, every=22``: the adaptive schedule never polls a symbol more
-  often than a fixed sweep does: what it saves at equal delay.
+- ``adaptive, every=5`` and ``every=22``: no symbol polled more often
+  than every 5 s, or than a fixed sweep does (22 s): what the schedule
+  saves when it may not spend the budget on delay.
 
 Measured from the emulator's record of every price move (its walk, each
 move's time) and what reached the sink (each Tick's ``ts`` is the time of
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         ("fixed (baseline)", {"every": 1.0}, False),
         ("adaptive", {"every": 1.0, "schedule": "adaptive", "max_staleness": 60.0}, False),
         ("adaptive + detector", {"every": 1.0, "schedule": "adaptive", "max_staleness": 60.0}, True),
+        ("adaptive, every=5", {"every": 5.0, "schedule": "adaptive", "max_staleness": 60.0},
+         False),
         (f"adaptive, every={sweep:.0f}", {"every": round(sweep), "schedule": "adaptive",
                                           "max_staleness": 60.0}, False),
     ]

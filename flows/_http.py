@@ -356,6 +356,8 @@ class HttpSource:
         self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(RETRIES)  # export the series from the start
+        for family in SCHEDULE_METRICS:
+            m.labeled(family)
         state = m.labeled(CIRCUIT_STATE)
         state.set(CircuitBreaker.STATES[self.circuit.state])
         async with httpx.AsyncClient(

@@ -252,7 +252,6 @@ class AdaptiveSchedule:
         """Take the source's symbols, shortest interval and limits."""
         self.source = source
         self.min_interval = min(source.every, self.max_staleness)
-        self.guard = 0.1 * self.max_staleness
         plan = source.plan(list(source.symbols))
         sizes = [len(r.symbols) for r in plan]
         self.per_request = len(source.symbols) if not sizes or 0 in sizes else max(sizes)
@@ -262,6 +261,9 @@ class AdaptiveSchedule:
                           for lim in source.limiter.limits), default=math.inf)
         self.limit_rate = per_second
         self.fixed_rate = min(len(plan) / source.every, per_second)
+        # a symbol this close to max_staleness goes before all others: time for
+        # the requests picked before it (at most ``concurrency``) and one more
+        self.guard = min(0.1 * self.max_staleness, 1.0 + (source.concurrency + 2) / per_second)
         floor = math.ceil(len(source.symbols) / self.per_request) / (self.max_staleness - self.guard)
         if floor > per_second:
             raise ValueError(

@@ -58,9 +58,9 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows import AdaptiveSchedule, Batch, ChangeDetector, Flow, RateLimit, Runtime  # noqa: E402
-from flows.testing.emulator import Emulator  # noqa: E402
-from sources.coinbase import CoinbaseTickers  # noqa: E402
+from flows import AdaptiveSchedule, Batch, ChangeDetector, Flow, RateLimit, Runtime
+from flows.testing.emulator import Emulator
+from sources.coinbase import CoinbaseTickers
 
 SEED = 11
 WARMUP, TAIL = 300.0, 60.0
@@ -113,7 +113,7 @@ async def run_variant(args: argparse.Namespace, options: dict[str, Any], detecto
                       duration=args.seconds).run()
         nursery.cancel_scope.cancel()
     market = em.market
-    to_trio = lambda wall: wall - market.wall(start) + start  # noqa: E731
+    to_trio = lambda wall: wall - market.wall(start) + start
     delays: dict[str, list[float]] = {"volatile": [], "quiet": []}
     moves = captured = 0
     for asset, steps in zip(em.universe, market.change_log or []):

@@ -54,7 +54,7 @@ from ._metrics import LATENCY_BUCKETS, MetricFamily
 if TYPE_CHECKING:
     from ._http import HttpSource
 
-__all__ = ["AdaptiveSchedule", "Calendar", "SCHEDULE_METRICS", "link_change_feeds"]
+__all__ = ["SCHEDULE_METRICS", "AdaptiveSchedule", "Calendar", "link_change_feeds"]
 
 log = logging.getLogger("flows.schedule")
 
@@ -151,7 +151,7 @@ class Calendar:
             a, b = _WEEKDAYS[first[:3]], _WEEKDAYS[(last or first)[:3]]
         except KeyError:
             raise ValueError(f"calendar: {days!r} is not a weekday or a range like 'mon-fri'") from None
-        return list(range(a, b + 1)) if a <= b else [*range(a, 7), *range(0, b + 1)]
+        return list(range(a, b + 1)) if a <= b else [*range(a, 7), *range(b + 1)]
 
     def _spans(self, day: dt.date) -> list[tuple[float, float]]:
         """The sessions of local date ``day`` as epoch seconds."""
@@ -332,7 +332,7 @@ class AdaptiveSchedule:
             moved = tick is not None and old is not None and tick.price != old
             if tick is not None:
                 self.price[s] = tick.price
-            if moved and timed:
+            if moved and timed and tick is not None:
                 metrics.labeled(DETECTION_DELAY).observe(max(wall - tick.ts, 0.0))
             if self.detector is None and moved:
                 self.changes[s] += 1
@@ -424,6 +424,7 @@ class AdaptiveSchedule:
         metrics = outbox.metrics
         metrics.register(*SCHEDULE_METRICS)
         wall_clock = source._wall
+        assert wall_clock is not None, "serve() runs inside HttpSource.run()"
         slots = trio.Semaphore(source.concurrency)
         self._accounted_at = None
         async with trio.open_nursery() as nursery:

@@ -5,6 +5,7 @@ max_staleness, the limit holds, market hours, restarts."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from collections import defaultdict
 
@@ -13,7 +14,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from flows import AdaptiveSchedule, Calendar, ChangeDetector, Flow, RateLimit, Runtime
-from flows.testing import ListSink, deadline, sample, wait_until
+from flows.testing import ListSink, deadline, sample
 from flows.testing.emulator import Emulator
 from sources.binance import BinanceTickers
 from sources.coinbase import CoinbaseTickers
@@ -88,7 +89,7 @@ async def test_volatile_symbols_get_the_budget_and_none_starves(emulator, autoju
     polls = Polls(source)
     seconds = 200.0
     detector = ChangeDetector() if with_detector else None
-    rt, sink, registry = await run_for(source, seconds, detector=detector)
+    rt, _, registry = await run_for(source, seconds, detector=detector)
     end = trio.current_time()
     symbols = emulator.symbols("coinbase")
     volatile = [len(polls.by_symbol[s]) for s in symbols[:VOLATILE]]
@@ -138,7 +139,7 @@ async def test_a_batch_endpoint_is_packed_with_the_most_due(nursery, autojump_cl
 
 def test_calendar_sessions_holidays_and_changes():
     nyse = Calendar.weekdays("America/New_York", "09:30", "16:00", holidays=["2026-12-25"])
-    at = lambda text: dt.datetime.fromisoformat(text).timestamp()  # noqa: E731
+    at = lambda text: dt.datetime.fromisoformat(text).timestamp()
     assert nyse.is_open(at("2026-12-03T10:00:00-05:00"))  # a Thursday
     assert not nyse.is_open(at("2026-12-03T16:00:00-05:00"))
     assert not nyse.is_open(at("2026-12-05T12:00:00-05:00"))  # Saturday
@@ -157,7 +158,7 @@ def test_calendar_sessions_holidays_and_changes():
 async def test_a_closed_market_is_polled_at_the_floor_after_one_fetch_at_the_close(
         emulator, autojump_clock):
     wall = trio.current_time()  # MockClock starts at 0; the calendar reads the source's wall clock
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     closes = now + dt.timedelta(seconds=150)
     day = closes.date()
     calendar = Calendar("UTC", {day.weekday(): [("00:00", closes.strftime("%H:%M"))]})
@@ -176,7 +177,7 @@ async def test_a_closed_market_is_polled_at_the_floor_after_one_fetch_at_the_clo
         # once right after the close (within the time the limit needs for a sweep) ...
         assert after[0] - close_at <= N / PER_SECOND + 1, s
         # ... then at the floor only: never more often, never less
-        gaps = [b - a for a, b in zip(after, after[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(after)]
         assert gaps and all(0.85 * MAX_STALENESS <= g <= MAX_STALENESS for g in gaps), (s, gaps)
     volatile_open = [len([t for t in polls.by_symbol[s] if t < close_at]) for s in symbols[:VOLATILE]]
     assert min(volatile_open) > 90 / MAX_STALENESS * 3  # open, the volatile ones were polled more
@@ -196,11 +197,11 @@ async def test_the_schedule_survives_a_restart_without_a_burst(emulator, autojum
             raise RuntimeError("injected crash")
 
     source.schedule.answered = crashing
-    rt, _, registry = await run_for(source, 300.0)
+    rt, _, _ = await run_for(source, 300.0)
     assert crash["done"] and rt.slots[0].restarts == 1
     assert polls.most_in_window(1.0) <= LIMIT.limit  # no burst when it came back
     assert emulator.stats["coinbase"]["ticker"]["refused"] == 0
-    after = lambda s: len([t for t in polls.by_symbol[s] if t > crash["at"] + 1])  # noqa: E731
+    after = lambda s: len([t for t in polls.by_symbol[s] if t > crash["at"] + 1])
     assert min(after(s) for s in symbols[:VOLATILE]) > 3 * max(after(s) for s in symbols[VOLATILE:])
 
 
@@ -212,7 +213,7 @@ async def test_a_new_process_rebuilds_the_schedule_quickly_within_the_limit(emul
     await run_for(source, 120.0)
     symbols = emulator.symbols("coinbase")
     assert polls.most_in_window(1.0) <= LIMIT.limit
-    late = lambda s: len([t for t in polls.by_symbol[s] if t > 60])  # noqa: E731
+    late = lambda s: len([t for t in polls.by_symbol[s] if t > 60])
     assert min(late(s) for s in symbols[:VOLATILE]) > 3 * max(late(s) for s in symbols[VOLATILE:])
 
 

@@ -400,13 +400,22 @@ class AdaptiveSchedule:
         self._open = is_open
 
     def _report_overdue(self, now: float, wall: float, outbox: Any) -> None:
-        late = [s for s in self.symbols if now - self.last[s] > self.max_staleness
-                and s not in self._overdue and math.isfinite(self.last[s])
-                and s not in (self.source.parked if self.source else {})]
+        late = [s for s in self._unreported() if now - self.last[s] > self.max_staleness]
         if late:
             self._overdue.update(late)
             since = min(self.last[s] for s in late)
             outbox.gap(late, wall - (now - since), wall, "overdue")
+
+    def _next_overdue(self, now: float) -> float:
+        """When the next symbol not yet reported overdue becomes overdue."""
+        ahead = min((self.last[s] for s in self._unreported()), default=math.inf)
+        return max(ahead + self.max_staleness + 1e-3, now + 0.01)
+
+    def _unreported(self) -> list[str]:
+        """Symbols polled before, not parked, not reported overdue yet."""
+        parked = self.source.parked if self.source is not None else {}
+        return [s for s in self.symbols if s not in self._overdue and s not in parked
+                and math.isfinite(self.last[s])]
 
     def _account(self, now: float, metrics: Any) -> None:
         """Move ``flows_source_requests_saved_total`` up to fixed polling's count less ours."""
@@ -438,7 +447,7 @@ class AdaptiveSchedule:
                 due = self.next_due(now)
                 if due > now:
                     change = self.calendar.next_change(wall) - wall + now
-                    with trio.move_on_at(min(due, change, now + self.max_staleness)):
+                    with trio.move_on_at(min(due, change, self._next_overdue(now))):
                         await self._poked.wait()
                     self._poked = trio.Event()
                     continue
@@ -465,9 +474,10 @@ class AdaptiveSchedule:
         finally:
             self._inflight.difference_update(batch)
             now = trio.current_time()
-            for s in batch:  # not answered (failed for good, or parked): again in its interval
+            for s in batch:  # not answered (failed for good, or parked): tried again later
                 if self.last[s] < sent:
-                    self._held[s] = now + max(self.interval[s], self.min_interval)
+                    self._held[s] = now + max(self.min_interval,
+                                              min(self.interval[s], self.max_staleness / 4))
             slots.release()
             self._poked.set()
 

@@ -244,6 +244,19 @@ async def test_a_symbol_the_api_cannot_answer_is_reported_overdue(emulator, auto
     assert rt.slots[0].freshness.figures()["stale_symbols"] == 1
 
 
+async def test_a_parked_symbol_is_left_out_and_probed(emulator, autojump_clock):
+    symbols = emulator.symbols("coinbase")[:10]
+    source = CoinbaseTickers(symbols=[*symbols, "NOPE-USD"], base_url=emulator.url,
+                             limits=[LIMIT], schedule="adaptive", max_staleness=MAX_STALENESS,
+                             reprobe_every=100.0)
+    polls = Polls(source)
+    rt, _, registry = await run_for(source, 250.0)
+    assert "NOPE-USD" in source.parked
+    assert len(polls.requests) - sum(len(polls.by_symbol[s]) for s in symbols) == 3  # 0, 100, 200
+    assert sample(registry, "flows_gaps_total", "ad", "coinbase", reason="overdue") == 0
+    assert all(polls.longest_wait(s, trio.current_time()) <= MAX_STALENESS for s in symbols)
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="schedule must be"):
         CoinbaseTickers(symbols=["BTC-USD"], schedule="sometimes")

@@ -166,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     base: dict[str, Any] | None = None
+    results: list[tuple[str, dict[str, Any]]] = []
     for name, options, detector in variants:
         t0 = time.perf_counter()
         r = trio.run(run_variant, args, options, detector,
                      clock=trio.testing.MockClock(autojump_threshold=0))
         real = time.perf_counter() - t0
         base = base or r
+        results.append((name.strip(), r))
         print(f"| {name:<22} | {r['requests']:>8} | {r['requests'] / base['requests']:>7.2f}x | "
               f"{r['captured']:>7.1%} | {r['median']:>10.2f} s | "
               f"{base['median'] / r['median']:>7.2f}x | {r['p99']:>7.1f} s | "
@@ -180,7 +182,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ({name}: {r['refused']} requests refused by the exchange)")
     print(f"\nrequests: answered after the {WARMUP:g} s warm-up (the schedules learning), to the end;"
           "\nvs fixed: requests as a share of fixed polling's; delay as fixed's median over this one's"
-          " (higher is better).")
+          " (higher is better).\n")
+    assert base is not None
+    fewer = [(n, r) for n, r in results[1:]
+             if r["requests"] <= 0.4 * base["requests"] and r["median"] <= base["median"]]
+    faster = [(n, r) for n, r in results[1:]
+              if r["requests"] <= 1.05 * base["requests"] and r["median"] * 3 <= base["median"]]
+    verdict = lambda ok: "PASS" if ok else "FAIL"
+    print(f"{verdict(fewer)}  at equal or better median delay, >= 60% fewer requests: "
+          + (", ".join(f"{n} ({1 - r['requests'] / base['requests']:.0%} fewer)" for n, r in fewer)
+             or "none"))
+    print(f"{verdict(faster)}  at an equal budget, >= 3x lower median delay: "
+          + (", ".join(f"{n} ({base['median'] / r['median']:.2f}x)" for n, r in faster) or "none"))
     return 0
 
 

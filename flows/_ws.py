@@ -49,7 +49,10 @@ connection:
    restarts it, within its restart budget).
    Reconnects are counted by reason: ``closed`` (the connection dropped with
    no close frame: 1006), ``server`` (the server closed it with a close
-   frame, e.g. Binance's 24-hour limit), ``silent`` (no message within
+   frame, e.g. Binance's 24-hour limit), ``server_shutdown`` (the server
+   announced it is going down, Binance's ``serverShutdown``: the source
+   closes the connection and opens a new one at once, without backoff,
+   before the server drops it), ``silent`` (no message within
    ``silence_timeout``), ``timeout`` (connecting took longer than
    ``connect_timeout``), ``error`` (refused, rejected handshake, network
    error). Sequence tracking restarts on each connection.
@@ -111,7 +114,7 @@ __all__ = ["RECONNECT_REASONS", "StreamParsed", "WebSocketSource"]
 
 log = logging.getLogger("flows.ws")
 
-RECONNECT_REASONS = ("closed", "error", "silent", "timeout", "server")
+RECONNECT_REASONS = ("closed", "error", "silent", "timeout", "server", "server_shutdown")
 """Why a connection was replaced (the ``reason`` label of reconnects)."""
 
 MESSAGES = MetricFamily("flows_source_messages_total", "counter",
@@ -119,7 +122,8 @@ MESSAGES = MetricFamily("flows_source_messages_total", "counter",
 RECONNECTS = MetricFamily(
     "flows_source_reconnects_total", "counter",
     "At a stream source: connections replaced, by reason (closed: dropped with no close frame; "
-    "server: closed by the server; silent: no message within silence_timeout; timeout: "
+    "server: closed by the server; server_shutdown: replaced at once after the server "
+    "announced a shutdown; silent: no message within silence_timeout; timeout: "
     "connecting took too long; error: refused or failed).",
     labels=("reason",),
 )
@@ -142,10 +146,14 @@ class StreamParsed(Parsed):
     ``sequences``: ``(key, update id)`` per update, in message order; ids
     must go up by one per key, a larger jump is a gap. ``replies``: messages
     to send back on the same connection (an exchange-level ping's answer).
+    ``reconnect``: the server announced it will close this connection
+    (Binance's ``serverShutdown``): the source replaces it at once, once
+    this batch is sent (reason ``server_shutdown``).
     """
 
     sequences: list[tuple[str, int]] = attrs.field(factory=list)
     replies: list[Message] = attrs.field(factory=list)
+    reconnect: bool = False
 
     def merge(self, other: Parsed) -> None:
         """Add ``other``'s ticks, counts, details (and ids, replies) to these."""
@@ -156,6 +164,7 @@ class StreamParsed(Parsed):
         if isinstance(other, StreamParsed):
             self.sequences += other.sequences
             self.replies += other.replies
+            self.reconnect = self.reconnect or other.reconnect
 
 
 @attrs.define(eq=False)
@@ -407,9 +416,9 @@ class WebSocketSource:
                     f"giving up after {self.retry.attempts} connections without data ({self.retry!r})"
                 )
             log.info("source %s: connection %d %s; reconnecting in %.2fs",
-                     self.name, shard.index, _REASON_TEXT[reason], delay,
+                     self.name, shard.index, _REASON_TEXT[reason], _wait(reason, delay),
                      extra={"stage": self.name, "reason": reason})
-            await trio.sleep(delay)
+            await trio.sleep(_wait(reason, delay))
 
     async def _connect_once(self, shard: _Shard, outbox: Outbox) -> tuple[str, bool]:
         """One connection, from connecting to its end: (reason it ended,
@@ -537,6 +546,8 @@ class WebSocketSource:
                 shard.messages += n
                 for i in range(0, len(ticks), size):
                     await outbox.send(Batch(ticks[i : i + size]))
+            if out.reconnect:
+                return "server_shutdown"
             if closed is not None:
                 raise closed
 
@@ -629,6 +640,12 @@ def _close_reason(closed: ConnectionClosed) -> str:
     return "closed" if closed.code == 1006 else "server"
 
 
+def _wait(reason: str, backoff: float) -> float:
+    """Seconds before the next connection: none when the server asked for a
+    new one (a shutdown announced), else the backoff."""
+    return 0.0 if reason == "server_shutdown" else backoff
+
+
 class ReconnectsExhausted(ConnectionError):
     """A finite ``retry`` policy ran out of connection attempts."""
 
@@ -643,6 +660,7 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 _REASON_TEXT = {
     "closed": "dropped (no close frame)",
     "server": "closed by the server",
+    "server_shutdown": "replaced: the server announced a shutdown",
     "silent": "went silent",
     "timeout": "timed out connecting",
     "error": "failed",

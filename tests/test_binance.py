@@ -198,3 +198,34 @@ async def test_one_shot_sync_resumes_after_a_kill(emulator, tmp_path, autojump_c
     assert got == set(symbols)
     assert len(second.records) < len(symbols)  # it did not start over
     assert not resume.exists()  # complete: the checkpoint is gone
+
+
+async def test_lower_case_symbols_are_polled_and_illegal_ones_parked_not_held_against_the_circuit(
+        emulator):
+    """Binance answers -1100 to a lower-case symbol (and to any character outside
+    [A-Z0-9-_.]): the source upper-cases its symbols, and a -1100 that still comes
+    isolates the symbol and parks it, as -1121 does; the breaker never sees it."""
+    good = emulator.symbols("binance")[:6]
+    symbols = [s.lower() for s in good[:3]] + [s.title() for s in good[3:]] + ["BTC/USDT"]
+    sink = ListSink()
+    source = BinanceTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=10,
+                            circuit=CircuitBreaker(failures=1, reset_after=60.0))
+    _, registry = await run_briefly(Flow("case", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == sorted(good)
+    assert source.parked.keys() == {"BTC/USDT"}
+    discarded = {reason: sample(registry, "flows_records_discarded_total", "case", "binance",
+                                reason=reason) for reason in ("request_failed", "unknown_symbol")}
+    assert discarded == {"request_failed": 0, "unknown_symbol": 1}
+    assert source.circuit.state == "closed"
+    assert sample(registry, "flows_errors_total", "case", "binance", error_type="http") == 0
+
+
+async def test_a_delisted_symbol_fails_its_batch_with_1121_and_is_parked(emulator):
+    symbols = emulator.symbols("binance")[:8]
+    emulator.set_faults(exchange="binance", delisted=(symbols[5],))
+    sink = ListSink()
+    source = BinanceTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=8)
+    await run_briefly(Flow("delist", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == sorted(symbols[:5] + symbols[6:])
+    assert source.parked.keys() == {symbols[5]}
+    assert emulator.stats["binance"]["ticker/price"]["status"]["400"] >= 2  # the batch, then halves

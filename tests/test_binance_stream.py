@@ -12,6 +12,7 @@ import trio
 from _streams import (
     FLOW,
     FROZEN,
+    discarded_count,
     feed_starter,
     reconnect_counts,
     running,
@@ -314,3 +315,43 @@ async def test_emulator_ws_control_endpoints(start, autojump_clock):
         assert r.status_code == 400
         assert "WS /stream?streams=<stream>/<stream>" in (
             await client.get("/_emulator")).json()["endpoints"]["binance"]
+
+
+async def test_a_server_shutdown_event_replaces_the_connection_at_once(start, autojump_clock):
+    """Binance's serverShutdown announces that the server goes down: the source
+    opens a new connection at once (no backoff, before the server drops the old
+    one), counts it, reports the short break as a gap, and drops nothing as invalid."""
+    emulator, url = await start()
+    emulator.ws.shutdown_after = 5.0
+    symbols = emulator.symbols("binance")[:3]
+    # a backoff no test outlives: only an "at once" reconnect comes in time
+    source = BinanceStream(symbols=symbols, channel="bookTicker", base_url=url,
+                           retry=Retry(backoff=1e6, max_backoff=1e6))
+    async with running(source) as (rt, sink, registry):
+        await until(lambda: len(sink.records) > 0)
+        assert emulator.ws.disconnect("shutdown") == 1
+        await until(lambda: emulator.stats["binance"]["ws"]["connections"] == 2)
+        before = len(sink.records)
+        await until(lambda: len(sink.records) > before)
+        await trio.sleep(6)  # past shutdown_after: the old connection is long gone
+    assert reconnects(registry) == {**dict.fromkeys(RECONNECT_REASONS, 0.0), "server_shutdown": 1.0}
+    assert emulator.stats["binance"]["ws"]["faults"] == {"shutdown": 1}  # no shutdown_close
+    assert discarded_count(registry, STAGE, "invalid") == 0
+    assert rt.gaps.counts == {"server_shutdown": 1}
+    (gap,) = rt.gaps.recent
+    assert gap.symbols == tuple(symbols) and 0 <= gap.end - gap.start < 5.0
+
+
+@pytest.mark.parametrize("form", [
+    b'{"e":"serverShutdown","E":1770123456789}',
+    b'{"stream":"btcusdt@bookTicker","data":{"e":"serverShutdown","E":1770123456789}}',
+    b'{"event":{"e":"serverShutdown","E":1770123456789}}',
+])
+def test_every_form_of_server_shutdown_asks_for_a_new_connection(form):
+    from flows import StreamParsed
+    from sources.binance import BinanceTrades
+
+    for source in (BinanceStream(symbols=["BTCUSDT"]), BinanceTrades(symbols=["BTCUSDT"])):
+        out = StreamParsed()
+        source.parse_into(form, out)
+        assert out.reconnect and not out.ticks and not out.invalid

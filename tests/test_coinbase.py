@@ -173,3 +173,18 @@ async def test_unknown_products_in_a_row_do_not_open_the_circuit(emulator, autoj
     await run_until(Flow("unk", sources=[source], sinks=[ListSink()]), lambda: source.cycles >= 3)
     assert trio.current_time() < 10  # 3 cycles of 10 requests at 10/s, not 3 x 30 s open
     assert source.circuit.state == "closed"
+
+
+async def test_a_string_trade_id_is_taken(emulator, autojump_clock):
+    """``trade_id`` is an integer on this API and a string on Coinbase's others:
+    a ticker is never dropped for its type."""
+    emulator.set_faults(exchange="coinbase", string_numbers_rate=1.0)
+    products = emulator.symbols("coinbase")[:3]
+    sink = ListSink()
+    source = CoinbaseTickers(symbols=products, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("ids", sources=[source], sinks=[sink]))
+    assert emulator.stats["coinbase"]["ticker"]["faults"]["string_numbers"] == 3
+    served = emulator.last_served("coinbase")
+    assert {t.symbol: Decimal(repr(t.price)) for t in sink.records} == {
+        p: served[p].price for p in products}
+    assert sample(registry, "flows_records_discarded_total", "ids", "coinbase", reason="invalid") == 0

@@ -225,7 +225,7 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
         ]
         assert [e["reason"] for e in errors] == [
             "BTC-FOO is not a valid product",
-            "full is not a valid channel (the emulator serves ticker, heartbeat)",
+            "full is not a valid channel (the emulator serves ticker, heartbeat, matches)",
             "You need to specify at least one product ID for channel ticker",
             "'frobnicate' is not a valid message type"]
         assert errors[0]["message"] == "Failed to subscribe"
@@ -245,3 +245,29 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
     assert stats["requests"] == {"subscribe": 4, "frobnicate": 1, "invalid": 1,
                                  "unsubscribe": 1}
     assert "WS /ws-feed" in emulator.describe()["endpoints"]["coinbase"]
+
+
+async def test_ids_sent_as_strings_are_taken_not_dropped(start, autojump_clock):
+    """Coinbase sends ids as integers on this feed and as strings elsewhere: a
+    ticker (or heartbeat) with string ids is never counted invalid, and a string
+    sequence still shows gaps."""
+    emulator, url = await start()
+    emulator.set_faults(exchange="coinbase", ws={"string_numbers_rate": 1.0, "gap_rate": 0.1})
+    products = emulator.symbols("coinbase")[:4]
+    source = CoinbaseStream(symbols=products, base_url=url, check_gaps=True)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 100
+                    and ws_stats(emulator)["heartbeats"] >= 4)
+        emulator.feed("coinbase").disconnect("stall")
+        await trio.sleep(1)
+    faults = ws_stats(emulator)["faults"]
+    assert faults["string_numbers"] >= 104  # tickers and heartbeats alike
+    assert discarded(registry, "invalid") == 0
+    assert sample(registry, "flows_source_gaps_total", FLOW, STAGE) == faults["gap"] > 0
+    frame = ('{"type":"ticker","sequence":"37475248783","product_id":"BTC-USD",'
+             '"price":"67187.33","best_bid":"67184.00","best_ask":"67190.71",'
+             '"volume_24h":"16234.56","time":"2022-10-19T23:28:22.061769Z",'
+             '"trade_id":"370843401","last_size":"0.01"}')
+    parsed = source.parse(frame)
+    assert [t.price for t in parsed.ticks] == [67187.33]
+    assert parsed.sequences == [("BTC-USD", 37475248783)]

@@ -99,9 +99,9 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator):
     served = emulator.last_served("coincap")
     spoiled = {s for s, q in served.items() if q.fault is not None}
     invalid = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="invalid")
-    missing = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="missing")
+    unknown = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="unknown_symbol")
     assert spoiled and invalid == len(spoiled)  # field missing, "abc", "-1", "NaN"
-    assert missing == 1  # the unknown id: left out of the answer
+    assert unknown == 1 and source.parked.keys() == {ids[-1]}  # left out of the answer: parked
     assert {t.symbol for t in sink.records} == set(ids[:30]) - spoiled  # the rest is used
     for t in sink.records:
         assert t.price == float(served[t.symbol].price)
@@ -147,3 +147,15 @@ async def test_a_429_without_retry_after_pauses_a_window(emulator, autojump_cloc
     stats = emulator.stats["coincap"]["assets"]
     assert stats["refused"] == 2 and stats["requests"] == 14  # no hammering through the backoff
     assert trio.current_time() >= 120.0
+
+
+async def test_numbers_sent_as_json_numbers_are_taken(emulator):
+    emulator.set_faults(exchange="coincap", string_numbers_rate=1.0)
+    ids = emulator.symbols("coincap")[:5]
+    sink = ListSink()
+    source = CoinCapPrices(symbols=ids, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("num", sources=[source], sinks=[sink]))
+    assert emulator.stats["coincap"]["assets"]["faults"]["string_numbers"] == 1
+    served = emulator.last_served("coincap")
+    assert {t.symbol: t.price for t in sink.records} == {i: float(served[i].price) for i in ids}
+    assert sample(registry, "flows_records_discarded_total", "num", "coincap", reason="invalid") == 0

@@ -232,3 +232,20 @@ def test_http_200_errors_are_sorted(errors, transient, pause):
     # a warning alone is not an error
     source.check(httpx.Response(200, content=b'{"error":["WGeneral:x"],"result":{}}', request=request),
                  b'{"error":["WGeneral:x"],"result":{}}')
+
+
+async def test_service_throttled_is_rate_limiting_not_a_failure(emulator, autojump_clock):
+    """Kraken also says ``EService:Throttled`` when it rate-limits: the source
+    pauses and retries, and the circuit breaker never counts it."""
+    emulator.set_faults(exchange="kraken", throttle_rate=0.5, throttle_errors=("EService:Throttled",))
+    symbols = altnames(emulator, 6)
+    source = KrakenTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=1,
+                           retry=Retry(attempts=20, backoff=0.01), rate_limit_pause=2.0,
+                           circuit=CircuitBreaker(failures=1, reset_after=600.0))
+    sink = ListSink()
+    _, registry = await run_briefly(Flow("thr", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == sorted(symbols)
+    throttled = emulator.stats["kraken"]["Ticker"]["faults"]["throttle"]
+    assert throttled >= 2 and source.circuit.state == "closed"
+    assert sample(registry, "flows_source_retries_total", "thr", "kraken") == throttled
+    assert trio.current_time() >= 2.0  # a refusal paused the source

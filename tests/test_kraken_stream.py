@@ -152,7 +152,8 @@ def test_argument_checks_and_messages():
     assert (tick.price, tick.bid, tick.volume) == (67187.3, 67184.0, None)
     assert abs(tick.ts - time.time()) < 60
     for bad in ('{"channel":"ticker","data":[{"symbol":"BTC/USD","last":-1}]}',
-                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":"1.5"}]}',
+                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":"abc"}]}',
+                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":true}]}',
                 '{"channel":"ticker","type":"update"}'):
         with pytest.raises((ValueError, msgspec.ValidationError)):
             source.parse(bad)
@@ -257,3 +258,27 @@ async def test_emulator_ws_control_endpoints_per_exchange(start, autojump_clock)
     assert emulator.stream_symbols("coinbase")[:1] == ["BTC-USD"]
     with pytest.raises(ValueError, match="no websocket feed"):
         emulator.feed("okx")
+
+
+async def test_decimals_sent_as_strings_are_taken_not_dropped(start, autojump_clock):
+    """v2 documents numbers, but decimals may come as strings: every such ticker
+    still becomes a Tick with the same values; nothing is counted invalid."""
+    emulator, url = await start(tick_interval=FROZEN)
+    emulator.set_faults(exchange="kraken", ws={"string_numbers_rate": 1.0})
+    symbols = emulator.stream_symbols("kraken")[:3]
+    source = KrakenStream(symbols=symbols, base_url=url, snapshot=False)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 30)
+    assert ws_stats(emulator)["faults"]["string_numbers"] >= 30
+    assert discarded(registry, "invalid") == 0
+    for t in sink.records:
+        item = emulator.feed("kraken").last_event(f"ticker:{t.symbol}")
+        assert (t.price, t.bid, t.ask, t.volume) == (item["last"], item["bid"], item["ask"],
+                                                     item["volume"])
+    frame = ('{"channel":"ticker","type":"update","data":[{"symbol":"BTC/USD","bid":"67184.0",'
+             '"bid_qty":"12.345","ask":"67190.7","ask_qty":"8.23","last":"67187.3",'
+             '"volume":"1623.45678901","vwap":"66598.6","low":"65800.1","high":"68011.0",'
+             '"change":"1177.3","change_pct":"1.78","timestamp":"2024-03-25T08:45:00.123456Z"}]}')
+    (tick,) = source.parse(frame).ticks
+    assert (tick.price, tick.bid, tick.ask, tick.volume) == (67187.3, 67184.0, 67190.7,
+                                                             1623.45678901)

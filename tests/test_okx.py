@@ -51,7 +51,8 @@ async def test_all_tickers_in_one_request_kept_to_the_asked_ones(emulator):
         _same_as_served(t, served[t.symbol])
         assert t.source == "okx"
     assert_component_metrics(registry, "okx", "okx", "source")
-    assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="missing") == 1
+    assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="unknown_symbol") == 1
+    assert source.parked.keys() == {"NOPE-USDT"}  # left out of the listing: unknown, parked
     assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="invalid") == 0
     assert emulator.stats["okx"]["tickers"]["requests"] == 1
     assert sample(registry, "flows_source_request_seconds_count", "okx", "okx", endpoint="tickers") == 1
@@ -172,3 +173,17 @@ async def test_error_codes(nursery, autojump_clock, status, code, retried, pause
         assert sink.records == []
         reason = "unknown_symbol" if code == "51001" else "request_failed"
         assert sample(registry, "flows_records_discarded_total", "codes", "okx", reason=reason) == 1
+
+
+async def test_numbers_sent_as_json_numbers_are_taken(emulator):
+    emulator.set_faults(exchange="okx", string_numbers_rate=1.0)
+    inst_ids = emulator.symbols("okx")[:10]
+    sink = ListSink()
+    source = OKXTickers(symbols=inst_ids, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("num", sources=[source], sinks=[sink]))
+    assert emulator.stats["okx"]["tickers"]["faults"]["string_numbers"] == 1
+    served = emulator.last_served("okx")
+    assert sorted(t.symbol for t in sink.records) == sorted(inst_ids)
+    for t in sink.records:
+        _same_as_served(t, served[t.symbol])
+    assert sample(registry, "flows_records_discarded_total", "num", "okx", reason="invalid") == 0

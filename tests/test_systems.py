@@ -167,8 +167,9 @@ async def test_fmp_daily_sync_then_a_rerun_that_the_staleness_filter_makes_free(
     emulator = Emulator(seed=10, assets=5, tick_interval=0, stocks=240)
     url = await nursery.start(emulator.serve)
     emulator.set_rate_limit("fmp", {"limit": 750})
-    symbols = await trio.to_thread.run_sync(module.universe, url, "test-key")
-    assert len(symbols) == 240
+    # universe() is a blocking call: under the autojump clock the server's virtual
+    # timeouts would run out while a thread waits (test_fmp_universe_lists_every_stock)
+    symbols = [stock.symbol for stock in emulator.exchanges["fmp"].stocks]
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         for table in ("eod_prices", "dividends", "profiles"):
             conn.execute(f"drop table if exists {table}")
@@ -199,6 +200,14 @@ async def test_fmp_daily_sync_then_a_rerun_that_the_staleness_filter_makes_free(
     assert sorted(last) == ["source fmp_dividends: 0 requests made, 240 saved by the staleness filter",
                             "source fmp_profiles: 0 requests made, 240 saved by the staleness filter"]
     assert {t: pg_count(pg.dsn, t) for t in counts} == counts  # stored once
+
+
+async def test_fmp_universe_lists_every_stock(monkeypatch, nursery):
+    module = example("fmp_daily_sync", monkeypatch)
+    emulator = Emulator(seed=10, assets=5, tick_interval=0, stocks=240)
+    url = await nursery.start(emulator.serve)
+    symbols = await trio.to_thread.run_sync(module.universe, url, "test-key")
+    assert symbols == [stock.symbol for stock in emulator.exchanges["fmp"].stocks]
 
 
 async def test_signals_only_for_symbols_that_moved(monkeypatch, tmp_path, nursery):

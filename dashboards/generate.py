@@ -427,6 +427,24 @@ def build() -> dict[str, Any]:
           "{{stage}}")],
         unit="none",
     )
+    lay.panel(
+        "HTTP sources: adaptive polling",
+        "Requests per second an adaptive schedule saves against fixed polling "
+        "(flows_source_requests_saved_total), and the p50 / p99 time between two polls of one "
+        "symbol (flows_source_poll_interval_seconds).",
+        [
+            (rate("flows_source_requests_saved_total", "source"), "{{stage}} saved req/s"),
+            *p50_p99("flows_source_poll_interval_seconds", "source"),
+        ],
+        unit="short",
+    )
+    lay.panel(
+        "HTTP sources: detection delay p50 / p99",
+        "From a price change at the exchange to the answer that showed it, where the exchange "
+        "times its prices (flows_source_detection_delay_seconds).",
+        p50_p99("flows_source_detection_delay_seconds", "source"),
+        unit="s",
+    )
 
     lay.panel(
         "Stream sources: messages and reconnects",

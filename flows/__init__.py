@@ -58,6 +58,8 @@ from ._runtime import FlowFailed as FlowFailed
 from ._runtime import RunResult as RunResult
 from ._runtime import Runtime as Runtime
 from ._runtime import run_flow as run_flow
+from ._schedule import AdaptiveSchedule as AdaptiveSchedule
+from ._schedule import Calendar as Calendar
 from ._schema import RecordSchema as RecordSchema
 from ._schema import record_schema as record_schema
 from ._shard import Shard as Shard

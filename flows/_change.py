@@ -263,6 +263,20 @@ class ChangeDetector:
         self._drops = DropLog(f"flows.stage.{name}")
         self._fresh = False
         self._restored = False
+        self._feeds: dict[Any, Any] = {}
+
+    def watch_changes(self, source: str, feed: Any) -> None:
+        """Call ``feed.note_change(symbol, value)`` for every record of
+        ``source`` this stage emits (the runtime links adaptive schedules,
+        ``flows.AdaptiveSchedule``)."""
+        self._feeds[source] = feed
+
+    def _tell_feeds(self, records: list[Any]) -> None:
+        feeds, value_of = self._feeds, self.value
+        for r in records:
+            feed = feeds.get(getattr(r, "source", None))
+            if feed is not None:
+                feed.note_change(getattr(r, "symbol", None), value_of(r))
 
     def setup(self, context: RunContext) -> None:
         self._fresh = context.fresh
@@ -559,6 +573,8 @@ class ChangeDetector:
         try:
             async for batch in inbox:
                 kept = self.filter(batch.records, metrics)
+                if self._feeds and kept:
+                    self._tell_feeds(kept)
                 out = batch.replace(kept)
                 if checkpointing and kept:
                     self._track(out)

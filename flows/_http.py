@@ -55,6 +55,7 @@ from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
 from ._records import Batch, screen
 from ._redact import add_secret, redact
 from ._retry import Retry
+from ._schedule import SCHEDULE_METRICS, AdaptiveSchedule, Calendar
 
 __all__ = ["HttpError", "HttpSource", "Parsed", "Request", "parse_optional_float", "parse_price"]
 
@@ -238,6 +239,15 @@ class HttpSource:
             sync resumes where it stopped (deleted when the sync completes).
         progress: show a progress bar (default: when stderr is a terminal).
         standby_for: another source; poll only while its circuit is open.
+        schedule: ``"fixed"`` (default: every symbol every ``every``
+            seconds) or ``"adaptive"`` (each symbol as often as it moves,
+            from every ``every`` to every ``max_staleness`` seconds; or a
+            ``flows.AdaptiveSchedule`` with its own settings).
+        max_staleness: with ``schedule="adaptive"``, the longest a symbol
+            goes unpolled (default 60 s).
+        calendar: the market's trading hours (``flows.Calendar``; default
+            always open): closed, symbols are polled every
+            ``max_staleness`` only, once more right after the close.
         headers: sent with every request (API keys: the values of
             ``Authorization``, ``Cookie`` and headers named like key,
             token, secret are masked wherever shown, ``flows.redact``).
@@ -250,7 +260,11 @@ class HttpSource:
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
     METRICS: tuple[MetricFamily, ...] = (
-        REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, *BUDGET_METRICS)
+        REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, *BUDGET_METRICS,
+        *SCHEDULE_METRICS)
+    EXCHANGE_TIMES = False
+    """True when a Tick's ``ts`` is when its price was set at the exchange
+    (its last trade), so a schedule can measure detection delays."""
     DEFAULT_RETRY = Retry(attempts=4, backoff=0.2, max_backoff=5.0)
     PAUSE_WITHOUT_RETRY_AFTER = False
     """A 429 without ``Retry-After`` pauses for the longest limit window (for
@@ -276,6 +290,9 @@ class HttpSource:
         headers: dict[str, str] | None = None,
         reprobe_every: float = 600.0,
         rate_budget: str | RateBudget | None = None,
+        schedule: str | AdaptiveSchedule = "fixed",
+        max_staleness: float | None = None,
+        calendar: Calendar | None = None,
         name: str,
     ) -> None:
         if not symbols:
@@ -315,6 +332,10 @@ class HttpSource:
         self._opened_wall: float | None = None  # when the circuit opened, epoch seconds
         self.metrics: ComponentMetrics | None = None
         """The component's metrics once running (for hooks that count their own families)."""
+        self.schedule = _schedule_for(name, schedule, max_staleness, calendar)
+        """The per-symbol schedule (None: fixed poll cycles)."""
+        if self.schedule is not None:
+            self.stale_after = max(60.0, 1.5 * self.schedule.max_staleness)
 
     # -- subclass hooks ----------------------------------------------------
 
@@ -372,6 +393,8 @@ class HttpSource:
         self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(RETRIES)  # export the series from the start
+        for family in SCHEDULE_METRICS:
+            m.labeled(family)
         state = m.labeled(CIRCUIT_STATE)
         state.set(CircuitBreaker.STATES[self.circuit.state])
         async with httpx.AsyncClient(
@@ -383,6 +406,9 @@ class HttpSource:
         ) as client, attached(self.limiter, m):
             if self.once:
                 await self._sync_once(client, outbox, state)
+                return
+            if self.schedule is not None:
+                await self.schedule.serve(self, client, outbox, state)
                 return
             deadline = trio.current_time()
             while True:
@@ -469,6 +495,8 @@ class HttpSource:
             self._report_gap(outbox, late, "stale")
         if answered:
             self._polled(answered)
+        if self.schedule is not None:
+            self.schedule.answered(answered, ticks, outbox.metrics, self._wall.now())
         for symbol in back:
             del self.parked[symbol]
             log.info("source %s: %s answers again; polled as usual", self.name, symbol)
@@ -664,6 +692,24 @@ class HttpSource:
         """Write the finished symbols (blocking: call it in a thread)."""
         assert self.resume is not None
         write_atomic(self.resume, msgspec.json.encode(done))
+
+
+def _schedule_for(name: str, schedule: str | AdaptiveSchedule, max_staleness: float | None,
+                  calendar: Calendar | None) -> AdaptiveSchedule | None:
+    """The schedule object for ``HttpSource(schedule=...)`` (None: fixed cycles)."""
+    if isinstance(schedule, AdaptiveSchedule):
+        if max_staleness is not None or calendar is not None:
+            raise ValueError(f"{name}: give max_staleness and calendar to the AdaptiveSchedule")
+        return schedule
+    if schedule not in ("fixed", "adaptive"):
+        raise ValueError(f"{name}: schedule must be 'fixed', 'adaptive' or an AdaptiveSchedule, "
+                         f"not {schedule!r}")
+    if schedule == "fixed" and calendar is None:
+        if max_staleness is not None:
+            raise ValueError(f"{name}: max_staleness needs schedule='adaptive'")
+        return None
+    return AdaptiveSchedule(max_staleness=60.0 if max_staleness is None else max_staleness,
+                            calendar=calendar, adapt=schedule == "adaptive")
 
 
 class _Progress:

@@ -95,6 +95,10 @@ class RateLimiter:
                     at = max(at, log[-1][0] + limit.window)
         return at
 
+    def ready_at(self, weight: float = 1.0) -> float:
+        """Trio time from which a request of ``weight`` could start (takes nothing)."""
+        return self._ready_at(weight, trio.current_time())
+
     async def acquire(self, weight: float = 1.0) -> float:
         """Wait until a request of ``weight`` may start; returns seconds waited."""
         start = trio.current_time()

@@ -29,6 +29,7 @@ from ._freshness import Freshness, stale_after_for
 from ._gaps import GapLog
 from ._metrics import ComponentMetrics, metrics_for
 from ._redact import redact
+from ._schedule import link_change_feeds
 from ._shard import Shard
 from ._status import flow_status
 
@@ -321,6 +322,7 @@ class Runtime:
             setup = getattr(actor, "setup", None)
             if callable(setup):
                 setup(context)
+        link_change_feeds(flow)
         ports: dict[str, EdgePort] = {}
         inboxes: dict[str, Inbox] = {}
         for slot in self.slots:

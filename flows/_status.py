@@ -100,6 +100,9 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
         }
         if slot.freshness is not None:
             entry["freshness"] = slot.freshness.figures()
+        schedule_figures = getattr(getattr(slot.actor, "schedule", None), "figures", None)
+        if schedule_figures is not None:
+            entry["schedule"] = schedule_figures()
         if m.buffer is not None:
             used, cap = m.buffer()
             entry["buffer"] = {"used": used, "capacity": cap}

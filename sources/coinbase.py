@@ -97,6 +97,7 @@ class CoinbaseTickers(HttpSource):
 
     DEFAULT_URL = "https://api.exchange.coinbase.com"
     DEFAULT_LIMITS = (RateLimit(10, 1.0),)
+    EXCHANGE_TIMES = True  # ts: the exchange's last update of the price
 
     def __init__(
         self,

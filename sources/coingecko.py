@@ -104,6 +104,7 @@ class CoinGeckoPrices(HttpSource):
 
     DEFAULT_URL = _URLS["demo"]
     DEFAULT_LIMITS = (RateLimit(30, 60.0),)
+    EXCHANGE_TIMES = True  # ts: the exchange's last update of the price
     PAUSE_WITHOUT_RETRY_AFTER = True  # the free plans send no Retry-After
 
     def __init__(

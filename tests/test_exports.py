@@ -33,6 +33,8 @@ PUBLIC = {
     "RateLimit", "RateBudget", "Request", "Retry", "StreamParsed", "WebSocketSource",
     "parse_optional_float",
     "parse_price", "DropLog", "write_atomic", "check_tick",
+    # adaptive polling: per-symbol schedules, market hours
+    "AdaptiveSchedule", "Calendar",
     # secrets: masking them wherever a URL, DSN or error is shown
     "redact", "add_secret",
     # metrics: the core table, declarations, reading them back
@@ -132,6 +134,9 @@ def test_metrics_are_the_core_table_plus_component_declarations():
         "flows_source_rate_limit_wait_seconds", "flows_source_circuit_state",
         "flows_source_budget_wait_seconds", "flows_source_budget_fallback",
         "flows_source_budget_pauses_total",
+        # adaptive polling (flows/_schedule.py)
+        "flows_source_requests_saved_total", "flows_source_poll_interval_seconds",
+        "flows_source_detection_delay_seconds",
     }
     assert ws == {
         "flows_source_messages_total", "flows_source_reconnects_total",

@@ -128,7 +128,10 @@ seconds of trio's clock (0: one step per served price request): with
 probability ``unchanged`` (0.6) an asset keeps its price, else it moves
 by a log-normal step of ``volatility`` (0.001). Each exchange prints the
 mid times a small fixed per-asset basis, rounded to its tick. The walk
-depends only on the seed and the step. To compare what a source emitted
+depends only on the seed and the step. ``set_unchanged({"BTC": 0.2})``
+gives symbols their own ``unchanged`` (a market where a few symbols move
+often and most rarely); ``market.record_changes()`` keeps the step of
+every move from then on (``market.change_log``, ``market.step_time``). To compare what a source emitted
 with what was served: ``emulator.last_served(exchange)`` (symbol ->
 ``Quote``, with ``fault`` set on records spoiled by a bad-value fault),
 or ``emulator.quote(exchange, symbol)`` / ``emulator.price(...)`` for the

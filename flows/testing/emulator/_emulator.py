@@ -236,6 +236,14 @@ class Emulator:
         """``quote(exchange, symbol).price``: the price as that exchange prints it."""
         return self.quote(exchange, symbol).price
 
+    def set_unchanged(self, values: Mapping[str, float], exchange: str = "binance") -> None:
+        """Per-symbol activity: symbol (as ``exchange`` names it, or the base
+        such as ``BTC``) -> the probability that a price step leaves it
+        unchanged (default for all: ``unchanged``). ``{"BTC": 0.0}`` moves
+        BTC on every step; ``{"XRP": 0.99}`` once in a hundred."""
+        self.market.set_unchanged(
+            {self.asset(exchange, symbol).index: float(p) for symbol, p in values.items()})
+
     def last_served(self, exchange: str) -> dict[str, Quote]:
         """The quote last served per symbol by ``exchange`` in a usable 200
         answer (not emptied, malformed or truncated). ``Quote.fault`` names

@@ -239,6 +239,10 @@ class Market:
         self.low = [min(p, o) * 0.99 for p, o in zip(self.mid, self.open)]
         self.trades = [10_000 + (a.index * 7919) % 90_000 for a in universe]
         self.changed_step = [0] * len(universe)
+        self.unchanged_of = [unchanged] * len(universe)
+        """Per asset: the probability that a step leaves its price (``set_unchanged``)."""
+        self.change_log: list[list[int]] | None = None
+        """Per asset, the steps that moved its price, once ``record_changes()`` was called."""
         self.step = 0
         self._t0: float | None = None
         self._epoch = time.time()
@@ -296,13 +300,32 @@ class Market:
                 self._walk_once()
         return self.step
 
+    def set_unchanged(self, values: dict[int, float]) -> None:
+        """Per-asset activity: asset index -> the probability that a step
+        leaves its price unchanged (the others keep ``unchanged``). The walk
+        draws the same random numbers whatever these are."""
+        for i, p in values.items():
+            if not 0 <= p <= 1:
+                raise ValueError(f"unchanged for asset {i} must be within [0, 1]")
+            self.unchanged_of[i] = p
+
+    def record_changes(self) -> None:
+        """Keep the step of every price move from now on (``change_log``)."""
+        if self.change_log is None:
+            self.change_log = [[] for _ in self.universe]
+
+    def step_time(self, step: int) -> float:
+        """Epoch seconds at which ``step`` was due (with a ``tick_interval``)."""
+        return self._step_wall(step)
+
     def _walk_once(self) -> None:
         self.step += 1
         rng = self._rng
-        unchanged, vol = self.unchanged, self.volatility
+        vol = self.volatility
+        unchanged_of, changes = self.unchanged_of, self.change_log
         mid, high, low = self.mid, self.high, self.low
         for i in range(len(mid)):
-            if rng.random() < unchanged:
+            if rng.random() < unchanged_of[i]:
                 continue
             price = mid[i] * math.exp(rng.gauss(0.0, vol))
             mid[i] = price
@@ -310,6 +333,8 @@ class Market:
             low[i] = min(low[i], price)
             self.trades[i] += 1 + (self.step * 31 + i) % 7
             self.changed_step[i] = self.step
+            if changes is not None:
+                changes[i].append(self.step)
 
     # -- quoting -------------------------------------------------------------
 

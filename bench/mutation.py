@@ -92,7 +92,7 @@ def equivalents() -> set[tuple[str, str, str, str]]:
     found = set()
     if not EQUIVALENT.exists():
         return found
-    row = re.compile(r"^\|\s*_(\w+)\s*\|\s*([\w.]+)\s*\|\s*`(.*)`\s*\|\s*`(.*)`\s*\|")
+    row = re.compile(r"^\|\s*_(\w+)\s*\|\s*([\w.]+)\s*\|\s*`(.*?)`\s*\|\s*`(.*?)`\s*\|")
     for line in EQUIVALENT.read_text().splitlines():
         m = row.match(line)
         if m:

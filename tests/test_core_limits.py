@@ -148,8 +148,10 @@ def test_breaker_parameters_are_checked():
 
 def test_share_must_be_in_zero_to_one():
     for bad in (0.0, -0.5, 1.01):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"share must be in \(0, 1\]"):
             RateLimiter([RateLimit(10)], share=bad)
+        with pytest.raises(ValueError, match=r"share must be in \(0, 1\]"):
+            RateLimiter([], share=bad)
     limiter = RateLimiter([RateLimit(10, 2.0)], share=1.0)
     assert limiter.limits == (RateLimit(10, 2.0),)
     half = RateLimiter([RateLimit(10, 2.0)], share=0.5)
@@ -263,6 +265,22 @@ async def test_high_usage_that_is_our_own_traffic_does_not_pause(autojump_clock)
     limiter.observe_usage(1000, 1000, end)  # 50 = 5% of the limit from others: tolerated
     assert limiter.paused_until == -math.inf
     limiter.observe_usage(1001, 1000, end)  # more than 5% from others
+    assert limiter.paused_until == end
+
+
+async def test_an_entry_window_seconds_old_is_no_longer_our_own_usage(autojump_clock):
+    limiter = RateLimiter([RateLimit(100, 10.0)], share=1.0)
+    await limiter.acquire(90.0)
+    await trio.sleep(10.0)
+    end = trio.current_time() + 5.0
+    limiter.observe_usage(95, 100, end)  # the 90 left the window: others spent this
+    assert limiter.paused_until == end
+
+
+async def test_without_limits_all_reported_usage_is_others(autojump_clock):
+    limiter = RateLimiter([])
+    end = trio.current_time() + 5.0
+    limiter.observe_usage(0.95, 1.0, end)
     assert limiter.paused_until == end
 
 

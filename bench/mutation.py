@@ -51,10 +51,14 @@ def run_mutmut(names: list[str], max_children: int) -> None:
 
 def sampled(modules: list[str], n: int, seed: int) -> dict[str, list[str]]:
     """``n`` mutants of each module, the same ones for the same seed and code."""
-    if any(not results(m) for m in modules):
+    if any(not results(m) for m in MODULES):
         run_mutmut(["flows._none.*"], 1)  # generates the mutants, runs none
     rng = random.Random(seed)
-    return {m: sorted(rng.sample(sorted(results(m)), min(n, len(results(m))))) for m in modules}
+    drawn = {}
+    for m in MODULES:  # drawn for all modules in turn: a module's sample does not
+        names = sorted(results(m))  # depend on which others are asked for
+        drawn[m] = sorted(rng.sample(names, min(n, len(names))))
+    return {m: drawn[m] for m in modules}
 
 
 def results(module: str) -> dict[str, int | None]:

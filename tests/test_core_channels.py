@@ -403,3 +403,26 @@ async def test_an_endless_non_blocking_sender_lets_other_tasks_run(registry):
             await sink.got.wait()
             rt.stop()
     assert sink.records
+
+
+async def test_fanned_out_and_split_batches_keep_their_creation_time(registry):
+    """End-to-end latency runs from the source's batch, whatever the graph
+    does to it on the way."""
+
+    async def script(src, outbox):
+        await src.send(outbox, "a", [tick("A", 1.0), tick("B", 2.0)], created=12.5)
+
+    source = ScriptSource(script)
+    one, two, low, high = (BatchSink(name=n) for n in ("one", "two", "low", "high"))
+    flow = Flow(FLOW)
+    stream = flow.source(source)
+    stream.to(one)
+    stream.to(two)
+    cheap, dear = stream.split(lambda t: t.price < 1.5, name="cheap")
+    cheap.to(low)
+    dear.to(high)
+    await run(flow, registry)
+    for sink in (one, two, low, high):
+        assert [created for _, created in sink.seen] == [12.5]
+    assert [r.symbol for r in low.records] == ["A"] and [r.symbol for r in high.records] == ["B"]
+    assert source.acks == {"a": ["written"]}

@@ -287,6 +287,29 @@ async def test_health_says_a_write_is_in_progress(registry, autojump_clock):
     assert len(sink.writes) == 2
 
 
+async def test_health_turns_at_exactly_unready_after(registry, autojump_clock):
+    class Stuck(MemorySink):
+        started: float | None = None
+
+        async def write(self, records):
+            self.started = trio.current_time()
+            await trio.sleep_forever()
+
+    sink = Stuck(batch_size=1, flush_interval=1000.0, unready_after=3.0)
+    flow = Flow(FLOW, sources=[ScriptSource([1], then_wait=True)], sinks=[sink])
+    rt = Runtime(flow, registry=registry, metrics_addr=None, drain_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        with trio.fail_after(100):
+            while sink.started is None:
+                await trio.sleep(0.1)
+        await trio.sleep_until(sink.started + 2.999)
+        assert sink.health() is None
+        await trio.sleep_until(sink.started + 3.0)
+        assert sink.health() == "sink mem: a write of 1 records has been in progress for 3s"
+        rt.stop()
+
+
 @pytest.mark.parametrize(
     "options",
     [{"batch_size": 0}, {"flush_interval": 0.0}, {"write_timeout": 0.0},

@@ -218,3 +218,51 @@ def test_a_version_1_checkpoint_is_still_read(tmp_path):
     path.write_bytes(msgspec.msgpack.encode(
         {"version": 3, "kind": "flows.ChangeDetector", "entries": entries}))
     assert ChangeDetector(checkpoint=path).restore() == 0  # a version we do not know
+
+
+async def test_a_failed_batch_acked_after_a_later_one_does_not_hold_up_the_checkpoint(tmp_path):
+    class OutOfOrder:
+        """Acks the second batch first (written), then the first (failed)."""
+
+        name = "sink"
+
+        async def run(self, inbox):
+            first = await inbox.receive()
+            second = await inbox.receive()
+            second.ack("written")
+            first.ack("failed")
+            async for batch in inbox:
+                batch.ack("written")
+
+    path = tmp_path / "c.ckpt"
+    batches = [[Tick("x", "A", 1.0, 1.0)], [Tick("x", "B", 2.0, 2.0)]]
+    flow = Flow("ooo", sources=[ListSource(batches)],
+                stages=[ChangeDetector(checkpoint=path, heartbeat=60.0)], sinks=[OutOfOrder()])
+    await run_briefly(flow)
+    restored = ChangeDetector(checkpoint=path, heartbeat=60.0)
+    assert restored.restore() == 1  # B, written; A failed: it must be emitted again
+    assert list(restored.state) == [("x", "B")]
+
+
+async def test_a_checkpoint_that_cannot_be_written_is_counted_and_the_flow_goes_on(
+    tmp_path, autojump_clock
+):
+    import trio
+
+    from flows import Batch
+
+    class Paced(ListSource):
+        async def run(self, outbox):
+            for records in self.batches:
+                await outbox.send(Batch(records))
+                await trio.sleep(1.0)
+
+    path = tmp_path / "missing" / "c.ckpt"  # its directory does not exist
+    batches = [[Tick("x", f"S{i}", 1.0, float(i))] for i in range(4)]
+    sink = ListSink()
+    flow = Flow("ck", sources=[Paced(batches)],
+                stages=[ChangeDetector(checkpoint=path, checkpoint_every=1.5)], sinks=[sink])
+    _, registry = await run_briefly(flow)
+    assert len(sink.records) == 4
+    errors = sample(registry, "flows_errors_total", "ck", "change", error_type="checkpoint")
+    assert errors >= 2  # while running (every 1.5 s) and at the end

@@ -286,3 +286,25 @@ def test_parse_optional_float():
         parse_optional_float("abc")
 
 
+
+
+async def test_an_open_circuit_is_one_gap_from_when_it_first_opened(nursery, autojump_clock):
+    # open after 2 failures, a failed probe 5 s later, a good one 5 s after that
+    url, asked = await scripted(nursery, [http(500), http(500), http(500)])
+    source = Probe(base_url=url, every=1.0, retries=0,
+                   circuit=CircuitBreaker(failures=2, reset_after=5.0))
+    gaps = ListSink(name="gap_sink")
+    flow = Flow("core")
+    flow.source(source).to(ListSink())
+    flow.gaps().to(gaps)
+    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
+    async with trio.open_nursery() as inner:
+        await inner.start(rt.run)
+        with trio.fail_after(100):
+            while not any(g.reason == "circuit_open" for g in gaps.records):
+                await trio.sleep(0.1)
+        rt.stop()
+    (gap,) = [g for g in gaps.records if g.reason == "circuit_open"]
+    opened, closed = asked[1][0], asked[3][0]  # the second failure, the good probe
+    assert gap.end - gap.start == pytest.approx(closed - opened, abs=0.2)
+    assert gap.end - gap.start >= 9.8  # not from the failed probe

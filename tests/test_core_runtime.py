@@ -203,3 +203,69 @@ def test_runtime_takes_only_a_flow_and_checks_its_address():
     for off in (None, "", "0"):
         assert Runtime(flow, metrics_addr=off).metrics_addr is None
     assert Runtime(flow, metrics_addr="127.0.0.1:0").metrics_addr == "127.0.0.1:0"
+
+
+async def test_the_flow_reads_failed_while_it_shuts_down_after_its_budget(registry, autojump_clock):
+    from flows import BatchingSink
+
+    seen: list[str] = []
+
+    class Watching(BatchingSink):
+        async def write(self, records):
+            pass
+
+        async def close(self):
+            seen.append(rt.state)  # what /readyz says while the flow shuts down
+
+    source = Crashing(10)
+    flow = Flow(FLOW, sources=[source], sinks=[Watching(name="watch")],
+                supervision=Supervision(max_restarts=0))
+    rt = runtime(flow, registry)
+    with pytest.raises(FlowFailed):
+        await rt.run()
+    assert seen == ["failed"]
+    assert rt.state == "stopped"
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+async def test_a_signal_drains_the_flow(registry, signum):
+    import os
+    import signal
+
+    class Endless:
+        name = "endless"
+
+        async def run(self, outbox):
+            while True:
+                await outbox.send(Batch(ticks(1)))
+                await trio.sleep(0.01)
+
+    rt = runtime(Flow(FLOW, sources=[Endless()], sinks=[ListSink()]), registry, handle_signals=True)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rt.run)
+            await trio.testing.wait_all_tasks_blocked()
+            os.kill(os.getpid(), getattr(signal, signum))
+    assert rt.stop_reason == f"signal {signum}"
+
+
+async def test_status_shows_each_edges_send_wait_to_the_microsecond(registry):
+    sink = GatedSink()
+
+    async def opener():
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.05)  # real time: send-wait is wall-clock
+        sink.gate.set()
+
+    flow = Flow(FLOW, sources=[ListSource([ticks(1), ticks(1, 1), ticks(1, 2)])], sinks=[sink],
+                capacity=1)
+    rt = runtime(flow, registry)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opener)
+            await rt.run()
+    (edge,) = rt.status()["edges"]
+    waited = edge["send_wait_seconds"]
+    assert waited >= 0.04
+    assert waited == round(waited, 6) and waited == round(rt.links[0].outbox.waits[0], 6)
+    assert edge["buffer"] == {"used": 0, "capacity": 1}

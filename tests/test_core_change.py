@@ -252,14 +252,31 @@ async def test_a_checkpoint_that_cannot_be_written_is_counted_and_the_flow_goes_
     from flows import Batch
 
     class Paced(ListSource):
+        """One batch a second, each once the sink has it (so no timer runs
+        while the stage restores its checkpoint in a thread)."""
+
         async def run(self, outbox):
             for records in self.batches:
+                got = sink.got
                 await outbox.send(Batch(records))
+                await got.wait()
                 await trio.sleep(1.0)
+
+    class Signalling(ListSink):
+        def __init__(self):
+            super().__init__()
+            self.got = trio.Event()
+
+        async def run(self, inbox):
+            async for batch in inbox:
+                self.records.extend(batch.records)
+                batch.ack("written")
+                self.got.set()
+                self.got = trio.Event()
 
     path = tmp_path / "missing" / "c.ckpt"  # its directory does not exist
     batches = [[Tick("x", f"S{i}", 1.0, float(i))] for i in range(4)]
-    sink = ListSink()
+    sink = Signalling()
     flow = Flow("ck", sources=[Paced(batches)],
                 stages=[ChangeDetector(checkpoint=path, checkpoint_every=1.5)], sinks=[sink])
     _, registry = await run_briefly(flow)

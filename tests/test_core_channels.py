@@ -426,3 +426,39 @@ async def test_fanned_out_and_split_batches_keep_their_creation_time(registry):
         assert [created for _, created in sink.seen] == [12.5]
     assert [r.symbol for r in low.records] == ["A"] and [r.symbol for r in high.records] == ["B"]
     assert source.acks == {"a": ["written"]}
+
+
+async def test_a_fanned_out_batch_keeps_its_creation_time(registry):
+    async def script(src, outbox):
+        await src.send(outbox, "a", [tick("A", 1.0)], created=7.25)
+
+    source = ScriptSource(script)
+    one, two = BatchSink(name="one"), BatchSink(name="two")
+    flow = Flow(FLOW)
+    stream = flow.source(source)
+    stream.to(one)
+    stream.to(two)
+    await run(flow, registry)
+    assert [c for _, c in one.seen] == [7.25] and [c for _, c in two.seen] == [7.25]
+
+
+async def test_a_producer_blocked_on_a_consumer_that_quits_gets_its_batch_dropped(registry):
+    class Quitter(ListSink):
+        async def run(self, inbox):
+            batch = await inbox.receive()
+            batch.ack("written")
+            await trio.testing.wait_all_tasks_blocked()  # the producer waits for room
+            # and the consumer leaves
+
+    async def script(src, outbox):
+        await src.send(outbox, "a", [tick("A", 1.0)])
+        await src.send(outbox, "b", [tick("A", 2.0), tick("B", 2.0)])
+        await src.send(outbox, "c", [tick("A", 3.0), tick("B", 3.0), tick("C", 3.0)])
+
+    source = ScriptSource(script)
+    flow = Flow(FLOW)
+    flow.source(source).to(Quitter(name="sink"), edge=Edge(capacity=1))
+    result = await run(flow, registry)
+    assert result.clean
+    assert source.acks == {"a": ["written"], "b": ["dropped"], "c": ["dropped"]}
+    assert discarded(registry, "sink", "consumer_gone") == 5

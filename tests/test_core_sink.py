@@ -296,7 +296,8 @@ async def test_health_turns_at_exactly_unready_after(registry, autojump_clock):
             await trio.sleep_forever()
 
     sink = Stuck(batch_size=1, flush_interval=1000.0, unready_after=3.0)
-    flow = Flow(FLOW, sources=[ScriptSource([1], then_wait=True)], sinks=[sink])
+    # (not at trio time 0: "since" must be a difference of times)
+    flow = Flow(FLOW, sources=[ScriptSource([("sleep", 10.0), 1], then_wait=True)], sinks=[sink])
     rt = Runtime(flow, registry=registry, metrics_addr=None, drain_timeout=1.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)

@@ -278,6 +278,7 @@ async def test_a_consumer_that_quits_early_gets_its_queued_and_later_batches_dro
     ("first", "second", "joined"),
     [("written", "failed", "failed"), ("skipped", "written", "written"),
      ("dropped", "written", "dropped"), ("written", "mystery", "mystery"),
+     ("mystery", "written", "mystery"),
      ("skipped", "skipped", "skipped")],
 )
 async def test_a_fanned_out_batch_acks_once_with_the_worst_outcome(registry, first, second, joined):
@@ -411,6 +412,7 @@ async def test_fanned_out_and_split_batches_keep_their_creation_time(registry):
 
     async def script(src, outbox):
         await src.send(outbox, "a", [tick("A", 1.0), tick("B", 2.0)], created=12.5)
+        await src.send(outbox, "b", [tick("A", 1.0)], created=13.5)  # nothing for `high`
 
     source = ScriptSource(script)
     one, two, low, high = (BatchSink(name=n) for n in ("one", "two", "low", "high"))
@@ -422,10 +424,11 @@ async def test_fanned_out_and_split_batches_keep_their_creation_time(registry):
     cheap.to(low)
     dear.to(high)
     await run(flow, registry)
-    for sink in (one, two, low, high):
-        assert [created for _, created in sink.seen] == [12.5]
-    assert [r.symbol for r in low.records] == ["A"] and [r.symbol for r in high.records] == ["B"]
-    assert source.acks == {"a": ["written"]}
+    for sink in (one, two, low):
+        assert [created for _, created in sink.seen] == [12.5, 13.5]
+    assert [created for _, created in high.seen] == [12.5]  # no empty batch for b
+    assert [r.symbol for r in low.records] == ["A", "A"] and [r.symbol for r in high.records] == ["B"]
+    assert source.acks == {"a": ["written"], "b": ["written"]}
 
 
 async def test_a_fanned_out_batch_keeps_its_creation_time(registry):

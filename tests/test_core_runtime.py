@@ -269,3 +269,22 @@ async def test_status_shows_each_edges_send_wait_to_the_microsecond(registry):
     assert waited >= 0.04
     assert waited == round(waited, 6) and waited == round(rt.links[0].outbox.waits[0], 6)
     assert edge["buffer"] == {"used": 0, "capacity": 1}
+
+
+async def test_readiness_names_a_stale_source(registry, autojump_clock):
+    class Silent:
+        name = "silent"
+        stale_after = 5.0
+
+        async def run(self, outbox):
+            await trio.sleep_forever()
+
+    rt = runtime(Flow(FLOW, sources=[Silent()], sinks=[ListSink()]), registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        await trio.sleep(4.0)
+        assert rt.ready() == (True, [])
+        await trio.sleep(2.0)
+        assert rt.ready() == (False, [
+            "source silent: stale (no valid record yet for 6s, stale_after 5s)"])
+        rt.stop()

@@ -326,3 +326,42 @@ def test_good_options_are_kept():
     assert (sink.batch_size, sink.flush_interval, sink.write_timeout, sink.unready_after) == (
         1, 0.01, None, 0.01)
     assert sink.retry == Retry()
+
+
+async def test_a_write_that_finished_is_never_aborted_later(registry):
+    """Two sinks' writes overlap; the later one ends first. Neither may be
+    aborted when its (wall-clock) write timeout would have come."""
+    a_started, b_done = trio.Event(), trio.Event()
+
+    class Counting(MemorySink):
+        aborts = 0
+
+        def abort(self):
+            self.aborts += 1
+
+        async def close(self):
+            pass  # (MemorySink's close takes longer than this write_timeout)
+
+    class A(Counting):
+        async def write(self, records):
+            a_started.set()
+            await b_done.wait()
+            await super().write(records)
+
+    class B(Counting):
+        async def run(self, inbox):
+            await a_started.wait()  # B's write starts (and its timer is set) after A's
+            await super().run(inbox)
+
+        async def write(self, records):
+            await super().write(records)
+            b_done.set()
+
+    a = A(name="a", batch_size=1, flush_interval=1000.0, write_timeout=0.3)
+    b = B(name="b", batch_size=1, flush_interval=1000.0, write_timeout=0.3)
+    flow = Flow(FLOW, sources=[ScriptSource([1])], sinks=[a, b])
+    with trio.fail_after(20):
+        await Runtime(flow, registry=registry, metrics_addr=None).run()
+        await trio.sleep(0.6)  # real time: past both timeouts
+    assert len(a.writes) == 1 and len(b.writes) == 1
+    assert (a.aborts, b.aborts) == (0, 0)

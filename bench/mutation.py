@@ -13,6 +13,7 @@ A mutant is killed when a test fails or hangs (a timeout counts as killed).
     nice -n 10 python bench/mutation.py --report          # table of the last run
     nice -n 10 python bench/mutation.py limits --survivors  # and their diffs
     nice -n 10 python bench/mutation.py --sample 80       # 80 mutants a module
+    nice -n 10 python bench/mutation.py --sample 80 --recheck  # its survivors again
 
 Prints, per module: mutants, killed (incl. timeouts), survived (incl. "no
 tests": nothing calls the function), equivalent (survivors listed in
@@ -66,6 +67,21 @@ def results(module: str) -> dict[str, int | None]:
     if not meta.exists():
         return {}
     return json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def forget_survivors(modules: list[str]) -> None:
+    """Mark survivors unchecked, so the next run judges them again (with
+    the tests added since)."""
+    for module in modules:
+        meta = ROOT / "mutants" / "flows" / f"_{module}.py.meta"
+        if not meta.exists():
+            continue
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        for name, code in codes.items():
+            if code in SURVIVED:
+                codes[name] = None
+        meta.write_text(json.dumps(data, indent=4))
 
 
 def function_of(mutant: str) -> str:
@@ -145,6 +161,8 @@ def main() -> None:
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
     parser.add_argument("--fresh", action="store_true",
                         help="forget earlier results (after adding tests: mutmut keeps verdicts)")
+    parser.add_argument("--recheck", action="store_true",
+                        help="judge the last run's survivors again (after adding tests)")
     parser.add_argument("--sample", type=int, metavar="N",
                         help="run only N mutants of each module (drawn with --seed)")
     parser.add_argument("--seed", type=int, default=20)
@@ -157,6 +175,8 @@ def main() -> None:
     os.chdir(ROOT)
     if args.fresh and not args.report:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    if args.recheck and not args.report:
+        forget_survivors(modules)
     only = sampled(modules, args.sample, args.seed) if args.sample else None
     if not args.report:
         names = [n for m in modules for n in only[m]] if only else [f"flows._{m}.*" for m in modules]

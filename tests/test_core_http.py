@@ -231,6 +231,16 @@ async def test_progress_is_logged_when_not_on_a_terminal(nursery, autojump_clock
     assert not any(line.startswith("source probe: 1/4") for line in lines)  # not every symbol
 
 
+async def test_progress_is_a_bar_when_asked_for(nursery, autojump_clock, capsys, caplog):
+    url, _ = await scripted(nursery, [])
+    source = PerSymbol(base_url=url, symbols=["A", "B", "C"], once=True, progress=True)
+    with caplog.at_level(logging.INFO, logger="flows.http"):
+        await one_shot(source)
+    shown = capsys.readouterr().out
+    assert "probe sync" in shown and "100%" in shown
+    assert not any("symbols (" in r.getMessage() for r in caplog.records)  # a bar, not lines
+
+
 # -- configuration --------------------------------------------------------------------
 
 
@@ -240,6 +250,38 @@ async def test_progress_is_logged_when_not_on_a_terminal(nursery, autojump_clock
 def test_bad_options_are_refused(options):
     with pytest.raises(ValueError):
         Probe(**options)
+
+
+def test_defaults():
+    source = Probe()
+    assert (source.every, source.concurrency, source.retries) == (1.0, 8, 3)
+    assert (source.backoff, source.max_backoff, source.reprobe_every) == (0.2, 5.0, 600.0)
+    assert (source.once, source.resume, source.standby_for) == (False, None, None)
+
+
+async def test_requests_carry_the_user_agent_and_the_configured_headers(nursery, autojump_clock):
+    heads: list[bytes] = []
+    url = await serve_answers(nursery, lambda head: OK, heads.append)
+    await one_shot(Probe(base_url=url, once=True, headers={"X-Extra": "yes"}))
+    (head,) = heads
+    assert b"user-agent: flows/0.1\r\n" in head.lower()
+    assert b"x-extra: yes\r\n" in head.lower()
+
+
+async def test_a_tick_the_screen_refuses_is_logged_with_why(nursery, autojump_clock, caplog):
+    class Stale(Probe):
+        def parse(self, request, body):
+            from flows import Parsed, Tick
+
+            return Parsed(ticks=[Tick(self.name, "A", 1.0, 12.0)])  # 1970: not a time we take
+
+    url, _ = await scripted(nursery, [])
+    with caplog.at_level(logging.WARNING):
+        _, registry, sink = await one_shot(Stale(base_url=url, once=True))
+    assert sink.records == []
+    assert value(registry, "flows_records_discarded_total", reason="invalid") == 1
+    (line,) = [r.getMessage() for r in caplog.records if "dropped record (invalid)" in r.getMessage()]
+    assert len(line) > len("dropped record (invalid): ") + 5  # says why
 
 
 def test_good_edge_options_are_accepted():

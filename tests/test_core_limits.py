@@ -298,5 +298,6 @@ async def test_a_limiter_without_limits_never_waits_but_obeys_pauses(autojump_cl
     limiter = RateLimiter([])
     assert await limiter.acquire() == 0.0
     assert await limiter.acquire(50.0) == 0.0
+    assert await limiter.acquire() == 0.0  # no spacing either
     limiter.observe_usage(100, 100, trio.current_time() + 2.0)
     assert await limiter.acquire() == pytest.approx(2.0)

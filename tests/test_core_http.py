@@ -238,7 +238,7 @@ async def test_progress_is_a_bar_when_asked_for(nursery, autojump_clock, capsys,
         await one_shot(source)
     shown = capsys.readouterr().out
     assert "probe sync" in shown and "100%" in shown
-    assert not any("symbols (" in r.getMessage() for r in caplog.records)  # a bar, not lines
+    assert not any("3/3 symbols (" in r.getMessage() for r in caplog.records)  # a bar, not lines
 
 
 # -- configuration --------------------------------------------------------------------

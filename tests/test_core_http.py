@@ -210,6 +210,38 @@ async def test_a_one_shot_sync_resumes_where_it_stopped(nursery, tmp_path):  # r
     assert not resume.exists()  # complete: the resume file goes
 
 
+async def test_a_stopped_one_shot_sync_still_saves_what_it_finished(nursery, tmp_path):
+    resume = tmp_path / "done.json"
+    hang = trio.Event()  # never set: B's answer never comes
+    answered = trio.Event()
+
+    async def handler(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        if b"s=B" in data:
+            answered.set()
+            await hang.wait()
+        body = b"{}"
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                              b"connection: close\r\ncontent-length: 2\r\n\r\n" + body)
+        await stream.aclose()
+
+    from functools import partial
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    source = PerSymbol(base_url=url, symbols=["A", "B"], once=True, resume=resume, concurrency=1)
+    rt = Runtime(Flow("core", sources=[source], sinks=[ListSink()]),
+                 registry=CollectorRegistry(), metrics_addr=None)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as inner:
+            await inner.start(rt.run)
+            await answered.wait()  # A is done, B hangs
+            rt.stop()
+    assert __import__("json").loads(resume.read_text()) == ["A"]  # saved though cancelled
+
+
 async def test_a_broken_resume_file_starts_over(nursery, tmp_path):  # real clock: threads
     resume = tmp_path / "done.json"
     resume.write_text("{not json")

@@ -283,3 +283,24 @@ async def test_a_checkpoint_that_cannot_be_written_is_counted_and_the_flow_goes_
     assert len(sink.records) == 4
     errors = sample(registry, "flows_errors_total", "ck", "change", error_type="checkpoint")
     assert errors >= 2  # while running (every 1.5 s) and at the end
+
+
+def test_a_heartbeat_set_later_treats_untimed_keys_as_due():
+    """Without a heartbeat the times of the first source's keys are not
+    kept; once a heartbeat is set, such a key counts as never emitted."""
+    for second_source in (False, True):
+        det = ChangeDetector()
+        det.filter([Tick("x", "A", 1.0, 100.0)])
+        if second_source:  # the state changes form, still without times
+            det.filter([Tick("y", "A", 1.0, 100.0)])
+        det.heartbeat = 10.0
+        assert len(det.filter([Tick("x", "A", 1.0, 101.0)])) == 1
+        assert det.filter([Tick("x", "A", 1.0, 105.0)]) == []  # now it has a time
+
+
+def test_an_invalid_value_is_logged_with_its_key(caplog):
+    det = ChangeDetector(max_keys=3)  # the ordered form
+    det.filter([Tick("x", "A", 1.0, 1.0)])
+    with caplog.at_level("WARNING"):
+        det.filter([Tick("x", "B", NAN, 2.0)])
+    assert any("('x', 'B')" in r.getMessage() for r in caplog.records)

@@ -25,8 +25,10 @@ What it measures: records/s (input records per second) for
   around ``await Runtime.run()``, so start-up and shutdown count;
 - ``engine unfresh`` (diagnostic): the engine with the source outbox's
   freshness tracking (``Freshness.seen``: the last-seen time of every
-  record's symbol, a dict store per record) patched to a no-op: its share
-  of the engine's time, not a configuration flows offers;
+  record's symbol; here, where each batch repeats the same symbols in the
+  same order, one comparison of the batch's symbols with a remembered run
+  and a stamp per batch) patched to a no-op: its share of the engine's
+  time, not a configuration flows offers;
 - ``graph``: the same source fanned out to three branches, each into a
   counting sink: a fresh ``ChangeDetector(rel=REL)`` (sink ``changed``),
   a filter ``price > 100`` (a split branch, evaluated in the source's
@@ -222,8 +224,8 @@ def run_engine_no_metrics(batches: list[list[Any]]) -> tuple[float, int]:
 
 
 def run_engine_unfresh(batches: list[list[Any]]) -> tuple[float, int]:
-    """The engine with the source's freshness tracking (``Freshness.seen``,
-    a dict store per record) patched to a no-op: a diagnostic of its share."""
+    """The engine with the source's freshness tracking (``Freshness.seen``)
+    patched to a no-op: a diagnostic of its share."""
     saved = Freshness.seen
     Freshness.seen = lambda self, records: None  # type: ignore[method-assign]
     try:

@@ -19,8 +19,8 @@ Rows:
 - ``plain form``: ``ChangeDetector(max_keys=4 * N)``: the state stays
   below three quarters of ``max_keys``, so it keeps the plain form (a dict symbol ->
   value; no times: nothing reads them without a heartbeat);
-- ``plain, heartbeat``: the same with ``heartbeat=60``: a second dict,
-  symbol -> time;
+- ``plain, heartbeat``: the same with ``heartbeat=60``: the value and
+  its time packed in a complex (one dict, symbol -> complex);
 - ``ordered form``: ``ChangeDetector(max_keys=N)``: full, so it has moved to
   the ordered form (an ``OrderedDict`` of symbol -> value and time packed
   in a complex).

@@ -48,6 +48,17 @@ Variants, each timed by the wall clock (it is a benchmark of waiting):
   injected through ``POST /_emulator/faults``; p50/p99 of the cycle times
   (with few cycles p99 is close to the worst cycle).
 
+- ``flows x3 shared`` (and ``+ faults``, the same faults): three processes,
+  ``--shard 0/3``, ``1/3``, ``2/3`` of the same N symbols, each the flows
+  variant above (same limit, the whole R) on one shared rate budget
+  (``rate_budget=`` a Redis started for the run, ``flows.testing.redis``).
+  Each shard runs ``--shared-cycles`` cycles (and goes on polling until
+  the last shard is through, so every cycle is measured under contention);
+  a round's time is the slowest shard's cycle of that round: the time in
+  which the whole universe was refreshed once. Against the same bound
+  N / R: the three together may not go faster than one process alone.
+  The notes give each shard's median cycle.
+
 429s are the emulator's count of refused requests (429 and 418; its
 ``GET /_emulator/stats``), cross-checked against what the client saw
 (flows: ``flows_source_responses_total{status_class="429"}``). ``cpu c/s``
@@ -63,9 +74,12 @@ Binance's real one-minute window (12000 weight per 60 s at R=100).
 
 Targets, reported as PASS/FAIL (the exit status is 0 either way): clean,
 every flows cycle within 1.1x the bound and no 429; with faults, p99 within
-1.3x the bound and no symbol missing from any cycle.
+1.3x the bound and no symbol missing from any cycle; three processes on a
+shared budget, with and without faults: median round within 1.15x the
+bound, zero 429s, no symbol missing.
 
-Run from the repository root (about 3 minutes with the defaults)::
+Run from the repository root (about 5 minutes with the defaults; the
+three-process rows need ``redis-server``, ``--skip shared`` leaves them out)::
 
     python bench/polling.py
     python bench/polling.py --symbols 500 --rate 50 --cycles 2 --fault-cycles 4
@@ -77,9 +91,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import json
 import logging
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -93,9 +110,10 @@ import httpx
 import trio
 from prometheus_client import CollectorRegistry
 
-from flows import Flow, Inbox, RateLimit, Runtime
+from flows import Flow, Inbox, RateLimit, Runtime, Shard
 from flows.testing import sample
 from flows.testing.emulator import Emulator
+from flows.testing.redis import RedisServer
 from sources.binance import BinanceTickers
 
 PATH = "/api/v3/ticker/price"
@@ -192,8 +210,12 @@ class TickSink:
 
 
 def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
-              cycles: int) -> tuple[list[float], list[int], int, str]:
-    """(cycle seconds, missing per cycle, 429s seen, notes) of ``cycles`` flows cycles."""
+              cycles: int, shard: Shard | None = None, budget: str | None = None,
+              on_cycle: Any = None) -> tuple[list[float], list[int], int, str]:
+    """(cycle seconds, missing per cycle, 429s seen, notes) of ``cycles`` flows cycles
+    (of ``shard``'s symbols, on the shared rate ``budget`` when given). With
+    ``on_cycle`` the source goes on polling after ``cycles`` until stopped
+    (SIGTERM), calling ``on_cycle(n)`` after each of the first ``cycles``."""
     source = BinanceTickers(
         symbols=symbols, base_url=url, per_request=1, every=0.01,
         limits=[RateLimit(WEIGHT * args.rate * args.window * args.limit_share, args.window)],
@@ -202,7 +224,8 @@ def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
     sink = TickSink()
     registry = CollectorRegistry()
     runtime = Runtime(Flow("poll", sources=[source], sinks=[sink]), registry=registry,
-                      metrics_addr=None)
+                      metrics_addr=None, shard=shard, rate_budget=budget,
+                      handle_signals=on_cycle is not None)
     spans: list[tuple[float, float, float]] = []  # (wall start, wall end, seconds)
     original = source._cycle
 
@@ -212,7 +235,12 @@ def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
         async def timed_cycle(*a: Any, **kw: Any) -> None:
             wall, t0 = time.time(), time.perf_counter()
             await original(*a, **kw)
+            if len(spans) >= cycles:
+                return  # a shard that goes on polling, so the others stay under contention
             spans.append((wall, time.time(), time.perf_counter() - t0))
+            if on_cycle is not None:
+                on_cycle(len(spans))
+                return
             print(f"  {name}: cycle {len(spans)}/{cycles} {spans[-1][2]:.2f}s", file=sys.stderr)
             if len(spans) >= cycles:
                 done.set()
@@ -221,6 +249,8 @@ def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
         source._cycle = timed_cycle  # type: ignore[method-assign]
         async with trio.open_nursery() as nursery:
             await nursery.start(runtime.run)
+            if on_cycle is not None:
+                return  # runs until SIGTERM
             await done.wait()
             runtime.stop()
 
@@ -231,7 +261,7 @@ def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
         k = bisect.bisect_right(starts, ts) - 1
         if k >= 0 and ts <= spans[k][1]:
             got[k].add(symbol)
-    missing = [len(set(symbols) - g) for g in got]
+    missing = [len(set(source.symbols) - g) for g in got]  # the shard's symbols
     seen_429 = int(sample(registry, "flows_source_responses_total", "poll", source.name,
                           status_class="429"))
     retries = int(sample(registry, "flows_source_retries_total", "poll", source.name))
@@ -243,6 +273,69 @@ def run_flows(name: str, url: str, symbols: list[str], args: argparse.Namespace,
                       status_class="5xx"))
     notes = f"retries={retries} 5xx={s5xx} timeouts/errors={errors} failed={failed}"
     return [s for _, _, s in spans], missing, seen_429, notes
+
+
+# -- three processes on one shared budget ----------------------------------------------
+
+SHARDS = 3
+
+
+def run_child(args: argparse.Namespace) -> int:
+    """``--child K``: shard K of 3 on the budget; prints ``cycle N`` lines, then
+    (after SIGTERM and the drain) one JSON line with its figures."""
+    symbols = Emulator(seed=SEED, assets=args.symbols).symbols("binance")
+
+    def on_cycle(n: int) -> None:
+        print(f"cycle {n}", flush=True)
+
+    cycles, missing, seen, notes = run_flows(
+        f"shard {args.child}", args.emulator, symbols, args, args.child_cycles,
+        shard=Shard(args.child, SHARDS), budget=args.budget, on_cycle=on_cycle)
+    print(json.dumps({"cycles": cycles, "missing": missing, "seen": seen, "notes": notes}),
+          flush=True)
+    return 0
+
+
+def run_shards(name: str, url: str, args: argparse.Namespace, cycles: int,
+               budget: str) -> tuple[list[float], list[int], int, str]:
+    """Three shard processes on one budget until each did ``cycles`` cycles
+    (the ones done first go on polling). A round's time is its slowest
+    shard's cycle: the time in which the whole universe was refreshed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--emulator", url, "--budget", budget,
+           "--child-cycles", str(cycles), "--symbols", str(args.symbols), "--rate", str(args.rate),
+           "--window", str(args.window), "--concurrency", str(args.concurrency),
+           "--limit-share", str(args.limit_share)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    children = [subprocess.Popen([*cmd, "--child", str(k)], stdout=subprocess.PIPE, text=True,
+                                 env=env) for k in range(SHARDS)]
+    try:
+        for k, child in enumerate(children):
+            assert child.stdout is not None
+            for line in child.stdout:  # the others go on meanwhile: pipes hold their lines
+                if line.strip() == f"cycle {cycles}":
+                    break
+            print(f"  {name}: shard {k}/{SHARDS} did {cycles} cycles", file=sys.stderr)
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        results = []
+        for child in children:
+            out, _ = child.communicate(timeout=60)
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    rounds = [max(r["cycles"][i] for r in results) for i in range(cycles)]
+    missing = [sum(r["missing"][i] for r in results) for i in range(cycles)]
+    per_shard = " ".join(f"s{k}={percentile(r['cycles'], 0.5):.2f}s"
+                         for k, r in enumerate(results))
+    totals: dict[str, int] = {}
+    for r in results:
+        for key, value in re.findall(r"([\w/]+)=(\d+)", r["notes"]):
+            totals[key] = totals.get(key, 0) + int(value)
+    notes = f"p50 by shard {per_shard}; " + " ".join(f"{k}={v}" for k, v in totals.items())
+    return rounds, missing, sum(r["seen"] for r in results), notes
 
 
 # -- naive asyncio clients -----------------------------------------------------------
@@ -295,6 +388,13 @@ def run_gather(url: str, symbols: list[str]) -> tuple[float, int, int, str]:
 # -- report ------------------------------------------------------------------------------
 
 
+def client_seconds() -> float:
+    """CPU time of this process and of its children that ended (the shard
+    processes of the three-process rows; the emulator is still running)."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     ordered = sorted(values)
@@ -322,9 +422,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="flows' limit as a share of the emulator's (default 1.0: exactly "
                              "the limit)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=("flows", "sequential", "gather", "faults"),
+                        choices=("flows", "sequential", "gather", "faults", "shared"),
                         help="leave a variant out (repeatable)")
+    parser.add_argument("--shared-cycles", type=int, default=3,
+                        help="rounds of the three-process variant, clean (default 3)")
+    parser.add_argument("--shared-fault-cycles", type=int, default=4,
+                        help="rounds of the three-process variant with faults (default 4)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # shard K of 3 (internal)
+    parser.add_argument("--child-cycles", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--emulator", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child is not None:
+        logging.basicConfig(level=getattr(logging, os.environ.get("BENCH_CHILD_LOG", "ERROR")))
+        return run_child(args)
     if args.symbols < 1 or args.rate <= 0 or args.cycles < 1 or args.fault_cycles < 1:
         parser.error("--symbols, --rate, --cycles and --fault-cycles must be positive")
     logging.basicConfig(level=logging.ERROR)  # flows' own warnings off the table
@@ -346,10 +457,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def measured(name: str, faults: dict[str, Any] | None, fn: Any) -> Result:
             emulator.reset(faults)
-            wall, cpu, server = time.perf_counter(), time.process_time(), emulator.cpu_seconds()
+            wall, cpu, server = time.perf_counter(), client_seconds(), emulator.cpu_seconds()
             cycles, missing, seen, extra = fn()
             wall = time.perf_counter() - wall
-            client_cpu = (time.process_time() - cpu) / wall
+            client_cpu = (client_seconds() - cpu) / wall
             server_cpu = (emulator.cpu_seconds() - server) / wall
             stats = emulator.stats()
             refused = stats["refused"]
@@ -375,6 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         if "faults" not in args.skip:
             measured(f"flows + faults ({args.fault_cycles} cycles)", faults,
                      lambda: run_flows("faults", emulator.url, symbols, args, args.fault_cycles))
+        if "shared" not in args.skip:
+            with RedisServer() as redis_server:
+                measured(f"flows x3 shared ({args.shared_cycles} rounds)", None,
+                         lambda: run_shards("x3", emulator.url, args, args.shared_cycles,
+                                            redis_server.url))
+                measured(f"flows x3 shared + faults ({args.shared_fault_cycles} rounds)", faults,
+                         lambda: run_shards("x3 faults", emulator.url, args,
+                                            args.shared_fault_cycles, redis_server.url))
     finally:
         emulator.stop()
 
@@ -412,6 +531,16 @@ def main(argv: list[str] | None = None) -> int:
                        p99 <= 1.3 * bound, f"p99 {p99 / bound:.2f}x"))
         checks.append(("flows + faults: no symbol missing from any cycle", sum(r.missing) == 0,
                        f"missing per cycle {r.missing}"))
+    for label in ("flows x3 shared", "flows x3 shared + faults"):
+        if label in by_name:
+            r = by_name[label]
+            p50 = percentile(r.cycles, 0.5)
+            checks.append((f"{label}: median round within 1.15x the bound ({len(r.cycles)} rounds)",
+                           p50 <= 1.15 * bound, f"p50 {p50 / bound:.2f}x"))
+            checks.append((f"{label}: zero 429s", r.refused == 0 and r.seen_429 == 0,
+                           f"{r.refused} refused"))
+            checks.append((f"{label}: no symbol missing", sum(r.missing) == 0,
+                           f"missing per round {r.missing}"))
     print()
     for what, ok, got in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {what}: {got}")

@@ -367,6 +367,31 @@ def build() -> dict[str, Any]:
         unit="s",
     )
     lay.panel(
+        "HTTP sources: shared rate budget",
+        "Pollers on one shared rate budget (--rate-budget): seconds per second requests "
+        "waited for their slot and the p99 wait (flows_source_budget_wait_seconds), and "
+        "pauses per minute set by another process (429/418, usage headers) that this one "
+        "obeyed (flows_source_budget_pauses_total).",
+        [
+            (rate("flows_source_budget_wait_seconds_sum", "source"), "{{stage}} s/s"),
+            (quantile(0.99, "flows_source_budget_wait_seconds", "source"), "{{stage}} p99"),
+            (f"60 * {rate('flows_source_budget_pauses_total', 'source')}",
+             "{{stage}} pauses/min from others"),
+        ],
+        unit="s",
+    )
+    lay.panel(
+        "HTTP sources: rate budget fallback",
+        "1 while Redis is unreachable and the source runs on its local share, limit / N "
+        "(flows_source_budget_fallback); /readyz then answers 503 'degraded'.",
+        [(f"max by (instance, stage) (flows_source_budget_fallback{sel('source')})",
+          "{{instance}} {{stage}}")],
+        unit="none",
+        kind="state-timeline",
+        mappings=_value_map({0: ("shared", "green"), 1: ("local share", "orange")}),
+        thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 1}],
+    )
+    lay.panel(
         "HTTP sources: retries",
         "Requests retried per second (flows_source_retries_total).",
         [(rate("flows_source_retries_total", "source"), "{{stage}}")],
@@ -382,6 +407,25 @@ def build() -> dict[str, Any]:
         mappings=_value_map({0: ("closed", "green"), 1: ("half-open", "orange"), 2: ("open", "red")}),
         thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 1},
                     {"color": "red", "value": 2}],
+    )
+    lay.panel(
+        "HTTP sources: daily credits",
+        "Credits left today at sources with a daily budget, such as LiveCoinWatch "
+        "(flows_source_credits_remaining), and credits spent per minute "
+        "(flows_source_credits_spent_total).",
+        [
+            (f"min by (stage) (flows_source_credits_remaining{sel('source')})", "{{stage}} left"),
+            (f"60 * {rate('flows_source_credits_spent_total', 'source')}", "{{stage}} spent/min"),
+        ],
+        unit="none",
+    )
+    lay.panel(
+        "HTTP sources: skipped as fresh",
+        "Symbols a daily sync skipped because it fetched them within its max_age "
+        "(flows_source_skipped_total, per sync): calls saved.",
+        [(f"sum by (stage) (increase(flows_source_skipped_total{sel('source')}[{RATE}]))",
+          "{{stage}}")],
+        unit="none",
     )
 
     lay.panel(

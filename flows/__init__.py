@@ -11,6 +11,7 @@ from ._actors import Sink as Sink
 from ._actors import Source as Source
 from ._actors import Stage as Stage
 from ._actors import stage as stage
+from ._budget import RateBudget as RateBudget
 from ._change import ChangeDetector as ChangeDetector
 from ._channels import Edge as Edge
 from ._channels import Inbox as Inbox
@@ -52,15 +53,19 @@ from ._registry import ComponentError as ComponentError
 from ._registry import all_metrics as all_metrics
 from ._registry import components as components
 from ._registry import load_component as load_component
+from ._retry import Retry as Retry
 from ._runtime import FlowFailed as FlowFailed
 from ._runtime import RunResult as RunResult
 from ._runtime import Runtime as Runtime
 from ._runtime import run_flow as run_flow
+from ._schema import RecordSchema as RecordSchema
+from ._schema import record_schema as record_schema
 from ._shard import Shard as Shard
 from ._shard import shard_of as shard_of
 from ._sink import BatchingSink as BatchingSink
-from ._sink import Retry as Retry
 from ._status import figures as flow_figures  # noqa: F401 - _status names it figures
+from ._windows import Candles as Candles
+from ._windows import Window as Window
 from ._ws import RECONNECT_REASONS as RECONNECT_REASONS
 from ._ws import StreamParsed as StreamParsed
 from ._ws import WebSocketSource as WebSocketSource

@@ -39,6 +39,9 @@ class RunContext:
     fresh: bool = False
     shard: Shard | None = None
     """When set, sources poll only the symbols this shard owns."""
+    rate_budget: Any = None
+    """A ``RateBudget`` (or its Redis URL) HTTP sources share with other
+    processes (``--rate-budget``); None: each source paces itself."""
 
 
 @runtime_checkable

@@ -41,6 +41,7 @@ foreign checkpoint is reported in one log line and ignored.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import struct
@@ -123,8 +124,7 @@ def _unpack(packed: Any) -> tuple[Any, Any]:
 
 
 _FAST_LOOP = """
-def loop(records, src, vals, times, limit):
-    get = vals.get
+def loop(records, src, vals, limit):
     out = []
     append = out.append
     bad = None
@@ -132,15 +132,16 @@ def loop(records, src, vals, times, limit):
         if r.source is not src and r.source != src:
             return out, bad, r
         v = r.price
-        lv = get(r.symbol)
-        if lv is None:
+        try:  # (cheaper than vals.get when the key is known, as most are)
+            {load}
+        except KeyError:
             if len(vals) >= limit:  # the state is about to need recency
                 return out, bad, r
-        elif {unchanged}:
-            continue
+        else:
+            if {unchanged}:
+                continue
         if 0.0 < v < inf:
-            vals[r.symbol] = v
-            {store_time}
+            {store}
             append(r)
         elif bad is None:
             bad = [r]
@@ -150,9 +151,12 @@ def loop(records, src, vals, times, limit):
 """
 
 
+@functools.lru_cache(maxsize=64)  # (a loop holds no state: detectors with the same thresholds share it)
 def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
     """The plain form's filter loop, written for these thresholds (times
-    are stored only with a heartbeat: nothing else reads them).
+    are stored only with a heartbeat: nothing else reads them; then the
+    value and the time are packed in a complex, and a record whose value
+    or time is not a float ends the loop: the ordered form takes it).
 
     A record is unchanged when its value is within the thresholds of the
     last emitted one (the same arithmetic as ``_filter_ordered``) and no
@@ -170,11 +174,16 @@ def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
         unchanged = f"{d} < abs_ and v > 0.0"
     else:
         unchanged = f"(d := {d}) < rel * lv and d < abs_" + (" and v > 0.0" if rel > 1 else "")
-    if hb is not None:
-        unchanged += " and not (r.ts - times[r.symbol] >= hb)"
+    if hb is None:
+        load, store = "lv = vals[r.symbol]", "vals[r.symbol] = v"
+    else:
+        load = "lv = (c := vals[r.symbol]).real"
+        unchanged += " and not (r.ts - c.imag >= hb)"
+        store = ("if v.__class__ is not float or (t := r.ts).__class__ is not float:\n"
+                 "                return out, bad, r\n"
+                 "            vals[r.symbol] = complex(v, t)")
     namespace: dict[str, Any] = {"rel": rel, "abs_": abs_, "hb": hb, "inf": math.inf}
-    store_time = "pass" if hb is None else "times[r.symbol] = r.ts"
-    exec(_FAST_LOOP.format(unchanged=unchanged, store_time=store_time), namespace)  # noqa: S102 - our own template
+    exec(_FAST_LOOP.format(unchanged=unchanged, load=load, store=store), namespace)  # noqa: S102 - our own template
     return namespace["loop"]
 
 
@@ -202,7 +211,10 @@ class ChangeDetector:
         abs: emit when ``|v - last| >= abs`` (0 disables).
         heartbeat: emit when this many seconds (of record time) passed since
             the key last emitted; ``None`` disables.
-        max_keys: most keys remembered; the least recently seen is evicted.
+        max_keys: most keys remembered; past it a key is evicted: the least
+            recently seen once recency is tracked (from the first key when
+            ``max_keys`` < 1024, else from three quarters of ``max_keys``),
+            keys not seen since then first, oldest stored first.
         key, value, time: functions of a record (defaults fit ``Tick``:
             (source, symbol), price, ts). Keys must be msgpack-encodable
             (str, numbers, tuples of them) for checkpoints.
@@ -326,21 +338,23 @@ class ChangeDetector:
     #
     # - the *plain* form, while nothing can be evicted soon (the state holds
     #   fewer than ``_track_from`` keys) and every key so far came from one
-    #   source with the default Tick accessors: ``_vals`` (symbol -> value)
-    #   and, with a heartbeat only, ``_times`` (symbol -> time), plain dicts
-    #   in insertion order, filtered by a loop made for the thresholds
-    #   (``_fast_loop``);
+    #   source with the default Tick accessors: ``_vals``, a plain dict in
+    #   insertion order, symbol -> the value alone (no heartbeat: the time
+    #   is not kept) or, with a heartbeat, the value and its time packed in
+    #   a complex (the form holds floats only: anything else moves the
+    #   state to the ordered form), filtered by a loop made for the
+    #   thresholds (``_fast_loop``);
     # - the *ordered* form otherwise: ``_od``, an OrderedDict key -> packed
-    #   (value, time) (a complex when both are floats: 32 bytes; the value
-    #   alone when its time was not kept), kept in least-recently-seen order.
+    #   (value, time) (``_pack``: a complex when both are floats: 32 bytes;
+    #   the value alone when its time was not kept; else a tuple), kept in
+    #   least-recently-seen order.
     #
     # ``_src`` is the source of every key when keys are bare symbols (the
     # default accessors, one source), else None and keys are whole keys.
 
     def _clear(self) -> None:
         self._vals: dict[Hashable, Any] = {}
-        self._times: dict[Hashable, Any] = {}
-        self._timed = self.heartbeat is not None  # _times is kept
+        self._timed = self.heartbeat is not None  # _vals holds (value, time) complexes
         self._od: OrderedDict[Hashable, Any] | None = None
         self._src: Any = None
 
@@ -351,8 +365,7 @@ class ChangeDetector:
         The time is None where it was not kept (no heartbeat)."""
         src, od = self._src, self._od
         if od is None:
-            times = self._times
-            return OrderedDict(((src, s), [v, times.get(s)]) for s, v in self._vals.items())
+            return OrderedDict(((src, s), list(_unpack(c))) for s, c in self._vals.items())
         return OrderedDict(
             (k if src is None else (src, k), list(_unpack(c))) for k, c in od.items()
         )
@@ -369,12 +382,12 @@ class ChangeDetector:
             and all(isinstance(k, tuple) and len(k) == 2 for k, _, _ in entries)
         )
         if single:
-            self._src = next(iter(sources))
-            for key, v, t in reversed(entries):
-                s = key[1]  # type: ignore[index]  # a (source, symbol) tuple, checked above
-                self._vals[s] = v
-                if self._timed:
-                    self._times[s] = t
+            timed = self._timed
+            # (keys are (source, symbol) tuples, checked above)
+            vals = {k[1]: _pack(v, t if timed else None) for k, v, t in reversed(entries)}  # type: ignore[index]
+            single = not timed or all(c.__class__ is complex for c in vals.values())
+        if single:
+            self._src, self._vals = next(iter(sources)), vals
         else:
             self._od = OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries))
         while self._size() > self.max_keys:  # a restore reads no more than max_keys
@@ -387,12 +400,12 @@ class ChangeDetector:
         """Move to the ordered form (keys become whole keys if ``whole_keys``)."""
         od = self._od
         if od is None:
-            src, times = self._src, self._times
+            src = self._src
             rekey = whole_keys and src is not None
             od = self._od = OrderedDict(
-                ((src, s) if rekey else s, _pack(v, times.get(s))) for s, v in self._vals.items()
+                ((src, s) if rekey else s, c) for s, c in self._vals.items()
             )
-            self._vals, self._times = {}, {}
+            self._vals = {}
         elif whole_keys and self._src is not None:
             src = self._src
             od = self._od = OrderedDict(((src, k), c) for k, c in od.items())
@@ -404,9 +417,7 @@ class ChangeDetector:
 
     def _evict_oldest(self) -> None:
         if self._od is None:
-            s = next(iter(self._vals))
-            del self._vals[s]
-            self._times.pop(s, None)
+            del self._vals[next(iter(self._vals))]
         else:
             self._od.popitem(last=False)
 
@@ -417,12 +428,14 @@ class ChangeDetector:
         if not records:
             return []
         default = self._default_accessors()
+        if self._od is None and self._timed != (self.heartbeat is not None):
+            self._retime()
         if self._od is None:
             if not self._vals:
                 self._src = records[0].source if default else None
             if default and len(self._vals) < self._track_from:
                 out, bad, stop = self._fast(
-                    records, self._src, self._vals, self._times, self._track_from - 1
+                    records, self._src, self._vals, self._track_from - 1
                 )
                 invalid, evicted = 0 if bad is None else len(bad), 0
                 if stop is not None:  # another source, or recency needed from here on
@@ -449,13 +462,22 @@ class ChangeDetector:
                 metrics.discarded("unchanged", unchanged)
         return out
 
+    def _retime(self) -> None:
+        """The heartbeat was turned on or off after the start: pack or
+        unpack the plain form's values (keys whose time was not kept count
+        as never emitted); a value that is not a float moves the state to
+        the ordered form."""
+        vals = self._vals
+        self._timed = timed = self.heartbeat is not None
+        if not timed:
+            self._vals = {s: c.real for s, c in vals.items()}
+        elif all(v.__class__ is float for v in vals.values()):
+            self._vals = {s: complex(v, -math.inf) for s, v in vals.items()}
+        else:
+            self._to_ordered(whole_keys=False)
+
     @property
     def _fast(self) -> Callable[..., tuple[list[Any], list[Any] | None, Any]]:
-        timed = self.heartbeat is not None
-        if timed != self._timed:  # the heartbeat was changed after the start
-            self._timed = timed
-            # keys whose time was not kept count as never emitted
-            self._times = dict.fromkeys(self._vals, -math.inf) if timed else {}
         loop = self._fast_cache
         if loop is None or loop[0] != (self.rel, self.abs, self.heartbeat):
             loop = self._fast_cache = ((self.rel, self.abs, self.heartbeat),

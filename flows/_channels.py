@@ -233,7 +233,11 @@ class Outbox:
         for i, port in enumerate(ports):
             part = parts[i]
             if part is not None:
-                w = await port.send(part)
+                try:
+                    w = await port.send(part)
+                except BaseException:  # cancelled midway: the parts not sent settle the ack
+                    _fail_unsent(parts[i:])
+                    raise
                 if w:
                     waits[i] += w
                     waited += w
@@ -329,6 +333,15 @@ class _Join:
         if self.left == 0:
             for hook in self.hooks:
                 hook(self.worst)
+
+
+def _fail_unsent(parts: Sequence[Batch | None]) -> None:
+    """Ack the parts of a fan-out that were never sent as ``failed``, so a
+    batch whose send was cut short (a stop, a cancel) still acks once: the
+    parts already sent settle it when their consumers ack."""
+    for part in parts:
+        if part is not None:
+            part.ack("failed")
 
 
 def _fan_out(batch: Batch, n: int) -> list[Batch]:

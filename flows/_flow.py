@@ -52,6 +52,12 @@ class Supervision:
     An actor that raises is restarted after ``backoff`` seconds (doubling up
     to ``max_backoff``); more than ``max_restarts`` restarts within
     ``window`` seconds stops the flow with an error.
+
+    A restart policy, not a ``flows.Retry``: its budget is restarts per
+    window (a crash loop stops the flow; a rare crash never uses it up),
+    and its waits have no jitter, since a restart is local and whatever the
+    restarted actor sends to a server goes through that actor's own
+    ``Retry``, which jitters.
     """
 
     max_restarts: int = attrs.field(default=5, validator=attrs.validators.ge(0))

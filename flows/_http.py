@@ -3,7 +3,8 @@
 A subclass says what to ask and how to read the answer:
 
 - ``plan(symbols) -> list[Request]``: the requests that refresh ``symbols``
-  (one per symbol, or a few for an all-symbols or multi-symbol endpoint);
+  (one per symbol, or a few for an all-symbols or multi-symbol endpoint;
+  GETs, or POSTs of a JSON body: ``Request(method="POST", json=...)``);
 - ``parse(request, body) -> Parsed``: Ticks plus counts of bad records
   (the base then drops, as ``invalid``, every Tick ``flows.check_tick``
   refuses: a ``ts`` that is not a time from 2000-01-01 to tomorrow, a
@@ -13,8 +14,8 @@ A subclass says what to ask and how to read the answer:
 ``HttpSource`` does the rest: one ``httpx.AsyncClient`` per source with
 pooling and separate connect/read timeouts, a cap on response size, the
 rate limiter (the API's documented limits, tightened by 429/418
-Retry-After and usage headers), retries with exponential backoff and full
-jitter for timeouts, connection errors, 5xx and 429 (never other 4xx), a
+Retry-After and usage headers), retries by the ``retry`` policy
+(``flows.Retry``) for timeouts, connection errors, 5xx and 429 (never other 4xx), a
 circuit breaker, the per-source metrics, standby for a primary source
 (fallback), and a one-shot mode that polls the symbol set once, shows
 progress, and keeps a checkpoint of finished symbols so a crashed sync
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -44,14 +44,17 @@ import msgspec
 import trio
 
 from ._actors import RunContext
+from ._budget import BUDGET_METRICS, RateBudget, attached, with_budget
 from ._channels import Outbox
 from ._checkpoint import write_atomic
+from ._freshness import stale_after_for
 from ._gaps import WallClock
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
 from ._records import Batch, Tick, screen
 from ._redact import add_secret, redact
+from ._retry import Retry
 
 __all__ = ["HttpError", "HttpSource", "Parsed", "Request", "parse_optional_float", "parse_price"]
 
@@ -60,22 +63,37 @@ log = logging.getLogger("flows.http")
 
 @attrs.frozen
 class Request:
-    """One GET: ``endpoint`` names it in metrics (a small fixed set)."""
+    """One request: ``endpoint`` names it in metrics (a small fixed set).
+
+    A GET by default; ``method="POST"`` with ``json`` (any value msgspec or
+    the json module encodes) sends that as the JSON body, for APIs that
+    take their arguments in the body (LiveCoinWatch).
+    """
 
     endpoint: str
     path: str
     params: dict[str, str] = attrs.field(factory=dict)
     weight: float = 1.0
     symbols: tuple[str, ...] = ()
+    method: str = "GET"
+    json: Any = None
 
 
 @attrs.define
 class Parsed:
-    """What a response held: good Ticks and bad records counted by reason."""
+    """What a response held: good Ticks and bad records counted by reason.
+
+    ``unknown``: asked symbols the answer says the API does not know, for
+    APIs that leave an unknown symbol out of their answer instead of
+    failing the request (CoinGecko, CoinCap): the source parks them as it
+    parks a symbol a request failed for (an answer that holds none of
+    several asked symbols is asked again by halves first).
+    """
 
     ticks: list[Tick] = attrs.field(factory=list)
     invalid: dict[str, int] = attrs.field(factory=dict)
     details: list[str] = attrs.field(factory=list)
+    unknown: list[str] = attrs.field(factory=list)
 
     def bad(self, reason: str, detail: str = "") -> None:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
@@ -176,6 +194,14 @@ CIRCUIT_STATE = MetricFamily(
 )
 
 
+def _body_of(request: Request) -> dict[str, Any]:
+    """The body options of ``request`` for httpx: its JSON, if it has one."""
+    if request.json is None:
+        return {}
+    return {"content": msgspec.json.encode(request.json),
+            "headers": {"content-type": "application/json"}}
+
+
 def status_class(status: int) -> str:
     return "429" if status in (418, 429) else f"{status // 100}xx"
 
@@ -204,8 +230,8 @@ class HttpSource:
         concurrency: requests in flight at once.
         connect_timeout, read_timeout: seconds.
         max_response_bytes: larger bodies are refused (counted, retried).
-        retries: attempts after the first for transient failures.
-        backoff, max_backoff: full-jitter exponential backoff (s).
+        retry: the retry policy for transient failures (``flows.Retry``;
+            default ``DEFAULT_RETRY``: 4 attempts, 0.2 s doubling up to 5 s).
         circuit: the breaker (default: 5 failures, 30 s open).
         once: poll the symbol set once and end (a one-shot sync).
         resume: with ``once``, a file listing finished symbols, so a crashed
@@ -215,12 +241,16 @@ class HttpSource:
         headers: sent with every request (API keys: the values of
             ``Authorization``, ``Cookie`` and headers named like key,
             token, secret are masked wherever shown, ``flows.redact``).
+        rate_budget: a rate budget shared with other processes through Redis
+            (``"redis://127.0.0.1:6379/0"`` or a ``RateBudget``; default: the
+            runtime's ``--rate-budget``, else this process's own limiter).
         name: the actor's name and the ``source`` field of its Ticks.
     """
 
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
-    METRICS = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE)
+    METRICS = (REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, *BUDGET_METRICS)
+    DEFAULT_RETRY = Retry(attempts=4, backoff=0.2, max_backoff=5.0)
     PAUSE_WITHOUT_RETRY_AFTER = False
     """A 429 without ``Retry-After`` pauses for the longest limit window (for
     APIs that count per window and do not say when it ends)."""
@@ -236,9 +266,7 @@ class HttpSource:
         connect_timeout: float = 3.0,
         read_timeout: float = 10.0,
         max_response_bytes: int = 8 << 20,
-        retries: int = 3,
-        backoff: float = 0.2,
-        max_backoff: float = 5.0,
+        retry: Retry | None = None,
         circuit: CircuitBreaker | None = None,
         once: bool = False,
         resume: str | Path | None = None,
@@ -246,20 +274,22 @@ class HttpSource:
         standby_for: HttpSource | None = None,
         headers: dict[str, str] | None = None,
         reprobe_every: float = 600.0,
+        rate_budget: str | RateBudget | None = None,
         name: str,
     ) -> None:
         if not symbols:
             raise ValueError(f"{name}: symbols must not be empty")
-        if not every > 0 or concurrency < 1 or retries < 0:
-            raise ValueError(f"{name}: every must be > 0, concurrency >= 1, retries >= 0")
+        if not every > 0 or concurrency < 1:
+            raise ValueError(f"{name}: every must be > 0 and concurrency >= 1")
         self.symbols = list(symbols)
         self.every = every
         self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
         self.limiter = RateLimiter(list(limits or self.DEFAULT_LIMITS))
+        self.rate_budget = None if rate_budget is None else RateBudget.of(rate_budget)
         self.concurrency = concurrency
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.max_response_bytes = max_response_bytes
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.retry = self.DEFAULT_RETRY if retry is None else retry
         self.circuit = circuit or CircuitBreaker()
         self.once = once
         self.resume = None if resume is None else Path(resume)
@@ -279,6 +309,7 @@ class HttpSource:
         self._polled_at: dict[str, float] = {}  # symbol -> epoch time of its last good poll
         self._polled_all: float | None = None  # of the last good all-symbols poll
         self._wall: WallClock | None = None  # set per run
+        self._stale_after = math.inf  # the runtime's stale_after for this source, set per run
         self._started = time.time()
         self._opened_wall: float | None = None  # when the circuit opened, epoch seconds
         self.metrics: ComponentMetrics | None = None
@@ -318,6 +349,9 @@ class HttpSource:
         self._fresh = context.fresh
         if context.shard is not None:
             self.symbols = context.shard.select(self.symbols)
+        self.limiter = with_budget(self.limiter, self.rate_budget or context.rate_budget,
+                                   context.shard, base_url=self.base_url, name=self.name,
+                                   demand=len(self.symbols))
 
     def health(self) -> str | None:
         """None when healthy, else why not (shown on /readyz)."""
@@ -327,12 +361,13 @@ class HttpSource:
             return f"source {self.name}: circuit half-open (probing)"
         if self.standby_for is not None and self.standby_for.circuit.state != "closed":
             return f"degraded: {self.name} stands in for {self.standby_for.name}"
-        return None
+        return getattr(self.limiter, "degraded", None)  # a shared rate budget out of reach
 
     async def run(self, outbox: Outbox) -> None:
         m = outbox.metrics
         self._wall = WallClock()
         self._started = self._wall.now()
+        self._stale_after = stale_after_for(self)
         self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(RETRIES)  # export the series from the start
@@ -344,7 +379,7 @@ class HttpSource:
             headers={"user-agent": "flows/0.1", **self.headers},
             limits=httpx.Limits(max_connections=self.concurrency,
                                 max_keepalive_connections=self.concurrency),
-        ) as client:
+        ) as client, attached(self.limiter, m):
             if self.once:
                 await self._sync_once(client, outbox, state)
                 return
@@ -408,29 +443,50 @@ class HttpSource:
     async def _poll(self, client, request: Request, outbox: Outbox, state, on_done) -> None:
         """Fetch ``request`` and send its Ticks; an unknown symbol among
         several is isolated by splitting the request, then parked."""
-        ticks = await self._fetch(client, request, outbox, state)
-        if isinstance(ticks, HttpError):
-            if not ticks.symbol_error:
+        parsed = await self._fetch(client, request, outbox, state)
+        if isinstance(parsed, HttpError):
+            if not parsed.symbol_error:
                 self._report_gap(outbox, request.symbols, "poll_failed")
             elif len(request.symbols) > 1:
-                half = len(request.symbols) // 2
-                for part in (request.symbols[:half], request.symbols[half:]):
-                    for sub in self.plan(list(part)):
-                        await self._poll(client, sub, outbox, state, on_done)
+                await self._poll_halves(client, request, outbox, state, on_done)
             else:
-                self._park(request.symbols, ticks, outbox)
+                self._park(request.symbols, parsed, outbox)
             return
-        self._polled(request.symbols)
-        for symbol in request.symbols:
-            if self.parked.pop(symbol, None) is not None:
-                log.info("source %s: %s answers again; polled as usual", self.name, symbol)
+        ticks, answered = parsed.ticks, request.symbols
+        if parsed.unknown:
+            if len(request.symbols) > 1 and set(parsed.unknown) >= set(request.symbols):
+                await self._poll_halves(client, request, outbox, state, on_done)  # none known?
+                return
+            self._park(parsed.unknown, HttpError("left out of the answer", transient=False,
+                                                 symbol_error=True), outbox)
+            answered = tuple(s for s in request.symbols if s not in set(parsed.unknown))
+        back = [s for s in answered if s in self.parked]
+        if back:  # the time they were parked is a gap
+            self._report_gap(outbox, back, "unknown_symbol")
+        late = self._stale([s for s in answered if s not in self.parked])
+        if late:  # silent past stale_after (retries, waits): the whole silence is a gap
+            self._report_gap(outbox, late, "stale")
+        if answered:
+            self._polled(answered)
+        for symbol in back:
+            del self.parked[symbol]
+            log.info("source %s: %s answers again; polled as usual", self.name, symbol)
         if ticks:
             await outbox.send(Batch(ticks))
         if on_done is not None:
             await on_done(request)
 
+    async def _poll_halves(self, client, request: Request, outbox: Outbox, state, on_done) -> None:
+        """Poll ``request``'s symbols again in two halves (to isolate an unknown one)."""
+        half = len(request.symbols) // 2
+        for part in (request.symbols[:half], request.symbols[half:]):
+            for sub in self.plan(list(part)):
+                await self._poll(client, sub, outbox, state, on_done)
+
     def _park(self, symbols: Sequence[str], exc: HttpError, outbox: Outbox) -> None:
-        """Stop polling ``symbols`` (unknown to the API); probe them again later."""
+        """Stop polling ``symbols`` (unknown to the API); probe them again later.
+        A gap (``unknown_symbol``) covers them from their last good poll."""
+        self._report_gap(outbox, symbols, "unknown_symbol")
         outbox.metrics.discarded("unknown_symbol", max(len(symbols), 1))
         for symbol in symbols:
             if symbol not in self.parked:
@@ -439,6 +495,12 @@ class HttpSource:
                             extra={"stage": self.name, "reason": "unknown_symbol"})
             self.parked[symbol] = trio.current_time() + self.reprobe_every
 
+    def _stale(self, symbols: Sequence[str]) -> list[str]:
+        """Those of ``symbols`` whose last good poll is older than ``stale_after``."""
+        cutoff = self._wall.now() - self._stale_after
+        polled = self._polled_at
+        return [s for s in symbols if polled.get(s, self._started) < cutoff]
+
     def _polled(self, symbols: Sequence[str]) -> None:
         now = self._wall.now()
         if symbols:
@@ -446,9 +508,11 @@ class HttpSource:
         else:
             self._polled_all = now
 
-    def _report_gap(self, outbox: Outbox, symbols: Sequence[str], reason: str) -> None:
-        """A gap from the last good poll of ``symbols`` (all: empty) to now."""
-        now = self._wall.now()
+    def _report_gap(self, outbox: Outbox, symbols: Sequence[str], reason: str,
+                    ahead: float = 0.0) -> None:
+        """A gap from the last good poll of ``symbols`` (all: empty) to now
+        (plus ``ahead`` seconds: a pause that starts now)."""
+        now = self._wall.now() + ahead
         if symbols:
             since = min((self._polled_at.get(s, self._started) for s in symbols), default=now)
         else:
@@ -457,10 +521,10 @@ class HttpSource:
 
     async def _fetch(
         self, client: httpx.AsyncClient, request: Request, outbox: Outbox, state: Any
-    ) -> list[Tick] | HttpError:
-        """One request with retries; its Ticks, or the error it failed with for good."""
+    ) -> Parsed | HttpError:
+        """One request with retries; what it held, or the error it failed with for good."""
         m = outbox.metrics
-        attempt = 0
+        delays = self.retry.delays()
         circuit = self.circuit
         while True:
             if not circuit.allow():
@@ -488,16 +552,16 @@ class HttpSource:
                 m.error("http" if exc.transient else "http_permanent")
                 if exc.retry_after is not None:
                     self.limiter.pause_until(trio.current_time() + exc.retry_after)
+                    self._report_gap(outbox, request.symbols, "rate_limited", exc.retry_after)
                 if exc.symbol_error:
                     return exc  # not a failure of the API: the caller isolates the symbol
-                if not exc.transient or attempt >= self.retries:
+                delay = next(delays, None) if exc.transient else None
+                if delay is None:
                     self._drops.drop("request_failed", f"{request.endpoint} {request.path}: {exc}")
                     m.discarded("request_failed", max(len(request.symbols), 1))
                     return exc
-                attempt += 1
                 m.labeled(RETRIES).inc()
-                cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-                await trio.sleep(random.uniform(0, cap))
+                await trio.sleep(delay)
                 continue
             finally:
                 if probe:
@@ -511,7 +575,7 @@ class HttpSource:
                     m.discarded(reason, n)
                 for detail in parsed.details[:1]:
                     self._drops.drop("invalid", detail)
-            return parsed.ticks
+            return parsed
 
     def _circuit_moved(self, outbox: Outbox, was: str) -> None:
         """Note when the circuit opened; when it closes again, that span is a gap."""
@@ -525,7 +589,8 @@ class HttpSource:
     async def _get(self, client: httpx.AsyncClient, request: Request, m: ComponentMetrics) -> Parsed:
         t0 = time.perf_counter()
         try:
-            async with client.stream("GET", request.path, params=request.params) as response:
+            async with client.stream(request.method, request.path, params=request.params,
+                                     **_body_of(request)) as response:
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk

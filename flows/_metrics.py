@@ -173,7 +173,8 @@ _CORE = (
                  buckets=LATENCY_BUCKETS),
     MetricFamily("flows_gaps_total", "counter",
                  "At a source: gaps in its feed (a Gap record each), by reason: closed, error, "
-                 "silent, timeout, server, sequence, poll_failed, circuit_open.",
+                 "silent, timeout, server, server_shutdown, sequence, poll_failed, "
+                 "rate_limited, stale, circuit_open, unknown_symbol.",
                  labels=("reason",)),
     MetricFamily("flows_source_last_record_age_seconds", "gauge",
                  "At a source: seconds since it last sent a valid record (since the start "

@@ -87,8 +87,12 @@ class Gap(msgspec.Struct, frozen=True, gc=False):
     """Where a feed was incomplete: ``source`` had no data for ``symbols``
     (``None``: all of them) from ``start`` to ``end`` (epoch seconds), for
     ``reason`` (a small fixed word: ``closed``, ``error``, ``silent``,
-    ``timeout``, ``server`` for a lost connection, ``sequence`` for lost
-    updates, ``poll_failed``, ``circuit_open``)."""
+    ``timeout``, ``server``, ``server_shutdown`` for a lost or replaced
+    connection, ``sequence`` for lost updates, ``poll_failed``,
+    ``rate_limited`` (a poll refused, to the end of the pause), ``stale``
+    (a symbol polled again after more than ``stale_after`` without data),
+    ``circuit_open``, ``unknown_symbol`` for a symbol the API no longer
+    knows)."""
 
     source: str
     symbols: tuple[str, ...] | None
@@ -122,7 +126,8 @@ def check_tick(record: Any, now: float | None = None) -> str | None:
     - ``symbol`` and ``source``: strings of 1 to ``MAX_SYMBOL_LENGTH``
       (64) characters;
     - ``price``: a positive finite number; ``bid``, ``ask``, ``volume``:
-      ``None`` or finite numbers.
+      ``None`` or finite numbers;
+    - a ``Trade``'s ``size``: a positive finite number.
 
     Pass ``now`` (``time.time()``) when checking a batch, to read the clock
     once.
@@ -141,6 +146,8 @@ def check_tick(record: Any, now: float | None = None) -> str | None:
         ts, price, names = record.ts, record.price, (("symbol", record.symbol),
                                                      ("source", record.source))
         extras = (("bid", record.bid), ("ask", record.ask), ("volume", record.volume))
+    elif type(record) is Trade:
+        return _check_trade(record, hi)
     else:
         ts, price = getattr(record, "ts", None), getattr(record, "price", None)
         names = tuple((n, v) for n in ("symbol", "source")
@@ -174,6 +181,28 @@ def check_tick(record: Any, now: float | None = None) -> str | None:
     return None
 
 
+def _check_trade(record: Trade, hi: float) -> str | None:
+    """``check_tick`` for a Trade (``hi``: the latest ``ts`` allowed)."""
+    try:  # the common case, a good Trade: one expression
+        if (MIN_TS <= record.ts <= hi and 0 < len(record.symbol) <= MAX_SYMBOL_LENGTH
+                and 0 < len(record.source) <= MAX_SYMBOL_LENGTH
+                and 0 < record.price < math.inf and 0 < record.size < math.inf):
+            return None
+    except TypeError:
+        pass
+    why = check_tick(Tick(record.source, record.symbol, record.price, record.ts),
+                     hi - MAX_FUTURE_SECONDS)
+    if why is not None:
+        return why
+    size = record.size
+    try:
+        if not (size > 0 and _isfinite(size)):
+            return f"size {size!r} is not a positive number"
+    except TypeError:
+        return f"size {size!r} is not a number"
+    return None
+
+
 def screen(records: list[Any], now: float | None = None) -> tuple[list[Any], list[str]]:
     """``records`` split by ``check_tick``: (the good ones, why each bad one is bad).
 
@@ -189,6 +218,10 @@ def screen(records: list[Any], now: float | None = None) -> tuple[list[Any], lis
                     and 0 < len(r.source) <= most and 0 < r.price < math.inf
                     and (r.bid is None or isfinite(r.bid)) and (r.ask is None or isfinite(r.ask))
                     and (r.volume is None or isfinite(r.volume))):
+                continue
+            if (type(r) is Trade and lo <= r.ts <= hi and 0 < len(r.symbol) <= most
+                    and 0 < len(r.source) <= most and 0 < r.price < math.inf
+                    and 0 < r.size < math.inf):
                 continue
         except TypeError:
             pass

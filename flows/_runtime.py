@@ -109,6 +109,8 @@ class Runtime:
         handle_signals: drain on SIGINT/SIGTERM (main thread only).
         fresh: ask actors to ignore saved state (checkpoints, offsets).
         shard: poll only this shard's symbols (``Shard(k, N)``).
+        rate_budget: a rate budget HTTP sources share with other processes
+            through Redis (a ``RateBudget`` or its ``redis://`` URL).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class Runtime:
         handle_signals: bool = False,
         fresh: bool = False,
         shard: Shard | None = None,
+        rate_budget: Any = None,
     ) -> None:
         if not isinstance(flow, Flow):
             raise FlowError(f"expected a Flow, got {type(flow).__name__}")
@@ -144,6 +147,7 @@ class Runtime:
         self.handle_signals = handle_signals
         self.fresh = fresh
         self.shard = shard
+        self.rate_budget = rate_budget
         self.state = "starting"
         self.stop_reason: str | None = None
         self.started_at = time.monotonic()
@@ -306,7 +310,8 @@ class Runtime:
 
     def _start_actors(self, nursery: trio.Nursery) -> None:
         flow = self.flow
-        context = RunContext(flow=flow.name, fresh=self.fresh, shard=self.shard)
+        context = RunContext(flow=flow.name, fresh=self.fresh, shard=self.shard,
+                             rate_budget=self.rate_budget)
         for actor in flow.actors:
             setup = getattr(actor, "setup", None)
             if callable(setup):

@@ -7,8 +7,9 @@ first pending one, writes them in one call, and sorts a failure into one of
 three kinds:
 
 - transient (``is_transient``: connection refused or lost, timeouts, a
-  server shutting down, 5xx): retried with exponential backoff and full
-  jitter, blocking the inbox meanwhile (backpressure, not loss);
+  server shutting down, 5xx): retried by the ``retry`` policy
+  (``flows.Retry``; default: forever), blocking the inbox meanwhile
+  (backpressure, not loss);
 - the records' fault (neither transient nor fatal: a value the database
   refuses, a record that cannot be encoded): the write is split until the
   bad records are isolated, and only they are dropped, counted with reason
@@ -40,10 +41,9 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -53,33 +53,14 @@ from ._channels import Inbox
 from ._log import DropLog
 from ._metrics import ComponentMetrics
 from ._records import Batch
+from ._retry import Retry
 
-__all__ = ["BatchingSink", "Retry"]
+__all__ = ["BatchingSink"]
 
 T = TypeVar("T")
 
 _CLOSE_AFTER_FORCE = 2.0
 """Seconds a sink's ``close()`` may take after a forced stop."""
-
-
-@attrs.frozen(kw_only=True)
-class Retry:
-    """Retry policy: exponential backoff with full jitter.
-
-    ``attempts=None`` retries forever (the sink blocks while its database is
-    down, and the flow backs up behind it).
-    """
-
-    attempts: int | None = None
-    backoff: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
-    max_backoff: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
-
-    def delays(self) -> Iterator[float]:
-        """Sleep before each retry: uniform(0, min(max_backoff, backoff * 2**n))."""
-        n = 0
-        while self.attempts is None or n < self.attempts - 1:
-            yield random.uniform(0, min(self.max_backoff, self.backoff * 2**n))
-            n += 1
 
 
 class BatchingSink:
@@ -88,7 +69,8 @@ class BatchingSink:
     Parameters (keyword-only in subclasses):
         batch_size: write when this many records are pending.
         flush_interval: or when the oldest pending batch is this old (s).
-        retry: policy for failures ``is_transient`` accepts.
+        retry: policy for failures ``is_transient`` accepts (``flows.Retry``;
+            default ``Retry()``: forever, 0.1 s doubling up to 10 s).
         write_timeout: longest one write attempt may take (s, wall clock;
             default 30; ``None``: unbounded). Past it the attempt is
             cancelled, ``abort()`` is called, and it is retried.

@@ -41,12 +41,18 @@ connection:
    (channel hop, histogram observations) are paid per batch, not per
    message;
 3. when nothing arrives for ``silence_timeout`` seconds, or the connection
-   closes or fails, it reconnects after a full-jitter exponential backoff
-   (``backoff`` doubling up to ``max_backoff``; back to ``backoff`` after a
-   connection that delivered data) and subscribes the same symbols again.
+   closes or fails, it reconnects after the wait the ``retry`` policy gives
+   (``flows.Retry``; its run of tries starts over after a connection that
+   delivered data) and subscribes the same symbols again; once a finite
+   policy's ``attempts`` connections have ended since the last one that
+   delivered data (that one included), the source raises (the supervisor
+   restarts it, within its restart budget).
    Reconnects are counted by reason: ``closed`` (the connection dropped with
    no close frame: 1006), ``server`` (the server closed it with a close
-   frame, e.g. Binance's 24-hour limit), ``silent`` (no message within
+   frame, e.g. Binance's 24-hour limit), ``server_shutdown`` (the server
+   announced it is going down, Binance's ``serverShutdown``: the source
+   closes the connection and opens a new one at once, without backoff,
+   before the server drops it), ``silent`` (no message within
    ``silence_timeout``), ``timeout`` (connecting took longer than
    ``connect_timeout``), ``error`` (refused, rejected handshake, network
    error). Sequence tracking restarts on each connection.
@@ -77,7 +83,6 @@ read in the source's own task); no extra is needed.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +100,7 @@ from ._log import DropLog
 from ._metrics import ComponentMetrics, MetricFamily
 from ._records import Batch, Tick
 from ._redact import redact
+from ._retry import Retry
 from ._websocket import (
     ConnectionClosed,
     HandshakeError,
@@ -108,7 +114,7 @@ __all__ = ["RECONNECT_REASONS", "StreamParsed", "WebSocketSource"]
 
 log = logging.getLogger("flows.ws")
 
-RECONNECT_REASONS = ("closed", "error", "silent", "timeout", "server")
+RECONNECT_REASONS = ("closed", "error", "silent", "timeout", "server", "server_shutdown")
 """Why a connection was replaced (the ``reason`` label of reconnects)."""
 
 MESSAGES = MetricFamily("flows_source_messages_total", "counter",
@@ -116,7 +122,8 @@ MESSAGES = MetricFamily("flows_source_messages_total", "counter",
 RECONNECTS = MetricFamily(
     "flows_source_reconnects_total", "counter",
     "At a stream source: connections replaced, by reason (closed: dropped with no close frame; "
-    "server: closed by the server; silent: no message within silence_timeout; timeout: "
+    "server: closed by the server; server_shutdown: replaced at once after the server "
+    "announced a shutdown; silent: no message within silence_timeout; timeout: "
     "connecting took too long; error: refused or failed).",
     labels=("reason",),
 )
@@ -139,10 +146,14 @@ class StreamParsed(Parsed):
     ``sequences``: ``(key, update id)`` per update, in message order; ids
     must go up by one per key, a larger jump is a gap. ``replies``: messages
     to send back on the same connection (an exchange-level ping's answer).
+    ``reconnect``: the server announced it will close this connection
+    (Binance's ``serverShutdown``): the source replaces it at once, once
+    this batch is sent (reason ``server_shutdown``).
     """
 
     sequences: list[tuple[str, int]] = attrs.field(factory=list)
     replies: list[Message] = attrs.field(factory=list)
+    reconnect: bool = False
 
     def merge(self, other: Parsed) -> None:
         """Add ``other``'s ticks, counts, details (and ids, replies) to these."""
@@ -153,6 +164,7 @@ class StreamParsed(Parsed):
         if isinstance(other, StreamParsed):
             self.sequences += other.sequences
             self.replies += other.replies
+            self.reconnect = self.reconnect or other.reconnect
 
 
 @attrs.define(eq=False)
@@ -190,7 +202,8 @@ class WebSocketSource:
         close_timeout: seconds to wait for the close handshake.
         silence_timeout: seconds without any message after which the
             connection counts as dead and is replaced.
-        backoff, max_backoff: full-jitter exponential reconnect backoff (s).
+        retry: the reconnect policy (``flows.Retry``; default
+            ``DEFAULT_RETRY``: forever, 0.5 s doubling up to 30 s).
         batch_size: most records per Batch.
         batch_window: seconds a Batch stays open for more messages after its
             first one (0: one socket read per Batch).
@@ -213,6 +226,7 @@ class WebSocketSource:
     SUBSCRIBE_LIMITS: tuple[RateLimit, ...] = ()
     CONNECT_LIMITS: tuple[RateLimit, ...] = ()
     HEARTBEAT_INTERVAL: float | None = None
+    DEFAULT_RETRY = Retry(backoff=0.5, max_backoff=30.0)
     METRICS = (MESSAGES, RECONNECTS, UPTIME, GAPS)
 
     def __init__(
@@ -224,8 +238,7 @@ class WebSocketSource:
         connect_timeout: float = 10.0,
         close_timeout: float = 2.0,
         silence_timeout: float = 30.0,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
+        retry: Retry | None = None,
         batch_size: int = 1000,
         batch_window: float = 0.005,
         subscribe_limits: Sequence[RateLimit] | None = None,
@@ -245,8 +258,8 @@ class WebSocketSource:
                              "max_message_size must be >= 1")
         if not (connect_timeout > 0 and silence_timeout > 0 and close_timeout > 0):
             raise ValueError(f"{name}: timeouts must be > 0")
-        if backoff < 0 or max_backoff < backoff or batch_window < 0:
-            raise ValueError(f"{name}: need 0 <= backoff <= max_backoff and batch_window >= 0")
+        if batch_window < 0:
+            raise ValueError(f"{name}: batch_window must be >= 0")
         self.symbols = list(dict.fromkeys(symbols))
         self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
         redact(self.base_url, learn=True)  # a key in the URL never shows
@@ -254,7 +267,7 @@ class WebSocketSource:
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
         self.silence_timeout = silence_timeout
-        self.backoff, self.max_backoff = backoff, max_backoff
+        self.retry = self.DEFAULT_RETRY if retry is None else retry
         self.batch_size, self.batch_window = batch_size, batch_window
         self.subscribe_limits = tuple(
             self.SUBSCRIBE_LIMITS if subscribe_limits is None else subscribe_limits
@@ -373,6 +386,11 @@ class WebSocketSource:
                     nursery.start_soon(self._snapshots, outbox)
                 for shard in self.shards:
                     nursery.start_soon(self._keep_connected, shard, outbox)
+        except BaseExceptionGroup as group:
+            gave_up, _ = group.split(ReconnectsExhausted)
+            if gave_up is None:
+                raise
+            raise _first(gave_up) from None  # the reason, not "Exceptions from Trio nursery"
         finally:
             self._running = False
             for shard in self.shards:
@@ -382,19 +400,25 @@ class WebSocketSource:
 
     async def _keep_connected(self, shard: _Shard, outbox: Outbox) -> None:
         m = outbox.metrics
-        attempt = 0
+        delays = self.retry.delays()
         while True:
             await self.connect_limiter.acquire()
             reason, delivered = await self._connect_once(shard, outbox)
             m.labeled(RECONNECTS, reason).inc()
             if shard.down_reason is None:  # it was up: the gap starts now
                 shard.down_wall, shard.down_reason = self._wall.now(), reason
-            attempt = 0 if delivered else attempt + 1
-            delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+            if delivered:
+                delays = self.retry.delays()  # it worked: a new run of tries
+            delay = next(delays, None)
+            if delay is None:
+                raise ReconnectsExhausted(
+                    f"source {self.name}: connection {shard.index} {_REASON_TEXT[reason]}; "
+                    f"giving up after {self.retry.attempts} connections without data ({self.retry!r})"
+                )
             log.info("source %s: connection %d %s; reconnecting in %.2fs",
-                     self.name, shard.index, _REASON_TEXT[reason], delay,
+                     self.name, shard.index, _REASON_TEXT[reason], _wait(reason, delay),
                      extra={"stage": self.name, "reason": reason})
-            await trio.sleep(delay)
+            await trio.sleep(_wait(reason, delay))
 
     async def _connect_once(self, shard: _Shard, outbox: Outbox) -> tuple[str, bool]:
         """One connection, from connecting to its end: (reason it ended,
@@ -522,6 +546,8 @@ class WebSocketSource:
                 shard.messages += n
                 for i in range(0, len(ticks), size):
                     await outbox.send(Batch(ticks[i : i + size]))
+            if out.reconnect:
+                return "server_shutdown"
             if closed is not None:
                 raise closed
 
@@ -614,9 +640,27 @@ def _close_reason(closed: ConnectionClosed) -> str:
     return "closed" if closed.code == 1006 else "server"
 
 
+def _wait(reason: str, backoff: float) -> float:
+    """Seconds before the next connection: none when the server asked for a
+    new one (a shutdown announced), else the backoff."""
+    return 0.0 if reason == "server_shutdown" else backoff
+
+
+class ReconnectsExhausted(ConnectionError):
+    """A finite ``retry`` policy ran out of connection attempts."""
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 _REASON_TEXT = {
     "closed": "dropped (no close frame)",
     "server": "closed by the server",
+    "server_shutdown": "replaced: the server announced a shutdown",
     "silent": "went silent",
     "timeout": "timed out connecting",
     "error": "failed",

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from ._budget import RateBudget
 from ._flow import Flow, FlowError
 from ._log import setup_logging
 from ._redact import redact
@@ -182,6 +183,13 @@ def _shard_arg(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _budget_arg(text: str) -> RateBudget:
+    try:
+        return RateBudget(url=text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m flows.run",
@@ -201,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="longest a drain may take before a forced stop (default: %(default)s)")
     p.add_argument("--shard", metavar="K/N", type=_shard_arg,
                    help="poll only shard K of N of each source's symbols (rendezvous hashing)")
+    p.add_argument("--rate-budget", metavar="URL", type=_budget_arg,
+                   help="share each HTTP source's rate limit with the other processes on this "
+                        "host through Redis (redis://HOST:PORT/DB); see 'Scaling out'")
     p.add_argument("--fresh", action="store_true",
                    help="ignore saved state (change-detector checkpoints, replay offsets)")
     p.add_argument("--graph", action="store_true",
@@ -235,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             handle_signals=True,
             fresh=args.fresh,
             shard=args.shard,
+            rate_budget=args.rate_budget,
         )
     except (TargetError, FlowError, ComponentError, ValueError) as exc:
         print(f"flows: error: {redact(exc)}", file=sys.stderr)

@@ -116,8 +116,9 @@ from decimal import Decimal
 from typing import Any, Literal
 
 import httpx
+import msgspec
 
-from flows import BatchingSink, Retry, add_secret, redact
+from flows import BatchingSink, Retry, Tick, add_secret, record_schema, redact
 
 __all__ = ["InfluxConfigError", "InfluxSink", "InfluxWriteError", "LineProtocolError", "timestamp"]
 
@@ -132,6 +133,9 @@ _MIN_NS, _MAX_NS = -9223372036854775806, 9223372036854775806  # InfluxDB's time 
 _MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ "})
 _KEY = str.maketrans({",": "\\,", " ": "\\ ", "=": "\\="})
 _STRING = str.maketrans({"\\": "\\\\", '"': '\\"'})
+_TICKS = {Tick}
+_DEFAULT_MAPPING = ("ticks", ("source", "symbol"), ("price", "bid", "ask", "volume"), "ts")
+_json = msgspec.json.Encoder()
 
 
 class LineProtocolError(ValueError):
@@ -286,7 +290,103 @@ def _error_message(response: httpx.Response) -> str:
     return text if len(text) <= 1000 else text[:1000] + "..."
 
 
-class InfluxSink(BatchingSink):
+class _Lines:
+    """Encoding records as lines, from the mapping attributes that
+    ``_set_mapping`` sets (an InfluxSink's own, or a ``_Layout``'s)."""
+
+    _prefix: str
+    _tag_prefixes: list[str]
+    _tag_values: Callable[[Any], tuple[Any, ...]]
+    _field_prefixes: list[str]
+    _field_values: Callable[[Any], tuple[Any, ...]]
+    _heads: dict[tuple[Any, ...], str]
+    _time: Callable[[Any], Any]
+    precision: str
+
+    def _lines(self, records: list[Any]) -> list[str]:
+        """The lines of ``records`` (the hot path: locals, one timestamp
+        conversion per run of equal times, cached tag heads)."""
+        tag_values, heads, make_head = self._tag_values, self._heads, self._head
+        field_prefixes, field_values = self._field_prefixes, self._field_values
+        time_of, precision = self._time, self.precision
+        last_ts: Any = None
+        stamp = ""
+        lines: list[str] = []
+        append = lines.append
+        for record in records:
+            values = tag_values(record)
+            try:
+                head = heads.get(values)
+            except TypeError:  # an unhashable tag value
+                head = None
+            if head is None:
+                head = make_head(values)
+            fields = []
+            for prefix, value in zip(field_prefixes, field_values(record)):
+                if type(value) is float:
+                    if value - value == 0.0:  # finite
+                        fields.append(prefix + repr(value))
+                elif value is not None:
+                    try:
+                        text = _field_value(value)
+                    except LineProtocolError as exc:
+                        raise LineProtocolError(f"field {prefix[:-1]!r}: {exc}") from None
+                    if text is not None:
+                        fields.append(prefix + text)
+            if not fields:
+                raise LineProtocolError("no field to write (all are None, NaN or infinite)")
+            ts = time_of(record)
+            if ts != last_ts:
+                stamp = str(timestamp(ts, precision))
+                last_ts = ts
+            append(f"{head} {','.join(fields)} {stamp}")
+        return lines
+
+    def _head(self, values: tuple[Any, ...]) -> str:
+        """``measurement,tag=value,...`` for these tag values (cached when all are str)."""
+        parts = [self._prefix]
+        for prefix, value in zip(self._tag_prefixes, values):
+            if value is None or value == "":
+                continue
+            parts.append(",")
+            parts.append(prefix)
+            parts.append(_tag_value(value))
+        head = "".join(parts)
+        if all(type(v) is str for v in values):
+            if len(self._heads) >= _HEAD_CACHE:
+                self._heads.clear()
+            self._heads[values] = head
+        return head
+
+
+def _set_mapping(obj: Any, measurement: str, tag_specs: list[Any], field_specs: list[Any]) -> None:
+    """Set the attributes ``_Lines`` reads on ``obj``."""
+    obj._prefix = measurement.translate(_MEASUREMENT)
+    obj._tag_prefixes = [prefix for _, prefix, _ in tag_specs]
+    obj._tag_values = _getter([source for _, _, source in tag_specs])
+    obj._field_prefixes = [prefix for _, prefix, _ in field_specs]
+    obj._field_values = _getter([source for _, _, source in field_specs])
+    obj._heads = {}  # tag values -> "measurement,tags"
+
+
+class _Layout(_Lines):
+    """A record type's own mapping (the sink's default mapping fits Ticks)."""
+
+    def __init__(self, measurement: str, tags: FieldSpec, fields: FieldSpec, time: str,
+                 precision: str) -> None:
+        _check_name("measurement", measurement, measurement=True)
+        _set_mapping(self, measurement, sorted(_specs("tags", tags), key=operator.itemgetter(0)),
+                     _specs("fields", fields))
+        self._time = operator.attrgetter(time)
+        self.precision = precision
+
+
+def _json_getter(name: str) -> Callable[[Any], Any]:
+    get = operator.attrgetter(name)
+    return lambda record: None if (v := get(record)) is None else _json.encode(v).decode()
+
+
+class InfluxSink(_Lines, BatchingSink):
     """Sink: write records to InfluxDB (or QuestDB, VictoriaMetrics) as line protocol.
 
     Usage::
@@ -307,6 +407,9 @@ class InfluxSink(BatchingSink):
             (default ``("source", "symbol")``).
         fields: same form (default ``("price", "bid", "ask", "volume")``).
         time: attribute name or function giving epoch seconds (default ``"ts"``).
+        measurements: measurement names for other record types, with the
+            default mapping (default: each type's ``record_schema`` table:
+            ``trades``, ``candles``, ...).
         precision: ``"ns"``, ``"us"``, ``"ms"`` or ``"s"`` (default ``"ns"``).
         batch_size: write (one HTTP request) once this many records are pending
             (default 5000).
@@ -332,6 +435,7 @@ class InfluxSink(BatchingSink):
         tags: FieldSpec = ("source", "symbol"),
         fields: FieldSpec = ("price", "bid", "ask", "volume"),
         time: str | Callable[[Any], float] = "ts",
+        measurements: Mapping[type, str] | None = None,
         precision: Precision = "ns",
         batch_size: int = 5000,
         flush_interval: float = 1.0,
@@ -388,12 +492,13 @@ class InfluxSink(BatchingSink):
             write_timeout=write_timeout, unready_after=unready_after,
         )
         self.timeout = timeout
-        self._prefix = measurement.translate(_MEASUREMENT)
-        self._tag_prefixes = [prefix for _, prefix, _ in tag_specs]
-        self._tag_values = _getter([source for _, _, source in tag_specs])
-        self._field_prefixes = [prefix for _, prefix, _ in field_specs]
-        self._field_values = _getter([source for _, _, source in field_specs])
-        self._heads: dict[tuple[Any, ...], str] = {}  # tag values -> "measurement,tags"
+        _set_mapping(self, measurement, tag_specs, field_specs)
+        # the default mapping: a Struct type other than Tick gets its own (record_schema)
+        self._by_type = (measurement, tuple(tags), tuple(fields), time) == _DEFAULT_MAPPING
+        self.measurements = dict(measurements or {})
+        for other in self.measurements.values():
+            _check_name("measurement", other, measurement=True)
+        self._layouts: dict[type, _Lines] = {}
         if bucket is not None:
             self._path = "/api/v2/write"
             self._params = {"org": org, "bucket": bucket, "precision": precision}
@@ -428,59 +533,40 @@ class InfluxSink(BatchingSink):
         return self._lines([record])[0]
 
     def _lines(self, records: list[Any]) -> list[str]:
-        """The lines of ``records`` (the hot path: locals, one timestamp
-        conversion per run of equal times, cached tag heads)."""
-        tag_values, heads, make_head = self._tag_values, self._heads, self._head
-        field_prefixes, field_values = self._field_prefixes, self._field_values
-        time_of, precision = self._time, self.precision
-        last_ts: Any = None
-        stamp = ""
+        """The lines of ``records``: with the default mapping, a Struct type
+        other than Tick is written by its own (``_layout``)."""
+        if not self._by_type or set(map(type, records)) == _TICKS:
+            return _Lines._lines(self, records)
+        by_type: dict[type, list[Any]] = {}
+        for r in records:
+            by_type.setdefault(type(r), []).append(r)
         lines: list[str] = []
-        append = lines.append
-        for record in records:
-            values = tag_values(record)
-            try:
-                head = heads.get(values)
-            except TypeError:  # an unhashable tag value
-                head = None
-            if head is None:
-                head = make_head(values)
-            fields = []
-            for prefix, value in zip(field_prefixes, field_values(record)):
-                if type(value) is float:
-                    if value - value == 0.0:  # finite
-                        fields.append(prefix + repr(value))
-                elif value is not None:
-                    try:
-                        text = _field_value(value)
-                    except LineProtocolError as exc:
-                        raise LineProtocolError(f"field {prefix[:-1]!r}: {exc}") from None
-                    if text is not None:
-                        fields.append(prefix + text)
-            if not fields:
-                raise LineProtocolError("no field to write (all are None, NaN or infinite)")
-            ts = time_of(record)
-            if ts != last_ts:
-                stamp = str(timestamp(ts, precision))
-                last_ts = ts
-            append(f"{head} {','.join(fields)} {stamp}")
+        for kind, same in by_type.items():
+            typed = kind is not Tick and issubclass(kind, msgspec.Struct)
+            lines += _Lines._lines(self._layout(kind) if typed else self, same)
         return lines
 
-    def _head(self, values: tuple[Any, ...]) -> str:
-        """``measurement,tag=value,...`` for these tag values (cached when all are str)."""
-        parts = [self._prefix]
-        for prefix, value in zip(self._tag_prefixes, values):
-            if value is None or value == "":
-                continue
-            parts.append(",")
-            parts.append(prefix)
-            parts.append(_tag_value(value))
-        head = "".join(parts)
-        if all(type(v) is str for v in values):
-            if len(self._heads) >= _HEAD_CACHE:
-                self._heads.clear()
-            self._heads[values] = head
-        return head
+    def _layout(self, kind: type) -> _Lines:
+        """How records of ``kind`` become lines: measurement, tags, fields
+        and time from its ``record_schema``."""
+        layout = self._layouts.get(kind)
+        if layout is None:
+            schema = record_schema(kind)
+            if schema.time is None:
+                raise LineProtocolError(f"record type {kind.__name__} has no time field "
+                                        "(declare __time__)")
+            if schema.key:
+                tags = [k for k in schema.key if k != schema.time]
+            else:
+                tags = [n for n in ("source", "symbol") if n in schema.names]
+            fields: dict[str, Any] = {}
+            for c in schema.columns:
+                if c.name not in tags and c.name != schema.time:
+                    fields[c.name] = _json_getter(c.name) if c.kind == "json" else c.name
+            layout = self._layouts[kind] = _Layout(
+                self.measurements.get(kind, schema.table), tags, fields, schema.time,
+                self.precision)
+        return layout
 
     def encode_batch(self, records: list[Any]) -> bytes:
         """The request body for ``records``: their lines, UTF-8."""

@@ -71,15 +71,19 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from flows import BatchingSink, Retry, redact
+from flows import BatchingSink, Retry, Tick, record_schema, redact
 
 __all__ = ["PostgresSink"]
+
+_TICKS = {Tick}  # a write of Ticks only takes their own path
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 _COLUMNS = ("source", "symbol", "ts", "price", "bid", "ask", "volume")
@@ -120,8 +124,10 @@ class PostgresSink(BatchingSink):
             environment variables fill in what it leaves out. A password
             in it (``user:password@``, ``password=...``) is masked
             wherever the sink is shown (``flows.redact``).
-        table: table name, optionally ``schema.table`` (created if
-            missing; used as written: quoted, so case-sensitive).
+        table: the Ticks' table name, optionally ``schema.table`` (created
+            if missing; used as written: quoted, so case-sensitive).
+        tables: table names for other record types (default: each type's
+            ``record_schema`` table: ``trades``, ``candles``, ...).
         batch_size: rows per transaction at most (default 1000).
         flush_interval: longest a row waits before its write (s, default 1.0).
         retry: retry policy for transient errors (default: forever, backoff).
@@ -141,6 +147,7 @@ class PostgresSink(BatchingSink):
         dsn: str,
         *,
         table: str = "ticks",
+        tables: Mapping[type, str] | None = None,
         batch_size: int = 1000,
         flush_interval: float = 1.0,
         retry: Retry | None = None,
@@ -153,6 +160,12 @@ class PostgresSink(BatchingSink):
             raise ValueError(f"table name {table!r} is not a plain SQL identifier (or schema.table)")
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be > 0")
+        self.tables = dict(tables or {})
+        for other in self.tables.values():
+            if not _IDENT.match(other):
+                raise ValueError(f"table name {other!r} is not a plain SQL identifier (or schema.table)")
+        self._plans: dict[type, _Plan] = {}
+        self._created: set[str] = set()  # tables created on the current connection
         self.dsn = dsn
         self._shown_dsn = redact(dsn, learn=True)  # the password never shows
         self.table = table
@@ -205,6 +218,7 @@ class PostgresSink(BatchingSink):
         return f"PostgresSink({self._shown_dsn!r}, table={self.table!r}, name={self.name!r})"
 
     def _connect(self) -> psycopg.Connection[Any]:
+        self._created.clear()
         conn = psycopg.connect(
             self.dsn,
             autocommit=True,  # transactions are explicit: conn.transaction()
@@ -231,13 +245,18 @@ class PostgresSink(BatchingSink):
             raise
         return conn
 
-    def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The current connection, or a new one if it is gone."""
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             self._drop_connection(conn)
             conn = self._connect()
             with self._conn_lock:
                 self._conn = conn
+        return conn
+
+    def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
+        conn = self._connection()
         try:
             try:
                 # The common case, a batch never stored before: COPY straight in.
@@ -309,8 +328,100 @@ class PostgresSink(BatchingSink):
             await self.run_in_thread(self._drop_connection)
 
     async def write(self, records: list[Any]) -> None:
-        rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
-        await self.run_in_thread(self._write_sync, rows)
+        if set(map(type, records)) == _TICKS:  # the Ticks' own path
+            rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
+            await self.run_in_thread(self._write_sync, rows)
+        else:
+            await self.run_in_thread(self._write_groups_sync, self._groups(records))
+
+    # -- other record types: a table per type ------------------------------------
+
+    def _groups(self, records: list[Any]) -> list[tuple[_Plan, list[tuple[Any, ...]]]]:
+        """(plan, rows) per record type; Ticks go to ``table`` as always."""
+        by_type: dict[type, list[Any]] = {}
+        for r in records:
+            by_type.setdefault(type(r), []).append(r)
+        groups = []
+        for kind, same in by_type.items():
+            plan = self._plans.get(kind)
+            if plan is None:
+                plan = self._plans[kind] = self._plan(kind)
+            if kind is Tick:
+                rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in same]
+            else:
+                rows = record_schema(kind).rows(same)
+            groups.append((plan, rows))
+        return groups
+
+    def _plan(self, kind: type) -> _Plan:
+        if kind is Tick:
+            return _Plan(self.table, None, self._copy_direct, self._stage, self._copy,
+                         self._insert)
+        schema = record_schema(kind)
+        table = self.tables.get(kind, schema.table)
+        target = sql.Identifier(*table.split("."))
+        cols = sql.SQL(", ").join(map(sql.Identifier, schema.names))
+        stage = sql.Identifier(f"flows_staging_{len(self._plans)}")
+        defs = [sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(_PG_TYPES[c.kind]),
+                                          sql.SQL("" if c.optional else " NOT NULL"))
+                for c in schema.columns]
+        insert = None
+        if schema.key:
+            key = sql.SQL(", ").join(map(sql.Identifier, schema.key))
+            whole = all(not schema.column(k).optional for k in schema.key)
+            defs.append(sql.SQL("PRIMARY KEY ({})" if whole else "UNIQUE ({})").format(key))
+            insert = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING"
+                             ).format(target, cols, cols, stage, key)
+        create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+            target, sql.SQL(", ").join(defs))
+        return _Plan(
+            table, create, sql.SQL("COPY {} ({}) FROM STDIN").format(target, cols),
+            sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(stage, target),
+            sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols), insert,
+        )
+
+    def _write_groups_sync(self, groups: list[tuple[_Plan, list[tuple[Any, ...]]]]) -> None:
+        """Every group in one transaction: COPYed straight in; on a key stored
+        already, again through staging tables, idempotently (as ``_write_sync``)."""
+        conn = self._connection()
+        try:
+            for plan, _ in groups:
+                if plan.create is not None and plan.table not in self._created:
+                    self._create_table(conn, plan.create)
+                    self._created.add(plan.table)
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    for plan, rows in groups:
+                        _copy(cur, plan.copy_direct, rows)
+                return
+            except psycopg.errors.UniqueViolation:
+                pass  # some rows are stored already (a redelivery): dedupe through staging
+            with conn.transaction(), conn.cursor() as cur:
+                for plan, rows in groups:
+                    if plan.insert is None:  # no key: appended
+                        _copy(cur, plan.copy_direct, rows)
+                        continue
+                    cur.execute(plan.stage)
+                    _copy(cur, plan.copy, rows)
+                    cur.execute(plan.insert)
+        except psycopg.Error as exc:
+            if _rejected(exc) and not conn.broken:
+                raise
+            self._drop_connection(conn)
+            raise
+        except BaseException:
+            self._drop_connection(conn)
+            raise
+
+    @staticmethod
+    def _create_table(conn: psycopg.Connection[Any], create: Any) -> None:
+        try:
+            with conn.transaction():
+                conn.execute(create)
+        except (psycopg.IntegrityError, psycopg.errors.DuplicateObject,
+                psycopg.errors.DuplicateTable):
+            with conn.transaction():  # created by another connection at the same moment
+                conn.execute(create)
 
     def is_transient(self, exc: Exception) -> bool:
         # Anything not the records' fault (nor the configuration's, see
@@ -330,6 +441,28 @@ class PostgresSink(BatchingSink):
             return True  # an invalid DSN, a client-side misuse
         message = str(exc)
         return any(m in message for m in _FATAL_MESSAGES)
+
+
+_PG_TYPES = {"float": "double precision", "int": "bigint", "str": "text", "bool": "boolean",
+             "json": "jsonb"}
+
+
+@attrs.frozen
+class _Plan:
+    """The statements that store one record type."""
+
+    table: str
+    create: Any  # None: created when connecting (the Ticks' table)
+    copy_direct: Any
+    stage: Any
+    copy: Any
+    insert: Any  # None: no key, rows are appended
+
+
+def _copy(cur: Any, statement: Any, rows: list[tuple[Any, ...]]) -> None:
+    with cur.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _rejected(exc: psycopg.Error) -> bool:

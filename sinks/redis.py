@@ -68,6 +68,7 @@ Example (two processes: a poller that publishes, a consumer that stores)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -75,7 +76,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as _RedisRetry
 
-from flows import BatchingSink, Retry, redact
+from flows import BatchingSink, Retry, Tick, record_schema, redact
 
 __all__ = ["FIELD", "EntryTooLarge", "RedisStreamSink", "encode_record", "no_retry"]
 
@@ -117,7 +118,10 @@ class RedisStreamSink(BatchingSink):
         url: the server, ``redis://[user:password@]host:port/db`` (or
             ``rediss://``, ``unix://``), as redis-py's ``from_url`` takes it;
             the password is masked wherever the sink is shown.
-        stream: the stream's key.
+        stream: the stream's key (for Ticks, and records that are not
+            msgspec Structs).
+        streams: stream keys for other record types (default: each Struct
+            type's ``record_schema`` table: ``trades``, ``candles``, ...).
         maxlen: cap the stream at about this many entries (``MAXLEN ~``);
             ``None``: no cap.
         batch_size: entries per pipeline at most (default 1000).
@@ -140,6 +144,7 @@ class RedisStreamSink(BatchingSink):
         url: str = "redis://127.0.0.1:6379/0",
         *,
         stream: str = "ticks",
+        streams: Mapping[type, str] | None = None,
         maxlen: int | None = None,
         batch_size: int = 1000,
         flush_interval: float = 0.5,
@@ -161,6 +166,9 @@ class RedisStreamSink(BatchingSink):
         self.url = url
         self._shown_url = redact(url, learn=True)  # the password never shows
         self.stream = stream
+        self.streams: dict[type, str] = {Tick: stream, **(streams or {})}
+        if not all(self.streams.values()):
+            raise ValueError("streams must not be empty")
         self.maxlen = maxlen
         super().__init__(
             name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
@@ -190,17 +198,30 @@ class RedisStreamSink(BatchingSink):
 
     def _write_sync(self, records: list[Any]) -> None:
         assert self._client is not None
-        encode, stream, maxlen, limit = _encoder.encode, self.stream, self.maxlen, self.max_entry_bytes
+        encode, maxlen, limit = _encoder.encode, self.maxlen, self.max_entry_bytes
         entries = []
         for r in records:  # a bad record fails before any XADD
             data = encode(r)
             if len(data) > limit:
                 raise EntryTooLarge(f"entry of {len(data)} bytes > max_entry_bytes ({limit})")
             entries.append({FIELD: data})
+        kinds = set(map(type, records))
+        if len(kinds) == 1:
+            streams = [self.streams.get(type(records[0])) or self._stream_of(type(records[0]))]
+            streams *= len(records)
+        else:
+            streams = [self.streams.get(type(r)) or self._stream_of(type(r)) for r in records]
         with self._client.pipeline(transaction=False) as pipe:
-            for fields in entries:
+            for stream, fields in zip(streams, entries):
                 pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
             pipe.execute()
+
+    def _stream_of(self, kind: type) -> str:
+        """The stream of a record type: its ``record_schema`` table for a
+        Struct, else ``stream``."""
+        is_struct = isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+        stream = self.streams[kind] = record_schema(kind).table if is_struct else self.stream
+        return stream
 
     async def write(self, records: list[Any]) -> None:
         await self.run_in_thread(self._write_sync, records)

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flows import BatchingSink, Retry
+from flows import BatchingSink, Retry, Tick, record_schema
 
 __all__ = ["SQLiteSink"]
+
+_TICKS = {Tick}  # a write of Ticks only takes their own path
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -69,7 +72,9 @@ class SQLiteSink(BatchingSink):
 
     Parameters:
         path: the database file (created if missing).
-        table: table name (created if missing).
+        table: the Ticks' table name (created if missing).
+        tables: table names for other record types (default: each type's
+            ``record_schema`` table: ``trades``, ``candles``, ...).
         batch_size: rows per transaction at most (default 1000).
         flush_interval: longest a row waits before its write (s, default 1.0).
         retry: retry policy for transient errors (default: forever, backoff).
@@ -87,6 +92,7 @@ class SQLiteSink(BatchingSink):
         path: str | Path = "ticks.db",
         *,
         table: str = "ticks",
+        tables: Mapping[type, str] | None = None,
         batch_size: int = 1000,
         flush_interval: float = 1.0,
         retry: Retry | None = None,
@@ -97,8 +103,14 @@ class SQLiteSink(BatchingSink):
     ) -> None:
         if not _IDENT.match(table):
             raise ValueError(f"table name {table!r} is not a plain SQL identifier")
+        self.tables = dict(tables or {})
+        for other in self.tables.values():
+            if not _IDENT.match(other):
+                raise ValueError(f"table name {other!r} is not a plain SQL identifier")
         self.path = Path(path)
         self.table = table
+        self._plans: dict[type, tuple[str, str, Any]] = {}  # type -> (create, insert, schema)
+        self._created: set[str] = set()  # create statements run on this connection
         super().__init__(
             name=name, batch_size=batch_size, flush_interval=flush_interval, retry=retry,
             write_timeout=write_timeout, unready_after=unready_after,
@@ -111,6 +123,7 @@ class SQLiteSink(BatchingSink):
         )
 
     def _connect(self) -> sqlite3.Connection:
+        self._created.clear()
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -145,8 +158,54 @@ class SQLiteSink(BatchingSink):
             raise
 
     async def write(self, records: list[Any]) -> None:
-        rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
-        await self.run_in_thread(self._write_sync, rows)
+        if set(map(type, records)) == _TICKS:  # the Ticks' own path
+            rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in records]
+            await self.run_in_thread(self._write_sync, rows)
+        else:
+            await self.run_in_thread(self._write_groups_sync, self._groups(records))
+
+    # -- other record types: a table per type ------------------------------------
+
+    def _groups(self, records: list[Any]) -> list[tuple[str | None, str, list[tuple[Any, ...]]]]:
+        """(create statement, insert statement, rows) per record type."""
+        by_type: dict[type, list[Any]] = {}
+        for r in records:
+            by_type.setdefault(type(r), []).append(r)
+        groups: list[tuple[str | None, str, list[tuple[Any, ...]]]] = []
+        for kind, same in by_type.items():
+            if kind is Tick:
+                rows = [(t.source, t.symbol, t.ts, t.price, t.bid, t.ask, t.volume) for t in same]
+                groups.append((None, self._insert, rows))
+            else:
+                create, insert, schema = self._plan(kind)
+                groups.append((create, insert, schema.rows(same)))
+        return groups
+
+    def _plan(self, kind: type) -> tuple[str, str, Any]:
+        plan = self._plans.get(kind)
+        if plan is None:
+            schema = record_schema(kind)
+            plan = self._plans[kind] = (*_statements(self.tables.get(kind, schema.table), schema),
+                                        schema)
+        return plan
+
+    def _write_groups_sync(self, groups: list[tuple[str | None, str, list[tuple[Any, ...]]]]) -> None:
+        assert self._db is not None
+        db = self._db
+        created = []
+        db.execute("BEGIN")
+        try:
+            for create, insert, rows in groups:
+                if create is not None and create not in self._created:
+                    db.execute(create)
+                    created.append(create)
+                db.executemany(insert, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._created.update(created)
 
     def abort(self) -> None:
         db = self._db
@@ -166,3 +225,22 @@ class SQLiteSink(BatchingSink):
         # read-only or unopenable file, corrupt database, a table of another shape
         code = getattr(exc, "sqlite_errorcode", None)
         return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _FATAL_CODES
+
+
+_SQL_TYPES = {"float": "REAL", "int": "INTEGER", "str": "TEXT", "bool": "INTEGER", "json": "TEXT"}
+
+
+def _statements(table: str, schema: Any) -> tuple[str, str]:
+    """(CREATE TABLE, INSERT) for a record type's ``schema`` in ``table``:
+    a column per field, unique on its key (rows with a NULL in the key are
+    all kept), the insert idempotent on it."""
+    columns = [f'"{c.name}" {_SQL_TYPES[c.kind]}{"" if c.optional else " NOT NULL"}'
+               for c in schema.columns]
+    names = ", ".join(f'"{n}"' for n in schema.names)
+    marks = ", ".join("?" for _ in schema.columns)
+    insert = f"INSERT INTO {table} ({names}) VALUES ({marks})"
+    if schema.key:
+        key = ", ".join(f'"{k}"' for k in schema.key)
+        columns.append(f"UNIQUE ({key})")
+        insert += f" ON CONFLICT ({key}) DO NOTHING"
+    return f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(columns)})", insert

@@ -19,6 +19,15 @@ IP) the source pauses to the end of the minute. A 429 carries
 ``Retry-After``; repeating past it earns a 418 ban, which is honoured the
 same way. Errors look like ``{"code": -1121, "msg": "Invalid symbol."}``.
 
+Symbols are upper case on Binance (``BTCUSDT``); the source upper-cases
+the configured ones, as the stream source does, since a lower-case symbol
+gets -1100 ("Illegal characters found in parameter 'symbols'"). An unknown
+symbol (-1121) or one with characters Binance does not allow (-1100) fails
+the whole ``symbols=[...]`` request: the source splits the request until
+the symbol is alone, then parks it (counted ``unknown_symbol``, probed
+again every ``reprobe_every`` seconds), never holding it against the
+circuit breaker.
+
 Example::
 
     from flows import ChangeDetector, Flow
@@ -47,6 +56,12 @@ message is ``{"stream": "btcusdt@trade", "data": {...}}`` with ``data``:
 - ``<symbol>@miniTicker``: ``{"e":"24hrMiniTicker","E":ms,"s","c":close,
   "o","h","l","v":base volume,"q":quote volume}``, once a second. Tick: the
   close (last) price, ``ts`` the event time, ``volume`` the 24 h base volume.
+
+``{"e": "serverShutdown", "E": ms}`` (bare, or as a combined message's
+``data``) announces that the server is about to go down (Binance sends it
+minutes before it drops its connections): the source closes that
+connection and opens a new one at once, without backoff (reconnect reason
+``server_shutdown``; the short break is a ``Gap`` with that reason).
 
 Subscribing: in the URL (``subscribe="url"``, the default) or with
 ``{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`` messages
@@ -95,17 +110,17 @@ from flows import (
 __all__ = ["BinanceStream", "BinanceTickers"]
 
 
-class _Price(msgspec.Struct):
+class _Price(msgspec.Struct):  # decimal strings, as Binance sends them; numbers taken too
     symbol: str
-    price: str | None = None
+    price: str | float | None = None
 
 
 class _Book(msgspec.Struct):
     symbol: str
-    bidPrice: str | None = None
-    askPrice: str | None = None
-    bidQty: str | None = None
-    askQty: str | None = None
+    bidPrice: str | float | None = None
+    askPrice: str | float | None = None
+    bidQty: str | float | None = None
+    askQty: str | float | None = None
 
 
 _decode_prices = msgspec.json.Decoder(list[_Price] | _Price)
@@ -141,6 +156,8 @@ class BinanceTickers(HttpSource):
             raise ValueError(f"endpoint must be 'price' or 'book', not {endpoint!r}")
         if per_request < 1:
             raise ValueError("per_request must be >= 1")
+        # Binance's symbols are upper case ("btcusdt" gets -1100, illegal characters)
+        symbols = list(dict.fromkeys(s.strip().upper() for s in symbols))
         super().__init__(symbols=symbols, name=name, **options)
         self.endpoint = endpoint
         self.per_request = per_request
@@ -165,8 +182,13 @@ class BinanceTickers(HttpSource):
             self.limiter.observe_usage(float(used), limit, trio.current_time() + to_minute_end)
 
     def check(self, response: httpx.Response, body: bytes) -> None:
-        """Binance's -1121 ("Invalid symbol.") is the symbol's fault, not the API's."""
-        if response.status_code == 400 and b"-1121" in body[:100]:
+        """Binance's -1121 ("Invalid symbol.") and -1100 for the ``symbol(s)``
+        parameter ("Illegal characters found in parameter 'symbols'") are a
+        symbol's fault, not the API's: isolated and parked, never held
+        against the circuit breaker."""
+        if response.status_code == 400 and (
+            b"-1121" in body[:100] or (b"-1100" in body[:100] and b"parameter 'symbol" in body)
+        ):
             raise HttpError(f"HTTP 400: {body[:200].decode('utf-8', 'replace')}",
                             transient=False, symbol_error=True)
         super().check(response, body)
@@ -254,13 +276,16 @@ _T = TypeVar("_T")
 
 
 class BinanceCombined(msgspec.Struct, Generic[_T], frozen=True):
-    """A combined-stream message, or the answer to a request (``result``/``error``)."""
+    """A combined-stream message, the answer to a request (``result``/``error``),
+    or a bare event (``e``: ``serverShutdown``)."""
 
     stream: str = ""
     data: _T | None = None
     result: Any = None
     id: int | None = None
     error: BinanceError | None = None
+    e: str = ""  # a bare event's type
+    event: Any = None  # the websocket API's form: {"event": {"e": "serverShutdown", ...}}
 
 
 _CHANNELS = {
@@ -360,12 +385,21 @@ class BinanceStream(WebSocketSource):
         return out
 
     def parse_into(self, message: str | bytes, out: StreamParsed) -> None:
-        envelope = self._decode(message)
+        try:
+            envelope = self._decode(message)
+        except msgspec.ValidationError:
+            if _is_shutdown(message):  # {"stream": ..., "data": {"e": "serverShutdown"}}
+                self._shutdown(out)
+                return
+            raise
         d = envelope.data
         if d is None:
             if envelope.error is not None:
                 _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
                                     envelope.id, envelope.error.msg, envelope.error.code)
+            elif envelope.e == _SHUTDOWN or (
+                    isinstance(envelope.event, dict) and envelope.event.get("e") == _SHUTDOWN):
+                self._shutdown(out)
             return
         if isinstance(d, BinanceBookTicker):
             bid, ask = parse_price(d.b), parse_price(d.a)
@@ -380,3 +414,111 @@ class BinanceStream(WebSocketSource):
         else:
             out.ticks.append(Tick(self.name, d.s, parse_price(d.c), d.E / 1000,
                                   volume=parse_optional_float(d.v)))
+
+    def _shutdown(self, out: StreamParsed) -> None:
+        """Binance announced that the server goes down: replace the connection now."""
+        _stream_log.warning("source %s: Binance announced a server shutdown; "
+                            "opening a new connection at once", self.name)
+        out.reconnect = True
+
+
+_SHUTDOWN = "serverShutdown"
+
+
+def _is_shutdown(message: str | bytes) -> bool:
+    if isinstance(message, str):
+        return f'"{_SHUTDOWN}"' in message
+    return f'"{_SHUTDOWN}"'.encode() in message
+
+
+# -- trade stream ------------------------------------------------------------------------
+#
+# Trade records (not Ticks) from ``<symbol>@trade``; appended, so the ticker code above
+# can change without touching it.
+
+from flows import Trade
+
+
+class BinanceTradeEvent(msgspec.Struct, frozen=True):
+    """``<symbol>@trade`` read leniently: ids as numbers (any size) or
+    strings, prices and quantities as decimal strings or numbers."""
+
+    s: str  # symbol
+    t: int | str  # trade id
+    p: str | float  # price
+    q: str | float  # quantity (base asset)
+    T: int | float  # trade time, ms
+    m: bool | None = None  # the buyer is the maker: the taker sold
+    e: str = "trade"
+
+
+def trade_id(value: int | str) -> tuple[str, int | None]:
+    """An exchange's trade id as ``Trade.trade_id`` (a string) and as a
+    number for gap checks (None when it is not a whole number)."""
+    if type(value) is int:
+        return str(value), value
+    text = str(value)
+    return text, int(text) if text.isdigit() else None
+
+
+class BinanceTrades(BinanceStream):
+    """Source: every trade of Binance spot symbols, as ``Trade`` records,
+    from the ``<symbol>@trade`` websocket streams::
+
+        {"stream": "btcusdt@trade", "data": {"e": "trade", "E": 1711356300123,
+         "s": "BTCUSDT", "t": 10001, "p": "67187.33000000", "q": "0.01230000",
+         "T": 1711356300123, "m": false, "M": true}}
+
+    becomes ``Trade(price=p, size=q, ts=T / 1000, side="sell" if m else
+    "buy", trade_id=str(t))`` (``m``: the buyer was the maker, so the taker
+    sold). Prices and quantities may be decimal strings or numbers, ids
+    numbers of any size or strings; nothing is rounded to 64 bits. Trade ids
+    go up by one per symbol: a jump is a gap (counted, a ``Gap`` record,
+    ``check_gaps=False`` turns it off).
+
+    Takes ``BinanceStream``'s parameters (``subscribe``, ``base_url``,
+    ``silence_timeout``, ...) except ``channel`` and ``snapshot``; the
+    reconnect, silence and gap handling are the same. Default name
+    ``binance_trades``.
+
+    Example::
+
+        from sources.binance import BinanceTrades
+
+        Flow("trades", sources=[BinanceTrades(symbols=["BTCUSDT", "ETHUSDT"])],
+             sinks=[SQLiteSink("market.db")])
+    """
+
+    def __init__(self, *, symbols: list[str], check_gaps: bool = True,
+                 name: str = "binance_trades", **options: Any) -> None:
+        if options.get("snapshot"):
+            raise ValueError("BinanceTrades takes no snapshot: a REST ticker is not a trade")
+        super().__init__(symbols=symbols, channel="trade", check_gaps=check_gaps, name=name,
+                         **options)
+        self._decode_trade = msgspec.json.Decoder(BinanceCombined[BinanceTradeEvent]).decode
+
+    def parse_into(self, message: str | bytes, out: StreamParsed) -> None:
+        try:
+            envelope = self._decode_trade(message)
+        except msgspec.ValidationError:
+            if _is_shutdown(message):
+                self._shutdown(out)
+                return
+            raise
+        d = envelope.data
+        if d is None:
+            if envelope.error is not None:
+                _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
+                                    envelope.id, envelope.error.msg, envelope.error.code)
+            elif envelope.e == _SHUTDOWN or (
+                    isinstance(envelope.event, dict) and envelope.event.get("e") == _SHUTDOWN):
+                self._shutdown(out)
+            return
+        text, number = trade_id(d.t)
+        side = None if d.m is None else "sell" if d.m else "buy"
+        out.ticks.append(Trade(self.name, d.s, float(d.p), float(d.q), d.T / 1000, side, text))
+        if self.check_gaps and number is not None:
+            out.sequences.append((d.s, number))
+
+
+__all__ += ["BinanceTrades"]

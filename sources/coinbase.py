@@ -60,12 +60,12 @@ __all__ = ["CoinbaseTickers"]
 
 
 class _Ticker(msgspec.Struct):
-    ask: str | None = None
-    bid: str | None = None
-    volume: str | None = None
-    trade_id: int | str | None = None
-    price: str | None = None
-    size: str | None = None
+    ask: str | float | None = None
+    bid: str | float | None = None
+    volume: str | float | None = None
+    trade_id: int | str | None = None  # an integer here, a string on other Coinbase APIs
+    price: str | float | None = None
+    size: str | float | None = None
     time: str | None = None
 
 
@@ -81,7 +81,7 @@ def _epoch(value: str) -> float:
     return moment.timestamp()
 
 
-def _optional_price(value: str | None) -> float | None:
+def _optional_price(value: str | float | None) -> float | None:
     return None if value is None or value == "" else parse_price(value)
 
 
@@ -178,14 +178,14 @@ class CoinbaseFeedMessage(msgspec.Struct, frozen=True):
 
     type: str
     product_id: str | None = None
-    sequence: int | None = None
-    price: str | None = None
-    best_bid: str | None = None
-    best_ask: str | None = None
-    volume_24h: str | None = None
+    sequence: int | str | None = None  # ids: integers, or strings as other Coinbase feeds send
+    price: str | float | None = None
+    best_bid: str | float | None = None
+    best_ask: str | float | None = None
+    volume_24h: str | float | None = None
     time: str | None = None
-    trade_id: int | None = None
-    last_trade_id: int | None = None
+    trade_id: int | str | None = None
+    last_trade_id: int | str | None = None
     message: str | None = None
     reason: str | None = None
     channels: list[Any] | None = None
@@ -199,7 +199,7 @@ def _feed_epoch(value: str) -> float:
     return moment.timestamp()
 
 
-def _feed_price(value: str | None) -> float | None:
+def _feed_price(value: str | float | None) -> float | None:
     return None if value is None or value == "" else parse_price(value)
 
 
@@ -230,7 +230,10 @@ class CoinbaseStream(WebSocketSource):
 
     becomes ``Tick(price, ts=time, bid=best_bid, ask=best_ask,
     volume=volume_24h)`` (decimal strings parsed to float; ``time`` is the
-    match's, so a quiet product shows up as source lag). The ticker channel
+    match's, so a quiet product shows up as source lag). Ids (``sequence``,
+    ``trade_id``, ``last_trade_id``) are integers here and strings on
+    Coinbase's other APIs: either form is taken, so a ticker is never
+    dropped for an id's type. The ticker channel
     speaks on every match, batching cascading matches into one message.
 
     ``heartbeat`` (default on): Coinbase then sends ``{"type": "heartbeat",
@@ -290,6 +293,7 @@ class CoinbaseStream(WebSocketSource):
     DEFAULT_URL = "wss://ws-feed.exchange.coinbase.com"
     CONNECT_LIMITS = (RateLimit(8, 1.0),)
     SUBSCRIBE_LIMITS = (RateLimit(10, 1.0),)
+    CHANNEL = "ticker"  # the feed channel subscribed (besides heartbeat)
 
     def __init__(
         self,
@@ -313,7 +317,7 @@ class CoinbaseStream(WebSocketSource):
 
     def subscribe_messages(self, symbols: list[str]) -> list[str | bytes]:
         products = [s for s in symbols if s not in self.unknown]
-        channels = ["ticker", "heartbeat"] if self.heartbeat_channel else ["ticker"]
+        channels = [self.CHANNEL, "heartbeat"] if self.heartbeat_channel else [self.CHANNEL]
         per = self.products_per_message
         return [
             msgspec.json.encode({"type": "subscribe", "product_ids": products[i : i + per],
@@ -335,7 +339,7 @@ class CoinbaseStream(WebSocketSource):
                 volume=parse_optional_float(m.volume_24h),
             ))
             if self.check_gaps and m.sequence is not None:
-                out.sequences.append((m.product_id, m.sequence))
+                out.sequences.append((m.product_id, int(m.sequence)))
         elif kind == "error":
             self._refused(m)
         elif kind == "subscriptions":
@@ -352,3 +356,91 @@ class CoinbaseStream(WebSocketSource):
                                   "left out from the next connection on", self.name, product)
             return
         _feed_log.warning("source %s: Coinbase error: %s (%s)", self.name, m.message, reason)
+
+
+# -- trade stream (the matches channel) -------------------------------------------------
+#
+# Trade records from the ``matches`` channel; appended, so the ticker code above can
+# change without touching it.
+
+from flows import Trade
+
+__all__ += ["CoinbaseTrades"]
+
+_TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # a match's side is the maker's
+
+
+class CoinbaseMatch(msgspec.Struct, frozen=True):
+    """A ``match`` or ``last_match`` message read leniently (ids as numbers
+    of any size or strings, prices and sizes as decimal strings or
+    numbers); other types only need ``type``."""
+
+    type: str
+    product_id: str | None = None
+    trade_id: int | str | None = None
+    price: str | float | None = None
+    size: str | float | None = None
+    side: str | None = None
+    time: str | None = None
+
+
+class CoinbaseTrades(CoinbaseStream):
+    """Source: every trade (match) of Coinbase Exchange products, as
+    ``Trade`` records, from the websocket feed's ``matches`` channel.
+
+    Subscribes ``{"type": "subscribe", "product_ids": [...], "channels":
+    ["matches", "heartbeat"]}``; Coinbase first sends each product's
+    ``last_match`` (the latest trade, before the subscription), then a
+    ``match`` per trade::
+
+        {"type": "match", "trade_id": 86326522, "sequence": 37475248783,
+         "maker_order_id": "ac928c66-...", "taker_order_id": "132fb6ae-...",
+         "time": "2024-03-25T08:45:00.123456Z", "product_id": "BTC-USD",
+         "size": "0.01234567", "price": "67187.33", "side": "sell"}
+
+    becomes ``Trade(price, size, ts=time, side, trade_id=str(trade_id))``.
+    ``side`` in the message is the maker's; the Trade's is the taker's (the
+    other one). Prices and sizes may be decimal strings or numbers, ids
+    numbers of any size or strings.
+
+    ``last_match`` is not sent on as a Trade by default (it happened before
+    this connection, and was streamed already when this is a reconnect):
+    ``last_match=True`` sends it too (a sink's key absorbs the repeat). It
+    does start the gap check: trade ids go up by one per product, so a jump
+    (also between the ``last_match`` and the first ``match``) is a gap
+    (``check_gaps=False`` turns it off). Heartbeats, errors and limits as
+    for ``CoinbaseStream``. Default name ``coinbase_trades``.
+
+    Example::
+
+        from sources.coinbase import CoinbaseTrades
+
+        Flow("trades", sources=[CoinbaseTrades(symbols=["BTC-USD", "ETH-USD"])],
+             sinks=[SQLiteSink("market.db")])
+    """
+
+    CHANNEL = "matches"
+
+    def __init__(self, *, symbols: list[str], check_gaps: bool = True, last_match: bool = False,
+                 name: str = "coinbase_trades", **options: Any) -> None:
+        super().__init__(symbols=symbols, check_gaps=check_gaps, name=name, **options)
+        self.last_match = last_match
+        self._decode_match = msgspec.json.Decoder(CoinbaseMatch).decode
+
+    def parse(self, message: str | bytes) -> StreamParsed:
+        m = self._decode_match(message)
+        if m.type not in ("match", "last_match"):
+            return super().parse(message)  # heartbeats, subscriptions, errors
+        if m.product_id is None or m.trade_id is None or m.time is None:
+            raise ValueError(f"{m.type} message without product_id, trade_id or time")
+        out = StreamParsed()
+        text = str(m.trade_id)
+        if m.type == "match" or self.last_match:
+            out.ticks.append(Trade(
+                self.name, m.product_id, float(m.price),  # type: ignore[arg-type]
+                float(m.size), _feed_epoch(m.time),  # type: ignore[arg-type]
+                _TAKER_SIDE.get(m.side or ""), text,
+            ))
+        if self.check_gaps and text.isdigit():
+            out.sequences.append((m.product_id, int(text)))
+        return out

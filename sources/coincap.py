@@ -12,7 +12,10 @@ retired on 31 March 2025; v3 needs a key from https://pro.coincap.io.)
   Ticks' ``ts``. A Tick's ``volume`` is ``volumeUsd24Hr``: 24 h volume in
   USD, not in the asset. Symbols are CoinCap ids (``bitcoin``,
   ``bitcoin-cash``), up to ``per_request`` (100) per request; ids CoinCap
-  does not know are left out of the answer and counted as ``missing``.
+  does not know are left out of the answer: such an id is counted
+  ``unknown_symbol`` and parked (probed again every ``reprobe_every``
+  seconds), like an unknown symbol on every HTTP source; an answer that
+  holds none of several ids is asked again by halves first.
 
 API key: read from the environment variable ``api_key_env``
 (``COINCAP_API_KEY``) at construction, a clear error naming the variable
@@ -72,7 +75,7 @@ class _Asset(msgspec.Struct):
 
 class _Assets(msgspec.Struct):
     data: list[_Asset]
-    timestamp: int | float | None = None
+    timestamp: int | float | str | None = None
 
 
 _decode = msgspec.json.Decoder(_Assets)
@@ -146,7 +149,8 @@ class CoinCapPrices(HttpSource):
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         answer = _decode.decode(body)
-        ts = answer.timestamp / 1000 if answer.timestamp and answer.timestamp > 0 else time.time()
+        stamp = parse_optional_float(answer.timestamp)  # ms; a number, or a numeric string
+        ts = stamp / 1000 if stamp and stamp > 0 else time.time()
         out = Parsed()
         wanted = set(request.symbols)
         seen = set()
@@ -160,7 +164,5 @@ class CoinCapPrices(HttpSource):
                                       volume=parse_optional_float(asset.volumeUsd24Hr)))
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{asset.id}: {exc}")
-        missing = len(wanted - seen)
-        if missing > 0:
-            out.invalid["missing"] = out.invalid.get("missing", 0) + missing
+        out.unknown = [s for s in request.symbols if s not in seen]  # unknown ids are left out
         return out

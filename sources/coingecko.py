@@ -10,8 +10,11 @@ go to ``https://pro-api.coingecko.com``, chosen with ``plan="pro"``; or
   Prices are JSON numbers (not strings); ``last_updated_at`` is the epoch
   second of the coin's last price update and becomes the Tick's ``ts``
   (the receive time when it is absent). Ids CoinGecko does not know are
-  left out of the answer (``{}`` when it knows none): they are counted as
-  ``missing``, not retried. Symbols are CoinGecko API ids (``bitcoin``,
+  left out of the answer (``{}`` when it knows none): such an id is counted
+  ``unknown_symbol`` and parked (probed again every ``reprobe_every``
+  seconds, 10 minutes by default), like an unknown symbol on every HTTP
+  source; an answer that holds none of several ids is asked again by
+  halves first. Symbols are CoinGecko API ids (``bitcoin``,
   ``avalanche-2``), not tickers; up to ``per_request`` (250) per request.
 
 API key (optional): the Demo plan's key goes in ``x-cg-demo-api-key``, a
@@ -64,14 +67,20 @@ _KEY_HEADERS = {"demo": "x-cg-demo-api-key", "pro": "x-cg-pro-api-key"}
 
 
 def _number(value: Any) -> float:
-    """A positive finite price from a JSON number (CoinGecko never sends strings)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A positive finite price from a JSON number (what CoinGecko sends) or a
+    numeric string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"price {value!r} is not a number")
     return parse_price(value)
 
 
 def _epoch(value: Any) -> float | None:
     """``last_updated_at`` as epoch seconds, or None when absent or unusable."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) and value > 0 else None
@@ -168,7 +177,5 @@ class CoinGeckoPrices(HttpSource):
                 out.ticks.append(Tick(self.name, coin_id, value, ts))
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{coin_id}: {exc}")
-        missing = len(wanted - coins.keys())
-        if missing > 0:
-            out.invalid["missing"] = out.invalid.get("missing", 0) + missing
+        out.unknown = [s for s in request.symbols if s not in coins]  # unknown ids are left out
         return out

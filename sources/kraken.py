@@ -95,11 +95,11 @@ _TRANSIENT = ("EGeneral:Internal error", "EGeneral:Temporary lockout")
 _ALIASES = (("BTC", "XBT"), ("DOGE", "XDG"))
 
 
-class _Ticker(msgspec.Struct):
-    a: list[str] | None = None
-    b: list[str] | None = None
-    c: list[str] | None = None
-    v: list[str] | None = None
+class _Ticker(msgspec.Struct):  # strings, as Kraken sends them; numbers taken too
+    a: list[str | float] | None = None
+    b: list[str | float] | None = None
+    c: list[str | float] | None = None
+    v: list[str | float] | None = None
 
 
 class _Answer(msgspec.Struct):
@@ -129,11 +129,11 @@ def _canonical(name: str) -> str:
     return name
 
 
-def _first(values: list[str] | None, index: int = 0) -> str | None:
+def _first(values: list[str | float] | None, index: int = 0) -> str | float | None:
     return values[index] if values is not None and len(values) > index else None
 
 
-def _optional_price(value: str | None) -> float | None:
+def _optional_price(value: str | float | None) -> float | None:
     return None if value is None or value == "" else parse_price(value)
 
 
@@ -245,6 +245,7 @@ from flows import (  # noqa: F811
     StreamParsed,
     Tick,
     WebSocketSource,
+    parse_optional_float,
     parse_price,
 )
 
@@ -252,20 +253,21 @@ __all__ += ["KrakenStream"]
 
 
 class KrakenV2Ticker(msgspec.Struct, frozen=True):
-    """One ``ticker`` data item of Kraken's websocket v2 (numbers, not strings)."""
+    """One ``ticker`` data item of Kraken's websocket v2: numbers, as
+    documented, or decimal strings, as they may also arrive (both taken)."""
 
     symbol: str
-    last: float
-    bid: float | None = None
-    bid_qty: float | None = None
-    ask: float | None = None
-    ask_qty: float | None = None
-    volume: float | None = None
-    vwap: float | None = None
-    low: float | None = None
-    high: float | None = None
-    change: float | None = None
-    change_pct: float | None = None
+    last: float | str
+    bid: float | str | None = None
+    bid_qty: float | str | None = None
+    ask: float | str | None = None
+    ask_qty: float | str | None = None
+    volume: float | str | None = None
+    vwap: float | str | None = None
+    low: float | str | None = None
+    high: float | str | None = None
+    change: float | str | None = None
+    change_pct: float | str | None = None
     timestamp: str | None = None  # RFC 3339; newer versions of the API only
 
 
@@ -281,13 +283,13 @@ class KrakenV2Message(msgspec.Struct, frozen=True):
     success: bool | None = None
     error: str | None = None
     symbol: str | None = None
-    req_id: int | None = None
+    req_id: int | str | None = None
 
 
 class _KrakenStatus(msgspec.Struct, frozen=True):
     system: str | None = None
     api_version: str | None = None
-    connection_id: int | None = None
+    connection_id: int | str | None = None
     version: str | None = None
 
 
@@ -314,7 +316,7 @@ def _v2_epoch(value: str) -> float:
     return moment.timestamp()
 
 
-def _v2_price(value: float | None) -> float | None:
+def _v2_price(value: float | str | None) -> float | None:
     return None if value is None else parse_price(value)
 
 
@@ -340,7 +342,9 @@ class KrakenStream(WebSocketSource):
          "last": 67187.3, "volume": 1623.4, "vwap": 66598.6, "low": 65800.1,
          "high": 68011.0, "change": 1177.3, "change_pct": 1.78}]}
 
-    Numbers, not strings (msgspec decodes them straight to float). Tick:
+    Numbers, as Kraken documents them; decimal strings (``"bid": "67184.0"``),
+    as they may also arrive, are taken too (never counted invalid for
+    their type). Tick:
     ``price=last``, ``bid``, ``ask``, ``volume`` (24 h, base currency).
     ``ts``: the item's ``timestamp`` (RFC 3339) when there is one (Kraken's
     current documentation shows it; the v2 ticker first had none), else the
@@ -425,13 +429,16 @@ class KrakenStream(WebSocketSource):
         return [
             msgspec.json.encode({
                 "method": "subscribe",
-                "params": {"channel": "ticker", "symbol": pairs[i : i + per],
-                           "event_trigger": self.event_trigger,
-                           "snapshot": self.snapshot_on_subscribe},
+                "params": self.subscription(pairs[i : i + per]),
                 "req_id": next(self._req_ids),
             }).decode()
             for i in range(0, len(pairs), per)
         ]
+
+    def subscription(self, pairs: list[str]) -> dict[str, Any]:
+        """The ``params`` of a subscribe message for ``pairs``."""
+        return {"channel": "ticker", "symbol": pairs, "event_trigger": self.event_trigger,
+                "snapshot": self.snapshot_on_subscribe}
 
     def heartbeat(self) -> str:
         return f'{{"method":"ping","req_id":{next(self._req_ids)}}}'
@@ -448,7 +455,8 @@ class KrakenStream(WebSocketSource):
                 out.ticks.append(Tick(
                     self.name, item.symbol, parse_price(item.last),
                     _v2_epoch(item.timestamp) if item.timestamp else now,
-                    bid=_v2_price(item.bid), ask=_v2_price(item.ask), volume=item.volume,
+                    bid=_v2_price(item.bid), ask=_v2_price(item.ask),
+                    volume=parse_optional_float(item.volume),
                 ))
         elif channel == "heartbeat":
             pass
@@ -473,3 +481,87 @@ class KrakenStream(WebSocketSource):
                                 "from the next connection on", self.name, symbol, m.error)
             return
         _v2_log.warning("source %s: Kraken refused %s: %s", self.name, m.method, m.error)
+
+
+# -- trade stream (websocket v2 ``trade`` channel) --------------------------------------
+#
+# Trade records; appended, so the ticker code above can change without touching it.
+
+from flows import Trade
+
+__all__ += ["KrakenTrades"]
+
+
+class KrakenV2Trade(msgspec.Struct, frozen=True):
+    """One ``trade`` data item of Kraken's websocket v2, read leniently
+    (numbers or decimal strings; ids as numbers of any size or strings)."""
+
+    symbol: str
+    price: float | str
+    qty: float | str
+    timestamp: str
+    side: str | None = None  # the taker's
+    trade_id: int | str | None = None
+    ord_type: str | None = None
+
+
+_decode_v2_trades = msgspec.json.Decoder(list[KrakenV2Trade]).decode
+
+
+class KrakenTrades(KrakenStream):
+    """Source: every trade of Kraken spot pairs, as ``Trade`` records, from
+    the websocket API v2 ``trade`` channel.
+
+    Subscribes ``{"method": "subscribe", "params": {"channel": "trade",
+    "symbol": ["BTC/USD"], "snapshot": false}, "req_id": 1}`` and reads::
+
+        {"channel": "trade", "type": "update", "data": [{"symbol": "BTC/USD",
+         "side": "sell", "price": 67187.3, "qty": 0.0123, "ord_type": "market",
+         "trade_id": 4665906, "timestamp": "2024-03-25T08:45:00.123456Z"}]}
+
+    Each item becomes ``Trade(price, size=qty, ts=timestamp, side,
+    trade_id=str(trade_id))`` (``side`` is the taker's). Numbers may also
+    come as decimal strings and ids as strings or beyond 64 bits; an item
+    that cannot be read is counted (``invalid``) without losing the others
+    of its message. Trade ids go up by one per pair: a jump is a gap
+    (``check_gaps=False`` turns it off). ``snapshot=True`` asks for the
+    pair's latest 50 trades on subscribing (they may repeat trades streamed
+    before a reconnect: a sink's key absorbs them). Symbols, heartbeats,
+    pings, refusals and limits as for ``KrakenStream``. Default name
+    ``kraken_trades``.
+
+    Example::
+
+        from sources.kraken import KrakenTrades
+
+        Flow("trades", sources=[KrakenTrades(symbols=["BTC/USD", "ETH/USD"])],
+             sinks=[SQLiteSink("market.db")])
+    """
+
+    def __init__(self, *, symbols: list[str], snapshot: bool = False, check_gaps: bool = True,
+                 name: str = "kraken_trades", **options: Any) -> None:
+        super().__init__(symbols=symbols, snapshot=snapshot, name=name, **options)
+        self.check_gaps = check_gaps
+
+    def subscription(self, pairs: list[str]) -> dict[str, Any]:
+        return {"channel": "trade", "symbol": pairs, "snapshot": self.snapshot_on_subscribe}
+
+    def parse(self, message: str | bytes) -> StreamParsed:
+        m = _decode_v2(message)
+        if m.channel != "trade":
+            return super().parse(message)  # status, heartbeat, pong, refusals
+        if not m.data:
+            raise ValueError("trade message without data")
+        out = StreamParsed()
+        for item in _decode_v2_trades(m.data):
+            try:
+                trade = Trade(self.name, item.symbol, float(item.price), float(item.qty),
+                              _v2_epoch(item.timestamp), item.side,
+                              None if item.trade_id is None else str(item.trade_id))
+            except ValueError as exc:
+                out.bad("invalid", f"{item.symbol}: {exc}")
+                continue
+            out.ticks.append(trade)
+            if self.check_gaps and trade.trade_id is not None and trade.trade_id.isdigit():
+                out.sequences.append((item.symbol, int(trade.trade_id)))
+        return out

@@ -5,8 +5,10 @@ Talks to ``https://www.okx.com`` (or ``base_url``: a regional host such as
 
 - ``GET /api/v5/market/tickers?instType=SPOT`` (``endpoint="all"``, the
   default): every instrument of the type in one answer; the source makes
-  one request per cycle, keeps the instIds it was asked for and counts the
-  asked ones the answer lacks as ``missing`` (not retried).
+  one request per cycle and keeps the instIds it was asked for; an asked
+  one the answer lacks is unknown to OKX (delisted, misspelt): counted
+  ``unknown_symbol`` and parked, probed again every ``reprobe_every``
+  seconds, as on every HTTP source.
 - ``GET /api/v5/market/ticker?instId=BTC-USDT`` (``endpoint="single"``):
   one request per instrument.
 
@@ -180,7 +182,8 @@ class OKXTickers(HttpSource):
                 )
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{t.instId}: {exc}")
-        missing = len(wanted - seen)
-        if missing > 0:
-            out.invalid["missing"] = out.invalid.get("missing", 0) + missing
+        if not single:  # market/tickers lists every instrument: one left out is unknown
+            out.unknown = [s for s in request.symbols if s not in seen]
+        elif not seen:
+            out.invalid["missing"] = out.invalid.get("missing", 0) + 1
         return out

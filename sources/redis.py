@@ -39,7 +39,7 @@ fan-out the hook fires once, after every sink, with the worst outcome.
 Hooks run synchronously in sink code on the trio thread and must not block,
 so a hook only puts the ids in a queue; a thread of this source's own
 (``flows-redis-ack``) drains the queue and sends one ``XACK`` per drained
-chunk (up to 10 000 ids), retrying connection errors with backoff. That
+chunk (up to 10 000 ids), retrying connection errors by ``retry``. That
 thread outlives ``run()``: the runtime cancels sources first and drains
 sinks afterwards, so most acks of a stopping flow arrive after ``run()``
 has returned. The thread exits once ``run()`` has ended and every emitted
@@ -57,10 +57,13 @@ reach the sinks may be reclaimed by another consumer meanwhile (keep
 prompt whatever ``block`` is: a cancelled blocking read is woken with
 ``CLIENT UNBLOCK`` (the reader's connection is named for that).
 
-Connection errors and timeouts are retried with backoff (counted in
-``flows_errors_total{error_type=ConnectionError|TimeoutError}``); other
-Redis errors (the group was deleted: ``NOGROUP``) raise, and the supervisor
-restarts the source, which recreates the group.
+Connection errors and timeouts are retried by the ``retry`` policy
+(``flows.Retry``; default: forever, 0.05 s doubling up to 5 s), counted in
+``flows_errors_total{error_type=ConnectionError|TimeoutError}``; once a
+finite policy is used up the error raises. Other Redis errors (the group
+was deleted: ``NOGROUP``) raise at once. Either way the supervisor restarts
+the source, which recreates the group. The ack thread retries ``XACK`` by
+the same policy; entries it gives up on stay pending (redelivered).
 
 Configuration (defaults shown)::
 
@@ -68,7 +71,7 @@ Configuration (defaults shown)::
                       consumer=None,          # hostname-pid
                       batch_size=1000, block=1.0, claim_idle=30.0, start_id="0",
                       record_type=Tick, ack_linger=60.0, socket_timeout=10.0,
-                      name="redis")
+                      retry=Retry(backoff=0.05, max_backoff=5.0), name="redis")
 
 Metrics: the core source set (records sent, batch processing seconds, send
 wait, source lag from ``Tick.ts``), ``flows_records_discarded_total``
@@ -85,7 +88,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -97,7 +99,16 @@ import msgspec
 import redis
 import trio
 
-from flows import Batch, ComponentMetrics, DropLog, Outbox, Tick, check_tick, redact
+from flows import (
+    Batch,
+    ComponentMetrics,
+    DropLog,
+    Outbox,
+    Retry,
+    Tick,
+    check_tick,
+    redact,
+)
 from sinks.redis import FIELD, no_retry
 
 __all__ = ["RedisStreamSource"]
@@ -148,11 +159,16 @@ class RedisStreamSource:
             for batches still on their way through the flow (s).
         socket_timeout: seconds a Redis call may take (on top of ``block``
             for reads) before it fails and is retried.
+        retry: the policy for connection errors and timeouts, of reads and
+            of ``XACK`` (``flows.Retry``; default ``DEFAULT_RETRY``:
+            forever, 0.05 s doubling up to 5 s).
         name: the actor's name.
 
     Attributes: ``emitted`` (records sent), ``redelivered`` (of which read
     from a pending-entries list: own pending at start, or reclaimed).
     """
+
+    DEFAULT_RETRY = Retry(backoff=0.05, max_backoff=5.0)
 
     def __init__(
         self,
@@ -168,6 +184,7 @@ class RedisStreamSource:
         record_type: Any = Tick,
         ack_linger: float = 60.0,
         socket_timeout: float = 10.0,
+        retry: Retry | None = None,
         name: str = "redis",
     ) -> None:
         if not stream or not group:
@@ -192,6 +209,7 @@ class RedisStreamSource:
         self.record_type = record_type
         self.ack_linger = ack_linger
         self.socket_timeout = socket_timeout
+        self.retry = self.DEFAULT_RETRY if retry is None else retry
         self.name = name
         self.emitted = 0
         self.redelivered = 0
@@ -308,11 +326,12 @@ class RedisStreamSource:
     async def _call(
         self, m: ComponentMetrics, fn: Callable[..., Any], *args: Any, wake: bool = False
     ) -> Any:
-        """Run ``fn(*args)`` in a thread; retry connection errors with backoff.
+        """Run ``fn(*args)`` in a thread; retry connection errors by ``retry``
+        (the last one raises once a finite policy is used up).
 
         ``wake``: a blocking call, woken by CLIENT UNBLOCK when cancelled.
         """
-        delay = 0.05
+        delays = self.retry.delays()
         while True:
             try:
                 if wake:
@@ -320,12 +339,13 @@ class RedisStreamSource:
                 return await trio.to_thread.run_sync(fn, *args)
             except _TRANSIENT as exc:
                 m.error(type(exc).__name__)
-                pause = random.uniform(delay / 2, delay)
+                pause = next(delays, None)
+                if pause is None:
+                    raise
                 self._log.warning(
                     "redis call failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, pause
                 )
                 await trio.sleep(pause)
-                delay = min(delay * 2, 5.0)
 
     async def _wakeable(self, fn: Callable[..., Any], *args: Any) -> Any:
         finished = threading.Event()
@@ -583,14 +603,20 @@ class _Acker:
                 client.close()
 
     def _giving_up(self) -> bool:
+        return self._linger_left() <= 0
+
+    def _linger_left(self) -> float:
+        """Seconds left to retry in (``ack_linger`` after ``run()`` ended)."""
         with self._cond:
-            return self._users == 0 and time.monotonic() >= self._deadline
+            if self._users > 0:
+                return float("inf")
+            return self._deadline - time.monotonic()
 
     def _xack(self, client: redis.Redis | None, ids: list[bytes]) -> redis.Redis | None:
         src = self._source
         for start in range(0, len(ids), _XACK_CHUNK):
             chunk = ids[start : start + _XACK_CHUNK]
-            delay = 0.05
+            delays = src.retry.delays()
             while True:
                 try:
                     if client is None:
@@ -604,18 +630,19 @@ class _Acker:
                     break
                 except _TRANSIENT as exc:
                     self._count_error(exc)
-                    if self._giving_up():
+                    pause, lingered = next(delays, None), self._giving_up()
+                    if pause is None or lingered:
                         self._log.warning(
                             "could not XACK %d entries (%r); they stay pending and will be "
-                            "redelivered", len(ids) - start, exc,
+                            "redelivered", len(ids) - start if lingered else len(chunk), exc,
                         )
-                        return client
-                    pause = random.uniform(delay / 2, delay)
+                        if lingered:
+                            return client  # run() ended ack_linger ago
+                        break  # the policy is used up for this chunk
                     self._log.warning(
                         "XACK failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, pause
                     )
-                    time.sleep(pause)
-                    delay = min(delay * 2, 2.0)
+                    time.sleep(max(min(pause, self._linger_left()), 0.0))
                 except redis.RedisError as exc:  # NOGROUP: nothing left to ack
                     self._count_error(exc)
                     self._log.error("XACK of %d entries failed: %r", len(chunk), exc)

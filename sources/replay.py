@@ -10,8 +10,8 @@ Formats (``format``; by default from the file's extension: ``.jsonl``,
 ``.json``, ``.ndjson`` are JSONL, ``.csv`` is CSV; any other extension is a
 ``ValueError`` unless ``format`` is given):
 
-- JSONL (https://jsonlines.org): one ``Tick`` object per line, decoded
-  with ``msgspec.json.Decoder(Tick)``; ``bid``, ``ask`` and ``volume`` may
+- JSONL (https://jsonlines.org): one ``Tick`` object per line (or one
+  ``record``, e.g. ``Trade``), decoded with ``msgspec.json.Decoder(Tick)``; ``bid``, ``ask`` and ``volume`` may
   be missing or ``null``; blank lines are skipped::
 
       {"source":"binance","symbol":"BTCUSDT","price":64210.5,"ts":1700000000.25,"bid":64210.4,"ask":64210.6,"volume":null}
@@ -309,6 +309,9 @@ class ReplaySource:
             ``None``: no progress lines, and no line count up front).
         max_line_bytes: longest line read (default 65536; characters for
             CSV); a longer one is skipped and counted ``invalid``.
+        record: the record type of a JSONL file's lines (default ``Tick``;
+            ``flows.Trade`` replays recorded trades; any msgspec Struct).
+            CSV files hold ticks.
         name: the actor's name (default ``replay``).
     """
 
@@ -327,6 +330,7 @@ class ReplaySource:
     progress: bool = attrs.field(factory=_stderr_is_tty)
     progress_every: float | None = attrs.field(default=5.0, validator=_positive_or_none_or_zero)
     max_line_bytes: int = attrs.field(default=65_536, validator=attrs.validators.ge(64))
+    record: type = Tick
     name: str = "replay"
     _fmt: str = attrs.field(init=False)
     _log: logging.Logger = attrs.field(init=False)
@@ -359,7 +363,9 @@ class ReplaySource:
             self.source = self.path.stem
         self._log = logging.getLogger(f"flows.source.{self.name}")
         self._drops = DropLog(f"flows.source.{self.name}")
-        self._decoder = msgspec.json.Decoder(Tick)
+        if self.record is not Tick and self._fmt != "jsonl":
+            raise ValueError(f"replay {self.path}: record={self.record.__name__} needs a JSONL file")
+        self._decoder = msgspec.json.Decoder(self.record)
 
     # -- offsets -------------------------------------------------------------
 

@@ -7,6 +7,12 @@ symbols do not move between polls) and otherwise takes a log-normal step of
 ``volatility``. Prices are deterministic for a given ``seed``; timestamps
 are wall-clock epoch seconds, strictly increasing.
 
+``SyntheticTrades`` is its counterpart for trades: every ``interval``
+seconds each symbol trades with probability ``active`` (1 to ``burst``
+trades, random-walk prices, log-normal sizes, a side, an increasing trade
+id), with times up to ``disorder`` seconds in the past, so trades arrive a
+little out of order as they do from several exchange connections.
+
 Example::
 
     from flows import Flow, ChangeDetector
@@ -27,9 +33,9 @@ import time
 import attrs
 import trio
 
-from flows import Batch, Outbox, RunContext, Tick
+from flows import Batch, Outbox, RunContext, Tick, Trade
 
-__all__ = ["SyntheticMarket", "make_symbols"]
+__all__ = ["SyntheticMarket", "SyntheticTrades", "make_symbols"]
 
 _MAJORS = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "DOT", "AVAX", "LINK", "LTC"]
 
@@ -134,3 +140,78 @@ class SyntheticMarket:
             if self.interval:
                 deadline = max(deadline + self.interval, trio.current_time())
                 await trio.sleep_until(deadline)
+
+
+@attrs.define(kw_only=True)
+class SyntheticTrades:
+    """Source: random-walk trades (``Trade`` records).
+
+    Parameters:
+        symbols: how many symbols (named deterministically), or their names.
+        interval: seconds between rounds of trades (0: as fast as the flow
+            takes them).
+        active: share of symbols that trade in a round.
+        burst: most trades a symbol makes in a round.
+        volatility: standard deviation of a trade's log-return.
+        disorder: a trade's time is up to this many seconds before the
+            round's (arrival out of time order).
+        batch_size: most records per batch.
+        limit: stop after this many trades (``None``: run forever).
+        seed: makes prices, sizes and sides deterministic.
+        name: the actor's name; also the ``source`` field of every Trade.
+    """
+
+    symbols: int | list[str] = 50
+    interval: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    active: float = attrs.field(default=0.5, validator=[attrs.validators.ge(0), attrs.validators.le(1)])
+    burst: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    volatility: float = attrs.field(default=0.0005, validator=attrs.validators.ge(0))
+    disorder: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    batch_size: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    limit: int | None = None
+    seed: int = 0
+    name: str = "synthetic_trades"
+    emitted: int = attrs.field(default=0, init=False)
+    _market: SyntheticMarket = attrs.field(init=False)
+    _next_id: int = attrs.field(default=1, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._market = SyntheticMarket(symbols=self.symbols, seed=self.seed, name=self.name)
+
+    def setup(self, context: RunContext) -> None:
+        """Keep only this process's shard of the universe (``--shard k/N``)."""
+        self._market.setup(context)
+
+    def trades(self, now: float | None = None) -> list[Trade]:
+        """One round of trades at epoch time ``now`` (default: the wall clock)."""
+        market, rng = self._market, self._market._rng
+        now = time.time() if now is None else now
+        src, vol, out = self.name, self.volatility, []
+        for i, symbol in enumerate(market._names):
+            if rng.random() >= self.active:
+                continue
+            for _ in range(rng.randint(1, self.burst)):
+                price = market._prices[i] = round(market._prices[i] * math.exp(rng.gauss(0.0, vol)), 8)
+                ts = now - rng.uniform(0.0, self.disorder) if self.disorder else now
+                out.append(Trade(src, symbol, price, round(rng.lognormvariate(0.0, 1.0), 6), ts,
+                                 "buy" if rng.random() < 0.5 else "sell", str(self._next_id)))
+                self._next_id += 1
+        return out
+
+    async def run(self, outbox: Outbox) -> None:
+        metrics = outbox.metrics
+        deadline = trio.current_time()
+        while self.limit is None or self.emitted < self.limit:
+            with metrics.timed_batch():
+                records = self.trades()
+                if self.limit is not None:
+                    records = records[: self.limit - self.emitted]
+            for i in range(0, len(records), self.batch_size):
+                chunk = records[i : i + self.batch_size]
+                await outbox.send(Batch(chunk))
+                self.emitted += len(chunk)
+            if self.interval:
+                deadline = max(deadline + self.interval, trio.current_time())
+                await trio.sleep_until(deadline)
+            else:
+                await trio.lowlevel.checkpoint()

@@ -11,7 +11,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, HttpSource, Parsed, RateLimit, Request, Runtime, Tick
-from flows.testing import ListSink, sample
+from flows.testing import ListSink, deadline, sample
 
 
 async def check_bad_bodies_are_dropped_and_polling_goes_on(
@@ -28,8 +28,9 @@ async def check_bad_bodies_are_dropped_and_polling_goes_on(
     rt = Runtime(Flow("mal", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 12:
-            await trio.sleep(0.5)
+        with deadline(300, "12 poll cycles"):
+            while source.cycles < 12:
+                await trio.sleep(0.5)
         faults = emulator.stats[exchange][endpoint]["faults"]
         broken = faults.get("malformed", 0) + faults.get("truncated", 0)
         assert broken >= 3
@@ -39,8 +40,9 @@ async def check_bad_bodies_are_dropped_and_polling_goes_on(
         assert len(sink.records) == n * (source.cycles - broken)  # the good answers were used
         emulator.clear_faults()
         before, cycles = len(sink.records), source.cycles
-        while source.cycles < cycles + 2:
-            await trio.sleep(0.5)
+        with deadline(300, "2 poll cycles after the faults stopped"):
+            while source.cycles < cycles + 2:
+                await trio.sleep(0.5)
         assert len(sink.records) >= before + n  # recovered
         assert rt.ready()[0]
         rt.stop()

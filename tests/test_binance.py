@@ -9,8 +9,14 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WeightLimit
 from sources.binance import BinanceTickers
 
@@ -74,8 +80,9 @@ async def test_the_limiter_keeps_under_the_weight_limit_with_no_429(emulator, au
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 3:
-            await trio.sleep(1)
+        with deadline(300, "3 poll cycles"):
+            while source.cycles < 3:
+                await trio.sleep(1)
         rt.stop()
     stats = emulator.stats["binance"]["ticker/price"]
     assert stats["refused"] == 0
@@ -88,7 +95,7 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:15]
     # the source believes the limit is far higher: the 429 must teach it
     source = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=1, once=True,
-                            limits=[RateLimit(10_000, 60.0)], retries=5, backoff=0.01)
+                            limits=[RateLimit(10_000, 60.0)], retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert len(sink.records) == 15  # everything arrived, after waiting
@@ -102,22 +109,24 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
 async def test_5xx_burst_opens_the_circuit_and_half_open_recovers(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:4]
     source = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=4, every=1.0,
-                            retries=0, circuit=CircuitBreaker(failures=3, reset_after=10.0))
+                            retry=Retry(attempts=1), circuit=CircuitBreaker(failures=3, reset_after=10.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("cb", sources=[source], sinks=[ListSink()]), registry=registry,
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         emulator.set_faults(exchange="binance", error_rate=1.0)
-        while source.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to open"):
+            while source.circuit.state != "open":
+                await trio.sleep(0.5)
         assert sample(registry, "flows_source_circuit_state", "cb", "binance") == 2
         ready, reasons = rt.ready()
         assert not ready and "source binance: circuit open" in reasons
         emulator.clear_faults()
         await trio.sleep(11)
-        while source.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to close again"):
+            while source.circuit.state != "closed":
+                await trio.sleep(0.5)
         assert sample(registry, "flows_source_circuit_state", "cb", "binance") == 0
         assert rt.ready()[0]
         rt.stop()
@@ -126,7 +135,7 @@ async def test_5xx_burst_opens_the_circuit_and_half_open_recovers(emulator, auto
 async def test_fallback_switches_to_the_backup_and_back(emulator, autojump_clock):
     symbols = emulator.symbols("binance")[:4]
     primary = BinanceTickers(symbols=symbols, base_url=emulator.url, per_request=4, every=1.0,
-                             retries=0, circuit=CircuitBreaker(failures=2, reset_after=5.0))
+                             retry=Retry(attempts=1), circuit=CircuitBreaker(failures=2, reset_after=5.0))
     backup = BinanceTickers(symbols=symbols, base_url=emulator.url + "/", per_request=4,
                             every=1.0, standby_for=primary, name="backup")
     sink = ListSink()
@@ -134,23 +143,26 @@ async def test_fallback_switches_to_the_backup_and_back(emulator, autojump_clock
                  registry=CollectorRegistry(), metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while primary.cycles < 3:
-            await trio.sleep(0.5)
+        with deadline(120, "3 cycles of the primary"):
+            while primary.cycles < 3:
+                await trio.sleep(0.5)
         assert {t.source for t in sink.records} == {"binance"}  # the backup stood by
         # the primary's API fails (the backup talks to the same emulator, so
         # fail only the primary: point it at a dead path)
         original = primary.plan
         primary.plan = lambda syms: [r.__class__(r.endpoint, "/dead" + r.path, r.params, r.weight, r.symbols)
                                      for r in original(syms)]
-        while primary.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the primary's circuit to open"):
+            while primary.circuit.state != "open":
+                await trio.sleep(0.5)
         before = sum(t.source == "backup" for t in sink.records)
         await trio.sleep(3)
         assert sum(t.source == "backup" for t in sink.records) > before
         assert any("degraded" in r for r in rt.ready()[1])
         primary.plan = original  # the primary's API is back
-        while primary.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the primary's circuit to close again"):
+            while primary.circuit.state != "closed":
+                await trio.sleep(0.5)
         await trio.testing.wait_all_tasks_blocked()
         backup_count = sum(t.source == "backup" for t in sink.records)
         await trio.sleep(5)
@@ -186,3 +198,34 @@ async def test_one_shot_sync_resumes_after_a_kill(emulator, tmp_path, autojump_c
     assert got == set(symbols)
     assert len(second.records) < len(symbols)  # it did not start over
     assert not resume.exists()  # complete: the checkpoint is gone
+
+
+async def test_lower_case_symbols_are_polled_and_illegal_ones_parked_not_held_against_the_circuit(
+        emulator):
+    """Binance answers -1100 to a lower-case symbol (and to any character outside
+    [A-Z0-9-_.]): the source upper-cases its symbols, and a -1100 that still comes
+    isolates the symbol and parks it, as -1121 does; the breaker never sees it."""
+    good = emulator.symbols("binance")[:6]
+    symbols = [s.lower() for s in good[:3]] + [s.title() for s in good[3:]] + ["BTC/USDT"]
+    sink = ListSink()
+    source = BinanceTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=10,
+                            circuit=CircuitBreaker(failures=1, reset_after=60.0))
+    _, registry = await run_briefly(Flow("case", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == sorted(good)
+    assert source.parked.keys() == {"BTC/USDT"}
+    discarded = {reason: sample(registry, "flows_records_discarded_total", "case", "binance",
+                                reason=reason) for reason in ("request_failed", "unknown_symbol")}
+    assert discarded == {"request_failed": 0, "unknown_symbol": 1}
+    assert source.circuit.state == "closed"
+    assert sample(registry, "flows_errors_total", "case", "binance", error_type="http") == 0
+
+
+async def test_a_delisted_symbol_fails_its_batch_with_1121_and_is_parked(emulator):
+    symbols = emulator.symbols("binance")[:8]
+    emulator.set_faults(exchange="binance", delisted=(symbols[5],))
+    sink = ListSink()
+    source = BinanceTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=8)
+    await run_briefly(Flow("delist", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == sorted(symbols[:5] + symbols[6:])
+    assert source.parked.keys() == {symbols[5]}
+    assert emulator.stats["binance"]["ticker/price"]["status"]["400"] >= 2  # the batch, then halves

@@ -12,6 +12,7 @@ import trio
 from _streams import (
     FLOW,
     FROZEN,
+    discarded_count,
     feed_starter,
     reconnect_counts,
     running,
@@ -19,11 +20,12 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS, Edge, RateLimit
+from flows import RECONNECT_REASONS, Edge, RateLimit, Retry
 from flows._websocket import ConnectionClosed, ConnectionRejected, open_ws
 from flows.testing import (
     GatedSink,
     assert_component_metrics,
+    deadline,
     sample,
 )
 from flows.testing.emulator import WsFaults
@@ -186,8 +188,8 @@ async def test_conflation_under_a_blocked_sink_keeps_the_latest_price(start, aut
 async def test_refused_streams_are_errors_and_the_source_reports_disconnected(start,
                                                                               autojump_clock):
     emulator, url = await start()
-    source = BinanceStream(symbols=["NOSUCHUSDT"], base_url=url, down_after=2.0, backoff=0.5,
-                           max_backoff=1.0)
+    source = BinanceStream(symbols=["NOSUCHUSDT"], base_url=url, down_after=2.0,
+                           retry=Retry(backoff=0.5, max_backoff=1.0))
     async with running(source) as (rt, _, registry):
         await until(lambda: reconnects(registry)["error"] >= 2, poll=0.5)
         await trio.sleep(2)
@@ -238,24 +240,27 @@ async def test_emulator_stream_formats_and_requests(start, autojump_clock):
     assert float(trade["p"]) == float(emulator.price("binance", "BTCUSDT"))
     async with open_ws(url + "/stream?streams=ethusdt@bookTicker/btcusdt@miniTicker") as ws:
         got = {}
-        while len(got) < 2:
-            message = msgspec.json.decode(await ws.get_message())
-            got[message["stream"]] = message["data"]
+        with deadline(30, "a message of each of the 2 streams"):
+            while len(got) < 2:
+                message = msgspec.json.decode(await ws.get_message())
+                got[message["stream"]] = message["data"]
         assert list(got["ethusdt@bookTicker"]) == ["u", "s", "b", "B", "a", "A"]
         assert list(got["btcusdt@miniTicker"]) == ["e", "E", "s", "c", "o", "h", "l", "v", "q"]
         first_u = got["ethusdt@bookTicker"]["u"]
-        while True:  # update ids go up by one per event
-            message = msgspec.json.decode(await ws.get_message())
-            if message["stream"] == "ethusdt@bookTicker":
-                assert message["data"]["u"] == first_u + 1
-                break
+        with deadline(30, "the next bookTicker update"):
+            while True:  # update ids go up by one per event
+                message = msgspec.json.decode(await ws.get_message())
+                if message["stream"] == "ethusdt@bookTicker":
+                    assert message["data"]["u"] == first_u + 1
+                    break
     async with open_ws(url + "/stream") as ws:
         async def ask(request):
             await ws.send_message(request)
-            while True:
-                answer = msgspec.json.decode(await ws.get_message())
-                if "stream" not in answer:
-                    return answer
+            with deadline(30, "the answer to a request"):
+                while True:
+                    answer = msgspec.json.decode(await ws.get_message())
+                    if "stream" not in answer:
+                        return answer
 
         assert await ask('{"method":"SUBSCRIBE","params":["solusdt@trade"],"id":1}') == {
             "result": None, "id": 1}
@@ -273,8 +278,9 @@ async def test_emulator_stream_formats_and_requests(start, autojump_clock):
         with pytest.raises(ConnectionClosed) as closed:
             for i in range(10):
                 await ws.send_message(f'{{"method":"LIST_SUBSCRIPTIONS","id":{i}}}')
-            while True:
-                await ws.get_message()
+            with deadline(30, "the server to close a connection that sent too much"):
+                while True:
+                    await ws.get_message()
         assert closed.value.code == 1008
     with pytest.raises(ConnectionRejected):
         async with open_ws(url + "/ws/btcusdt@depth"):
@@ -301,10 +307,51 @@ async def test_emulator_ws_control_endpoints(start, autojump_clock):
             r = await client.post("/_emulator/ws/disconnect", json={"how": "close", "code": 4000})
             assert r.json() == {"disconnected": 1}
             with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await ws.get_message()
+                with deadline(30, "the close the control endpoint asked for"):
+                    while True:
+                        await ws.get_message()
             assert closed.value.code == 4000
         r = await client.post("/_emulator/ws/disconnect", json={"how": "explode"})
         assert r.status_code == 400
         assert "WS /stream?streams=<stream>/<stream>" in (
             await client.get("/_emulator")).json()["endpoints"]["binance"]
+
+
+async def test_a_server_shutdown_event_replaces_the_connection_at_once(start, autojump_clock):
+    """Binance's serverShutdown announces that the server goes down: the source
+    opens a new connection at once (no backoff, before the server drops the old
+    one), counts it, reports the short break as a gap, and drops nothing as invalid."""
+    emulator, url = await start()
+    emulator.ws.shutdown_after = 5.0
+    symbols = emulator.symbols("binance")[:3]
+    # a backoff no test outlives: only an "at once" reconnect comes in time
+    source = BinanceStream(symbols=symbols, channel="bookTicker", base_url=url,
+                           retry=Retry(backoff=1e6, max_backoff=1e6))
+    async with running(source) as (rt, sink, registry):
+        await until(lambda: len(sink.records) > 0)
+        assert emulator.ws.disconnect("shutdown") == 1
+        await until(lambda: emulator.stats["binance"]["ws"]["connections"] == 2)
+        before = len(sink.records)
+        await until(lambda: len(sink.records) > before)
+        await trio.sleep(6)  # past shutdown_after: the old connection is long gone
+    assert reconnects(registry) == {**dict.fromkeys(RECONNECT_REASONS, 0.0), "server_shutdown": 1.0}
+    assert emulator.stats["binance"]["ws"]["faults"] == {"shutdown": 1}  # no shutdown_close
+    assert discarded_count(registry, STAGE, "invalid") == 0
+    assert rt.gaps.counts == {"server_shutdown": 1}
+    (gap,) = rt.gaps.recent
+    assert gap.symbols == tuple(symbols) and 0 <= gap.end - gap.start < 5.0
+
+
+@pytest.mark.parametrize("form", [
+    b'{"e":"serverShutdown","E":1770123456789}',
+    b'{"stream":"btcusdt@bookTicker","data":{"e":"serverShutdown","E":1770123456789}}',
+    b'{"event":{"e":"serverShutdown","E":1770123456789}}',
+])
+def test_every_form_of_server_shutdown_asks_for_a_new_connection(form):
+    from flows import StreamParsed
+    from sources.binance import BinanceTrades
+
+    for source in (BinanceStream(symbols=["BTCUSDT"]), BinanceTrades(symbols=["BTCUSDT"])):
+        out = StreamParsed()
+        source.parse_into(form, out)
+        assert out.reconnect and not out.ticks and not out.invalid

@@ -12,7 +12,7 @@ import pytest
 from _cli import ROOT
 from _http_sources import routed_http_server
 
-from flows import Flow, RateLimit, declared_metrics
+from flows import Flow, RateLimit, Retry, declared_metrics
 from flows.run import load_flow
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 
@@ -62,7 +62,7 @@ async def test_ticks_bad_values_an_unknown_pair_and_malformed_bodies(nursery):
         path("dotusd"): [(200, b"[]")],  # valid JSON, not a ticker: malformed every time
     }, lambda head: seen.append(head.split(b" ")[1].decode()))
     pairs = ["BTCUSD", "ethusd", "xrpusd", "adausd", "solusd", "ltcusd", "dotusd", "nopeusd"]
-    source = BitstampTickers(symbols=pairs, base_url=url, once=True, retries=1, backoff=0.0)
+    source = BitstampTickers(symbols=pairs, base_url=url, once=True, retry=Retry(attempts=2, backoff=0.0))
     sink = ListSink()
     _, registry = await run_briefly(Flow("bitstamp", sources=[source], sinks=[sink]))
 

@@ -252,3 +252,49 @@ def test_every_form_is_reached() -> None:
         mixed = ChangeDetector(max_keys=100)
         mixed.filter([Tick("s1", "A", 1.0, 0.0), Tick("s2", "A", 1.0, 0.0)])
         assert list(mixed.state) == [("s1", "A"), ("s2", "A")] and mixed._src is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(st.tuples(st.sampled_from(SYMBOLS[:4]),
+                             st.one_of(st.sampled_from([1, 2, 100, 1.0, 1.5, 100.0, 0, -1]), prices),
+                             st.sampled_from([0, 1, 5, 0.5, 12.0])), max_size=40),
+    hb=st.sampled_from([1.0, 10.0]),
+    int_times=st.booleans(),
+    cuts=st.lists(st.integers(0, 100), max_size=6),
+)
+def test_heartbeat_with_ints_agrees_with_the_model(
+    items: list[tuple[str, Any, float]], hb: float, int_times: bool, cuts: list[int],
+) -> None:
+    """With a heartbeat the plain form packs floats only: an int value or
+    time moves the state to the ordered form, and nothing else changes."""
+    ts: Any = 1_000
+    records = []
+    for symbol, price, gap in items:
+        ts += gap
+        records.append(Tick("s1", symbol, price, int(ts) if int_times else float(ts)))
+    det, model = ChangeDetector(rel=0.01, heartbeat=hb), Model(0.01, 0.0, hb, 1_000_000, 750_000)
+    metrics = CountingMetrics()
+    for batch in split(records, cuts):
+        assert det.filter(batch, metrics) == [r for r in batch if model.emits(r)]
+    assert +metrics.counts == +model.counts
+    assert [(k, v, t) for k, (v, t) in det.state.items()] == [
+        (k, v, t) for k, (v, t) in model.state.items()]
+
+
+def test_turning_the_heartbeat_on_later_counts_earlier_keys_as_never_emitted() -> None:
+    """Times are not kept without a heartbeat: turned on later, it is due at
+    once for the keys stored before (in the plain form, and in the ordered
+    form a non-float value leads to); turned off again, the values stay."""
+    for price in (1.0, 1):
+        det = ChangeDetector(rel=0.5)
+        det.filter([Tick("s1", "A", price, 1.0), Tick("s1", "B", 2.0, 1.0)])
+        det.heartbeat = 100.0
+        assert det.filter([Tick("s1", "A", price, 2.0)]) == [Tick("s1", "A", price, 2.0)]
+        assert det.filter([Tick("s1", "A", price, 3.0)]) == []
+        assert det.filter([Tick("s1", "A", price, 102.0)]) == [Tick("s1", "A", price, 102.0)]
+        assert (det._od is None) == (price.__class__ is float)
+        det.heartbeat = None
+        assert det.filter([Tick("s1", "A", price, 500.0), Tick("s1", "B", 2.5, 500.0)]) == []
+        assert [(k, v) for k, (v, _) in det.state.items()] == [(("s1", "A"), price),
+                                                               (("s1", "B"), 2.0)]

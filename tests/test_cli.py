@@ -230,6 +230,8 @@ def test_interrupted_replay_resumes_to_the_same_rows_as_one_run(tmp_path):
     (["--drain-timeout", "-5"], "argument --drain-timeout: must be a positive number of seconds"),
     (["--duration", "soon"], "'soon' is not a number of seconds"),
     (["--db", "/nonexistent/dir/x.db"], "argument --db: folder '/nonexistent/dir' does not exist"),
+    (["--rate-budget", "http://127.0.0.1:6379"], "argument --rate-budget: rate budget "
+     "'http://127.0.0.1:6379': expected redis://host:port/db"),
 ])
 def test_bad_options_are_one_line_and_exit_2_before_anything_starts(tmp_path, args, says):
     done = run_cli(*args, "--metrics-addr", "0", cwd=tmp_path)

@@ -9,8 +9,14 @@ import trio
 from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Request, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Request, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator
 from sources.coinbase import CoinbaseTickers
 
@@ -89,7 +95,7 @@ async def test_malformed_and_truncated_bodies_are_dropped_and_the_flow_recovers(
 ):
     symbols = emulator.symbols("coinbase")[:4]
     sink = ListSink()
-    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=1,
+    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retry=Retry(attempts=2),
                              circuit=CircuitBreaker(failures=1000))
     registry = CollectorRegistry()
     emulator.set_faults(exchange="coinbase", malformed_rate=0.5, truncated_rate=1.0)
@@ -129,7 +135,7 @@ async def test_a_429_pauses_the_source_and_it_catches_up(emulator, autojump_cloc
     symbols = emulator.symbols("coinbase")[:40]
     # the source believes the limit is far higher: the 429s must slow it down
     source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, once=True,
-                             limits=[RateLimit(1000, 1.0)], retries=5, backoff=0.01)
+                             limits=[RateLimit(1000, 1.0)], retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(symbols)
@@ -140,7 +146,7 @@ async def test_a_429_pauses_the_source_and_it_catches_up(emulator, autojump_cloc
 
 async def test_5xx_burst_opens_the_circuit(emulator, autojump_clock):
     symbols = emulator.symbols("coinbase")[:4]
-    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=0,
+    source = CoinbaseTickers(symbols=symbols, base_url=emulator.url, every=1.0, retry=Retry(attempts=1),
                              circuit=CircuitBreaker(failures=3, reset_after=10.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("cb5", sources=[source], sinks=[ListSink()]), registry=registry,
@@ -148,13 +154,15 @@ async def test_5xx_burst_opens_the_circuit(emulator, autojump_clock):
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         emulator.set_faults(exchange="coinbase", error_rate=1.0)
-        while source.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to open"):
+            while source.circuit.state != "open":
+                await trio.sleep(0.5)
         assert sample(registry, "flows_source_circuit_state", "cb5", "coinbase") == 2
         assert "source coinbase: circuit open" in rt.ready()[1]
         emulator.clear_faults()
-        while source.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to close again"):
+            while source.circuit.state != "closed":
+                await trio.sleep(0.5)
         assert rt.ready()[0]
         rt.stop()
 
@@ -165,3 +173,18 @@ async def test_unknown_products_in_a_row_do_not_open_the_circuit(emulator, autoj
     await run_until(Flow("unk", sources=[source], sinks=[ListSink()]), lambda: source.cycles >= 3)
     assert trio.current_time() < 10  # 3 cycles of 10 requests at 10/s, not 3 x 30 s open
     assert source.circuit.state == "closed"
+
+
+async def test_a_string_trade_id_is_taken(emulator, autojump_clock):
+    """``trade_id`` is an integer on this API and a string on Coinbase's others:
+    a ticker is never dropped for its type."""
+    emulator.set_faults(exchange="coinbase", string_numbers_rate=1.0)
+    products = emulator.symbols("coinbase")[:3]
+    sink = ListSink()
+    source = CoinbaseTickers(symbols=products, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("ids", sources=[source], sinks=[sink]))
+    assert emulator.stats["coinbase"]["ticker"]["faults"]["string_numbers"] == 3
+    served = emulator.last_served("coinbase")
+    assert {t.symbol: Decimal(repr(t.price)) for t in sink.records} == {
+        p: served[p].price for p in products}
+    assert sample(registry, "flows_records_discarded_total", "ids", "coinbase", reason="invalid") == 0

@@ -20,11 +20,12 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS, Edge, RateLimit
+from flows import RECONNECT_REASONS, Edge, RateLimit, Retry
 from flows._websocket import ConnectionClosed, open_ws
 from flows.testing import (
     GatedSink,
     assert_component_metrics,
+    deadline,
     sample,
 )
 from sources.coinbase import CoinbaseStream
@@ -111,7 +112,7 @@ async def test_an_unknown_product_is_left_out_of_the_next_connection(start, auto
     emulator, url = await start()
     products = emulator.symbols("coinbase")[:3]
     source = CoinbaseStream(symbols=[*products, "NOPE-USD"], base_url=url, heartbeat=False,
-                            backoff=0.2)
+                            retry=Retry(backoff=0.2))
     async with running(source) as (_, sink, registry):
         await until(lambda: {t.symbol for t in sink.records} == set(products))
     assert source.unknown == {"NOPE-USD"}
@@ -183,10 +184,11 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
     async with open_ws(url) as ws:
         async def ask(request):
             await ws.send_message(msgspec.json.encode(request).decode())
-            while True:
-                answer = msgspec.json.decode(await ws.get_message())
-                if answer["type"] in ("subscriptions", "error"):
-                    return answer
+            with deadline(30, "the answer to a request"):
+                while True:
+                    answer = msgspec.json.decode(await ws.get_message())
+                    if answer["type"] in ("subscriptions", "error"):
+                        return answer
 
         assert await ask({"type": "subscribe", "product_ids": ["BTC-USD"],
                           "channels": ["ticker", {"name": "heartbeat",
@@ -195,9 +197,10 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
             "channels": [{"name": "ticker", "product_ids": ["BTC-USD"]},
                          {"name": "heartbeat", "product_ids": ["ETH-USD"]}]}
         got = {}
-        while len(got) < 2:
-            message = msgspec.json.decode(await ws.get_message())
-            got[message["type"]] = message
+        with deadline(30, "a ticker and a heartbeat"):
+            while len(got) < 2:
+                message = msgspec.json.decode(await ws.get_message())
+                got[message["type"]] = message
         ticker, heartbeat = got["ticker"], got["heartbeat"]
         assert list(ticker) == [
             "type", "sequence", "product_id", "price", "open_24h", "volume_24h", "low_24h",
@@ -208,11 +211,12 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
         assert ticker["time"].endswith("Z") and isinstance(ticker["sequence"], int)
         assert list(heartbeat) == ["type", "sequence", "last_trade_id", "product_id", "time"]
         assert heartbeat["product_id"] == "ETH-USD"
-        while True:  # sequence numbers go up by one per ticker
-            message = msgspec.json.decode(await ws.get_message())
-            if message["type"] == "ticker":
-                assert message["sequence"] == ticker["sequence"] + 1
-                break
+        with deadline(30, "the next ticker"):
+            while True:  # sequence numbers go up by one per ticker
+                message = msgspec.json.decode(await ws.get_message())
+                if message["type"] == "ticker":
+                    assert message["sequence"] == ticker["sequence"] + 1
+                    break
         errors = [
             await ask({"type": "subscribe", "product_ids": ["BTC-FOO"], "channels": ["ticker"]}),
             await ask({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["full"]}),
@@ -221,7 +225,7 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
         ]
         assert [e["reason"] for e in errors] == [
             "BTC-FOO is not a valid product",
-            "full is not a valid channel (the emulator serves ticker, heartbeat)",
+            "full is not a valid channel (the emulator serves ticker, heartbeat, matches)",
             "You need to specify at least one product ID for channel ticker",
             "'frobnicate' is not a valid message type"]
         assert errors[0]["message"] == "Failed to subscribe"
@@ -241,3 +245,29 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
     assert stats["requests"] == {"subscribe": 4, "frobnicate": 1, "invalid": 1,
                                  "unsubscribe": 1}
     assert "WS /ws-feed" in emulator.describe()["endpoints"]["coinbase"]
+
+
+async def test_ids_sent_as_strings_are_taken_not_dropped(start, autojump_clock):
+    """Coinbase sends ids as integers on this feed and as strings elsewhere: a
+    ticker (or heartbeat) with string ids is never counted invalid, and a string
+    sequence still shows gaps."""
+    emulator, url = await start()
+    emulator.set_faults(exchange="coinbase", ws={"string_numbers_rate": 1.0, "gap_rate": 0.1})
+    products = emulator.symbols("coinbase")[:4]
+    source = CoinbaseStream(symbols=products, base_url=url, check_gaps=True)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 100
+                    and ws_stats(emulator)["heartbeats"] >= 4)
+        emulator.feed("coinbase").disconnect("stall")
+        await trio.sleep(1)
+    faults = ws_stats(emulator)["faults"]
+    assert faults["string_numbers"] >= 104  # tickers and heartbeats alike
+    assert discarded(registry, "invalid") == 0
+    assert sample(registry, "flows_source_gaps_total", FLOW, STAGE) == faults["gap"] > 0
+    frame = ('{"type":"ticker","sequence":"37475248783","product_id":"BTC-USD",'
+             '"price":"67187.33","best_bid":"67184.00","best_ask":"67190.71",'
+             '"volume_24h":"16234.56","time":"2022-10-19T23:28:22.061769Z",'
+             '"trade_id":"370843401","last_size":"0.01"}')
+    parsed = source.parse(frame)
+    assert [t.price for t in parsed.ticks] == [67187.33]
+    assert parsed.sequences == [("BTC-USD", 37475248783)]

@@ -11,8 +11,14 @@ import trio
 from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coincap import CoinCapPrices
 
@@ -71,7 +77,7 @@ async def test_a_wrong_key_is_a_401_not_retried_and_names_the_variable(emulator,
     monkeypatch.setenv("COINCAP_API_KEY", "wrong-key")
     ids = emulator.symbols("coincap")[:5]
     sink = ListSink()
-    source = CoinCapPrices(symbols=ids, base_url=emulator.url, once=True, retries=3)
+    source = CoinCapPrices(symbols=ids, base_url=emulator.url, once=True, retry=Retry(attempts=4))
     with caplog.at_level(logging.WARNING, logger="flows.source.coincap"):
         _, registry = await run_briefly(Flow("auth", sources=[source], sinks=[sink]))
     assert sink.records == []
@@ -93,9 +99,9 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator):
     served = emulator.last_served("coincap")
     spoiled = {s for s, q in served.items() if q.fault is not None}
     invalid = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="invalid")
-    missing = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="missing")
+    unknown = sample(registry, "flows_records_discarded_total", "bad", "coincap", reason="unknown_symbol")
     assert spoiled and invalid == len(spoiled)  # field missing, "abc", "-1", "NaN"
-    assert missing == 1  # the unknown id: left out of the answer
+    assert unknown == 1 and source.parked.keys() == {ids[-1]}  # left out of the answer: parked
     assert {t.symbol for t in sink.records} == set(ids[:30]) - spoiled  # the rest is used
     for t in sink.records:
         assert t.price == float(served[t.symbol].price)
@@ -105,7 +111,7 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator):
 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(emulator, autojump_clock):
     source = CoinCapPrices(symbols=emulator.symbols("coincap")[:5], base_url=emulator.url, every=1.0,
-                   retries=0, circuit=CircuitBreaker(failures=100))
+                   retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100))
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "coincap", "assets")
 
 
@@ -119,8 +125,9 @@ async def test_the_limiter_keeps_under_the_limit_with_no_429(emulator, autojump_
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 4:
-            await trio.sleep(0.5)
+        with deadline(600, "4 poll cycles"):
+            while source.cycles < 4:
+                await trio.sleep(0.5)
         rt.stop()
     stats = emulator.stats["coincap"]["assets"]
     assert stats["refused"] == 0 and stats["requests"] >= 40
@@ -132,11 +139,23 @@ async def test_a_429_without_retry_after_pauses_a_window(emulator, autojump_cloc
     emulator.set_rate_limit("coincap", WindowLimit(limit=5, window=60.0))
     ids = emulator.symbols("coincap")[:12]
     source = CoinCapPrices(symbols=ids, base_url=emulator.url, per_request=1, once=True,
-                           concurrency=1, limits=[RateLimit(10_000, 60.0)], retries=5,
-                           backoff=0.01)
+                           concurrency=1, limits=[RateLimit(10_000, 60.0)],
+                           retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(ids)
     stats = emulator.stats["coincap"]["assets"]
     assert stats["refused"] == 2 and stats["requests"] == 14  # no hammering through the backoff
     assert trio.current_time() >= 120.0
+
+
+async def test_numbers_sent_as_json_numbers_are_taken(emulator):
+    emulator.set_faults(exchange="coincap", string_numbers_rate=1.0)
+    ids = emulator.symbols("coincap")[:5]
+    sink = ListSink()
+    source = CoinCapPrices(symbols=ids, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("num", sources=[source], sinks=[sink]))
+    assert emulator.stats["coincap"]["assets"]["faults"]["string_numbers"] == 1
+    served = emulator.last_served("coincap")
+    assert {t.symbol: t.price for t in sink.records} == {i: float(served[i].price) for i in ids}
+    assert sample(registry, "flows_records_discarded_total", "num", "coincap", reason="invalid") == 0

@@ -9,12 +9,20 @@ import pytest
 import trio
 from _http_sources import (
     check_bad_bodies_are_dropped_and_polling_goes_on,
+    run_until,
     scripted_http_server,
+    serve_answers,
 )
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.coingecko import CoinGeckoPrices
 
@@ -31,8 +39,9 @@ async def _run_cycles(source: CoinGeckoPrices, sink: ListSink, cycles: int) -> C
     rt = Runtime(Flow("cg", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < cycles:
-            await trio.sleep(0.5)
+        with deadline(600, "the poll cycles"):
+            while source.cycles < cycles:
+                await trio.sleep(0.5)
         rt.stop()
     return registry
 
@@ -120,9 +129,9 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator, auto
     served = emulator.last_served("coingecko")
     spoiled = {s for s, q in served.items() if q.fault is not None}
     invalid = sample(registry, "flows_records_discarded_total", "bad", "coingecko", reason="invalid")
-    missing = sample(registry, "flows_records_discarded_total", "bad", "coingecko", reason="missing")
+    unknown = sample(registry, "flows_records_discarded_total", "bad", "coingecko", reason="unknown_symbol")
     assert spoiled and invalid == len(spoiled)  # every kind: missing field, "abc", -1, null
-    assert missing == 1  # the unknown id: left out of the answer
+    assert unknown == 1 and source.parked.keys() == {ids[-1]}  # left out of the answer: parked
     assert {t.symbol for t in sink.records} == set(ids[:30]) - spoiled  # the rest is used
     for t in sink.records:
         assert t.price == float(served[t.symbol].price)
@@ -132,7 +141,7 @@ async def test_bad_values_and_unknown_ids_are_counted_not_retried(emulator, auto
 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(emulator, autojump_clock):
     source = CoinGeckoPrices(symbols=emulator.symbols("coingecko")[:5], base_url=emulator.url, every=2.0,
-                   retries=0, circuit=CircuitBreaker(failures=100))
+                   retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100))
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "coingecko", "simple/price")
 
 
@@ -153,8 +162,8 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
     ids = emulator.symbols("coingecko")[:12]
     # the source believes the limit is far higher: the 429 must teach it
     source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, per_request=1, once=True,
-                             concurrency=1, limits=[RateLimit(10_000, 60.0)], retries=5,
-                             backoff=0.01)
+                             concurrency=1, limits=[RateLimit(10_000, 60.0)],
+                             retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     _, registry = await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(ids)  # all arrived, after waiting
@@ -165,3 +174,62 @@ async def test_retry_after_is_honoured(emulator, autojump_clock):
     assert trio.current_time() >= 120.0
     assert sample(registry, "flows_source_retries_total", "ra", "coingecko") == 2
     assert sample(registry, "flows_source_responses_total", "ra", "coingecko", status_class="429") == 2
+
+
+async def test_an_id_left_out_of_the_answer_is_parked_and_probed_again_slowly(emulator, autojump_clock):
+    """CoinGecko leaves an unknown (here: delisted) id out of its answer: the id is
+    counted unknown_symbol once, parked (not asked each cycle), with a gap, and
+    asked again every reprobe_every seconds; once listed again it is polled as usual."""
+    emulator.set_rate_limit("coingecko", None)
+    ids = emulator.symbols("coingecko")[:4]
+    emulator.set_faults(exchange="coingecko", delisted=(ids[3],))
+    source = CoinGeckoPrices(symbols=ids, base_url=emulator.url, every=2.0, reprobe_every=30.0,
+                             limits=[RateLimit(1000, 60.0)])
+    sink, gaps, registry = ListSink(), ListSink(name="gaps_sink"), CollectorRegistry()
+    flow = Flow("cg")
+    flow.source(source).to(sink)
+    flow.gaps().to(gaps)
+    parked_at: list[float] = []
+
+    def relisted() -> bool:
+        if source.parked and not parked_at:
+            parked_at.append(trio.current_time())
+            assert sample(registry, "flows_records_discarded_total", "cg", "coingecko",
+                          reason="unknown_symbol") == 1
+        if parked_at and trio.current_time() - parked_at[0] > 20 and emulator.faults_for(
+                "coingecko").delisted:
+            # parked for 20 s (10 cycles): asked once, not once a cycle
+            assert sample(registry, "flows_records_discarded_total", "cg", "coingecko",
+                          reason="unknown_symbol") == 1
+            emulator.clear_faults()  # listed again
+        return ids[3] in {t.symbol for t in sink.records}
+
+    await run_until(flow, relisted, registry, timeout=120)
+    assert parked_at and trio.current_time() - parked_at[0] >= 30 - 1e-6  # at the next probe
+    assert not source.parked
+    assert sample(registry, "flows_records_discarded_total", "cg", "coingecko", reason="missing") == 0
+    unknown = [g for g in gaps.records if g.reason == "unknown_symbol"]
+    assert unknown and all(g.symbols == (ids[3],) for g in unknown)
+    assert unknown[-1].end - unknown[-1].start >= 30  # the parked time, once it answers again
+
+
+async def test_an_answer_without_any_of_several_ids_is_asked_again_by_halves(nursery, autojump_clock):
+    """An empty answer to several ids says nothing about any one of them: the
+    halves are asked before anything is parked."""
+    seen: list[bytes] = []
+
+    def answer(head: bytes):
+        if len(seen) == 1:
+            return 200, b"application/json", b"{}"
+        asked = head.split(b"ids=", 1)[1].split(b"&", 1)[0].split(b"%2C")
+        body = b",".join(b'"%s":{"usd":1.5}' % i for i in asked)
+        return 200, b"application/json", b"{" + body + b"}"
+
+    url = await serve_answers(nursery, answer, seen.append)
+    source = CoinGeckoPrices(symbols=["a", "b", "c"], base_url=url, once=True)
+    sink = ListSink()
+    _, registry = await run_briefly(Flow("halves", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == ["a", "b", "c"]
+    assert not source.parked and len(seen) == 3  # all three, then a / b,c
+    assert sample(registry, "flows_records_discarded_total", "halves", "coingecko",
+                  reason="unknown_symbol") == 0

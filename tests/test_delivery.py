@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from flows import Batch, ChangeDetector, Edge, Flow, Runtime, Tick
-from flows.testing import GatedSink, ListSink, sample
+from flows.testing import GatedSink, ListSink, deadline, sample
 
 
 class CountingSource:
@@ -131,8 +131,9 @@ async def test_sigterm_drain_acks_every_batch_exactly_once(registry):
     rt = Runtime(flow, registry=registry, metrics_addr=None, handle_signals=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.sent < 300:
-            await trio.lowlevel.checkpoint()
+        with deadline(30, "300 records sent"):
+            while source.sent < 300:
+                await trio.lowlevel.checkpoint()
         os.kill(os.getpid(), signal.SIGTERM)
     assert rt.stop_reason == "signal SIGTERM"
     outcomes = source.assert_acked_once()

@@ -649,7 +649,7 @@ async def test_stats_counters(start, mock_clock):  # frozen clock: one rate wind
     }
     # one limiter per exchange: the other endpoint is refused too
     assert stats["okx"]["ticker"]["status"] == {"429": 1}
-    assert set(stats) == set(EXCHANGES)
+    assert set(stats) == set(EXCHANGES) | {"livecoinwatch", "polymarket", "polymarket_gamma", "fmp"}
     assert (await client.get("/_emulator/stats")).json() == emulator.stats
     assert (await client.delete("/_emulator/stats")).json()["okx"]["tickers"][
         "requests"
@@ -782,3 +782,83 @@ def test_cli_serves_and_stops_on_ctrl_c():
     finally:
         process.kill()
     assert process.returncode == 0 and "stopped" in err and "Traceback" not in err
+
+
+# -- the faults of issue 13 ----------------------------------------------------------
+
+
+async def test_delisted_symbols_answer_as_each_exchange_answers_an_unknown_one(start):
+    emulator, client = await start(assets=6, rate_limits=NO_LIMITS)
+    emulator.set_faults(delisted=("SOL",))  # a base code: on every exchange
+    r = await client.get("/api/v3/ticker/price", params={"symbols": '["BTCUSDT","SOLUSDT"]'})
+    assert (r.status_code, r.json()["code"]) == (400, -1121)  # the whole batch fails
+    r = await client.get("/api/v3/ticker/price")
+    assert "SOLUSDT" not in {x["symbol"] for x in r.json()} and len(r.json()) == 5
+    r = await client.get("/0/public/Ticker", params={"pair": "XBTUSD,SOLUSD"})
+    assert r.json() == {"error": ["EQuery:Unknown asset pair"]}
+    assert (await client.get("/products/SOL-USD/ticker")).status_code == 404
+    r = await client.get("/api/v3/simple/price", params={"ids": "bitcoin,solana",
+                                                         "vs_currencies": "usd"})
+    assert set(r.json()) == {"bitcoin"}  # left out
+    r = await client.get("/v3/assets", params={"ids": "bitcoin,solana", "apiKey": "test-key"})
+    assert [a["id"] for a in r.json()["data"]] == ["bitcoin"]
+    r = await client.get("/api/v5/market/ticker", params={"instId": "SOL-USDT"})
+    assert r.json()["code"] == "51001"
+    r = await client.get("/api/v5/market/tickers", params={"instType": "SPOT"})
+    assert "SOL-USDT" not in {x["instId"] for x in r.json()["data"]}
+    emulator.set_faults(exchange="coinbase", delisted=("BTC-USD",))  # its own faults and name
+    assert (await client.get("/products/SOL-USD/ticker")).status_code == 200
+    assert (await client.get("/products/BTC-USD/ticker")).status_code == 404
+
+
+async def test_binance_refuses_lower_case_and_illegal_symbols_with_1100(start):
+    _, client = await start(assets=3)
+    for params in ({"symbol": "btcusdt"}, {"symbols": '["BTCUSDT","ethusdt"]'},
+                   {"symbols": '["BTC/USDT"]'}):
+        r = await client.get("/api/v3/ticker/price", params=params)
+        assert (r.status_code, r.json()["code"]) == (400, -1100)
+        assert "Illegal characters found in parameter 'symbol" in r.json()["msg"]
+
+
+async def test_kraken_throttle_errors_and_string_numbers(start):
+    emulator, client = await start(assets=3, rate_limits=NO_LIMITS)
+    emulator.set_faults(exchange="kraken", throttle_rate=1.0, throttle_errors=("EService:Throttled",))
+    r = await client.get("/0/public/Ticker", params={"pair": "XBTUSD"})
+    assert r.json() == {"error": ["EService:Throttled"]}
+    emulator.set_faults(exchange="coinbase", string_numbers_rate=1.0)
+    r = await client.get("/products/BTC-USD/ticker")
+    assert isinstance(r.json()["trade_id"], str)
+    emulator.set_faults(exchange="okx", string_numbers_rate=1.0)
+    r = await client.get("/api/v5/market/ticker", params={"instId": "BTC-USDT"})
+    (record,) = r.json()["data"]
+    assert isinstance(record["last"], float) and isinstance(record["ts"], int)
+    with pytest.raises(ValueError, match="throttle_errors"):
+        emulator.set_faults(throttle_errors=("EGeneral:Nope",))
+
+
+async def test_binance_server_shutdown_event_then_close(start, autojump_clock):
+    from flows._websocket import ConnectionClosed, open_ws
+
+    emulator, client = await start(assets=3, ws_ping_interval=None)
+    emulator.ws.shutdown_after = 5.0
+    url = str(client.base_url).replace("http://", "ws://") + "/stream?streams=btcusdt@trade"
+    async with open_ws(url) as ws:
+        await ws.get_message()
+        r = await client.post("/_emulator/ws/disconnect", json={"how": "shutdown"})
+        assert r.json() == {"disconnected": 1}  # only Binance announces shutdowns
+        with trio.fail_after(1):
+            while b"serverShutdown" not in (message := await ws.get_message()):
+                pass
+        assert msgspec_keys(message) == {"e", "E"}  # bare, even on a combined stream
+        announced = trio.current_time()
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(10):
+            while True:
+                await ws.get_message()  # events go on until the close
+        assert closed.value.code == 1001 and trio.current_time() - announced >= 5.0
+    assert emulator.stats["binance"]["ws"]["faults"] == {"shutdown": 1, "shutdown_close": 1}
+    with pytest.raises(ValueError, match="no server shutdown"):
+        emulator.feed("kraken").disconnect("shutdown")
+
+
+def msgspec_keys(message: bytes) -> set[str]:
+    return set(json.loads(message))

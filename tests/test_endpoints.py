@@ -29,7 +29,7 @@ from flows._server import (
     make_app,
     parse_addr,
 )
-from flows.testing import GatedSink, ListSink
+from flows.testing import GatedSink, ListSink, deadline
 from sinks.sqlite import SQLiteSink
 from sources.synthetic import SyntheticMarket, make_symbols
 
@@ -60,11 +60,12 @@ def demo_like_flow(tmp_path, sink=None) -> Flow:
 
 async def wait_for_records(rt: Runtime, stage: str, n: int) -> None:
     """Until ``stage`` (a storing sink) has written ``n`` records."""
-    while True:
-        actor = next(a for a in rt.status()["actors"] if a["name"] == stage)
-        if actor.get("written", 0) >= n:
-            return
-        await trio.sleep(0.01)  # the flow runs on the real clock; this only yields
+    with deadline(30, "the sink's written records"):
+        while True:
+            actor = next(a for a in rt.status()["actors"] if a["name"] == stage)
+            if actor.get("written", 0) >= n:
+                return
+            await trio.sleep(0.01)  # the flow runs on the real clock; this only yields
 
 
 async def test_metrics_lists_every_documented_metric_and_passes_promtool(tmp_path, registry):

@@ -21,15 +21,19 @@ PUBLIC = {
     "Batch", "ChangeDetector", "Edge", "Flow", "FlowError", "FlowFailed", "FunctionStage", "Inbox",
     "Outbox", "RunContext", "RunResult", "Runtime", "Shard", "SlowThresholds", "Sink", "Source",
     "Stage", "Supervision", "Tick", "run_flow", "shard_of", "stage", "Stream", "Routes", "Gap", "Trade", "Candle",
+    "Window", "Candles",
     # writing components: bases, their request/parse types, resilience
     "BatchingSink", "CircuitBreaker", "HttpError", "HttpSource", "Parsed", "RECONNECT_REASONS",
-    "RateLimit", "Request", "Retry", "StreamParsed", "WebSocketSource", "parse_optional_float",
+    "RateLimit", "RateBudget", "Request", "Retry", "StreamParsed", "WebSocketSource",
+    "parse_optional_float",
     "parse_price", "DropLog", "write_atomic", "check_tick",
     # secrets: masking them wherever a URL, DSN or error is shown
     "redact", "add_secret",
     # metrics: the core table, declarations, reading them back
     "METRICS", "MetricFamily", "ComponentMetrics", "all_metrics", "declared_metrics",
     "FAST_BUCKETS", "LATENCY_BUCKETS", "SIZE_BUCKETS", "histogram_quantile", "flow_figures",
+    # storing sinks: a record type as a table
+    "RecordSchema", "record_schema",
     # the component registry (entry points)
     "Component", "ComponentError", "components", "load_component",
 }  # fmt: skip
@@ -117,13 +121,22 @@ def test_metrics_are_the_core_table_plus_component_declarations():
     assert http == {
         "flows_source_request_seconds", "flows_source_responses_total", "flows_source_retries_total",
         "flows_source_rate_limit_wait_seconds", "flows_source_circuit_state",
+        "flows_source_budget_wait_seconds", "flows_source_budget_fallback",
+        "flows_source_budget_pauses_total",
     }
     assert ws == {
         "flows_source_messages_total", "flows_source_reconnects_total",
         "flows_source_connection_uptime_seconds", "flows_source_gaps_total",
     }
     assert not (http | ws) & set(METRICS), "component families stay out of the engine's table"
-    assert set(every) == set(METRICS) | http | ws  # what the shipped components declare
+    from sources.fmp import FMPDividends
+    from sources.livecoinwatch import LiveCoinWatchPrices
+
+    own = {f.name for cls in (LiveCoinWatchPrices, FMPDividends)
+           for f in flows.declared_metrics(cls)} - http  # credits, skipped symbols
+    assert own == {"flows_source_credits_remaining", "flows_source_credits_spent_total",
+                   "flows_source_skipped_total"}
+    assert set(every) == set(METRICS) | http | ws | own  # what the shipped components declare
 
 
 def test_readme_metrics_reference_is_generated_from_the_declarations():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import trio
 import trio.testing
 
@@ -129,3 +130,69 @@ async def test_the_heartbeat_never_makes_a_dead_symbol_look_alive(registry, auto
         assert len(dead) == 1
         assert live == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]  # LIVE's heartbeats, on its fresh input
         rt.stop()
+
+
+async def test_repeated_batches_keep_every_symbol_fresh_and_a_changed_one_is_noticed(autojump_clock):
+    """A source repeating its symbols in the same order is stamped once per
+    batch: the symbol times still follow each batch, and a batch of the
+    same length, first and last symbol but another symbol in the middle is
+    not taken for a repeat."""
+    from flows._freshness import Freshness
+
+    fresh = Freshness(stale_after=30.0)
+    universe = [f"S{i:02d}" for i in range(40)]
+    for _ in range(3):
+        fresh.seen(ticks(*universe))
+        await trio.sleep(1)
+    swapped = universe[:20] + ["NEW"] + universe[21:]  # S20 leaves, NEW arrives
+    fresh.seen(ticks(*swapped))
+    await trio.sleep(20)
+    fresh.seen(ticks(*swapped))  # a repeat: S20 stays behind
+    await trio.sleep(15)
+    assert fresh.stalest(2)[0] == ("S20", 36.0)  # last seen at 2 s, now 38 s
+    assert fresh.stalest(2)[1][1] == 15.0
+    assert fresh.stale_symbols() == 1
+    assert fresh.figures()["symbols"] == 41
+    assert fresh.times()["S05"] == fresh.times()["NEW"] == trio.current_time() - 15
+
+
+@pytest.mark.parametrize("limits", [None, (2, 40)], ids=["default", "few-runs"])
+async def test_symbol_times_match_a_record_by_record_reference(autojump_clock, monkeypatch, limits):
+    """Random batches (repeats, near repeats, short, mixed and unhashable
+    symbols) against a plain dict updated record by record; also with room
+    for only a few runs (remembered runs are dropped and settled often)."""
+    import random
+
+    from flows import _freshness
+    from flows._freshness import Freshness
+
+    if limits is not None:
+        monkeypatch.setattr(_freshness, "_RUNS_MAX", limits[0])
+        monkeypatch.setattr(_freshness, "_RUN_SYMBOLS_MAX", limits[1])
+
+    class Bare:  # a record without a symbol
+        pass
+
+    rng = random.Random(15)
+    fresh = Freshness(stale_after=5.0)
+    reference: dict = {}
+    shapes = [[f"S{rng.randrange(60)}" for _ in range(rng.choice((3, 16, 20, 30)))]
+              for _ in range(6)]
+    for _ in range(400):
+        symbols = list(rng.choice(shapes))
+        if rng.random() < 0.2 and len(symbols) > 2:
+            symbols[rng.randrange(1, len(symbols) - 1)] = f"S{rng.randrange(80)}"
+        records = ticks(*symbols)
+        if rng.random() < 0.05:
+            records[rng.randrange(1, len(records))] = Bare()
+        if rng.random() < 0.05:
+            records[-1] = Tick("feed", ["unhashable"], 1.0, 1.0)  # type: ignore[arg-type]
+        fresh.seen(records)
+        now = trio.current_time()
+        if hasattr(records[0], "symbol"):
+            for r in records:
+                s = getattr(r, "symbol", None)
+                if s is not None and not isinstance(s, list):
+                    reference[s] = now
+        assert fresh.times() == reference
+        await trio.sleep(rng.choice((0.0, 0.5, 3.0)))

@@ -11,7 +11,7 @@ from _http_sources import OK, Probe, http, serve_answers
 from _streams import feed_starter, until
 from prometheus_client import CollectorRegistry
 
-from flows import Batch, CircuitBreaker, Flow, Gap, Runtime, Tick
+from flows import Batch, CircuitBreaker, Flow, Gap, Retry, Runtime, Tick
 from flows.testing import ListSink, sample
 from sources.binance import BinanceStream
 
@@ -61,7 +61,7 @@ async def test_a_failed_poll_and_an_open_circuit_are_gaps(nursery, autojump_cloc
         return script.pop(0) if script else OK
 
     url = await serve_answers(nursery, answer, lambda head: None)
-    source = Probe(symbols=["A", "B"], base_url=url, every=1.0, retries=0,
+    source = Probe(symbols=["A", "B"], base_url=url, every=1.0, retry=Retry(attempts=1),
                    circuit=CircuitBreaker(failures=2, reset_after=5.0))
     gaps = ListSink(name="gaps_sink")
     registry = CollectorRegistry()
@@ -108,3 +108,53 @@ async def test_a_lost_connection_is_a_gap_from_down_to_back(start, autojump_cloc
     (gap,) = gaps.records
     assert gap.source == "binance_stream" and set(gap.symbols) == set(symbols)
     assert gap.reason in ("closed", "error") and before <= gap.start <= gap.end
+
+
+async def test_a_rate_limited_poll_is_a_gap_to_the_end_of_its_pause(nursery, autojump_clock):
+    """A 429 with Retry-After pauses the source: no data comes for that long, so
+    the gap runs from the last good poll to the end of the pause."""
+    script = [OK, http(429, retry_after=20)]
+    url = await serve_answers(nursery, lambda head: script.pop(0) if script else OK,
+                              lambda head: None)
+    source = Probe(symbols=["A"], base_url=url, every=1.0)
+    gaps = ListSink(name="gaps_sink")
+    flow = Flow("rl")
+    flow.source(source).to(ListSink())
+    flow.gaps().to(gaps)
+    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
+    async with trio.open_nursery() as inner:
+        await inner.start(rt.run)
+        with trio.fail_after(60):
+            while not gaps.records:
+                await trio.sleep(0.1)
+        rt.stop()
+    (gap,) = gaps.records
+    assert gap.reason == "rate_limited" and gap.symbols == ("A",)
+    assert 20.0 <= gap.end - gap.start <= 22.0  # from the last good poll, through the pause
+
+
+async def test_a_symbol_polled_again_after_stale_after_records_the_whole_silence(
+        nursery, autojump_clock):
+    """However a poll was held up (here a 429 pause longer than stale_after), a
+    symbol that answers after more than stale_after without data says so: one
+    'stale' gap from its last good poll to the answer."""
+    script = [OK, http(429, retry_after=5)]
+    url = await serve_answers(nursery, lambda head: script.pop(0) if script else OK,
+                              lambda head: None)
+    source = Probe(symbols=["A"], base_url=url, every=1.0)
+    source.stale_after = 3.0
+    gaps, ticks = ListSink(name="gaps_sink"), ListSink()
+    flow = Flow("st")
+    flow.source(source).to(ticks)
+    flow.gaps().to(gaps)
+    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
+    async with trio.open_nursery() as inner:
+        await inner.start(rt.run)
+        with trio.fail_after(60):
+            while not any(g.reason == "stale" for g in gaps.records):
+                await trio.sleep(0.1)
+        await trio.sleep(4)  # more good polls
+        rt.stop()
+    (stale,) = [g for g in gaps.records if g.reason == "stale"]
+    assert stale.symbols == ("A",) and 5.0 <= stale.end - stale.start <= 7.0
+    assert [g.reason for g in gaps.records].count("stale") == 1  # once, not every later poll

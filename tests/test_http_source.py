@@ -3,14 +3,27 @@ each kind of answer moves the circuit breaker, the pause and the counters."""
 
 from __future__ import annotations
 
+import time
+
+import msgspec
 import pytest
 import trio
 import trio.testing
 from _http_sources import OK, Probe, http, serve_answers
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, Runtime
-from flows.testing import ListSink, sample
+from flows import (
+    CircuitBreaker,
+    Flow,
+    HttpSource,
+    Parsed,
+    Request,
+    Retry,
+    Runtime,
+    Tick,
+)
+from flows.testing import ListSink, run_briefly, sample
+from flows.testing.emulator import Emulator
 
 
 async def scripted(nursery, script: list[tuple], then=OK) -> tuple[str, list[float]]:
@@ -27,7 +40,7 @@ async def scripted(nursery, script: list[tuple], then=OK) -> tuple[str, list[flo
 
 async def test_a_half_open_probe_answered_429_settles_the_breaker(nursery, autojump_clock):
     url, times = await scripted(nursery, [http(500), http(500), http(429, retry_after=3)])
-    source = Probe(base_url=url, every=1.0, retries=0,
+    source = Probe(base_url=url, every=1.0, retry=Retry(attempts=1),
                    circuit=CircuitBreaker(failures=2, reset_after=5.0))
     sink, registry = ListSink(), CollectorRegistry()
     rt = Runtime(Flow("ho", sources=[source], sinks=[sink]), registry=registry, metrics_addr=None)
@@ -52,7 +65,7 @@ async def test_a_half_open_probe_answered_429_settles_the_breaker(nursery, autoj
 async def test_half_open_shows_in_health_and_the_state_gauge(nursery, autojump_clock):
     gate = trio.Event()
     url, _times = await scripted(nursery, [http(500), http(500)])
-    source = Probe(base_url=url, every=1.0, retries=0, read_timeout=1000.0,
+    source = Probe(base_url=url, every=1.0, retry=Retry(attempts=1), read_timeout=1000.0,
                    circuit=CircuitBreaker(failures=2, reset_after=5.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("hs", sources=[source], sinks=[ListSink()]), registry=registry,
@@ -100,7 +113,7 @@ def test_a_cancelled_probe_lets_the_next_one_through():
 ])
 async def test_failures_in_a_row_open_the_circuit(nursery, autojump_clock, failures, script, state):
     url, times = await scripted(nursery, list(script))
-    source = Probe(base_url=url, every=1.0, retries=0,
+    source = Probe(base_url=url, every=1.0, retry=Retry(attempts=1),
                    circuit=CircuitBreaker(failures=failures, reset_after=1000.0))
     rt = Runtime(Flow("fr", sources=[source], sinks=[ListSink()]), registry=CollectorRegistry(),
                  metrics_addr=None)
@@ -168,3 +181,31 @@ async def test_an_unknown_symbol_is_isolated_parked_and_probed_again(nursery, au
         rt.stop()
     assert sample(registry, "flows_records_discarded_total", "park", "probe", reason="unknown_symbol") == 1
     assert sample(registry, "flows_records_discarded_total", "park", "probe", reason="request_failed") == 0
+
+
+class _PostedCodes(HttpSource):
+    """A bare subclass that POSTs its JSON arguments (LiveCoinWatch's /coins/map)."""
+
+    def plan(self, symbols: list[str]) -> list[Request]:
+        body = {"codes": symbols, "currency": "USD", "sort": "rank", "order": "ascending",
+                "offset": 0, "limit": len(symbols), "meta": False}
+        return [Request("coins/map", "/coins/map", symbols=tuple(symbols), method="POST",
+                        json=body)]
+
+    def parse(self, request: Request, body: bytes) -> Parsed:
+        coins = msgspec.json.decode(body)
+        return Parsed(ticks=[Tick(self.name, c["code"], c["rate"], time.time()) for c in coins])
+
+
+async def test_a_request_can_be_a_post_of_a_json_body(nursery, autojump_clock):
+    emulator = Emulator(seed=3, assets=40, tick_interval=0)
+    url = await nursery.start(emulator.serve)
+    codes = emulator.symbols("livecoinwatch")[:5]
+    source = _PostedCodes(symbols=codes, base_url=url, once=True, name="posted",
+                          headers={"x-api-key": "test-key"})
+    sink = ListSink()
+    await run_briefly(Flow("post", sources=[source], sinks=[sink]))
+    served = emulator.last_served("livecoinwatch")
+    assert sorted((t.symbol, t.price) for t in sink.records) == sorted(
+        (code, float(served[code].price)) for code in codes)
+    assert emulator.stats["livecoinwatch"]["coins/map"]["requests"] == 1

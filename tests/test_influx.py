@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, FlowFailed, Retry, Runtime, Supervision, Tick
-from flows.testing import ListSource, assert_component_metrics, run_briefly, sample
+from flows.testing import (
+    ListSource,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.influx import (
     InfluxServer,
     create_database,
@@ -582,8 +588,9 @@ async def test_refused_credentials_fail_the_sink_instead_of_dropping_records(gua
 
     async def change_password_after_the_first_write() -> None:
         if when == "mid-run":
-            while not sample(registry, "flows_sink_batch_records_sum", "auth", "influx"):
-                await trio.sleep(0.01)
+            with deadline(20, "the first write"):
+                while not sample(registry, "flows_sink_batch_records_sum", "auth", "influx"):
+                    await trio.sleep(0.01)
             await trio.to_thread.run_sync(functools.partial(
                 query, guarded.url, f"SET PASSWORD FOR \"{user}\" = 'pw-2'", method="POST",
                 auth=ADMIN))

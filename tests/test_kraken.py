@@ -11,8 +11,14 @@ import trio
 from _http_sources import run_until
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, HttpError, RateLimit, Request, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, HttpError, RateLimit, Request, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator
 from sources.kraken import KrakenTickers
 
@@ -96,7 +102,7 @@ async def test_malformed_and_truncated_bodies_are_dropped_and_the_flow_recovers(
 ):
     symbols = altnames(emulator, 6)
     sink = ListSink()
-    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=1,
+    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0, retry=Retry(attempts=2),
                            per_request=3, circuit=CircuitBreaker(failures=1000))
     registry = CollectorRegistry()
     emulator.set_faults(exchange="kraken", malformed_rate=0.5, truncated_rate=1.0)
@@ -164,7 +170,7 @@ async def test_too_many_requests_pauses_the_limiter_and_retries(emulator, autoju
     symbols = altnames(emulator, 6)
     # the source believes the limit is far higher: Kraken's HTTP-200 error must slow it down
     source = KrakenTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=1,
-                           limits=[RateLimit(100, 1.0)], retries=5, backoff=0.01,
+                           limits=[RateLimit(100, 1.0)], retry=Retry(attempts=6, backoff=0.01),
                            rate_limit_pause=3.0)
     sink = ListSink()
     _, registry = await run_briefly(Flow("tmr", sources=[source], sinks=[sink]))
@@ -178,8 +184,8 @@ async def test_too_many_requests_pauses_the_limiter_and_retries(emulator, autoju
 
 async def test_service_unavailable_is_transient_and_opens_the_circuit(emulator, autojump_clock):
     symbols = altnames(emulator, 4)
-    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0, retries=1,
-                           backoff=0.01, circuit=CircuitBreaker(failures=3, reset_after=10.0))
+    source = KrakenTickers(symbols=symbols, base_url=emulator.url, every=1.0,
+                           retry=Retry(attempts=2, backoff=0.01), circuit=CircuitBreaker(failures=3, reset_after=10.0))
     registry = CollectorRegistry()
     rt = Runtime(Flow("svc", sources=[source], sinks=[ListSink()]), registry=registry,
                  metrics_addr=None)
@@ -188,16 +194,18 @@ async def test_service_unavailable_is_transient_and_opens_the_circuit(emulator, 
         # Kraken's own 503 shape: HTTP 200 {"error":["EService:Unavailable"]}
         emulator.set_faults(exchange="kraken", error_rate=1.0, error_statuses=(503,),
                             html_error_share=0.0)
-        while source.circuit.state != "open":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to open"):
+            while source.circuit.state != "open":
+                await trio.sleep(0.5)
         assert emulator.stats["kraken"]["Ticker"]["status"].get("503", 0) == 0  # all HTTP 200
         assert sample(registry, "flows_source_retries_total", "svc", "kraken") >= 1  # transient
         assert sample(registry, "flows_errors_total", "svc", "kraken", error_type="http_permanent") == 0
         assert sample(registry, "flows_source_circuit_state", "svc", "kraken") == 2
         assert "source kraken: circuit open" in rt.ready()[1]
         emulator.clear_faults()
-        while source.circuit.state != "closed":
-            await trio.sleep(0.5)
+        with deadline(120, "the circuit to close again"):
+            while source.circuit.state != "closed":
+                await trio.sleep(0.5)
         assert rt.ready()[0]
         rt.stop()
 
@@ -224,3 +232,20 @@ def test_http_200_errors_are_sorted(errors, transient, pause):
     # a warning alone is not an error
     source.check(httpx.Response(200, content=b'{"error":["WGeneral:x"],"result":{}}', request=request),
                  b'{"error":["WGeneral:x"],"result":{}}')
+
+
+async def test_service_throttled_is_rate_limiting_not_a_failure(emulator, autojump_clock):
+    """Kraken also says ``EService:Throttled`` when it rate-limits: the source
+    pauses and retries, and the circuit breaker never counts it."""
+    emulator.set_faults(exchange="kraken", throttle_rate=0.5, throttle_errors=("EService:Throttled",))
+    symbols = altnames(emulator, 6)
+    source = KrakenTickers(symbols=symbols, base_url=emulator.url, once=True, per_request=1,
+                           retry=Retry(attempts=20, backoff=0.01), rate_limit_pause=2.0,
+                           circuit=CircuitBreaker(failures=1, reset_after=600.0))
+    sink = ListSink()
+    _, registry = await run_briefly(Flow("thr", sources=[source], sinks=[sink]))
+    assert sorted(t.symbol for t in sink.records) == sorted(symbols)
+    throttled = emulator.stats["kraken"]["Ticker"]["faults"]["throttle"]
+    assert throttled >= 2 and source.circuit.state == "closed"
+    assert sample(registry, "flows_source_retries_total", "thr", "kraken") == throttled
+    assert trio.current_time() >= 2.0  # a refusal paused the source

@@ -21,9 +21,13 @@ from _streams import (
 )
 from _streams import until as _until
 
-from flows import RECONNECT_REASONS
+from flows import RECONNECT_REASONS, Retry
 from flows._websocket import ConnectionClosed, open_ws
-from flows.testing import assert_component_metrics, sample
+from flows.testing import (
+    assert_component_metrics,
+    deadline,
+    sample,
+)
 from sources.kraken import KrakenStream, v2_symbol
 
 STAGE = "kraken_stream"
@@ -102,7 +106,7 @@ async def test_heartbeats_and_pings_keep_a_quiet_connection(start, autojump_cloc
     assert messages >= stats["heartbeats"] + len(sink.records) + 3 + 1  # pongs, status
     # without pings, the server closes the connection after a minute of silence
     emulator.reset_stats()
-    source = KrakenStream(symbols=symbols, base_url=url, heartbeat_interval=0, backoff=0.1)
+    source = KrakenStream(symbols=symbols, base_url=url, heartbeat_interval=0, retry=Retry(backoff=0.1))
     started = trio.current_time()
     async with running(source) as (_, sink, registry):
         await until(lambda: ws_stats(emulator)["connections"] == 2)
@@ -148,7 +152,8 @@ def test_argument_checks_and_messages():
     assert (tick.price, tick.bid, tick.volume) == (67187.3, 67184.0, None)
     assert abs(tick.ts - time.time()) < 60
     for bad in ('{"channel":"ticker","data":[{"symbol":"BTC/USD","last":-1}]}',
-                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":"1.5"}]}',
+                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":"abc"}]}',
+                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":true}]}',
                 '{"channel":"ticker","type":"update"}'):
         with pytest.raises((ValueError, msgspec.ValidationError)):
             source.parse(bad)
@@ -196,10 +201,11 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
 
         async def ask(request):
             await ws.send_message(request)
-            while True:
-                answer = msgspec.json.decode(await ws.get_message())
-                if "channel" not in answer:
-                    return {k: v for k, v in answer.items() if k not in ("time_in", "time_out")}
+            with deadline(30, "the answer to a request"):
+                while True:
+                    answer = msgspec.json.decode(await ws.get_message())
+                    if "channel" not in answer:
+                        return {k: v for k, v in answer.items() if k not in ("time_in", "time_out")}
 
         assert await ask('{"method":"ping","req_id":9}') == {"method": "pong", "req_id": 9}
         assert await ask('{"method":"ping"}') == {"method": "pong"}
@@ -214,8 +220,9 @@ async def test_emulator_feed_format_and_requests(start, autojump_clock):
         assert emulator.feed("kraken").connections[0]["streams"] == ["ticker:BTC/USD"]
         # no client message for a minute: closed
         with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await ws.get_message()
+            with deadline(120, "the close of an idle connection (after 60 s)"):
+                while True:
+                    await ws.get_message()
         assert closed.value.code == 1000
     stats = ws_stats(emulator)
     assert stats["requests"] == {"subscribe": 2, "ping": 2, "frob": 1, "invalid": 1,
@@ -240,8 +247,9 @@ async def test_emulator_ws_control_endpoints_per_exchange(start, autojump_clock)
                                                                 "exchange": "kraken"})
         assert r.json() == {"disconnected": 1}
         with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await ws.get_message()
+            with deadline(30, "the close the control endpoint asked for"):
+                while True:
+                    await ws.get_message()
         assert closed.value.code == 4001
         r = await client.post("/_emulator/ws/disconnect", json={"exchange": "nasdaq"})
         assert r.status_code == 400
@@ -250,3 +258,27 @@ async def test_emulator_ws_control_endpoints_per_exchange(start, autojump_clock)
     assert emulator.stream_symbols("coinbase")[:1] == ["BTC-USD"]
     with pytest.raises(ValueError, match="no websocket feed"):
         emulator.feed("okx")
+
+
+async def test_decimals_sent_as_strings_are_taken_not_dropped(start, autojump_clock):
+    """v2 documents numbers, but decimals may come as strings: every such ticker
+    still becomes a Tick with the same values; nothing is counted invalid."""
+    emulator, url = await start(tick_interval=FROZEN)
+    emulator.set_faults(exchange="kraken", ws={"string_numbers_rate": 1.0})
+    symbols = emulator.stream_symbols("kraken")[:3]
+    source = KrakenStream(symbols=symbols, base_url=url, snapshot=False)
+    async with running(source) as (_, sink, registry):
+        await until(lambda: len(sink.records) >= 30)
+    assert ws_stats(emulator)["faults"]["string_numbers"] >= 30
+    assert discarded(registry, "invalid") == 0
+    for t in sink.records:
+        item = emulator.feed("kraken").last_event(f"ticker:{t.symbol}")
+        assert (t.price, t.bid, t.ask, t.volume) == (item["last"], item["bid"], item["ask"],
+                                                     item["volume"])
+    frame = ('{"channel":"ticker","type":"update","data":[{"symbol":"BTC/USD","bid":"67184.0",'
+             '"bid_qty":"12.345","ask":"67190.7","ask_qty":"8.23","last":"67187.3",'
+             '"volume":"1623.45678901","vwap":"66598.6","low":"65800.1","high":"68011.0",'
+             '"change":"1177.3","change_pct":"1.78","timestamp":"2024-03-25T08:45:00.123456Z"}]}')
+    (tick,) = source.parse(frame).ticks
+    assert (tick.price, tick.bid, tick.ask, tick.volume) == (67187.3, 67184.0, 67190.7,
+                                                             1623.45678901)

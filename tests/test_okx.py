@@ -13,8 +13,14 @@ from _http_sources import (
 )
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Runtime
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime
+from flows.testing import (
+    ListSink,
+    assert_component_metrics,
+    deadline,
+    run_briefly,
+    sample,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sources.okx import OKXTickers
 
@@ -45,7 +51,8 @@ async def test_all_tickers_in_one_request_kept_to_the_asked_ones(emulator):
         _same_as_served(t, served[t.symbol])
         assert t.source == "okx"
     assert_component_metrics(registry, "okx", "okx", "source")
-    assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="missing") == 1
+    assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="unknown_symbol") == 1
+    assert source.parked.keys() == {"NOPE-USDT"}  # left out of the listing: unknown, parked
     assert sample(registry, "flows_records_discarded_total", "okx", "okx", reason="invalid") == 0
     assert emulator.stats["okx"]["tickers"]["requests"] == 1
     assert sample(registry, "flows_source_request_seconds_count", "okx", "okx", endpoint="tickers") == 1
@@ -90,7 +97,7 @@ async def test_bad_values_are_counted_only_for_asked_instruments(emulator):
 
 async def test_malformed_and_truncated_bodies_are_dropped_and_polling_goes_on(emulator, autojump_clock):
     source = OKXTickers(symbols=emulator.symbols("okx")[:5], base_url=emulator.url, every=1.0,
-                   retries=0, circuit=CircuitBreaker(failures=100))
+                   retry=Retry(attempts=1), circuit=CircuitBreaker(failures=100))
     await check_bad_bodies_are_dropped_and_polling_goes_on(emulator, source, "okx", "tickers")
 
 
@@ -102,8 +109,9 @@ async def test_the_limiter_keeps_under_20_per_2_seconds_with_no_429(emulator, au
                  metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.cycles < 5:
-            await trio.sleep(0.5)
+        with deadline(120, "5 poll cycles"):
+            while source.cycles < 5:
+                await trio.sleep(0.5)
         rt.stop()
     stats = emulator.stats["okx"]["ticker"]
     assert stats["refused"] == 0 and stats["requests"] >= 50
@@ -115,7 +123,7 @@ async def test_a_429_code_50011_pauses_a_window(emulator, autojump_clock):
     inst_ids = emulator.symbols("okx")[:8]
     # the source believes the limit is far higher: the 429 (no Retry-After) must teach it
     source = OKXTickers(symbols=inst_ids, base_url=emulator.url, endpoint="single", once=True,
-                        concurrency=1, limits=[RateLimit(10_000, 2.0)], retries=5, backoff=0.01)
+                        concurrency=1, limits=[RateLimit(10_000, 2.0)], retry=Retry(attempts=6, backoff=0.01))
     sink = ListSink()
     await run_briefly(Flow("ra", sources=[source], sinks=[sink]))
     assert sorted(t.symbol for t in sink.records) == sorted(inst_ids)
@@ -150,7 +158,7 @@ async def test_error_codes(nursery, autojump_clock, status, code, retried, pause
     body = b'{"code":"%s","msg":"scripted","data":[]}' % code.encode()
     url = await _scripted_okx(nursery, [(status, body)], log)
     sink = ListSink()
-    source = OKXTickers(symbols=["BTC-USDT"], base_url=url, once=True, retries=2, backoff=0.01)
+    source = OKXTickers(symbols=["BTC-USDT"], base_url=url, once=True, retry=Retry(attempts=3, backoff=0.01))
     _, registry = await run_briefly(Flow("codes", sources=[source], sinks=[sink]))
     assert len(log) == (2 if retried else 1)
     error_type = "http" if retried else "http_permanent"
@@ -165,3 +173,17 @@ async def test_error_codes(nursery, autojump_clock, status, code, retried, pause
         assert sink.records == []
         reason = "unknown_symbol" if code == "51001" else "request_failed"
         assert sample(registry, "flows_records_discarded_total", "codes", "okx", reason=reason) == 1
+
+
+async def test_numbers_sent_as_json_numbers_are_taken(emulator):
+    emulator.set_faults(exchange="okx", string_numbers_rate=1.0)
+    inst_ids = emulator.symbols("okx")[:10]
+    sink = ListSink()
+    source = OKXTickers(symbols=inst_ids, base_url=emulator.url, once=True)
+    _, registry = await run_briefly(Flow("num", sources=[source], sinks=[sink]))
+    assert emulator.stats["okx"]["tickers"]["faults"]["string_numbers"] == 1
+    served = emulator.last_served("okx")
+    assert sorted(t.symbol for t in sink.records) == sorted(inst_ids)
+    for t in sink.records:
+        _same_as_served(t, served[t.symbol])
+    assert sample(registry, "flows_records_discarded_total", "num", "okx", reason="invalid") == 0

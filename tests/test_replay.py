@@ -18,6 +18,7 @@ from flows.testing import (
     GatedSink,
     ListSink,
     assert_component_metrics,
+    deadline,
     run_briefly,
     sample,
     wait_until,
@@ -289,8 +290,9 @@ async def test_acks_after_the_end_of_file_save_the_final_offset(tmp_path, autoju
     runtime = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(runtime.run)
-        while runtime.slots[0].state != "finished":
-            await trio.sleep(0.01)
+        with deadline(60, "the source to finish"):
+            while runtime.slots[0].state != "finished":
+                await trio.sleep(0.01)
         # The source sent every batch and returned; nothing is acked yet.
         assert read_offset(source)["line"] == 0
         sink.gate.set()

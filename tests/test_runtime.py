@@ -23,6 +23,7 @@ from flows.testing import (
     ListSink,
     ListSource,
     assert_component_metrics,
+    deadline,
     run_briefly,
     sample,
 )
@@ -76,8 +77,9 @@ async def test_backpressure_blocks_the_source_and_bounds_memory(registry):
         assert source.emitted == stalled_at, "a blocked source must not keep producing"
         waits_before = sample(registry, "flows_send_wait_seconds_sum", "bp", "synthetic")
         sink.gate.set()
-        while len(sink.records) < stalled_at + 100:
-            await trio.lowlevel.checkpoint()
+        with deadline(30, "100 more records at the sink"):
+            while len(sink.records) < stalled_at + 100:
+                await trio.lowlevel.checkpoint()
         rt.stop()
     waits_after = sample(registry, "flows_send_wait_seconds_sum", "bp", "synthetic")
     assert waits_after > waits_before
@@ -91,8 +93,9 @@ async def test_stop_drains_every_emitted_record_to_the_sinks(registry):
     rt = Runtime(flow, registry=registry, metrics_addr=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while source.emitted < 1000:
-            await trio.sleep(0.01)  # lets the flow run on the real clock; not a sync point
+        with deadline(30, "1000 records emitted"):
+            while source.emitted < 1000:
+                await trio.sleep(0.01)  # lets the flow run on the real clock; not a sync point
         rt.stop()
     emitted = sample(registry, "flows_records_sent_total", "drain", "change")
     assert emitted > 0

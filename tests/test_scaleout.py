@@ -96,8 +96,17 @@ def test_sharded_pollers_and_a_writer_group_store_every_tick_once(tmp_path, serv
     writers = {
         c: spawn(tmp_path, f"writer-{c}", WRITER, CONSUMER=c, **env) for c in ("w1", "w2")
     }
-    pollers = [spawn(tmp_path, f"poller-{k}", POLLER, "--shard", f"{k}/2", **env) for k in (0, 1)]
+    pollers: list[subprocess.Popen] = []
     try:
+        def consumers() -> set[bytes]:
+            try:
+                return {c["name"] for c in client.xinfo_consumers("ticks", "writers")}
+            except redis.ResponseError:
+                return set()  # no group yet
+
+        # the pollers end within a second: both writers must be reading by then
+        wait_until(lambda: consumers() == {b"w1", b"w2"}, 60, "both writers to join the group")
+        pollers += [spawn(tmp_path, f"poller-{k}", POLLER, "--shard", f"{k}/2", **env) for k in (0, 1)]
         def w1_holds_pending() -> bool:
             try:
                 consumers = client.xinfo_consumers("ticks", "writers")

@@ -24,7 +24,7 @@ from _cli import ENV
 from _http_sources import serve_answers
 from prometheus_client import CollectorRegistry, generate_latest
 
-from flows import Flow, Runtime, Supervision, add_secret, redact
+from flows import Flow, Retry, Runtime, Supervision, add_secret, redact
 from flows.testing import sample, wait_until
 from flows.testing._ports import free_port
 from flows.testing.influx import InfluxServer, create_database, influxd_path
@@ -110,7 +110,7 @@ def components(fake: str, redis_port: int, influx_port: int | None) -> tuple[lis
                        base_url=fake, every=0.1),
         RedisStreamSource(f"redis://:{REDIS_WRONG_PW}@127.0.0.1:{redis_port}/0", stream="in",
                           group="g", name="redis_in"),
-        BinanceStream(symbols=["BTCUSDT"], backoff=0.05, max_backoff=0.1,
+        BinanceStream(symbols=["BTCUSDT"], retry=Retry(backoff=0.05, max_backoff=0.1),
                       base_url=f"ws://feed:{WS_PW}@127.0.0.1:{dead}/ws?listenKey={WS_KEY}"),
     ]
     sinks = [
@@ -191,7 +191,7 @@ async def test_no_secret_shows_in_reprs_logs_status_or_metrics(
 
 
 CLI_FLOW = """
-from flows import Flow, Supervision
+from flows import Flow, Retry, Supervision
 from sinks.influx import InfluxSink
 from sinks.postgres import PostgresSink
 from sinks.redis import RedisStreamSink
@@ -206,7 +206,7 @@ flow = Flow(
         CoinCapPrices(symbols=["bitcoin"], api_key={coincap!r}, base_url={fake!r}, every=0.1),
         BinanceTickers(symbols=["BTCUSDT"], headers={{"X-MBX-APIKEY": {binance!r}}},
                        base_url={fake!r}, every=0.1),
-        BinanceStream(symbols=["BTCUSDT"], base_url={ws!r}, backoff=0.05, max_backoff=0.1),
+        BinanceStream(symbols=["BTCUSDT"], base_url={ws!r}, retry=Retry(backoff=0.05, max_backoff=0.1)),
     ],
     sinks=[
         InfluxSink({influx!r}, database="sec", token={token!r}, name="influx_refused"),

@@ -18,7 +18,7 @@ from _streams import (
     until,
 )
 
-from flows import RECONNECT_REASONS
+from flows import RECONNECT_REASONS, Retry
 from flows.testing.emulator import WsFaults
 from sources.binance import BinanceStream
 from sources.coinbase import CoinbaseStream
@@ -72,7 +72,7 @@ async def test_reconnects_after_an_abrupt_close_with_the_same_subscriptions(
         exchange, start, autojump_clock):
     emulator, url = await start()
     symbols = exchange.symbols(emulator)[:4]
-    source = exchange.source(symbols, url, backoff=0.2)
+    source = exchange.source(symbols, url, retry=Retry(backoff=0.2))
     async with running(source) as (rt, sink, registry):
         await until(lambda: len(sink.records) >= 8)
         assert emulator.feed(exchange.name).disconnect("abrupt") == 1

@@ -18,7 +18,7 @@ import trio
 from _streams import FLOW, running, until
 from trio_websocket import ConnectionClosed, serve_websocket
 
-from flows import RECONNECT_REASONS, RateLimit, StreamParsed, WebSocketSource
+from flows import RECONNECT_REASONS, RateLimit, Retry, StreamParsed, WebSocketSource
 from flows.testing import assert_component_metrics, sample
 
 
@@ -107,7 +107,7 @@ class Fake:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, ws, conn)
-                while True:
+                while True:  # not a wait: the fake server feeds its client until it goes
                     await trio.sleep(self.every)
                     if conn["mode"] == "silent":
                         continue
@@ -218,7 +218,7 @@ async def test_a_silent_connection_is_replaced_and_resubscribed(fake, autojump_c
 
 async def test_reconnect_reasons_are_counted(fake, autojump_clock):
     fake.modes = ["close", "reject"]
-    source = FakeSource(symbols=SYMBOLS[:2], base_url=fake.url, backoff=0.1)
+    source = FakeSource(symbols=SYMBOLS[:2], base_url=fake.url, retry=Retry(backoff=0.1))
     async with running(source) as (_, sink, registry):
         await until(lambda: len(sink.records) > 0)
     counted = reconnects(registry)
@@ -238,7 +238,7 @@ async def test_connect_timeout_and_refused_connections_back_off(autojump_clock):
         listeners = await nursery.start(trio.serve_tcp, hold, 0)
         port = listeners[0].socket.getsockname()[1]
         source = FakeSource(symbols=SYMBOLS[:2], base_url=f"ws://127.0.0.1:{port}",
-                            connect_timeout=1.0, backoff=0.5, max_backoff=4.0, down_after=3.0)
+                            connect_timeout=1.0, retry=Retry(backoff=0.5, max_backoff=4.0), down_after=3.0)
         async with running(source) as (rt, _, registry):
             await until(lambda: reconnects(registry)["timeout"] >= 2, poll=0.5)
             assert source.health() is None or "disconnected" in source.health()
@@ -248,8 +248,8 @@ async def test_connect_timeout_and_refused_connections_back_off(autojump_clock):
             assert sample(registry, "flows_source_connection_uptime_seconds", FLOW, "fake") == 0
         nursery.cancel_scope.cancel()
     # nothing listens on the port now: refused, counted as errors, with backoff
-    source = FakeSource(symbols=SYMBOLS[:2], base_url=f"ws://127.0.0.1:{port}", backoff=0.5,
-                        max_backoff=4.0)
+    source = FakeSource(symbols=SYMBOLS[:2], base_url=f"ws://127.0.0.1:{port}",
+                        retry=Retry(backoff=0.5, max_backoff=4.0))
     async with running(source) as (_, _, registry):
         start = trio.current_time()
         await trio.sleep(60)
@@ -303,7 +303,5 @@ async def test_argument_checks():
         FakeSource(symbols=[], base_url="ws://x")
     with pytest.raises(ValueError):
         FakeSource(symbols=["A"], base_url="ws://x", silence_timeout=0)
-    with pytest.raises(ValueError):
-        FakeSource(symbols=["A"], base_url="ws://x", backoff=5, max_backoff=1)
     source = FakeSource(symbols=[f"S{i}" for i in range(2500)], base_url="ws://x")
     assert [len(s) for s in source.shard(source.symbols)] == [1024, 1024, 452]

@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
@@ -25,6 +26,7 @@ __all__ = [
     "ListSink",
     "ListSource",
     "assert_component_metrics",
+    "deadline",
     "run_briefly",
     "running_source",
     "sample",
@@ -160,8 +162,31 @@ async def running_source(
         rt.stop()
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 60.0, poll: float = 0.05) -> None:
-    """Check ``condition`` every ``poll`` s (of trio's clock) until true; fail after ``timeout``."""
-    with trio.fail_after(timeout):
+@contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """``trio.fail_after(seconds)`` (trio's clock, so virtual under
+    ``MockClock``) whose ``trio.TooSlowError`` says what was awaited."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise trio.TooSlowError(f"waited {seconds:g}s (trio's clock) for {what}") from None
+
+
+async def wait_until(
+    condition: Callable[[], bool], timeout: float = 60.0, poll: float = 0.05, *, what: str | None = None
+) -> None:
+    """Check ``condition`` every ``poll`` s (of trio's clock) until true; after
+    ``timeout`` s raise ``trio.TooSlowError`` naming ``what`` was awaited
+    (default: the condition's source line)."""
+    with deadline(timeout, what or _described(condition)):
         while not condition():
             await trio.sleep(poll)
+
+
+def _described(condition: Callable[[], bool]) -> str:
+    try:
+        text = " ".join(inspect.getsource(condition).split())
+    except (OSError, TypeError):
+        text = repr(condition)
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -27,7 +27,8 @@ Binance spot (``_binance``): ``GET /api/v3/ticker/price`` and
 ``symbol=BTCUSDT`` (an object) or ``symbols=["BTCUSDT","ETHUSDT"]`` (an
 array). ``{"symbol","price"}`` / ``{"symbol","bidPrice","bidQty",
 "askPrice","askQty"}``, strings with 8 decimals. Unknown symbol: 400
-``{"code":-1121,"msg":"Invalid symbol."}``.
+``{"code":-1121,"msg":"Invalid symbol."}``; a name with characters
+outside ``[A-Z0-9-_.]`` (lower case included): 400 -1100.
 
 Binance websocket streams (``_ws``, on the same port: ``ws://127.0.0.1:PORT``):
 ``/ws/<stream>`` (bare payloads) and ``/stream?streams=a/b/c`` (combined:
@@ -39,9 +40,12 @@ Binance websocket streams (``_ws``, on the same port: ``ws://127.0.0.1:PORT``):
 (``{"result":null,"id":1}``); ``ws_rate`` events per second per stream
 (trio's clock); a protocol ping every ``ws_ping_interval`` seconds; 1024
 streams and 5 incoming messages per second per connection; connections
-closed after ``ws_max_connection_seconds`` (24 h). ``emulator.ws`` (a
+closed after ``ws_max_connection_seconds`` (24 h); a ``serverShutdown``
+event (``{"e":"serverShutdown","E":ms}``, bare on both paths) on
+``disconnect(how="shutdown")`` or the ``shutdown_rate`` fault, the close
+``shutdown_after`` seconds later. ``emulator.ws`` (a
 ``BinanceStreams``) holds the knobs, the open ``connections`` and
-``disconnect(how="abrupt"|"close"|"stall")``.
+``disconnect(how="abrupt"|"close"|"stall"|"shutdown")``.
 
 Coinbase Exchange websocket feed (``_ws.CoinbaseFeed``, at ``/ws-feed``:
 ``ws://127.0.0.1:PORT/ws-feed`` stands for
@@ -96,6 +100,20 @@ OKX (``_okx``): ``GET /api/v5/market/tickers?instType=SPOT`` and
 "bidSz","open24h","high24h","low24h","volCcy24h","vol24h","ts","sodUtc0",
 "sodUtc8"}]}``: strings, ``ts`` in ms. Unknown instId: HTTP 200 code
 ``51001``.
+
+LiveCoinWatch, Polymarket and Financial Modeling Prep (``_livecoinwatch``,
+``_polymarket``, ``_fmp``; registered in ``_seeds``): LiveCoinWatch's
+``POST /coins/list``, ``/coins/single``, ``/coins/map``, ``/credits``
+(header ``x-api-key: test-key``; 60 calls a minute and 10,000 credits a
+day), Polymarket's Gamma ``GET /markets``, ``/events`` (exchange name
+``polymarket_gamma``) and CLOB ``GET /prices``, ``/price``, ``/midpoint``
+(``polymarket``), and FMP's ``GET /stable/eod-bulk`` (CSV),
+``/stable/batch-quote``, ``/stable/quote``, ``/stable/dividends``,
+``/stable/profile``, ``/stable/stock-list`` and ``/api/v3/quote/{symbols}``
+(``apikey=test-key``; 300 calls a minute), over their own universes:
+``stocks`` (default 300) and ``prediction_markets`` (24).
+``emulator.symbols(name)`` lists each one's names (coin codes, stock
+tickers, CLOB token ids, Gamma market ids).
 
 Symbols: ``emulator.universe`` lists every ``Asset`` with its name on each
 exchange (``BTCUSDT``, ``BTC-USD``, ``XXBTZUSD``/``XBTUSD``, ``bitcoin``,
@@ -153,9 +171,19 @@ Faults (``Faults``; global or per exchange)
 60, then 504; stops when the client disconnects), ``empty_rate`` (no
 records), ``bad_value_rate`` (per record: price field ``missing``,
 ``"abc"``, ``"-1"``, ``"NaN"``), ``malformed_rate`` (not JSON),
-``truncated_rate`` (a prefix of the body); on websocket streams ``ws``
-(``WsFaults``: ``malformed_rate``, ``gap_rate``, ``abrupt_close_rate``,
-``stall_rate``, ``close_rate``, per message). Draws come from a
+``truncated_rate`` (a prefix of the body), ``delisted`` (symbols answered
+as unknown the exchange's own way: Binance -1121 for a whole batch, Kraken
+``EQuery:Unknown asset pair``, Coinbase 404, OKX 51001, CoinGecko and
+CoinCap leave them out), ``throttle_errors`` (Kraken's refusal text:
+``EGeneral:Too many requests``, ``EService:Throttled``, ``EAPI:Rate limit
+exceeded``), ``string_numbers_rate`` (values an exchange sends either way
+come the other way: Coinbase ``trade_id`` as a string, OKX and CoinCap
+numbers); on websocket streams ``ws`` (``WsFaults``: ``malformed_rate``,
+``gap_rate``, ``abrupt_close_rate``, ``stall_rate`` (silent: no events,
+heartbeats or answers, the connection left open), ``close_rate``,
+``shutdown_rate`` (Binance's ``serverShutdown`` event, the close
+``shutdown_after`` seconds later), ``string_numbers_rate`` (Kraken v2
+decimals, Coinbase ids as strings), per message). Draws come from a
 ``random.Random`` seeded with ``seed``.
 
 Python: ``set_faults(Faults(...), exchange=None)`` or
@@ -193,8 +221,9 @@ HTTP control (for an emulator in another process)
 - ``GET /_emulator/prices?exchange=NAME``: quotes due now
 - ``GET /_emulator/ws?exchange=NAME``: a feed's open websocket connections
   and settings (default: Binance's); ``POST /_emulator/ws/disconnect`` with
-  ``{"how": "abrupt"|"close"|"stall", "code": 1001, "exchange": "kraken"}``
-  acts on every open connection of that feed (no ``exchange``: of every feed)
+  ``{"how": "abrupt"|"close"|"stall"|"shutdown", "code": 1001, "exchange":
+  "kraken"}`` acts on every open connection of that feed (no ``exchange``:
+  of every feed; ``shutdown``: Binance's only)
 
 Bad control requests get 400 ``{"error": "..."}`` naming the field.
 """

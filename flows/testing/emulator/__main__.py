@@ -18,8 +18,11 @@ import trio
 
 from ..._server import is_loopback
 from ._emulator import Emulator
-from ._faults import Faults, Latency
+from ._faults import KRAKEN_THROTTLE_ERRORS, Faults, Latency, WsFaults
 from ._market import EXCHANGES
+from ._seeds import SEED_ENDPOINTS
+
+_NAMES = (*EXCHANGES, *SEED_ENDPOINTS)  # every API with a rate limit
 
 __all__ = ["main", "parse_rate_limit"]
 
@@ -31,9 +34,9 @@ def parse_rate_limit(text: str) -> tuple[str, dict[str, Any] | None]:
     ``kraken=off`` -> ("kraken", None)."""
     exchange, sep, spec = text.partition("=")
     exchange = exchange.strip().lower()
-    if not sep or exchange not in EXCHANGES:
+    if not sep or exchange not in _NAMES:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected EXCHANGE=SPEC with EXCHANGE one of {', '.join(EXCHANGES)}"
+            f"{text!r}: expected EXCHANGE=SPEC with EXCHANGE one of {', '.join(_NAMES)}"
         )
     if spec.strip().lower() in ("off", "none", "0"):
         return exchange, None
@@ -149,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
         help="websocket connection lifetime (default %(default)s)",
     )
     parser.add_argument(
+        "--stocks", type=int, default=300,
+        help="stocks in FMP's universe (19205: the daily-sync example's) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prediction-markets", type=int, default=24,
+        help="Polymarket markets (default %(default)s)",
+    )
+    parser.add_argument(
         "--coincap-key",
         action="append",
         metavar="KEY",
@@ -201,6 +212,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     faults.add_argument(
         "--truncated-rate", type=float, default=0.0, help="share of cut bodies"
+    )
+    faults.add_argument(
+        "--delisted",
+        action="append",
+        default=[],
+        metavar="SYMBOL",
+        help="a symbol (exchange naming, or a base code such as SOL) every exchange "
+        "answers as unknown (repeatable)",
+    )
+    faults.add_argument(
+        "--throttle-error",
+        action="append",
+        default=[],
+        choices=KRAKEN_THROTTLE_ERRORS,
+        help="Kraken's error on a refusal, drawn per refusal (repeatable)",
+    )
+    faults.add_argument(
+        "--string-numbers-rate",
+        type=float,
+        default=0.0,
+        help="share of answers and stream events whose numbers/ids come the other type",
+    )
+    faults.add_argument(
+        "--ws-shutdown-rate",
+        type=float,
+        default=0.0,
+        help="share of Binance stream frames preceded by a serverShutdown event",
     )
     parser.add_argument("--log-level", default="WARNING", help="(default %(default)s)")
     return parser
@@ -256,10 +294,17 @@ def main(argv: list[str] | None = None) -> int:
             bad_value_rate=args.bad_value_rate,
             malformed_rate=args.malformed_rate,
             truncated_rate=args.truncated_rate,
+            delisted=tuple(args.delisted),
+            throttle_errors=tuple(args.throttle_error),
+            string_numbers_rate=args.string_numbers_rate,
+            ws=WsFaults(
+                shutdown_rate=args.ws_shutdown_rate,
+                string_numbers_rate=args.string_numbers_rate,
+            ),
         )
         rate_limits: dict[str, Any] = {}
         if args.no_rate_limits:
-            rate_limits = {name: None for name in EXCHANGES}
+            rate_limits = {name: None for name in _NAMES}
         rate_limits.update(dict(args.rate_limit))
         assets: Any = args.assets
         if args.symbols:
@@ -276,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             ws_rate=args.ws_rate,
             ws_ping_interval=args.ws_ping_interval or None,
             ws_max_connection_seconds=args.ws_max_connection_seconds,
+            stocks=args.stocks,
+            prediction_markets=args.prediction_markets,
         )
     except (ValueError, TypeError, msgspec.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-cased names
     query_string: str = ""
+    body: bytes = b""  # a POST's body (LiveCoinWatch takes JSON bodies)
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -74,12 +75,32 @@ class ExchangeAPI:
     name: ClassVar[str]
     default_limit: ClassVar[RateLimit | None]
     endpoints: ClassVar[tuple[str, ...]]
+    methods: ClassVar[tuple[str, ...]] = ("GET",)
+    cacheable: ClassVar[bool] = True  # answers depend only on path, query and Authorization
 
     def __init__(self, market: Market) -> None:
         self.market = market
         self.by_symbol: dict[str, Asset] = {
             a.symbol(self.name): a for a in market.universe
         }
+        self.hidden: frozenset[Asset] = frozenset()
+        """Assets answered as unknown (the ``delisted`` fault; set per request)."""
+        self.throttle_error: str | None = None
+        """The error text of a refusal, where the exchange has several (set per request)."""
+
+    def find(self, lookup: dict[str, Asset], name: str) -> Asset | None:
+        """``lookup[name]``, unless unknown or delisted."""
+        asset = lookup.get(name)
+        return None if asset is None or asset in self.hidden else asset
+
+    def listed(self) -> list[Asset]:
+        """Every asset of the universe that is not delisted."""
+        hidden = self.hidden
+        return [a for a in self.market.universe if a not in hidden]
+
+    def symbols(self) -> list[str]:
+        """Every symbol as this API names it."""
+        return [a.symbol(self.name) for a in self.market.universe]
 
     def route(self, path: str) -> tuple[str, dict[str, str]] | None:
         """(endpoint, path parameters) for ``path``, or ``None``."""
@@ -100,6 +121,11 @@ class ExchangeAPI:
     def server_error(self, status: int) -> Reply:
         """The exchange's own JSON answer to an internal error."""
         raise NotImplementedError
+
+    def retyped(self, body: Any) -> Any | None:
+        """A copy of ``body`` with the values the exchange is known to send
+        either as numbers or as strings the other way; None: it has none."""
+        return None
 
     def limit_headers(
         self, verdict: Verdict, limit: RateLimit | None

@@ -12,13 +12,16 @@ Prices and quantities are strings with 8 decimals; no timestamp.
 Weight: 2 with ``symbol``, 4 without or with ``symbols``. Every answer
 carries ``x-mbx-used-weight`` and ``x-mbx-used-weight-1m`` (the suffix
 follows the window: ``1m`` for 60 s). Errors are ``{"code": int, "msg": str}``:
-400 -1121 ``Invalid symbol.``, 400 -1100 (bad ``symbols`` JSON), 400 -1128
+400 -1121 ``Invalid symbol.`` (one unknown symbol fails a whole ``symbols``
+request), 400 -1100 (bad ``symbols`` JSON, or a name with characters outside
+``[A-Z0-9-_.]``, lower case included), 400 -1128
 (``symbol`` and ``symbols`` together), 429/418 -1003 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from ._base import ExchangeAPI, Reply, Request, fixed
 from ._faults import Field
@@ -34,6 +37,11 @@ _SYMBOLS_RULE = (
     "Illegal characters found in parameter 'symbols'; legal range is "
     '\'^\\[("[A-Z0-9-_.]{1,20}"(,"[A-Z0-9-_.]{1,20}"){0,}){0,1}\\]$\'.'
 )
+
+_SYMBOL_RULE = (
+    "Illegal characters found in parameter 'symbol'; legal range is '^[A-Z0-9-_.]{1,20}$'."
+)
+_LEGAL = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
 
 
 def _interval(window: float) -> tuple[str, str]:
@@ -72,6 +80,8 @@ class Binance(ExchangeAPI):
                 400, -1128, "Combination of optional parameters invalid."
             )
         if symbol is not None:
+            if not _LEGAL.match(symbol):
+                return self._error(400, -1100, _SYMBOL_RULE)
             names = [symbol]
         elif symbols is not None:
             try:
@@ -79,17 +89,17 @@ class Binance(ExchangeAPI):
             except ValueError:
                 names = None
             if not isinstance(names, list) or not all(
-                isinstance(n, str) for n in names
+                isinstance(n, str) and _LEGAL.match(n) for n in names
             ):
                 return self._error(400, -1100, _SYMBOLS_RULE)
         else:
             names = None
         if names is None:
-            assets = list(self.market.universe)
+            assets = self.listed()
         else:
             assets = []
             for n in names:
-                asset = self.by_symbol.get(n)
+                asset = self.find(self.by_symbol, n)
                 if asset is None:
                     return self._error(400, -1121, "Invalid symbol.")
                 assets.append(asset)

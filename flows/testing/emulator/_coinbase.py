@@ -18,6 +18,7 @@ Public limit: a lazy-fill token bucket per IP, 10 requests/s, bursts of
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from ._base import ExchangeAPI, Reply, Request, fixed, iso_z
 from ._faults import Field
@@ -38,7 +39,7 @@ class Coinbase(ExchangeAPI):
         return None if match is None else ("ticker", {"product_id": match.group(1)})
 
     def handle(self, endpoint: str, request: Request, params: dict[str, str]) -> Reply:
-        asset = self.by_symbol.get(params["product_id"].upper())
+        asset = self.find(self.by_symbol, params["product_id"].upper())
         if asset is None:
             return Reply(404, {"message": "NotFound"})
         (quote,) = self.quotes([asset])
@@ -58,6 +59,11 @@ class Coinbase(ExchangeAPI):
             served={quote.symbol: quote},
             empty={},
         )
+
+    def retyped(self, body: Any) -> Any | None:
+        if isinstance(body, dict) and isinstance(body.get("trade_id"), int):
+            return {**body, "trade_id": str(body["trade_id"])}
+        return None
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:
         return Reply(429, {"message": "Public rate limit exceeded"})

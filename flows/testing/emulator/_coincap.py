@@ -23,7 +23,9 @@ minute (fixed windows); over it 429 ``{"error": "rate limit exceeded",
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal, localcontext
+from typing import Any
 
 from ._base import ExchangeAPI, Reply, Request, fixed
 from ._faults import Field
@@ -50,6 +52,21 @@ _EXPLORER = {
     "XRP": "https://xrpcharts.ripple.com/#/graph/",
 }
 _PLACES = Decimal("1E-16")
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its price and volume strings as JSON numbers."""
+    out = dict(record)
+    for key in ("priceUsd", "volumeUsd24Hr", "marketCapUsd", "supply", "vwap24Hr"):
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                out[key] = number
+    return out
 
 
 class CoinCap(ExchangeAPI):
@@ -115,7 +132,7 @@ class CoinCap(ExchangeAPI):
             }
             return Reply(401, body)
         if endpoint == "assets/{id}":
-            asset = self.by_symbol.get(params["id"])
+            asset = self.find(self.by_symbol, params["id"])
             if asset is None:
                 return Reply(
                     404,
@@ -133,7 +150,7 @@ class CoinCap(ExchangeAPI):
                 served={asset.coincap: quote},
                 empty={"data": {}, "timestamp": self._timestamp()},
             )
-        assets = list(self.market.universe)
+        assets = self.listed()
         ids = request.param("ids")
         if ids:
             wanted = {i.strip() for i in ids.split(",")}
@@ -172,6 +189,16 @@ class CoinCap(ExchangeAPI):
             served=served,
             empty={"data": [], "timestamp": self._timestamp()},
         )
+
+    def retyped(self, body: Any) -> Any | None:
+        if not isinstance(body, dict):
+            return None
+        data = body.get("data")
+        if isinstance(data, dict):
+            return {**body, "data": _numbers(data)}
+        if isinstance(data, list):
+            return {**body, "data": [_numbers(r) if isinstance(r, dict) else r for r in data]}
+        return None
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:
         return Reply(

@@ -75,7 +75,7 @@ class CoinGecko(ExchangeAPI):
         fields, served = [], {}
         seen = set()
         for coin_id in (i.strip().lower() for i in ids.split(",")):
-            asset = self.by_symbol.get(coin_id)
+            asset = self.find(self.by_symbol, coin_id)
             if asset is None or coin_id in seen:
                 continue
             seen.add(coin_id)

@@ -27,6 +27,7 @@ from ._kraken import Kraken
 from ._limits import Limiter, RateLimit, TokenBucket, Verdict, WeightLimit, WindowLimit
 from ._market import EXCHANGES, Asset, Market, Quote, make_universe
 from ._okx import OKX
+from ._seeds import SEED_ENDPOINTS, seed_apis
 from ._ws import BinanceStreams, CoinbaseFeed, KrakenFeed, WsFeed, new_ws_stats
 
 __all__ = ["Emulator"]
@@ -95,6 +96,8 @@ class Emulator:
         volatility: standard deviation of a moving asset's log-return.
         coincap_api_keys: keys CoinCap accepts (empty: no key needed).
         keep_alive_timeout: seconds hypercorn keeps idle connections.
+        stocks: the size of FMP's stock universe (``_fmp``).
+        prediction_markets: how many markets Polymarket lists (``_polymarket``).
         ws_rate: websocket events per second per stream, on every feed
             (see ``_ws``).
         ws_ping_interval: seconds between the server's websocket pings
@@ -123,6 +126,8 @@ class Emulator:
         ws_rate: float = 10.0,
         ws_ping_interval: float | None = 20.0,
         ws_max_connection_seconds: float = 86400.0,
+        stocks: int = 300,
+        prediction_markets: int = 24,
     ) -> None:
         self.seed = seed
         self.universe: list[Asset] = make_universe(assets, seed=seed)
@@ -143,6 +148,7 @@ class Emulator:
             "coingecko": CoinGecko(self.market),
             "coincap": CoinCap(self.market, tuple(coincap_api_keys)),
             "okx": OKX(self.market),
+            **seed_apis(self.market, seed=seed, stocks=stocks, prediction_markets=prediction_markets),
         }
         self._limiters = {
             name: Limiter(ex.default_limit) for name, ex in self.exchanges.items()
@@ -152,7 +158,8 @@ class Emulator:
         self._faults: dict[str, Faults] = {
             "*": Faults() if faults is None else _checked(Faults, faults, "faults")
         }
-        self._cache: dict[tuple[str, str, str, str], tuple[Reply, bytes]] = {}
+        self._cache: dict[tuple[Any, ...], tuple[Reply, bytes]] = {}
+        self._hidden: dict[tuple[str, tuple[str, ...]], frozenset[Asset]] = {}
         self._cache_step = -1
         self._stats: dict[str, dict[str, dict[str, Any]]] = {}
         self._served: dict[str, dict[str, Quote]] = {}
@@ -182,8 +189,7 @@ class Emulator:
 
     def symbols(self, exchange: str) -> list[str]:
         """Every symbol as ``exchange`` names it (``BTCUSDT``, ``XXBTZUSD``, ``bitcoin``)."""
-        self._exchange(exchange)
-        return [a.symbol(exchange) for a in self.universe]
+        return self._exchange(exchange).symbols()
 
     def stream_symbols(self, exchange: str) -> list[str]:
         """Every symbol as ``exchange``'s websocket feed names it (``BTCUSDT``,
@@ -272,6 +278,22 @@ class Emulator:
         else:
             self._exchange(exchange)
             self._faults.pop(exchange, None)
+
+    def _delisted(self, exchange: str, names: tuple[str, ...]) -> frozenset[Asset]:
+        """The assets ``names`` (the ``delisted`` fault) denote on ``exchange``."""
+        if not names:
+            return frozenset()
+        key = (exchange, names)
+        found = self._hidden.get(key)
+        if found is None:
+            assets = set()
+            for name in names:
+                try:
+                    assets.add(self.asset(exchange, name))
+                except KeyError:
+                    pass  # not on this exchange
+            found = self._hidden[key] = frozenset(assets)
+        return found
 
     # -- rate limits -------------------------------------------------------------
 
@@ -393,7 +415,7 @@ class Emulator:
                 k.decode("latin-1").lower(): v.decode("latin-1")
                 for k, v in scope["headers"]
             }
-            request = Request(scope["method"], path, query, headers, raw_query)
+            request = Request(scope["method"], path, query, headers, raw_query, body)
             if path == "/_emulator" or path.startswith("/_emulator/"):
                 await self._control(request, body, send)
                 return
@@ -401,7 +423,7 @@ class Emulator:
                 found = route(path)
                 if found is not None:
                     endpoint, params = found
-                    if request.method != "GET":
+                    if request.method not in api.methods:
                         await _send(
                             send,
                             405,
@@ -438,6 +460,8 @@ class Emulator:
         if delay > 0:
             fault("latency")
             await trio.sleep(delay)
+        api.hidden = self._delisted(name, faults.delisted)
+        api.throttle_error = rng.choice(faults.throttle_errors) if faults.throttle_errors else None
         limiter = self._limiters[name]
         verdict = limiter.check(self.market.now(), api.cost(endpoint, request))
         if (
@@ -470,7 +494,7 @@ class Emulator:
                 reply = api.server_error(status)
         else:
             step = self.market.advance(request=True)
-            if faults.bad_value_rate:  # records get spoiled: build them afresh
+            if faults.bad_value_rate or not api.cacheable:  # spoiled or uncacheable: afresh
                 reply = api.handle(endpoint, request, params)
             else:
                 reply, content = self._cached_answer(
@@ -499,6 +523,11 @@ class Emulator:
                             spoiled += 1
                     if spoiled:
                         fault("bad_value", spoiled)
+                if faults.string_numbers_rate and rng.random() < faults.string_numbers_rate:
+                    retyped = api.retyped(reply.body)
+                    if retyped is not None:
+                        fault("string_numbers")
+                        content = _json.encode(retyped)
                 if content is None:
                     content = _json.encode(reply.body)
                 if faults.malformed_rate and rng.random() < faults.malformed_rate:
@@ -539,6 +568,7 @@ class Emulator:
             request.path,
             request.query_string,
             request.headers.get("authorization", ""),
+            api.hidden,
         )
         hit = self._cache.get(key)
         if hit is None:
@@ -566,6 +596,7 @@ class Emulator:
                 "coingecko": ["GET /api/v3/simple/price"],
                 "coincap": ["GET /v3/assets", "GET /v3/assets/{slug}"],
                 "okx": ["GET /api/v5/market/tickers", "GET /api/v5/market/ticker"],
+                **SEED_ENDPOINTS,
             },
             "control": [
                 "GET /_emulator",
@@ -652,12 +683,15 @@ class Emulator:
             name = data.get("exchange")
             if name is not None and name not in self.feeds:
                 raise _ControlError(f"ws/disconnect: no websocket feed {name!r}")
+            how = str(data.get("how", "abrupt"))
             feeds = list(self.feeds.values()) if name is None else [self.feeds[name]]
+            if name is None and how == "shutdown":  # only Binance announces shutdowns
+                feeds = [f for f in feeds if f.announces_shutdown]
             hit = 0
             try:
                 for feed in feeds:
                     hit += feed.disconnect(
-                        str(data.get("how", "abrupt")),
+                        how,
                         code=int(data.get("code", 1001)),
                         reason=str(data.get("reason", "")),
                     )
@@ -687,6 +721,7 @@ class Emulator:
                     for a in self.universe
                 }
                 for n in names
+                if n in EXCHANGES  # the crypto venues (their quotes walk with the universe)
             }
         raise _ControlError(
             f"no control endpoint {method} {request.path}; see GET /_emulator"

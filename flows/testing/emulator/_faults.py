@@ -17,6 +17,7 @@ import msgspec
 
 __all__ = [
     "BAD_VALUE_KINDS",
+    "KRAKEN_THROTTLE_ERRORS",
     "Faults",
     "Field",
     "Latency",
@@ -32,6 +33,12 @@ _NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 _BadKind = Literal["missing", "abc", "negative", "nan"]
 BAD_VALUE_KINDS: tuple[_BadKind, ...] = ("missing", "abc", "negative", "nan")
 _Status = Annotated[int, msgspec.Meta(ge=500, le=599)]
+_KrakenThrottle = Literal[
+    "EGeneral:Too many requests", "EService:Throttled", "EAPI:Rate limit exceeded"
+]
+KRAKEN_THROTTLE_ERRORS: tuple[_KrakenThrottle, ...] = (
+    "EGeneral:Too many requests", "EService:Throttled", "EAPI:Rate limit exceeded"
+)
 
 
 class Latency(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -76,6 +83,15 @@ class WsFaults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
       pings go on) but no more data (events, heartbeats) is sent on it.
     - ``close_rate``: the server closes the connection with a close frame
       (1001, going away), as a server restart does.
+    - ``shutdown_rate`` (Binance): a ``{"e":"serverShutdown","E":ms}``
+      event announces that the server goes down; the connection carries
+      no more events and is closed (1001) ``shutdown_after`` seconds later
+      (a feed attribute; Binance: about 10 minutes) unless the client
+      leaves first.
+    - ``string_numbers_rate``: per event, the values an exchange is known
+      to send either as numbers or as strings come the other way: Kraken
+      v2 ticker decimals as strings, Coinbase ``sequence``, ``trade_id``
+      and ``last_trade_id`` as strings (Binance: no such field).
     """
 
     malformed_rate: _Share = 0.0
@@ -83,6 +99,8 @@ class WsFaults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     abrupt_close_rate: _Share = 0.0
     stall_rate: _Share = 0.0
     close_rate: _Share = 0.0
+    shutdown_rate: _Share = 0.0
+    string_numbers_rate: _Share = 0.0
 
 
 class Faults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -108,6 +126,25 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
       the body, a mangled quote, or an HTML page).
     - ``truncated_rate``: a 200 whose body is a proper prefix of the real
       one (Content-Length matches the cut body).
+    - ``delisted``: symbols the exchange answers as unknown although the
+      universe has them (a delisting): in its own naming (``BTCUSDT``,
+      ``XBTUSD``, ``bitcoin``) or as a base asset code (``BTC``: every
+      exchange); names that match nothing are ignored. Each exchange
+      answers the way it does for any unknown symbol: Binance 400 -1121
+      for a whole ``symbols=[...]`` request, Kraken ``EQuery:Unknown asset
+      pair`` for a whole ``pair=`` list, Coinbase 404, OKX code 51001 (and
+      left out of ``market/tickers``), CoinGecko and CoinCap leave it out
+      of the answer (CoinCap's ``/v3/assets/{id}``: 404); all-symbol
+      listings leave it out.
+    - ``throttle_errors`` (Kraken): the error a refused request carries,
+      drawn per refusal from these (``EGeneral:Too many requests``,
+      ``EService:Throttled``, ``EAPI:Rate limit exceeded``); empty: the
+      usual ``EGeneral:Too many requests``.
+    - ``string_numbers_rate``: per answer, the values an exchange is known
+      to send either way come the other way: Coinbase's ``trade_id`` as a
+      string, OKX's and CoinCap's decimal strings as JSON numbers (and
+      OKX's ``ts`` as an integer); no effect on Binance, Kraken and
+      CoinGecko answers.
     - ``ws``: faults on websocket streams (``WsFaults``).
     """
 
@@ -123,6 +160,9 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     bad_value_kinds: tuple[_BadKind, ...] = BAD_VALUE_KINDS
     malformed_rate: _Share = 0.0
     truncated_rate: _Share = 0.0
+    delisted: tuple[str, ...] = ()
+    throttle_errors: tuple[_KrakenThrottle, ...] = ()
+    string_numbers_rate: _Share = 0.0
     ws: WsFaults = msgspec.field(default_factory=WsFaults)
 
     def __post_init__(self) -> None:

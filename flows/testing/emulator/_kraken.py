@@ -22,7 +22,8 @@ an ``error`` list: ``EQuery:Unknown asset pair`` (any unknown pair fails
 the whole request), ``EGeneral:Too many requests`` (over the public limit,
 about one request per second: a token bucket of rate 1, burst 1),
 ``EService:Unavailable`` / ``EGeneral:Internal error`` (injected server
-errors in Kraken's own shape).
+errors in Kraken's own shape). The ``throttle_errors`` fault makes a
+refusal say ``EService:Throttled`` or ``EAPI:Rate limit exceeded`` instead.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ class Kraken(ExchangeAPI):
     def handle(self, endpoint: str, request: Request, params: dict[str, str]) -> Reply:
         pair = request.param("pair")
         if pair is None or not pair.strip():
-            assets = list(self.market.universe)
+            assets = self.listed()
         else:
             assets = []
             for name in pair.split(","):
-                asset = self.lookup.get(name.strip().upper())
+                asset = self.find(self.lookup, name.strip().upper())
                 if asset is None:
                     return Reply(200, {"error": ["EQuery:Unknown asset pair"]})
                 if asset not in assets:
@@ -103,7 +104,7 @@ class Kraken(ExchangeAPI):
         )
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:
-        return Reply(200, {"error": ["EGeneral:Too many requests"]})
+        return Reply(200, {"error": [self.throttle_error or "EGeneral:Too many requests"]})
 
     def server_error(self, status: int) -> Reply:
         error = "EGeneral:Internal error" if status == 500 else "EService:Unavailable"

@@ -21,7 +21,9 @@ windows); over it 429 ``{"msg": "Too Many Requests", "code": "50011"}``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 from ._base import ExchangeAPI, Reply, Request, plain
 from ._faults import Field
@@ -38,6 +40,21 @@ def _envelope(
     code: str, msg: str, data: Sequence[object] | None = None
 ) -> dict[str, object]:
     return {"code": code, "msg": msg, "data": [] if data is None else list(data)}
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its numeric strings as JSON numbers (``ts`` an integer)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        out[key] = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                out[key] = int(value) if key == "ts" else number
+    return out
 
 
 class OKX(ExchangeAPI):
@@ -76,7 +93,7 @@ class OKX(ExchangeAPI):
                 return Reply(
                     400, _envelope("50014", "Parameter instId can not be empty.")
                 )
-            asset = self.by_symbol.get(inst_id.upper())
+            asset = self.find(self.by_symbol, inst_id.upper())
             if asset is None:
                 return Reply(200, _envelope("51001", "Instrument ID does not exist"))
             assets = [asset]
@@ -88,7 +105,7 @@ class OKX(ExchangeAPI):
                 )
             if inst_type.upper() not in _INST_TYPES:
                 return Reply(400, _envelope("51000", "Parameter instType error"))
-            assets = list(self.market.universe) if inst_type.upper() == "SPOT" else []
+            assets = self.listed() if inst_type.upper() == "SPOT" else []
         records, fields, served = [], [], {}
         for quote in self.quotes(assets):
             record = self._record(quote)
@@ -102,6 +119,12 @@ class OKX(ExchangeAPI):
             served=served,
             empty=_envelope("0", ""),
         )
+
+    def retyped(self, body: Any) -> Any | None:
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            return None
+        data = [_numbers(r) if isinstance(r, dict) else r for r in body["data"]]
+        return {**body, "data": data}
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:
         return Reply(429, {"msg": "Too Many Requests", "code": "50011"})

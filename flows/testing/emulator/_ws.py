@@ -59,6 +59,16 @@ closed (1008, counted ``refused``)::
     <- {"type":"heartbeat","sequence":37475248783,"last_trade_id":86326522,
         "product_id":"BTC-USD","time":"2024-03-25T08:45:00.123456Z"}   (1/s per product)
 
+Channel ``matches`` (every trade): on subscribing, each product's
+``last_match`` (the latest trade), then one ``match`` per event::
+
+    <- {"type":"match","trade_id":86326522,"maker_order_id":"...","taker_order_id":"...",
+        "side":"sell","size":"0.01234567","price":"67187.33","product_id":"BTC-USD",
+        "sequence":37475248784,"time":"2024-03-25T08:45:00.123456Z"}
+
+(``side`` is the maker's; ``trade_id`` goes up by one per match of a
+product, by 2-5 on a ``gap_rate`` fault.)
+
 ``sequence`` goes up by one per ticker event of a product (the real feed's
 sequence counts every message of the product on every channel, so there a
 ticker's sequence jumps); a heartbeat repeats the product's current one.
@@ -86,6 +96,16 @@ connecting the server sends ``{"channel":"status","type":"update","data":
     <- {"channel":"heartbeat"}    (each second without other updates, once subscribed)
     -> {"method":"ping","req_id":7}
     <- {"method":"pong","req_id":7,"time_in":"...","time_out":"..."}
+
+Channel ``trade`` (``{"channel":"trade","symbol":[...]}`` in ``params``;
+its snapshot is the pair's latest trade)::
+
+    <- {"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy",
+        "price":67187.3,"qty":0.0123,"ord_type":"market","trade_id":4665906,
+        "timestamp":"2024-03-25T08:45:00.123456Z"}]}
+
+(``side`` is the taker's; ``trade_id`` goes up by one per trade of a pair,
+by 2-5 on a ``gap_rate`` fault.)
 
 Numbers, not strings. ``snapshot: false`` in ``params`` skips the snapshot.
 Errors: ``{"error":"Currency pair not supported FOO/USD","method":"subscribe",
@@ -118,7 +138,9 @@ drawn per frame sent (events and heartbeats; not answers to requests):
 ``malformed_rate``, ``gap_rate`` (per event: Binance's ``t``/``u`` and
 Coinbase's ``sequence`` jump by 2-5; Kraken's v2 ticker carries no id, so
 there the event is not sent at all: a loss no client can see),
-``abrupt_close_rate``, ``stall_rate``, ``close_rate``. One-shot actions on
+``abrupt_close_rate``, ``stall_rate``, ``close_rate``. ``feed.trade_id_offset``
+(default 0) is added to every trade id a feed sends: set it past ``2**64``
+to serve ids beyond 64 bits. One-shot actions on
 every open connection of a feed: ``feed.disconnect(how="abrupt"|"close"|
 "stall", code=1001)`` (``emulator.ws`` is Binance's feed,
 ``emulator.feeds["coinbase"]`` and ``emulator.feeds["kraken"]`` the
@@ -172,6 +194,7 @@ CHANNELS = ("trade", "bookTicker", "miniTicker")
 """Binance's stream channels."""
 
 _MAX_LOG = 1000
+_SHUTDOWN_PREFIX = '{"e":"serverShutdown",'
 _UNSET: Any = object()  # "the feed's default" for max_streams and message_limit
 _json = msgspec.json.Encoder()
 _METHODS = "SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY, GET_PROPERTY"
@@ -215,6 +238,8 @@ class Connection:
     last_received: float = 0.0  # trio time of the last client message
     last_queued: float = 0.0  # trio time an event was last queued for it
     subscribed: bool = False  # a subscribe request succeeded
+    lifetime: trio.CancelScope | None = None  # ends the connection (max_connection_seconds)
+    shutting_down: bool = False  # a serverShutdown event was sent on it
 
     def info(self) -> dict[str, Any]:
         return {
@@ -264,10 +289,16 @@ class WsFeed:
         message_limit: incoming messages per second per connection
             (``None``: unlimited).
         queue_size: events queued per connection before dropping.
+        shutdown_after: seconds from a serverShutdown event to the close
+            (feeds that announce shutdowns: Binance).
     """
 
     exchange: ClassVar[str]
     paths: ClassVar[tuple[str, ...]] = ()
+    announces_shutdown: ClassVar[bool] = False
+    """Whether the exchange announces a server shutdown (Binance's serverShutdown)."""
+    trade_id_offset: int = 0
+    """Added to every trade id sent (set it past 2**64 to serve ids beyond 64 bits)."""
     heartbeat_interval: ClassVar[float | None] = None
     default_max_streams: ClassVar[int | None] = None
     default_message_limit: ClassVar[float | None] = None
@@ -282,6 +313,7 @@ class WsFeed:
         max_streams: int | None = _UNSET,
         message_limit: float | None = _UNSET,
         queue_size: int = 1000,
+        shutdown_after: float = 600.0,
     ) -> None:
         if not rate > 0:
             raise ValueError("ws rate must be > 0")
@@ -295,6 +327,7 @@ class WsFeed:
             self.default_message_limit if message_limit is _UNSET else message_limit
         )
         self.queue_size = queue_size
+        self.shutdown_after = shutdown_after
         self._conns: dict[int, Connection] = {}
         self._next_conn = 0
         self._ids: dict[str, int] = {}
@@ -348,10 +381,14 @@ class WsFeed:
 
     def disconnect(self, how: str = "abrupt", *, code: int = 1001, reason: str = "") -> int:
         """Act on every open connection now: ``abrupt`` (TCP closed, no close
-        frame), ``close`` (a close frame with ``code``) or ``stall`` (stays
-        open, sends nothing more). Returns how many connections it hit."""
-        if how not in ("abrupt", "close", "stall"):
-            raise ValueError("how must be 'abrupt', 'close' or 'stall'")
+        frame), ``close`` (a close frame with ``code``), ``stall`` (stays
+        open, sends nothing more, answers nothing) or ``shutdown`` (Binance:
+        a serverShutdown event, then a close ``shutdown_after`` seconds
+        later). Returns how many connections it hit."""
+        if how not in ("abrupt", "close", "stall", "shutdown"):
+            raise ValueError("how must be 'abrupt', 'close', 'stall' or 'shutdown'")
+        if how == "shutdown" and not self.announces_shutdown:
+            raise ValueError(f"{self.exchange} sends no server shutdown event")
         if how == "close" and not (code == 1000 or 1001 <= code <= 1014 and code not in
                                    (1004, 1005, 1006) or 3000 <= code <= 4999):
             raise ValueError(f"close code {code} cannot be sent")
@@ -359,9 +396,18 @@ class WsFeed:
         for conn in list(self._conns.values()):
             if conn.gone or conn.action is not None:
                 continue
+            if how == "shutdown":
+                if conn.shutting_down or conn.stalled:
+                    continue
+                try:
+                    conn.sender.send_nowait(self._shutdown_frame())
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    continue
             self._fault({"abrupt": "abrupt_close"}.get(how, how))
             if how == "stall":
                 conn.stalled = True
+            elif how == "shutdown":
+                pass  # the writer sends it, then closes the connection shutdown_after s later
             else:
                 conn.close_now(how, code, reason)
             hit += 1
@@ -436,6 +482,25 @@ class WsFeed:
     def _frame(self, conn: Connection, event: Any) -> str:
         """The text of ``event`` for ``conn``."""
         return event
+
+    def _shutdown_frame(self) -> str:
+        """The event announcing a server shutdown (feeds with ``announces_shutdown``)."""
+        raise NotImplementedError
+
+    def _shut_down(self, conn: Connection) -> None:
+        """A shutdown was announced on ``conn``: close it ``shutdown_after`` s from now."""
+        conn.shutting_down = True
+        if conn.lifetime is not None:
+            conn.lifetime.deadline = min(
+                conn.lifetime.deadline, trio.current_time() + self.shutdown_after
+            )
+
+    def _draw_strings(self, faults: WsFaults) -> bool:
+        """Whether this event's numbers and ids come the other way (a fault)."""
+        if faults.string_numbers_rate and self.emulator._rng.random() < faults.string_numbers_rate:
+            self._fault("string_numbers")
+            return True
+        return False
 
     async def _heartbeats(self, interval: float) -> None:
         while True:
@@ -517,7 +582,7 @@ class WsFeed:
             sender.close()
 
     async def _serve(self, conn: Connection, receive: Any, send: Any) -> None:
-        lifetime = trio.move_on_after(self.max_connection_seconds)
+        lifetime = conn.lifetime = trio.move_on_after(self.max_connection_seconds)
         with lifetime:
             async with trio.open_nursery() as nursery:
                 conn.scope = nursery.cancel_scope
@@ -529,7 +594,7 @@ class WsFeed:
         if conn.gone:
             return
         if lifetime.cancelled_caught and conn.action is None:
-            self._fault("lifetime")
+            self._fault("shutdown_close" if conn.shutting_down else "lifetime")
             conn.action, conn.code = "close", 1001
         action = conn.action
         if action == "abrupt":
@@ -564,6 +629,8 @@ class WsFeed:
                     stats["refused"] += 1
                     conn.close_now("close", 1008, "Too many requests")
                     return
+            if conn.stalled:
+                continue  # a stalled connection answers nothing either
             text = message.get("text")
             if text is None:
                 text = (message.get("bytes") or b"").decode("utf-8", "replace")
@@ -580,7 +647,22 @@ class WsFeed:
         async for text in conn.receiver:
             if conn.stalled:
                 await trio.sleep_forever()
+            if text.startswith(_SHUTDOWN_PREFIX):  # disconnect("shutdown"): as it is
+                self._shut_down(conn)
+                await send({"type": "websocket.send", "text": text})
+                stats["messages"] += 1
+                continue
             faults = self._faults()
+            if (
+                faults.shutdown_rate
+                and self.announces_shutdown
+                and not conn.shutting_down
+                and rng.random() < faults.shutdown_rate
+            ):
+                self._fault("shutdown")
+                self._shut_down(conn)
+                await send({"type": "websocket.send", "text": self._shutdown_frame()})
+                stats["messages"] += 1
             if faults.abrupt_close_rate and rng.random() < faults.abrupt_close_rate:
                 self._fault("abrupt_close")
                 conn.action = "abrupt"
@@ -612,6 +694,7 @@ class BinanceStreams(WsFeed):
     exchange = "binance"
     default_max_streams = 1024
     default_message_limit = 5.0
+    announces_shutdown = True
 
     def __init__(self, emulator: Emulator, **options: Any) -> None:
         super().__init__(emulator, **options)
@@ -646,6 +729,9 @@ class BinanceStreams(WsFeed):
     def _frame(self, conn: Connection, event: tuple[str, str]) -> str:
         return event[1] if conn.combined else event[0]
 
+    def _shutdown_frame(self) -> str:
+        return f'{_SHUTDOWN_PREFIX}"E":{int(self.market.wall() * 1000)}}}'
+
     def _event(self, stream: str, wall: float, faults: WsFaults) -> tuple[str, str]:
         """(bare payload, combined payload) of the next event on ``stream``."""
         wall_ms = int(wall * 1000)
@@ -660,7 +746,7 @@ class BinanceStreams(WsFeed):
                 "e": "trade",
                 "E": wall_ms,
                 "s": quote.symbol,
-                "t": trade_id,
+                "t": trade_id + self.trade_id_offset,
                 "p": fixed(quote.price, 8),
                 "q": fixed(quote.last_size, 8),
                 "T": wall_ms,
@@ -750,7 +836,7 @@ class BinanceStreams(WsFeed):
 
 # -- Coinbase --------------------------------------------------------------------------
 
-_COINBASE_CHANNELS = ("ticker", "heartbeat")
+_COINBASE_CHANNELS = ("ticker", "heartbeat", "matches")
 
 
 class CoinbaseFeed(WsFeed):
@@ -770,12 +856,15 @@ class CoinbaseFeed(WsFeed):
         self.subscribe_timeout = subscribe_timeout
         self.by_symbol: dict[str, Asset] = {a.coinbase: a for a in emulator.universe}
         self._trade_ids: dict[str, int] = {}
+        self._match_ids: dict[str, int] = {}  # the matches channel's trade ids
 
     def _sequence(self, product: str, asset: Asset) -> int:
         return self._ids.get(product, 30_000_000_000 + asset.index * 1_000_003)
 
     def _event(self, stream: str, wall: float, faults: WsFaults) -> str | None:
         channel, _, product = stream.partition(":")
+        if channel == "matches":
+            return self._match(product, wall, faults)
         if channel != "ticker":
             return None  # heartbeats have their own loop
         asset = self.by_symbol[product]
@@ -805,19 +894,60 @@ class CoinbaseFeed(WsFeed):
             "last_size": fixed(quote.last_size, 8),
         }
         self._last[stream] = payload
+        if self._draw_strings(faults):  # ids as strings, as other Coinbase feeds send them
+            payload = {**payload, "sequence": str(sequence), "trade_id": str(trade_id)}
         return _json.encode(payload).decode()
+
+    def _match(self, product: str, wall: float, faults: WsFaults, kind: str = "match") -> str:
+        """The next ``match`` of ``product`` (``last_match``: the latest one again)."""
+        asset = self.by_symbol[product]
+        quote = self.market.quote("coinbase", asset)
+        trade_id = self._match_ids.get(product)
+        if kind == "match" or trade_id is None:
+            first = trade_id is None
+            trade_id = (quote.trades * 100 if first else trade_id) + self._gap(
+                faults.gap_rate, first)
+            self._match_ids[product] = trade_id
+            sequence = self._sequence(product, asset) + 1
+            self._ids[product] = sequence
+        payload = {
+            "type": kind,
+            "trade_id": trade_id + self.trade_id_offset,
+            "maker_order_id": _order_id(trade_id * 2),
+            "taker_order_id": _order_id(trade_id * 2 + 1),
+            "side": "sell" if trade_id % 2 else "buy",  # the maker's
+            "size": fixed(quote.last_size, 8),
+            "price": fixed(quote.price),
+            "product_id": product,
+            "sequence": self._sequence(product, asset),
+            "time": iso_z(wall),
+        }
+        self._last[f"matches:{product}"] = payload
+        return _json.encode(payload).decode()
+
+    def _last_matches(self, streams: list[str]) -> list[str]:
+        """``last_match`` of each product newly subscribed to ``matches``."""
+        wall = self.market.wall()
+        faults = self._faults()
+        return [self._match(stream.partition(":")[2], wall, faults, "last_match")
+                for stream in streams if stream.startswith("matches:")]
 
     def _heartbeat(self, conn: Connection, now: float) -> list[str]:
         wall = iso_z(self.market.wall(now))
+        faults = self._faults()
         texts = []
         for stream in conn.streams:
             channel, _, product = stream.partition(":")
             if channel == "heartbeat":
                 asset = self.by_symbol[product]
+                ids: tuple[Any, Any] = (self._sequence(product, asset),
+                                        self._trade_ids.get(product, 0))
+                if self._draw_strings(faults):
+                    ids = (str(ids[0]), str(ids[1]))
                 texts.append(_json.encode({
                     "type": "heartbeat",
-                    "sequence": self._sequence(product, asset),
-                    "last_trade_id": self._trade_ids.get(product, 0),
+                    "sequence": ids[0],
+                    "last_trade_id": ids[1],
                     "product_id": product,
                     "time": wall,
                 }).decode())
@@ -871,7 +1001,7 @@ class CoinbaseFeed(WsFeed):
             "type": "subscriptions",
             "channels": [{"name": name, "product_ids": ids} for name, ids in current.items()],
         }
-        return [_json.encode(answer).decode()], subscribe
+        return [_json.encode(answer).decode(), *self._last_matches(subscribe)], subscribe
 
     def _pairs(self, request: dict[str, Any]) -> list[str]:
         """``channel:product`` streams a (un)subscribe message names."""
@@ -929,6 +1059,7 @@ class KrakenFeed(WsFeed):
         super().__init__(emulator, **options)
         self.idle_timeout = idle_timeout
         self.by_symbol: dict[str, Asset] = {a.kraken_v2: a for a in emulator.universe}
+        self._trade_ids: dict[str, int] = {}
         self._connection_ids = itertools.count(11_000_000_000 + emulator.seed)
 
     def _greeting(self, conn: Connection) -> list[str]:
@@ -964,11 +1095,34 @@ class KrakenFeed(WsFeed):
             "timestamp": iso_z(wall),
         }
 
+    def _trade(self, symbol: str, wall: float, step: int = 1) -> dict[str, Any]:
+        """The next item of ``symbol``'s ``trade`` channel (its id ``step`` on)."""
+        asset = self.by_symbol[symbol]
+        quote = self.market.quote("kraken", asset)
+        trade_id = self._trade_ids.get(symbol, quote.trades * 10) + step
+        self._trade_ids[symbol] = trade_id
+        return {
+            "symbol": symbol,
+            "side": "buy" if trade_id % 2 else "sell",
+            "price": _num(quote.price),
+            "qty": _num(quote.last_size),
+            "ord_type": "market" if trade_id % 3 else "limit",
+            "trade_id": trade_id + self.trade_id_offset,
+            "timestamp": iso_z(wall),
+        }
+
     def _event(self, stream: str, wall: float, faults: WsFaults) -> str | None:
+        channel, _, symbol = stream.partition(":")
+        if channel == "trade":
+            item = self._trade(symbol, wall, self._gap(faults.gap_rate, symbol not in self._trade_ids))
+            self._last[stream] = item
+            return _json.encode({"channel": "trade", "type": "update", "data": [item]}).decode()
         if self._gap(faults.gap_rate) > 1:
             return None  # lost: v2's ticker has no id that would show it
         item = self._item(stream.partition(":")[2], wall)
         self._last[stream] = item
+        if self._draw_strings(faults):  # decimals as strings (v2 documents numbers)
+            item = {k: repr(v) if isinstance(v, float) else v for k, v in item.items()}
         return _json.encode({"channel": "ticker", "type": "update", "data": [item]}).decode()
 
     def _heartbeat(self, conn: Connection, now: float) -> list[str]:
@@ -1019,7 +1173,7 @@ class KrakenFeed(WsFeed):
                             "success": False})], []
         channel = params.get("channel")
         symbols = params.get("symbol")
-        if channel != "ticker":
+        if channel not in _KRAKEN_CHANNELS:
             return [answer({"error": f"Channel {channel!r} not served by the emulator",
                             "method": method, "success": False})], []
         if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
@@ -1041,11 +1195,13 @@ class KrakenFeed(WsFeed):
                                        "method": method, "success": False,
                                        "symbol": symbol}))
                 continue
-            stream = f"ticker:{symbol}"
-            result: dict[str, Any] = {"channel": "ticker", "symbol": symbol}
+            stream = f"{channel}:{symbol}"
+            result: dict[str, Any] = {"channel": channel, "symbol": symbol}
             if method == "subscribe":
                 result = {"channel": "ticker", "event_trigger": trigger,
                           "snapshot": snapshot, "symbol": symbol}
+                if channel == "trade":
+                    result = {"channel": "trade", "snapshot": snapshot, "symbol": symbol}
                 if stream not in conn.streams and stream not in subscribe:
                     if self.max_streams is not None and (
                         len(conn.streams) + len(subscribe) >= self.max_streams
@@ -1055,7 +1211,9 @@ class KrakenFeed(WsFeed):
                                                "symbol": symbol}))
                         continue
                     subscribe.append(stream)
-                    if snapshot:
+                    if snapshot and channel == "trade":
+                        snapshots.append(self._trade_snapshot(symbol, wall))
+                    elif snapshot:
                         item = self._item(symbol, wall)
                         self._last[stream] = item
                         snapshots.append(_json.encode(
@@ -1065,6 +1223,22 @@ class KrakenFeed(WsFeed):
                 conn.streams[:] = [s for s in conn.streams if s != stream]
             answers.append(answer({"method": method, "result": result, "success": True}))
         return answers + snapshots, subscribe
+
+
+    def _trade_snapshot(self, symbol: str, wall: float) -> str:
+        """The ``trade`` snapshot: the pair's latest trade (Kraken sends up to 50)."""
+        last = self._last.get(f"trade:{symbol}") or self._trade(symbol, wall)
+        self._last[f"trade:{symbol}"] = last
+        return _json.encode({"channel": "trade", "type": "snapshot", "data": [last]}).decode()
+
+
+_KRAKEN_CHANNELS = ("ticker", "trade")
+
+
+def _order_id(n: int) -> str:
+    """A Coinbase order id (a UUID) made from ``n``."""
+    text = f"{n:032x}"[-32:]
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _malform(text: str, draw: float) -> str:

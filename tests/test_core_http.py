@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from flows import (
     CircuitBreaker,
+    Retry,
     Flow,
     RateLimit,
     Request,
@@ -65,7 +66,7 @@ async def one_shot(source, registry=None):
 
 async def test_a_5xx_is_retried_and_a_4xx_is_not(nursery, autojump_clock):
     url, asked = await scripted(nursery, [http(503), http(404)])
-    source = Probe(base_url=url, once=True, retries=3, backoff=0.5, max_backoff=0.5)
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=4, backoff=0.5, max_backoff=0.5))
     _, registry, sink = await one_shot(source)
     assert len(asked) == 2  # the 404 ended it
     assert sink.records == []
@@ -80,8 +81,8 @@ async def test_a_5xx_is_retried_and_a_4xx_is_not(nursery, autojump_clock):
 
 async def test_retries_stop_after_the_configured_count(nursery, autojump_clock):
     url, asked = await scripted(nursery, [http(500)] * 10)
-    source = PerSymbol(base_url=url, symbols=["A", "B"], once=True, retries=2, backoff=0.1,
-                       concurrency=1)
+    source = PerSymbol(base_url=url, symbols=["A", "B"], once=True,
+                       retry=Retry(attempts=3, backoff=0.1), concurrency=1)
     _, registry, sink = await one_shot(source)
     assert len(asked) == 6  # 3 attempts, 2 symbols
     assert value(registry, "flows_source_retries_total") == 4
@@ -92,7 +93,7 @@ async def test_retries_stop_after_the_configured_count(nursery, autojump_clock):
 
 async def test_no_retries_means_one_attempt(nursery, autojump_clock):
     url, asked = await scripted(nursery, [http(500)])
-    source = Probe(base_url=url, once=True, retries=0)
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=1))
     _, registry, sink = await one_shot(source)
     assert len(asked) == 1 and sink.records == []
     assert value(registry, "flows_source_retries_total") == 0
@@ -100,7 +101,7 @@ async def test_no_retries_means_one_attempt(nursery, autojump_clock):
 
 async def test_a_retry_after_pauses_the_source(nursery, autojump_clock):
     url, asked = await scripted(nursery, [http(418, retry_after=4)])
-    source = Probe(base_url=url, once=True, retries=1, backoff=0.01)
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=2, backoff=0.01))
     _, registry, sink = await one_shot(source)
     assert len(sink.records) == 1
     assert asked[1][0] - asked[0][0] >= 4.0
@@ -111,14 +112,14 @@ async def test_a_retry_after_pauses_the_source(nursery, autojump_clock):
 async def test_a_bad_retry_after_is_ignored(nursery, autojump_clock):
     bad = (429, b"application/json", b"{}", [(b"retry-after", b"soon")])
     url, asked = await scripted(nursery, [bad])
-    source = Probe(base_url=url, once=True, retries=1, backoff=0.01)
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=2, backoff=0.01))
     await one_shot(source)
     assert asked[1][0] - asked[0][0] < 0.1  # no pause: only the backoff
 
 
 async def test_a_negative_retry_after_means_now(nursery, autojump_clock):
     url, asked = await scripted(nursery, [http(429, retry_after=-5)])
-    source = Probe(base_url=url, once=True, retries=1, backoff=0.01)
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=2, backoff=0.01))
     _, _, sink = await one_shot(source)
     assert len(sink.records) == 1 and asked[1][0] - asked[0][0] < 0.1
 
@@ -130,7 +131,7 @@ async def test_a_429_without_retry_after_pauses_a_window_where_the_api_says_so(
         PAUSE_WITHOUT_RETRY_AFTER = True
 
     url, asked = await scripted(nursery, [http(429)])
-    source = Windowed(base_url=url, once=True, retries=1, backoff=0.01,
+    source = Windowed(base_url=url, once=True, retry=Retry(attempts=2, backoff=0.01),
                       limits=[RateLimit(1000, 1.0), RateLimit(5000, 7.0)])
     await one_shot(source)
     assert asked[1][0] - asked[0][0] >= 7.0  # the longest window
@@ -142,11 +143,12 @@ async def test_a_429_without_retry_after_pauses_a_window_where_the_api_says_so(
 async def test_a_body_over_the_size_cap_is_refused(nursery, autojump_clock):
     big = (200, b"application/json", b"x" * 100)
     url, asked = await scripted(nursery, [big, big], then=big)
-    source = Probe(base_url=url, once=True, retries=1, backoff=0.01, max_response_bytes=99)
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=2, backoff=0.01),
+                   max_response_bytes=99)
     _, registry, sink = await one_shot(source)
     assert len(asked) == 2 and sink.records == []
     assert value(registry, "flows_errors_total", error_type="http") == 2
-    source = Probe(base_url=url, once=True, retries=0, max_response_bytes=100)
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=1), max_response_bytes=100)
     _, _, sink = await one_shot(source)
     assert len(sink.records) == 1  # exactly the cap is fine
 
@@ -155,8 +157,8 @@ async def test_a_connection_error_is_counted_as_error_and_retried(autojump_clock
     with trio.socket.socket() as s:  # a port nobody listens on
         await s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    source = Probe(base_url=f"http://127.0.0.1:{port}", once=True, retries=1, backoff=0.01,
-                   circuit=CircuitBreaker(failures=2))
+    source = Probe(base_url=f"http://127.0.0.1:{port}", once=True,
+                   retry=Retry(attempts=2, backoff=0.01), circuit=CircuitBreaker(failures=2))
     _, registry, sink = await one_shot(source)
     assert sink.records == []
     assert value(registry, "flows_source_responses_total", status_class="error") == 2
@@ -196,14 +198,14 @@ async def test_a_one_shot_sync_resumes_where_it_stopped(nursery, tmp_path):  # r
     asked: list[str] = []
     url = await serve_answers(nursery, answer, lambda head: None)
     first = PerSymbol(base_url=url, symbols=["A", "B", "C"], once=True, resume=resume,
-                      retries=0, concurrency=1)
+                      retry=Retry(attempts=1), concurrency=1)
     await one_shot(first)
     assert sorted(asked) == ["A", "B", "C"]
     assert sorted(__import__("json").loads(resume.read_text())) == ["A", "C"]
     asked.clear()
     failing.clear()
     again = PerSymbol(base_url=url, symbols=["A", "B", "C"], once=True, resume=resume,
-                      retries=0, concurrency=1)
+                      retry=Retry(attempts=1), concurrency=1)
     _, _, sink = await one_shot(again)
     assert asked == ["B"]  # only what was not done
     assert [t.symbol for t in sink.records] == ["B"]
@@ -277,7 +279,7 @@ async def test_progress_is_a_bar_when_asked_for(nursery, autojump_clock, capsys,
 
 
 @pytest.mark.parametrize("options", [
-    {"symbols": []}, {"every": 0.0}, {"concurrency": 0}, {"retries": -1}, {"reprobe_every": 0.0},
+    {"symbols": []}, {"every": 0.0}, {"concurrency": 0}, {"reprobe_every": 0.0},
 ])
 def test_bad_options_are_refused(options):
     with pytest.raises(ValueError):
@@ -286,8 +288,7 @@ def test_bad_options_are_refused(options):
 
 def test_defaults():
     source = Probe()
-    assert (source.every, source.concurrency, source.retries) == (1.0, 8, 3)
-    assert (source.backoff, source.max_backoff, source.reprobe_every) == (0.2, 5.0, 600.0)
+    assert (source.every, source.concurrency, source.reprobe_every) == (1.0, 8, 600.0)
     assert (source.once, source.resume, source.standby_for) == (False, None, None)
 
 
@@ -317,10 +318,10 @@ async def test_a_tick_the_screen_refuses_is_logged_with_why(nursery, autojump_cl
 
 
 def test_good_edge_options_are_accepted():
-    source = Probe(every=0.001, concurrency=1, retries=0, reprobe_every=0.001,
+    source = Probe(every=0.001, concurrency=1, reprobe_every=0.001,
                    base_url="http://127.0.0.1:1/api/")
     assert source.base_url == "http://127.0.0.1:1/api"
-    assert source.retries == 0 and source.concurrency == 1
+    assert source.concurrency == 1
 
 
 def test_credentials_in_headers_are_masked_and_other_headers_are_not():
@@ -365,7 +366,7 @@ def test_parse_optional_float():
 async def test_an_open_circuit_is_one_gap_from_when_it_first_opened(nursery, autojump_clock):
     # open after 2 failures, a failed probe 5 s later, a good one 5 s after that
     url, asked = await scripted(nursery, [http(500), http(500), http(500)])
-    source = Probe(base_url=url, every=1.0, retries=0,
+    source = Probe(base_url=url, every=1.0, retry=Retry(attempts=1),
                    circuit=CircuitBreaker(failures=2, reset_after=5.0))
     gaps = ListSink(name="gap_sink")
     flow = Flow("core")

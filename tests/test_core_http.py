@@ -297,7 +297,7 @@ async def test_requests_carry_the_user_agent_and_the_configured_headers(nursery,
     url = await serve_answers(nursery, lambda head: OK, heads.append)
     await one_shot(Probe(base_url=url, once=True, headers={"X-Extra": "yes"}))
     (head,) = heads
-    assert b"user-agent: flows/0.1\r\n" in head.lower()
+    assert b"user-agent: flows/0.1\r\n" in head.lower() and b": flows/0.1\r\n" in head
     assert b"x-extra: yes\r\n" in head.lower()
 
 

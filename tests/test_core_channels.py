@@ -353,7 +353,7 @@ async def test_processing_time_is_the_time_a_consumer_holds_a_batch(registry):
         async def run(self, inbox):
             async for batch in inbox:
                 t_end = time.perf_counter() + hold
-                while time.perf_counter() < t_end:  # busy: holding the batch
+                while time.perf_counter() < t_end:  # not a wait: busy holding the batch
                     await trio.sleep(0.01)
                 batch.ack("written")
 

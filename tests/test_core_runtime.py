@@ -113,7 +113,7 @@ async def test_a_duration_stops_an_endless_flow_cleanly(registry, autojump_clock
         name = "endless"
 
         async def run(self, outbox):
-            while True:
+            while True:  # not a wait: an endless source
                 await outbox.send(Batch(ticks(1)))
                 await trio.sleep(1.0)
 
@@ -190,8 +190,9 @@ async def test_totals_show_written_and_lost_records(registry, autojump_clock):
                       sinks=[sink]), registry, drain_timeout=5.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        while sink.calls < 2:
-            await trio.sleep(0.1)
+        with trio.fail_after(100):
+            while sink.calls < 2:
+                await trio.sleep(0.1)
         rt.stop()
     assert rt.totals() == "list: in=0 out=7 dropped=0; db: in=4 out=0 dropped=5 written=2 lost=5"  # 3 still queued
 
@@ -236,7 +237,7 @@ async def test_a_signal_drains_the_flow(registry, signum):
         name = "endless"
 
         async def run(self, outbox):
-            while True:
+            while True:  # not a wait: an endless source
                 await outbox.send(Batch(ticks(1)))
                 await trio.sleep(0.01)
 

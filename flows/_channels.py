@@ -328,7 +328,7 @@ class _Join:
         self.left, self.worst, self.hooks = n, "skipped", hooks
 
     def __call__(self, outcome: str) -> None:
-        if _RANK.get(outcome, 3) > _RANK[self.worst]:
+        if _RANK.get(outcome, 3) > _RANK.get(self.worst, 3):
             self.worst = outcome
         self.left -= 1
         if self.left == 0:
@@ -461,25 +461,38 @@ class ConflatingPort(EdgePort):
         self._wake.set()
 
     async def pump(self) -> None:
-        """Move pending records into the channel; closes it once detached."""
+        """Move pending records into the channel; closes it once detached.
+
+        Cancelled (a forced stop), it counts what it still holds, in hand or
+        pending, as discarded ``forced_stop`` and acks those batches ``failed``.
+        """
+        batch: Batch | None = None
         try:
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 if self._pending:
-                    batch = Batch(
-                        list(self._pending.values()), created=self._created, acks=self._acks
-                    )
-                    self._pending, self._acks, self._created = {}, [], None
+                    batch = self._take()
                     try:
                         await self._sender.send(batch)
                     except trio.BrokenResourceError:
                         self._drop(batch, "consumer_gone")
+                    batch = None
                     self._wake.set()  # look again: more may have arrived meanwhile
                 elif self._closed:
                     return
         finally:
             self._sender.close()
+            for held in (batch, self._take() if self._pending else None):
+                if held is not None:
+                    self._consumer.discarded("forced_stop", len(held.records))
+                    held.ack("failed")
+
+    def _take(self) -> Batch:
+        """The pending records as one batch, with every merged batch's acks."""
+        batch = Batch(list(self._pending.values()), created=self._created, acks=self._acks)
+        self._pending, self._acks, self._created = {}, [], None
+        return batch
 
 
 def open_edge(edge: Edge, consumer: ComponentMetrics) -> tuple[EdgePort, Inbox]:

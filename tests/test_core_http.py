@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
+from functools import partial
 
 import pytest
 import trio
@@ -21,7 +23,9 @@ from flows import (
     Flow,
     RateLimit,
     Request,
+    RateBudget,
     Runtime,
+    RunContext,
     parse_optional_float,
     parse_price,
     redact,
@@ -383,3 +387,88 @@ async def test_an_open_circuit_is_one_gap_from_when_it_first_opened(nursery, aut
     opened, closed = asked[1][0], asked[3][0]  # the second failure, the good probe
     assert gap.end - gap.start == pytest.approx(closed - opened, abs=0.2)
     assert gap.end - gap.start >= 9.8  # not from the failed probe
+
+
+# -- survivors of the second mutation run (issue 20) -------------------------------------
+
+
+async def test_an_error_body_that_is_not_utf8_is_still_an_http_error(nursery, autojump_clock):
+    url, _ = await scripted(nursery, [(404, b"text/plain", b"\xff\xfe not utf-8 \xc3")])
+    _, registry, sink = await one_shot(Probe(base_url=url, once=True, retry=Retry(attempts=1)))
+    assert sink.records == []
+    assert value(registry, "flows_errors_total", error_type="http_permanent") == 1
+    assert value(registry, "flows_records_discarded_total", reason="request_failed") == 1
+
+
+async def test_a_read_timeout_is_counted_as_error(nursery, autojump_clock):
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=1), read_timeout=5.0)
+    _, registry, sink = await one_shot(source)
+    assert sink.records == []
+    assert value(registry, "flows_source_responses_total", status_class="error") == 1
+
+
+async def test_a_sync_that_finishes_at_once_leaves_no_resume_file(nursery, tmp_path):
+    resume = tmp_path / "done.json"  # real clock: threads
+    url, _ = await scripted(nursery, [])
+    source = PerSymbol(base_url=url, symbols=["A", "B"], once=True, resume=resume)
+    result, _, sink = await one_shot(source)
+    assert result.clean
+    assert len(sink.records) == 2
+    assert not resume.exists()
+
+
+async def test_a_local_limiter_still_exports_the_budget_series(nursery, autojump_clock):
+    url, _ = await scripted(nursery, [])
+    _, registry, _ = await one_shot(Probe(base_url=url, once=True))
+    assert value(registry, "flows_source_budget_wait_seconds_count") == 0
+
+
+def test_a_rate_budget_given_to_the_source_is_kept_and_used():
+    source = Probe(rate_budget="redis://127.0.0.1:1/0")
+    assert isinstance(source.rate_budget, RateBudget)
+    assert source.rate_budget.url == "redis://127.0.0.1:1/0"
+    before = source.limiter
+    source.setup(RunContext(flow="core"))
+    assert source.limiter is not before  # the shared limiter on that budget
+    assert source.limiter.declared == before.declared
+
+
+def test_a_budget_from_the_run_is_used_when_the_source_has_none():
+    source = Probe()
+    before = source.limiter
+    source.setup(RunContext(flow="core"))
+    assert source.limiter is before
+    source.setup(RunContext(flow="core", rate_budget="redis://127.0.0.1:1/0"))
+    assert source.limiter is not before
+
+
+def test_a_scheduled_source_is_stale_after_a_minute_at_least():
+    assert Probe(schedule="adaptive", max_staleness=10.0).stale_after == 60.0
+    assert Probe(schedule="adaptive", max_staleness=100.0).stale_after == 150.0
+
+
+async def test_a_scheduled_source_polls(nursery, autojump_clock):
+    url, asked = await scripted(nursery, [])
+    source = Probe(base_url=url, schedule="adaptive", max_staleness=5.0)
+    sink = ListSink()
+    rt = Runtime(Flow("core", sources=[source], sinks=[sink]), registry=CollectorRegistry(),
+                 metrics_addr=None)
+    async with trio.open_nursery() as inner:
+        await inner.start(rt.run)
+        with trio.fail_after(100):
+            while len(sink.records) < 2:
+                await trio.sleep(0.1)
+        rt.stop()
+    assert {r.symbol for r in sink.records} == {"A"}
+
+
+@pytest.mark.parametrize("header", ["Authorization", "Proxy-Authorization"])
+def test_an_authorization_header_is_learned_as_a_secret(header):
+    token = f"tok-{uuid.uuid4().hex}"  # new each run: nothing learned it before
+    Probe(headers={header: f"Bearer {token}"})
+    assert token not in redact(f"later the token {token} shows up alone")

@@ -472,3 +472,39 @@ def test_an_authorization_header_is_learned_as_a_secret(header):
     token = f"tok-{uuid.uuid4().hex}"  # new each run: nothing learned it before
     Probe(headers={header: f"Bearer {token}"})
     assert token not in redact(f"later the token {token} shows up alone")
+
+
+async def test_a_source_on_an_unreachable_budget_says_it_runs_on_its_share(nursery):
+    with trio.socket.socket() as s:  # a port nobody listens on: Redis is away
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, _ = await scripted(nursery, [])  # real clock: Redis calls run in threads
+    source = Probe(base_url=url, once=True, rate_budget=f"redis://127.0.0.1:{port}/0")
+    result, registry, sink = await one_shot(source)
+    assert len(sink.records) == 1
+    assert value(registry, "flows_source_budget_fallback") == 1
+
+
+async def test_concurrency_above_the_http_clients_default_pool_is_honoured(nursery, autojump_clock):
+    in_flight, peak = 0, 0
+
+    async def slow(stream):  # holds every request a second, counting those held at once
+        nonlocal in_flight, peak
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await trio.sleep(1.0)
+        in_flight -= 1
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                              b"connection: close\r\ncontent-length: 2\r\n\r\n{}")
+        await stream.aclose()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, slow, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    symbols = [f"S{i}" for i in range(110)]  # httpx allows 100 connections unless told
+    _, _, sink = await one_shot(PerSymbol(base_url=url, symbols=symbols, once=True,
+                                          concurrency=110))
+    assert len(sink.records) == 110
+    assert peak == 110

@@ -6,6 +6,8 @@ return values, bounds, the interval)."""
 from __future__ import annotations
 
 import math
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -304,3 +306,49 @@ def test_an_invalid_value_is_logged_with_its_key(caplog):
     with caplog.at_level("WARNING"):
         det.filter([Tick("x", "B", NAN, 2.0)])
     assert any("('x', 'B')" in r.getMessage() for r in caplog.records)
+
+
+# -- survivors of the second mutation run (issue 20) -------------------------------------
+
+
+def test_a_value_or_time_that_is_not_a_float_is_kept_as_it_is():
+    when = datetime(2026, 1, 1, 12, 0)
+    det = generic(heartbeat=None)
+    assert kept(det, [rec("a", 1.5, when), rec("b", Decimal("2.5"), 0.0)]) == [0, 1]
+    assert det.state["a"] == [1.5, when]
+    assert det.state["b"] == [Decimal("2.5"), 0.0]
+    later = [rec("a", 1.5, when), rec("b", Decimal("2.5"), 1.0), rec("b", Decimal("2.6"), 2.0)]
+    assert kept(det, later) == [2]
+    assert det.state["b"] == [Decimal("2.6"), 2.0]
+
+
+def test_a_checkpoint_of_values_that_are_not_floats_is_restored_whole(tmp_path):
+    path = tmp_path / "c.ckpt"
+    det = ChangeDetector(checkpoint=path, heartbeat=10.0)
+    det.filter([Tick("x", "A", 1, 100.0), Tick("x", "B", 2.0, 100.0)])
+    assert _save_all(det) == 2
+    again = ChangeDetector(checkpoint=path, heartbeat=10.0)
+    assert again.restore() == 2
+    assert again.state == det.state
+    assert again.filter([Tick("x", "A", 1, 105.0), Tick("x", "B", 2.0, 105.0)]) == []
+    assert len(again.filter([Tick("x", "A", 1, 110.0)])) == 1  # the heartbeat
+    assert len(again.filter([Tick("x", "B", 3.0, 111.0)])) == 1  # a change
+
+
+def test_a_heartbeat_set_later_over_values_that_are_not_floats():
+    det = ChangeDetector()
+    det.filter([Tick("x", "A", 1, 100.0), Tick("x", "B", 2.0, 100.0)])
+    det.heartbeat = 10.0
+    assert len(det.filter([Tick("x", "A", 1, 101.0), Tick("x", "B", 2.0, 101.0)])) == 2
+    assert det.filter([Tick("x", "A", 1, 105.0)]) == []
+    assert list(det.state) == [("x", "A"), ("x", "B")]
+    assert len(det.filter([Tick("y", "A", 1.0, 106.0)])) == 1  # a second source keeps apart
+    assert list(det.state) == [("x", "A"), ("x", "B"), ("y", "A")]
+
+
+def test_drops_are_logged_under_the_stage_logger(caplog):
+    det = ChangeDetector(name="prices")
+    with caplog.at_level("WARNING"):
+        det.filter([Tick("x", "A", NAN, 1.0)])
+    assert [r.name for r in caplog.records if "('x', 'A')" in r.getMessage()] == [
+        "flows.stage.prices"]

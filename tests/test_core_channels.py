@@ -294,6 +294,40 @@ async def test_a_fanned_out_batch_acks_once_with_the_worst_outcome(registry, fir
     assert source.acks == {"a": [joined]}
 
 
+class AckInTurn(ListSink):
+    """Acks each batch with ``outcome``, after ``after`` (another one) acked."""
+
+    def __init__(self, *, name: str, outcome: str, after: AckInTurn | None = None):
+        super().__init__(name=name)
+        self.outcome, self.after, self.acked = outcome, after, trio.Event()
+
+    async def run(self, inbox: Any) -> None:
+        async for batch in inbox:
+            if self.after is not None:
+                await self.after.acked.wait()
+            batch.ack(self.outcome)
+            self.acked.set()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "joined"),
+    [("failed", "mystery", "failed"), ("mystery", "failed", "mystery"),  # a tie keeps the first
+     ("dropped", "mystery", "mystery"), ("mystery", "dropped", "mystery")],
+)
+async def test_an_unknown_outcome_ranks_with_failed(registry, first, second, joined):
+    async def script(src, outbox):
+        await src.send(outbox, "a", [tick("A", 1.0)])
+
+    source = ScriptSource(script)
+    flow = Flow(FLOW)
+    stream = flow.source(source)
+    one = AckInTurn(name="one", outcome=first)
+    stream.to(one)
+    stream.to(AckInTurn(name="two", outcome=second, after=one))
+    await run(flow, registry)
+    assert source.acks == {"a": [joined]}
+
+
 async def test_an_empty_batch_is_not_sent_and_acks_skipped(registry):
     sink = BatchSink()
 

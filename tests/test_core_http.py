@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import uuid
+from functools import partial
 
 import pytest
 import trio
@@ -18,9 +20,11 @@ from prometheus_client import CollectorRegistry
 from flows import (
     CircuitBreaker,
     Flow,
+    RateBudget,
     RateLimit,
     Request,
     Retry,
+    RunContext,
     Runtime,
     parse_optional_float,
     parse_price,
@@ -383,3 +387,124 @@ async def test_an_open_circuit_is_one_gap_from_when_it_first_opened(nursery, aut
     opened, closed = asked[1][0], asked[3][0]  # the second failure, the good probe
     assert gap.end - gap.start == pytest.approx(closed - opened, abs=0.2)
     assert gap.end - gap.start >= 9.8  # not from the failed probe
+
+
+# -- survivors of the second mutation run (issue 20) -------------------------------------
+
+
+async def test_an_error_body_that_is_not_utf8_is_still_an_http_error(nursery, autojump_clock):
+    url, _ = await scripted(nursery, [(404, b"text/plain", b"\xff\xfe not utf-8 \xc3")])
+    _, registry, sink = await one_shot(Probe(base_url=url, once=True, retry=Retry(attempts=1)))
+    assert sink.records == []
+    assert value(registry, "flows_errors_total", error_type="http_permanent") == 1
+    assert value(registry, "flows_records_discarded_total", reason="request_failed") == 1
+
+
+async def test_a_read_timeout_is_counted_as_error(nursery, autojump_clock):
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    source = Probe(base_url=url, once=True, retry=Retry(attempts=1), read_timeout=5.0)
+    _, registry, sink = await one_shot(source)
+    assert sink.records == []
+    assert value(registry, "flows_source_responses_total", status_class="error") == 1
+
+
+async def test_a_sync_that_finishes_at_once_leaves_no_resume_file(nursery, tmp_path):
+    resume = tmp_path / "done.json"  # real clock: threads
+    url, _ = await scripted(nursery, [])
+    source = PerSymbol(base_url=url, symbols=["A", "B"], once=True, resume=resume)
+    result, _, sink = await one_shot(source)
+    assert result.clean
+    assert len(sink.records) == 2
+    assert not resume.exists()
+
+
+async def test_a_local_limiter_still_exports_the_budget_series(nursery, autojump_clock):
+    url, _ = await scripted(nursery, [])
+    _, registry, _ = await one_shot(Probe(base_url=url, once=True))
+    assert value(registry, "flows_source_budget_wait_seconds_count") == 0
+
+
+def test_a_rate_budget_given_to_the_source_is_kept_and_used():
+    source = Probe(rate_budget="redis://127.0.0.1:1/0")
+    assert isinstance(source.rate_budget, RateBudget)
+    assert source.rate_budget.url == "redis://127.0.0.1:1/0"
+    before = source.limiter
+    source.setup(RunContext(flow="core"))
+    assert source.limiter is not before  # the shared limiter on that budget
+    assert source.limiter.declared == before.declared
+
+
+def test_a_budget_from_the_run_is_used_when_the_source_has_none():
+    source = Probe()
+    before = source.limiter
+    source.setup(RunContext(flow="core"))
+    assert source.limiter is before
+    source.setup(RunContext(flow="core", rate_budget="redis://127.0.0.1:1/0"))
+    assert source.limiter is not before
+
+
+def test_a_scheduled_source_is_stale_after_a_minute_at_least():
+    assert Probe(schedule="adaptive", max_staleness=10.0).stale_after == 60.0
+    assert Probe(schedule="adaptive", max_staleness=100.0).stale_after == 150.0
+
+
+async def test_a_scheduled_source_polls(nursery, autojump_clock):
+    url, _asked = await scripted(nursery, [])
+    source = Probe(base_url=url, schedule="adaptive", max_staleness=5.0)
+    sink = ListSink()
+    rt = Runtime(Flow("core", sources=[source], sinks=[sink]), registry=CollectorRegistry(),
+                 metrics_addr=None)
+    async with trio.open_nursery() as inner:
+        await inner.start(rt.run)
+        with trio.fail_after(100):
+            while len(sink.records) < 2:
+                await trio.sleep(0.1)
+        rt.stop()
+    assert {r.symbol for r in sink.records} == {"A"}
+
+
+@pytest.mark.parametrize("header", ["Authorization", "Proxy-Authorization"])
+def test_an_authorization_header_is_learned_as_a_secret(header):
+    token = f"tok-{uuid.uuid4().hex}"  # new each run: nothing learned it before
+    Probe(headers={header: f"Bearer {token}"})
+    assert token not in redact(f"later the token {token} shows up alone")
+
+
+async def test_a_source_on_an_unreachable_budget_says_it_runs_on_its_share(nursery):
+    with trio.socket.socket() as s:  # a port nobody listens on: Redis is away
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, _ = await scripted(nursery, [])  # real clock: Redis calls run in threads
+    source = Probe(base_url=url, once=True, rate_budget=f"redis://127.0.0.1:{port}/0")
+    _result, registry, sink = await one_shot(source)
+    assert len(sink.records) == 1
+    assert value(registry, "flows_source_budget_fallback") == 1
+
+
+async def test_concurrency_above_the_http_clients_default_pool_is_honoured(nursery, autojump_clock):
+    in_flight, peak = 0, 0
+
+    async def slow(stream):  # holds every request a second, counting those held at once
+        nonlocal in_flight, peak
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await trio.sleep(1.0)
+        in_flight -= 1
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                              b"connection: close\r\ncontent-length: 2\r\n\r\n{}")
+        await stream.aclose()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, slow, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    symbols = [f"S{i}" for i in range(110)]  # httpx allows 100 connections unless told
+    _, _, sink = await one_shot(PerSymbol(base_url=url, symbols=symbols, once=True,
+                                          concurrency=110))
+    assert len(sink.records) == 110
+    assert peak == 110

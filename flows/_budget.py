@@ -140,6 +140,15 @@ class RateBudget:
         return value if isinstance(value, RateBudget) else cls(url=value)
 
 
+# Lua: the time, ARGV "" meaning the server's own clock (tests pass explicit times).
+_CLOCK = """
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
 # KEYS: state hash, members zset (last contact), usage hash, pace hash
 # (demand and own pace of each member), busy zset (last slot asked for).
 # ARGV: now ('' = server TIME), member, processes, member_ttl, weight, count,
@@ -147,12 +156,7 @@ class RateBudget:
 # Returns: {wait seconds, pause (server time), pause_by, members, seconds to the
 # pause, this member's part, '1' when nothing was reserved (ask again after
 # the wait) else '0'} as strings.
-_ACQUIRE = """
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+_ACQUIRE = _CLOCK + """
 local function num(v) return tonumber(v) or 0 end
 local function f6(x) return string.format('%.6f', x) end
 local now = clock(ARGV[1])
@@ -233,12 +237,7 @@ return {f6(start - now), f6(pause), redis.call('HGET', KEYS[1], 'pause_by') or '
 """
 
 # KEYS: state hash. ARGV: now, seconds, member. Returns the pause (server time).
-_PAUSE = """
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+_PAUSE = _CLOCK + """
 local now = clock(ARGV[1])
 local untl = now + tonumber(ARGV[2])
 local pause = tonumber(redis.call('HGET', KEYS[1], 'pause')) or 0
@@ -255,12 +254,7 @@ return string.format('%.6f', pause)
 # KEYS: state hash, usage hash. ARGV: now, used, limit, seconds to the
 # window's end, field, window, member. Returns {paused '1'/'0', ours}: ours
 # is what the sharing processes reserved in the last 11 tenths of window.
-_USAGE = """
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+_USAGE = _CLOCK + """
 local now = clock(ARGV[1])
 local used, limit, rest = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local window = tonumber(ARGV[6])
@@ -285,12 +279,7 @@ return {'0', tostring(ours)}
 # member_ttl ('': leave), demand ('': not busy; else busy with this demand).
 # Returns {pause (server time), pause_by, seconds to it, members}. Members
 # that left are dropped by the acquire script (with their pace).
-_HEARTBEAT = """
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+_HEARTBEAT = _CLOCK + """
 local now = clock(ARGV[1])
 if ARGV[3] == '' then
   redis.call('ZREM', KEYS[2], ARGV[2])

@@ -385,21 +385,8 @@ class BinanceStream(WebSocketSource):
         return out
 
     def parse_into(self, message: str | bytes, out: StreamParsed) -> None:
-        try:
-            envelope = self._decode(message)
-        except msgspec.ValidationError:
-            if _is_shutdown(message):  # {"stream": ..., "data": {"e": "serverShutdown"}}
-                self._shutdown(out)
-                return
-            raise
-        d = envelope.data
+        d = self._data(self._decode, message, out)
         if d is None:
-            if envelope.error is not None:
-                _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
-                                    envelope.id, envelope.error.msg, envelope.error.code)
-            elif envelope.e == _SHUTDOWN or (
-                    isinstance(envelope.event, dict) and envelope.event.get("e") == _SHUTDOWN):
-                self._shutdown(out)
             return
         if isinstance(d, BinanceBookTicker):
             bid, ask = parse_price(d.b), parse_price(d.a)
@@ -414,6 +401,26 @@ class BinanceStream(WebSocketSource):
         else:
             out.ticks.append(Tick(self.name, d.s, parse_price(d.c), d.E / 1000,
                                   volume=parse_optional_float(d.v)))
+
+    def _data(self, decode: Any, message: str | bytes, out: StreamParsed) -> Any:
+        """The ``data`` of a combined-stream message, or None after handling
+        a message without one (a refused request, a ``serverShutdown`` in any
+        of its forms: bare, in ``data``, or as a websocket-API ``event``)."""
+        try:
+            envelope = decode(message)
+        except msgspec.ValidationError:
+            if _is_shutdown(message):  # {"stream": ..., "data": {"e": "serverShutdown"}}
+                self._shutdown(out)
+                return None
+            raise
+        if envelope.data is None:
+            if envelope.error is not None:
+                _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
+                                    envelope.id, envelope.error.msg, envelope.error.code)
+            elif envelope.e == _SHUTDOWN or (
+                    isinstance(envelope.event, dict) and envelope.event.get("e") == _SHUTDOWN):
+                self._shutdown(out)
+        return envelope.data
 
     def _shutdown(self, out: StreamParsed) -> None:
         """Binance announced that the server goes down: replace the connection now."""
@@ -498,21 +505,8 @@ class BinanceTrades(BinanceStream):
         self._decode_trade = msgspec.json.Decoder(BinanceCombined[BinanceTradeEvent]).decode
 
     def parse_into(self, message: str | bytes, out: StreamParsed) -> None:
-        try:
-            envelope = self._decode_trade(message)
-        except msgspec.ValidationError:
-            if _is_shutdown(message):
-                self._shutdown(out)
-                return
-            raise
-        d = envelope.data
+        d = self._data(self._decode_trade, message, out)
         if d is None:
-            if envelope.error is not None:
-                _stream_log.warning("source %s: request %s refused: %s (code %d)", self.name,
-                                    envelope.id, envelope.error.msg, envelope.error.code)
-            elif envelope.e == _SHUTDOWN or (
-                    isinstance(envelope.event, dict) and envelope.event.get("e") == _SHUTDOWN):
-                self._shutdown(out)
             return
         text, number = trade_id(d.t)
         side = None if d.m is None else "sell" if d.m else "buy"

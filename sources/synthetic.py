@@ -29,6 +29,8 @@ import math
 import random
 import string
 import time
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -124,22 +126,7 @@ class SyntheticMarket:
         return out
 
     async def run(self, outbox: Outbox) -> None:
-        metrics = outbox.metrics
-        deadline = trio.current_time()
-        while self.limit is None or self.emitted < self.limit:
-            cycle_start = time.perf_counter()
-            with metrics.timed_batch():
-                records = self.tick()
-                if self.limit is not None:
-                    records = records[: self.limit - self.emitted]
-            for i in range(0, len(records), self.batch_size):
-                chunk = records[i : i + self.batch_size]
-                await outbox.send(Batch(chunk))
-                self.emitted += len(chunk)
-            metrics.observe_poll_cycle(time.perf_counter() - cycle_start)
-            if self.interval:
-                deadline = max(deadline + self.interval, trio.current_time())
-                await trio.sleep_until(deadline)
+        await _emit(self, self.tick, outbox)
 
 
 @attrs.define(kw_only=True)
@@ -201,19 +188,28 @@ class SyntheticTrades:
         return out
 
     async def run(self, outbox: Outbox) -> None:
-        metrics = outbox.metrics
-        deadline = trio.current_time()
-        while self.limit is None or self.emitted < self.limit:
-            with metrics.timed_batch():
-                records = self.trades()
-                if self.limit is not None:
-                    records = records[: self.limit - self.emitted]
-            for i in range(0, len(records), self.batch_size):
-                chunk = records[i : i + self.batch_size]
-                await outbox.send(Batch(chunk))
-                self.emitted += len(chunk)
-            if self.interval:
-                deadline = max(deadline + self.interval, trio.current_time())
-                await trio.sleep_until(deadline)
-            else:
-                await trio.lowlevel.checkpoint()
+        await _emit(self, self.trades, outbox)
+
+
+async def _emit(source: Any, make: Callable[[], list[Any]], outbox: Outbox) -> None:
+    """Send what ``make()`` returns every ``source.interval`` seconds (0: as
+    fast as the flow takes it), in batches of ``source.batch_size``, until
+    ``source.limit`` records went out (None: for ever)."""
+    metrics = outbox.metrics
+    deadline = trio.current_time()
+    while source.limit is None or source.emitted < source.limit:
+        cycle_start = time.perf_counter()
+        with metrics.timed_batch():
+            records = make()
+            if source.limit is not None:
+                records = records[: source.limit - source.emitted]
+        for i in range(0, len(records), source.batch_size):
+            chunk = records[i : i + source.batch_size]
+            await outbox.send(Batch(chunk))
+            source.emitted += len(chunk)
+        metrics.observe_poll_cycle(time.perf_counter() - cycle_start)
+        if source.interval:
+            deadline = max(deadline + source.interval, trio.current_time())
+            await trio.sleep_until(deadline)
+        elif not records:
+            await trio.lowlevel.checkpoint()  # nothing sent: let the others run

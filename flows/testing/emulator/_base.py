@@ -4,6 +4,8 @@ answer, and its own shapes for refusals and server errors."""
 from __future__ import annotations
 
 import datetime as dt
+import math
+from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -13,7 +15,7 @@ from ._faults import Field
 from ._limits import RateLimit, Verdict
 from ._market import Asset, Market, Quote
 
-__all__ = ["ExchangeAPI", "Reply", "Request", "fixed", "iso_z", "plain"]
+__all__ = ["ExchangeAPI", "Reply", "Request", "as_numbers", "fixed", "iso_z", "plain"]
 
 
 @attrs.define
@@ -61,6 +63,23 @@ def plain(value: Decimal) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text or "0"
+
+
+def as_numbers(record: dict[str, Any], keys: Collection[str] | None = None,
+               ints: Collection[str] = ()) -> dict[str, Any]:
+    """``record`` with its numeric strings (those of ``keys``; None: all) as
+    JSON numbers, ``ints`` as integers: an exchange that sends numbers where
+    its documentation says strings."""
+    out = dict(record)
+    for key, value in record.items():
+        if isinstance(value, str) and (keys is None or key in keys):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                out[key] = int(value) if key in ints else number
+    return out
 
 
 def iso_z(epoch: float) -> str:

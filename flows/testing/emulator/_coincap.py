@@ -23,11 +23,10 @@ minute (fixed windows); over it 429 ``{"error": "rate limit exceeded",
 
 from __future__ import annotations
 
-import math
 from decimal import Decimal, localcontext
 from typing import Any
 
-from ._base import ExchangeAPI, Reply, Request, fixed
+from ._base import ExchangeAPI, Reply, Request, as_numbers, fixed
 from ._faults import Field
 from ._limits import RateLimit, Verdict, WindowLimit
 from ._market import Asset, Market, Quote
@@ -52,21 +51,8 @@ _EXPLORER = {
     "XRP": "https://xrpcharts.ripple.com/#/graph/",
 }
 _PLACES = Decimal("1E-16")
-
-
-def _numbers(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with its price and volume strings as JSON numbers."""
-    out = dict(record)
-    for key in ("priceUsd", "volumeUsd24Hr", "marketCapUsd", "supply", "vwap24Hr"):
-        value = out.get(key)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                continue
-            if math.isfinite(number):
-                out[key] = number
-    return out
+_NUMERIC_KEYS = ("priceUsd", "volumeUsd24Hr", "marketCapUsd", "supply", "vwap24Hr")
+"""The fields a ``string_numbers`` fault sends as JSON numbers."""
 
 
 class CoinCap(ExchangeAPI):
@@ -195,9 +181,10 @@ class CoinCap(ExchangeAPI):
             return None
         data = body.get("data")
         if isinstance(data, dict):
-            return {**body, "data": _numbers(data)}
+            return {**body, "data": as_numbers(data, _NUMERIC_KEYS)}
         if isinstance(data, list):
-            return {**body, "data": [_numbers(r) if isinstance(r, dict) else r for r in data]}
+            return {**body, "data": [as_numbers(r, _NUMERIC_KEYS) if isinstance(r, dict) else r
+                                     for r in data]}
         return None
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:

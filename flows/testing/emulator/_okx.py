@@ -21,11 +21,10 @@ windows); over it 429 ``{"msg": "Too Many Requests", "code": "50011"}``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._base import ExchangeAPI, Reply, Request, plain
+from ._base import ExchangeAPI, Reply, Request, as_numbers, plain
 from ._faults import Field
 from ._limits import RateLimit, Verdict, WindowLimit
 from ._market import Quote
@@ -41,20 +40,6 @@ def _envelope(
 ) -> dict[str, object]:
     return {"code": code, "msg": msg, "data": [] if data is None else list(data)}
 
-
-def _numbers(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with its numeric strings as JSON numbers (``ts`` an integer)."""
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        out[key] = value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                continue
-            if math.isfinite(number):
-                out[key] = int(value) if key == "ts" else number
-    return out
 
 
 class OKX(ExchangeAPI):
@@ -123,7 +108,7 @@ class OKX(ExchangeAPI):
     def retyped(self, body: Any) -> Any | None:
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             return None
-        data = [_numbers(r) if isinstance(r, dict) else r for r in body["data"]]
+        data = [as_numbers(r, ints=("ts",)) if isinstance(r, dict) else r for r in body["data"]]
         return {**body, "data": data}
 
     def refused(self, verdict: Verdict, limit: RateLimit | None) -> Reply:

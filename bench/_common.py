@@ -1,7 +1,12 @@
-"""What the benchmarks share: synthetic input and a source that only sends it."""
+"""What the benchmarks share: synthetic input, a source that only sends it,
+and the exchange emulator as a process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from flows import Batch, Outbox
@@ -35,3 +40,29 @@ class PregenSource:
         send = outbox.send
         for records in self.batches:
             await send(Batch(records))
+
+
+def start_emulator(options: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """``python -m flows.testing.emulator`` on 127.0.0.1, a free port, with
+    ``options``: (the process, its base URL)."""
+    cmd = [sys.executable, "-m", "flows.testing.emulator", "--host", "127.0.0.1", "--port", "0",
+           *options]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http"):
+        stop_process(proc)
+        raise RuntimeError(f"the emulator did not start (said {url!r})")
+    return proc, url
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """Terminate ``proc``, killing it if it has not ended after 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

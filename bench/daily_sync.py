@@ -50,6 +50,9 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import start_emulator, stop_process
+
 EXAMPLE = ROOT / "examples" / "systems" / "fmp_daily_sync.py"
 PLAN_PER_MINUTE = 750.0
 SEED = {"requests": 11_360, "minutes": 18.3}
@@ -60,17 +63,9 @@ class Emulator:
     """``python -m flows.testing.emulator`` with the stock universe and the scaled FMP limit."""
 
     def __init__(self, stocks: int, per_minute: float) -> None:
-        cmd = [sys.executable, "-m", "flows.testing.emulator", "--host", "127.0.0.1", "--port", "0",
-               "--assets", "5", "--stocks", str(stocks),
-               "--rate-limit", f"fmp=limit={int(per_minute)},window=60"]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=env)
-        assert self.proc.stdout is not None
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http"):
-            self.stop()
-            raise RuntimeError(f"the emulator did not start (said {self.url!r})")
+        self.proc, self.url = start_emulator([
+            "--assets", "5", "--stocks", str(stocks),
+            "--rate-limit", f"fmp=limit={int(per_minute)},window=60"])
         self.control = httpx.Client(base_url=self.url, timeout=30.0)
 
     def reset(self) -> None:
@@ -83,9 +78,7 @@ class Emulator:
         return made, sum(stats[e]["refused"] for e in FMP_ENDPOINTS)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_process(self.proc)
         if hasattr(self, "control"):
             self.control.close()
 

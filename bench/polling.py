@@ -108,6 +108,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attrs
 import httpx
 import trio
+from _common import start_emulator, stop_process
 from prometheus_client import CollectorRegistry
 
 from flows import Flow, Inbox, RateLimit, Runtime, Shard
@@ -133,20 +134,11 @@ class EmulatorProcess:
         weight = round(WEIGHT * args.rate * args.window)
         self.latency = {"dist": "lognormal", "ms": args.latency_ms, "sigma": 0.5}
         self.limit_spec = f"limit={weight},window={args.window:g},ban_after=1000000000"
-        cmd = [
-            sys.executable, "-m", "flows.testing.emulator", "--host", "127.0.0.1",
-            "--port", "0", "--seed", str(SEED), "--assets", str(args.symbols),
+        self.proc, self.url = start_emulator([
+            "--seed", str(SEED), "--assets", str(args.symbols),
             "--tick-interval", "1", "--rate-limit", f"binance={self.limit_spec}",
             "--latency-dist", "lognormal", "--latency-ms", str(args.latency_ms),
-        ]
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=env)
-        assert self.proc.stdout is not None
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http"):
-            self.stop()
-            raise RuntimeError(f"the emulator did not start (said {self.url!r})")
+        ])
         self.control = httpx.Client(base_url=self.url, timeout=10.0)
 
     def reset(self, faults: dict[str, Any] | None = None) -> None:
@@ -169,13 +161,7 @@ class EmulatorProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if hasattr(self, "control"):
             self.control.close()
 

@@ -174,17 +174,24 @@ async def test_a_forced_stop_counts_and_fails_what_a_conflate_edge_holds(registr
 # -- drop policies ---------------------------------------------------------------
 
 
+class Recording(GatedSink):
+    """A gated sink that notes the prices of each batch it takes in ``seen``."""
+
+    def __init__(self, seen: list[list[float]], *, name: str) -> None:
+        super().__init__(name=name)
+        self.seen = seen
+
+    async def run(self, inbox):
+        await self.gate.wait()
+        async for batch in inbox:
+            self.seen.append([r.price for r in batch.records])
+            batch.ack("written")
+
+
 async def three_batches_into_a_stalled_edge(registry, policy: str) -> tuple[ScriptSource, list]:
     seen: list[list[float]] = []
 
-    class Recording(GatedSink):
-        async def run(self, inbox):
-            await self.gate.wait()
-            async for batch in inbox:
-                seen.append([r.price for r in batch.records])
-                batch.ack("written")
-
-    sink = Recording(name="sink")
+    sink = Recording(seen, name="sink")
 
     async def script(src, outbox):
         await src.send(outbox, "a", [tick("A", 1.0)])
@@ -223,14 +230,7 @@ async def test_drop_oldest_keeps_the_newest_batch(registry):
 async def test_drop_oldest_on_a_fan_out_edge(registry):
     seen: list[list[float]] = []
 
-    class Recording(GatedSink):
-        async def run(self, inbox):
-            await self.gate.wait()
-            async for batch in inbox:
-                seen.append([r.price for r in batch.records])
-                batch.ack("written")
-
-    stalled, other = Recording(name="stalled"), BatchSink(name="other")
+    stalled, other = Recording(seen, name="stalled"), BatchSink(name="other")
 
     async def script(src, outbox):
         for i in range(3):

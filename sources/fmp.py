@@ -436,6 +436,7 @@ class _PerSymbolSync(_FMPSource):
         self.refreshed: dict[str, float] = {}
         self.skipped = 0
         self._unsaved = 0
+        self._save_due = trio.Event()
 
     def setup(self, context: Any) -> None:
         super().setup(context)
@@ -470,10 +471,20 @@ class _PerSymbolSync(_FMPSource):
                         self.name, self.state, exc)
             return {}
 
-    def _save_state(self) -> None:
+    async def _save_state(self) -> None:
+        """Write the state file: encoded on trio's thread (the dict changes
+        there), written in a worker thread."""
         if self.state is not None:
-            write_atomic(self.state, msgspec.json.encode(self.refreshed))
+            data = msgspec.json.encode(self.refreshed)
             self._unsaved = 0
+            await trio.to_thread.run_sync(write_atomic, self.state, data)
+
+    async def _save_when_due(self) -> None:
+        """Save the state each time ``_fetched`` says a checkpoint is due."""
+        while True:
+            await self._save_due.wait()
+            self._save_due = trio.Event()
+            await self._save_state()
 
     def plan(self, symbols: list[str]) -> list[Request]:
         return [self._request(self.ENDPOINT, {"symbol": s}, (s,)) for s in symbols]
@@ -483,16 +494,19 @@ class _PerSymbolSync(_FMPSource):
         self.refreshed[symbol] = time.time()
         self._unsaved += 1
         if self._unsaved >= self.checkpoint_every:
-            self._save_state()
+            self._save_due.set()
 
     async def run(self, outbox: Any) -> None:
         outbox.metrics.register(SKIPPED)
         outbox.metrics.labeled(SKIPPED).inc(self.skipped)
         try:
-            await super().run(outbox)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._save_when_due)
+                await super().run(outbox)
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._save_state)
+                await self._save_state()
             log.info("source %s: %d requests made, %d saved by the staleness filter",
                      self.name, self.requests_made, self.skipped)
 

@@ -41,7 +41,9 @@ How it works (``SharedRateLimiter``, a drop-in for ``RateLimiter``):
 - Fallback: when Redis does not answer (an error, or ``timeout``), the
   process switches to a local share (``LocalShare``: ``1 / processes`` of
   each limit, evenly spaced), reports ``degraded`` on /readyz and keeps
-  probing; once Redis answers again it rejoins the shared budget. It
+  probing; once Redis answers again and the requests it queued on the
+  local share have gone, it rejoins the shared budget (joining earlier
+  would hand its part to the others while those still go out). It
   starts on the local share only once the others reserve its part for it
   (``3 * probe_every`` after Redis last answered it).
 
@@ -275,13 +277,16 @@ end
 return {'0', tostring(ours)}
 """
 
-# KEYS: state hash, members zset, pace hash, busy zset. ARGV: now, member,
-# member_ttl ('': leave), demand ('': not busy; else busy with this demand).
+# KEYS: state hash, members zset, pace hash, busy zset. ARGV: now, member
+# ('': a probe), member_ttl ('': leave), demand ('': not busy; else busy with
+# this demand).
 # Returns {pause (server time), pause_by, seconds to it, members}. Members
 # that left are dropped by the acquire script (with their pace).
 _HEARTBEAT = _CLOCK + """
 local now = clock(ARGV[1])
-if ARGV[3] == '' then
+if ARGV[2] == '' then
+  -- a probe: membership untouched
+elseif ARGV[3] == '' then
   redis.call('ZREM', KEYS[2], ARGV[2])
   redis.call('ZREM', KEYS[4], ARGV[2])
 else
@@ -356,8 +361,9 @@ class BudgetScripts:
 
     def heartbeat(self, member: str, member_ttl: float | None, *, busy: float | None = None,
                   now: float | None = None) -> tuple[float, str, float, int]:
-        """(pause, paused by, seconds to it, members); ``member_ttl`` None:
-        leave; ``busy``: the member's demand, when it is busy."""
+        """(pause, paused by, seconds to it, members); ``member`` "": a probe
+        that joins nothing; ``member_ttl`` None: leave; ``busy``: the
+        member's demand, when it is busy."""
         ttl = "" if member_ttl is None else repr(member_ttl)
         demand = "" if busy is None else repr(float(busy))
         pause, by, rest, members = self._heartbeat(
@@ -572,7 +578,12 @@ class SharedRateLimiter:
 
     async def _heartbeats(self) -> None:
         while True:
-            beat = await self._call("heartbeat", self.member, self.budget.member_ttl,
+            # back from the fallback, it probes without joining until its
+            # local queue is sent (joining hands its part to the others)
+            if self._rejoining and not self._local_waiters:
+                self._rejoining = trio.current_time() < self.fallback.next_free()
+            member = "" if self.degraded is not None or self._rejoining else self.member
+            beat = await self._call("heartbeat", member, self.budget.member_ttl,
                                     busy=self._busy())
             if beat is not None:
                 pause, by, rest, _ = beat

@@ -20,7 +20,7 @@ from flows import Flow, RateBudget, RateLimit
 from flows._budget import BudgetScripts, SharedRateLimiter, with_budget
 from flows._limits import RateLimiter
 from flows._shard import Shard
-from flows.testing import ListSink, sample
+from flows.testing import ListSink, sample, wait_until
 from flows.testing.emulator import Emulator
 from flows.testing.redis import RedisServer, free_port, redis_server_path
 from sources.binance import BinanceTickers
@@ -232,3 +232,30 @@ async def test_an_http_source_reports_degraded_while_its_budget_is_away(nursery)
     assert any(r and r.startswith("degraded: source binance: rate budget") for r in reasons)
     assert sample(registry, "flows_source_budget_fallback", "f", source.name) == 1
     assert source.limiter.fallback.limits[0].limit == pytest.approx(1200 * 0.98)
+
+
+async def test_a_process_back_from_its_local_share_joins_only_once_its_local_queue_is_sent():
+    """Joining the members hands this process's part to the shared budget:
+    while requests it queued on its local share are still to go, the
+    others would use that part too, and the sum would pass the limit."""
+    port = free_port()
+    budget = RateBudget(url=f"redis://127.0.0.1:{port}/0", processes=2, timeout=0.2,
+                        probe_every=0.05, member_ttl=1.0)
+    limiter = SharedRateLimiter(budget, [RateLimit(4, 1.0)], key="k", processes=2, name="src")
+    snapshots: list[tuple[int, int]] = []  # (members in Redis, requests queued locally)
+    async with limiter.running(), trio.open_nursery() as nursery:
+        await wait_until(lambda: limiter.health() is not None, 10)  # Redis is not there yet
+        for _ in range(6):  # half a second apart on the local share
+            nursery.start_soon(limiter.acquire)
+        await wait_until(lambda: limiter._local_waiters == 6, 10)
+        with RedisServer(port=port) as server:
+            client = redis.Redis.from_url(server.url)
+            key = "{flows:budget:k}:members"
+            with trio.fail_after(10):
+                while not snapshots or snapshots[-1][0] == 0:
+                    members = client.zcard(key)  # then the queue, with nothing in between
+                    snapshots.append((members, limiter._local_waiters))
+                    await trio.sleep(0.01)
+            client.close()
+    assert [waiting for members, waiting in snapshots if members] == [0]
+    assert any(waiting for _, waiting in snapshots)  # Redis answered while some were queued

@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -100,7 +101,8 @@ class RateBudget:
     Parameters:
         url: the Redis server, ``redis://[:password@]host:port/db``.
         key: the budget's name; processes with the same key share it
-            (default: the API's host, e.g. ``api.binance.com``).
+            (default: the API's host and the source's limits, e.g.
+            ``api.binance.com|6000/60s``).
         processes: how many processes share it; each one's fallback is
             ``1 / processes`` of the limit (default: N of ``--shard k/N``,
             else 1).
@@ -179,7 +181,12 @@ if #gone > 0 then
   end
   redis.call('HDEL', KEYS[4], unpack(drop))
 end
-local members = redis.call('ZCARD', KEYS[2])
+-- a member is one source; n counts processes (member ids are host:pid:tag)
+local procs, members = {}, 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local proc = string.match(m, '^(.+):[^:]*$') or m
+  if not procs[proc] then procs[proc] = true; members = members + 1 end
+end
 local share = math.min(1, members / n)
 -- this member's part, by demand, among the members that hold one: those
 -- busy (a slot asked for within idle) and those not heard from lately
@@ -377,7 +384,8 @@ def _now(now: float | None) -> str:
 
 
 def _field(limit: RateLimit) -> str:
-    return f"tat:{limit.window:g}s"
+    """One limit's entry: sources whose limits differ never share a slot sequence."""
+    return f"tat:{limit.limit:g}/{limit.window:g}s"
 
 
 def _text(value: Any) -> str:
@@ -419,6 +427,19 @@ class LocalShare:
         return sum(w for t, w in self._sent if t > since)
 
 
+_LOCAL_SHARES: weakref.WeakValueDictionary[Any, LocalShare] = weakref.WeakValueDictionary()
+
+
+def _local_share(key: Any, limits: Sequence[RateLimit]) -> LocalShare:
+    """The process's one local share of a budget: its sources on the same
+    budget and limits take turns in it, so together they stay within
+    ``1 / processes`` while Redis is away."""
+    share = _LOCAL_SHARES.get(key)
+    if share is None:
+        share = _LOCAL_SHARES[key] = LocalShare(limits)
+    return share
+
+
 class SharedRateLimiter:
     """``RateLimiter``'s interface (``acquire``, ``pause_until``,
     ``observe_usage``, ``limits``, ``declared``) over a ``RateBudget``.
@@ -441,7 +462,8 @@ class SharedRateLimiter:
         self.member = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.declared = tuple(limits)
         self.limits = tuple(RateLimit(lim.limit * share, lim.window) for lim in limits)
-        self.fallback = LocalShare(
+        self.fallback = _local_share(
+            (budget.url, self.key, self.processes, self.declared),
             [RateLimit(lim.limit * share / self.processes, lim.window) for lim in self.declared])
         self._local_waiters = 0  # requests waiting on the fallback
         self._drained = trio.Event()  # set when the last of them went
@@ -707,12 +729,14 @@ def with_budget(limiter: Any, budget: str | RateBudget | None, shard: Any, *, ba
                 name: str, demand: float = 1.0) -> Any:
     """The limiter an HTTP source runs with: ``limiter`` itself without a
     budget, else a ``SharedRateLimiter`` on ``budget`` under the same limits,
-    keyed by the API's host, whose fallback is ``1 / N`` (N of ``shard``),
+    keyed by the API's host and the limits (sources on one host whose limits
+    differ have budgets of their own), whose fallback is ``1 / N`` (N of ``shard``),
     sharing in proportion to ``demand`` (the source's symbols)."""
     if budget is None or isinstance(limiter, SharedRateLimiter):
         return limiter
     budget = RateBudget.of(budget)
-    key = urlsplit(base_url).netloc or base_url or name
+    host = urlsplit(base_url).netloc or base_url or name
+    key = host + "|" + ",".join(f"{lim.limit:g}/{lim.window:g}s" for lim in limiter.declared)
     processes = shard.count if shard is not None else 1
     return SharedRateLimiter(budget, limiter.declared, key=key, processes=processes,
                              demand=demand, name=name)

@@ -157,7 +157,7 @@ def test_with_budget_keeps_the_local_limiter_unless_a_budget_is_named():
     shared = with_budget(local, "redis://127.0.0.1:6379/0", Shard(1, 3),
                          base_url="https://api.binance.com", name="b")
     assert isinstance(shared, SharedRateLimiter)
-    assert shared.key == "api.binance.com" and shared.processes == 3
+    assert shared.key == "api.binance.com|6000/60s" and shared.processes == 3
     assert shared.fallback.limits[0].limit == pytest.approx(6000 / 3 * 0.98)
     assert with_budget(shared, "redis://x/0", None, base_url="", name="b") is shared
 
@@ -198,7 +198,7 @@ async def test_an_http_source_named_a_budget_takes_its_slots_from_redis(server, 
     sink = ListSink()
     registry = CollectorRegistry()
     client = redis.Redis.from_url(server.url)
-    key = "{flows:budget:" + url.removeprefix("http://") + "}:members"
+    key = "{flows:budget:" + url.removeprefix("http://") + "|2400/60s}:members"
     seen = []
 
     def done() -> bool:
@@ -259,3 +259,41 @@ async def test_a_process_back_from_its_local_share_joins_only_once_its_local_que
             client.close()
     assert [waiting for members, waiting in snapshots if members] == [0]
     assert any(waiting for _, waiting in snapshots)  # Redis answered while some were queued
+
+
+def test_sources_with_different_limits_on_one_host_do_not_hold_each_other_up(scripts):
+    """FMP's once-a-minute bulk call and its 375-a-minute per-symbol calls
+    (or, on the emulator, every exchange) are on one host: a slot of the
+    first must not push the second's next slot a minute away."""
+    assert scripts.acquire("eod", 1, [RateLimit(1, 60.0)], now=T0).wait == 0
+    slot = scripts.acquire("dividends", 1, [RateLimit(375, 60.0)], now=T0 + 0.01)
+    assert slot.wait == pytest.approx(0, abs=1e-6)
+
+
+def test_the_default_key_keeps_apart_sources_whose_limits_differ():
+    budget = "redis://127.0.0.1:6379/0"
+    eod, dividends, profiles = (
+        with_budget(RateLimiter(limits), budget, None, base_url="https://fmp.example", name=n)
+        for n, limits in (("eod", [RateLimit(1, 60.0)]), ("dividends", [RateLimit(375, 60.0)]),
+                          ("profiles", [RateLimit(375, 60.0)])))
+    assert eod.key != dividends.key
+    assert dividends.key == profiles.key and dividends.key.startswith("fmp.example")
+
+
+def test_two_sources_of_one_process_count_as_one_process(scripts):
+    """Members are sources; the share of the limit the members may use
+    counts processes, else one process away on its local share leaves the
+    others using the whole limit on top of it."""
+    limits = [RateLimit(30, 1.0)]
+    for member in ("host:1:b", "host:2:a"):
+        scripts.heartbeat(member, 3.0, now=T0)
+    starts = reserve(scripts, "host:1:a", 3, limits, processes=3)
+    # two processes of three seen: 2/3 of 30/s, one slot every 0.05 s
+    assert starts[2] - starts[1] == pytest.approx(0.05, abs=1e-5)
+
+
+def test_sources_of_one_process_on_one_budget_share_one_local_share():
+    budget = "redis://127.0.0.1:6379/0"
+    a, b = (with_budget(RateLimiter([RateLimit(300, 60.0)]), budget, Shard(0, 3),
+                        base_url="https://fmp.example", name=n) for n in ("dividends", "profiles"))
+    assert a.fallback is b.fallback  # together 1/3 of the limit while Redis is away

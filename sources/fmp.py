@@ -13,7 +13,8 @@ flows' emulator); every call carries ``apikey=KEY``:
 - ``FMPQuotes``: ``GET /stable/batch-quote?symbols=AAPL,MSFT`` (comma
   separated, ``per_request`` a call): ``[{"symbol": "AAPL", "price": 232.8,
   "volume": 44489128, "timestamp": 1738702801, ...}]``; unknown symbols
-  are left out (``missing``).
+  are left out: counted ``unknown_symbol`` and parked (probed again every
+  ``reprobe_every``), as on every HTTP source.
 - ``FMPDividends``: ``GET /stable/dividends?symbol=AAPL``, one call per
   symbol: ``[{"symbol", "date": "2025-02-10", "dividend": 0.25,
   "adjDividend", "recordDate", "paymentDate", "declarationDate", "yield",
@@ -405,9 +406,8 @@ class FMPQuotes(_FMPSource):
                                       volume=parse_optional_float(q.volume)))
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{q.symbol}: {exc}")
-        missing = len(wanted - {q.symbol for q in quotes})
-        if missing:
-            out.invalid["missing"] = missing
+        seen = {q.symbol for q in quotes}
+        out.unknown = [s for s in request.symbols if s not in seen]  # unknown ones are left out
         return out
 
 

@@ -72,7 +72,26 @@ async def test_quotes_come_in_comma_separated_batches(emulator, autojump_clock):
     assert sorted(t.symbol for t in sink.records) == sorted(symbols[:250])
     assert all(t.price == float(served[t.symbol].price) for t in sink.records)
     assert emulator.stats["fmp"]["batch-quote"]["requests"] == 3
-    assert sample(registry, "flows_records_discarded_total", "q", "fmp", reason="missing") == 1
+    # left out of the answer: unknown to FMP, parked as on every HTTP source
+    assert sample(registry, "flows_records_discarded_total", "q", "fmp",
+                  reason="unknown_symbol") == 1
+    assert source.parked.keys() == {"NOSUCH"}
+
+
+async def test_an_unknown_quote_symbol_is_not_asked_for_again_every_cycle(emulator, autojump_clock):
+    symbols = emulator.symbols("fmp")[:3] + ["NOSUCH"]
+    sink = ListSink()
+    source = FMPQuotes(symbols=symbols, base_url=emulator.url, every=1.0, **fast())
+    flow = Flow("q", sources=[source], sinks=[sink])
+    gaps = ListSink(name="gap_list")
+    flow.gaps().to(gaps)
+    _, registry = await run_briefly(flow, duration=10.5)
+    assert emulator.stats["fmp"]["batch-quote"]["requests"] >= 8
+    # parked once, not counted missing (and asked for) on every cycle
+    assert sample(registry, "flows_records_discarded_total", "q", "fmp",
+                  reason="unknown_symbol") == 1
+    assert not sample(registry, "flows_records_discarded_total", "q", "fmp", reason="missing")
+    assert any(g.reason == "unknown_symbol" and g.symbols == ("NOSUCH",) for g in gaps.records)
 
 
 async def test_dividends_are_one_record_per_ex_date_with_every_field(emulator, autojump_clock):

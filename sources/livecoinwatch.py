@@ -177,7 +177,6 @@ class LiveCoinWatchPrices(HttpSource):
         self.daily_credits, self.credits_every = daily_credits, credits_every
         self.credits_remaining: float = math.nan
         self._credits_due = -math.inf
-        self._missing: set[str] = set()  # codes /coins/map left out, to park
 
     @staticmethod
     def _api_key(name: str, api_key: str | None, env: str) -> tuple[str, str]:
@@ -201,7 +200,6 @@ class LiveCoinWatchPrices(HttpSource):
             requests.append(_post("credits", {}))
         if self.top is not None:
             return requests + [self._list_page(offset) for offset in range(0, self.top, _PAGE)]
-        symbols = self._park_missing(symbols)
         for i in range(0, len(symbols), self.per_request):
             chunk = tuple(symbols[i : i + self.per_request])
             requests.append(self._single(chunk[0]) if len(chunk) == 1 else self._map(chunk))
@@ -262,10 +260,8 @@ class LiveCoinWatchPrices(HttpSource):
                 out.bad("unknown_symbol", f"{coin.code} was not asked for")
                 continue
             self._tick(out, coin.code, coin.rate, coin.volume, now)
-        missing = wanted - {c.code for c in coins}
-        if missing:  # parked when the next cycle is planned (HttpSource unparks what it polled)
-            self._missing |= missing
-            out.invalid["unknown_symbol"] = out.invalid.get("unknown_symbol", 0) + len(missing)
+        seen = {c.code for c in coins}
+        out.unknown = [s for s in request.symbols if s not in seen]  # unknown codes are left out
         return out
 
     def _tick(self, out: Parsed, code: str, rate: Any, volume: Any, now: float) -> None:
@@ -276,21 +272,6 @@ class LiveCoinWatchPrices(HttpSource):
                                   volume=parse_optional_float(volume)))
         except (TypeError, ValueError) as exc:
             out.bad("invalid", f"{code}: {exc}")
-
-    def _park_missing(self, symbols: list[str]) -> list[str]:
-        """``symbols`` less the codes ``/coins/map`` left out (unknown to
-        LiveCoinWatch): those are parked, then probed with ``/coins/single``."""
-        missing, self._missing = self._missing, set()
-        if not missing:
-            return symbols
-        due = trio.current_time() + self.reprobe_every
-        for code in sorted(missing):
-            if code not in self.parked:
-                log.warning("source %s: LiveCoinWatch does not know %s; parked, probed again "
-                            "every %gs", self.name, code, self.reprobe_every,
-                            extra={"stage": self.name, "reason": "unknown_symbol"})
-            self.parked[code] = due
-        return [s for s in symbols if s not in missing]
 
     def _spent(self) -> None:
         if self.metrics is not None:

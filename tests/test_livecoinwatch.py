@@ -69,7 +69,7 @@ async def test_the_request_is_a_post_of_json_with_the_key(nursery, autojump_cloc
     assert all(b"x-api-key: k-123\r\n" in h and b"content-type: application/json" in h
                for h in heads)
     assert [(t.symbol, t.price, t.volume) for t in sink.records] == [("BTC", 67187.33, 1.5e10)]
-    assert source.parked.keys() == set()  # ETH was left out: parked when the next cycle plans
+    assert source.parked.keys() == {"ETH"}  # left out of the answer: unknown, parked
 
 
 async def test_credits_are_shown_and_spent_as_counted_by_the_api(emulator, autojump_clock):
@@ -129,9 +129,20 @@ async def test_unknown_codes_are_parked_then_probed_alone(emulator, autojump_clo
     sink = ListSink()
     source = lcw(emulator, symbols=codes, every=30.0, reprobe_every=120.0)
     registry = CollectorRegistry()
-    await run_until(Flow("park", sources=[source], sinks=[sink]), lambda: source.cycles >= 8,
-                    registry)
+    flow = Flow("park", sources=[source], sinks=[sink])
+    gaps = ListSink(name="gap_list")
+    flow.gaps().to(gaps)
+    parked_gaps = []
+
+    def done() -> bool:
+        if source.cycles == 2 and not parked_gaps:  # parked, not probed yet
+            parked_gaps.append([g.symbols for g in gaps.records if g.reason == "unknown_symbol"])
+        return source.cycles >= 8
+
+    await run_until(flow, done, registry)
     assert "NOPECOIN" in source.parked
+    # the stored data says from when NOPECOIN is missing, as on every HTTP source
+    assert parked_gaps == [[("NOPECOIN",)]]
     stats = emulator.stats["livecoinwatch"]
     # cycle 1 asked for it in /coins/map; from then on only the slow probes ask, alone
     assert stats["coins/single"]["status"] == {"404": stats["coins/single"]["requests"]}

@@ -65,7 +65,7 @@ import httpx
 import msgspec
 import trio
 
-from flows import HttpError, HttpSource, Parsed, RateLimit, Request
+from flows import HttpError, HttpSource, Parsed, RateLimit, Request, RunContext, Shard
 
 __all__ = ["OutcomePrice", "PolymarketPrices"]
 
@@ -201,6 +201,17 @@ class PolymarketPrices(HttpSource):
         self.closed: set[str] = set()  # ids of markets reported closed
         self._discover_due = -math.inf
         self._listed: dict[str, float] = {}  # market id -> when discovery last listed it
+        self._shard: Shard | None = None  # discovering all: keep the markets this shard owns
+
+    def setup(self, context: RunContext) -> None:
+        """``--shard k/N``: chosen markets are sharded as symbols are; when
+        discovering all, each shard keeps the markets (by id) it owns."""
+        everything = self.symbols
+        super().setup(context)
+        if not self.chosen:
+            self.symbols, self._shard = everything, context.shard
+            if hasattr(self.limiter, "demand"):  # a shared budget: every shard does equal work
+                self.limiter.demand = 1.0
 
     # -- requests ------------------------------------------------------------
 
@@ -301,7 +312,7 @@ class PolymarketPrices(HttpSource):
         """Learn the markets' tokens; records for new markets and newly closed ones."""
         out = Parsed()
         for market in markets:
-            if market.id in self.closed:
+            if market.id in self.closed or (self._shard and not self._shard.owns(market.id)):
                 continue
             try:
                 names = _embedded(market.outcomes, "outcomes")

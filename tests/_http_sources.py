@@ -104,10 +104,10 @@ async def routed_http_server(nursery, routes: dict[str, list[tuple[int, bytes]]]
 
 
 async def run_until(flow: Flow, done, registry: CollectorRegistry | None = None,
-                    timeout: float = 600.0) -> Runtime:
+                    timeout: float = 600.0, **options) -> Runtime:
     """Run ``flow`` until ``done()`` holds (checked every 0.5 s, for at most
-    ``timeout`` s of trio's clock), then stop it."""
-    rt = Runtime(flow, registry=registry or CollectorRegistry(), metrics_addr=None)
+    ``timeout`` s of trio's clock), then stop it; ``options`` go to the Runtime."""
+    rt = Runtime(flow, registry=registry or CollectorRegistry(), metrics_addr=None, **options)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         with trio.fail_after(timeout):

@@ -10,7 +10,7 @@ import pytest
 from _http_sources import run_until, scripted_http_server
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, Retry
+from flows import CircuitBreaker, Flow, Retry, Shard, shard_of
 from flows.testing import (
     ListSink,
     ListSource,
@@ -190,3 +190,18 @@ async def test_discovery_by_events_brings_each_events_markets(emulator, autojump
     assert gamma["events"]["requests"] == 1 and gamma["markets"]["requests"] == 0
     assert {r.symbol for r in sink.records} >= {f"{m.id}:{o}" for m in markets
                                                 for o in m.outcomes}
+
+
+async def test_shards_split_the_discovered_markets_between_them(emulator, autojump_clock):
+    """``--shard k/N`` with discovery: each shard prices its own markets
+    (by id), not every shard all of them."""
+    seen = []
+    for k in range(2):
+        sink = ListSink()
+        source = poly(emulator, every=5.0)
+        await run_until(Flow("pm", sources=[source], sinks=[sink]), lambda s=source: s.cycles >= 2,
+                        CollectorRegistry(), shard=Shard(k, 2))
+        seen.append({r.symbol.split(":")[0] for r in sink.records})
+    markets = {m.id for m in open_markets(emulator)}
+    assert seen[0] | seen[1] == markets and not seen[0] & seen[1]
+    assert all(shard_of(m, 2) == k for k, ids in enumerate(seen) for m in ids)

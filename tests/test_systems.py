@@ -147,6 +147,34 @@ async def test_polymarket_bot_caches_moves_of_five_percent_and_resolutions(
     assert by_symbol[f"{live.id}:No"][-1] == (0.0, 1)
 
 
+async def test_polymarket_bot_shares_a_rate_budget_where_redis_is_configured(
+        monkeypatch, tmp_path, nursery):
+    from flows.testing.redis import RedisServer, redis_server_path
+
+    if redis_server_path() is None:
+        pytest.skip("needs redis-server")
+    module = example("polymarket_bot", monkeypatch)
+    emulator = Emulator(seed=9, assets=5, tick_interval=0, prediction_markets=8)
+    url = await nursery.start(emulator.serve)
+    flow = module.build(url, tmp_path, every=0.05)
+    source = flow.sources[0]
+    registry = CollectorRegistry()
+    with RedisServer() as server:
+        rt = Runtime(flow, registry=registry, metrics_addr=None, rate_budget=server.url)
+        async with trio.open_nursery() as inner:
+            await inner.start(rt.run)
+            with trio.fail_after(30):
+                while source.cycles < 5:
+                    await trio.sleep(0.05)
+            assert rt.ready()[0]
+            rt.stop()
+    assert type(source.limiter).__name__ == "SharedRateLimiter"
+    assert sample(registry, "flows_source_budget_wait_seconds_count", "predictions",
+                  "polymarket") >= 5
+    assert sample(registry, "flows_source_budget_fallback", "predictions", "polymarket") == 0
+    assert rows(tmp_path / "predictions.db", "select count(*) from outcome_prices")[0][0] > 0
+
+
 @pytest.fixture(scope="module")
 def pg():
     from flows.testing.postgres import start_postgres

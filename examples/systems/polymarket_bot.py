@@ -18,7 +18,10 @@ Offline, against the emulator (two terminals)::
     python -m flows.run examples/systems/polymarket_bot.py --duration 60
 
 Against the real APIs (no key needed): ``FLOWS_EXCHANGE_URL= python -m
-flows.run examples/systems/polymarket_bot.py``.
+flows.run examples/systems/polymarket_bot.py``. Where Redis is configured,
+add ``--rate-budget redis://127.0.0.1:6379/0``: every process polling
+Polymarket from this host then shares its limit (a 429 pauses them all),
+and ``/readyz`` says ``degraded`` while Redis is away.
 
     polymarket ─┬─[live]───> change (5%, heartbeat = TTL) ─┬─> predictions.db (outcome_prices)
                 └─[closed]───────────────────────────────────┘

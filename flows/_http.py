@@ -52,7 +52,7 @@ from ._gaps import WallClock
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
-from ._records import Batch, screen
+from ._records import AckHook, Batch, screen
 from ._redact import add_secret, redact
 from ._retry import Retry
 from ._schedule import SCHEDULE_METRICS, AdaptiveSchedule, Calendar
@@ -89,12 +89,18 @@ class Parsed:
     failing the request (CoinGecko, CoinCap): the source parks them as it
     parks a symbol a request failed for (an answer that holds none of
     several asked symbols is asked again by halves first).
+
+    ``acks``: hooks the batch of these records carries, each called once
+    with the batch's outcome when the sinks are done with it (at once with
+    ``"skipped"`` when there are no records): a source that remembers what
+    it fetched (a resume point) notes it there, once it is stored.
     """
 
     ticks: list[Any] = attrs.field(factory=list)  # Ticks, Trades, OutcomePrices...
     invalid: dict[str, int] = attrs.field(factory=dict)
     details: list[str] = attrs.field(factory=list)
     unknown: list[str] = attrs.field(factory=list)
+    acks: list[AckHook] = attrs.field(factory=list)
 
     def bad(self, reason: str, detail: str = "") -> None:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
@@ -501,7 +507,10 @@ class HttpSource:
             del self.parked[symbol]
             log.info("source %s: %s answers again; polled as usual", self.name, symbol)
         if ticks:
-            await outbox.send(Batch(ticks))
+            await outbox.send(Batch(ticks, acks=parsed.acks))
+        else:
+            for hook in parsed.acks:
+                hook("skipped")
         if on_done is not None:
             await on_done(request)
 

@@ -45,8 +45,10 @@ Reach . ..."}`` without ``Retry-After``: the source pauses one minute.
 
 Daily syncs (``once=True``) of the per-symbol sources can skip symbols
 refreshed recently: ``state=PATH, max_age=SECONDS`` keeps a JSON file of
-when each symbol was last fetched (written every ``checkpoint_every``
-symbols, and at the end, so a killed sync loses at most that many), drops
+when each symbol was last fetched and stored (a symbol counts once the
+sinks acked its records; written every ``checkpoint_every``
+symbols, and at the end, so a killed sync fetches again at most that
+many it had stored), drops
 the symbols younger than ``max_age`` before the sync starts, and logs at
 the end the calls made and the calls the filter saved
 (``flows_source_skipped_total`` counts those symbols). ``refreshed=``
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import io
 import logging
 import os
@@ -436,6 +439,8 @@ class _PerSymbolSync(_FMPSource):
         self.refreshed: dict[str, float] = {}
         self.skipped = 0
         self._unsaved = 0
+        self._unacked = 0  # symbols fetched whose records no sink has acked yet
+        self._finished = False
         self._save_due = trio.Event()
 
     def setup(self, context: Any) -> None:
@@ -479,6 +484,17 @@ class _PerSymbolSync(_FMPSource):
             self._unsaved = 0
             await trio.to_thread.run_sync(write_atomic, self.state, data)
 
+    def _write_state(self) -> None:
+        """Write the state file now, on this thread (acks after the source ended)."""
+        if self.state is None:
+            return
+        self._unsaved = 0
+        try:
+            write_atomic(self.state, msgspec.json.encode(self.refreshed))
+        except OSError as exc:
+            log.warning("source %s: could not write the state file %s: %s", self.name,
+                        self.state, exc)
+
     async def _save_when_due(self) -> None:
         """Save the state each time ``_fetched`` says a checkpoint is due."""
         while True:
@@ -489,22 +505,37 @@ class _PerSymbolSync(_FMPSource):
     def plan(self, symbols: list[str]) -> list[Request]:
         return [self._request(self.ENDPOINT, {"symbol": s}, (s,)) for s in symbols]
 
-    def _fetched(self, symbol: str) -> None:
-        """``symbol`` is refreshed: note it, and checkpoint every ``checkpoint_every``."""
-        self.refreshed[symbol] = time.time()
-        self._unsaved += 1
-        if self._unsaved >= self.checkpoint_every:
-            self._save_due.set()
+    def _fetched(self, out: Parsed, symbol: str) -> None:
+        """``symbol`` is refreshed once its records are stored (``out``'s ack)."""
+        self._unacked += 1
+        out.acks.append(functools.partial(self._stored, symbol))
+
+    def _stored(self, symbol: str, outcome: str) -> None:
+        """The ack of ``symbol``'s records: note it (unless a sink failed to
+        store them), and checkpoint every ``checkpoint_every``. A sync killed
+        before its sink stored a symbol fetches it again when resumed. Acks
+        that come after the source ended are saved here (the last one always)."""
+        self._unacked -= 1
+        if outcome != "failed":
+            self.refreshed[symbol] = time.time()
+            self._unsaved += 1
+        if not self._finished:
+            if self._unsaved >= self.checkpoint_every:
+                self._save_due.set()
+        elif self._unsaved and (self._unsaved >= self.checkpoint_every or not self._unacked):
+            self._write_state()
 
     async def run(self, outbox: Any) -> None:
         outbox.metrics.register(SKIPPED)
         outbox.metrics.labeled(SKIPPED).inc(self.skipped)
+        self._finished = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._save_when_due)
                 await super().run(outbox)
                 nursery.cancel_scope.cancel()
         finally:
+            self._finished = True
             with trio.CancelScope(shield=True):
                 await self._save_state()
             log.info("source %s: %d requests made, %d saved by the staleness filter",
@@ -536,7 +567,7 @@ class FMPDividends(_PerSymbolSync):
                 out.ticks.append(self._dividend(symbol, d))  # type: ignore[arg-type]
             except (TypeError, ValueError) as exc:
                 out.bad("invalid", f"{symbol} dividend of {d.date}: {exc}")
-        self._fetched(symbol)
+        self._fetched(out, symbol)
         return out
 
     def _dividend(self, symbol: str, d: _Dividend) -> Dividend:
@@ -570,7 +601,7 @@ class FMPProfiles(_PerSymbolSync):
             out.ticks.append(self._profile(symbol, profiles[0]))  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             out.bad("invalid", f"{symbol} profile: {exc}")
-        self._fetched(symbol)
+        self._fetched(out, symbol)
         return out
 
     def _profile(self, symbol: str, p: _Profile) -> Profile:

@@ -12,9 +12,17 @@ import sqlite3
 import pytest
 import trio
 from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
+from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Retry, record_schema, redact
-from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime, record_schema, redact
+from flows.testing import (
+    GatedSink,
+    ListSink,
+    assert_component_metrics,
+    run_briefly,
+    sample,
+    wait_until,
+)
 from flows.testing.emulator import Emulator, WindowLimit
 from sinks.sqlite import SQLiteSink
 from sources.fmp import (
@@ -234,3 +242,29 @@ async def test_a_broken_csv_is_a_malformed_body(nursery, autojump_clock):
     assert sink.records == []
     assert sample(registry, "flows_records_discarded_total", "csv", "fmp_eod",
                   reason="request_failed") == 1
+
+
+async def test_the_state_file_names_only_symbols_whose_records_a_sink_stored(
+        emulator, tmp_path, autojump_clock):
+    """A sync killed (SIGKILL) while its sink has not stored what was
+    fetched must fetch those symbols again on resume: the state file is
+    the resume point, so it may only name symbols whose records were acked."""
+    state = tmp_path / "state.json"
+    symbols = emulator.symbols("fmp")[:40]
+    source = FMPProfiles(symbols=symbols, base_url=emulator.url, once=True, state=state,
+                         checkpoint_every=2, concurrency=1, **fast())
+    sink = GatedSink()  # a database that does not answer: nothing is stored, nothing acked
+    rt = Runtime(Flow("kill", sources=[source], sinks=[sink]), registry=CollectorRegistry(),
+                 metrics_addr=None)
+    noted = []
+
+    async def kill_point() -> None:
+        await wait_until(lambda: emulator.stats["fmp"]["profile"]["requests"] >= 5, 60)
+        noted.append(dict(source.refreshed))  # what a checkpoint now writes, SIGKILL leaves
+        sink.gate.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kill_point)
+        result = await rt.run()
+    assert result.clean and noted == [{}]  # nothing stored: nothing may be skipped on resume
+    assert set(json.loads(state.read_text())) == {r.symbol for r in sink.records} == set(symbols)

@@ -222,8 +222,12 @@ class PolymarketPrices(HttpSource):
             requests += self._discovery(symbols)
         self._forget_unlisted()
         tokens = [t for t, o in self.outcomes.items() if o.market_id not in self.closed]
-        if self.side == "midpoint":
-            return requests + [Request("midpoint", "/midpoint", {"token_id": t}) for t in tokens]
+        if self.side == "midpoint":  # per token: one without an order book is parked alone
+            now, parked = trio.current_time(), self.parked
+            return requests + [Request("midpoint", "/midpoint", {"token_id": t},
+                                       symbols=(symbol,))
+                               for t in tokens
+                               if parked.get(symbol := self.outcomes[t].symbol, now) <= now]
         for i in range(0, len(tokens), self.per_request):
             chunk = tokens[i : i + self.per_request]
             requests.append(Request("prices", "/prices",

@@ -205,3 +205,26 @@ async def test_shards_split_the_discovered_markets_between_them(emulator, autoju
     markets = {m.id for m in open_markets(emulator)}
     assert seen[0] | seen[1] == markets and not seen[0] & seen[1]
     assert all(shard_of(m, 2) == k for k, ids in enumerate(seen) for m in ids)
+
+
+async def test_a_midpoint_without_an_order_book_parks_that_outcome_alone(emulator, autojump_clock):
+    """side="midpoint" asks per token: a market that closed between two
+    discoveries answers 404 (no order book) for its tokens. That outcome is
+    parked with a gap of its own; the source's other outcomes are fine."""
+    outcomes = emulator.exchanges["polymarket"].outcomes
+    live = open_markets(emulator)[:3]
+    source = poly(emulator, markets=[m.id for m in live], side="midpoint", every=1.0,
+                  discover_every=300.0)
+    flow = Flow("pm", sources=[source], sinks=[ListSink()])
+    gaps = ListSink(name="gap_list")
+    flow.gaps().to(gaps)
+
+    def resolved_later() -> bool:
+        if source.cycles == 3 and not live[0].closed:
+            outcomes.resolve(live[0].id, winner=1)
+        return source.cycles >= 15
+
+    await run_until(flow, resolved_later, CollectorRegistry())
+    unknown = [g for g in gaps.records if g.reason == "unknown_symbol"]
+    assert unknown and all(g.symbols and g.symbols[0].startswith(live[0].id) for g in unknown)
+    assert emulator.stats["polymarket"]["midpoint"]["status"].get("404", 0) <= 2  # once each

@@ -324,11 +324,14 @@ def build() -> dict[str, Any]:
     lay.panel(
         "Sources: stale symbols",
         "Symbols whose last valid record is older than stale_after "
-        "(flows_source_stale_symbols), out of those seen (flows_source_symbols). "
-        "/status and flows.top name the stalest.",
+        "(flows_source_stale_symbols), out of those seen (flows_source_symbols), and "
+        "symbols parked as unknown to the API (flows_source_parked_symbols: never seen, "
+        "so never stale). /status and flows.top name the stalest, /status the parked.",
         [
             (f"max by (stage) (flows_source_stale_symbols{sel('source')})", "{{stage}} stale"),
             (f"max by (stage) (flows_source_symbols{sel('source')})", "{{stage}} seen"),
+            (f"max by (stage) (flows_source_parked_symbols{sel('source')})",
+             "{{stage}} parked"),
         ],
         unit="short",
     )

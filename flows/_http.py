@@ -25,7 +25,7 @@ Metrics (labels ``flow``, ``stage``), declared in ``HttpSource.METRICS``:
 ``flows_source_request_seconds`` (``endpoint``),
 ``flows_source_responses_total`` (``status_class``),
 ``flows_source_retries_total``, ``flows_source_rate_limit_wait_seconds``,
-``flows_source_circuit_state``, plus the core set.
+``flows_source_circuit_state``, ``flows_source_parked_symbols``, plus the core set.
 """
 
 from __future__ import annotations
@@ -199,6 +199,11 @@ CIRCUIT_STATE = MetricFamily(
     "flows_source_circuit_state", "gauge",
     "At an HTTP source: circuit breaker state (0 closed, 1 half-open, 2 open).",
 )
+PARKED = MetricFamily(
+    "flows_source_parked_symbols", "gauge",
+    "At an HTTP source: symbols parked as unknown to the API (delisted, misspelt), probed "
+    "again every reprobe_every; /status names them.",
+)
 
 
 def _body_of(request: Request) -> dict[str, Any]:
@@ -266,8 +271,8 @@ class HttpSource:
     DEFAULT_URL = ""
     DEFAULT_LIMITS: tuple[RateLimit, ...] = (RateLimit(10, 1.0),)
     METRICS: tuple[MetricFamily, ...] = (
-        REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, *BUDGET_METRICS,
-        *SCHEDULE_METRICS)
+        REQUEST_SECONDS, RESPONSES, RETRIES, RATE_LIMIT_WAIT, CIRCUIT_STATE, PARKED,
+        *BUDGET_METRICS, *SCHEDULE_METRICS)
     EXCHANGE_TIMES = False
     """True when a Tick's ``ts`` is when its price was set at the exchange
     (its last trade), so a schedule can measure detection delays."""
@@ -399,6 +404,7 @@ class HttpSource:
         self.metrics = m  # for subclasses' hooks: their own declared families
         m.register(*self.METRICS)
         m.labeled(RETRIES)  # export the series from the start
+        m.labeled(PARKED).set(len(self.parked))
         for family in SCHEDULE_METRICS:
             m.labeled(family)
         state = m.labeled(CIRCUIT_STATE)
@@ -506,6 +512,8 @@ class HttpSource:
         for symbol in back:
             del self.parked[symbol]
             log.info("source %s: %s answers again; polled as usual", self.name, symbol)
+        if back:
+            outbox.metrics.labeled(PARKED).set(len(self.parked))
         if ticks:
             await outbox.send(Batch(ticks, acks=parsed.acks))
         else:
@@ -532,6 +540,7 @@ class HttpSource:
                             "every %gs", self.name, symbol, exc, self.reprobe_every,
                             extra={"stage": self.name, "reason": "unknown_symbol"})
             self.parked[symbol] = trio.current_time() + self.reprobe_every
+        outbox.metrics.labeled(PARKED).set(len(self.parked))
 
     def _stale(self, symbols: Sequence[str]) -> list[str]:
         """Those of ``symbols`` whose last good poll is older than ``stale_after``."""

@@ -31,6 +31,9 @@ _HISTOGRAMS = {
 }
 
 
+PARKED_SHOWN = 10  # parked symbols named in /status
+
+
 def figures(fm: FlowMetrics, flow: str) -> dict[str, dict[str, Any]]:
     """{stage: figures} for one flow: counters, discards by reason, histograms.
 
@@ -100,6 +103,10 @@ def flow_status(rt: Runtime) -> dict[str, Any]:
         }
         if slot.freshness is not None:
             entry["freshness"] = slot.freshness.figures()
+        parked = getattr(slot.actor, "parked", None)
+        if parked:  # symbols unknown to the API: never stale, as they never answered
+            names = sorted(parked)
+            entry["parked"] = {"count": len(names), "symbols": names[:PARKED_SHOWN]}
         schedule_figures = getattr(getattr(slot.actor, "schedule", None), "figures", None)
         if schedule_figures is not None:
             entry["schedule"] = schedule_figures()

@@ -132,7 +132,7 @@ def test_metrics_are_the_core_table_plus_component_declarations():
     assert http == {
         "flows_source_request_seconds", "flows_source_responses_total", "flows_source_retries_total",
         "flows_source_rate_limit_wait_seconds", "flows_source_circuit_state",
-        "flows_source_budget_wait_seconds", "flows_source_budget_fallback",
+        "flows_source_parked_symbols", "flows_source_budget_wait_seconds", "flows_source_budget_fallback",
         "flows_source_budget_pauses_total",
         # adaptive polling (flows/_schedule.py)
         "flows_source_requests_saved_total", "flows_source_poll_interval_seconds",

@@ -170,6 +170,11 @@ async def test_an_unknown_symbol_is_isolated_parked_and_probed_again(nursery, au
             assert first_cycle == ["A,B,BAD,C", "A,B", "BAD,C", "BAD", "C"]
             assert source.parked.keys() == {"BAD"}
             assert source.circuit.state == "closed"  # failures=1: a 404 there would have opened it
+            # a symbol that never answered is never stale (no valid record yet): the
+            # parked gauge and /status say it is missing
+            assert sample(registry, "flows_source_parked_symbols", "park", "probe") == 1
+            (actor,) = [a for a in rt.status()["actors"] if a["name"] == "probe"]
+            assert actor["parked"] == {"count": 1, "symbols": ["BAD"]}
             await trio.sleep(5)
             assert [q for _, q in asked[-3:]] == ["A,B,C"] * 3  # BAD is no longer asked for
             bad.clear()  # listed at last
@@ -178,6 +183,7 @@ async def test_an_unknown_symbol_is_isolated_parked_and_probed_again(nursery, au
         probe = next(t for t, q in asked[5:] if q == "BAD")
         assert probe - asked[0][0] >= 30  # probed alone, after reprobe_every
         assert not source.parked
+        assert sample(registry, "flows_source_parked_symbols", "park", "probe") == 0
         rt.stop()
     assert sample(registry, "flows_records_discarded_total", "park", "probe", reason="unknown_symbol") == 1
     assert sample(registry, "flows_records_discarded_total", "park", "probe", reason="request_failed") == 0

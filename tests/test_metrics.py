@@ -106,7 +106,7 @@ def test_declarations_are_inherited_along_the_class_hierarchy():
     assert declared_metrics(Grandchild) == (FILLS, BOOK_DEPTH)
     assert declared_metrics(Grandchild()) == (FILLS, BOOK_DEPTH)
     assert declared_metrics(object) == ()
-    assert len(declared_metrics(HttpSource)) == 11 and len(declared_metrics(WebSocketSource)) == 4
+    assert len(declared_metrics(HttpSource)) == 12 and len(declared_metrics(WebSocketSource)) == 4
 
     class Wrong:
         METRICS = ("flows_x_total",)

@@ -595,6 +595,6 @@ def test_alert_rules_load_and_stay_quiet_on_a_healthy_flow(prom):
         if time.monotonic() > deadline:
             pytest.fail(f"rules not all evaluated ok: {[(r['name'], r['health'], r.get('lastError')) for r in rules]}")
         time.sleep(0.25)
-    assert len(rules) == 11
+    assert len(rules) == 12
     active = [(r["name"], a["labels"]) for r in rules for a in r.get("alerts", [])]
     assert active == [], f"alerts pending or firing on a healthy flow: {active}"

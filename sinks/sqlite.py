@@ -124,6 +124,9 @@ class SQLiteSink(BatchingSink):
 
     def _connect(self) -> sqlite3.Connection:
         self._created.clear()
+        if not self.path.parent.is_dir():  # SQLite would say only "unable to open database file"
+            raise FileNotFoundError(f"SQLite database {str(self.path)!r}: folder "
+                                    f"{str(self.path.parent)!r} does not exist")
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False,
                              isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")

@@ -161,3 +161,13 @@ async def test_a_table_of_another_shape_fails_the_sink_not_retried(tmp_path):
     assert sample(registry, "flows_sink_retries_total", "shape", "sqlite") == 0
     assert sample(registry, "flows_records_discarded_total", "shape", "sqlite", reason="write_failed") == 5
     assert sample(registry, "flows_records_discarded_total", "shape", "sqlite", reason="rejected") == 0
+
+
+async def test_a_database_in_a_missing_folder_fails_naming_the_path(tmp_path):
+    """SQLite says only "unable to open database file": the flow's error names the file."""
+    db = tmp_path / "no" / "such" / "dir" / "t.db"
+    flow = Flow("nodir", sources=[ListSource([ticks(3)])], sinks=[SQLiteSink(db)],
+                supervision=Supervision(max_restarts=1, backoff=0.0))
+    with trio.fail_after(10), pytest.raises(FlowFailed) as failed:
+        await Runtime(flow, registry=CollectorRegistry(), metrics_addr=None).run()
+    assert str(db) in str(failed.value) and "does not exist" in str(failed.value)

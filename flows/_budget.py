@@ -433,7 +433,12 @@ _LOCAL_SHARES: weakref.WeakValueDictionary[Any, LocalShare] = weakref.WeakValueD
 def _local_share(key: Any, limits: Sequence[RateLimit]) -> LocalShare:
     """The process's one local share of a budget: its sources on the same
     budget and limits take turns in it, so together they stay within
-    ``1 / processes`` while Redis is away."""
+    ``1 / processes`` while Redis is away. One per trio run (its times
+    are that run's clock)."""
+    try:
+        key = (trio.lowlevel.current_trio_token(), key)
+    except RuntimeError:  # built outside trio
+        key = (None, key)
     share = _LOCAL_SHARES.get(key)
     if share is None:
         share = _LOCAL_SHARES[key] = LocalShare(limits)

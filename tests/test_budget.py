@@ -297,3 +297,17 @@ def test_sources_of_one_process_on_one_budget_share_one_local_share():
     a, b = (with_budget(RateLimiter([RateLimit(300, 60.0)]), budget, Shard(0, 3),
                         base_url="https://fmp.example", name=n) for n in ("dividends", "profiles"))
     assert a.fallback is b.fallback  # together 1/3 of the limit while Redis is away
+
+
+def test_a_local_share_belongs_to_one_trio_run():
+    """Its times are one run's clock (trio's clock has a random offset per
+    run): a limiter of a later run must not inherit them."""
+    budget = RateBudget(url="redis://127.0.0.1:6379/0")
+    shares = []
+
+    async def build():
+        shares.append(SharedRateLimiter(budget, [RateLimit(5, 1.0)], key="k").fallback)
+
+    trio.run(build)
+    trio.run(build)
+    assert shares[0] is not shares[1]

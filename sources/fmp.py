@@ -94,6 +94,8 @@ from flows import (
     Parsed,
     RateLimit,
     Request,
+    RunContext,
+    Shard,
     Tick,
     add_secret,
     parse_optional_float,
@@ -348,9 +350,26 @@ class FMPEndOfDay(_FMPSource):
         self.wanted = None if symbols is None else set(symbols)
         super().__init__(symbols=sorted(self.wanted or ["*"]), api_key=api_key,
                          api_key_env=api_key_env, name=name, **options)
+        self._shard: Shard | None = None  # every row: keep those this shard owns
+
+    def setup(self, context: RunContext) -> None:
+        """``--shard k/N``: every shard downloads the file; each keeps the
+        rows of the symbols it owns (of ``symbols``, or of every row)."""
+        everything = self.symbols
+        super().setup(context)
+        if self.wanted is not None:
+            self.wanted = set(self.symbols)
+        else:
+            self.symbols, self._shard = everything, context.shard
 
     def plan(self, symbols: list[str]) -> list[Request]:
         return [self._request("eod-bulk", {"date": self.date.isoformat()}, ())]
+
+    def _keeps(self, symbol: str) -> bool:
+        """Whether a row of ``symbol`` is this source's (and this shard's)."""
+        if self.wanted is not None:
+            return symbol in self.wanted
+        return self._shard is None or self._shard.owns(symbol)
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         out = Parsed()
@@ -361,7 +380,7 @@ class FMPEndOfDay(_FMPSource):
         seen = set()
         for row in rows:
             symbol = row.get("symbol") or ""
-            if self.wanted is not None and symbol not in self.wanted:
+            if not self._keeps(symbol):
                 continue
             seen.add(symbol)
             try:

@@ -70,6 +70,8 @@ from flows import (
     Parsed,
     RateLimit,
     Request,
+    RunContext,
+    Shard,
     Tick,
     add_secret,
     parse_optional_float,
@@ -177,6 +179,15 @@ class LiveCoinWatchPrices(HttpSource):
         self.daily_credits, self.credits_every = daily_credits, credits_every
         self.credits_remaining: float = math.nan
         self._credits_due = -math.inf
+        self._shard: Shard | None = None  # top=: the pages this shard asks for
+
+    def setup(self, context: RunContext) -> None:
+        """``--shard k/N``: chosen codes are sharded as symbols are; with
+        ``top=``, page ``i`` goes to shard ``i % N``."""
+        everything = self.symbols
+        super().setup(context)
+        if self.top is not None:
+            self.symbols, self._shard = everything, context.shard
 
     @staticmethod
     def _api_key(name: str, api_key: str | None, env: str) -> tuple[str, str]:
@@ -199,7 +210,9 @@ class LiveCoinWatchPrices(HttpSource):
             self._credits_due = trio.current_time() + self.credits_every
             requests.append(_post("credits", {}))
         if self.top is not None:
-            return requests + [self._list_page(offset) for offset in range(0, self.top, _PAGE)]
+            shard = self._shard
+            return requests + [self._list_page(offset) for offset in range(0, self.top, _PAGE)
+                               if shard is None or offset // _PAGE % shard.count == shard.index]
         for i in range(0, len(symbols), self.per_request):
             chunk = tuple(symbols[i : i + self.per_request])
             requests.append(self._single(chunk[0]) if len(chunk) == 1 else self._map(chunk))

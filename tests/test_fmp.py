@@ -14,7 +14,17 @@ import trio
 from _http_sources import check_bad_bodies_are_dropped_and_polling_goes_on
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Retry, Runtime, record_schema, redact
+from flows import (
+    CircuitBreaker,
+    Flow,
+    RateLimit,
+    Retry,
+    Runtime,
+    Shard,
+    record_schema,
+    redact,
+    shard_of,
+)
 from flows.testing import (
     GatedSink,
     ListSink,
@@ -268,3 +278,19 @@ async def test_the_state_file_names_only_symbols_whose_records_a_sink_stored(
         result = await rt.run()
     assert result.clean and noted == [{}]  # nothing stored: nothing may be skipped on resume
     assert set(json.loads(state.read_text())) == {r.symbol for r in sink.records} == set(symbols)
+
+
+@pytest.mark.parametrize("wanted", [None, 40])
+async def test_shards_split_the_bulk_rows_between_them(emulator, autojump_clock, wanted):
+    """``--shard k/N``: every shard downloads the date's file (one call), and
+    keeps only the rows of the symbols it owns."""
+    symbols = None if wanted is None else emulator.symbols("fmp")[:wanted]
+    seen = []
+    for k in range(2):
+        sink = ListSink()
+        source = FMPEndOfDay(date=DAY, symbols=symbols, base_url=emulator.url, once=True, **fast())
+        await run_briefly(Flow("eod", sources=[source], sinks=[sink]), shard=Shard(k, 2))
+        seen.append({t.symbol for t in sink.records})
+    assert seen[0] | seen[1] == set(symbols or emulator.symbols("fmp"))
+    assert not seen[0] & seen[1]
+    assert all(shard_of(s, 2) == k for k, part in enumerate(seen) for s in part)

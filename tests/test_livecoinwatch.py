@@ -14,7 +14,7 @@ from _http_sources import (
 )
 from prometheus_client import CollectorRegistry
 
-from flows import CircuitBreaker, Flow, RateLimit, Retry
+from flows import CircuitBreaker, Flow, RateLimit, Retry, Shard
 from flows.testing import ListSink, assert_component_metrics, run_briefly, sample
 from flows.testing.emulator import Emulator
 from sources.livecoinwatch import LiveCoinWatchPrices
@@ -186,3 +186,18 @@ async def test_list_pages_ask_for_the_documented_body():
         {"currency": "EUR", "sort": "rank", "order": "ascending", "offset": 100, "limit": 50,
          "meta": False},
     ]
+
+
+async def test_shards_split_the_top_pages_between_them(emulator, autojump_clock):
+    """``--shard k/N`` with ``top=``: each shard asks for its own pages (and
+    spends its own credits), not every shard all of them."""
+    seen, pages = [], []
+    for k in range(2):
+        sink = ListSink()
+        emulator.reset_stats()
+        await run_briefly(Flow("top", sources=[lcw(emulator, top=250, once=True)], sinks=[sink]),
+                          shard=Shard(k, 2))
+        seen.append({t.symbol for t in sink.records})
+        pages.append(emulator.stats["livecoinwatch"]["coins/list"]["requests"])
+    assert seen[0] | seen[1] == set(emulator.symbols("livecoinwatch")[:250])
+    assert not seen[0] & seen[1] and sorted(pages) == [1, 2]  # 3 pages in all

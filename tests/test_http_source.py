@@ -215,3 +215,129 @@ async def test_a_request_can_be_a_post_of_a_json_body(nursery, autojump_clock):
     assert sorted((t.symbol, t.price) for t in sink.records) == sorted(
         (code, float(served[code].price)) for code in codes)
     assert emulator.stats["livecoinwatch"]["coins/map"]["requests"] == 1
+
+
+class Strict(Probe):
+    """A Probe whose answers must be JSON (a malformed or HTML body fails)."""
+
+    def parse(self, request: Request, body: bytes) -> Parsed:
+        msgspec.json.decode(body)
+        return super().parse(request, body)
+
+
+HTML = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+# name -> (status, content type, body, headers); None: no answer at all (a hang)
+ANSWERS = {
+    "200": (200, b"application/json", b"{}", []),
+    "400": (400, b"application/json", b'{"error": "bad"}', []),
+    "401": (401, b"application/json", b'{"error": "key"}', []),
+    "404 unknown symbol": (404, b"application/json", b'{"error": "no such symbol"}', []),
+    "500": (500, b"application/json", b'{"error": "x"}', []),
+    "502 html": (502, b"text/html", HTML, []),
+    "429 retry-after": (429, b"application/json", b"{}", [(b"retry-after", b"3")]),
+    "429": (429, b"application/json", b"{}", []),
+    "418 retry-after": (418, b"application/json", b"{}", [(b"retry-after", b"3")]),
+    "418": (418, b"application/json", b"{}", []),
+    "hang": None,
+    "200 malformed": (200, b"application/json", b'{"trunc', []),
+    "200 html": (200, b"text/html", HTML, []),
+}
+# name -> (state after it when closed, when half-open, seconds to the next
+# request when closed, when half-open, error type counted or None).
+# failures=1, reset_after=5, every=1, reprobe_every=2: a failure opens the
+# circuit (the next request is the probe, 5 s on); a Retry-After of 3 s
+# pauses; a 429/418 without one counts as a failure; an unknown symbol is
+# parked (the next request is its probe, 2 s on) and settles the breaker.
+# After a half-open probe the cycle it held up is overdue: the next goes at
+# once unless something pauses it.
+EXPECTED = {
+    "200": ("closed", "closed", 1.0, 0.0, None),
+    "400": ("open", "open", 5.0, 5.0, "http_permanent"),
+    "401": ("open", "open", 5.0, 5.0, "http_permanent"),
+    "404 unknown symbol": ("closed", "closed", 2.0, 2.0, "http_permanent"),
+    "500": ("open", "open", 5.0, 5.0, "http"),
+    "502 html": ("open", "open", 5.0, 5.0, "http"),
+    "429 retry-after": ("closed", "closed", 3.0, 3.0, "http"),
+    "429": ("open", "open", 5.0, 5.0, "http"),
+    "418 retry-after": ("closed", "closed", 3.0, 3.0, "http"),
+    "418": ("open", "open", 5.0, 5.0, "http"),
+    "hang": ("open", "open", 6.0, 6.0, "http"),  # cut at read_timeout (1 s), then open
+    "200 malformed": ("open", "open", 5.0, 5.0, "http"),
+    "200 html": ("open", "open", 5.0, 5.0, "http"),
+}
+
+
+class SymbolAware(Strict):
+    """404 means the symbol is unknown (as Coinbase's does)."""
+
+    def check(self, response, body):
+        from flows import HttpError
+
+        if response.status_code == 404:
+            raise HttpError("HTTP 404: unknown symbol", transient=False, symbol_error=True)
+        super().check(response, body)
+
+
+@pytest.mark.parametrize("breaker", ["closed", "half_open"])
+@pytest.mark.parametrize("name", list(ANSWERS))
+async def test_every_answer_in_every_breaker_state(nursery, autojump_clock, name, breaker):
+    """The table: each kind of answer, to a request made while the circuit is
+    closed or to the half-open probe: the next state, the pause before the
+    next request, and the counters."""
+    script = ([ANSWERS["500"]] if breaker == "half_open" else []) + [ANSWERS[name]]
+    times: list[float] = []
+    arrived: list[str] = []  # the breaker's state as each request arrived
+
+    async def handler(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        times.append(trio.current_time())
+        arrived.append(source.circuit.state)
+        answer = script.pop(0) if script else ANSWERS["200"]
+        if answer is None:
+            await trio.sleep_forever()
+        status, kind, body, headers = answer
+        head = b"".join(b"%s: %s\r\n" % kv for kv in headers)
+        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n%s"
+                              b"content-length: %d\r\n\r\n%s" % (status, kind, head, len(body),
+                                                                 body))
+        await stream.aclose()
+
+    from functools import partial
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    source = SymbolAware(base_url=url, every=1.0, retry=Retry(attempts=1), read_timeout=1.0,
+                         reprobe_every=2.0, circuit=CircuitBreaker(failures=1, reset_after=5.0))
+    registry = CollectorRegistry()
+    rt = Runtime(Flow("table", sources=[source], sinks=[ListSink()]), registry=registry,
+                 metrics_addr=None)
+    at = 1 if breaker == "half_open" else 0  # the index of the request answered ``name``
+    after, then, wait_closed, wait_half_open, error = EXPECTED[name]
+    settled = 1.5 if name == "hang" else 0.5  # the answer handled (a hang: read_timeout 1 s)
+    async with trio.open_nursery() as inner:
+        await inner.start(rt.run)
+        with trio.fail_after(60):
+            while len(times) < at + 1:
+                await trio.sleep(0.01)
+            await trio.sleep_until(times[at] + settled)
+            state = source.circuit.state
+            while len(times) < at + 2:  # the next request
+                await trio.sleep(0.01)
+        rt.stop()
+    assert arrived[at] == breaker
+    assert state == (after if breaker == "closed" else then)
+    wait = wait_closed if breaker == "closed" else wait_half_open
+    assert times[at + 1] - times[at] == pytest.approx(wait, abs=0.05)
+    errors = {k: v for k, v in ((t, sample(registry, "flows_errors_total", "table", "probe",
+                                            error_type=t)) for t in ("http", "http_permanent"))
+              if v}
+    expected_errors = {error: 1} if error else {}
+    if breaker == "half_open":  # the 500 that opened the circuit
+        expected_errors["http"] = expected_errors.get("http", 0) + 1
+    assert errors == expected_errors
+    assert sample(registry, "flows_source_circuit_state", "table", "probe") in (0, 2)

@@ -494,6 +494,8 @@ class HttpSource:
         ticks, answered = parsed.ticks, request.symbols
         if parsed.unknown:
             if len(request.symbols) > 1 and set(parsed.unknown) >= set(request.symbols):
+                for hook in parsed.acks:  # this answer is dropped: asked again by halves
+                    hook("failed")
                 await self._poll_halves(client, request, outbox, state, on_done)  # none known?
                 return
             self._park(parsed.unknown, HttpError("left out of the answer", transient=False,

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from _http_sources import OK, Probe, http, serve_answers
+from _http_sources import OK, Probe, http, run_until, serve_answers
 from prometheus_client import CollectorRegistry
 
 from flows import (
@@ -341,3 +341,32 @@ async def test_every_answer_in_every_breaker_state(nursery, autojump_clock, name
         expected_errors["http"] = expected_errors.get("http", 0) + 1
     assert errors == expected_errors
     assert sample(registry, "flows_source_circuit_state", "table", "probe") in (0, 2)
+
+
+class Acked(Probe):
+    """Asks for its symbols in one request; notes the outcome of each
+    answer's records (``Parsed.acks``). An answer for several symbols
+    holds none of them (as CoinGecko's can), so they are asked again alone."""
+
+    outcomes: list[tuple[tuple[str, ...], str]]
+
+    def plan(self, symbols):
+        return [Request("t", "/t", {"s": ",".join(symbols)}, symbols=tuple(symbols))]
+
+    def parse(self, request, body):
+        many = len(request.symbols) > 1
+        out = Parsed(unknown=list(request.symbols) if many else [],
+                     ticks=[] if many else super().parse(request, body).ticks)
+        out.acks.append(lambda outcome: self.outcomes.append((request.symbols, outcome)))
+        return out
+
+
+async def test_the_acks_of_an_answer_go_with_its_records_or_fail_with_it(nursery, autojump_clock):
+    url, _ = await scripted(nursery, [])
+    source = Acked(symbols=["A", "B"], base_url=url, every=1.0)
+    source.outcomes = []
+    sink = ListSink()
+    await run_until(Flow("acks", sources=[source], sinks=[sink]),
+                    lambda: len(source.outcomes) >= 3)
+    assert source.outcomes[:3] == [(("A", "B"), "failed"), (("A",), "written"),
+                                   (("B",), "written")]

@@ -209,6 +209,11 @@ def _health(actor: dict[str, Any], reasons: list[str]) -> Text:
         oldest = ", ".join(f"{s['symbol']} {_uptime(s['age_seconds'])}" for s in fresh["stalest"][:3])
         text.append(("; " if text else "") + f"{fresh['stale_symbols']} stale symbols", style="yellow")
         text.append(f" (oldest: {oldest})", style="dim")
+    parked = actor.get("parked") or {}
+    if parked.get("count"):
+        names = ", ".join(parked["symbols"][:3]) + (", ..." if parked["count"] > 3 else "")
+        text.append(("; " if text else "") + f"{parked['count']} parked", style="yellow")
+        text.append(f" ({names})", style="dim")
     errors = actor.get("errors") or {}
     if errors:
         listed = ", ".join(f"{k}={_count(v)}" for k, v in sorted(errors.items()))

@@ -149,7 +149,8 @@ def test_health_comes_from_readyz_reasons(top_module):
         {"name": "binance", "kind": "source", "state": "running", "sent": 10, "received": 0,
          "restarts": 2, "last_error": "ConnectError: refused", "discarded": {}, "errors": {}},
         {"name": "backup", "kind": "source", "state": "running", "sent": 5, "received": 0,
-         "restarts": 0, "discarded": {}, "errors": {}},
+         "restarts": 0, "discarded": {}, "errors": {},
+         "parked": {"count": 2, "symbols": ["NOPEUSDT", "OLDUSDT"]}},
         {"name": "db", "kind": "sink", "state": "running", "sent": 0, "received": 15,
          "restarts": 0, "discarded": {"rejected": 1}, "errors": {"OperationalError": 3},
          "buffer": {"used": 8, "capacity": 8}},
@@ -168,6 +169,7 @@ def test_health_comes_from_readyz_reasons(top_module):
     assert "source binance: circuit open" in rows["binance"]
     assert "2 restarts (last: ConnectError: refused)" in rows["binance"]
     assert "degraded: backup stands in for binance" in rows["backup"]
+    assert "2 parked (NOPEUSDT, OLDUSDT)" in rows["backup"]
     assert "8/8" in rows["db"] and "rejected 1" in rows["db"]
     assert "errors OperationalError=3" in rows["db"]
     assert "not ready: flow is draining" in text

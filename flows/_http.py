@@ -30,6 +30,7 @@ Metrics (labels ``flow``, ``stage``), declared in ``HttpSource.METRICS``:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -246,8 +247,9 @@ class HttpSource:
             default ``DEFAULT_RETRY``: 4 attempts, 0.2 s doubling up to 5 s).
         circuit: the breaker (default: 5 failures, 30 s open).
         once: poll the symbol set once and end (a one-shot sync).
-        resume: with ``once``, a file listing finished symbols, so a crashed
-            sync resumes where it stopped (deleted when the sync completes).
+        resume: with ``once``, a file listing finished symbols (their records
+            acked by the sinks), so a crashed sync resumes where it stopped
+            (deleted when the sync completes).
         progress: show a progress bar (default: when stderr is a terminal).
         standby_for: another source; poll only while its circuit is open.
         schedule: ``"fixed"`` (default: every symbol every ``every``
@@ -516,13 +518,15 @@ class HttpSource:
             log.info("source %s: %s answers again; polled as usual", self.name, symbol)
         if back:
             outbox.metrics.labeled(PARKED).set(len(self.parked))
+        if on_done is not None:
+            on_done.track(parsed, request.symbols)
         if ticks:
             await outbox.send(Batch(ticks, acks=parsed.acks))
         else:
             for hook in parsed.acks:
                 hook("skipped")
         if on_done is not None:
-            await on_done(request)
+            await on_done.sent(request)
 
     async def _poll_halves(self, client, request: Request, outbox: Outbox, state, on_done) -> None:
         """Poll ``request``'s symbols again in two halves (to isolate an unknown one)."""
@@ -676,26 +680,27 @@ class HttpSource:
         total, finished = len(self.symbols), len(self.symbols) - len(todo)
         log.info("source %s: one-shot sync of %d symbols (%d already done)", self.name, total, finished)
         report = _Progress(self.name, total, finished, self.progress)
-        last_save = trio.current_time()
-
-        async def on_done(request: Request) -> None:
-            nonlocal last_save
-            done.update(request.symbols)
-            report.advance(len(request.symbols))
-            if self.resume is not None and trio.current_time() - last_save >= 1.0:
-                last_save = trio.current_time()
-                await trio.to_thread.run_sync(self._save_done, sorted(done))
-
+        run = _OneShot(self, done, report)
         try:
-            await self._cycle(client, outbox, todo, state, on_done)
+            await self._cycle(client, outbox, todo, state, run)
         finally:
             report.close()
-            if self.resume is not None:
-                with trio.CancelScope(shield=True):  # a killed sync still saves
-                    if done >= set(self.symbols):
-                        await trio.to_thread.run_sync(self.resume.unlink, True)
-                    else:
-                        await trio.to_thread.run_sync(self._save_done, sorted(done))
+            run.finished = True
+            if self.resume is not None:  # a stopped sync still saves; here, so that no
+                self._finish_resume(sorted(done))  # later ack's write can land before it
+
+    def _finish_resume(self, done: list[str]) -> None:
+        """The resume file at the end: gone once every symbol is done, else
+        what is (blocking: call it in a thread, or from the last late ack)."""
+        assert self.resume is not None
+        try:
+            if set(done) >= set(self.symbols):
+                self.resume.unlink(missing_ok=True)
+            else:
+                self._save_done(done)
+        except OSError as exc:
+            log.warning("source %s: could not write the resume file %s: %s", self.name,
+                        self.resume, exc)
 
     def _load_done(self) -> set[str]:
         assert self.resume is not None
@@ -712,6 +717,39 @@ class HttpSource:
         """Write the finished symbols (blocking: call it in a thread)."""
         assert self.resume is not None
         write_atomic(self.resume, msgspec.json.encode(done))
+
+
+class _OneShot:
+    """A one-shot sync's progress and resume point: a symbol is done once
+    the sinks acked its records, so a sync killed before they were stored
+    fetches it again. Acks after the source ended rewrite the file (the
+    last one leaves it final)."""
+
+    def __init__(self, source: HttpSource, done: set[str], report: _Progress) -> None:
+        self.source, self.done, self.report = source, done, report
+        self.unacked = 0  # answers whose records no sink has acked yet
+        self.finished = False  # the source has ended
+        self._saved_at = trio.current_time()
+
+    def track(self, parsed: Parsed, symbols: tuple[str, ...]) -> None:
+        self.unacked += 1
+        parsed.acks.append(functools.partial(self._acked, symbols))
+
+    def _acked(self, symbols: tuple[str, ...], outcome: str) -> None:
+        self.unacked -= 1
+        if outcome != "failed":
+            self.done.update(symbols)
+        if self.finished and not self.unacked and self.source.resume is not None:
+            self.source._finish_resume(sorted(self.done))
+
+    async def sent(self, request: Request) -> None:
+        """``request``'s records are on their way: progress, and now and
+        then a checkpoint of what is done."""
+        self.report.advance(len(request.symbols))
+        source = self.source
+        if source.resume is not None and trio.current_time() - self._saved_at >= 1.0:
+            self._saved_at = trio.current_time()
+            await trio.to_thread.run_sync(source._save_done, sorted(self.done))
 
 
 def _schedule_for(name: str, schedule: str | AdaptiveSchedule, max_staleness: float | None,

@@ -7,6 +7,7 @@ helpers."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import uuid
@@ -30,7 +31,7 @@ from flows import (
     parse_price,
     redact,
 )
-from flows.testing import ListSink, sample
+from flows.testing import GatedSink, ListSink, sample
 
 
 async def scripted(nursery, script: list[tuple], then=OK) -> tuple[str, list[tuple[float, str]]]:
@@ -246,6 +247,26 @@ async def test_a_stopped_one_shot_sync_still_saves_what_it_finished(nursery, tmp
             await answered.wait()  # A is done, B hangs
             rt.stop()
     assert __import__("json").loads(resume.read_text()) == ["A"]  # saved though cancelled
+
+
+async def test_the_resume_file_names_only_symbols_a_sink_stored(nursery, tmp_path):
+    """A sync stopped by force (or killed) while its sink had not stored
+    what it fetched must fetch those symbols again when resumed."""
+    resume = tmp_path / "done.json"
+    url, asked = await scripted(nursery, [])
+    source = PerSymbol(base_url=url, symbols=["A", "B", "C", "D", "E", "F"], once=True,
+                       resume=resume, concurrency=1)
+    sink = GatedSink()  # a database that does not answer: nothing stored, nothing acked
+    rt = Runtime(Flow("core", sources=[source], sinks=[sink]), registry=CollectorRegistry(),
+                 metrics_addr=None, drain_timeout=0.5)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as inner:
+            await inner.start(rt.run)
+            while len(asked) < 3:
+                await trio.sleep(0.01)
+            rt.stop()
+    assert not resume.exists() or json.loads(resume.read_text()) == []
+    sink.gate.set()
 
 
 async def test_a_broken_resume_file_starts_over(nursery, tmp_path):  # real clock: threads

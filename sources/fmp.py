@@ -504,7 +504,7 @@ class _PerSymbolSync(_FMPSource):
             await trio.to_thread.run_sync(write_atomic, self.state, data)
 
     def _write_state(self) -> None:
-        """Write the state file now, on this thread (acks after the source ended)."""
+        """Write the state file now, on this thread (the end, and acks after it)."""
         if self.state is None:
             return
         self._unsaved = 0
@@ -555,8 +555,7 @@ class _PerSymbolSync(_FMPSource):
                 nursery.cancel_scope.cancel()
         finally:
             self._finished = True
-            with trio.CancelScope(shield=True):
-                await self._save_state()
+            self._write_state()  # here, so that no later ack's write can land before it
             log.info("source %s: %d requests made, %d saved by the staleness filter",
                      self.name, self.requests_made, self.skipped)
 

@@ -508,6 +508,8 @@ class SharedRateLimiter:
                 self._paused_until = max(self._paused_until, window_end)
                 self.fallback.pause_until(window_end)
             return
+        if used < 0.9 * limit:  # the rule pauses no one below this: no round trip
+            return
         rest = window_end - trio.current_time()
         self._nursery.start_soon(self._observed, used, limit, rest)
 

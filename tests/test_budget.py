@@ -311,3 +311,26 @@ def test_a_local_share_belongs_to_one_trio_run():
     trio.run(build)
     trio.run(build)
     assert shares[0] is not shares[1]
+
+
+async def test_a_usage_header_far_from_the_limit_costs_no_redis_call(server):
+    """Binance sends its used weight on every answer: only one near the limit
+    (90%, the rule's own threshold) is worth a round trip to Redis."""
+    budget = RateBudget(url=server.url)
+    limiter = SharedRateLimiter(budget, [RateLimit(6000, 60.0)], key="usage-calls")
+    client = redis.Redis.from_url(server.url)
+
+    def script_calls() -> int:
+        stats = client.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_eval"))
+
+    async with limiter.running():
+        await limiter.acquire()
+        await trio.sleep(0.2)
+        before = script_calls()
+        for used in range(100):  # far below the limit
+            limiter.observe_usage(used, 6000, trio.current_time() + 30)
+        await trio.sleep(0.2)
+        after = script_calls()
+    client.close()
+    assert after - before <= 2  # the heartbeats in between, not a call per header

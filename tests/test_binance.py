@@ -176,11 +176,12 @@ async def test_one_shot_sync_resumes_after_a_kill(emulator, tmp_path, autojump_c
     resume = tmp_path / "sync.done"
 
     class Crashing(ListSink):
-        """Takes 12 batches, then the process 'dies' (the flow is cancelled)."""
+        """Stores (and acks) 12 batches, then the process 'dies' (the flow is cancelled)."""
 
         async def run(self, inbox):
             async for batch in inbox:
                 self.records.extend(batch.records)
+                batch.ack("written")
                 if len(self.records) >= 12:
                     raise KeyboardInterrupt  # not restartable: like a kill
 

@@ -505,7 +505,8 @@ class KrakenV2Trade(msgspec.Struct, frozen=True):
     ord_type: str | None = None
 
 
-_decode_v2_trades = msgspec.json.Decoder(list[KrakenV2Trade]).decode
+_decode_v2_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_v2_trade = msgspec.json.Decoder(KrakenV2Trade).decode
 
 
 class KrakenTrades(KrakenStream):
@@ -553,13 +554,14 @@ class KrakenTrades(KrakenStream):
         if not m.data:
             raise ValueError("trade message without data")
         out = StreamParsed()
-        for item in _decode_v2_trades(m.data):
+        for raw in _decode_v2_items(m.data):  # one item at a time: a bad one costs only itself
             try:
+                item = _decode_v2_trade(raw)
                 trade = Trade(self.name, item.symbol, float(item.price), float(item.qty),
                               _v2_epoch(item.timestamp), item.side,
                               None if item.trade_id is None else str(item.trade_id))
-            except ValueError as exc:
-                out.bad("invalid", f"{item.symbol}: {exc}")
+            except (msgspec.ValidationError, ValueError) as exc:
+                out.bad("invalid", f"{bytes(raw)[:200]!r}: {exc}")
                 continue
             out.ticks.append(trade)
             if self.check_gaps and trade.trade_id is not None and trade.trade_id.isdigit():

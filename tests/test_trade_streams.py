@@ -257,6 +257,22 @@ def test_a_bad_kraken_trade_costs_only_itself():
     assert parsed.invalid == {"invalid": 1}
 
 
+@pytest.mark.parametrize("bad", [{"price": None}, {"qty": None}, {"timestamp": 17}, {"trade_id": 1.5},
+                                 {"symbol": None}, "not an object"],
+                         ids=["null price", "null qty", "numeric time", "float id", "no symbol", "string"])
+def test_a_kraken_item_of_the_wrong_shape_costs_only_itself(bad):
+    """An item msgspec cannot read as a trade (a null, a missing field, a
+    wrong type) is counted invalid; the good items of its message stay."""
+    source = KrakenTrades(symbols=["MATIC/USD"])
+    frame = msgspec.json.decode(KRAKEN_DOC)
+    good = frame["data"][0]
+    odd = {**good, **bad} if isinstance(bad, dict) else bad
+    frame["data"] = [good, odd, {**good, "trade_id": 4665908}]
+    parsed = source.parse(msgspec.json.encode(frame))
+    assert [t.trade_id for t in parsed.ticks] == ["4665906", "4665908"]
+    assert parsed.invalid == {"invalid": 1}
+
+
 def test_check_tick_refuses_a_trade_without_a_positive_size():
     now = 1.7e9
     good = Trade("x", "BTC", 1.0, 0.5, now)

@@ -226,7 +226,10 @@ class Window:
         record at ``ts``: the first containing ``ts - lateness``."""
         step = self.step
         t = ts - self.lateness
-        return math.floor((t - self.every) / step + 1) * step
+        # ``//`` as in ``_fold`` (which files ``ts`` under ``ts // step``):
+        # ``math.floor(t / step)`` can round across a boundary when ``step``
+        # is not exact in binary (0.1), making a key's first record late
+        return (t // step - round(self.every / step) + 1) * step
 
     def _new_key(self, k: Hashable, ts: float, now: float) -> list[Any]:
         keys = self._keys
@@ -442,7 +445,7 @@ class Window:
                 carried += 1
                 append((k, closed, ks[_LAST], self._carried(k, closed, ks[_LAST]), None))
             else:  # nothing to emit: on to the next open window, or past the watermark
-                jump = math.floor((wm - every) / step + 1) * step
+                jump = ((wm - every) // step + 1) * step
                 closed = min(min(wins), jump) if wins else jump
                 continue
             closed = (round(closed / step) + 1) * step
@@ -835,7 +838,7 @@ class Candles(Window):
                     first = min(wins)
                     if first + every > wm:
                         break
-                jump = math.floor((wm - every) / every + 1) * every
+                jump = ((wm - every) // every + 1) * every
                 if not wins:
                     ks[0] = jump
                     ks[3] = inf

@@ -126,6 +126,24 @@ def test_beyond_the_lateness_late_trades_are_counted_and_the_rest_still_match(se
             assert all(emitted_at.get((r.symbol, s), -1) < i for s in starts)
 
 
+@pytest.mark.parametrize(("every", "step"), [(0.1, None), (0.3, 0.1), (0.7, None), (2.1, 0.7)])
+@pytest.mark.parametrize("lateness", [0.0, 0.2])
+def test_fractional_widths_put_each_record_where_its_time_says(every, step, lateness):
+    """Widths that are not whole seconds (not exact in binary): a record on
+    a window boundary goes into the windows ``ts // step`` names, as the
+    brute force puts it, and the first record of a key is never late."""
+    records = [Trade("x", sym, 100.0 + i, 1.0, T0 + i * 0.05) for i in range(40) for sym in ("A",)]
+    records += [Trade("x", "B", 100.0, 1.0, T0 + 0.1 * k) for k in (3, 6, 9, 12)]
+    candles = Candles(every=every, step=step, lateness=lateness)
+    got = []
+    for i in range(0, len(records), 7):
+        got += candles.push(records[i : i + 7])
+    got += candles.flush()
+    assert candles.late_count == 0
+    assert sorted(got, key=lambda c: (c.source, c.symbol, c.start)) == brute_candles(
+        records, every, step or every)
+
+
 def test_late_trades_are_counted_and_never_merged():
     candles = Candles(every=60, lateness=5)
     first = [Trade("x", "BTC", 100.0, 1.0, T0 + 10), Trade("x", "BTC", 101.0, 1.0, T0 + 50)]

@@ -178,7 +178,9 @@ class BinanceTickers(HttpSource):
         used = response.headers.get("x-mbx-used-weight-1m")
         if used is not None and used.isdigit():
             to_minute_end = 60.0 - time.time() % 60.0
-            limit = self.limiter.declared[0].limit if self.limiter.declared else 6000
+            # the header counts a minute: read it against a minute's limit
+            # (the declared one, else Binance's), never a per-second one
+            limit = next((lim.limit for lim in self.limiter.declared if lim.window == 60.0), 6000)
             self.limiter.observe_usage(float(used), limit, trio.current_time() + to_minute_end)
 
     def check(self, response: httpx.Response, body: bytes) -> None:

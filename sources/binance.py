@@ -467,7 +467,7 @@ def trade_id(value: int | str) -> tuple[str, int | None]:
     if type(value) is int:
         return str(value), value
     text = str(value)
-    return text, int(text) if text.isdigit() else None
+    return text, int(text) if text.isdecimal() else None
 
 
 class BinanceTrades(BinanceStream):

@@ -442,6 +442,6 @@ class CoinbaseTrades(CoinbaseStream):
                 float(m.size), _feed_epoch(m.time),  # type: ignore[arg-type]
                 _TAKER_SIDE.get(m.side or ""), text,
             ))
-        if self.check_gaps and text.isdigit():
+        if self.check_gaps and text.isdecimal():
             out.sequences.append((m.product_id, int(text)))
         return out

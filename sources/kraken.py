@@ -564,6 +564,6 @@ class KrakenTrades(KrakenStream):
                 out.bad("invalid", f"{bytes(raw)[:200]!r}: {exc}")
                 continue
             out.ticks.append(trade)
-            if self.check_gaps and trade.trade_id is not None and trade.trade_id.isdigit():
+            if self.check_gaps and trade.trade_id is not None and trade.trade_id.isdecimal():
                 out.sequences.append((item.symbol, int(trade.trade_id)))
         return out

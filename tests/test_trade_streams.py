@@ -246,6 +246,19 @@ def test_real_frames_and_odd_types_give_every_trade(source, frame, trade):
         assert parsed.sequences == [(trade.symbol, int(trade.trade_id))]
 
 
+@pytest.mark.parametrize(("source", "frame"), [
+    (BinanceTrades(symbols=["BNBBTC"]), _binance(t="\u00b2")),
+    (CoinbaseTrades(symbols=["BTC-USD"]), _coinbase(trade_id="\u00b2")),
+    (KrakenTrades(symbols=["MATIC/USD"]), _kraken(trade_id="\u00b2")),
+], ids=["binance", "coinbase", "kraken"])
+def test_an_id_of_digits_int_cannot_read_is_kept_unchecked(source, frame):
+    """"\u00b2" (superscript two) passes str.isdigit() but not int(): the
+    trade is kept, its id as text, left out of the gap check."""
+    parsed = source.parse(frame)
+    assert [t.trade_id for t in parsed.ticks] == ["\u00b2"]
+    assert parsed.sequences == [] and not parsed.invalid
+
+
 def test_a_bad_kraken_trade_costs_only_itself():
     source = KrakenTrades(symbols=["MATIC/USD"])
     frame = msgspec.json.decode(KRAKEN_DOC)

@@ -162,6 +162,8 @@ async def test_a_closed_market_is_polled_at_the_floor_after_one_fetch_at_the_clo
     now = dt.datetime.now(dt.UTC)
     closes = now + dt.timedelta(seconds=150)
     day = closes.date()
+    if day != now.date():  # the close past midnight: "00:00"-"00:00" would be refused
+        pytest.skip("too close to midnight UTC")
     calendar = Calendar("UTC", {day.weekday(): [("00:00", closes.strftime("%H:%M"))]})
     if not calendar.is_open(now.timestamp()):  # just after midnight: the session has not begun
         pytest.skip("too close to midnight UTC")

@@ -335,6 +335,7 @@ class HttpSource:
         self.schedule = _schedule_for(name, schedule, max_staleness, calendar)
         """The per-symbol schedule (None: fixed poll cycles)."""
         if self.schedule is not None:
+            self.schedule.claim(self)
             self.stale_after = max(60.0, 1.5 * self.schedule.max_staleness)
 
     # -- subclass hooks ----------------------------------------------------

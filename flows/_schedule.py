@@ -43,6 +43,7 @@ import datetime as dt
 import heapq
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -186,7 +187,8 @@ class Calendar:
 
 
 class AdaptiveSchedule:
-    """Per-symbol poll intervals for one HTTP source (see the module docstring).
+    """Per-symbol poll intervals for one HTTP source (see the module docstring);
+    each source needs its own (a second source given it is refused).
 
     ::
 
@@ -226,6 +228,7 @@ class AdaptiveSchedule:
         self.detector: str | None = None
         """The ChangeDetector feeding this schedule (None: the source compares prices)."""
         self.source: HttpSource | None = None
+        self._owner: weakref.ref[HttpSource] | None = None  # the source built with it
         self.symbols: list[str] = []
         self.interval: dict[str, float] = {}
         self.last: dict[str, float] = {}  # trio time of the last answer
@@ -247,6 +250,16 @@ class AdaptiveSchedule:
         self._accounted_at: float | None = None
 
     # -- set up ----------------------------------------------------------------
+
+    def claim(self, source: HttpSource) -> None:
+        """Belong to ``source``: a schedule holds one source's symbols, so a
+        second source given the same object is refused (it would poll the
+        first one's symbols and never its own)."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and owner is not source:
+            raise ValueError(f"{source.name}: this AdaptiveSchedule already schedules source "
+                             f"{owner.name}; give each source its own")
+        self._owner = weakref.ref(source)
 
     def bind(self, source: HttpSource) -> None:
         """Take the source's symbols, shortest interval and limits."""

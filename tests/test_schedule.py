@@ -262,6 +262,17 @@ async def test_a_parked_symbol_is_left_out_and_probed(emulator, autojump_clock):
     assert all(polls.longest_wait(s, trio.current_time()) <= MAX_STALENESS for s in symbols)
 
 
+def test_one_schedule_object_serves_one_source():
+    """A schedule holds one source's symbols: given to a second source it
+    would poll the first one's symbols under the second's name and never
+    its own. Refused when the second source is built."""
+    shared = AdaptiveSchedule(max_staleness=30)
+    first = CoinbaseTickers(symbols=["BTC-USD"], schedule=shared, name="a")
+    with pytest.raises(ValueError, match="already schedules source a"):
+        CoinbaseTickers(symbols=["ETH-USD"], schedule=shared, name="b")
+    assert first.schedule is shared
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="schedule must be"):
         CoinbaseTickers(symbols=["BTC-USD"], schedule="sometimes")

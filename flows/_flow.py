@@ -289,11 +289,12 @@ class Flow:
 
     Parameters:
         name: the flow's name (the ``flow`` label of every metric).
-        sources, stages, sinks: a chain: the sources merged, the stages in a
-            row (a plain function ``batch -> batch | None``, sync or async,
-            becomes a stage), the last stream fanned out to the sinks.
-            Omit them to build the graph with ``source()``, ``then()``,
+        sources: a chain's sources, merged. Omit ``sources``, ``stages`` and
+            ``sinks`` to build the graph with ``source()``, ``then()``,
             ``to()``, ``split()``, ``route()`` and ``merge()``.
+        stages: a chain's stages, in a row (a plain function
+            ``batch -> batch | None``, sync or async, becomes a stage).
+        sinks: a chain's sinks: the last stream fanned out to them.
         capacity: default channel capacity, in batches.
         edges: channel settings by consumer name (or pass ``edge=`` to
             ``then``/``to``).

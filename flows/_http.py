@@ -222,14 +222,17 @@ class HttpSource:
     ``DEFAULT_LIMITS`` (the API's documented limits) and implement ``plan``
     and ``parse``.
 
-    Parameters (keyword-only):
+    All parameters are keyword-only.
+
+    Parameters:
         symbols: the symbols to poll, in the exchange's naming.
         every: seconds from the start of one poll cycle to the next.
         base_url: the API's root (default: the real one); point it at a
             testnet, a proxy or the emulator.
         limits: rate limits to respect (default: the documented ones).
         concurrency: requests in flight at once.
-        connect_timeout, read_timeout: seconds.
+        connect_timeout: seconds to connect.
+        read_timeout: seconds to wait for the server.
         max_response_bytes: larger bodies are refused (counted, retried).
         retry: the retry policy for transient failures (``flows.Retry``;
             default ``DEFAULT_RETRY``: 4 attempts, 0.2 s doubling up to 5 s).
@@ -239,6 +242,7 @@ class HttpSource:
             sync resumes where it stopped (deleted when the sync completes).
         progress: show a progress bar (default: when stderr is a terminal).
         standby_for: another source; poll only while its circuit is open.
+        reprobe_every: seconds between probes of a parked (unknown) symbol.
         schedule: ``"fixed"`` (default: every symbol every ``every``
             seconds) or ``"adaptive"`` (each symbol as often as it moves,
             from every ``every`` to every ``max_staleness`` seconds; or a

@@ -191,7 +191,9 @@ class WebSocketSource:
     (and the exchange's documented limits) and implement ``parse`` plus
     ``url`` and/or ``subscribe_messages``.
 
-    Parameters (keyword-only):
+    All parameters are keyword-only.
+
+    Parameters:
         symbols: the symbols to stream, in the exchange's naming.
         base_url: the stream endpoint's root (default: the real one); point
             it at a testnet or the emulator (``ws://127.0.0.1:PORT``).

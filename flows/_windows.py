@@ -138,9 +138,10 @@ class Window:
             key and still count; the watermark is the latest time minus this.
         aggregate: ``(key, start, width, records) -> record | None``, called
             when a window closes with its records in arrival order.
-        key, time: functions of a record (defaults fit ``Tick`` and
-            ``Trade``: (source, symbol) and ts). Keys must be
-            msgpack-encodable for checkpoints.
+        key: function of a record giving its key (default fits ``Tick`` and
+            ``Trade``: (source, symbol)). Keys must be msgpack-encodable for
+            checkpoints.
+        time: function of a record giving its time (default: ts).
         late: ``"drop"`` (default) or ``"emit"``: late records go on,
             unchanged, on the output stream. Both count them ``late``.
         tick: seconds between checks for windows that the wall clock closes.
@@ -150,9 +151,9 @@ class Window:
             ``"emit"`` them, ``"keep"`` them (not emitted: a checkpointed
             restart replays their records) or ``"auto"``: keep with a
             checkpoint, else emit.
-        checkpoint, checkpoint_every: a file holding what was emitted and
-            acknowledged, saved every ``checkpoint_every`` seconds and
+        checkpoint: a file holding what was emitted and acknowledged,
             restored at start (``--fresh`` ignores it).
+        checkpoint_every: seconds between saves of ``checkpoint``.
         name: the stage's name.
     """
 

@@ -292,10 +292,10 @@ class InfluxSink(_Lines, BatchingSink):
     Parameters:
         url: the server's base URL (``http`` or ``https``; may hold a path prefix).
         database: InfluxDB 1.x database: writes go to ``/write?db=...``.
-        bucket, org: InfluxDB 2.x/3.x bucket and organization: writes go to
-            ``/api/v2/write`` (``org`` is required with ``bucket``).
+        bucket: InfluxDB 2.x/3.x bucket: writes go to ``/api/v2/write``.
             With neither ``database`` nor ``bucket``: ``/write`` without
             ``db`` (QuestDB, VictoriaMetrics).
+        org: InfluxDB 2.x/3.x organization (required with ``bucket``).
         token: sent as ``Authorization: Token <token>`` (default: none).
         measurement: the measurement (default ``"ticks"``).
         tags: attribute names, or a mapping key -> attribute name or function

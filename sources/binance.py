@@ -132,12 +132,15 @@ _PATHS = {"price": "/api/v3/ticker/price", "book": "/api/v3/ticker/bookTicker"}
 class BinanceTickers(HttpSource):
     """Source: Binance spot tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
-        symbols: Binance symbols such as ``BTCUSDT``.
-        endpoint: ``price`` (last price) or ``book`` (best bid/ask; the
-            Tick's price is the mid).
+    Takes the parameters of [HttpSource][flows.HttpSource] too (``every``,
+    ``base_url``, ``limits``, ...).
+
+    Parameters:
+        symbols: Binance symbols such as ``BTCUSDT`` (upper-cased).
+        endpoint: ``"price"`` (last price) or ``"book"`` (best bid/ask; the
+            Tick's price is the mid, with ``bid`` and ``ask``).
         per_request: symbols per request (a ``symbols=[...]`` list).
-        name: default ``binance``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://api.binance.com"
@@ -301,22 +304,25 @@ class BinanceStream(WebSocketSource):
     """Source: Binance spot websocket streams (combined), for a live feed
     instead of polling.
 
-    Parameters (besides ``WebSocketSource``'s, e.g. ``silence_timeout``,
-    ``batch_window``, ``max_streams_per_connection``):
+    Takes the parameters of [WebSocketSource][flows.WebSocketSource] too
+    (``base_url``: default ``wss://stream.binance.com:9443``,
+    ``silence_timeout``, ``batch_window``, ...).
+
+    Parameters:
         symbols: Binance symbols such as ``BTCUSDT``.
-        channel: ``bookTicker`` (default: best bid/ask; Tick price = mid),
-            ``trade`` (every trade) or ``miniTicker`` (24 h ticker, 1/s).
-        base_url: default ``wss://stream.binance.com:9443``; the emulator's
-            is ``ws://127.0.0.1:PORT``.
-        subscribe: ``url`` (streams in the URL) or ``message`` (SUBSCRIBE
-            messages after connecting, ``streams_per_message`` at a time,
-            at most 5 messages a second).
-        check_gaps: count jumps in update ids as gaps (default: on for
+        channel: ``"bookTicker"`` (best bid/ask; Tick price = mid),
+            ``"trade"`` (every trade) or ``"miniTicker"`` (24 h ticker, 1/s).
+        subscribe: ``"url"`` (streams in the URL) or ``"message"``
+            (SUBSCRIBE messages after connecting, at most 5 a second).
+        streams_per_message: streams per SUBSCRIBE message.
+        check_gaps: count jumps in update ids as gaps (``None``: on for
             ``trade``, off for ``bookTicker``, whose ids skip on the real
             exchange; ``miniTicker`` has none).
         snapshot: a ``BinanceTickers`` to fetch one REST snapshot of a
             symbol after a gap (``True``: one built from ``rest_url``).
-        name: default ``binance_stream``.
+        rest_url: the REST root for ``snapshot=True`` (``None``:
+            ``https://api.binance.com``).
+        name: actor name.
     """
 
     DEFAULT_URL = "wss://stream.binance.com:9443"
@@ -483,10 +489,15 @@ class BinanceTrades(BinanceStream):
     go up by one per symbol: a jump is a gap (counted, a ``Gap`` record,
     ``check_gaps=False`` turns it off).
 
-    Takes ``BinanceStream``'s parameters (``subscribe``, ``base_url``,
-    ``silence_timeout``, ...) except ``channel`` and ``snapshot``; the
-    reconnect, silence and gap handling are the same. Default name
-    ``binance_trades``.
+    Takes the parameters of [BinanceStream][sources.binance.BinanceStream]
+    too (``subscribe``, ``base_url``, ``silence_timeout``, ...) except
+    ``channel`` and ``snapshot``; the reconnect, silence and gap handling are
+    the same.
+
+    Parameters:
+        symbols: Binance symbols such as ``BTCUSDT``.
+        check_gaps: count jumps in trade ids as gaps.
+        name: actor name.
 
     Example::
 

@@ -88,11 +88,13 @@ def _optional_price(value: str | float | None) -> float | None:
 class CoinbaseTickers(HttpSource):
     """Source: Coinbase Exchange product tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: Coinbase product ids such as ``BTC-USD``.
         rate_limit_pause: seconds to pause every request after a 429
             (Coinbase sends no ``Retry-After``).
-        name: default ``coinbase``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://api.exchange.coinbase.com"
@@ -271,12 +273,14 @@ class CoinbaseStream(WebSocketSource):
     shards larger sets. A consumer too slow to keep up is disconnected by
     Coinbase: put a ``conflate`` edge on the consumer.
 
-    Parameters (besides ``WebSocketSource``'s):
+    Takes the parameters of [WebSocketSource][flows.WebSocketSource] too.
+
+    Parameters:
         symbols: product ids such as ``BTC-USD``.
         heartbeat: also subscribe to the ``heartbeat`` channel.
         check_gaps: count sequence jumps as gaps (see above).
         products_per_message: products per subscribe message.
-        name: default ``coinbase_stream``.
+        name: actor name.
 
     Attributes:
         unknown: products Coinbase refused as not valid; left out of later
@@ -410,7 +414,16 @@ class CoinbaseTrades(CoinbaseStream):
     does start the gap check: trade ids go up by one per product, so a jump
     (also between the ``last_match`` and the first ``match``) is a gap
     (``check_gaps=False`` turns it off). Heartbeats, errors and limits as
-    for ``CoinbaseStream``. Default name ``coinbase_trades``.
+    for ``CoinbaseStream``.
+
+    Takes the parameters of [CoinbaseStream][sources.coinbase.CoinbaseStream]
+    too (``base_url``, ``heartbeat``, ``silence_timeout``, ...).
+
+    Parameters:
+        symbols: product ids such as ``BTC-USD``.
+        check_gaps: count jumps in trade ids as gaps.
+        last_match: also send each product's ``last_match`` as a Trade.
+        name: actor name.
 
     Example::
 

@@ -87,13 +87,15 @@ _MAX_PER_REQUEST = 2000  # /v3/assets' largest ``limit``
 class CoinCapPrices(HttpSource):
     """Source: CoinCap 3.0 asset prices (USD), polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: CoinCap ids such as ``bitcoin``.
         api_key: the API key (default: read from ``api_key_env``).
         api_key_env: the environment variable holding the key; ``None``
             (with no ``api_key``) sends none, for a keyless proxy.
         per_request: ids per request (at most 2000).
-        name: default ``coincap``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://rest.coincap.io"

@@ -89,7 +89,9 @@ def _epoch(value: Any) -> float | None:
 class CoinGeckoPrices(HttpSource):
     """Source: CoinGecko simple prices, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: CoinGecko API ids such as ``bitcoin`` (lower case, as the
             answer spells them).
         vs_currency: the currency prices are quoted in (``usd``, ``eur``,
@@ -99,7 +101,7 @@ class CoinGeckoPrices(HttpSource):
             none, keyless access).
         plan: ``demo`` or ``pro``: which key header to send, and (without
             ``base_url``) which root URL to call.
-        name: default ``coingecko``.
+        name: actor name.
     """
 
     DEFAULT_URL = _URLS["demo"]

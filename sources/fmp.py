@@ -329,11 +329,14 @@ class _FMPSource(HttpSource):
 class FMPEndOfDay(_FMPSource):
     """Source: one date's end-of-day bars for every symbol, in one call.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         date: ``YYYY-MM-DD`` or a ``date`` (default: the last weekday).
         symbols: keep only these (default: every row).
-        api_key, api_key_env: the key, or the variable holding it (``FMP_API_KEY``).
-        name: default ``fmp_eod``.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     def __init__(self, *, date: str | dt.date | None = None, symbols: list[str] | None = None,
@@ -373,8 +376,14 @@ class FMPEndOfDay(_FMPSource):
 class FMPQuotes(_FMPSource):
     """Source: quotes, ``per_request`` symbols a call (comma separated).
 
-    Parameters (besides ``HttpSource``'s): ``symbols``, ``per_request``
-    (100), ``api_key``, ``api_key_env``; ``name`` default ``fmp``.
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
+        symbols: FMP symbols such as ``AAPL``.
+        per_request: symbols per call.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     def __init__(self, *, symbols: list[str], per_request: int = 100, api_key: str | None = None,
@@ -514,17 +523,31 @@ class _PerSymbolSync(_FMPSource):
 class FMPDividends(_PerSymbolSync):
     """Source: each symbol's dividends (a ``Dividend`` per ex-date), one call per symbol.
 
-    Parameters (besides ``HttpSource``'s): ``symbols``; ``state``,
-    ``refreshed`` (a mapping or function: when each symbol was last
-    fetched, e.g. from the sink's table), ``max_age`` (s, default 20 h) and
-    ``checkpoint_every`` (100) for the staleness filter; ``api_key``, ``api_key_env``; ``name`` default
-    ``fmp_dividends``.
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
+        symbols: FMP symbols such as ``AAPL``.
+        state: a file remembering when each symbol was last fetched (the
+            staleness filter).
+        refreshed: a mapping or function: when each symbol was last fetched
+            elsewhere, e.g. from the sink's table.
+        max_age: seconds; a symbol fetched more recently is skipped.
+        checkpoint_every: symbols fetched between two saves of ``state``.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     ENDPOINT = "dividends"
 
-    def __init__(self, *, symbols: list[str], name: str = "fmp_dividends", **options: Any) -> None:
-        super().__init__(symbols=symbols, name=name, **options)
+    def __init__(self, *, symbols: list[str], state: str | Path | None = None,
+                 refreshed: Refreshed | None = None, max_age: float = 20 * 3600.0,
+                 checkpoint_every: int = 100, api_key: str | None = None,
+                 api_key_env: str = "FMP_API_KEY", name: str = "fmp_dividends",
+                 **options: Any) -> None:
+        super().__init__(symbols=symbols, state=state, refreshed=refreshed, max_age=max_age,
+                         checkpoint_every=checkpoint_every, api_key=api_key,
+                         api_key_env=api_key_env, name=name, **options)
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         out = Parsed()
@@ -551,13 +574,31 @@ class FMPDividends(_PerSymbolSync):
 class FMPProfiles(_PerSymbolSync):
     """Source: each symbol's company profile (a ``Profile``), one call per symbol.
 
-    Parameters: as ``FMPDividends``; ``name`` default ``fmp_profiles``.
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
+        symbols: FMP symbols such as ``AAPL``.
+        state: a file remembering when each symbol was last fetched (the
+            staleness filter).
+        refreshed: a mapping or function: when each symbol was last fetched
+            elsewhere, e.g. from the sink's table.
+        max_age: seconds; a symbol fetched more recently is skipped.
+        checkpoint_every: symbols fetched between two saves of ``state``.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     ENDPOINT = "profile"
 
-    def __init__(self, *, symbols: list[str], name: str = "fmp_profiles", **options: Any) -> None:
-        super().__init__(symbols=symbols, name=name, **options)
+    def __init__(self, *, symbols: list[str], state: str | Path | None = None,
+                 refreshed: Refreshed | None = None, max_age: float = 20 * 3600.0,
+                 checkpoint_every: int = 100, api_key: str | None = None,
+                 api_key_env: str = "FMP_API_KEY", name: str = "fmp_profiles",
+                 **options: Any) -> None:
+        super().__init__(symbols=symbols, state=state, refreshed=refreshed, max_age=max_age,
+                         checkpoint_every=checkpoint_every, api_key=api_key,
+                         api_key_env=api_key_env, name=name, **options)
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         (symbol,) = request.symbols

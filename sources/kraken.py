@@ -140,13 +140,15 @@ def _optional_price(value: str | float | None) -> float | None:
 class KrakenTickers(HttpSource):
     """Source: Kraken spot tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: Kraken pairs, altnames such as ``XBTUSD`` or Kraken's names
             such as ``XXBTZUSD``; Ticks carry the name given here.
         per_request: pairs per request (a ``pair=A,B,...`` list).
         rate_limit_pause: seconds every request waits after Kraken says
             ``EGeneral:Too many requests``.
-        name: default ``kraken``.
+        name: actor name.
 
     """
 
@@ -374,13 +376,15 @@ class KrakenStream(WebSocketSource):
     ``symbols_per_message`` symbols per subscribe. No published cap on
     symbols per connection; ``max_streams_per_connection`` (1024) shards.
 
-    Parameters (besides ``WebSocketSource``'s):
+    Takes the parameters of [WebSocketSource][flows.WebSocketSource] too.
+
+    Parameters:
         symbols: v2 pairs such as ``BTC/USD``.
         event_trigger: ``trades`` or ``bbo`` (see above).
         snapshot: ask for a snapshot on subscribing (the current ticker at
             once, instead of at the next trade).
         symbols_per_message: symbols per subscribe message.
-        name: default ``kraken_stream``.
+        name: actor name.
 
     Attributes:
         unknown: pairs Kraken refused; left out of later subscriptions.
@@ -527,8 +531,16 @@ class KrakenTrades(KrakenStream):
     (``check_gaps=False`` turns it off). ``snapshot=True`` asks for the
     pair's latest 50 trades on subscribing (they may repeat trades streamed
     before a reconnect: a sink's key absorbs them). Symbols, heartbeats,
-    pings, refusals and limits as for ``KrakenStream``. Default name
-    ``kraken_trades``.
+    pings, refusals and limits as for ``KrakenStream``.
+
+    Takes the parameters of [KrakenStream][sources.kraken.KrakenStream] too
+    (``base_url``, ``silence_timeout``, ...) except ``event_trigger``.
+
+    Parameters:
+        symbols: v2 pairs such as ``BTC/USD``.
+        snapshot: ask for the pair's latest 50 trades on subscribing.
+        check_gaps: count jumps in trade ids as gaps.
+        name: actor name.
 
     Example::
 

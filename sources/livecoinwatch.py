@@ -127,7 +127,9 @@ def _seconds_to_midnight_utc() -> float:
 class LiveCoinWatchPrices(HttpSource):
     """Source: LiveCoinWatch coin prices, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: coin codes (``BTC``, ``ETH``), polled with ``/coins/map``
             (``/coins/single`` when ``per_request`` is 1); or
         top: instead of ``symbols``, the first ``top`` coins by rank, paged
@@ -138,7 +140,7 @@ class LiveCoinWatchPrices(HttpSource):
         api_key_env: the variable holding the key.
         daily_credits: the plan's daily credits (paces the calls; 10,000).
         credits_every: seconds between reads of ``/credits``.
-        name: default ``livecoinwatch``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://api.livecoinwatch.com"

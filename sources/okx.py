@@ -98,14 +98,16 @@ _TRANSIENT = {"50001", "50004", "50013", "50026"}
 class OKXTickers(HttpSource):
     """Source: OKX tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: OKX instrument ids such as ``BTC-USDT``.
         endpoint: ``all`` (one ``market/tickers`` request per cycle, kept
             to ``symbols``) or ``single`` (one ``market/ticker`` request per
             instrument: fewer bytes for a handful of symbols).
         inst_type: the instrument type ``all`` asks for (``SPOT``,
             ``SWAP``, ``FUTURES``, ``OPTION``); the symbols must be of it.
-        name: default ``okx``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://www.okx.com"

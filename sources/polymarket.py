@@ -148,7 +148,9 @@ class _Outcome(msgspec.Struct, frozen=True):
 class PolymarketPrices(HttpSource):
     """Source: Polymarket outcome prices, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s; ``base_url`` is the CLOB's):
+    Takes the parameters of [HttpSource][flows.HttpSource] too (``base_url`` is the CLOB's).
+
+    Parameters:
         markets: Gamma market ids or slugs to follow (default: discover
             the active markets, up to ``max_markets``).
         max_markets: how many active markets discovery lists (with
@@ -162,7 +164,7 @@ class PolymarketPrices(HttpSource):
         per_request: token ids per ``/prices`` call.
         gamma_url: the Gamma API's root (default: the real one).
         discover_every: seconds between discoveries (and closed checks).
-        name: default ``polymarket``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://clob.polymarket.com"

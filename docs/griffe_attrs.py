@@ -35,7 +35,8 @@ def _default(cls: type, parameter: inspect.Parameter) -> str | None:
     if parameter.default is attrs.NOTHING:  # a factory: say what it makes
         field = {f.alias: f for f in attrs.fields(cls)}[parameter.name]
         factory = field.default.factory
-        return "computed" if field.default.takes_self else f"{factory.__name__}()"
+        private = field.default.takes_self or factory.__name__.startswith("_")
+        return "computed" if private else f"{factory.__name__}()"
     if isinstance(parameter.default, type):
         return parameter.default.__name__
     return repr(parameter.default)

@@ -1,7 +1,7 @@
 """InfluxDB sink: write records as line protocol over HTTP.
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sinks/influx.md; the parameters are also in the class docstring.
+docs/sinks/influx.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations

@@ -1,70 +1,8 @@
 """Financial Modeling Prep: end-of-day prices in bulk, quotes, dividends and
 company profiles of US stocks, over the ``stable`` API.
 
-Talks to ``https://financialmodelingprep.com`` (or ``base_url``: a proxy or
-flows' emulator); every call carries ``apikey=KEY``:
-
-- ``FMPEndOfDay``: ``GET /stable/eod-bulk?date=2024-10-22``: every symbol's
-  bar of one date in one call, as CSV (``"symbol","date","open","low",
-  "high","close","adjClose","volume"``). A Tick per symbol: ``price`` the
-  close, ``volume`` the day's volume, ``ts`` the date's US close (21:00
-  UTC). ``symbols=None`` keeps every row, else only those symbols (the
-  ones the file lacks are counted ``missing``).
-- ``FMPQuotes``: ``GET /stable/batch-quote?symbols=AAPL,MSFT`` (comma
-  separated, ``per_request`` a call): ``[{"symbol": "AAPL", "price": 232.8,
-  "volume": 44489128, "timestamp": 1738702801, ...}]``; unknown symbols
-  are left out (``missing``).
-- ``FMPDividends``: ``GET /stable/dividends?symbol=AAPL``, one call per
-  symbol: ``[{"symbol", "date": "2025-02-10", "dividend": 0.25,
-  "adjDividend", "recordDate", "paymentDate", "declarationDate", "yield",
-  "frequency"}]``. A ``Dividend`` record per payment, every field kept
-  (``ts`` the ex-date at midnight UTC), keyed by source, symbol and
-  ex-date: storing it again is idempotent. ``[]`` (no dividends, or no
-  such symbol) gives nothing.
-- ``FMPProfiles``: ``GET /stable/profile?symbol=AAPL``: ``[{"symbol",
-  "price", "marketCap", "companyName", "sector", ...}]``. A ``Profile``
-  record per symbol with every documented field (``ts`` the fetch time),
-  keyed by source, symbol and ``ts`` (one row per sync: a history of
-  profiles); ``[]``: an unknown symbol (parked, probed again every
-  ``reprobe_every``).
-
-Storing sinks (SQLite, PostgreSQL, ...) keep ``Dividend`` records in a
-table ``dividends`` and ``Profile`` records in ``profiles``
-(``flows.record_schema``; ``tables={Dividend: "..."}`` renames them).
-
-API key: ``api_key=`` or the environment variable ``api_key_env``
-(``FMP_API_KEY``), masked wherever flows shows text; a 401 (``{"Error
-Message": "Invalid API KEY. ..."}``) is permanent and names its origin.
-
-Limits: FMP sells per-minute plans: 300 calls a minute on Starter (the
-default ``RateLimit(300, 60.0)``), 750 on Premium, 3,000 on Ultimate
-(``limits=[RateLimit(750, 60.0)]``); the bulk endpoints need a plan that
-includes them. Over the limit FMP answers 429 ``{"Error Message": "Limit
-Reach . ..."}`` without ``Retry-After``: the source pauses one minute.
-
-Daily syncs (``once=True``) of the per-symbol sources can skip symbols
-refreshed recently: ``state=PATH, max_age=SECONDS`` keeps a JSON file of
-when each symbol was last fetched (written every ``checkpoint_every``
-symbols, and at the end, so a killed sync loses at most that many), drops
-the symbols younger than ``max_age`` before the sync starts, and logs at
-the end the calls made and the calls the filter saved
-(``flows_source_skipped_total`` counts those symbols). ``refreshed=``
-tells the same from elsewhere, typically the sink's own table: a mapping
-``{symbol: epoch seconds}`` or a function returning one, called once when
-the source starts (for profiles, ``SELECT symbol, max(ts) FROM profiles
-GROUP BY symbol``); with ``state`` too, the later time counts.
-
-Example::
-
-    from flows import Flow
-    from sources.fmp import FMPDividends, FMPEndOfDay
-    from sinks.postgres import PostgresSink
-
-    # export FMP_API_KEY=...
-    flow = Flow("stocks", sources=[FMPEndOfDay(date="2024-10-22", once=True),
-                                   FMPDividends(symbols=["AAPL", "MSFT"], once=True,
-                                                state="fmp-state.json", max_age=20 * 3600)],
-                sinks=[PostgresSink("postgresql://flows@db/market")])  # ticks, dividends
+The reference (endpoints, records, limits, daily syncs, parameters,
+metrics) is the docs page ``docs/sources/fmp.md``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Replay: recorded ticks from a local JSONL or CSV file, once, then the flow ends.
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sources/replay.md; the parameters are also in the class docstring.
+docs/sources/replay.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations

@@ -707,7 +707,13 @@ class Candles(Window):
     (trades 0, volume 0 or None, VWAP None, first and last time those of
     the last record). A candle's source and symbol come from a (source,
     symbol) key; any other key becomes its symbol (as text), with source
-    "". The other parameters are ``Window``'s.
+    "".
+
+    Takes the parameters of [Window][flows.Window] too.
+
+    Parameters:
+        empty: ``"skip"`` (no candle for a window without records) or
+            ``"carry"`` (a candle at the last close).
     """
 
     def __init__(

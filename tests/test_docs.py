@@ -187,3 +187,32 @@ def test_every_parameter_is_documented_in_the_docstring(cls):
         bases = [b.__name__ for b in cls.__mro__[1:] if b is not object]
         assert any(f"[{b}]" in (cls.__doc__ or "") for b in bases), \
             f"{cls.__name__} takes **options: its docstring must link the base whose parameters they are"
+
+
+def option_rows(page: Path) -> dict[str, str]:
+    """{first word of the option cell: default cell} of a page's ``| option | default | meaning |`` table."""
+    text = page.read_text()
+    table = text.split("| option | default | meaning |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for row in table.splitlines():
+        option, default = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        rows[option.strip("`").split()[0]] = default
+    return rows
+
+
+@pytest.mark.parametrize(("module", "page"), [("flows.run", "getting-started.md"),
+                                              ("flows.top", "operations/observing.md")])
+def test_command_line_tables_match_the_parsers(module, page):
+    """The docs' option table and ``--help`` hold the same options and defaults."""
+    parser = importlib.import_module(module)._parser()
+    rows = option_rows(DOCS / page)
+    options = {}
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        name = action.option_strings[0] if action.option_strings else action.metavar or action.dest.upper()
+        options[name] = action.default
+    assert set(rows) == set(options), f"{page}: table {sorted(rows)} vs --help {sorted(options)}"
+    for name, default in options.items():
+        if default not in (None, False):
+            assert f"`{default}`" in rows[name], f"{page}: {name} default {default!r}, table says {rows[name]}"

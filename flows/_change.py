@@ -202,9 +202,9 @@ def _tick_time(record: Any) -> float:
 class ChangeDetector:
     """A stage that drops records whose value has not moved.
 
-    ::
-
-        ChangeDetector(rel=0.0005, heartbeat=60.0)
+    ```python
+    ChangeDetector(rel=0.0005, heartbeat=60.0)
+    ```
 
     Parameters:
         rel: emit when ``|v - last| >= rel * |last|`` (0 disables).

@@ -126,9 +126,9 @@ def _release_all(holds: list[_Hold], outcome: str) -> None:
 class Window:
     """A stage that aggregates records per key over windows of event time.
 
-    ::
-
-        Window(every=60, lateness=2.0, aggregate=lambda key, start, width, records: ...)
+    ```python
+    Window(every=60, lateness=2.0, aggregate=lambda key, start, width, records: ...)
+    ```
 
     Parameters:
         every: the window's width in seconds.
@@ -693,10 +693,10 @@ class Window:
 class Candles(Window):
     """OHLCV candles: a window stage over trades (or ticks).
 
-    ::
-
-        Candles(every=60, lateness=2.0)               # 1-minute candles
-        Candles(every=300, step=60, empty="carry")    # 5-minute candles every minute
+    ```python
+    Candles(every=60, lateness=2.0)               # 1-minute candles
+    Candles(every=300, step=60, empty="carry")    # 5-minute candles every minute
+    ```
 
     Each closed window of a key gives a ``Candle``: open (the price of its
     earliest record), high, low, close (the price of its latest record),

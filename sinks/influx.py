@@ -284,10 +284,12 @@ def _json_getter(name: str) -> Callable[[Any], Any]:
 class InfluxSink(_Lines, BatchingSink):
     """Sink: write records to InfluxDB (or QuestDB, VictoriaMetrics) as line protocol.
 
-    Usage::
+    Usage:
 
-        InfluxSink("http://127.0.0.1:8086", database="market")
-        InfluxSink("https://influx:8086", bucket="market", org="me", token="...")
+    ```python
+    InfluxSink("http://127.0.0.1:8086", database="market")
+    InfluxSink("https://influx:8086", bucket="market", org="me", token="...")
+    ```
 
     Parameters:
         url: the server's base URL (``http`` or ``https``; may hold a path prefix).

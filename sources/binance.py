@@ -414,12 +414,14 @@ class BinanceTrades(BinanceStream):
         check_gaps: count jumps in trade ids as gaps.
         name: actor name.
 
-    Example::
+    Example:
 
-        from sources.binance import BinanceTrades
+    ```python
+    from sources.binance import BinanceTrades
 
-        Flow("trades", sources=[BinanceTrades(symbols=["BTCUSDT", "ETHUSDT"])],
-             sinks=[SQLiteSink("market.db")])
+    Flow("trades", sources=[BinanceTrades(symbols=["BTCUSDT", "ETHUSDT"])],
+         sinks=[SQLiteSink("market.db")])
+    ```
     """
 
     def __init__(self, *, symbols: list[str], check_gaps: bool = True,

@@ -199,13 +199,15 @@ class CoinbaseStream(WebSocketSource):
         unknown: products Coinbase refused as not valid; left out of later
             subscriptions.
 
-    Example::
+    Example:
 
-        from flows import Edge, Flow
-        from sources.coinbase import CoinbaseStream
+    ```python
+    from flows import Edge, Flow
+    from sources.coinbase import CoinbaseStream
 
-        flow = Flow("live", sources=[CoinbaseStream(symbols=["BTC-USD", "ETH-USD"])],
-                    sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    flow = Flow("live", sources=[CoinbaseStream(symbols=["BTC-USD", "ETH-USD"])],
+                sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    ```
     """
 
     DEFAULT_URL = "wss://ws-feed.exchange.coinbase.com"
@@ -318,12 +320,14 @@ class CoinbaseTrades(CoinbaseStream):
         last_match: also send each product's ``last_match`` as a Trade.
         name: actor name.
 
-    Example::
+    Example:
 
-        from sources.coinbase import CoinbaseTrades
+    ```python
+    from sources.coinbase import CoinbaseTrades
 
-        Flow("trades", sources=[CoinbaseTrades(symbols=["BTC-USD", "ETH-USD"])],
-             sinks=[SQLiteSink("market.db")])
+    Flow("trades", sources=[CoinbaseTrades(symbols=["BTC-USD", "ETH-USD"])],
+         sinks=[SQLiteSink("market.db")])
+    ```
     """
 
     CHANNEL = "matches"

@@ -283,13 +283,15 @@ class KrakenStream(WebSocketSource):
         unknown: pairs Kraken refused; left out of later subscriptions.
         pongs: pong answers received (the heartbeat's echo).
 
-    Example::
+    Example:
 
-        from flows import Edge, Flow
-        from sources.kraken import KrakenStream
+    ```python
+    from flows import Edge, Flow
+    from sources.kraken import KrakenStream
 
-        flow = Flow("live", sources=[KrakenStream(symbols=["BTC/USD", "ETH/USD"])],
-                    sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    flow = Flow("live", sources=[KrakenStream(symbols=["BTC/USD", "ETH/USD"])],
+                sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    ```
     """
 
     DEFAULT_URL = "wss://ws.kraken.com/v2"
@@ -421,12 +423,14 @@ class KrakenTrades(KrakenStream):
         check_gaps: count jumps in trade ids as gaps.
         name: actor name.
 
-    Example::
+    Example:
 
-        from sources.kraken import KrakenTrades
+    ```python
+    from sources.kraken import KrakenTrades
 
-        Flow("trades", sources=[KrakenTrades(symbols=["BTC/USD", "ETH/USD"])],
-             sinks=[SQLiteSink("market.db")])
+    Flow("trades", sources=[KrakenTrades(symbols=["BTC/USD", "ETH/USD"])],
+         sinks=[SQLiteSink("market.db")])
+    ```
     """
 
     def __init__(self, *, symbols: list[str], snapshot: bool = False, check_gaps: bool = True,

@@ -40,6 +40,7 @@ from ._metrics import MetricFamily as MetricFamily
 from ._metrics import SlowThresholds as SlowThresholds
 from ._metrics import declared_metrics as declared_metrics
 from ._metrics import histogram_quantile as histogram_quantile
+from ._progress import Progress as Progress
 from ._records import Batch as Batch
 from ._records import Candle as Candle
 from ._records import Gap as Gap

@@ -94,12 +94,12 @@ def _clock(text: str) -> dt.time | None:
 class Calendar:
     """When a market trades: weekly sessions in a time zone, less holidays.
 
-    ::
-
-        Calendar.always()                                   # crypto: never closes
-        Calendar.weekdays("America/New_York", "09:30", "16:00",
-                          holidays=["2026-12-25", "2027-01-01"])
-        Calendar("Asia/Tokyo", {"mon-fri": [("09:00", "11:30"), ("12:30", "15:30")]})
+    ```python
+    Calendar.always()                                   # crypto: never closes
+    Calendar.weekdays("America/New_York", "09:30", "16:00",
+                      holidays=["2026-12-25", "2027-01-01"])
+    Calendar("Asia/Tokyo", {"mon-fri": [("09:00", "11:30"), ("12:30", "15:30")]})
+    ```
 
     Parameters:
         zone: an IANA time zone name (``zoneinfo``); sessions are local times.
@@ -190,11 +190,11 @@ class AdaptiveSchedule:
     """Per-symbol poll intervals for one HTTP source (see the module docstring);
     each source needs its own (a second source given it is refused).
 
-    ::
-
-        BinanceTickers(symbols=[...], every=1.0, schedule="adaptive", max_staleness=60)
-        CoinbaseTickers(symbols=[...], schedule=AdaptiveSchedule(max_staleness=120, hits=0.1),
-                        calendar=Calendar.weekdays("America/New_York", "09:30", "16:00"))
+    ```python
+    BinanceTickers(symbols=[...], every=1.0, schedule="adaptive", max_staleness=60)
+    CoinbaseTickers(symbols=[...], schedule=AdaptiveSchedule(max_staleness=120, hits=0.1),
+                    calendar=Calendar.weekdays("America/New_York", "09:30", "16:00"))
+    ```
 
     Parameters:
         max_staleness: seconds; every symbol is polled at least this often.

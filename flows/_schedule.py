@@ -91,6 +91,19 @@ def _clock(text: str) -> dt.time | None:
     return dt.time(h, m)
 
 
+def _session(days: str | int, span: Any) -> tuple[dt.time, dt.time | None]:
+    """One ``(open, close)`` pair of ``"HH:MM"`` texts as times (close None: midnight)."""
+    try:
+        start, end = span
+        opens, closes = _clock(start), _clock(end)
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"calendar: {days!r}: {span!r} is not an (open, close) pair of times; "
+                         "sessions are a list of pairs like [('09:30', '16:00')]") from None
+    if opens is None or (closes is not None and closes <= opens):
+        raise ValueError(f"calendar: session {start}-{end} must close after it opens")
+    return opens, closes
+
+
 class Calendar:
     """When a market trades: weekly sessions in a time zone, less holidays.
 
@@ -121,10 +134,8 @@ class Calendar:
         self.sessions: dict[int, list[tuple[dt.time, dt.time | None]]] = {}
         for days, spans in (sessions or {}).items():
             for day in self._days(days):
-                for start, end in spans:
-                    opens, closes = _clock(start), _clock(end)
-                    if opens is None or (closes is not None and closes <= opens):
-                        raise ValueError(f"calendar: session {start}-{end} must close after it opens")
+                for span in spans:
+                    opens, closes = _session(days, span)
                     self.sessions.setdefault(day, []).append((opens, closes))
         if sessions is not None and not self.sessions:
             raise ValueError("calendar: no sessions (use Calendar.always() for a market that never closes)")

@@ -155,6 +155,17 @@ def test_calendar_sessions_holidays_and_changes():
         Calendar("UTC", {"someday": [("09:00", "10:00")]})
 
 
+@pytest.mark.parametrize("spans", [("09:30", "16:00"), [("09:30",)], [("9h30", "16:00")],
+                                   [("09:30", None)], [("09:61", "16:00")]],
+                         ids=["a pair, not a list", "no close", "not a time", "None", "minute 61"])
+def test_a_session_that_is_not_a_list_of_time_pairs_is_refused_clearly(spans):
+    """A likely slip (one pair instead of a list of pairs, as
+    Calendar.weekdays takes it) gets an error that says what is expected,
+    not Python's "too many values to unpack"."""
+    with pytest.raises(ValueError, match=r"'mon-fri'.*not an \(open, close\) pair of times"):
+        Calendar("UTC", {"mon-fri": spans})
+
+
 @pytest.mark.parametrize("schedule", ["adaptive", "fixed"])
 async def test_a_closed_market_is_polled_at_the_floor_after_one_fetch_at_the_close(
         emulator, autojump_clock, schedule):

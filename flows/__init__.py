@@ -46,6 +46,7 @@ from ._records import Candle as Candle
 from ._records import Gap as Gap
 from ._records import Tick as Tick
 from ._records import Trade as Trade
+from ._records import check_symbols as check_symbols
 from ._records import check_tick as check_tick
 from ._redact import add_secret as add_secret
 from ._redact import redact as redact

@@ -52,7 +52,7 @@ from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
 from ._progress import Progress
-from ._records import Batch, screen
+from ._records import Batch, check_symbols, screen
 from ._redact import add_secret, redact
 from ._retry import Retry
 from ._schedule import SCHEDULE_METRICS, AdaptiveSchedule, Calendar
@@ -299,8 +299,7 @@ class HttpSource:
         calendar: Calendar | None = None,
         name: str,
     ) -> None:
-        if not symbols:
-            raise ValueError(f"{name}: symbols must not be empty")
+        symbols = check_symbols(symbols, name)
         if not every > 0 or concurrency < 1:
             raise ValueError(f"{name}: every must be > 0 and concurrency >= 1")
         self.symbols = list(symbols)

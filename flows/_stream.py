@@ -26,7 +26,7 @@ from ._http import HttpError, HttpSource, Parsed, screened
 from ._limits import RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import ComponentMetrics, MetricFamily
-from ._records import Batch, Tick
+from ._records import Batch, Tick, check_symbols
 from ._redact import redact
 from ._retry import Retry
 from ._wsclient import (
@@ -179,8 +179,7 @@ class WebSocketSource:
         max_message_size: int = 1 << 20,
         name: str,
     ) -> None:
-        if not symbols:
-            raise ValueError(f"{name}: symbols must not be empty")
+        symbols = check_symbols(symbols, name)
         per = self.MAX_STREAMS_PER_CONNECTION if max_streams_per_connection is None \
             else max_streams_per_connection
         if per < 1 or batch_size < 1 or max_message_size < 1:

@@ -24,6 +24,7 @@ from flows import (
     StreamParsed,
     Tick,
     WebSocketSource,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -81,7 +82,7 @@ class BinanceTickers(HttpSource):
         if per_request < 1:
             raise ValueError("per_request must be >= 1")
         # Binance's symbols are upper case ("btcusdt" gets -1100, illegal characters)
-        symbols = list(dict.fromkeys(s.strip().upper() for s in symbols))
+        symbols = list(dict.fromkeys(s.strip().upper() for s in check_symbols(symbols, name)))
         super().__init__(symbols=symbols, name=name, **options)
         self.endpoint = endpoint
         self.per_request = per_request
@@ -277,7 +278,7 @@ class BinanceStream(WebSocketSource):
                 symbols=symbols, endpoint="book" if channel == "bookTicker" else "price",
                 base_url=rest_url, name=f"{name}_snapshot",
             )
-        super().__init__(symbols=[s.upper() for s in symbols], name=name,
+        super().__init__(symbols=[s.upper() for s in check_symbols(symbols, name)], name=name,
                          snapshot=snapshot or None, **options)
         self.channel = channel
         self.subscribe = subscribe

@@ -22,6 +22,7 @@ from flows import (
     RateLimit,
     Request,
     Tick,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -228,7 +229,8 @@ class CoinbaseStream(WebSocketSource):
         if products_per_message < 1:
             raise ValueError("products_per_message must be >= 1")
         options.setdefault("silence_timeout", 10.0 if heartbeat else 60.0)
-        super().__init__(symbols=[s.upper() for s in symbols], name=name, **options)
+        super().__init__(symbols=[s.upper() for s in check_symbols(symbols, name)], name=name,
+                         **options)
         self.heartbeat_channel = heartbeat
         self.check_gaps = check_gaps
         self.products_per_message = products_per_message

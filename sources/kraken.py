@@ -21,6 +21,7 @@ from flows import (
     RateLimit,
     Request,
     Tick,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -314,7 +315,8 @@ class KrakenStream(WebSocketSource):
         if symbols_per_message < 1:
             raise ValueError("symbols_per_message must be >= 1")
         options.setdefault("silence_timeout", 10.0)
-        super().__init__(symbols=[v2_symbol(s) for s in symbols], name=name, **options)
+        super().__init__(symbols=[v2_symbol(s) for s in check_symbols(symbols, name)], name=name,
+                         **options)
         self.event_trigger = event_trigger
         self.snapshot_on_subscribe = snapshot
         self.symbols_per_message = symbols_per_message

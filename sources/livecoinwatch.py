@@ -25,6 +25,7 @@ from flows import (
     Request,
     Tick,
     add_secret,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -126,7 +127,8 @@ class LiveCoinWatchPrices(HttpSource):
         add_secret(key)
         headers = {**(options.pop("headers", None) or {}), "x-api-key": key}
         options.setdefault("limits", [self.PER_MINUTE, RateLimit(daily_credits, _DAY)])
-        codes = [s.strip().upper() for s in symbols] if symbols is not None else ["*"]
+        codes = ([s.strip().upper() for s in check_symbols(symbols, name)] if symbols is not None
+                 else ["*"])
         super().__init__(symbols=codes, name=name, headers=headers, **options)
         self.top, self.currency, self.per_request = top, currency.strip().upper(), per_request
         self.daily_credits, self.credits_every = daily_credits, credits_every

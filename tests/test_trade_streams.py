@@ -26,9 +26,11 @@ from flows import RECONNECT_REASONS, Retry, Trade, check_tick
 from flows._wsclient import open_ws
 from flows.testing import assert_component_metrics, sample
 from flows.testing.emulator import WsFaults
-from sources.binance import BinanceTrades
-from sources.coinbase import CoinbaseTrades
-from sources.kraken import KrakenTrades
+from sources.binance import BinanceTickers, BinanceTrades
+from sources.coinbase import CoinbaseTickers, CoinbaseTrades
+from sources.coingecko import CoinGeckoPrices
+from sources.kraken import KrakenTickers, KrakenTrades
+from sources.okx import OKXTickers
 
 NONE = dict.fromkeys(RECONNECT_REASONS, 0.0)
 BEYOND_64_BITS = 2**70
@@ -358,3 +360,17 @@ async def test_emulator_kraken_trade_channel_and_snapshot(nursery, autojump_cloc
         assert set(item) == {"symbol", "side", "price", "qty", "ord_type", "trade_id",
                              "timestamp"}
         assert isinstance(item["price"], float) and isinstance(item["qty"], float)
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: BinanceTrades(symbols=s), lambda s: CoinbaseTrades(symbols=s),
+    lambda s: KrakenTrades(symbols=s), lambda s: BinanceTickers(symbols=s),
+    lambda s: CoinbaseTickers(symbols=s), lambda s: KrakenTickers(symbols=s),
+    lambda s: OKXTickers(symbols=s), lambda s: CoinGeckoPrices(symbols=s),
+], ids=["BinanceTrades", "CoinbaseTrades", "KrakenTrades", "BinanceTickers", "CoinbaseTickers",
+        "KrakenTickers", "OKXTickers", "CoinGeckoPrices"])
+def test_symbols_given_as_one_string_are_refused(make):
+    """symbols="BTCUSDT" was read one character at a time (B, T, C, U, S,
+    D: each subscribed or polled, none the symbol meant)."""
+    with pytest.raises(ValueError, match=r"symbols must be a list of symbols, not the string"):
+        make("BTCUSDT")

@@ -273,13 +273,13 @@ class BinanceStream(WebSocketSource):
             raise ValueError(f"subscribe must be 'url' or 'message', not {subscribe!r}")
         if streams_per_message < 1:
             raise ValueError("streams_per_message must be >= 1")
+        symbols = [s.upper() for s in check_symbols(symbols, name)]
         if snapshot is True:
             snapshot = BinanceTickers(
                 symbols=symbols, endpoint="book" if channel == "bookTicker" else "price",
                 base_url=rest_url, name=f"{name}_snapshot",
             )
-        super().__init__(symbols=[s.upper() for s in check_symbols(symbols, name)], name=name,
-                         snapshot=snapshot or None, **options)
+        super().__init__(symbols=symbols, name=name, snapshot=snapshot or None, **options)
         self.channel = channel
         self.subscribe = subscribe
         self.streams_per_message = streams_per_message

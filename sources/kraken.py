@@ -238,6 +238,8 @@ class _KrakenStatus(msgspec.Struct, frozen=True):
 
 _decode_v2 = msgspec.json.Decoder(KrakenV2Message).decode
 _decode_v2_tickers = msgspec.json.Decoder(list[KrakenV2Ticker]).decode
+_decode_v2_ticker = msgspec.json.Decoder(KrakenV2Ticker).decode
+_decode_v2_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _decode_v2_status = msgspec.json.Decoder(list[_KrakenStatus]).decode
 _v2_log = logging.getLogger("flows.source.kraken")
 # websocket v2 names assets by their common codes: BTC/USD, not XBT/USD
@@ -351,14 +353,21 @@ class KrakenStream(WebSocketSource):
         if channel == "ticker":
             if not m.data:
                 raise ValueError("ticker message without data")
+            try:
+                items = _decode_v2_tickers(m.data)
+            except msgspec.ValidationError:  # some item is of the wrong shape: one at a time
+                items = self._items(m.data, out)
             now = time.time()
-            for item in _decode_v2_tickers(m.data):
-                out.ticks.append(Tick(
-                    self.name, item.symbol, parse_price(item.last),
-                    _v2_epoch(item.timestamp) if item.timestamp else now,
-                    bid=_v2_price(item.bid), ask=_v2_price(item.ask),
-                    volume=parse_optional_float(item.volume),
-                ))
+            for item in items:
+                try:
+                    tick = Tick(self.name, item.symbol, parse_price(item.last),
+                                _v2_epoch(item.timestamp) if item.timestamp else now,
+                                bid=_v2_price(item.bid), ask=_v2_price(item.ask),
+                                volume=parse_optional_float(item.volume))
+                except ValueError as exc:  # a bad item costs only itself
+                    out.bad("invalid", f"{item!r}: {exc}"[:300])
+                    continue
+                out.ticks.append(tick)
         elif channel == "heartbeat":
             pass
         elif channel == "status":
@@ -372,6 +381,18 @@ class KrakenStream(WebSocketSource):
         elif m.method is not None and m.success is False:
             self._refused(m)
         return out
+
+    @staticmethod
+    def _items(data: msgspec.Raw, out: StreamParsed) -> list[KrakenV2Ticker]:
+        """The items of a ticker message read one by one; those of the wrong
+        shape are counted invalid."""
+        items = []
+        for raw in _decode_v2_items(data):
+            try:
+                items.append(_decode_v2_ticker(raw))
+            except msgspec.ValidationError as exc:
+                out.bad("invalid", f"{bytes(raw)[:200]!r}: {exc}")
+        return items
 
     def _refused(self, m: KrakenV2Message) -> None:
         symbol = m.symbol
@@ -406,7 +427,6 @@ class KrakenV2Trade(msgspec.Struct, frozen=True):
     ord_type: str | None = None
 
 
-_decode_v2_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _decode_v2_trade = msgspec.json.Decoder(KrakenV2Trade).decode
 
 

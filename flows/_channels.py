@@ -189,10 +189,11 @@ class Outbox:
     async def send(self, batch: Batch) -> None:
         """Send ``batch`` downstream; blocks while a ``block`` edge is full.
 
-        An empty batch is not sent: its ack hooks get ``skipped``.
+        An empty batch is not sent: its ack hooks get ``skipped``; a send
+        cancelled before the batch went out acks it ``failed``.
         """
         records = batch.records
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await _unless_cancelled(batch)
         if not records:
             batch.ack("skipped")
             return
@@ -208,7 +209,7 @@ class Outbox:
             try:
                 direct.send_nowait(batch)
             except (trio.WouldBlock, trio.BrokenResourceError):
-                waited = await self._ports[0].send(batch)  # blocks, or drops for a gone consumer
+                waited = await _send_or_fail(self._ports[0], batch)  # blocks, or drops for a gone consumer
                 if waited:
                     self.waits[0] += waited
                     m.wait_seconds += waited
@@ -334,6 +335,26 @@ class _Join:
         if self.left == 0:
             for hook in self.hooks:
                 hook(self.worst)
+
+
+async def _unless_cancelled(batch: Batch) -> None:
+    """A checkpoint before a send; cancelled there, ``batch`` acks ``failed``
+    (nothing of it went out)."""
+    try:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        batch.ack("failed")
+        raise
+
+
+async def _send_or_fail(port: EdgePort, batch: Batch) -> float:
+    """``port.send(batch)``; cancelled while it blocks, ``batch`` never went
+    out and acks ``failed`` (as a fan-out's unsent parts do)."""
+    try:
+        return await port.send(batch)
+    except BaseException:
+        batch.ack("failed")
+        raise
 
 
 def _fail_unsent(parts: Sequence[Batch | None]) -> None:

@@ -250,6 +250,7 @@ class ReplaySource:
     _finished: bool = attrs.field(default=False, init=False)
     _fresh_run: bool = attrs.field(default=False, init=False)
     _warned_failed: bool = attrs.field(default=False, init=False)
+    _sending: int | None = attrs.field(default=None, init=False)  # the token whose send is under way
     _saved_line: int | None = attrs.field(default=None, init=False)
     _saved_at: float = attrs.field(default=-math.inf, init=False)
     _metrics: ComponentMetrics | None = attrs.field(default=None, init=False)
@@ -376,6 +377,8 @@ class ReplaySource:
     def _on_ack(self, token: int, outcome: str) -> None:
         tracker = self._tracker
         assert tracker is not None
+        if outcome == "failed" and token == self._sending:
+            return  # its send was cut short (a stop): abandoned, not failed
         advanced = tracker.ack(token, outcome)
         if outcome not in _OK and not self._warned_failed:
             self._warned_failed = True
@@ -532,7 +535,7 @@ class ReplaySource:
                     if reader.invalid:
                         metrics.discarded("invalid", reader.invalid)
                 if reader.consumed > tracker.sent:
-                    token = tracker.add(reader.consumed)
+                    token = self._sending = tracker.add(reader.consumed)
                     try:
                         await outbox.send(
                             Batch(records, acks=[functools.partial(self._on_ack, token)])
@@ -540,6 +543,8 @@ class ReplaySource:
                     except BaseException:
                         tracker.abandon(token)  # never sent: not a line of it is done
                         raise
+                    finally:
+                        self._sending = None
                 if reader.consumed != reported:
                     reported = reader.consumed
                     report.update(reported)

@@ -15,11 +15,13 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 from _http_sources import OK, Probe, http, serve_answers
 from prometheus_client import CollectorRegistry
 
 from flows import (
     CircuitBreaker,
+    Edge,
     Flow,
     RateBudget,
     RateLimit,
@@ -267,6 +269,42 @@ async def test_the_resume_file_names_only_symbols_a_sink_stored(nursery, tmp_pat
             rt.stop()
     assert not resume.exists() or json.loads(resume.read_text()) == []
     sink.gate.set()
+
+
+async def test_acks_after_a_drain_stop_reach_the_resume_file(nursery, tmp_path):
+    """Stopped while its send waits on a full edge, the sync's records
+    already on the edge are stored during the drain: the resume file must
+    name them (the cut send acks failed, so the last ack writes the file)."""
+    resume = tmp_path / "done.json"
+    answered: dict[str, trio.Event] = {"A": trio.Event(), "B": trio.Event()}
+
+    async def handler(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                              b"connection: close\r\ncontent-length: 2\r\n\r\n{}")
+        await stream.aclose()
+        answered[data.split(b"s=", 1)[1][:1].decode()].set()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    source = PerSymbol(base_url=url, symbols=["A", "B", "C"], once=True, resume=resume,
+                       concurrency=1)
+    sink = GatedSink()  # takes nothing yet: A waits on the edge, B's send blocks
+    flow = Flow("core")
+    flow.source(source).to(sink, edge=Edge(capacity=1))
+    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as inner:
+            await inner.start(rt.run)
+            await answered["B"].wait()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # B's send is blocked
+            rt.stop()  # drain: the source stops, A still goes to the sink
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            sink.gate.set()
+    assert [t.symbol for t in sink.records] == ["A"]
+    assert json.loads(resume.read_text()) == ["A"]
 
 
 async def test_a_broken_resume_file_starts_over(nursery, tmp_path):  # real clock: threads

@@ -51,7 +51,7 @@ class AckingSource:
 
     def outcomes(self) -> Counter:
         """Each batch sent acked exactly once: the count of each outcome. A
-        send cut short acks ``failed`` or not at all (nothing had gone out)."""
+        send cut short acks ``failed``."""
         if self.acks.get(self.sent) == ["failed"]:
             del self.acks[self.sent]
         assert sorted(self.acks) == list(range(self.sent)), "a batch was never acked"
@@ -163,6 +163,43 @@ async def test_a_fan_out_cut_by_a_stop_midway_still_acks_once_as_failed(registry
         stalled.gate.set()
     assert source.acks == {0: ["written"], 1: ["failed"]}
     assert len(stalled.records) == 10
+
+
+async def test_a_send_to_one_full_edge_cut_by_a_stop_acks_failed(registry):
+    # one plain edge (the direct path): batch 1 blocks on the stalled sink's full
+    # edge and the stop cancels its send; its hook must still be called (failed),
+    # or whoever counts acks still to come (a resume file's last write) waits forever
+    source = AckingSource("s", n=None)
+    stalled = GatedSink(name="stalled")
+    flow = Flow("cut_one")
+    flow.source(source).to(stalled, edge=Edge(capacity=1))
+    rt = Runtime(flow, registry=registry, metrics_addr=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert source.sent == 1
+        rt.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        stalled.gate.set()
+    assert source.acks == {0: ["written"], 1: ["failed"]}
+    assert len(stalled.records) == 10
+
+
+async def test_a_send_begun_once_cancelled_acks_failed(registry):
+    acks: list[str] = []
+
+    class CancelledSend:
+        name = "cancelled"
+
+        async def run(self, outbox) -> None:
+            with trio.CancelScope() as scope:
+                scope.cancel()  # a stop already pending when the send starts
+                await outbox.send(Batch([Tick("s", "X", 1.0, 1.0)], acks=[acks.append]))
+
+    flow = Flow("late")
+    flow.source(CancelledSend()).to(ListSink())
+    await run(flow, registry)
+    assert acks == ["failed"]
 
 
 async def test_route_by_key_and_unread_branches_are_counted_unrouted(registry):

@@ -301,6 +301,28 @@ async def test_acks_after_the_end_of_file_save_the_final_offset(tmp_path, autoju
     assert read_offset(source)["line"] == 100  # written by the ack hooks during the drain
 
 
+async def test_a_drain_stop_cutting_a_send_is_not_a_failed_batch(tmp_path, caplog):
+    ticks = make_ticks(100)
+    path = tmp_path / "ticks.jsonl"
+    write_jsonl(path, ticks)
+    source = ReplaySource(path=path, batch_size=10)
+    sink = GatedSink()
+    flow = Flow("rp", sources=[source], sinks=[sink], edges={"gated": Edge(capacity=2)})
+    registry = CollectorRegistry()
+    runtime = Runtime(flow, registry=registry, metrics_addr=None)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.run)
+            await wait_until(lambda: sample(registry, "flows_records_sent_total", "rp", "replay") == 20)
+            await trio.testing.wait_all_tasks_blocked()  # the third batch's send is blocked
+            runtime.stop()  # cuts that send: the drain stores the two on the edge
+            await trio.testing.wait_all_tasks_blocked()
+            sink.gate.set()
+    assert sink.records == ticks[:20]
+    assert read_offset(source)["line"] == 20
+    assert not [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
 async def test_paced_replay_saves_the_offset_while_waiting(tmp_path, autojump_clock):
     path = tmp_path / "ticks.jsonl"
     write_jsonl(path, make_ticks(10, step=10.0))  # one tick every 10 s

@@ -388,9 +388,12 @@ class HttpSource:
         self._fresh = context.fresh
         if context.shard is not None:
             self.symbols = context.shard.select(self.symbols)
+        # at least 1: a shard of a source asking for everything ("*": every
+        # page, file or market, split as it goes) owns no symbol yet works as
+        # much as the others; ~0 would starve it while they keep the budget busy
         self.limiter = with_budget(self.limiter, self.rate_budget or context.rate_budget,
                                    context.shard, base_url=self.base_url, name=self.name,
-                                   demand=len(self.symbols))
+                                   demand=max(len(self.symbols), 1))
 
     def health(self) -> str | None:
         """None when healthy, else why not (shown on /readyz)."""

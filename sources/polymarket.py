@@ -162,8 +162,6 @@ class PolymarketPrices(HttpSource):
         super().setup(context)
         if not self.chosen:
             self.symbols, self._shard = everything, context.shard
-            if hasattr(self.limiter, "demand"):  # a shared budget: every shard does equal work
-                self.limiter.demand = 1.0
 
     # -- requests ------------------------------------------------------------
 

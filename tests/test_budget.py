@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 redis = pytest.importorskip("redis")
 
-from flows import Flow, RateBudget, RateLimit
+from flows import Flow, RateBudget, RateLimit, RunContext
 from flows._budget import BudgetScripts, SharedRateLimiter, with_budget
 from flows._limits import RateLimiter
 from flows._shard import Shard
@@ -24,6 +24,9 @@ from flows.testing import ListSink, sample, wait_until
 from flows.testing.emulator import Emulator
 from flows.testing.redis import RedisServer, free_port, redis_server_path
 from sources.binance import BinanceTickers
+from sources.fmp import FMPEndOfDay
+from sources.livecoinwatch import LiveCoinWatchPrices
+from sources.polymarket import PolymarketPrices
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="needs redis-server")
 
@@ -160,6 +163,23 @@ def test_with_budget_keeps_the_local_limiter_unless_a_budget_is_named():
     assert shared.key == "api.binance.com|6000/60s" and shared.processes == 3
     assert shared.fallback.limits[0].limit == pytest.approx(6000 / 3 * 0.98)
     assert with_budget(shared, "redis://x/0", None, base_url="", name="b") is shared
+
+
+@pytest.mark.parametrize("build", [
+    lambda: LiveCoinWatchPrices(top=300, api_key="k"),
+    lambda: FMPEndOfDay(date="2024-10-22", api_key="k"),
+    lambda: PolymarketPrices(),
+], ids=["livecoinwatch_top", "fmp_eod", "polymarket_discovery"])
+def test_shards_that_split_everything_share_a_budget_evenly(build):
+    # these ask for every page / file / market list ("*"): no shard owns more
+    # symbols than another, so none may weigh ~0 in the budget (starved while
+    # the others keep it busy)
+    demands = []
+    for k in range(3):
+        source = build()
+        source.setup(RunContext(flow="f", shard=Shard(k, 3), rate_budget="redis://127.0.0.1:1/0"))
+        demands.append(source.limiter.demand)
+    assert demands == [1.0, 1.0, 1.0]
 
 
 def test_a_budget_url_must_be_redis():

@@ -101,7 +101,7 @@ class BinanceTickers(HttpSource):
 
     def on_response(self, response: httpx.Response) -> None:
         used = response.headers.get("x-mbx-used-weight-1m")
-        if used is not None and used.isdigit():
+        if used is not None and used.isdecimal():  # not isdigit(): "²" passes it, float() fails
             to_minute_end = 60.0 - time.time() % 60.0
             # the header counts a minute: read it against a minute's limit
             # (the declared one, else Binance's), never a per-second one

@@ -233,6 +233,14 @@ async def test_a_delisted_symbol_fails_its_batch_with_1121_and_is_parked(emulato
     assert emulator.stats["binance"]["ticker/price"]["status"]["400"] >= 2  # the batch, then halves
 
 
+async def test_a_usage_header_of_digits_float_cannot_read_is_ignored():
+    # b"\xb2" reads as "²" (latin-1): isdigit() passed it and float() raised,
+    # failing the poll's worker (the source) instead of ignoring the header
+    source = BinanceTickers(symbols=["BTCUSDT"])
+    source.on_response(httpx.Response(200, headers=[(b"x-mbx-used-weight-1m", b"\xb2")]))
+    assert source.limiter.paused_until == -float("inf")
+
+
 async def test_the_minute_usage_header_is_read_against_a_minute_limit():
     """X-MBX-USED-WEIGHT-1M counts a minute: a source limited to 5 weight a
     second (300 a minute) that used 9 in this minute is nowhere near it and

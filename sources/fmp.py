@@ -33,6 +33,7 @@ from flows import (
     Shard,
     Tick,
     add_secret,
+    check_symbols,
     parse_optional_float,
     parse_price,
     write_atomic,
@@ -285,7 +286,7 @@ class FMPEndOfDay(_FMPSource):
                  name: str = "fmp_eod", **options: Any) -> None:
         day = last_weekday() if date is None else date
         self.date = day if isinstance(day, dt.date) else dt.date.fromisoformat(day)
-        self.wanted = None if symbols is None else set(symbols)
+        self.wanted = None if symbols is None else set(check_symbols(symbols, name))
         super().__init__(symbols=sorted(self.wanted or ["*"]), api_key=api_key,
                          api_key_env=api_key_env, name=name, **options)
         self._shard: Shard | None = None  # every row: keep those this shard owns

@@ -141,6 +141,9 @@ class PolymarketPrices(HttpSource):
                              "discover_every > 0")
         if discover not in ("markets", "events"):
             raise ValueError(f"{name}: discover must be 'markets' or 'events', not {discover!r}")
+        if isinstance(markets, (str, bytes)):  # list() would split it into characters
+            raise ValueError(f"{name}: markets must be a list of markets, not the string "
+                             f"{markets!r} (write [{markets!r}])")
         if markets is not None and not markets:
             raise ValueError(f"{name}: markets must not be empty (None: discover them)")
         super().__init__(symbols=list(markets) if markets else ["*"], name=name, **options)

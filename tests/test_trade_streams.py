@@ -29,8 +29,10 @@ from flows.testing.emulator import WsFaults
 from sources.binance import BinanceTickers, BinanceTrades
 from sources.coinbase import CoinbaseTickers, CoinbaseTrades
 from sources.coingecko import CoinGeckoPrices
+from sources.fmp import FMPEndOfDay
 from sources.kraken import KrakenTickers, KrakenTrades
 from sources.okx import OKXTickers
+from sources.polymarket import PolymarketPrices
 
 NONE = dict.fromkeys(RECONNECT_REASONS, 0.0)
 BEYOND_64_BITS = 2**70
@@ -367,10 +369,11 @@ async def test_emulator_kraken_trade_channel_and_snapshot(nursery, autojump_cloc
     lambda s: KrakenTrades(symbols=s), lambda s: BinanceTickers(symbols=s),
     lambda s: CoinbaseTickers(symbols=s), lambda s: KrakenTickers(symbols=s),
     lambda s: OKXTickers(symbols=s), lambda s: CoinGeckoPrices(symbols=s),
+    lambda s: FMPEndOfDay(symbols=s, api_key="k"), lambda s: PolymarketPrices(markets=s),
 ], ids=["BinanceTrades", "CoinbaseTrades", "KrakenTrades", "BinanceTickers", "CoinbaseTickers",
-        "KrakenTickers", "OKXTickers", "CoinGeckoPrices"])
+        "KrakenTickers", "OKXTickers", "CoinGeckoPrices", "FMPEndOfDay", "PolymarketPrices"])
 def test_symbols_given_as_one_string_are_refused(make):
     """symbols="BTCUSDT" was read one character at a time (B, T, C, U, S,
     D: each subscribed or polled, none the symbol meant)."""
-    with pytest.raises(ValueError, match=r"symbols must be a list of symbols, not the string"):
+    with pytest.raises(ValueError, match=r"(symbols|markets) must be a list of \w+, not the string"):
         make("BTCUSDT")

@@ -88,7 +88,11 @@ class Freshness:
     recognised by its shape and a few probed symbols, and counts as seen at
     the last full comparison: an age may read up to ``grain`` too old, never
     too young (a dead symbol never looks alive). A run that changed is
-    compared in full again for a while.
+    compared in full again for a while. A batch that differs from its run
+    only away from the probed symbols passes for a repeat: a symbol held
+    only by such batches keeps its older time until a full comparison meets
+    one of them (batches that keep changing there make that bound longer
+    than ``grain``).
     """
 
     def __init__(self, stale_after: float) -> None:

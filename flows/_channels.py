@@ -193,7 +193,11 @@ class Outbox:
         cancelled before the batch went out acks it ``failed``.
         """
         records = batch.records
-        await _unless_cancelled(batch)
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:  # cancelled before the batch went out
+            batch.ack("failed")
+            raise
         if not records:
             batch.ack("skipped")
             return
@@ -335,16 +339,6 @@ class _Join:
         if self.left == 0:
             for hook in self.hooks:
                 hook(self.worst)
-
-
-async def _unless_cancelled(batch: Batch) -> None:
-    """A checkpoint before a send; cancelled there, ``batch`` acks ``failed``
-    (nothing of it went out)."""
-    try:
-        await trio.lowlevel.checkpoint_if_cancelled()
-    except BaseException:
-        batch.ack("failed")
-        raise
 
 
 async def _send_or_fail(port: EdgePort, batch: Batch) -> float:

@@ -99,6 +99,30 @@ def pending(client, stream: str, group: str = "flows") -> int:
     return client.xpending(stream, group)["pending"]
 
 
+# -- the server helper ------------------------------------------------------
+
+
+def test_a_server_whose_port_was_taken_meanwhile_starts_on_another():
+    """free_port() then the server's bind: another process may bind the port
+    in between (a machine shared by several test runs)."""
+    import socket
+
+    from flows.testing._ports import PortInUse
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = RedisServer()
+        server.port = busy  # as if taken after free_port() picked it
+        with server:
+            assert server.port != busy and server.url.endswith(f":{server.port}/0")
+            with redis.Redis.from_url(server.url) as conn:
+                assert conn.ping()
+        with pytest.raises(PortInUse, match=r"[Aa]ddress already in use"):
+            RedisServer(port=busy).start()  # a port the caller chose is kept
+
+
 # -- sink ----------------------------------------------------------------
 
 

@@ -53,13 +53,26 @@ def run_mutmut(names: list[str], max_children: int) -> None:
 def sampled(modules: list[str], n: int, seed: int) -> dict[str, list[str]]:
     """``n`` mutants of each module, the same ones for the same seed and code."""
     if any(not results(m) for m in MODULES):
-        run_mutmut(["flows._none.*"], 1)  # generates the mutants, runs none
+        generate()
     rng = random.Random(seed)
     drawn = {}
     for m in MODULES:  # drawn for all modules in turn: a module's sample does not
         names = sorted(results(m))  # depend on which others are asked for
         drawn[m] = sorted(rng.sample(names, min(n, len(names))))
     return {m: drawn[m] for m in modules}
+
+
+def generate() -> None:
+    """Have mutmut write every module's mutants and map tests to functions,
+    running no mutant: a run filtered to none, which mutmut ends with
+    "nothing matches" (expected, so its output is shown only on failure)."""
+    print("generating the mutants and mapping tests to functions (a few minutes)...", flush=True)
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", "1", "flows._none.*"]
+    done = subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True)
+    missing = [m for m in MODULES if not results(m)]
+    if missing:
+        sys.exit(f"mutmut generated no mutants for {', '.join(missing)}:\n"
+                 f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
 
 
 def results(module: str) -> dict[str, int | None]:

@@ -59,6 +59,31 @@ def render() -> str:
     return BEGIN + "\n".join(lines) + "\n" + END
 
 
+def component_families(classes: list[type]) -> list[flows.MetricFamily]:
+    """The families ``classes`` declare beyond the core ones (``METRICS`` up their MROs)."""
+    found: dict[str, flows.MetricFamily] = {}
+    for cls in classes:
+        for klass in reversed(cls.__mro__):
+            for family in vars(klass).get("METRICS", ()):
+                found.setdefault(family.name, family)
+    return [f for f in found.values() if f.name not in flows.METRICS]
+
+
+def component_metrics(classes: list[type], kind: str) -> str:
+    """A component page's Metrics section, from the declarations (docs/hooks.py puts it in)."""
+    text = (f"Every {kind} reports the core families (records received, sent and discarded, batch "
+            "timings, errors: see the [metrics reference](../operations/metrics.md)), labelled "
+            "with the flow and this component's name.")
+    families = component_families(classes)
+    if not families:
+        return text + "\n"
+    lines = [text + " Its own:", ""]
+    for f in families:
+        by = f", by {', '.join(f.labels)}" if f.labels else ""
+        lines.append(f"- `{f.name}` ({f.kind}{by}): {f.help}")
+    return "\n".join(lines) + "\n"
+
+
 def current(text: str) -> str:
     """The table the page holds now, between its markers ("" when absent)."""
     start, end = text.find(BEGIN), text.find(END)

@@ -40,11 +40,13 @@ from ._metrics import MetricFamily as MetricFamily
 from ._metrics import SlowThresholds as SlowThresholds
 from ._metrics import declared_metrics as declared_metrics
 from ._metrics import histogram_quantile as histogram_quantile
+from ._progress import Progress as Progress
 from ._records import Batch as Batch
 from ._records import Candle as Candle
 from ._records import Gap as Gap
 from ._records import Tick as Tick
 from ._records import Trade as Trade
+from ._records import check_symbols as check_symbols
 from ._records import check_tick as check_tick
 from ._redact import add_secret as add_secret
 from ._redact import redact as redact

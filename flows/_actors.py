@@ -111,11 +111,11 @@ class FunctionStage:
 def stage(fn: StageFunction | None = None, *, name: str | None = None) -> Any:
     """Decorator: turn ``async def f(batch) -> batch | None`` into a stage.
 
-    ::
-
-        @stage
-        async def only_btc(batch):
-            return batch.replace([t for t in batch if t.symbol.startswith("BTC")])
+    ```python
+    @stage
+    async def only_btc(batch):
+        return batch.replace([t for t in batch if t.symbol.startswith("BTC")])
+    ```
     """
     if fn is None:
         return lambda f: FunctionStage(f, name)

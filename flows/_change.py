@@ -202,9 +202,9 @@ def _tick_time(record: Any) -> float:
 class ChangeDetector:
     """A stage that drops records whose value has not moved.
 
-    ::
-
-        ChangeDetector(rel=0.0005, heartbeat=60.0)
+    ```python
+    ChangeDetector(rel=0.0005, heartbeat=60.0)
+    ```
 
     Parameters:
         rel: emit when ``|v - last| >= rel * |last|`` (0 disables).
@@ -215,9 +215,11 @@ class ChangeDetector:
             recently seen once recency is tracked (from the first key when
             ``max_keys`` < 1024, else from three quarters of ``max_keys``),
             keys not seen since then first, oldest stored first.
-        key, value, time: functions of a record (defaults fit ``Tick``:
-            (source, symbol), price, ts). Keys must be msgpack-encodable
-            (str, numbers, tuples of them) for checkpoints.
+        key: function of a record giving its key (default: ``Tick``'s
+            (source, symbol)). Keys must be msgpack-encodable (str, numbers,
+            tuples of them) for checkpoints.
+        value: function of a record giving the value compared (default: price).
+        time: function of a record giving its time (default: ts).
         checkpoint: file to save the state to and restore it from.
         checkpoint_every: seconds between saves while running.
         name: the stage's name.

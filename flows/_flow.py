@@ -220,11 +220,13 @@ class Stream:
         self, key: Callable[[Any], Hashable], values: Iterable[Hashable], *, name: str | None = None
     ) -> Routes:
         """One stream per value of ``key(record)`` in ``values``, plus ``.other``
-        for records whose key is not listed::
+        for records whose key is not listed:
 
-            by_source = polled.route(lambda t: t.source, ["binance", "coinbase"])
-            by_source["binance"].to(SQLiteSink("binance.db"))
-            by_source.other.to(ConsoleSink())
+        ```python
+        by_source = polled.route(lambda t: t.source, ["binance", "coinbase"])
+        by_source["binance"].to(SQLiteSink("binance.db"))
+        by_source.other.to(ConsoleSink())
+        ```
         """
         values = list(values)
         if not values:
@@ -272,28 +274,29 @@ class Routes(Mapping[Hashable, Stream]):
 class Flow:
     """A named dataflow graph.
 
-    ::
+    ```python
+    flow = Flow("crypto")
+    polled = flow.source(SyntheticMarket(symbols=500))
+    polled.to(JSONLSink("raw.jsonl"))
+    polled.then(ChangeDetector(rel=0.0005, heartbeat=60.0)).to(SQLiteSink("ticks.db"))
 
-        flow = Flow("crypto")
-        polled = flow.source(SyntheticMarket(symbols=500))
-        polled.to(JSONLSink("raw.jsonl"))
-        polled.then(ChangeDetector(rel=0.0005, heartbeat=60.0)).to(SQLiteSink("ticks.db"))
-
-        # a chain, in one call
-        flow = Flow(
-            "crypto",
-            sources=[SyntheticMarket(symbols=500)],
-            stages=[ChangeDetector(rel=0.0005, heartbeat=60.0)],
-            sinks=[SQLiteSink("ticks.db")],
-        )
+    # a chain, in one call
+    flow = Flow(
+        "crypto",
+        sources=[SyntheticMarket(symbols=500)],
+        stages=[ChangeDetector(rel=0.0005, heartbeat=60.0)],
+        sinks=[SQLiteSink("ticks.db")],
+    )
+    ```
 
     Parameters:
         name: the flow's name (the ``flow`` label of every metric).
-        sources, stages, sinks: a chain: the sources merged, the stages in a
-            row (a plain function ``batch -> batch | None``, sync or async,
-            becomes a stage), the last stream fanned out to the sinks.
-            Omit them to build the graph with ``source()``, ``then()``,
+        sources: a chain's sources, merged. Omit ``sources``, ``stages`` and
+            ``sinks`` to build the graph with ``source()``, ``then()``,
             ``to()``, ``split()``, ``route()`` and ``merge()``.
+        stages: a chain's stages, in a row (a plain function
+            ``batch -> batch | None``, sync or async, becomes a stage).
+        sinks: a chain's sinks: the last stream fanned out to them.
         capacity: default channel capacity, in batches.
         edges: channel settings by consumer name (or pass ``edge=`` to
             ``then``/``to``).

@@ -55,6 +55,21 @@ _NEW_SHAPES_MAX = 64
 _PAUSE = 1024
 """... runs are not looked for in this many batches (a source that never
 repeats itself pays for no lookups)."""
+_GRAIN = 1.0
+"""Seconds between full comparisons of a run (at most; ``stale_after / 10``
+when that is less): a symbol's age may read this much too old, never too young."""
+_PROBES = 8
+"""Symbols a batch is probed at between full comparisons."""
+_STRICT = 64
+"""A run found changed is compared in full for this many batches (twice as
+many each time it is found changed again, up to ``_STRICT_MAX``)."""
+_STRICT_MAX = 1 << 16
+
+# a remembered run: [symbols, when they were last seen (a full comparison
+# that matched), when that was stored in ``symbols``, when the last full
+# comparison was, probe positions, the symbols there, batches still to
+# compare in full, how many the next change costs]
+_SYMBOLS, _SEEN, _STORED, _AT, _PROBES_AT, _PROBED, _STRICTLY, _NEXT_STRICT = range(8)
 
 
 class Freshness:
@@ -68,10 +83,17 @@ class Freshness:
     earlier batch with the same length, first and last symbol, compared in
     full) only stamps the run, and the symbol times are read through the
     runs (``times``). Other batches store a time per record.
+
+    Between full comparisons, at most ``grain`` seconds apart, a repeat is
+    recognised by its shape and a few probed symbols, and counts as seen at
+    the last full comparison: an age may read up to ``grain`` too old, never
+    too young (a dead symbol never looks alive). A run that changed is
+    compared in full again for a while.
     """
 
     def __init__(self, stale_after: float) -> None:
         self.stale_after = stale_after
+        self.grain = min(_GRAIN, stale_after / 10)
         self.started = trio.current_time()
         # trio time = monotonic + offset (a real clock); for readers off the trio thread
         self._offset = self.started - time.monotonic()
@@ -79,8 +101,7 @@ class Freshness:
         self.symbols: dict[Any, float] = {}
         """Every symbol seen -> when it was last stored; a symbol of a run
         may have been seen since (``times`` has the latest)."""
-        # (length, first, last symbol) -> None (seen once) or a run:
-        # [its symbols, last seen, when they were last stored in ``symbols``]
+        # (length, first, last symbol) -> None (seen once) or a run (above)
         self._runs: dict[tuple[int, Any, Any], list[Any] | None] = {}
         self._run_symbols = 0
         self._new_shapes = 0  # batches in a row whose shape was new
@@ -102,17 +123,10 @@ class Freshness:
                 self._store_mixed(records, now)
                 return
             if run is not False:  # this shape was seen before: compare the symbols
-                try:
-                    symbols = [r.symbol for r in records]
-                except AttributeError:
-                    self._store_mixed(records, now)
-                    return
                 self._new_shapes = 0
-                if run is not None and run[0] == symbols:
-                    run[1] = now
+                if run is not None and self._probed(run, records, now):
                     return
-                if self._store(records, now):
-                    self._remember(shape, symbols, now)
+                self._compare(shape, run, records, now)
                 return
             self._runs[shape] = None
             if len(self._runs) > _RUNS_MAX:
@@ -121,6 +135,34 @@ class Freshness:
             if self._new_shapes >= _NEW_SHAPES_MAX:
                 self._new_shapes, self._pause = 0, _PAUSE
         self._store(records, now)
+
+    def _probed(self, run: list[Any], records: Sequence[Any], now: float) -> bool:
+        """Within ``grain`` of the run's last full comparison: do the probed
+        symbols match (the batch then counts as seen at that comparison)?"""
+        if run[_STRICTLY] or now - run[_AT] >= self.grain:
+            return False
+        try:
+            return [records[i].symbol for i in run[_PROBES_AT]] == run[_PROBED]
+        except AttributeError:
+            return False
+
+    def _compare(self, shape: tuple[int, Any, Any], run: list[Any] | None,
+                 records: Sequence[Any], now: float) -> None:
+        """Compare the batch with its shape's run in full: stamp the run, or
+        store the batch record by record and make it the run."""
+        try:
+            symbols = [r.symbol for r in records]
+        except AttributeError:
+            self._store_mixed(records, now)
+            return
+        if run is not None and run[_SYMBOLS] == symbols:
+            run[_SEEN] = run[_AT] = now
+            if run[_STRICTLY]:
+                run[_STRICTLY] -= 1
+            return
+        if self._store(records, now):
+            strict = 0 if run is None else min(run[_NEXT_STRICT], _STRICT_MAX)
+            self._remember(shape, symbols, now, strict)
 
     def _store(self, records: Sequence[Any], now: float) -> bool:
         """Store ``now`` for the symbol of every record; False when some
@@ -143,28 +185,31 @@ class Freshness:
                 except TypeError:  # unhashable
                     pass
 
-    def _remember(self, shape: tuple[int, Any, Any], symbols: list[Any], now: float) -> None:
+    def _remember(self, shape: tuple[int, Any, Any], symbols: list[Any], now: float,
+                  strict: int) -> None:
         """Remember ``symbols`` (just stored at ``now``) as the run of ``shape``."""
         old = self._runs.get(shape)
         if old is not None:
-            self._run_symbols -= len(old[0])
+            self._run_symbols -= len(old[_SYMBOLS])
             self._settle(old)
         if self._run_symbols + len(symbols) > _RUN_SYMBOLS_MAX:
             self._forget_runs()
             if len(symbols) > _RUN_SYMBOLS_MAX:
                 return
-        self._runs[shape] = [symbols, now, now]
+        probes = tuple(range(1, len(symbols) - 1, max(1, len(symbols) // _PROBES)))
+        self._runs[shape] = [symbols, now, now, now, probes, [symbols[i] for i in probes],
+                             strict, 2 * strict or _STRICT]
         self._run_symbols += len(symbols)
 
     def _settle(self, run: list[Any]) -> None:
         """Store a run's last-seen time in ``symbols`` (before it is dropped)."""
-        symbols, at, stored = run
+        symbols, at, stored = run[_SYMBOLS], run[_SEEN], run[_STORED]
         if at > stored:
             times = self.symbols
             for s in symbols:
                 if times.get(s, -math.inf) < at:
                     times[s] = at
-            run[2] = at
+            run[_STORED] = at
 
     def _forget_runs(self) -> None:
         for run in list(self._runs.values()):
@@ -175,9 +220,10 @@ class Freshness:
 
     def times(self) -> dict[Any, float]:
         """A copy of symbol -> last-seen time (safe to call from another thread)."""
-        runs = [run for run in list(self._runs.values()) if run is not None and run[1] > run[2]]
+        runs = [(run[_SYMBOLS], run[_SEEN]) for run in list(self._runs.values())
+                if run is not None and run[_SEEN] > run[_STORED]]
         times = self.symbols.copy()  # (after the runs: a run is settled before it is dropped)
-        for symbols, at, _ in runs:
+        for symbols, at in runs:
             for s in symbols:
                 if times.get(s, -math.inf) < at:
                     times[s] = at

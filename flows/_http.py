@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +51,8 @@ from ._gaps import WallClock
 from ._limits import CircuitBreaker, RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import LATENCY_BUCKETS, ComponentMetrics, MetricFamily
-from ._records import Batch, screen
+from ._progress import Progress
+from ._records import Batch, check_symbols, screen
 from ._redact import add_secret, redact
 from ._retry import Retry
 from ._schedule import SCHEDULE_METRICS, AdaptiveSchedule, Calendar
@@ -222,14 +222,17 @@ class HttpSource:
     ``DEFAULT_LIMITS`` (the API's documented limits) and implement ``plan``
     and ``parse``.
 
-    Parameters (keyword-only):
+    All parameters are keyword-only.
+
+    Parameters:
         symbols: the symbols to poll, in the exchange's naming.
         every: seconds from the start of one poll cycle to the next.
         base_url: the API's root (default: the real one); point it at a
             testnet, a proxy or the emulator.
         limits: rate limits to respect (default: the documented ones).
         concurrency: requests in flight at once.
-        connect_timeout, read_timeout: seconds.
+        connect_timeout: seconds to connect.
+        read_timeout: seconds to wait for the server.
         max_response_bytes: larger bodies are refused (counted, retried).
         retry: the retry policy for transient failures (``flows.Retry``;
             default ``DEFAULT_RETRY``: 4 attempts, 0.2 s doubling up to 5 s).
@@ -239,6 +242,7 @@ class HttpSource:
             sync resumes where it stopped (deleted when the sync completes).
         progress: show a progress bar (default: when stderr is a terminal).
         standby_for: another source; poll only while its circuit is open.
+        reprobe_every: seconds between probes of a parked (unknown) symbol.
         schedule: ``"fixed"`` (default: every symbol every ``every``
             seconds) or ``"adaptive"`` (each symbol as often as it moves,
             from every ``every`` to every ``max_staleness`` seconds; or a
@@ -295,8 +299,7 @@ class HttpSource:
         calendar: Calendar | None = None,
         name: str,
     ) -> None:
-        if not symbols:
-            raise ValueError(f"{name}: symbols must not be empty")
+        symbols = check_symbols(symbols, name)
         if not every > 0 or concurrency < 1:
             raise ValueError(f"{name}: every must be > 0 and concurrency >= 1")
         self.symbols = list(symbols)
@@ -335,6 +338,7 @@ class HttpSource:
         self.schedule = _schedule_for(name, schedule, max_staleness, calendar)
         """The per-symbol schedule (None: fixed poll cycles)."""
         if self.schedule is not None:
+            self.schedule.claim(self)
             self.stale_after = max(60.0, 1.5 * self.schedule.max_staleness)
 
     # -- subclass hooks ----------------------------------------------------
@@ -655,7 +659,8 @@ class HttpSource:
         todo = [s for s in self.symbols if s not in done]
         total, finished = len(self.symbols), len(self.symbols) - len(todo)
         log.info("source %s: one-shot sync of %d symbols (%d already done)", self.name, total, finished)
-        report = _Progress(self.name, total, finished, self.progress)
+        report = Progress(f"source {self.name}", total=total, done=finished, unit="symbols",
+                          bar=self.progress, logger=log)
         last_save = trio.current_time()
 
         async def on_done(request: Request) -> None:
@@ -710,41 +715,3 @@ def _schedule_for(name: str, schedule: str | AdaptiveSchedule, max_staleness: fl
         return None
     return AdaptiveSchedule(max_staleness=60.0 if max_staleness is None else max_staleness,
                             calendar=calendar, adapt=schedule == "adaptive")
-
-
-class _Progress:
-    """Progress of a one-shot sync: a rich bar on a terminal, else log lines."""
-
-    def __init__(self, name: str, total: int, done: int, enabled: bool | None) -> None:
-        self.name, self.total, self.done = name, total, done
-        self.started, self.start_done = time.monotonic(), done
-        self._last_log = self.started
-        self._bar = None
-        if enabled is None:
-            enabled = sys.stderr.isatty()
-        if enabled:
-            try:
-                from rich.progress import Progress
-
-                self._bar = Progress(transient=False)
-                self._task = self._bar.add_task(f"{name} sync", total=total, completed=done)
-                self._bar.start()
-            except ImportError:
-                self._bar = None
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done)
-            return
-        now = time.monotonic()
-        if now - self._last_log >= 5.0 or self.done >= self.total:
-            self._last_log = now
-            rate = (self.done - self.start_done) / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else math.inf
-            log.info("source %s: %d/%d symbols (%.0f/s, ETA %.0fs)",
-                     self.name, self.done, self.total, rate, eta)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()

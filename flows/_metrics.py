@@ -110,10 +110,12 @@ class MetricFamily:
     lists the extra ones, each with values from a small fixed set (never a
     symbol). Names use the ``flows_`` prefix and base units; counters end in
     ``_total``. ``buckets`` are a histogram's upper bounds (default
-    ``LATENCY_BUCKETS``)::
+    ``LATENCY_BUCKETS``):
 
-        REQUESTS = MetricFamily("flows_source_fix_requests_total", "counter",
-                                "At a FIX source: requests sent, by type.", labels=("type",))
+    ```python
+    REQUESTS = MetricFamily("flows_source_fix_requests_total", "counter",
+                            "At a FIX source: requests sent, by type.", labels=("type",))
+    ```
 
     A component lists the families it uses in a class attribute
     ``METRICS: tuple[MetricFamily, ...]`` (base classes' lists are inherited,

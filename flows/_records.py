@@ -20,6 +20,7 @@ __all__ = [
     "Gap",
     "Tick",
     "Trade",
+    "check_symbols",
     "check_tick",
     "screen",
 ]
@@ -109,6 +110,23 @@ MAX_SYMBOL_LENGTH = 64
 """The longest ``symbol`` (and ``source``) a source accepts, in characters."""
 
 _isfinite = math.isfinite
+
+
+def check_symbols(symbols: Any, name: str) -> list[str]:
+    """``symbols`` as a list, checked when a source is built: ValueError
+    when it is empty or a single string (``symbols="BTCUSDT"`` would be
+    read one character at a time). Sources call it before normalizing the
+    names (``name``: the source's, for the message)::
+
+        symbols = [s.upper() for s in check_symbols(symbols, name)]
+    """
+    if isinstance(symbols, (str, bytes)):
+        raise ValueError(f"{name}: symbols must be a list of symbols, not the string {symbols!r} "
+                         f"(write [{symbols!r}])")
+    out = list(symbols)
+    if not out:
+        raise ValueError(f"{name}: symbols must not be empty")
+    return out
 
 
 def check_tick(record: Any, now: float | None = None) -> str | None:

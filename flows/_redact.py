@@ -154,12 +154,14 @@ def redact(value: object, *, learn: bool = False) -> str:
     so the same password or token is masked wherever it shows up later, in
     whatever form: for a component's configured URL or DSN.
 
-    Usage::
+    Usage:
 
-        >>> redact("http://reader:s3cret@influx:8086/write?db=m&p=s3cret")
-        'http://reader:***@influx:8086/write?db=m&p=***'
-        >>> redact("host=db user=flows password='a b' dbname=market")
-        "host=db user=flows password='***' dbname=market"
+    ```python
+    >>> redact("http://reader:s3cret@influx:8086/write?db=m&p=s3cret")
+    'http://reader:***@influx:8086/write?db=m&p=***'
+    >>> redact("host=db user=flows password='a b' dbname=market")
+    "host=db user=flows password='***' dbname=market"
+    ```
     """
     text = value if isinstance(value, str) else str(value)
     if learn:  # learn from the text as given, before a known secret hides part of one

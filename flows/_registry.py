@@ -121,9 +121,9 @@ def components(kind: str | None = None) -> list[Component]:
 def load_component(kind: str, name: str) -> Any:
     """The class registered as ``name`` under ``kind`` (``source``/``sink``).
 
-    ::
-
-        SyntheticMarket = load_component("source", "synthetic")
+    ```python
+    SyntheticMarket = load_component("source", "synthetic")
+    ```
     """
     matches = [c for c in components(kind) if c.name == name]
     if not matches:

@@ -37,7 +37,9 @@ _MAX_EXPONENT = 1000  # 2.0**1024 overflows; the cap is reached long before
 class Retry:
     """Retry policy: exponential backoff with full jitter.
 
-    Parameters (keyword-only):
+    All parameters are keyword-only.
+
+    Parameters:
         attempts: tries in all, the first included (``None``: forever).
         backoff: the longest wait before the first retry (s).
         max_backoff: no wait is longer than this (s).

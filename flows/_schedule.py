@@ -43,6 +43,7 @@ import datetime as dt
 import heapq
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -90,15 +91,28 @@ def _clock(text: str) -> dt.time | None:
     return dt.time(h, m)
 
 
+def _session(days: str | int, span: Any) -> tuple[dt.time, dt.time | None]:
+    """One ``(open, close)`` pair of ``"HH:MM"`` texts as times (close None: midnight)."""
+    try:
+        start, end = span
+        opens, closes = _clock(start), _clock(end)
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"calendar: {days!r}: {span!r} is not an (open, close) pair of times; "
+                         "sessions are a list of pairs like [('09:30', '16:00')]") from None
+    if opens is None or (closes is not None and closes <= opens):
+        raise ValueError(f"calendar: session {start}-{end} must close after it opens")
+    return opens, closes
+
+
 class Calendar:
     """When a market trades: weekly sessions in a time zone, less holidays.
 
-    ::
-
-        Calendar.always()                                   # crypto: never closes
-        Calendar.weekdays("America/New_York", "09:30", "16:00",
-                          holidays=["2026-12-25", "2027-01-01"])
-        Calendar("Asia/Tokyo", {"mon-fri": [("09:00", "11:30"), ("12:30", "15:30")]})
+    ```python
+    Calendar.always()                                   # crypto: never closes
+    Calendar.weekdays("America/New_York", "09:30", "16:00",
+                      holidays=["2026-12-25", "2027-01-01"])
+    Calendar("Asia/Tokyo", {"mon-fri": [("09:00", "11:30"), ("12:30", "15:30")]})
+    ```
 
     Parameters:
         zone: an IANA time zone name (``zoneinfo``); sessions are local times.
@@ -120,10 +134,8 @@ class Calendar:
         self.sessions: dict[int, list[tuple[dt.time, dt.time | None]]] = {}
         for days, spans in (sessions or {}).items():
             for day in self._days(days):
-                for start, end in spans:
-                    opens, closes = _clock(start), _clock(end)
-                    if opens is None or (closes is not None and closes <= opens):
-                        raise ValueError(f"calendar: session {start}-{end} must close after it opens")
+                for span in spans:
+                    opens, closes = _session(days, span)
                     self.sessions.setdefault(day, []).append((opens, closes))
         if sessions is not None and not self.sessions:
             raise ValueError("calendar: no sessions (use Calendar.always() for a market that never closes)")
@@ -186,13 +198,14 @@ class Calendar:
 
 
 class AdaptiveSchedule:
-    """Per-symbol poll intervals for one HTTP source (see the module docstring).
+    """Per-symbol poll intervals for one HTTP source (see the module docstring);
+    each source needs its own (a second source given it is refused).
 
-    ::
-
-        BinanceTickers(symbols=[...], every=1.0, schedule="adaptive", max_staleness=60)
-        CoinbaseTickers(symbols=[...], schedule=AdaptiveSchedule(max_staleness=120, hits=0.1),
-                        calendar=Calendar.weekdays("America/New_York", "09:30", "16:00"))
+    ```python
+    BinanceTickers(symbols=[...], every=1.0, schedule="adaptive", max_staleness=60)
+    CoinbaseTickers(symbols=[...], schedule=AdaptiveSchedule(max_staleness=120, hits=0.1),
+                    calendar=Calendar.weekdays("America/New_York", "09:30", "16:00"))
+    ```
 
     Parameters:
         max_staleness: seconds; every symbol is polled at least this often.
@@ -226,6 +239,7 @@ class AdaptiveSchedule:
         self.detector: str | None = None
         """The ChangeDetector feeding this schedule (None: the source compares prices)."""
         self.source: HttpSource | None = None
+        self._owner: weakref.ref[HttpSource] | None = None  # the source built with it
         self.symbols: list[str] = []
         self.interval: dict[str, float] = {}
         self.last: dict[str, float] = {}  # trio time of the last answer
@@ -247,6 +261,16 @@ class AdaptiveSchedule:
         self._accounted_at: float | None = None
 
     # -- set up ----------------------------------------------------------------
+
+    def claim(self, source: HttpSource) -> None:
+        """Belong to ``source``: a schedule holds one source's symbols, so a
+        second source given the same object is refused (it would poll the
+        first one's symbols and never its own)."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and owner is not source:
+            raise ValueError(f"{source.name}: this AdaptiveSchedule already schedules source "
+                             f"{owner.name}; give each source its own")
+        self._owner = weakref.ref(source)
 
     def bind(self, source: HttpSource) -> None:
         """Take the source's symbols, shortest interval and limits."""

@@ -66,7 +66,10 @@ _CLOSE_AFTER_FORCE = 2.0
 class BatchingSink:
     """Base class for sinks that write batches of records somewhere durable.
 
-    Parameters (keyword-only in subclasses):
+    Subclasses take these keyword-only.
+
+    Parameters:
+        name: the actor's name.
         batch_size: write when this many records are pending.
         flush_interval: or when the oldest pending batch is this old (s).
         retry: policy for failures ``is_transient`` accepts (``flows.Retry``;

@@ -1,83 +1,11 @@
-"""The machinery every websocket stream source shares (one implementation for all).
+"""The machinery every websocket stream source shares: ``WebSocketSource``.
 
-A subclass says where to connect, what to subscribe and how to read a
-message:
-
-- ``url(symbols) -> str``: the URL of a connection carrying ``symbols``
-  (default: ``base_url``); exchanges that take the streams in the URL build
-  it here (Binance's ``/stream?streams=a/b/c``);
-- ``subscribe_messages(symbols) -> list[str | bytes]``: messages sent right
-  after connecting (default: none), paced by ``subscribe_limits`` (Binance
-  counts every incoming message, 5 per second per connection);
-- ``parse(message) -> Parsed``: Ticks plus counts of bad records, as for
-  HTTP sources (``message`` is the frame's payload, ``bytes``). Return a
-  ``StreamParsed`` to also report ``sequences`` (``(key, update id)``
-  pairs: a jump of more than one is a gap) or ``replies`` to send back (an
-  exchange-level ping's pong). A message that raises (not JSON, wrong
-  shape, bad price) is counted as one discarded record, reason
-  ``invalid``, and skipped; so is every Tick ``flows.check_tick``
-  refuses (a bad ``ts``, symbol or price). A source on a busy feed may implement
-  ``parse_into(message, out)`` instead: it adds to one ``StreamParsed``
-  shared by the whole batch (no object per message), and must raise
-  before it adds anything;
-- optionally ``heartbeat() -> str | bytes | None``: an exchange-level
-  heartbeat sent every ``heartbeat_interval`` seconds (protocol pings from
-  the server are answered by the client without help);
-- optionally ``on_gap(key)``: called for each gap (default: when a
-  ``snapshot`` HTTP source is given, fetch one REST snapshot of ``key``
-  through it and send its Ticks).
-
-``WebSocketSource`` does the rest. It splits the symbol set into shards of at
-most ``max_streams_per_connection`` symbols, one connection each. Each
-connection:
-
-1. waits for the connection rate limiter (``connect_limits``), connects
-   within ``connect_timeout`` (``flows._wsclient.open_ws``) and
-   sends the subscribe messages;
-2. reads messages: every message of one socket read at once (up to 64 KiB,
-   hundreds of messages under load). The first read of a batch opens a
-   window of ``batch_window`` seconds; what arrives within it (up to
-   ``batch_size`` records) goes out as one Batch, so per-batch costs
-   (channel hop, histogram observations) are paid per batch, not per
-   message;
-3. when nothing arrives for ``silence_timeout`` seconds, or the connection
-   closes or fails, it reconnects after the wait the ``retry`` policy gives
-   (``flows.Retry``; its run of tries starts over after a connection that
-   delivered data) and subscribes the same symbols again; once a finite
-   policy's ``attempts`` connections have ended since the last one that
-   delivered data (that one included), the source raises (the supervisor
-   restarts it, within its restart budget).
-   Reconnects are counted by reason: ``closed`` (the connection dropped with
-   no close frame: 1006), ``server`` (the server closed it with a close
-   frame, e.g. Binance's 24-hour limit), ``server_shutdown`` (the server
-   announced it is going down, Binance's ``serverShutdown``: the source
-   closes the connection and opens a new one at once, without backoff,
-   before the server drops it), ``silent`` (no message within
-   ``silence_timeout``), ``timeout`` (connecting took longer than
-   ``connect_timeout``), ``error`` (refused, rejected handshake, network
-   error). Sequence tracking restarts on each connection.
-
-Backpressure: the source buffers nothing of its own. While ``outbox.send``
-blocks, the source stops reading: messages wait in the socket buffers
-(the kernel's, bounded), then at the exchange, which drops slow consumers
-(they reconnect, and the gap shows in the metrics). For market data the usual answer to a slow consumer is a
-``conflate`` edge, set on the consumer (the first stage or sink after the
-source): ``Flow(..., edges={"sink": Edge(policy="conflate")})``. The source
-then never blocks, and the consumer gets the latest Tick per symbol.
-
-Metrics (labels ``flow``, ``stage``), declared in ``WebSocketSource.METRICS``:
-``flows_source_messages_total``,
-``flows_source_reconnects_total`` (``reason``),
-``flows_source_connection_uptime_seconds`` (the youngest connection's age;
-0 while any is down), ``flows_source_gaps_total``, plus the core set. The
-Outbox observes ``flows_source_lag_seconds`` from each Batch's first Tick,
-so a subclass sets ``Tick.ts`` to the exchange's event time when it has one.
-
-``health()`` says ``disconnected`` when a connection has been down for more
-than ``down_after`` seconds (shown on ``/readyz``).
-
-The websocket client is ``flows._wsclient`` (h11 for the upgrade, frames
-read in the source's own task); no extra is needed.
+A subclass says where to connect (``url``), what to subscribe
+(``subscribe_messages``) and how to read a message (``parse`` or
+``parse_into``); the base class shards the symbols over connections,
+batches what arrives, reconnects, tracks gaps and reports health. How it
+behaves, its parameters and metrics are on the docs page
+``docs/sources/streams.md``; the hooks' contracts are their docstrings.
 """
 
 from __future__ import annotations
@@ -98,7 +26,7 @@ from ._http import HttpError, HttpSource, Parsed, screened
 from ._limits import RateLimit, RateLimiter
 from ._log import DropLog
 from ._metrics import ComponentMetrics, MetricFamily
-from ._records import Batch, Tick
+from ._records import Batch, Tick, check_symbols
 from ._redact import redact
 from ._retry import Retry
 from ._wsclient import (
@@ -191,7 +119,9 @@ class WebSocketSource:
     (and the exchange's documented limits) and implement ``parse`` plus
     ``url`` and/or ``subscribe_messages``.
 
-    Parameters (keyword-only):
+    All parameters are keyword-only.
+
+    Parameters:
         symbols: the symbols to stream, in the exchange's naming.
         base_url: the stream endpoint's root (default: the real one); point
             it at a testnet or the emulator (``ws://127.0.0.1:PORT``).
@@ -249,8 +179,7 @@ class WebSocketSource:
         max_message_size: int = 1 << 20,
         name: str,
     ) -> None:
-        if not symbols:
-            raise ValueError(f"{name}: symbols must not be empty")
+        symbols = check_symbols(symbols, name)
         per = self.MAX_STREAMS_PER_CONNECTION if max_streams_per_connection is None \
             else max_streams_per_connection
         if per < 1 or batch_size < 1 or max_message_size < 1:

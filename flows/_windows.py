@@ -126,9 +126,9 @@ def _release_all(holds: list[_Hold], outcome: str) -> None:
 class Window:
     """A stage that aggregates records per key over windows of event time.
 
-    ::
-
-        Window(every=60, lateness=2.0, aggregate=lambda key, start, width, records: ...)
+    ```python
+    Window(every=60, lateness=2.0, aggregate=lambda key, start, width, records: ...)
+    ```
 
     Parameters:
         every: the window's width in seconds.
@@ -138,9 +138,10 @@ class Window:
             key and still count; the watermark is the latest time minus this.
         aggregate: ``(key, start, width, records) -> record | None``, called
             when a window closes with its records in arrival order.
-        key, time: functions of a record (defaults fit ``Tick`` and
-            ``Trade``: (source, symbol) and ts). Keys must be
-            msgpack-encodable for checkpoints.
+        key: function of a record giving its key (default fits ``Tick`` and
+            ``Trade``: (source, symbol)). Keys must be msgpack-encodable for
+            checkpoints.
+        time: function of a record giving its time (default: ts).
         late: ``"drop"`` (default) or ``"emit"``: late records go on,
             unchanged, on the output stream. Both count them ``late``.
         tick: seconds between checks for windows that the wall clock closes.
@@ -150,9 +151,9 @@ class Window:
             ``"emit"`` them, ``"keep"`` them (not emitted: a checkpointed
             restart replays their records) or ``"auto"``: keep with a
             checkpoint, else emit.
-        checkpoint, checkpoint_every: a file holding what was emitted and
-            acknowledged, saved every ``checkpoint_every`` seconds and
+        checkpoint: a file holding what was emitted and acknowledged,
             restored at start (``--fresh`` ignores it).
+        checkpoint_every: seconds between saves of ``checkpoint``.
         name: the stage's name.
     """
 
@@ -226,7 +227,10 @@ class Window:
         record at ``ts``: the first containing ``ts - lateness``."""
         step = self.step
         t = ts - self.lateness
-        return math.floor((t - self.every) / step + 1) * step
+        # ``//`` as in ``_fold`` (which files ``ts`` under ``ts // step``):
+        # ``math.floor(t / step)`` can round across a boundary when ``step``
+        # is not exact in binary (0.1), making a key's first record late
+        return (t // step - round(self.every / step) + 1) * step
 
     def _new_key(self, k: Hashable, ts: float, now: float) -> list[Any]:
         keys = self._keys
@@ -442,7 +446,7 @@ class Window:
                 carried += 1
                 append((k, closed, ks[_LAST], self._carried(k, closed, ks[_LAST]), None))
             else:  # nothing to emit: on to the next open window, or past the watermark
-                jump = math.floor((wm - every) / step + 1) * step
+                jump = ((wm - every) // step + 1) * step
                 closed = min(min(wins), jump) if wins else jump
                 continue
             closed = (round(closed / step) + 1) * step
@@ -692,10 +696,10 @@ class Window:
 class Candles(Window):
     """OHLCV candles: a window stage over trades (or ticks).
 
-    ::
-
-        Candles(every=60, lateness=2.0)               # 1-minute candles
-        Candles(every=300, step=60, empty="carry")    # 5-minute candles every minute
+    ```python
+    Candles(every=60, lateness=2.0)               # 1-minute candles
+    Candles(every=300, step=60, empty="carry")    # 5-minute candles every minute
+    ```
 
     Each closed window of a key gives a ``Candle``: open (the price of its
     earliest record), high, low, close (the price of its latest record),
@@ -706,7 +710,13 @@ class Candles(Window):
     (trades 0, volume 0 or None, VWAP None, first and last time those of
     the last record). A candle's source and symbol come from a (source,
     symbol) key; any other key becomes its symbol (as text), with source
-    "". The other parameters are ``Window``'s.
+    "".
+
+    Takes the parameters of [Window][flows.Window] too.
+
+    Parameters:
+        empty: ``"skip"`` (no candle for a window without records) or
+            ``"carry"`` (a candle at the last close).
     """
 
     def __init__(
@@ -835,7 +845,7 @@ class Candles(Window):
                     first = min(wins)
                     if first + every > wm:
                         break
-                jump = math.floor((wm - every) / every + 1) * every
+                jump = ((wm - every) // every + 1) * every
                 if not wins:
                     ks[0] = jump
                     ks[3] = inf

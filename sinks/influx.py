@@ -1,7 +1,7 @@
 """InfluxDB sink: write records as line protocol over HTTP.
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sinks/influx.md; the parameters are also in the class docstring.
+docs/sinks/influx.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations
@@ -284,18 +284,20 @@ def _json_getter(name: str) -> Callable[[Any], Any]:
 class InfluxSink(_Lines, BatchingSink):
     """Sink: write records to InfluxDB (or QuestDB, VictoriaMetrics) as line protocol.
 
-    Usage::
+    Usage:
 
-        InfluxSink("http://127.0.0.1:8086", database="market")
-        InfluxSink("https://influx:8086", bucket="market", org="me", token="...")
+    ```python
+    InfluxSink("http://127.0.0.1:8086", database="market")
+    InfluxSink("https://influx:8086", bucket="market", org="me", token="...")
+    ```
 
     Parameters:
         url: the server's base URL (``http`` or ``https``; may hold a path prefix).
         database: InfluxDB 1.x database: writes go to ``/write?db=...``.
-        bucket, org: InfluxDB 2.x/3.x bucket and organization: writes go to
-            ``/api/v2/write`` (``org`` is required with ``bucket``).
+        bucket: InfluxDB 2.x/3.x bucket: writes go to ``/api/v2/write``.
             With neither ``database`` nor ``bucket``: ``/write`` without
             ``db`` (QuestDB, VictoriaMetrics).
+        org: InfluxDB 2.x/3.x organization (required with ``bucket``).
         token: sent as ``Authorization: Token <token>`` (default: none).
         measurement: the measurement (default ``"ticks"``).
         tags: attribute names, or a mapping key -> attribute name or function

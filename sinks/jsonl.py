@@ -1,7 +1,7 @@
 """JSONL sink: append records to a local file, one JSON object per line.
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sinks/jsonl.md; the parameters are also in the class docstring.
+docs/sinks/jsonl.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """PostgreSQL sink: store ticks in a PostgreSQL table, idempotently, through COPY.
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sinks/postgres.md; the parameters are also in the class docstring.
+docs/sinks/postgres.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Redis Streams sink: append records to a stream (scale-out between processes).
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sinks/redis.md; the parameters are also in the class docstring.
+docs/sinks/redis.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations

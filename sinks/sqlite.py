@@ -1,30 +1,7 @@
-"""SQLite sink: the embedded default store for ticks.
+"""SQLite sink: the embedded default store for ticks (a local file, Python's sqlite3).
 
-Talks to a local SQLite file (Python's sqlite3). The database
-runs in WAL mode with ``synchronous=NORMAL``; writes happen in a worker
-thread so the trio thread never blocks. One table (default ``ticks``):
-
-    source TEXT, symbol TEXT, ts REAL, price REAL, bid REAL, ask REAL, volume REAL
-    PRIMARY KEY (ts, source, symbol)   -- time first: writes append, 4x less I/O
-
-Rows are inserted with ``ON CONFLICT (source, symbol, ts) DO NOTHING``, so
-a batch delivered twice is stored once; a row that breaks another
-constraint, or holds a value SQLite cannot take (an integer past 64 bits, a
-string that is not UTF-8), is dropped alone and counted (reason
-``rejected``). "database is locked", "disk full" and I/O errors are
-retried with backoff (the flow backs up meanwhile); nothing is dropped
-while SQLite cannot write. A read-only or unopenable file, a corrupt
-database or a table of another shape is the sink's own fault: not retried,
-the actor fails with SQLite's message (after the supervisor's restarts, the
-flow stops). A write is bounded in time: a lock waits ``busy_timeout``, and
-a write that outlasts ``write_timeout`` is interrupted
-(``sqlite3.Connection.interrupt``) and retried. Needs SQLite 3.24+ (upsert
-syntax).
-
-Example::
-
-    Flow("demo", sources=[SyntheticMarket()], stages=[ChangeDetector()],
-         sinks=[SQLiteSink("ticks.db", batch_size=5000, flush_interval=0.5)])
+The reference (table, idempotence, errors, timeouts, parameters, metrics)
+is the docs page ``docs/sinks/sqlite.md``.
 """
 
 from __future__ import annotations

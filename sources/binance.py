@@ -1,87 +1,8 @@
-"""Binance spot: ticker prices over the public REST API, and live websocket streams.
+"""Binance spot: ticker prices over the public REST API (``BinanceTickers``),
+and live websocket streams (``BinanceStream``, ``BinanceTrades``).
 
-Talks to ``https://api.binance.com`` (or ``base_url``: the testnet
-``https://testnet.binance.vision``, a proxy, or flows' emulator), API v3:
-
-- ``GET /api/v3/ticker/price?symbols=["BTCUSDT",...]`` (``endpoint="price"``,
-  the default): ``[{"symbol": "BTCUSDT", "price": "67187.33000000"}, ...]``;
-  request weight 4 whatever the number of symbols (2 for one symbol).
-- ``GET /api/v3/ticker/bookTicker?symbols=[...]`` (``endpoint="book"``): adds
-  ``bidPrice``/``askPrice``; weight 4 (2 for one symbol).
-
-Neither carries a timestamp, so a Tick's ``ts`` is the time the response
-arrived. Prices come as decimal strings and are parsed to float.
-
-Rate limit: REQUEST_WEIGHT 6000 per minute per IP (``/api/v3/exchangeInfo``
-lists it). Every response says the weight used in the current minute in
-``X-MBX-USED-WEIGHT-1M``; when it nears the limit (other clients share the
-IP) the source pauses to the end of the minute. A 429 carries
-``Retry-After``; repeating past it earns a 418 ban, which is honoured the
-same way. Errors look like ``{"code": -1121, "msg": "Invalid symbol."}``.
-
-Symbols are upper case on Binance (``BTCUSDT``); the source upper-cases
-the configured ones, as the stream source does, since a lower-case symbol
-gets -1100 ("Illegal characters found in parameter 'symbols'"). An unknown
-symbol (-1121) or one with characters Binance does not allow (-1100) fails
-the whole ``symbols=[...]`` request: the source splits the request until
-the symbol is alone, then parks it (counted ``unknown_symbol``, probed
-again every ``reprobe_every`` seconds), never holding it against the
-circuit breaker.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.binance import BinanceTickers
-    from sinks.sqlite import SQLiteSink
-
-    flow = Flow("binance", sources=[BinanceTickers(symbols=["BTCUSDT", "ETHUSDT"], every=1.0)],
-                stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
-
-Websocket streams (``BinanceStream``): combined streams
-at ``wss://stream.binance.com:9443/stream?streams=btcusdt@trade/...``; each
-message is ``{"stream": "btcusdt@trade", "data": {...}}`` with ``data``:
-
-- ``<symbol>@trade``: ``{"e":"trade","E":ms,"s":"BTCUSDT","t":trade id,
-  "p":"price","q":"qty","T":trade time ms,"m":bool,"M":bool}``. Tick: the
-  trade price, ``ts`` the trade time, ``volume`` the quantity. Trade ids go
-  up by one per symbol: a jump is a gap.
-- ``<symbol>@bookTicker``: ``{"u":update id,"s","b":bid,"B":bid qty,
-  "a":ask,"A":ask qty}``, pushed on every change of the best bid or ask.
-  Tick: the mid price with bid and ask; no event time, so ``ts`` is the
-  time the message arrived. ``u`` is the order book's update id, which
-  also moves for changes below the top of the book, so on the real
-  exchange it skips numbers without any loss: gap checks are off by
-  default for this channel (``check_gaps=True`` turns them on: ids must go
-  up by one).
-- ``<symbol>@miniTicker``: ``{"e":"24hrMiniTicker","E":ms,"s","c":close,
-  "o","h","l","v":base volume,"q":quote volume}``, once a second. Tick: the
-  close (last) price, ``ts`` the event time, ``volume`` the 24 h base volume.
-
-``{"e": "serverShutdown", "E": ms}`` (bare, or as a combined message's
-``data``) announces that the server is about to go down (Binance sends it
-minutes before it drops its connections): the source closes that
-connection and opens a new one at once, without backoff (reconnect reason
-``server_shutdown``; the short break is a ``Gap`` with that reason).
-
-Subscribing: in the URL (``subscribe="url"``, the default) or with
-``{"method":"SUBSCRIBE","params":["btcusdt@trade",...],"id":1}`` messages
-after connecting to ``/stream`` (``subscribe="message"``; answered
-``{"result":null,"id":1}``). Limits (Binance's documentation): 1024
-streams per connection (larger symbol sets are sharded over several
-connections), 5 incoming messages per second per connection (subscribe
-messages, pings and pongs; more and the connection is closed), 300 new
-connections per 5 minutes per IP, and every connection is closed after
-24 hours (the source reconnects and resubscribes). The server pings every
-20 seconds and drops a connection that has not answered for a minute;
-the source answers pings by itself, as long as it keeps
-reading: put a ``conflate`` edge on the consumer so a slow sink never
-stops it::
-
-    from flows import Edge, Flow
-    from sources.binance import BinanceStream
-
-    flow = Flow("live", sources=[BinanceStream(symbols=["BTCUSDT", "ETHUSDT"])],
-                sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+The reference (endpoints, limits, message formats, parameters, metrics) is
+the docs page ``docs/sources/binance.md``.
 """
 
 from __future__ import annotations
@@ -103,6 +24,7 @@ from flows import (
     StreamParsed,
     Tick,
     WebSocketSource,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -132,12 +54,15 @@ _PATHS = {"price": "/api/v3/ticker/price", "book": "/api/v3/ticker/bookTicker"}
 class BinanceTickers(HttpSource):
     """Source: Binance spot tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
-        symbols: Binance symbols such as ``BTCUSDT``.
-        endpoint: ``price`` (last price) or ``book`` (best bid/ask; the
-            Tick's price is the mid).
+    Takes the parameters of [HttpSource][flows.HttpSource] too (``every``,
+    ``base_url``, ``limits``, ...).
+
+    Parameters:
+        symbols: Binance symbols such as ``BTCUSDT`` (upper-cased).
+        endpoint: ``"price"`` (last price) or ``"book"`` (best bid/ask; the
+            Tick's price is the mid, with ``bid`` and ``ask``).
         per_request: symbols per request (a ``symbols=[...]`` list).
-        name: default ``binance``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://api.binance.com"
@@ -157,7 +82,7 @@ class BinanceTickers(HttpSource):
         if per_request < 1:
             raise ValueError("per_request must be >= 1")
         # Binance's symbols are upper case ("btcusdt" gets -1100, illegal characters)
-        symbols = list(dict.fromkeys(s.strip().upper() for s in symbols))
+        symbols = list(dict.fromkeys(s.strip().upper() for s in check_symbols(symbols, name)))
         super().__init__(symbols=symbols, name=name, **options)
         self.endpoint = endpoint
         self.per_request = per_request
@@ -178,7 +103,9 @@ class BinanceTickers(HttpSource):
         used = response.headers.get("x-mbx-used-weight-1m")
         if used is not None and used.isdigit():
             to_minute_end = 60.0 - time.time() % 60.0
-            limit = self.limiter.declared[0].limit if self.limiter.declared else 6000
+            # the header counts a minute: read it against a minute's limit
+            # (the declared one, else Binance's), never a per-second one
+            limit = next((lim.limit for lim in self.limiter.declared if lim.window == 60.0), 6000)
             self.limiter.observe_usage(float(used), limit, trio.current_time() + to_minute_end)
 
     def check(self, response: httpx.Response, body: bytes) -> None:
@@ -301,22 +228,25 @@ class BinanceStream(WebSocketSource):
     """Source: Binance spot websocket streams (combined), for a live feed
     instead of polling.
 
-    Parameters (besides ``WebSocketSource``'s, e.g. ``silence_timeout``,
-    ``batch_window``, ``max_streams_per_connection``):
+    Takes the parameters of [WebSocketSource][flows.WebSocketSource] too
+    (``base_url``: default ``wss://stream.binance.com:9443``,
+    ``silence_timeout``, ``batch_window``, ...).
+
+    Parameters:
         symbols: Binance symbols such as ``BTCUSDT``.
-        channel: ``bookTicker`` (default: best bid/ask; Tick price = mid),
-            ``trade`` (every trade) or ``miniTicker`` (24 h ticker, 1/s).
-        base_url: default ``wss://stream.binance.com:9443``; the emulator's
-            is ``ws://127.0.0.1:PORT``.
-        subscribe: ``url`` (streams in the URL) or ``message`` (SUBSCRIBE
-            messages after connecting, ``streams_per_message`` at a time,
-            at most 5 messages a second).
-        check_gaps: count jumps in update ids as gaps (default: on for
+        channel: ``"bookTicker"`` (best bid/ask; Tick price = mid),
+            ``"trade"`` (every trade) or ``"miniTicker"`` (24 h ticker, 1/s).
+        subscribe: ``"url"`` (streams in the URL) or ``"message"``
+            (SUBSCRIBE messages after connecting, at most 5 a second).
+        streams_per_message: streams per SUBSCRIBE message.
+        check_gaps: count jumps in update ids as gaps (``None``: on for
             ``trade``, off for ``bookTicker``, whose ids skip on the real
             exchange; ``miniTicker`` has none).
         snapshot: a ``BinanceTickers`` to fetch one REST snapshot of a
             symbol after a gap (``True``: one built from ``rest_url``).
-        name: default ``binance_stream``.
+        rest_url: the REST root for ``snapshot=True`` (``None``:
+            ``https://api.binance.com``).
+        name: actor name.
     """
 
     DEFAULT_URL = "wss://stream.binance.com:9443"
@@ -343,13 +273,13 @@ class BinanceStream(WebSocketSource):
             raise ValueError(f"subscribe must be 'url' or 'message', not {subscribe!r}")
         if streams_per_message < 1:
             raise ValueError("streams_per_message must be >= 1")
+        symbols = [s.upper() for s in check_symbols(symbols, name)]
         if snapshot is True:
             snapshot = BinanceTickers(
                 symbols=symbols, endpoint="book" if channel == "bookTicker" else "price",
                 base_url=rest_url, name=f"{name}_snapshot",
             )
-        super().__init__(symbols=[s.upper() for s in symbols], name=name,
-                         snapshot=snapshot or None, **options)
+        super().__init__(symbols=symbols, name=name, snapshot=snapshot or None, **options)
         self.channel = channel
         self.subscribe = subscribe
         self.streams_per_message = streams_per_message
@@ -465,35 +395,36 @@ def trade_id(value: int | str) -> tuple[str, int | None]:
     if type(value) is int:
         return str(value), value
     text = str(value)
-    return text, int(text) if text.isdigit() else None
+    return text, int(text) if text.isdecimal() else None
 
 
 class BinanceTrades(BinanceStream):
     """Source: every trade of Binance spot symbols, as ``Trade`` records,
-    from the ``<symbol>@trade`` websocket streams::
+    from the ``<symbol>@trade`` websocket streams.
 
-        {"stream": "btcusdt@trade", "data": {"e": "trade", "E": 1711356300123,
-         "s": "BTCUSDT", "t": 10001, "p": "67187.33000000", "q": "0.01230000",
-         "T": 1711356300123, "m": false, "M": true}}
+    A trade event becomes ``Trade(price=p, size=q, ts=T / 1000, side="sell"
+    if m else "buy", trade_id=str(t))`` (``m``: the buyer was the maker, so
+    the taker sold). Prices and quantities may be decimal strings or numbers,
+    ids numbers of any size or strings; nothing is rounded to 64 bits.
 
-    becomes ``Trade(price=p, size=q, ts=T / 1000, side="sell" if m else
-    "buy", trade_id=str(t))`` (``m``: the buyer was the maker, so the taker
-    sold). Prices and quantities may be decimal strings or numbers, ids
-    numbers of any size or strings; nothing is rounded to 64 bits. Trade ids
-    go up by one per symbol: a jump is a gap (counted, a ``Gap`` record,
-    ``check_gaps=False`` turns it off).
+    Takes the parameters of [BinanceStream][sources.binance.BinanceStream]
+    too (``subscribe``, ``base_url``, ``silence_timeout``, ...) except
+    ``channel`` and ``snapshot``; the reconnect, silence and gap handling are
+    the same.
 
-    Takes ``BinanceStream``'s parameters (``subscribe``, ``base_url``,
-    ``silence_timeout``, ...) except ``channel`` and ``snapshot``; the
-    reconnect, silence and gap handling are the same. Default name
-    ``binance_trades``.
+    Parameters:
+        symbols: Binance symbols such as ``BTCUSDT``.
+        check_gaps: count jumps in trade ids as gaps.
+        name: actor name.
 
-    Example::
+    Example:
 
-        from sources.binance import BinanceTrades
+    ```python
+    from sources.binance import BinanceTrades
 
-        Flow("trades", sources=[BinanceTrades(symbols=["BTCUSDT", "ETHUSDT"])],
-             sinks=[SQLiteSink("market.db")])
+    Flow("trades", sources=[BinanceTrades(symbols=["BTCUSDT", "ETHUSDT"])],
+         sinks=[SQLiteSink("market.db")])
+    ```
     """
 
     def __init__(self, *, symbols: list[str], check_gaps: bool = True,

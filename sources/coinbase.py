@@ -1,39 +1,9 @@
-"""Coinbase Exchange: product tickers over the public REST API.
+"""Coinbase Exchange: product tickers over the public REST API
+(``CoinbaseTickers``), and the websocket feed's ticker and matches channels
+(``CoinbaseStream``, ``CoinbaseTrades``).
 
-Talks to ``https://api.exchange.coinbase.com`` (or ``base_url``: the sandbox
-``https://api-public.sandbox.exchange.coinbase.com``, a proxy, or flows'
-emulator):
-
-- ``GET /products/{product_id}/ticker``, one request per product (ids like
-  ``BTC-USD``; the API has no multi-product ticker)::
-
-    {"ask": "67190.71", "bid": "67184.00", "volume": "16234.56789012",
-     "trade_id": 86326522, "price": "67187.33", "size": "0.01234567",
-     "time": "2024-03-25T08:45:00.123456Z"}
-
-Prices and sizes are decimal strings (parsed to float), ``trade_id`` an
-integer. ``price`` is the last trade's, ``volume`` the product's 24 h
-volume in the base currency. ``time`` is the last trade's time (ISO 8601,
-UTC) and becomes the Tick's ``ts``: a product that has not traded for a
-while shows up as source lag. A ticker without ``time`` gets the time the
-response arrived.
-
-Rate limit: public endpoints allow 10 requests per second per IP, in bursts
-of up to 15 (a lazy-fill token bucket; docs.cdp.coinbase.com/exchange/
-rest-api/rate-limits), so the source paces itself at 10/s. Over it: 429
-``{"message": "Public rate limit exceeded"}`` without ``Retry-After``; the
-source then pauses one second (the bucket refills) and retries. Errors
-look like ``{"message": "NotFound"}``: an unknown product is a 404, counted
-as a failed request, not retried, and not held against the circuit breaker.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.coinbase import CoinbaseTickers
-    from sinks.sqlite import SQLiteSink
-
-    flow = Flow("coinbase", sources=[CoinbaseTickers(symbols=["BTC-USD", "ETH-USD"], every=1.0)],
-                stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
+The reference (endpoints, limits, message formats, parameters, metrics) is
+the docs page ``docs/sources/coinbase.md``.
 """
 
 from __future__ import annotations
@@ -52,6 +22,7 @@ from flows import (
     RateLimit,
     Request,
     Tick,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -88,11 +59,13 @@ def _optional_price(value: str | float | None) -> float | None:
 class CoinbaseTickers(HttpSource):
     """Source: Coinbase Exchange product tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: Coinbase product ids such as ``BTC-USD``.
         rate_limit_pause: seconds to pause every request after a 429
             (Coinbase sends no ``Retry-After``).
-        name: default ``coinbase``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://api.exchange.coinbase.com"
@@ -210,85 +183,32 @@ _feed_log = logging.getLogger("flows.source.coinbase")
 class CoinbaseStream(WebSocketSource):
     """Source: Coinbase Exchange's websocket feed, ``ticker`` channel.
 
-    Connects to ``wss://ws-feed.exchange.coinbase.com`` (the sandbox:
-    ``wss://ws-feed-public.sandbox.exchange.coinbase.com``; flows' emulator:
-    ``ws://127.0.0.1:PORT/ws-feed``) and, within the 5 seconds Coinbase
-    allows, subscribes::
+    Subscribes to the ``ticker`` channel (and ``heartbeat``) and turns each
+    ticker message into a Tick.
 
-        {"type": "subscribe", "product_ids": ["BTC-USD", "ETH-USD"],
-         "channels": ["ticker", "heartbeat"]}
+    Takes the parameters of [WebSocketSource][flows.WebSocketSource] too.
 
-    answered ``{"type": "subscriptions", "channels": [{"name": "ticker",
-    "product_ids": [...]}, ...]}``. Each ``ticker`` message::
-
-        {"type": "ticker", "sequence": 37475248783, "product_id": "BTC-USD",
-         "price": "67187.33", "open_24h": "...", "volume_24h": "16234.56",
-         "low_24h": "...", "high_24h": "...", "volume_30d": "...",
-         "best_bid": "67184.00", "best_bid_size": "...", "best_ask": "67190.71",
-         "best_ask_size": "...", "side": "buy",
-         "time": "2022-10-19T23:28:22.061769Z", "trade_id": 370843401,
-         "last_size": "11.4396987"}
-
-    becomes ``Tick(price, ts=time, bid=best_bid, ask=best_ask,
-    volume=volume_24h)`` (decimal strings parsed to float; ``time`` is the
-    match's, so a quiet product shows up as source lag). Ids (``sequence``,
-    ``trade_id``, ``last_trade_id``) are integers here and strings on
-    Coinbase's other APIs: either form is taken, so a ticker is never
-    dropped for an id's type. The ticker channel
-    speaks on every match, batching cascading matches into one message.
-
-    ``heartbeat`` (default on): Coinbase then sends ``{"type": "heartbeat",
-    "sequence": ..., "last_trade_id": ..., "product_id": ..., "time": ...}``
-    once a second per product, so a connection whose products are quiet
-    still shows it is alive; ``silence_timeout`` is 10 s with heartbeats
-    (60 s without: an illiquid product can go minutes without a match).
-    Heartbeats cost one small message per product per second.
-
-    Gaps: ``sequence`` is the product's sequence number across every channel
-    of the feed (level2, matches, full, ...), and the ticker channel skips
-    most of them: it samples (one message per batch of matches) and the
-    messages between are other channels'. Jumps are therefore normal on
-    the real feed, so gap checks are off by default (``check_gaps=True``
-    counts any jump of more than one, per product, as a gap: for feeds or
-    emulators that number ticker messages one by one).
-
-    Errors: ``{"type": "error", "message": "Failed to subscribe", "reason":
-    "BTC-FOO is not a valid product"}`` fails the whole subscribe message;
-    the product is logged and left out of later subscriptions (``unknown``),
-    so the next connection (Coinbase drops a connection that has not
-    subscribed within 5 seconds; else the silence timeout replaces it) gets
-    the others.
-
-    Limits (docs.cdp.coinbase.com/exchange/websocket-feed/rate-limits):
-    8 new connections per second per IP, bursts of up to 20
-    (``CONNECT_LIMITS``: 8/s); 100 messages per second from the client per
-    IP (``SUBSCRIBE_LIMITS``: 10/s per connection, so ten connections stay
-    within it; the source sends one subscribe message per
-    ``products_per_message`` products and nothing else); at most 10
-    subscriptions per product and channel per account (several flows
-    subscribing the same product count together). Coinbase publishes no
-    cap on products per connection; ``max_streams_per_connection`` (1024)
-    shards larger sets. A consumer too slow to keep up is disconnected by
-    Coinbase: put a ``conflate`` edge on the consumer.
-
-    Parameters (besides ``WebSocketSource``'s):
+    Parameters:
         symbols: product ids such as ``BTC-USD``.
         heartbeat: also subscribe to the ``heartbeat`` channel.
-        check_gaps: count sequence jumps as gaps (see above).
+        check_gaps: count sequence jumps as gaps (off: the ticker channel
+            skips sequence numbers on the real feed).
         products_per_message: products per subscribe message.
-        name: default ``coinbase_stream``.
+        name: actor name.
 
     Attributes:
         unknown: products Coinbase refused as not valid; left out of later
             subscriptions.
 
-    Example::
+    Example:
 
-        from flows import Edge, Flow
-        from sources.coinbase import CoinbaseStream
+    ```python
+    from flows import Edge, Flow
+    from sources.coinbase import CoinbaseStream
 
-        flow = Flow("live", sources=[CoinbaseStream(symbols=["BTC-USD", "ETH-USD"])],
-                    sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    flow = Flow("live", sources=[CoinbaseStream(symbols=["BTC-USD", "ETH-USD"])],
+                sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    ```
     """
 
     DEFAULT_URL = "wss://ws-feed.exchange.coinbase.com"
@@ -309,7 +229,8 @@ class CoinbaseStream(WebSocketSource):
         if products_per_message < 1:
             raise ValueError("products_per_message must be >= 1")
         options.setdefault("silence_timeout", 10.0 if heartbeat else 60.0)
-        super().__init__(symbols=[s.upper() for s in symbols], name=name, **options)
+        super().__init__(symbols=[s.upper() for s in check_symbols(symbols, name)], name=name,
+                         **options)
         self.heartbeat_channel = heartbeat
         self.check_gaps = check_gaps
         self.products_per_message = products_per_message
@@ -389,35 +310,26 @@ class CoinbaseTrades(CoinbaseStream):
     """Source: every trade (match) of Coinbase Exchange products, as
     ``Trade`` records, from the websocket feed's ``matches`` channel.
 
-    Subscribes ``{"type": "subscribe", "product_ids": [...], "channels":
-    ["matches", "heartbeat"]}``; Coinbase first sends each product's
-    ``last_match`` (the latest trade, before the subscription), then a
-    ``match`` per trade::
+    ``match`` messages become ``Trade(price, size, ts=time, side,
+    trade_id)``, ``side`` the taker's (the message gives the maker's).
 
-        {"type": "match", "trade_id": 86326522, "sequence": 37475248783,
-         "maker_order_id": "ac928c66-...", "taker_order_id": "132fb6ae-...",
-         "time": "2024-03-25T08:45:00.123456Z", "product_id": "BTC-USD",
-         "size": "0.01234567", "price": "67187.33", "side": "sell"}
+    Takes the parameters of [CoinbaseStream][sources.coinbase.CoinbaseStream]
+    too (``base_url``, ``heartbeat``, ``silence_timeout``, ...).
 
-    becomes ``Trade(price, size, ts=time, side, trade_id=str(trade_id))``.
-    ``side`` in the message is the maker's; the Trade's is the taker's (the
-    other one). Prices and sizes may be decimal strings or numbers, ids
-    numbers of any size or strings.
+    Parameters:
+        symbols: product ids such as ``BTC-USD``.
+        check_gaps: count jumps in trade ids as gaps.
+        last_match: also send each product's ``last_match`` as a Trade.
+        name: actor name.
 
-    ``last_match`` is not sent on as a Trade by default (it happened before
-    this connection, and was streamed already when this is a reconnect):
-    ``last_match=True`` sends it too (a sink's key absorbs the repeat). It
-    does start the gap check: trade ids go up by one per product, so a jump
-    (also between the ``last_match`` and the first ``match``) is a gap
-    (``check_gaps=False`` turns it off). Heartbeats, errors and limits as
-    for ``CoinbaseStream``. Default name ``coinbase_trades``.
+    Example:
 
-    Example::
+    ```python
+    from sources.coinbase import CoinbaseTrades
 
-        from sources.coinbase import CoinbaseTrades
-
-        Flow("trades", sources=[CoinbaseTrades(symbols=["BTC-USD", "ETH-USD"])],
-             sinks=[SQLiteSink("market.db")])
+    Flow("trades", sources=[CoinbaseTrades(symbols=["BTC-USD", "ETH-USD"])],
+         sinks=[SQLiteSink("market.db")])
+    ```
     """
 
     CHANNEL = "matches"
@@ -442,6 +354,6 @@ class CoinbaseTrades(CoinbaseStream):
                 float(m.size), _feed_epoch(m.time),  # type: ignore[arg-type]
                 _TAKER_SIDE.get(m.side or ""), text,
             ))
-        if self.check_gaps and text.isdigit():
+        if self.check_gaps and text.isdecimal():
             out.sequences.append((m.product_id, int(text)))
         return out

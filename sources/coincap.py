@@ -1,48 +1,7 @@
 """CoinCap: aggregated asset prices over the REST API 3.0 (with an API key).
 
-Talks to ``https://rest.coincap.io`` (or ``base_url``: a proxy or flows'
-emulator), API 3.0. (The keyless v2 API at ``api.coincap.io/v2`` was
-retired on 31 March 2025; v3 needs a key from https://pro.coincap.io.)
-
-- ``GET /v3/assets?ids=bitcoin,ethereum&limit=2`` with ``Authorization:
-  Bearer KEY``: ``{"data": [{"id": "bitcoin", "symbol": "BTC", "priceUsd":
-  "67187.3312345678900000", "volumeUsd24Hr": "...", ...}], "timestamp":
-  1711356300123}``. Numbers are decimal strings; ``timestamp`` (epoch
-  milliseconds, an integer) is when the answer was made and becomes the
-  Ticks' ``ts``. A Tick's ``volume`` is ``volumeUsd24Hr``: 24 h volume in
-  USD, not in the asset. Symbols are CoinCap ids (``bitcoin``,
-  ``bitcoin-cash``), up to ``per_request`` (100) per request; ids CoinCap
-  does not know are left out of the answer: such an id is counted
-  ``unknown_symbol`` and parked (probed again every ``reprobe_every``
-  seconds), like an unknown symbol on every HTTP source; an answer that
-  holds none of several ids is asked again by halves first.
-
-API key: read from the environment variable ``api_key_env``
-(``COINCAP_API_KEY``) at construction, a clear error naming the variable
-if it is unset (or pass ``api_key=``). A 401 (missing or unknown key,
-``{"error": "...", "timestamp": ms}``) is permanent: not retried, and the
-logged error names the variable to fix.
-
-Rate limit: 3.0 plans are sold in credits (every call spends credits from
-a monthly allowance: the free tier's is small, paid tiers' larger, see
-https://pro.coincap.io) with a per-minute cap on top that the docs do not
-state plainly (v2 documented 500 per minute with a key). The
-default, ``RateLimit(600, 60.0)``, is the figure flows' emulator enforces;
-pass ``limits=`` for your plan and pick ``every`` from your monthly
-credits. Over the limit CoinCap answers 429 ``{"error": "rate limit
-exceeded", ...}`` without ``Retry-After``: the source then pauses every
-request for one window of its limit (60 s by default), since a fixed
-window ends at most that far away.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.coincap import CoinCapPrices
-    from sinks.sqlite import SQLiteSink
-
-    # export COINCAP_API_KEY=...
-    flow = Flow("coincap", sources=[CoinCapPrices(symbols=["bitcoin", "ethereum"], every=10.0)],
-                stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
+The reference (endpoint, key, limits, parameters, metrics) is the docs
+page ``docs/sources/coincap.md``.
 """
 
 from __future__ import annotations
@@ -87,13 +46,15 @@ _MAX_PER_REQUEST = 2000  # /v3/assets' largest ``limit``
 class CoinCapPrices(HttpSource):
     """Source: CoinCap 3.0 asset prices (USD), polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: CoinCap ids such as ``bitcoin``.
         api_key: the API key (default: read from ``api_key_env``).
         api_key_env: the environment variable holding the key; ``None``
             (with no ``api_key``) sends none, for a keyless proxy.
         per_request: ids per request (at most 2000).
-        name: default ``coincap``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://rest.coincap.io"

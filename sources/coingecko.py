@@ -1,48 +1,7 @@
 """CoinGecko: aggregated coin prices over the public REST API.
 
-Talks to ``https://api.coingecko.com`` (the public and Demo plans; Pro keys
-go to ``https://pro-api.coingecko.com``, chosen with ``plan="pro"``; or
-``base_url``: a proxy or flows' emulator), API v3:
-
-- ``GET /api/v3/simple/price?ids=bitcoin,ethereum&vs_currencies=usd&
-  include_last_updated_at=true``:
-  ``{"bitcoin": {"usd": 67187.33, "last_updated_at": 1711356300}, ...}``.
-  Prices are JSON numbers (not strings); ``last_updated_at`` is the epoch
-  second of the coin's last price update and becomes the Tick's ``ts``
-  (the receive time when it is absent). Ids CoinGecko does not know are
-  left out of the answer (``{}`` when it knows none): such an id is counted
-  ``unknown_symbol`` and parked (probed again every ``reprobe_every``
-  seconds, 10 minutes by default), like an unknown symbol on every HTTP
-  source; an answer that holds none of several ids is asked again by
-  halves first. Symbols are CoinGecko API ids (``bitcoin``,
-  ``avalanche-2``), not tickers; up to ``per_request`` (250) per request.
-
-API key (optional): the Demo plan's key goes in ``x-cg-demo-api-key``, a
-Pro key in ``x-cg-pro-api-key``; the source reads it from the environment
-variable named by ``api_key_env`` (an unset variable is an error at
-construction, so a typo does not silently fall back to keyless access).
-
-Rate limit: CoinGecko documents it per plan and says the public one varies
-with traffic: about 30 calls per minute for the Demo plan (as its docs said
-through 2024, plus 10,000 calls a month; a newer docs page says 100 per
-minute; keyless access is limited per IP, historically 5 to 30 per minute
-with load), 250 and up per minute on paid plans. The default, ``RateLimit(30, 60.0)``, is the
-Demo figure (the emulator's too); pass ``limits=`` for your plan (and
-remember the monthly credits: 30/min exhausts 10,000 calls in under six
-hours). Over the limit CoinGecko answers 429 ``{"status": {"error_code":
-429, ...}}`` with ``retry-after`` seconds, which pauses every request of
-the source until then (one window of the source's limit, 60 s, when the
-header is absent). A 401/403 (a key refused, or sent to the wrong root
-URL) is permanent: not retried, and the logged error names the variable.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.coingecko import CoinGeckoPrices
-    from sinks.sqlite import SQLiteSink
-
-    flow = Flow("gecko", sources=[CoinGeckoPrices(symbols=["bitcoin", "ethereum"], every=30.0)],
-                stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
+The reference (endpoint, keys, plans, limits, parameters, metrics) is the
+docs page ``docs/sources/coingecko.md``.
 """
 
 from __future__ import annotations
@@ -89,7 +48,9 @@ def _epoch(value: Any) -> float | None:
 class CoinGeckoPrices(HttpSource):
     """Source: CoinGecko simple prices, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: CoinGecko API ids such as ``bitcoin`` (lower case, as the
             answer spells them).
         vs_currency: the currency prices are quoted in (``usd``, ``eur``,
@@ -99,7 +60,7 @@ class CoinGeckoPrices(HttpSource):
             none, keyless access).
         plan: ``demo`` or ``pro``: which key header to send, and (without
             ``base_url``) which root URL to call.
-        name: default ``coingecko``.
+        name: actor name.
     """
 
     DEFAULT_URL = _URLS["demo"]

@@ -1,70 +1,8 @@
 """Financial Modeling Prep: end-of-day prices in bulk, quotes, dividends and
 company profiles of US stocks, over the ``stable`` API.
 
-Talks to ``https://financialmodelingprep.com`` (or ``base_url``: a proxy or
-flows' emulator); every call carries ``apikey=KEY``:
-
-- ``FMPEndOfDay``: ``GET /stable/eod-bulk?date=2024-10-22``: every symbol's
-  bar of one date in one call, as CSV (``"symbol","date","open","low",
-  "high","close","adjClose","volume"``). A Tick per symbol: ``price`` the
-  close, ``volume`` the day's volume, ``ts`` the date's US close (21:00
-  UTC). ``symbols=None`` keeps every row, else only those symbols (the
-  ones the file lacks are counted ``missing``).
-- ``FMPQuotes``: ``GET /stable/batch-quote?symbols=AAPL,MSFT`` (comma
-  separated, ``per_request`` a call): ``[{"symbol": "AAPL", "price": 232.8,
-  "volume": 44489128, "timestamp": 1738702801, ...}]``; unknown symbols
-  are left out (``missing``).
-- ``FMPDividends``: ``GET /stable/dividends?symbol=AAPL``, one call per
-  symbol: ``[{"symbol", "date": "2025-02-10", "dividend": 0.25,
-  "adjDividend", "recordDate", "paymentDate", "declarationDate", "yield",
-  "frequency"}]``. A ``Dividend`` record per payment, every field kept
-  (``ts`` the ex-date at midnight UTC), keyed by source, symbol and
-  ex-date: storing it again is idempotent. ``[]`` (no dividends, or no
-  such symbol) gives nothing.
-- ``FMPProfiles``: ``GET /stable/profile?symbol=AAPL``: ``[{"symbol",
-  "price", "marketCap", "companyName", "sector", ...}]``. A ``Profile``
-  record per symbol with every documented field (``ts`` the fetch time),
-  keyed by source, symbol and ``ts`` (one row per sync: a history of
-  profiles); ``[]``: an unknown symbol (parked, probed again every
-  ``reprobe_every``).
-
-Storing sinks (SQLite, PostgreSQL, ...) keep ``Dividend`` records in a
-table ``dividends`` and ``Profile`` records in ``profiles``
-(``flows.record_schema``; ``tables={Dividend: "..."}`` renames them).
-
-API key: ``api_key=`` or the environment variable ``api_key_env``
-(``FMP_API_KEY``), masked wherever flows shows text; a 401 (``{"Error
-Message": "Invalid API KEY. ..."}``) is permanent and names its origin.
-
-Limits: FMP sells per-minute plans: 300 calls a minute on Starter (the
-default ``RateLimit(300, 60.0)``), 750 on Premium, 3,000 on Ultimate
-(``limits=[RateLimit(750, 60.0)]``); the bulk endpoints need a plan that
-includes them. Over the limit FMP answers 429 ``{"Error Message": "Limit
-Reach . ..."}`` without ``Retry-After``: the source pauses one minute.
-
-Daily syncs (``once=True``) of the per-symbol sources can skip symbols
-refreshed recently: ``state=PATH, max_age=SECONDS`` keeps a JSON file of
-when each symbol was last fetched (written every ``checkpoint_every``
-symbols, and at the end, so a killed sync loses at most that many), drops
-the symbols younger than ``max_age`` before the sync starts, and logs at
-the end the calls made and the calls the filter saved
-(``flows_source_skipped_total`` counts those symbols). ``refreshed=``
-tells the same from elsewhere, typically the sink's own table: a mapping
-``{symbol: epoch seconds}`` or a function returning one, called once when
-the source starts (for profiles, ``SELECT symbol, max(ts) FROM profiles
-GROUP BY symbol``); with ``state`` too, the later time counts.
-
-Example::
-
-    from flows import Flow
-    from sources.fmp import FMPDividends, FMPEndOfDay
-    from sinks.postgres import PostgresSink
-
-    # export FMP_API_KEY=...
-    flow = Flow("stocks", sources=[FMPEndOfDay(date="2024-10-22", once=True),
-                                   FMPDividends(symbols=["AAPL", "MSFT"], once=True,
-                                                state="fmp-state.json", max_age=20 * 3600)],
-                sinks=[PostgresSink("postgresql://flows@db/market")])  # ticks, dividends
+The reference (endpoints, records, limits, daily syncs, parameters,
+metrics) is the docs page ``docs/sources/fmp.md``.
 """
 
 from __future__ import annotations
@@ -329,11 +267,14 @@ class _FMPSource(HttpSource):
 class FMPEndOfDay(_FMPSource):
     """Source: one date's end-of-day bars for every symbol, in one call.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         date: ``YYYY-MM-DD`` or a ``date`` (default: the last weekday).
         symbols: keep only these (default: every row).
-        api_key, api_key_env: the key, or the variable holding it (``FMP_API_KEY``).
-        name: default ``fmp_eod``.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     def __init__(self, *, date: str | dt.date | None = None, symbols: list[str] | None = None,
@@ -373,8 +314,14 @@ class FMPEndOfDay(_FMPSource):
 class FMPQuotes(_FMPSource):
     """Source: quotes, ``per_request`` symbols a call (comma separated).
 
-    Parameters (besides ``HttpSource``'s): ``symbols``, ``per_request``
-    (100), ``api_key``, ``api_key_env``; ``name`` default ``fmp``.
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
+        symbols: FMP symbols such as ``AAPL``.
+        per_request: symbols per call.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     def __init__(self, *, symbols: list[str], per_request: int = 100, api_key: str | None = None,
@@ -514,17 +461,31 @@ class _PerSymbolSync(_FMPSource):
 class FMPDividends(_PerSymbolSync):
     """Source: each symbol's dividends (a ``Dividend`` per ex-date), one call per symbol.
 
-    Parameters (besides ``HttpSource``'s): ``symbols``; ``state``,
-    ``refreshed`` (a mapping or function: when each symbol was last
-    fetched, e.g. from the sink's table), ``max_age`` (s, default 20 h) and
-    ``checkpoint_every`` (100) for the staleness filter; ``api_key``, ``api_key_env``; ``name`` default
-    ``fmp_dividends``.
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
+        symbols: FMP symbols such as ``AAPL``.
+        state: a file remembering when each symbol was last fetched (the
+            staleness filter).
+        refreshed: a mapping or function: when each symbol was last fetched
+            elsewhere, e.g. from the sink's table.
+        max_age: seconds; a symbol fetched more recently is skipped.
+        checkpoint_every: symbols fetched between two saves of ``state``.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     ENDPOINT = "dividends"
 
-    def __init__(self, *, symbols: list[str], name: str = "fmp_dividends", **options: Any) -> None:
-        super().__init__(symbols=symbols, name=name, **options)
+    def __init__(self, *, symbols: list[str], state: str | Path | None = None,
+                 refreshed: Refreshed | None = None, max_age: float = 20 * 3600.0,
+                 checkpoint_every: int = 100, api_key: str | None = None,
+                 api_key_env: str = "FMP_API_KEY", name: str = "fmp_dividends",
+                 **options: Any) -> None:
+        super().__init__(symbols=symbols, state=state, refreshed=refreshed, max_age=max_age,
+                         checkpoint_every=checkpoint_every, api_key=api_key,
+                         api_key_env=api_key_env, name=name, **options)
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         out = Parsed()
@@ -551,13 +512,31 @@ class FMPDividends(_PerSymbolSync):
 class FMPProfiles(_PerSymbolSync):
     """Source: each symbol's company profile (a ``Profile``), one call per symbol.
 
-    Parameters: as ``FMPDividends``; ``name`` default ``fmp_profiles``.
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
+        symbols: FMP symbols such as ``AAPL``.
+        state: a file remembering when each symbol was last fetched (the
+            staleness filter).
+        refreshed: a mapping or function: when each symbol was last fetched
+            elsewhere, e.g. from the sink's table.
+        max_age: seconds; a symbol fetched more recently is skipped.
+        checkpoint_every: symbols fetched between two saves of ``state``.
+        api_key: the API key (default: read from ``api_key_env``).
+        api_key_env: the environment variable holding the key.
+        name: actor name.
     """
 
     ENDPOINT = "profile"
 
-    def __init__(self, *, symbols: list[str], name: str = "fmp_profiles", **options: Any) -> None:
-        super().__init__(symbols=symbols, name=name, **options)
+    def __init__(self, *, symbols: list[str], state: str | Path | None = None,
+                 refreshed: Refreshed | None = None, max_age: float = 20 * 3600.0,
+                 checkpoint_every: int = 100, api_key: str | None = None,
+                 api_key_env: str = "FMP_API_KEY", name: str = "fmp_profiles",
+                 **options: Any) -> None:
+        super().__init__(symbols=symbols, state=state, refreshed=refreshed, max_age=max_age,
+                         checkpoint_every=checkpoint_every, api_key=api_key,
+                         api_key_env=api_key_env, name=name, **options)
 
     def parse(self, request: Request, body: bytes) -> Parsed:
         (symbol,) = request.symbols

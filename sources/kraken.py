@@ -1,69 +1,9 @@
-"""Kraken spot: ticker information over the public REST API.
+"""Kraken spot: ticker information over the public REST API
+(``KrakenTickers``), and the websocket API v2 ticker and trade channels
+(``KrakenStream``, ``KrakenTrades``).
 
-Talks to ``https://api.kraken.com`` (or ``base_url``: a proxy, or flows'
-emulator):
-
-- ``GET /0/public/Ticker?pair=XBTUSD,ETHUSD``: many pairs per request
-  (``per_request`` at a time, default 50)::
-
-    {"error": [], "result": {"XXBTZUSD": {
-        "a": ["67190.71000", "12", "12.345"],      # ask: price, whole lot volume, lot volume
-        "b": ["67184.00000", "18", "18.518"],      # bid: same
-        "c": ["67187.33000", "0.01234567"],        # last trade: price, lot volume
-        "v": ["1623.45678901", "16234.56789012"],  # volume: today, last 24 h
-        "p": [...], "t": [...], "l": [...], "h": [...], "o": "67000.00000"}}}
-
-A Tick's price is the last trade (``c[0]``), ``bid`` ``b[0]``, ``ask``
-``a[0]``, ``volume`` the last 24 h (``v[1]``); prices are decimal strings
-parsed to float. There is no timestamp, so ``ts`` is the time the response
-arrived.
-
-Pair names: ask with altnames (``XBTUSD``, ``ETHUSD``, ``SOLUSD``) or
-Kraken's own names (``XXBTZUSD``). The result is keyed by Kraken's names:
-legacy X/Z names for the old assets (``XXBTZUSD`` for ``XBTUSD``,
-``XETHZUSD`` for ``ETHUSD``), plain ones for newer pairs (``SOLUSD``).
-Ticks carry the name you asked for: a result key matches an asked name
-exactly, or after both are brought to altname form (``X???Z???`` ->
-``??????``; ``BTC`` -> ``XBT``, ``DOGE`` -> ``XDG``, Kraken's codes). A key
-that matches nothing asked is counted ``unknown_symbol``; an asked pair
-missing from the result, ``missing``.
-
-Errors come with HTTP 200 in the ``error`` list (``E<category>:<message>``;
-``W...`` entries are warnings and ignored); HTTP statuses other than 200
-mean Kraken could not be reached (Cloudflare, 5xx). ``check`` sorts them:
-
-- ``EGeneral:Too many requests``, ``EAPI:Rate limit exceeded`` and
-  ``EService:Throttled``: rate limited; transient, not held against the
-  circuit breaker, and the limiter pauses ``rate_limit_pause`` seconds
-  (Kraken restricts further calls "for a few seconds").
-- ``EService:Unavailable``, ``EService:Busy`` (any other ``EService:``),
-  ``EGeneral:Internal error``, ``EGeneral:Temporary lockout``: transient,
-  retried with backoff.
-- ``EQuery:Unknown asset pair``: not Kraken failing (not retried, not held
-  against the circuit breaker). One unknown pair fails the whole request,
-  so the source splits the request in halves until the pair is alone, then
-  parks it (counted ``unknown_symbol``, listed in ``parked``, probed again
-  every ``reprobe_every`` seconds), as every HTTP source does.
-- any other ``E...`` error: permanent.
-
-Rate limit: Kraken's support article "What are the API rate limits?"
-(support.kraken.com/hc/en-us/articles/206548367) says calling the public
-endpoints at 1 per second or less stays within the limits (per IP), and that
-calls beyond it are restricted for a few seconds, longer if they go on; so
-the source paces itself at 1 request per 1.1 s: with no burst to spare,
-network jitter would otherwise make a request arrive a hair early (flows'
-emulator enforces 1/s with a token bucket of burst 1, and refused 4 of 14
-requests paced at exactly 1/s on a real clock). Asking for many pairs per
-request is what makes a large symbol set affordable.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.kraken import KrakenTickers
-    from sinks.sqlite import SQLiteSink
-
-    flow = Flow("kraken", sources=[KrakenTickers(symbols=["XBTUSD", "ETHUSD"], every=2.0)],
-                stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
+The reference (endpoints, pair names, errors, limits, message formats,
+parameters, metrics) is the docs page ``docs/sources/kraken.md``.
 """
 
 from __future__ import annotations
@@ -81,6 +21,7 @@ from flows import (
     RateLimit,
     Request,
     Tick,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -140,13 +81,15 @@ def _optional_price(value: str | float | None) -> float | None:
 class KrakenTickers(HttpSource):
     """Source: Kraken spot tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: Kraken pairs, altnames such as ``XBTUSD`` or Kraken's names
             such as ``XXBTZUSD``; Ticks carry the name given here.
         per_request: pairs per request (a ``pair=A,B,...`` list).
         rate_limit_pause: seconds every request waits after Kraken says
             ``EGeneral:Too many requests``.
-        name: default ``kraken``.
+        name: actor name.
 
     """
 
@@ -295,6 +238,8 @@ class _KrakenStatus(msgspec.Struct, frozen=True):
 
 _decode_v2 = msgspec.json.Decoder(KrakenV2Message).decode
 _decode_v2_tickers = msgspec.json.Decoder(list[KrakenV2Ticker]).decode
+_decode_v2_ticker = msgspec.json.Decoder(KrakenV2Ticker).decode
+_decode_v2_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _decode_v2_status = msgspec.json.Decoder(list[_KrakenStatus]).decode
 _v2_log = logging.getLogger("flows.source.kraken")
 # websocket v2 names assets by their common codes: BTC/USD, not XBT/USD
@@ -323,76 +268,33 @@ def _v2_price(value: float | str | None) -> float | None:
 class KrakenStream(WebSocketSource):
     """Source: Kraken spot tickers over the websocket API v2.
 
-    Connects to ``wss://ws.kraken.com/v2`` (flows' emulator:
-    ``ws://127.0.0.1:PORT/v2``). Kraken first sends ``{"channel": "status",
-    "type": "update", "data": [{"system": "online", "api_version": "v2",
-    ...}]}``; the source subscribes::
+    Subscribes to the v2 ``ticker`` channel and turns each item into a
+    Tick (``price=last``, ``bid``, ``ask``, 24 h ``volume``).
 
-        {"method": "subscribe", "params": {"channel": "ticker",
-         "symbol": ["BTC/USD", "ETH/USD"], "event_trigger": "trades"}, "req_id": 1}
+    Takes the parameters of [WebSocketSource][flows.WebSocketSource] too.
 
-    Kraken acknowledges each symbol (``{"method": "subscribe", "result":
-    {"channel": "ticker", "symbol": "BTC/USD", ...}, "success": true, ...}``;
-    an unknown pair gets ``"success": false, "error": "Currency pair not
-    supported FOO/USD"``: logged, listed in ``unknown`` and left out of
-    later subscriptions), then sends a ``snapshot`` and ``update`` s::
-
-        {"channel": "ticker", "type": "update", "data": [{"symbol": "BTC/USD",
-         "bid": 67184.0, "bid_qty": 0.5, "ask": 67190.7, "ask_qty": 1.2,
-         "last": 67187.3, "volume": 1623.4, "vwap": 66598.6, "low": 65800.1,
-         "high": 68011.0, "change": 1177.3, "change_pct": 1.78}]}
-
-    Numbers, as Kraken documents them; decimal strings (``"bid": "67184.0"``),
-    as they may also arrive, are taken too (never counted invalid for
-    their type). Tick:
-    ``price=last``, ``bid``, ``ask``, ``volume`` (24 h, base currency).
-    ``ts``: the item's ``timestamp`` (RFC 3339) when there is one (Kraken's
-    current documentation shows it; the v2 ticker first had none), else the
-    time the message arrived. Updates come on every trade
-    (``event_trigger="trades"``, the default) or on every change of the best
-    bid or offer (``"bbo"``). The ticker carries no sequence number, so this
-    source cannot see gaps.
-
-    Symbols: v2 names, ``BTC/USD`` (v2 uses BTC and DOGE where the REST API
-    says XBT and XDG; ``XBT/USD`` is accepted and streamed as ``BTC/USD``).
-
-    Liveness: Kraken sends ``{"channel": "heartbeat"}`` about once a second
-    when no other update goes out, so ``silence_timeout`` is 10 s. It closes
-    a connection within about a minute of inactivity, where any request,
-    such as ``{"method": "ping", "req_id": N}``, keeps it alive: the source
-    sends one every ``heartbeat_interval`` (30 s) and takes the ``pong``
-    answer in its stride.
-
-    Limits (docs.kraken.com, Spot WebSocket guide): Cloudflare allows about
-    150 connection attempts per rolling 10 minutes per IP and bans the IP
-    for 10 minutes beyond that (``CONNECT_LIMITS``: 150 per 600 s, so
-    reconnect storms are paced at one every 4 s); after maintenance Kraken
-    asks for at most one reconnection every 5 seconds. The message rate
-    limit per connection is not published (it varies with load; over it,
-    ``{"error": "Exceeded msg rate"}``): ``SUBSCRIBE_LIMITS`` is a
-    conservative 1 message per second (subscribes and pings), with
-    ``symbols_per_message`` symbols per subscribe. No published cap on
-    symbols per connection; ``max_streams_per_connection`` (1024) shards.
-
-    Parameters (besides ``WebSocketSource``'s):
+    Parameters:
         symbols: v2 pairs such as ``BTC/USD``.
-        event_trigger: ``trades`` or ``bbo`` (see above).
+        event_trigger: ``"trades"`` (an update on every trade) or ``"bbo"``
+            (on every change of the best bid or offer).
         snapshot: ask for a snapshot on subscribing (the current ticker at
             once, instead of at the next trade).
         symbols_per_message: symbols per subscribe message.
-        name: default ``kraken_stream``.
+        name: actor name.
 
     Attributes:
         unknown: pairs Kraken refused; left out of later subscriptions.
         pongs: pong answers received (the heartbeat's echo).
 
-    Example::
+    Example:
 
-        from flows import Edge, Flow
-        from sources.kraken import KrakenStream
+    ```python
+    from flows import Edge, Flow
+    from sources.kraken import KrakenStream
 
-        flow = Flow("live", sources=[KrakenStream(symbols=["BTC/USD", "ETH/USD"])],
-                    sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    flow = Flow("live", sources=[KrakenStream(symbols=["BTC/USD", "ETH/USD"])],
+                sinks=[SQLiteSink("ticks.db")], edges={"sqlite": Edge(policy="conflate")})
+    ```
     """
 
     DEFAULT_URL = "wss://ws.kraken.com/v2"
@@ -415,7 +317,8 @@ class KrakenStream(WebSocketSource):
         if symbols_per_message < 1:
             raise ValueError("symbols_per_message must be >= 1")
         options.setdefault("silence_timeout", 10.0)
-        super().__init__(symbols=[v2_symbol(s) for s in symbols], name=name, **options)
+        super().__init__(symbols=[v2_symbol(s) for s in check_symbols(symbols, name)], name=name,
+                         **options)
         self.event_trigger = event_trigger
         self.snapshot_on_subscribe = snapshot
         self.symbols_per_message = symbols_per_message
@@ -450,14 +353,21 @@ class KrakenStream(WebSocketSource):
         if channel == "ticker":
             if not m.data:
                 raise ValueError("ticker message without data")
+            try:
+                items = _decode_v2_tickers(m.data)
+            except msgspec.ValidationError:  # some item is of the wrong shape: one at a time
+                items = self._items(m.data, out)
             now = time.time()
-            for item in _decode_v2_tickers(m.data):
-                out.ticks.append(Tick(
-                    self.name, item.symbol, parse_price(item.last),
-                    _v2_epoch(item.timestamp) if item.timestamp else now,
-                    bid=_v2_price(item.bid), ask=_v2_price(item.ask),
-                    volume=parse_optional_float(item.volume),
-                ))
+            for item in items:
+                try:
+                    tick = Tick(self.name, item.symbol, parse_price(item.last),
+                                _v2_epoch(item.timestamp) if item.timestamp else now,
+                                bid=_v2_price(item.bid), ask=_v2_price(item.ask),
+                                volume=parse_optional_float(item.volume))
+                except ValueError as exc:  # a bad item costs only itself
+                    out.bad("invalid", f"{item!r}: {exc}"[:300])
+                    continue
+                out.ticks.append(tick)
         elif channel == "heartbeat":
             pass
         elif channel == "status":
@@ -471,6 +381,18 @@ class KrakenStream(WebSocketSource):
         elif m.method is not None and m.success is False:
             self._refused(m)
         return out
+
+    @staticmethod
+    def _items(data: msgspec.Raw, out: StreamParsed) -> list[KrakenV2Ticker]:
+        """The items of a ticker message read one by one; those of the wrong
+        shape are counted invalid."""
+        items = []
+        for raw in _decode_v2_items(data):
+            try:
+                items.append(_decode_v2_ticker(raw))
+            except msgspec.ValidationError as exc:
+                out.bad("invalid", f"{bytes(raw)[:200]!r}: {exc}")
+        return items
 
     def _refused(self, m: KrakenV2Message) -> None:
         symbol = m.symbol
@@ -505,37 +427,33 @@ class KrakenV2Trade(msgspec.Struct, frozen=True):
     ord_type: str | None = None
 
 
-_decode_v2_trades = msgspec.json.Decoder(list[KrakenV2Trade]).decode
+_decode_v2_trade = msgspec.json.Decoder(KrakenV2Trade).decode
 
 
 class KrakenTrades(KrakenStream):
     """Source: every trade of Kraken spot pairs, as ``Trade`` records, from
     the websocket API v2 ``trade`` channel.
 
-    Subscribes ``{"method": "subscribe", "params": {"channel": "trade",
-    "symbol": ["BTC/USD"], "snapshot": false}, "req_id": 1}`` and reads::
+    Each item of a ``trade`` message becomes ``Trade(price, size=qty,
+    ts=timestamp, side, trade_id)``, ``side`` the taker's.
 
-        {"channel": "trade", "type": "update", "data": [{"symbol": "BTC/USD",
-         "side": "sell", "price": 67187.3, "qty": 0.0123, "ord_type": "market",
-         "trade_id": 4665906, "timestamp": "2024-03-25T08:45:00.123456Z"}]}
+    Takes the parameters of [KrakenStream][sources.kraken.KrakenStream] too
+    (``base_url``, ``silence_timeout``, ...) except ``event_trigger``.
 
-    Each item becomes ``Trade(price, size=qty, ts=timestamp, side,
-    trade_id=str(trade_id))`` (``side`` is the taker's). Numbers may also
-    come as decimal strings and ids as strings or beyond 64 bits; an item
-    that cannot be read is counted (``invalid``) without losing the others
-    of its message. Trade ids go up by one per pair: a jump is a gap
-    (``check_gaps=False`` turns it off). ``snapshot=True`` asks for the
-    pair's latest 50 trades on subscribing (they may repeat trades streamed
-    before a reconnect: a sink's key absorbs them). Symbols, heartbeats,
-    pings, refusals and limits as for ``KrakenStream``. Default name
-    ``kraken_trades``.
+    Parameters:
+        symbols: v2 pairs such as ``BTC/USD``.
+        snapshot: ask for the pair's latest 50 trades on subscribing.
+        check_gaps: count jumps in trade ids as gaps.
+        name: actor name.
 
-    Example::
+    Example:
 
-        from sources.kraken import KrakenTrades
+    ```python
+    from sources.kraken import KrakenTrades
 
-        Flow("trades", sources=[KrakenTrades(symbols=["BTC/USD", "ETH/USD"])],
-             sinks=[SQLiteSink("market.db")])
+    Flow("trades", sources=[KrakenTrades(symbols=["BTC/USD", "ETH/USD"])],
+         sinks=[SQLiteSink("market.db")])
+    ```
     """
 
     def __init__(self, *, symbols: list[str], snapshot: bool = False, check_gaps: bool = True,
@@ -553,15 +471,16 @@ class KrakenTrades(KrakenStream):
         if not m.data:
             raise ValueError("trade message without data")
         out = StreamParsed()
-        for item in _decode_v2_trades(m.data):
+        for raw in _decode_v2_items(m.data):  # one item at a time: a bad one costs only itself
             try:
+                item = _decode_v2_trade(raw)
                 trade = Trade(self.name, item.symbol, float(item.price), float(item.qty),
                               _v2_epoch(item.timestamp), item.side,
                               None if item.trade_id is None else str(item.trade_id))
-            except ValueError as exc:
-                out.bad("invalid", f"{item.symbol}: {exc}")
+            except (msgspec.ValidationError, ValueError) as exc:
+                out.bad("invalid", f"{bytes(raw)[:200]!r}: {exc}")
                 continue
             out.ticks.append(trade)
-            if self.check_gaps and trade.trade_id is not None and trade.trade_id.isdigit():
+            if self.check_gaps and trade.trade_id is not None and trade.trade_id.isdecimal():
                 out.sequences.append((item.symbol, int(trade.trade_id)))
         return out

@@ -1,54 +1,7 @@
 """LiveCoinWatch: aggregated coin prices over the API v1, within its daily credits.
 
-Talks to ``https://api.livecoinwatch.com`` (or ``base_url``: a proxy or
-flows' emulator). Every call is a ``POST`` with a JSON body and the header
-``x-api-key``:
-
-- ``POST /coins/list`` ``{"currency": "USD", "sort": "rank", "order":
-  "ascending", "offset": 0, "limit": 100, "meta": false}``: a page of the
-  universe by rank, ``[{"code": "BTC", "rate": 67187.33, "volume":
-  14151561000, "cap": 1303625413373, "delta": {"hour": 0.9975, ...}}]``;
-  with ``top=N`` the source pages through the first N coins (100 a page,
-  the API's largest ``limit``).
-- ``POST /coins/map`` ``{"codes": ["BTC", "ETH"], "currency": "USD", ...}``:
-  the same records for chosen codes (unknown codes are left out: they are
-  parked, ``flows_records_discarded_total{reason="unknown_symbol"}``, and
-  probed again every ``reprobe_every`` seconds); ``POST /coins/single``
-  ``{"currency": "USD", "code": "BTC", "meta": false}`` for one code
-  (``per_request=1``, and the probes), answered without ``code`` (404 when
-  the code is unknown).
-- ``POST /credits``: ``{"dailyCreditsRemaining": 9843, "dailyCreditsLimit":
-  10000}``, read every ``credits_every`` seconds.
-
-Records are Ticks: ``symbol`` the coin code, ``price`` the ``rate`` in
-``currency``, ``volume`` the 24 h volume in ``currency``; the API sends no
-timestamp, so ``ts`` is the receive time.
-
-API key: ``api_key=`` or the environment variable ``api_key_env``
-(``LIVECOINWATCH_API_KEY``); it is masked wherever flows shows text. A 401
-is permanent (not retried) and names where the key came from.
-
-Limits: LiveCoinWatch counts *credits*: one per call, a daily budget per
-key (10,000 on the free plan; ``daily_credits=`` for yours), reset at
-midnight UTC. The source paces its calls to spread the budget over the
-day (``RateLimit(daily_credits, 86400)``) under a per-minute cap
-(``RateLimit(60, 60)``: the API docs do not publish one; flows' emulator
-enforces this figure). Metrics: ``flows_source_credits_remaining`` (what
-``/credits`` last said, less the calls made since) and
-``flows_source_credits_spent_total``. Over a limit the API answers 429:
-when the daily credits are spent the source pauses until midnight UTC,
-else for one minute.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.livecoinwatch import LiveCoinWatchPrices
-    from sinks.influx import InfluxSink
-
-    # export LIVECOINWATCH_API_KEY=...
-    flow = Flow("lcw", sources=[LiveCoinWatchPrices(top=500, every=60.0)],
-                stages=[ChangeDetector(rel=0.001)],
-                sinks=[InfluxSink("http://127.0.0.1:8086", database="market")])
+The reference (endpoints, credits, limits, parameters, metrics) is the
+docs page ``docs/sources/livecoinwatch.md``.
 """
 
 from __future__ import annotations
@@ -72,6 +25,7 @@ from flows import (
     Request,
     Tick,
     add_secret,
+    check_symbols,
     parse_optional_float,
     parse_price,
 )
@@ -127,7 +81,9 @@ def _seconds_to_midnight_utc() -> float:
 class LiveCoinWatchPrices(HttpSource):
     """Source: LiveCoinWatch coin prices, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: coin codes (``BTC``, ``ETH``), polled with ``/coins/map``
             (``/coins/single`` when ``per_request`` is 1); or
         top: instead of ``symbols``, the first ``top`` coins by rank, paged
@@ -138,7 +94,7 @@ class LiveCoinWatchPrices(HttpSource):
         api_key_env: the variable holding the key.
         daily_credits: the plan's daily credits (paces the calls; 10,000).
         credits_every: seconds between reads of ``/credits``.
-        name: default ``livecoinwatch``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://api.livecoinwatch.com"
@@ -171,7 +127,8 @@ class LiveCoinWatchPrices(HttpSource):
         add_secret(key)
         headers = {**(options.pop("headers", None) or {}), "x-api-key": key}
         options.setdefault("limits", [self.PER_MINUTE, RateLimit(daily_credits, _DAY)])
-        codes = [s.strip().upper() for s in symbols] if symbols is not None else ["*"]
+        codes = ([s.strip().upper() for s in check_symbols(symbols, name)] if symbols is not None
+                 else ["*"])
         super().__init__(symbols=codes, name=name, headers=headers, **options)
         self.top, self.currency, self.per_request = top, currency.strip().upper(), per_request
         self.daily_credits, self.credits_every = daily_credits, credits_every

@@ -1,46 +1,7 @@
 """OKX: spot tickers over the public REST API v5.
 
-Talks to ``https://www.okx.com`` (or ``base_url``: a regional host such as
-``https://app.okx.com``, a proxy, or flows' emulator), API v5:
-
-- ``GET /api/v5/market/tickers?instType=SPOT`` (``endpoint="all"``, the
-  default): every instrument of the type in one answer; the source makes
-  one request per cycle and keeps the instIds it was asked for; an asked
-  one the answer lacks is unknown to OKX (delisted, misspelt): counted
-  ``unknown_symbol`` and parked, probed again every ``reprobe_every``
-  seconds, as on every HTTP source.
-- ``GET /api/v5/market/ticker?instId=BTC-USDT`` (``endpoint="single"``):
-  one request per instrument.
-
-Both answer ``{"code": "0", "msg": "", "data": [{"instId": "BTC-USDT",
-"last": "67187.3", "askPx": "67190.7", "bidPx": "67184", "vol24h":
-"16234.56789012", "ts": "1711356300123", ...}]}``: decimal strings, ``ts``
-epoch milliseconds. A Tick's price is ``last``, with ``bid``/``ask`` and
-``volume`` (24 h, in the base currency); ``ts`` is OKX's ``ts``.
-
-Errors keep the envelope, often with HTTP 200: ``code`` other than
-``"0"``. Rate limiting (``50011``, also sent with HTTP 429) is transient:
-the source pauses every request for one window of its limit (2 s) and
-retries. System busy/unavailable codes (``50001``, ``50004``, ``50013``,
-``50026``) and 5xx are transient; everything else is permanent, not
-retried: ``51001`` (instrument ID does not exist, HTTP 200: an unknown
-instId with ``endpoint="single"``), ``51000``/``50014`` (bad or missing
-parameter, HTTP 400).
-
-Rate limit: 20 requests per 2 seconds per IP for each of
-``market/tickers`` and ``market/ticker`` (OKX's API docs, "Get tickers" /
-"Get ticker"), so ``endpoint="all"`` refreshes any number of instruments at
-up to 10 cycles a second while ``"single"`` refreshes 10 instruments a
-second.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.okx import OKXTickers
-    from sinks.sqlite import SQLiteSink
-
-    flow = Flow("okx", sources=[OKXTickers(symbols=["BTC-USDT", "ETH-USDT"], every=1.0)],
-                stages=[ChangeDetector(rel=0.0005)], sinks=[SQLiteSink("ticks.db")])
+The reference (endpoints, errors, limits, parameters, metrics) is the docs
+page ``docs/sources/okx.md``.
 """
 
 from __future__ import annotations
@@ -98,14 +59,16 @@ _TRANSIENT = {"50001", "50004", "50013", "50026"}
 class OKXTickers(HttpSource):
     """Source: OKX tickers, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s):
+    Takes the parameters of [HttpSource][flows.HttpSource] too.
+
+    Parameters:
         symbols: OKX instrument ids such as ``BTC-USDT``.
         endpoint: ``all`` (one ``market/tickers`` request per cycle, kept
             to ``symbols``) or ``single`` (one ``market/ticker`` request per
             instrument: fewer bytes for a handful of symbols).
         inst_type: the instrument type ``all`` asks for (``SPOT``,
             ``SWAP``, ``FUTURES``, ``OPTION``); the symbols must be of it.
-        name: default ``okx``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://www.okx.com"

@@ -1,58 +1,8 @@
 """Polymarket: prediction-market outcome prices (probabilities) from the Gamma
 and CLOB APIs.
 
-Talks to two public APIs (no key): markets are found on Gamma
-(``https://gamma-api.polymarket.com``, ``gamma_url``), prices come from
-the CLOB (``https://clob.polymarket.com``, ``base_url``); offline, point
-both at flows' emulator.
-
-- Discovery, every ``discover_every`` seconds: ``GET /markets?active=true&
-  closed=false&limit=100&offset=N`` (paged up to ``max_markets``; markets
-  missing from two rounds in a row are forgotten); with
-  ``discover="events"``, ``GET /events?active=true&closed=false&...``
-  (``[{"id", "title", "markets": [...]}]``, each event with its markets,
-  paged up to ``max_markets`` events); or, for
-  chosen markets, ``GET /markets?id=516710&slug=will-...``: ``[{"id":
-  "516710", "slug": "...", "closed": false, "outcomes": "[\\"Yes\\",
-  \\"No\\"]", "outcomePrices": "[\\"0.515\\", \\"0.485\\"]",
-  "clobTokenIds": "[\\"7132...\\", \\"1044...\\"]", ...}]``. Note that
-  ``outcomes``, ``outcomePrices`` and ``clobTokenIds`` are JSON arrays
-  encoded as strings: they are decoded (and checked to have one entry per
-  outcome; a market whose lists disagree is counted ``invalid``). A market
-  seen for the first time gives records from ``outcomePrices``.
-- Prices, every ``every`` seconds: ``GET /prices?token_ids=a,b,...&
-  sides=BUY`` (``per_request`` token ids a call): ``{"a": {"BUY":
-  "0.45"}, ...}``; or with ``side="midpoint"`` one ``GET
-  /midpoint?token_id=a`` per token (``{"mid": "0.455"}``). Tokens the CLOB
-  leaves out (no order book) are counted ``missing``.
-- Closed and resolved markets: when discovery sees a market ``closed``,
-  the source emits its final prices (``1`` for the winner, ``0`` for the
-  others, as Gamma reports them) once, with ``closed=True``, and stops
-  pricing its tokens. (Discovering all active markets lists only open
-  ones: a market that closes then drops out of the listing; choose
-  markets to be told how they resolved.)
-
-Records are ``OutcomePrice``: ``symbol`` is ``"{market id}:{outcome}"``
-(e.g. ``516710:Yes``), ``probability`` the price in [0, 1], ``ts`` the
-receive time (the answers carry none), plus the market's slug, the outcome,
-its CLOB token id and ``closed``. Change detection takes
-``value=lambda r: r.probability``. Storing sinks keep them in a table
-``outcome_prices`` keyed by source, symbol and ``ts``.
-
-Rate limits (Polymarket's documentation, per 10 s): Gamma ``/markets``
-300, CLOB ``/prices`` 500 and ``/midpoint`` 1,500; the source's one
-limiter uses the lowest, ``RateLimit(300, 10.0)``. A 429 without
-``Retry-After`` pauses every call for 10 s.
-
-Example::
-
-    from flows import ChangeDetector, Flow
-    from sources.polymarket import PolymarketPrices
-
-    flow = Flow("bets", sources=[PolymarketPrices(max_markets=200, every=30.0)],
-                stages=[ChangeDetector(rel=0.05, heartbeat=3600.0,
-                                       value=lambda r: r.probability)],
-                sinks=[...])
+The reference (discovery, prices, resolutions, records, limits,
+parameters, metrics) is the docs page ``docs/sources/polymarket.md``.
 """
 
 from __future__ import annotations
@@ -148,7 +98,9 @@ class _Outcome(msgspec.Struct, frozen=True):
 class PolymarketPrices(HttpSource):
     """Source: Polymarket outcome prices, polled every ``every`` seconds.
 
-    Parameters (besides ``HttpSource``'s; ``base_url`` is the CLOB's):
+    Takes the parameters of [HttpSource][flows.HttpSource] too (``base_url`` is the CLOB's).
+
+    Parameters:
         markets: Gamma market ids or slugs to follow (default: discover
             the active markets, up to ``max_markets``).
         max_markets: how many active markets discovery lists (with
@@ -162,7 +114,7 @@ class PolymarketPrices(HttpSource):
         per_request: token ids per ``/prices`` call.
         gamma_url: the Gamma API's root (default: the real one).
         discover_every: seconds between discoveries (and closed checks).
-        name: default ``polymarket``.
+        name: actor name.
     """
 
     DEFAULT_URL = "https://clob.polymarket.com"

@@ -1,7 +1,7 @@
 """Redis Streams source: one consumer of a consumer group (scale-out).
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sources/redis.md; the parameters are also in the class docstring.
+docs/sources/redis.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations

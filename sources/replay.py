@@ -1,7 +1,7 @@
 """Replay: recorded ticks from a local JSONL or CSV file, once, then the flow ends.
 
 The reference (what it talks to, parameters, metrics, examples) is
-docs/sources/replay.md; the parameters are also in the class docstring.
+docs/sources/replay.md (which renders the parameters from the class docstring).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from flows import (
     ComponentMetrics,
     DropLog,
     Outbox,
+    Progress,
     RunContext,
     Tick,
     check_tick,
@@ -550,7 +551,7 @@ class ReplaySource:
             if f is not None:
                 f.close()
             self._finished = True
-            report.close(tracker.sent, reader.eof)
+            report.close("end of file" if reader.eof else "stopped", done=tracker.sent)
             self.save_offset()
 
     async def _sleep_until(self, due: float) -> None:
@@ -567,14 +568,9 @@ class ReplaySource:
                 await self._acked.wait()
         self._acked = None
 
-    def _reporter(self, start: int) -> _Progress:
-        label = f"replay {self.path.name}"
-        if self.progress:
-            try:
-                return _RichProgress(label, self._total, start)
-            except ImportError:
-                pass
-        return _LogProgress(self._log, label, self._total, start, self.progress_every)
+    def _reporter(self, start: int) -> Progress:
+        return Progress(f"replay {self.path.name}", total=self._total, done=start, unit="lines",
+                        bar=self.progress, every=self.progress_every, logger=self._log)
 
 
 class _BatchReader:
@@ -647,99 +643,3 @@ def _now() -> float:
         return trio.current_time()
     except RuntimeError:  # outside trio (a test, a user calling save_offset)
         return time.monotonic()
-
-
-# -- progress ------------------------------------------------------------------
-
-
-class _Progress:
-    """Lines done out of the total, the rate since the start, an ETA."""
-
-    def __init__(self, label: str, total: int | None, start: int) -> None:
-        self.label, self.total, self.start = label, total, start
-        self.t0 = time.monotonic()
-
-    def figures(self, done: int) -> tuple[float, float | None]:
-        """(lines/s, seconds left or None)."""
-        elapsed = time.monotonic() - self.t0
-        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 and self.total is not None else None
-        return rate, eta
-
-    def line(self, done: int) -> str:
-        rate, eta = self.figures(done)
-        if self.total:
-            share = f"{done:,}/{self.total:,} lines ({100 * done / self.total:.1f}%)"
-        else:
-            share = f"{done:,} lines"
-        tail = f", ETA {_duration(eta)}" if eta is not None else ""
-        return f"{self.label}: {share}, {rate:,.0f} lines/s{tail}"
-
-    def update(self, done: int) -> None:
-        pass
-
-    def close(self, done: int, eof: bool) -> None:
-        pass
-
-
-class _LogProgress(_Progress):
-    def __init__(
-        self, log: logging.Logger, label: str, total: int | None, start: int, every: float | None
-    ) -> None:
-        super().__init__(label, total, start)
-        self.log, self.every = log, every
-        self.next = self.t0 + (every or 0.0)
-
-    def update(self, done: int) -> None:
-        if self.every is not None and time.monotonic() >= self.next:
-            self.next = time.monotonic() + self.every
-            self.log.info("%s", self.line(done))
-
-    def close(self, done: int, eof: bool) -> None:
-        if self.every is not None:
-            end = "end of file" if eof else "stopped"
-            self.log.info("%s (%s after %.1fs)", self.line(done), end, time.monotonic() - self.t0)
-
-
-class _RichProgress(_Progress):
-    def __init__(self, label: str, total: int | None, start: int) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        super().__init__(label, total, start)
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.bar.add_task(label, total=total, completed=start, rate="")
-        self.bar.start()
-
-    def update(self, done: int) -> None:
-        rate, _ = self.figures(done)
-        self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} lines/s")
-
-    def close(self, done: int, eof: bool) -> None:
-        self.update(done)
-        self.bar.stop()
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

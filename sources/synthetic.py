@@ -1,26 +1,8 @@
-"""A synthetic market: random-walk prices for a universe of symbols.
+"""A synthetic market: random-walk prices (``SyntheticMarket``) and trades
+(``SyntheticTrades``) for a universe of symbols. Talks to nothing.
 
-Talks to nothing: it is the embedded default source, for demos, tests and
-benchmarks. Every ``interval`` seconds it ticks the whole universe: each
-symbol keeps its price with probability ``unchanged`` (a realistic share of
-symbols do not move between polls) and otherwise takes a log-normal step of
-``volatility``. Prices are deterministic for a given ``seed``; timestamps
-are wall-clock epoch seconds, strictly increasing.
-
-``SyntheticTrades`` is its counterpart for trades: every ``interval``
-seconds each symbol trades with probability ``active`` (1 to ``burst``
-trades, random-walk prices, log-normal sizes, a side, an increasing trade
-id), with times up to ``disorder`` seconds in the past, so trades arrive a
-little out of order as they do from several exchange connections.
-
-Example::
-
-    from flows import Flow, ChangeDetector
-    from sources.synthetic import SyntheticMarket
-    from sinks.console import ConsoleSink
-
-    flow = Flow("demo", sources=[SyntheticMarket(symbols=300, interval=0.5)],
-                stages=[ChangeDetector()], sinks=[ConsoleSink()])
+The reference (parameters, metrics, example output) is the docs page
+``docs/sources/synthetic.md``.
 """
 
 from __future__ import annotations

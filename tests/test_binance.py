@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -229,3 +230,21 @@ async def test_a_delisted_symbol_fails_its_batch_with_1121_and_is_parked(emulato
     assert sorted(t.symbol for t in sink.records) == sorted(symbols[:5] + symbols[6:])
     assert source.parked.keys() == {symbols[5]}
     assert emulator.stats["binance"]["ticker/price"]["status"]["400"] >= 2  # the batch, then halves
+
+
+async def test_the_minute_usage_header_is_read_against_a_minute_limit():
+    """X-MBX-USED-WEIGHT-1M counts a minute: a source limited to 5 weight a
+    second (300 a minute) that used 9 in this minute is nowhere near it and
+    must not pause to the end of the minute (it did: 9 > 90% of 5). The
+    header still pauses when other clients spent most of Binance's 6000."""
+    headers = {"x-mbx-used-weight-1m": "9"}
+    per_second = BinanceTickers(symbols=["BTCUSDT"], limits=[RateLimit(5, 1.0)])
+    per_second.on_response(httpx.Response(200, headers=headers))
+    assert per_second.limiter.paused_until == -float("inf")
+    per_minute = BinanceTickers(symbols=["BTCUSDT"], limits=[RateLimit(10, 60.0)])
+    per_minute.on_response(httpx.Response(200, headers=headers))  # 9 of our 10 a minute, not by us
+    assert per_minute.limiter.paused_until > trio.current_time()
+    for limits in ([RateLimit(5, 1.0)], None):
+        crowded = BinanceTickers(symbols=["BTCUSDT"], **({"limits": limits} if limits else {}))
+        crowded.on_response(httpx.Response(200, headers={"x-mbx-used-weight-1m": "5900"}))
+        assert crowded.limiter.paused_until > trio.current_time()

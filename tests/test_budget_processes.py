@@ -233,14 +233,13 @@ async def test_redis_down_falls_back_to_a_local_share_then_resumes(setup, redis_
 
         await until(ready, 10, "/readyz ready again on every poller")
         assert trio.current_time() - started < 10
-        # ready (Redis answers) comes first; each process joins the members
-        # only once the requests it queued on its local share have gone
         members = redis.Redis.from_url(back.url)
 
-        async def three_members():
-            return any(members.zcard(key) == 3 for key in members.keys("*members"))
+        def joined() -> int:  # a poller may be ready before it joins (its local queue first)
+            keys = members.keys("*members")
+            return members.zcard(keys[0]) if keys else 0
 
-        await until(three_members, 15, "three members again")
+        await until(lambda: _true(joined() == 3), 15, "three members again")
         members.close()
         count = len(recorder.arrivals)
         await until(lambda: _more(recorder, count + 40), 15, "polling on the shared budget")
@@ -256,3 +255,6 @@ async def test_redis_down_falls_back_to_a_local_share_then_resumes(setup, redis_
 async def _more(recorder: Recorder, n: int) -> bool:
     return len(recorder.arrivals) >= n
 
+
+async def _true(value: bool) -> bool:
+    return value

@@ -264,8 +264,8 @@ async def test_progress_is_logged_when_not_on_a_terminal(nursery, autojump_clock
     with caplog.at_level(logging.INFO, logger="flows.http"):
         await one_shot(source)
     lines = [r.getMessage() for r in caplog.records if "symbols (" in r.getMessage()]
-    assert lines and lines[-1].startswith("source probe: 4/4 symbols (")
-    assert lines[-1].endswith("/s, ETA 0s)")
+    assert lines and lines[-1].startswith("source probe: 4/4 symbols (100.0%), ")
+    assert lines[-1].endswith(" symbols/s, ETA 0s")
     assert not any(line.startswith("source probe: 1/4") for line in lines)  # not every symbol
 
 
@@ -274,8 +274,8 @@ async def test_progress_is_a_bar_when_asked_for(nursery, autojump_clock, capsys,
     source = PerSymbol(base_url=url, symbols=["A", "B", "C"], once=True, progress=True)
     with caplog.at_level(logging.INFO, logger="flows.http"):
         await one_shot(source)
-    shown = capsys.readouterr().out
-    assert "probe sync" in shown and "100%" in shown
+    shown = capsys.readouterr().err  # flows.Progress: the bar goes to standard error
+    assert "source probe" in shown and "100%" in shown
     assert not any("3/3 symbols (" in r.getMessage() for r in caplog.records)  # a bar, not lines
 
 

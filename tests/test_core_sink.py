@@ -199,6 +199,31 @@ async def test_records_the_database_refuses_are_isolated_and_dropped_alone(regis
     assert source.outcomes() == [["written"], ["written"]]
 
 
+async def test_a_write_given_up_midway_counts_only_the_records_not_yet_settled(
+    registry, autojump_clock
+):
+    """S1 is refused and isolated (S0 written, S1 rejected: 2 settled); then
+    the database goes down for good while S2 and S3 are written: those two,
+    and only those, are counted write_failed."""
+    class RefusesThenDown(MemorySink):
+        async def write(self, records):
+            self.attempts += 1
+            if any(t.symbol == "S1" for t in records):
+                raise ValueError("refused")
+            if any(t.symbol == "S2" for t in records):
+                raise ConnectionRefusedError("down")
+            self.writes.append(list(records))
+
+    sink = RefusesThenDown(batch_size=4, flush_interval=1000.0,
+                           retry=Retry(attempts=2, backoff=0.1, max_backoff=0.1))
+    source = ScriptSource([4])
+    await run(sink, source, registry)
+    assert [[t.symbol for t in w] for w in sink.writes] == [["S0"]]
+    assert value(registry, "flows_records_discarded_total", reason="rejected") == 1
+    assert value(registry, "flows_records_discarded_total", reason="write_failed") == 2
+    assert source.outcomes() == [["failed"]]
+
+
 async def test_a_fatal_error_drops_the_write_and_fails_the_sink(registry, autojump_clock):
     from flows import FlowFailed, Supervision
 

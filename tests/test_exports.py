@@ -32,7 +32,7 @@ PUBLIC = {
     "BatchingSink", "CircuitBreaker", "HttpError", "HttpSource", "Parsed", "RECONNECT_REASONS",
     "RateLimit", "RateBudget", "Request", "Retry", "StreamParsed", "WebSocketSource",
     "parse_optional_float",
-    "parse_price", "DropLog", "write_atomic", "check_tick",
+    "parse_price", "DropLog", "write_atomic", "check_tick", "check_symbols", "Progress",
     # adaptive polling: per-symbol schedules, market hours
     "AdaptiveSchedule", "Calendar",
     # secrets: masking them wherever a URL, DSN or error is shown

@@ -156,11 +156,18 @@ async def test_repeated_batches_keep_every_symbol_fresh_and_a_changed_one_is_not
     assert fresh.times()["S05"] == fresh.times()["NEW"] == trio.current_time() - 15
 
 
-@pytest.mark.parametrize("limits", [None, (2, 40)], ids=["default", "few-runs"])
-async def test_symbol_times_match_a_record_by_record_reference(autojump_clock, monkeypatch, limits):
+@pytest.mark.parametrize(("limits", "grain"), [(None, 0.0), ((2, 40), 0.0), (None, 1.0),
+                                               ((2, 40), 1.0)],
+                         ids=["exact", "exact-few-runs", "probed", "probed-few-runs"])
+async def test_symbol_times_match_a_record_by_record_reference(autojump_clock, monkeypatch, limits,
+                                                               grain):
     """Random batches (repeats, near repeats, short, mixed and unhashable
     symbols) against a plain dict updated record by record; also with room
-    for only a few runs (remembered runs are dropped and settled often)."""
+    for only a few runs (remembered runs are dropped and settled often).
+    Without a grain the times are exact; with one (repeats probed between
+    full comparisons) a time is never later than the reference (a dead
+    symbol never looks alive), and less than a grain earlier when the batches
+    of its shape (length, first and last symbol) never varied."""
     import random
 
     from flows import _freshness
@@ -169,19 +176,28 @@ async def test_symbol_times_match_a_record_by_record_reference(autojump_clock, m
     if limits is not None:
         monkeypatch.setattr(_freshness, "_RUNS_MAX", limits[0])
         monkeypatch.setattr(_freshness, "_RUN_SYMBOLS_MAX", limits[1])
+    monkeypatch.setattr(_freshness, "_GRAIN", grain)
+    monkeypatch.setattr(_freshness, "_STRICT", 4)
 
     class Bare:  # a record without a symbol
         pass
 
     rng = random.Random(15)
-    fresh = Freshness(stale_after=5.0)
+    fresh = Freshness(stale_after=10.0)
+    probed = 0
     reference: dict = {}
     shapes = [[f"S{rng.randrange(60)}" for _ in range(rng.choice((3, 16, 20, 30)))]
               for _ in range(6)]
+    def key(symbols: list[str]) -> tuple:
+        return len(symbols), symbols[0], symbols[-1]
+
+    varied = {key(a) for a in shapes for b in shapes if key(a) == key(b) and a != b}
+    last_in: dict = {}  # symbol -> the shape of the batch it was last in
     for _ in range(400):
         symbols = list(rng.choice(shapes))
         if rng.random() < 0.2 and len(symbols) > 2:
             symbols[rng.randrange(1, len(symbols) - 1)] = f"S{rng.randrange(80)}"
+            varied.add(key(symbols))
         records = ticks(*symbols)
         if rng.random() < 0.05:
             records[rng.randrange(1, len(records))] = Bare()
@@ -194,5 +210,14 @@ async def test_symbol_times_match_a_record_by_record_reference(autojump_clock, m
                 s = getattr(r, "symbol", None)
                 if s is not None and not isinstance(s, list):
                     reference[s] = now
-        assert fresh.times() == reference
-        await trio.sleep(rng.choice((0.0, 0.5, 3.0)))
+                    last_in[s] = key(symbols)
+        times = fresh.times()
+        if not grain:
+            assert times == reference
+        else:
+            assert all(t <= reference[s] for s, t in times.items())
+            steady = {s for s in reference if last_in[s] not in varied}
+            assert all(reference[s] - grain < times[s] for s in steady)
+            probed += times != reference
+        await trio.sleep(rng.choice((0.0, 0.3, 0.5, 3.0)))
+    assert not grain or probed >= 5  # the probed path was taken

@@ -153,10 +153,11 @@ def test_argument_checks_and_messages():
     assert abs(tick.ts - time.time()) < 60
     for bad in ('{"channel":"ticker","data":[{"symbol":"BTC/USD","last":-1}]}',
                 '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":"abc"}]}',
-                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":true}]}',
-                '{"channel":"ticker","type":"update"}'):
-        with pytest.raises((ValueError, msgspec.ValidationError)):
-            source.parse(bad)
+                '{"channel":"ticker","data":[{"symbol":"BTC/USD","last":true}]}'):
+        parsed = source.parse(bad)  # a bad item is counted, its message read on
+        assert parsed.ticks == [] and parsed.invalid == {"invalid": 1}, bad
+    with pytest.raises(ValueError, match="without data"):
+        source.parse('{"channel":"ticker","type":"update"}')
     for quiet in ('{"channel":"heartbeat"}', '{"method":"pong","req_id":3}',
                   '{"channel":"book","type":"update","data":[{"symbol":"BTC/USD"}]}'):
         assert source.parse(quiet).ticks == []
@@ -282,3 +283,22 @@ async def test_decimals_sent_as_strings_are_taken_not_dropped(start, autojump_cl
     (tick,) = source.parse(frame).ticks
     assert (tick.price, tick.bid, tick.ask, tick.volume) == (67187.3, 67184.0, 67190.7,
                                                              1623.45678901)
+
+
+@pytest.mark.parametrize("bad", [{"last": None}, {"last": "not a number"}, {"symbol": None},
+                                 {"timestamp": 17}, {"timestamp": "yesterday"}, "not an object"],
+                         ids=["null last", "text last", "no symbol", "numeric time", "bad time",
+                              "string"])
+def test_a_bad_ticker_item_costs_only_itself(bad):
+    """One item msgspec cannot read as a ticker, or whose price or time is
+    unusable, is counted invalid; the good items of its message stay."""
+    source = KrakenStream(symbols=["BTC/USD", "ETH/USD"])
+    good = {"symbol": "BTC/USD", "last": 97000.5, "bid": 97000.0, "ask": 97001.0,
+            "volume": 12.5, "timestamp": "2026-12-03T10:00:00.000000Z"}
+    odd = {**good, **bad} if isinstance(bad, dict) else bad
+    frame = {"channel": "ticker", "type": "update",
+             "data": [good, odd, {**good, "symbol": "ETH/USD", "last": 3500.25}]}
+    parsed = source.parse(msgspec.json.encode(frame))
+    assert [(t.symbol, t.price) for t in parsed.ticks] == [("BTC/USD", 97000.5),
+                                                          ("ETH/USD", 3500.25)]
+    assert parsed.invalid == {"invalid": 1}

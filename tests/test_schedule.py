@@ -155,12 +155,25 @@ def test_calendar_sessions_holidays_and_changes():
         Calendar("UTC", {"someday": [("09:00", "10:00")]})
 
 
+@pytest.mark.parametrize("spans", [("09:30", "16:00"), [("09:30",)], [("9h30", "16:00")],
+                                   [("09:30", None)], [("09:61", "16:00")]],
+                         ids=["a pair, not a list", "no close", "not a time", "None", "minute 61"])
+def test_a_session_that_is_not_a_list_of_time_pairs_is_refused_clearly(spans):
+    """A likely slip (one pair instead of a list of pairs, as
+    Calendar.weekdays takes it) gets an error that says what is expected,
+    not Python's "too many values to unpack"."""
+    with pytest.raises(ValueError, match=r"'mon-fri'.*not an \(open, close\) pair of times"):
+        Calendar("UTC", {"mon-fri": spans})
+
+
 @pytest.mark.parametrize("schedule", ["adaptive", "fixed"])
 async def test_a_closed_market_is_polled_at_the_floor_after_one_fetch_at_the_close(
         emulator, autojump_clock, schedule):
     now = dt.datetime.now(dt.UTC)
     closes = now + dt.timedelta(seconds=150)
     day = closes.date()
+    if day != now.date():  # the close past midnight: "00:00"-"00:00" would be refused
+        pytest.skip("too close to midnight UTC")
     calendar = Calendar("UTC", {day.weekday(): [("00:00", closes.strftime("%H:%M"))]})
     if not calendar.is_open(now.timestamp()):  # just after midnight: the session has not begun
         pytest.skip("too close to midnight UTC")
@@ -260,6 +273,17 @@ async def test_a_parked_symbol_is_left_out_and_probed(emulator, autojump_clock):
     assert len(polls.requests) - sum(len(polls.by_symbol[s]) for s in symbols) == 3  # 0, 100, 200
     assert sample(registry, "flows_gaps_total", "ad", "coinbase", reason="overdue") == 0
     assert all(polls.longest_wait(s, trio.current_time()) <= MAX_STALENESS for s in symbols)
+
+
+def test_one_schedule_object_serves_one_source():
+    """A schedule holds one source's symbols: given to a second source it
+    would poll the first one's symbols under the second's name and never
+    its own. Refused when the second source is built."""
+    shared = AdaptiveSchedule(max_staleness=30)
+    first = CoinbaseTickers(symbols=["BTC-USD"], schedule=shared, name="a")
+    with pytest.raises(ValueError, match="already schedules source a"):
+        CoinbaseTickers(symbols=["ETH-USD"], schedule=shared, name="b")
+    assert first.schedule is shared
 
 
 def test_settings_are_checked():

@@ -26,9 +26,11 @@ from flows import RECONNECT_REASONS, Retry, Trade, check_tick
 from flows._wsclient import open_ws
 from flows.testing import assert_component_metrics, sample
 from flows.testing.emulator import WsFaults
-from sources.binance import BinanceTrades
-from sources.coinbase import CoinbaseTrades
-from sources.kraken import KrakenTrades
+from sources.binance import BinanceTickers, BinanceTrades
+from sources.coinbase import CoinbaseTickers, CoinbaseTrades
+from sources.coingecko import CoinGeckoPrices
+from sources.kraken import KrakenTickers, KrakenTrades
+from sources.okx import OKXTickers
 
 NONE = dict.fromkeys(RECONNECT_REASONS, 0.0)
 BEYOND_64_BITS = 2**70
@@ -246,12 +248,41 @@ def test_real_frames_and_odd_types_give_every_trade(source, frame, trade):
         assert parsed.sequences == [(trade.symbol, int(trade.trade_id))]
 
 
+@pytest.mark.parametrize(("source", "frame"), [
+    (BinanceTrades(symbols=["BNBBTC"]), _binance(t="\u00b2")),
+    (CoinbaseTrades(symbols=["BTC-USD"]), _coinbase(trade_id="\u00b2")),
+    (KrakenTrades(symbols=["MATIC/USD"]), _kraken(trade_id="\u00b2")),
+], ids=["binance", "coinbase", "kraken"])
+def test_an_id_of_digits_int_cannot_read_is_kept_unchecked(source, frame):
+    """"\u00b2" (superscript two) passes str.isdigit() but not int(): the
+    trade is kept, its id as text, left out of the gap check."""
+    parsed = source.parse(frame)
+    assert [t.trade_id for t in parsed.ticks] == ["\u00b2"]
+    assert parsed.sequences == [] and not parsed.invalid
+
+
 def test_a_bad_kraken_trade_costs_only_itself():
     source = KrakenTrades(symbols=["MATIC/USD"])
     frame = msgspec.json.decode(KRAKEN_DOC)
     good = frame["data"][0]
     frame["data"] = [good, {**good, "price": "not a number", "trade_id": 4665907},
                      {**good, "trade_id": 4665908}]
+    parsed = source.parse(msgspec.json.encode(frame))
+    assert [t.trade_id for t in parsed.ticks] == ["4665906", "4665908"]
+    assert parsed.invalid == {"invalid": 1}
+
+
+@pytest.mark.parametrize("bad", [{"price": None}, {"qty": None}, {"timestamp": 17}, {"trade_id": 1.5},
+                                 {"symbol": None}, "not an object"],
+                         ids=["null price", "null qty", "numeric time", "float id", "no symbol", "string"])
+def test_a_kraken_item_of_the_wrong_shape_costs_only_itself(bad):
+    """An item msgspec cannot read as a trade (a null, a missing field, a
+    wrong type) is counted invalid; the good items of its message stay."""
+    source = KrakenTrades(symbols=["MATIC/USD"])
+    frame = msgspec.json.decode(KRAKEN_DOC)
+    good = frame["data"][0]
+    odd = {**good, **bad} if isinstance(bad, dict) else bad
+    frame["data"] = [good, odd, {**good, "trade_id": 4665908}]
     parsed = source.parse(msgspec.json.encode(frame))
     assert [t.trade_id for t in parsed.ticks] == ["4665906", "4665908"]
     assert parsed.invalid == {"invalid": 1}
@@ -329,3 +360,17 @@ async def test_emulator_kraken_trade_channel_and_snapshot(nursery, autojump_cloc
         assert set(item) == {"symbol", "side", "price", "qty", "ord_type", "trade_id",
                              "timestamp"}
         assert isinstance(item["price"], float) and isinstance(item["qty"], float)
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: BinanceTrades(symbols=s), lambda s: CoinbaseTrades(symbols=s),
+    lambda s: KrakenTrades(symbols=s), lambda s: BinanceTickers(symbols=s),
+    lambda s: CoinbaseTickers(symbols=s), lambda s: KrakenTickers(symbols=s),
+    lambda s: OKXTickers(symbols=s), lambda s: CoinGeckoPrices(symbols=s),
+], ids=["BinanceTrades", "CoinbaseTrades", "KrakenTrades", "BinanceTickers", "CoinbaseTickers",
+        "KrakenTickers", "OKXTickers", "CoinGeckoPrices"])
+def test_symbols_given_as_one_string_are_refused(make):
+    """symbols="BTCUSDT" was read one character at a time (B, T, C, U, S,
+    D: each subscribed or polled, none the symbol meant)."""
+    with pytest.raises(ValueError, match=r"symbols must be a list of symbols, not the string"):
+        make("BTCUSDT")

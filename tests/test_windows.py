@@ -126,6 +126,24 @@ def test_beyond_the_lateness_late_trades_are_counted_and_the_rest_still_match(se
             assert all(emitted_at.get((r.symbol, s), -1) < i for s in starts)
 
 
+@pytest.mark.parametrize(("every", "step"), [(0.1, None), (0.3, 0.1), (0.7, None), (2.1, 0.7)])
+@pytest.mark.parametrize("lateness", [0.0, 0.2])
+def test_fractional_widths_put_each_record_where_its_time_says(every, step, lateness):
+    """Widths that are not whole seconds (not exact in binary): a record on
+    a window boundary goes into the windows ``ts // step`` names, as the
+    brute force puts it, and the first record of a key is never late."""
+    records = [Trade("x", sym, 100.0 + i, 1.0, T0 + i * 0.05) for i in range(40) for sym in ("A",)]
+    records += [Trade("x", "B", 100.0, 1.0, T0 + 0.1 * k) for k in (3, 6, 9, 12)]
+    candles = Candles(every=every, step=step, lateness=lateness)
+    got = []
+    for i in range(0, len(records), 7):
+        got += candles.push(records[i : i + 7])
+    got += candles.flush()
+    assert candles.late_count == 0
+    assert sorted(got, key=lambda c: (c.source, c.symbol, c.start)) == brute_candles(
+        records, every, step or every)
+
+
 def test_late_trades_are_counted_and_never_merged():
     candles = Candles(every=60, lateness=5)
     first = [Trade("x", "BTC", 100.0, 1.0, T0 + 10), Trade("x", "BTC", 101.0, 1.0, T0 + 50)]
@@ -356,30 +374,34 @@ def test_sigkill_mid_window_and_a_restart_give_the_uninterrupted_candle_table(tm
         assert written == {k: json.loads(msgspec.json.encode(c)) for k, c in expected.items()}, seed
 
 
-async def test_the_candles_example_runs_offline(tmp_path):
-    """examples/candles.py with 1-second candles for a few seconds: every
-    candle written equals the brute-force candle of the trades written, and
-    the changed ticks reach SQLite."""
+def _candles_example():
     import importlib.util
-    import sqlite3
     from pathlib import Path
-
-    import msgspec
 
     path = Path(__file__).resolve().parent.parent / "examples" / "candles.py"
     spec = importlib.util.spec_from_file_location("candles_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    flow = module.build(tmp_path, every=1.0, lateness=2.0, symbols=5, interval=0.05)
+    return module
+
+
+async def _run_candles_example(flow, directory, seconds):
+    """Run the example's ``flow`` for ``seconds``: every candle written
+    equals the brute-force candle of the trades written, and changed ticks
+    reach SQLite. Returns the candles."""
+    import sqlite3
+
+    import msgspec
+
     (stage,) = [s for s in flow.stages if isinstance(s, Candles)]
     stage.late = "emit"  # a stall of a loaded machine may make a trade late: it is written too
     with trio.fail_after(30):
         result = await Runtime(flow, registry=__import__("prometheus_client").CollectorRegistry(),
-                               metrics_addr=None, duration=4.5).run()
+                               metrics_addr=None, duration=seconds).run()
     assert result.clean
     trades = [msgspec.json.decode(line, type=Trade)
-              for line in (tmp_path / "trades.jsonl").read_bytes().splitlines()]
-    with sqlite3.connect(tmp_path / "candles.db") as db:
+              for line in (directory / "trades.jsonl").read_bytes().splitlines()]
+    with sqlite3.connect(directory / "candles.db") as db:
         fields = ", ".join(Candle.__struct_fields__)
         candles = [Candle(*row) for row in db.execute(f"SELECT {fields} FROM candles")]
         late = set()
@@ -388,11 +410,34 @@ async def test_the_candles_example_runs_offline(tmp_path):
     assert len(late) == stage.late_count
     expected = {(c.symbol, c.start): c
                 for c in brute_candles([t for t in trades if t.trade_id not in late], 1.0, 1.0)}
-    assert len(candles) >= 5
     for c in candles:
         assert c == expected[(c.symbol, c.start)]
-    with sqlite3.connect(tmp_path / "ticks.db") as db:
+    with sqlite3.connect(directory / "ticks.db") as db:
         assert db.execute("SELECT count(*) FROM ticks").fetchone()[0] > 0
+    return candles
+
+
+async def test_the_candles_example_runs_offline(tmp_path):
+    """examples/candles.py with 1-second candles for a few seconds, from
+    the synthetic sources."""
+    flow = _candles_example().build(tmp_path, every=1.0, lateness=2.0, symbols=5, interval=0.05)
+    candles = await _run_candles_example(flow, tmp_path, 4.5)
+    assert len(candles) >= 5
+
+
+async def test_the_candles_example_runs_on_binance_trades_from_the_emulator(tmp_path, nursery):
+    """The same example on Binance's trade stream and tickers, served by
+    the exchange emulator: candles of every pair, from its trades."""
+    from flows.testing.emulator import Emulator
+
+    emulator = Emulator(seed=4, assets=10, tick_interval=0.1, ws_rate=20.0)
+    url = await nursery.start(emulator.serve)
+    example = _candles_example()
+    flow = example.build(tmp_path, exchange_url=url, every=1.0, lateness=1.0, interval=0.1)
+    assert {a.name for a in flow.sources} == {"binance_trades", "binance"}
+    candles = await _run_candles_example(flow, tmp_path, 4.5)
+    assert {c.source for c in candles} == {"binance_trades"}
+    assert {c.symbol for c in candles} == set(example.PAIRS)
 
 
 def test_a_corrupt_or_foreign_checkpoint_is_ignored(tmp_path, caplog):

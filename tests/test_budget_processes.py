@@ -239,7 +239,7 @@ async def test_redis_down_falls_back_to_a_local_share_then_resumes(setup, redis_
             keys = members.keys("*members")
             return members.zcard(keys[0]) if keys else 0
 
-        await until(lambda: _true(joined() == 3), 5, "three members again")
+        await until(lambda: _true(joined() == 3), 15, "three members again")
         members.close()
         count = len(recorder.arrivals)
         await until(lambda: _more(recorder, count + 40), 15, "polling on the shared budget")

@@ -219,17 +219,19 @@ def test_sigkill_after_checkpoints_never_skips_a_record_for_good(tmp_path):
                 expected.add((s, t))
             last[s] = p
         (work / "f.py").write_text(
+            "import os\n"
             "from flows import ChangeDetector, Flow\n"
             "from sinks.sqlite import SQLiteSink\n"
             "from sources.replay import ReplaySource\n"
-            "flow = Flow('kill', sources=[ReplaySource(path='ticks.jsonl', speed=40.0, batch_size=100,"
-            " offset_every=0.1)],\n"
+            "flow = Flow('kill', sources=[ReplaySource(path='ticks.jsonl',"
+            " speed=float(os.environ['SPEED']) or None, batch_size=100, offset_every=0.1)],\n"
             "            stages=[ChangeDetector(checkpoint='change.ckpt', checkpoint_every=0.1)],\n"
             "            sinks=[SQLiteSink('t.db', flush_interval=0.7, batch_size=100000)])\n"
         )
         cmd = [sys.executable, "-m", "flows.run", "f.py", "--metrics-addr", "0"]
-        proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        # paced, so the kill lands mid-run; the restart then runs flat out
+        proc = subprocess.Popen(cmd, cwd=work, env={**ENV, "SPEED": "40"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
             while not (work / "change.ckpt").exists():  # a fault injected after the first save
@@ -239,7 +241,8 @@ def test_sigkill_after_checkpoints_never_skips_a_record_for_good(tmp_path):
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-        done = subprocess.run(cmd, check=False, cwd=work, env=ENV, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(cmd, check=False, cwd=work, env={**ENV, "SPEED": "0"},
+                              capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         with sqlite3.connect(work / "t.db") as db:
             stored = {(s, t) for s, t in db.execute("SELECT symbol, ts FROM ticks")}

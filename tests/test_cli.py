@@ -179,10 +179,10 @@ def test_interrupted_replay_resumes_to_the_same_rows_as_one_run(tmp_path):
     path = tmp_path / "ticks.jsonl"
     path.write_bytes(msgspec.json.Encoder().encode_lines(ticks))
 
-    def flow_file(name: str, db: Path, speed: str) -> Path:
+    def flow_file(name: str, db: Path, speed: str, state: str | None = None) -> Path:
         f = tmp_path / f"{name}.py"
         f.write_text(REPLAY_FLOW.format(ticks=str(path), speed=speed, db=str(db),
-                                        ckpt=str(tmp_path / f"{name}.ckpt")))
+                                        ckpt=str(tmp_path / f"{state or name}.ckpt")))
         return f
 
     # one uninterrupted run (its own offset file: --fresh ignores saved state)
@@ -213,7 +213,9 @@ def test_interrupted_replay_resumes_to_the_same_rows_as_one_run(tmp_path):
     assert "stopping (signal SIGTERM)" in err
     with sqlite3.connect(parts) as conn:
         first = conn.execute("SELECT count(*) FROM ticks").fetchone()[0]
-    proc = run_cli(str(target), "--metrics-addr", "0", cwd=tmp_path)
+    # resumed with the same state; unpaced (the pacing only let the SIGTERM land mid-run)
+    resumed = flow_file("resumed", parts, "None", state="parts")
+    proc = run_cli(str(resumed), "--metrics-addr", "0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stderr
 

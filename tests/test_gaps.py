@@ -3,8 +3,6 @@ circuit is counted, logged, kept in /status and sent down flow.gaps()."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import trio
 from _http_sources import OK, Probe, http, serve_answers
@@ -101,7 +99,7 @@ async def test_a_lost_connection_is_a_gap_from_down_to_back(start, autojump_cloc
     async with trio.open_nursery() as inner:
         await inner.start(rt.run)
         await until(lambda: len(ticks.records) > 0)
-        before = time.time()
+        before = source._wall.now()  # the source's epoch clock, which follows trio's mock clock
         emulator.ws.disconnect("abrupt")
         await until(lambda: len(gaps.records) > 0)
         rt.stop()

@@ -231,6 +231,28 @@ def test_the_server_helper_restarts_on_the_same_port_and_data(pg, tmp_path):
     assert Path(pg.data_dir).is_dir()
 
 
+def test_the_server_helper_starts_on_another_port_if_its_own_was_taken(monkeypatch):
+    """free_port() then the server's bind (after an initdb of seconds):
+    another process may bind the port in between."""
+    import socket
+
+    import flows.testing.postgres as helper
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = PostgresServer()
+        server.port = busy  # taken during initdb
+        monkeypatch.setattr(helper, "free_port", lambda: busy)  # and taken again right after
+        try:
+            server.start()
+            assert server.port != busy
+            assert query(server, "SELECT 1") == [(1,)]
+        finally:
+            server.close()
+
+
 # -- issue 17: hung databases, poison records, credentials, readiness -----------
 
 HUNG_FLOW = """

@@ -9,6 +9,7 @@ import uuid
 import msgspec
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
 
 from flows import Flow, Retry, Runtime, Tick
 from flows.testing import (
@@ -17,6 +18,7 @@ from flows.testing import (
     assert_component_metrics,
     run_briefly,
     sample,
+    wait_until,
 )
 from flows.testing.redis import RedisServer, free_port, redis_server_path
 
@@ -97,6 +99,30 @@ def pending(client, stream: str, group: str = "flows") -> int:
     return client.xpending(stream, group)["pending"]
 
 
+# -- the server helper ------------------------------------------------------
+
+
+def test_a_server_whose_port_was_taken_meanwhile_starts_on_another():
+    """free_port() then the server's bind: another process may bind the port
+    in between (a machine shared by several test runs)."""
+    import socket
+
+    from flows.testing._ports import PortInUse
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = RedisServer()
+        server.port = busy  # as if taken after free_port() picked it
+        with server:
+            assert server.port != busy and server.url.endswith(f":{server.port}/0")
+            with redis.Redis.from_url(server.url) as conn:
+                assert conn.ping()
+        with pytest.raises(PortInUse, match=r"[Aa]ddress already in use"):
+            RedisServer(port=busy).start()  # a port the caller chose is kept
+
+
 # -- sink ----------------------------------------------------------------
 
 
@@ -135,18 +161,21 @@ async def test_sink_blocks_and_retries_while_redis_is_down(client, stream):
     sink = RedisStreamSink(f"redis://127.0.0.1:{port}/0", stream=stream,
                            retry=Retry(backoff=0.01, max_backoff=0.05))
     flow = Flow("down", sources=[ListSource([ticks(30)])], sinks=[sink])
+    registry = CollectorRegistry()
     outcome = []
     late = RedisServer(port=port)
     try:
         async with trio.open_nursery() as nursery:
             async def go():
-                outcome.append(await run_briefly(flow))
+                outcome.append(await Runtime(flow, registry=registry, metrics_addr=None).run())
 
             nursery.start_soon(go)
-            await trio.sleep(0.3)  # refused connections meanwhile: retried, not dropped
+            # refused connections meanwhile: retried, not dropped
+            await wait_until(lambda: sample(registry, "flows_sink_retries_total", "down", "redis") >= 2,
+                             timeout=30)
             assert not outcome
             late.start()
-        (result, registry), = outcome
+        result, = outcome
         assert result.clean
         with redis.Redis.from_url(late.url) as conn:
             assert conn.xlen(stream) == 30
@@ -178,8 +207,6 @@ async def test_sink_rejects_a_record_too_large_or_unencodable_alone(client, stre
 async def test_sink_with_bad_credentials_fails_not_retried(stream, password):
     """Fault 3: a wrong password (WRONGPASS) or none (NOAUTH) is not retried
     for ever: the flow stops with Redis' message."""
-    from prometheus_client import CollectorRegistry
-
     from flows import FlowFailed, Supervision
 
     with RedisServer(password="right-password") as guarded:
@@ -260,11 +287,12 @@ async def test_acks_that_arrive_after_the_source_stopped_are_sent(
 
 async def test_a_stop_before_a_blocking_read_starts_does_not_wait(server):
     source = RedisStreamSource(server.url, block=5.0)
-    t0 = time.monotonic()
+    ran, woken = [], []
+    source._unblock = woken.append  # the wait for a read's thread to end
     with trio.CancelScope() as scope:
         scope.cancel()
-        await source._wakeable(time.sleep, 5.0)  # cancelled before its thread starts
-    assert time.monotonic() - t0 < 0.5
+        await source._wakeable(ran.append, "read")  # cancelled before its thread starts
+    assert ran == [] and woken == []
 
 
 async def test_failed_batches_stay_pending_and_another_consumer_reclaims_them(
@@ -293,11 +321,11 @@ async def test_failed_batches_stay_pending_and_another_consumer_reclaims_them(
 
 async def test_reclaim_waits_for_the_idle_time(client, stream, server, registry):
     put(client, stream, ticks(10))
+    read_at = time.monotonic()  # before the read: Redis times the idle from its delivery, later
     with client.pipeline() as pipe:  # a consumer that read them and died
         pipe.xgroup_create(stream, "flows", id="0")
         pipe.xreadgroup("flows", "dead", {stream: ">"})
         pipe.execute()
-    read_at = time.monotonic()
     source = RedisStreamSource(server.url, stream=stream, consumer="alive", claim_idle=0.4, block=0.05)
     sink = ListSink()
     got_at = []

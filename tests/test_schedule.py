@@ -169,7 +169,6 @@ def test_a_session_that_is_not_a_list_of_time_pairs_is_refused_clearly(spans):
 @pytest.mark.parametrize("schedule", ["adaptive", "fixed"])
 async def test_a_closed_market_is_polled_at_the_floor_after_one_fetch_at_the_close(
         emulator, autojump_clock, schedule):
-    wall = trio.current_time()  # MockClock starts at 0; the calendar reads the source's wall clock
     now = dt.datetime.now(dt.UTC)
     closes = now + dt.timedelta(seconds=150)
     day = closes.date()
@@ -183,7 +182,10 @@ async def test_a_closed_market_is_polled_at_the_floor_after_one_fetch_at_the_clo
     polls = Polls(source)
     seconds = 360.0
     await run_for(source, seconds)
-    close_at = calendar.next_change(now.timestamp()) - now.timestamp() + wall
+    # the calendar reads the source's wall clock: epoch seconds anchored when
+    # its run began (real time passed since `now`; trio's mock clock did not)
+    epoch_at_zero = source._wall.now() - trio.current_time()
+    close_at = calendar.next_change(now.timestamp()) - epoch_at_zero
     symbols = emulator.symbols("coinbase")
     for s in symbols:
         times = polls.by_symbol[s]

@@ -56,20 +56,24 @@ async def test_screener_keeps_writing_from_binance_when_coincap_fails(
     db = tmp_path / "screener.db"
     state = {}
 
+    # Readiness is a state sampled on the real clock: on a loaded machine either
+    # feed can pause past stale_after now and then, so each state is waited
+    # for (a failure bound, not a pace): healthy first, then degraded.
     def scenario(rt: Runtime) -> bool:
-        sent = sample(registry, "flows_records_sent_total", "screener", "screener")
-        if "failed_at" not in state and sent >= 60:
-            assert rt.ready() == (True, [])
-            emulator.set_faults(exchange="coincap", error_rate=1.0)
-            state["failed_at"], state["stored"] = trio.current_time(), len(rows(db, "select 1 from ticks"))
-        if "failed_at" in state and trio.current_time() > state["failed_at"] + 2.5:
-            state["ready"] = rt.ready()
-            return True
-        return False
+        if "failed_at" not in state:
+            sent = sample(registry, "flows_records_sent_total", "screener", "screener")
+            if sent >= 60 and rt.ready() == (True, []):
+                emulator.set_faults(exchange="coincap", error_rate=1.0)
+                state["failed_at"], state["stored"] = trio.current_time(), len(rows(db, "select 1 from ticks"))
+            return False
+        state["ready"] = ready, reasons = rt.ready()
+        if not ready and any(r.startswith("degraded: no data from coincap") for r in reasons):
+            state["degraded"] = True
+        waited = trio.current_time() - state["failed_at"]
+        return (waited > 2.5 and "degraded" in state) or waited > 30
 
-    await run_until(flow, scenario, registry)
-    ready, reasons = state["ready"]
-    assert not ready and any(r.startswith("degraded: no data from coincap") for r in reasons)
+    await run_until(flow, scenario, registry, timeout=60)
+    assert "degraded" in state, state["ready"]
     stored = rows(db, "select symbol, price from ticks")
     assert len(stored) > state["stored"]  # the screener went on, on Binance's prices alone
     assert {s for s, _ in stored} == set(module.ASSETS.values())

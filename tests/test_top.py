@@ -37,9 +37,11 @@ def free_port() -> int:
 def flow_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("top")
     url = f"http://127.0.0.1:{free_port()}"
+    # --duration only ends a flow the teardown's SIGINT missed: it must outlast
+    # the module on a loaded machine, where the live view test runs last
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.run", "--metrics-addr", url.removeprefix("http://"),
-         "--duration", "60", "--db", str(tmp / "ticks.db")],
+         "--duration", "600", "--db", str(tmp / "ticks.db")],
         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -190,14 +192,17 @@ class Tmux:
 
     def start(self, *top_args: str) -> None:
         """Run flows.top in a 160x40 terminal; its exit code and the terminal's
-        settings after it are written to files."""
+        settings after it are written to files (each whole: written, then
+        renamed, so a file that exists is complete)."""
         script = self.tmp / "run.sh"
         script.write_text(
             "#!/bin/bash\n"
             f"cd {ROOT}\n"
             f"PYTHONPATH={ROOT} {sys.executable} -m flows.top {' '.join(top_args)}\n"
-            f"echo $? > {self.tmp / 'rc'}\n"
-            f"stty -a > {self.tmp / 'stty'}\n"
+            f"echo $? > {self.tmp / 'rc.part'}\n"
+            f"stty -a > {self.tmp / 'stty.part'}\n"
+            f"mv {self.tmp / 'rc.part'} {self.tmp / 'rc'}\n"
+            f"mv {self.tmp / 'stty.part'} {self.tmp / 'stty'}\n"
         )
         env = {k: v for k, v in ENV.items() if k != "TMUX"}
         subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d",
@@ -220,11 +225,10 @@ class Tmux:
     def wait_exit(self, timeout: float = 10) -> int:
         rc = self.tmp / "rc"
         deadline = time.monotonic() + timeout
-        while not rc.exists() or not (self.tmp / "stty").exists():
+        while not (self.tmp / "stty").exists():  # renamed last: both are complete
             if time.monotonic() > deadline:
                 pytest.fail(f"flows.top did not exit; screen:\n{self.screen()}")
             time.sleep(0.05)
-        time.sleep(0.05)
         return int(rc.read_text())
 
     def terminal_restored(self) -> bool:

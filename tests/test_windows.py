@@ -334,18 +334,21 @@ def test_sigkill_mid_window_and_a_restart_give_the_uninterrupted_candle_table(tm
         (work / "trades.jsonl").write_bytes(msgspec.json.Encoder().encode_lines(records))
         expected = {(c.symbol, c.start): c for c in brute_candles(records, 60.0, 60.0)}
         (work / "f.py").write_text(
+            "import os\n"
             "from flows import Candles, Flow, Trade\n"
             "from sinks.jsonl import JSONLSink\n"
             "from sources.replay import ReplaySource\n"
-            "flow = Flow('kill', sources=[ReplaySource(path='trades.jsonl', record=Trade, speed=2000.0,"
+            "flow = Flow('kill', sources=[ReplaySource(path='trades.jsonl', record=Trade,"
+            " speed=float(os.environ['SPEED']) or None,"
             " batch_size=20, offset_every=0.1, progress=False)],\n"
             "            stages=[Candles(every=60, lateness=5, final='emit', checkpoint='candles.ckpt',"
             " checkpoint_every=0.1)],\n"
             "            sinks=[JSONLSink('candles.jsonl', flush_interval=0.3)])\n"
         )
         cmd = [sys.executable, "-m", "flows.run", "f.py", "--metrics-addr", "0"]
-        proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        # paced, so the kill lands mid-run; the restart then runs flat out
+        proc = subprocess.Popen(cmd, cwd=work, env={**ENV, "SPEED": "2000"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
             while not (work / "candles.ckpt").exists():
@@ -356,8 +359,8 @@ def test_sigkill_mid_window_and_a_restart_give_the_uninterrupted_candle_table(tm
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-        done = subprocess.run(cmd, check=False, cwd=work, env=ENV, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run(cmd, check=False, cwd=work, env={**ENV, "SPEED": "0"},
+                              capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         written: dict[tuple[str, float], dict] = {}
         decoder = msgspec.json.Decoder(Candle)

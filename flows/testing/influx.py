@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from ._ports import ManagedServer, find_binary, free_port
+from ._ports import ManagedServer, find_binary, free_port, on_a_free_port
 
 __all__ = ["InfluxServer", "create_database", "free_port", "influxd_path", "query"]
 
@@ -98,7 +98,7 @@ class InfluxServer(ManagedServer):
         admin: tuple[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._port_fixed = port is not None  # else another is taken if this one goes meanwhile
         self.admin = admin
         self._own_dir = data_dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="influxd-") if data_dir is None else data_dir)
@@ -109,17 +109,27 @@ class InfluxServer(ManagedServer):
         """Start influxd and wait until ``GET /ping`` is 204; returns ``self``."""
         if self.binary is None:
             raise RuntimeError("influxd is not installed (Debian: apt-get install influxdb)")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        config = self.dir / "influxdb.conf"
-        config.write_text(_CONFIG.format(root=self.dir, port=self.port, rpc_port=free_port(),
-                                         auth="true" if self.admin else "false"))
-        self._launch([self.binary, "run", "-config", str(config)], self.dir / "influxd.log")
+        on_a_free_port(self._start_on, self.port, fixed=self._port_fixed)
+        self._port_fixed = True  # a restart keeps it
         if self.admin:
             user, password = self.admin
             # allowed without credentials while no admin exists
             query(self.url, f"CREATE USER \"{_quote(user)}\" WITH PASSWORD '{_quote_str(password)}' "
                   "WITH ALL PRIVILEGES", method="POST")
         return self
+
+    def _start_on(self, port: int) -> None:
+        assert self.binary is not None
+        self.port = port
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "influxdb.conf"
+        config.write_text(_CONFIG.format(root=self.dir, port=port, rpc_port=free_port(),
+                                         auth="true" if self.admin else "false"))
+        self._launch([self.binary, "run", "-config", str(config)], self.dir / "influxd.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def _is_ready(self) -> bool:
         try:

@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
-from ._ports import free_port
+from ._ports import PortInUse, free_port, on_a_free_port, port_in_use
 
 __all__ = ["PG_BIN", "PostgresError", "PostgresServer", "postgres_server", "start_postgres"]
 
@@ -59,6 +59,10 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 class PostgresError(RuntimeError):
     """The server could not be set up, started or stopped; the message holds its log."""
+
+
+class _PortTaken(PostgresError, PortInUse):
+    """postgres exited at start: another process had bound its port."""
 
 
 
@@ -93,6 +97,7 @@ class PostgresServer:
             raise PostgresError(f"no PostgreSQL server binary in {self.bin_dir}")
         self.timeout = timeout
         self.port = free_port() if port is None else port
+        self._port_fixed = port is not None  # else picked again at start, after initdb
         self.root = Path(tempfile.mkdtemp(prefix="flows-pg-", dir=base_dir or "/tmp"))
         self.data_dir = self.root / "data"
         self.log_path = self.root / "server.log"
@@ -148,11 +153,19 @@ class PostgresServer:
             raise PostgresError("this server was closed")
         if self.running:
             return
+        # a port picked before initdb (seconds ago) may be gone: pick it now
+        port = self.port if self._port_fixed else free_port()
+        on_a_free_port(self._start_on, port, fixed=self._port_fixed)
+        self._port_fixed = True  # a restart keeps it
+
+    def _start_on(self, port: int) -> None:
+        self.port = port
         cmd = [
             str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
-            "-p", str(self.port), "-k", str(self.root), "-c", "fsync=off",
+            "-p", str(port), "-k", str(self.root), "-c", "fsync=off",
         ]
         with open(self.log_path, "ab") as log:
+            logged_before = log.tell()
             self._proc = subprocess.Popen(
                 cmd, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, **self._user_args(),
@@ -162,7 +175,9 @@ class PostgresServer:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._proc = None
-                raise PostgresError(f"postgres exited with {code} while starting:\n{self.log()}")
+                taken = port_in_use(self.log_path.read_bytes()[logged_before:].decode(errors="replace"))
+                raise (_PortTaken if taken else PostgresError)(
+                    f"postgres exited with {code} while starting:\n{self.log()}")
             if self._ready():
                 return
             if time.monotonic() > deadline:

@@ -4,8 +4,9 @@ The server listens on 127.0.0.1 only, on a free port (or the one you give),
 with persistence off (``--save '' --appendonly no``) and its working
 directory and log in a temporary directory that ``stop()`` deletes.
 ``start()`` returns once the server answers ``PING`` (about 20 ms); if it
-does not within ``ready_timeout`` seconds, or exits first (say the port was
-taken), it raises ``RuntimeError`` with the server's log. Readiness is
+does not within ``ready_timeout`` seconds, or exits first, it raises
+``RuntimeError`` with the server's log (a port picked here that another
+process took meanwhile is replaced by another free one). Readiness is
 probed with a raw socket, so this module needs no Redis client library.
 
 Usage::
@@ -35,7 +36,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from ._ports import ManagedServer, find_binary, free_port
+from ._ports import ManagedServer, find_binary, free_port, on_a_free_port
 
 __all__ = ["RedisServer", "free_port", "redis_server_path"]
 
@@ -79,12 +80,16 @@ class RedisServer(ManagedServer):
         password: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self._port_fixed = port is not None  # else another is taken if this one goes meanwhile
         self.password = password
-        auth = f":{password}@" if password else ""
-        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.ready_timeout = ready_timeout
         self.binary = binary or redis_server_path()
         self.dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -96,15 +101,21 @@ class RedisServer(ManagedServer):
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         if self.process is not None:
             raise RuntimeError("this RedisServer is already started")
+        on_a_free_port(self._start_on, self.port, fixed=self._port_fixed)
+        self._port_fixed = True  # a restart keeps it
+        return self
+
+    def _start_on(self, port: int) -> None:
+        assert self.binary is not None
+        self.port = port
         self.dir = Path(tempfile.mkdtemp(prefix="flows-redis-"))
         cmd = [
-            self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
+            self.binary, "--bind", "127.0.0.1", "--port", str(port),
             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
         self._launch(cmd, self.dir / "redis.log", cwd=self.dir)
-        return self
 
     def _is_ready(self) -> bool:
         return _pong(self.port)

@@ -26,9 +26,9 @@ What it measures: records/s (input records per second) for
 - ``engine unfresh`` (diagnostic): the engine with the source outbox's
   freshness tracking (``Freshness.seen``: the last-seen time of every
   record's symbol; here, where each batch repeats the same symbols in the
-  same order, one comparison of the batch's symbols with a remembered run
-  and a stamp per batch) patched to a no-op: its share of the engine's
-  time, not a configuration flows offers;
+  same order, eight probed symbols per batch and a full comparison with
+  the remembered run once a second) patched to a no-op: its share of the
+  engine's time, not a configuration flows offers;
 - ``graph``: the same source fanned out to three branches, each into a
   counting sink: a fresh ``ChangeDetector(rel=REL)`` (sink ``changed``),
   a filter ``price > 100`` (a split branch, evaluated in the source's

@@ -53,7 +53,7 @@ async def serve_answers(nursery, answer: Callable[[bytes], tuple[Any, ...]],
     """A bare HTTP/1.1 server on 127.0.0.1: reads each request's head, gives
     it to ``on_request``, sends ``answer(head)`` (status, content type, body,
     optionally a list of extra (name, value) headers, all bytes but the
-    status) and closes. Returns its URL."""
+    status; None: no answer, the request hangs) and closes. Returns its URL."""
 
     async def handler(stream):
         data = b""
@@ -63,7 +63,10 @@ async def serve_answers(nursery, answer: Callable[[bytes], tuple[Any, ...]],
                 return
             data += chunk
         on_request(data)
-        status, kind, body, *extra = answer(data)
+        reply = answer(data)
+        if reply is None:
+            await trio.sleep_forever()
+        status, kind, body, *extra = reply
         head = b"".join(b"%s: %s\r\n" % kv for kv in (extra[0] if extra else ()))
         await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n%s"
                               b"content-length: %d\r\n\r\n%s" % (status, kind, head, len(body), body))

@@ -288,29 +288,12 @@ async def test_every_answer_in_every_breaker_state(nursery, autojump_clock, name
     times: list[float] = []
     arrived: list[str] = []  # the breaker's state as each request arrived
 
-    async def handler(stream):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
+    def on_request(head: bytes) -> None:
         times.append(trio.current_time())
         arrived.append(source.circuit.state)
-        answer = script.pop(0) if script else ANSWERS["200"]
-        if answer is None:
-            await trio.sleep_forever()
-        status, kind, body, headers = answer
-        head = b"".join(b"%s: %s\r\n" % kv for kv in headers)
-        await stream.send_all(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\nconnection: close\r\n%s"
-                              b"content-length: %d\r\n\r\n%s" % (status, kind, head, len(body),
-                                                                 body))
-        await stream.aclose()
 
-    from functools import partial
-
-    (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    url = await serve_answers(nursery, lambda head: script.pop(0) if script else ANSWERS["200"],
+                              on_request)
     source = SymbolAware(base_url=url, every=1.0, retry=Retry(attempts=1), read_timeout=1.0,
                          reprobe_every=2.0, circuit=CircuitBreaker(failures=1, reset_after=5.0))
     registry = CollectorRegistry()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+import trio
 from _http_sources import run_until, scripted_http_server
 from prometheus_client import CollectorRegistry
 
@@ -228,3 +229,42 @@ async def test_a_midpoint_without_an_order_book_parks_that_outcome_alone(emulato
     unknown = [g for g in gaps.records if g.reason == "unknown_symbol"]
     assert unknown and all(g.symbols and g.symbols[0].startswith(live[0].id) for g in unknown)
     assert emulator.stats["polymarket"]["midpoint"]["status"].get("404", 0) <= 2  # once each
+
+
+async def test_an_unknown_chosen_market_is_parked_and_asked_again_at_the_reprobe_interval(
+        emulator, autojump_clock):
+    """A chosen market Gamma does not know is counted unknown_symbol once, parked
+    (one gap, in the parked gauge), not asked at each discovery but every
+    reprobe_every; once Gamma lists it, it is unparked and priced."""
+    live = open_markets(emulator)[:2]
+    hidden = live[1]
+    hidden.listed = False
+    source = poly(emulator, markets=[live[0].id, hidden.slug, "no-such-market"], every=5.0,
+                  discover_every=10.0, reprobe_every=60.0)
+    sink, gaps, registry = ListSink(), ListSink(name="gap_list"), CollectorRegistry()
+    flow = Flow("pm")
+    flow.source(source).to(sink)
+    flow.gaps().to(gaps)
+    seen: dict[str, object] = {}
+
+    def unknown() -> float:
+        return sample(registry, "flows_records_discarded_total", "pm", "polymarket",
+                      reason="unknown_symbol")
+
+    def relisted() -> bool:
+        if source.cycles == 10 and "parked" not in seen:  # 50 s: five discoveries
+            seen["parked"] = set(source.parked)
+            seen["unknown"] = unknown()
+            seen["gauge"] = sample(registry, "flows_source_parked_symbols", "pm", "polymarket")
+            seen["gaps"] = [g.symbols for g in gaps.records if g.reason == "unknown_symbol"]
+            hidden.listed = True
+        return hidden.id in {r.symbol.split(":")[0] for r in sink.records}
+
+    await run_until(flow, relisted, registry, timeout=200)
+    assert seen["parked"] == {hidden.slug, "no-such-market"}
+    assert seen["unknown"] == 2 and seen["gauge"] == 2  # once each, not at each discovery
+    assert sorted(seen["gaps"]) == [(hidden.slug,), ("no-such-market",)]  # type: ignore[arg-type]
+    assert trio.current_time() >= 60  # asked again at the next probe, not the next discovery
+    assert set(source.parked) == {"no-such-market"}
+    assert unknown() == 3  # the other one, probed once more
+    assert {r.symbol.split(":")[0] for r in sink.records} == {live[0].id, hidden.id}

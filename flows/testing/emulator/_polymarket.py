@@ -14,7 +14,8 @@ Gamma (``https://gamma-api.polymarket.com``; emulator name ``polymarket_gamma``)
 
   ``outcomes``, ``outcomePrices`` and ``clobTokenIds`` are JSON arrays
   *encoded as strings*. A resolved market is ``closed: true`` with prices
-  ``"1"``/``"0"`` and ``umaResolutionStatus: "resolved"``.
+  ``"1"``/``"0"`` and ``umaResolutionStatus: "resolved"``. A market whose
+  ``listed`` is False (a test delists it) is in no Gamma answer.
 - ``GET /events?limit=&offset=&closed=``: events, each with its ``markets``.
 
 CLOB (``https://clob.polymarket.com``; emulator name ``polymarket``):
@@ -77,6 +78,7 @@ class PredictionMarket:
         self.rng = rng
         self.closed = False
         self.winner: int | None = None
+        self.listed = True  # False: Gamma does not know it (not yet listed, or delisted)
 
     def probabilities(self, step: int) -> list[float]:
         """Outcome probabilities at ``step`` (rounded to the tick; they sum to 1)."""
@@ -163,7 +165,7 @@ class PolymarketGamma(ExchangeAPI):
             offset = max(int(request.param("offset") or 0), 0)
         except ValueError:
             return Reply(422, {"error": "limit and offset must be integers"})
-        markets = self.outcomes.markets
+        markets = [m for m in self.outcomes.markets if m.listed]
         ids, slugs = request.query.get("id"), request.query.get("slug")
         if ids or slugs:
             markets = [m for m in markets if m.id in (ids or ()) or m.slug in (slugs or ())]

@@ -172,9 +172,12 @@ class PolymarketPrices(HttpSource):
         requests = []
         if trio.current_time() >= self._discover_due:
             self._discover_due = trio.current_time() + self.discover_every
-            requests += self._discovery(symbols)
+            requests += self._discovery([s for s in symbols if s not in self.parked])
+        requests += self._probes([s for s in symbols if s in self.parked])
         self._forget_unlisted()
-        tokens = [t for t, o in self.outcomes.items() if o.market_id not in self.closed]
+        wanted = set(symbols)
+        tokens = [t for t, o in self.outcomes.items() if o.market_id not in self.closed
+                  and (not self.chosen or o.market_id in wanted or o.slug in wanted)]
         if self.side == "midpoint":  # per token: one without an order book is parked alone
             now, parked = trio.current_time(), self.parked
             return requests + [Request("midpoint", "/midpoint", {"token_id": t},
@@ -220,6 +223,16 @@ class PolymarketPrices(HttpSource):
             requests.append(Request("gamma/markets", url, params))
         return requests
 
+    def _probes(self, parked: list[str]) -> list[Request]:
+        """One Gamma request for each parked chosen market (the base plans
+        them when their probe is due): an answer that holds it unparks it."""
+        requests = []
+        for market in parked:
+            params: dict[str, Any] = {"limit": "1", "id" if market.isdigit() else "slug": [market]}
+            requests.append(Request("gamma/markets", f"{self.gamma_url}/markets", params,
+                                    symbols=(market,)))
+        return requests
+
     # -- answers -------------------------------------------------------------
 
     def check(self, response: httpx.Response, body: bytes) -> None:
@@ -237,9 +250,7 @@ class PolymarketPrices(HttpSource):
             out = self._discovered(markets, now)
             asked = {*request.params.get("id", ()), *request.params.get("slug", ())}
             unknown = asked - {m.id for m in markets} - {m.slug for m in markets}
-            if unknown:  # chosen markets Gamma does not know
-                out.invalid["unknown_symbol"] = len(unknown)
-                out.details.append(f"Gamma knows no market {', '.join(sorted(unknown))}")
+            out.unknown = sorted(unknown)  # chosen markets Gamma does not know: parked
             return out
         out = Parsed()
         if request.endpoint == "midpoint":

@@ -16,7 +16,7 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-from _http_sources import OK, Probe, http, serve_answers
+from _http_sources import OK, Probe, http, run_until, serve_answers
 from prometheus_client import CollectorRegistry
 
 from flows import (
@@ -435,13 +435,8 @@ async def test_an_open_circuit_is_one_gap_from_when_it_first_opened(nursery, aut
     flow = Flow("core")
     flow.source(source).to(ListSink())
     flow.gaps().to(gaps)
-    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
-    async with trio.open_nursery() as inner:
-        await inner.start(rt.run)
-        with trio.fail_after(100):
-            while not any(g.reason == "circuit_open" for g in gaps.records):
-                await trio.sleep(0.1)
-        rt.stop()
+    await run_until(flow, lambda: any(g.reason == "circuit_open" for g in gaps.records),
+                    timeout=100)
     (gap,) = [g for g in gaps.records if g.reason == "circuit_open"]
     opened, closed = asked[1][0], asked[3][0]  # the second failure, the good probe
     assert gap.end - gap.start == pytest.approx(closed - opened, abs=0.2)
@@ -515,14 +510,8 @@ async def test_a_scheduled_source_polls(nursery, autojump_clock):
     url, _asked = await scripted(nursery, [])
     source = Probe(base_url=url, schedule="adaptive", max_staleness=5.0)
     sink = ListSink()
-    rt = Runtime(Flow("core", sources=[source], sinks=[sink]), registry=CollectorRegistry(),
-                 metrics_addr=None)
-    async with trio.open_nursery() as inner:
-        await inner.start(rt.run)
-        with trio.fail_after(100):
-            while len(sink.records) < 2:
-                await trio.sleep(0.1)
-        rt.stop()
+    await run_until(Flow("core", sources=[source], sinks=[sink]),
+                    lambda: len(sink.records) >= 2, timeout=100)
     assert {r.symbol for r in sink.records} == {"A"}
 
 

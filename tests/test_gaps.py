@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from _http_sources import OK, Probe, http, serve_answers
+from _http_sources import OK, Probe, http, run_until, serve_answers
 from _streams import feed_starter, until
 from prometheus_client import CollectorRegistry
 
@@ -66,13 +66,8 @@ async def test_a_failed_poll_and_an_open_circuit_are_gaps(nursery, autojump_cloc
     flow = Flow("hg")
     flow.source(source).to(ListSink())
     flow.gaps().to(gaps)
-    rt = Runtime(flow, registry=registry, metrics_addr=None)
-    async with trio.open_nursery() as inner:
-        await inner.start(rt.run)
-        with trio.fail_after(60):
-            while not any(g.reason == "circuit_open" for g in gaps.records):
-                await trio.sleep(0.1)
-        rt.stop()
+    await run_until(flow, lambda: any(g.reason == "circuit_open" for g in gaps.records),
+                    registry, timeout=60)
     reasons = [g.reason for g in gaps.records]
     assert reasons.count("poll_failed") == 3 and reasons[-1] == "circuit_open"
     first = gaps.records[0]
@@ -119,13 +114,7 @@ async def test_a_rate_limited_poll_is_a_gap_to_the_end_of_its_pause(nursery, aut
     flow = Flow("rl")
     flow.source(source).to(ListSink())
     flow.gaps().to(gaps)
-    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None)
-    async with trio.open_nursery() as inner:
-        await inner.start(rt.run)
-        with trio.fail_after(60):
-            while not gaps.records:
-                await trio.sleep(0.1)
-        rt.stop()
+    await run_until(flow, lambda: bool(gaps.records), timeout=60)
     (gap,) = gaps.records
     assert gap.reason == "rate_limited" and gap.symbols == ("A",)
     assert 20.0 <= gap.end - gap.start <= 22.0  # from the last good poll, through the pause

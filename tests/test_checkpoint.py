@@ -199,14 +199,9 @@ def test_sigkill_after_checkpoints_never_skips_a_record_for_good(tmp_path):
     every 0.7 s, killed with SIGKILL at several points after checkpoints,
     then run to the end: the table holds every record an uninterrupted run
     emits (rel=0: a record whose price changed)."""
-    import os
     import random
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from _cli import ENV
+    from _cli import kill_mid_run_then_finish
 
     for seed, kill_after in ((1, 0.0), (2, 0.25), (3, 0.6)):
         work = tmp_path / f"seed{seed}"
@@ -228,21 +223,10 @@ def test_sigkill_after_checkpoints_never_skips_a_record_for_good(tmp_path):
             "            stages=[ChangeDetector(checkpoint='change.ckpt', checkpoint_every=0.1)],\n"
             "            sinks=[SQLiteSink('t.db', flush_interval=0.7, batch_size=100000)])\n"
         )
-        cmd = [sys.executable, "-m", "flows.run", "f.py", "--metrics-addr", "0"]
-        # paced, so the kill lands mid-run; the restart then runs flat out
-        proc = subprocess.Popen(cmd, cwd=work, env={**ENV, "SPEED": "40"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while not (work / "change.ckpt").exists():  # a fault injected after the first save
-                assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint written"
-                time.sleep(0.01)
-            time.sleep(kill_after + random.Random(seed).uniform(0, 0.05))
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        done = subprocess.run(cmd, check=False, cwd=work, env={**ENV, "SPEED": "0"},
-                              capture_output=True, text=True, timeout=60)
+        # killed after the first save
+        done = kill_mid_run_then_finish(
+            "f.py", work, speed=40, written="change.ckpt",
+            kill_after=kill_after + random.Random(seed).uniform(0, 0.05))
         assert done.returncode == 0, done.stderr
         with sqlite3.connect(work / "t.db") as db:
             stored = {(s, t) for s, t in db.execute("SELECT symbol, ts FROM ticks")}

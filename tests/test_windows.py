@@ -315,14 +315,9 @@ def test_sigkill_mid_window_and_a_restart_give_the_uninterrupted_candle_table(tm
     the end: every candle written equals the uninterrupted computation's,
     none is missing, and none was written twice with different values."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import msgspec
-    from _cli import ENV
+    from _cli import kill_mid_run_then_finish
 
     for seed, kill_after in ((1, 0.0), (2, 0.3), (3, 0.7)):
         work = tmp_path / f"seed{seed}"
@@ -345,22 +340,8 @@ def test_sigkill_mid_window_and_a_restart_give_the_uninterrupted_candle_table(tm
             " checkpoint_every=0.1)],\n"
             "            sinks=[JSONLSink('candles.jsonl', flush_interval=0.3)])\n"
         )
-        cmd = [sys.executable, "-m", "flows.run", "f.py", "--metrics-addr", "0"]
-        # paced, so the kill lands mid-run; the restart then runs flat out
-        proc = subprocess.Popen(cmd, cwd=work, env={**ENV, "SPEED": "2000"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while not (work / "candles.ckpt").exists():
-                assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint written"
-                time.sleep(0.01)
-            time.sleep(kill_after)
-            assert proc.poll() is None, "the flow ended before the kill"
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        done = subprocess.run(cmd, check=False, cwd=work, env={**ENV, "SPEED": "0"},
-                              capture_output=True, text=True, timeout=60)
+        done = kill_mid_run_then_finish("f.py", work, speed=2000, written="candles.ckpt",
+                                        kill_after=kill_after, check_running=True)
         assert done.returncode == 0, done.stderr
         written: dict[tuple[str, float], dict] = {}
         decoder = msgspec.json.Decoder(Candle)

@@ -561,6 +561,24 @@ class ChangeDetector:
                 append(r)
         return out, invalid, evicted
 
+    @property
+    def inline(self) -> bool:
+        """Whether the runtime may run ``process`` in the producer's task
+        (``flows.InlinePort``): yes, unless a checkpoint needs the stage's
+        own task (restore before the first batch, saves while running)."""
+        return self.checkpoint is None
+
+    def process(self, batch: Batch, metrics: ComponentMetrics | None = None) -> Batch:
+        """The batch to send on for ``batch``: its records that must be
+        emitted (``filter``), with its ack hooks (tracked for the checkpoint)."""
+        kept = self.filter(batch.records, metrics)
+        if self._feeds and kept:
+            self._tell_feeds(kept)
+        out = batch.replace(kept)
+        if self.checkpoint is not None and kept:
+            self._track(out)
+        return out
+
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
         metrics = inbox.metrics
         if not self._restored and self.checkpoint is not None:
@@ -574,13 +592,7 @@ class ChangeDetector:
         self._closing = False
         try:
             async for batch in inbox:
-                kept = self.filter(batch.records, metrics)
-                if self._feeds and kept:
-                    self._tell_feeds(kept)
-                out = batch.replace(kept)
-                if checkpointing and kept:
-                    self._track(out)
-                await outbox.send(out)  # an empty batch is acked "skipped"
+                await outbox.send(self.process(batch, metrics))  # an empty batch is acked "skipped"
                 if checkpointing and trio.current_time() >= next_save:
                     await self._save(metrics)
                     next_save = trio.current_time() + self.checkpoint_every

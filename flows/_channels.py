@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import attrs
@@ -19,11 +20,14 @@ import trio
 from ._metrics import ComponentMetrics
 from ._records import Batch, Gap
 
-__all__ = ["POLICIES", "Edge", "EdgePort", "Inbox", "Outbox", "open_edge"]
+__all__ = ["POLICIES", "Edge", "EdgePort", "Inbox", "InlinePort", "Outbox", "open_edge"]
 
 Policy = Literal["block", "conflate", "drop_newest", "drop_oldest"]
 POLICIES: tuple[str, ...] = ("block", "conflate", "drop_newest", "drop_oldest")
 
+
+Guard = Callable[[], AbstractContextManager[Any]]
+"""What shields a blocked send of an inlined stage (``Outbox.guard``)."""
 
 _YIELD_EVERY = 16
 """Sends and receives that did not block yield to the scheduler this often."""
@@ -153,7 +157,7 @@ class Outbox:
 
     def __init__(
         self,
-        ports: Sequence[EdgePort],
+        ports: Sequence[EdgePort | InlinePort],
         metrics: ComponentMetrics,
         *,
         observe_lag: bool = False,
@@ -184,6 +188,12 @@ class Outbox:
         """A source's ``Freshness``: told of every batch sent."""
         self.gaps: Any = None
         """The runtime's ``GapLog`` (set for a source's outbox)."""
+        self.guard: Guard | None = None
+        """Set by the runtime on an inlined stage's outbox (``InlinePort``):
+        its sends run in the producer's task, which a stop cancels; the
+        guard shields the waits of a blocked send, so the stage still
+        delivers what it took in, as it would in its own draining task (a
+        forced stop still cancels)."""
         self._streak = 0
 
     async def send(self, batch: Batch) -> None:
@@ -193,11 +203,13 @@ class Outbox:
         cancelled before the batch went out acks it ``failed``.
         """
         records = batch.records
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        except BaseException:  # cancelled before the batch went out
-            batch.ack("failed")
-            raise
+        guard = self.guard
+        if guard is None:  # (an inlined stage's producer checked just before)
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:  # cancelled before the batch went out
+                batch.ack("failed")
+                raise
         if not records:
             batch.ack("skipped")
             return
@@ -213,7 +225,8 @@ class Outbox:
             try:
                 direct.send_nowait(batch)
             except (trio.WouldBlock, trio.BrokenResourceError):
-                waited = await _send_or_fail(self._ports[0], batch)  # blocks, or drops for a gone consumer
+                # blocks, or drops for a gone consumer
+                waited = await _send_or_fail(self._ports[0], batch, guard)
                 if waited:
                     self.waits[0] += waited
                     m.wait_seconds += waited
@@ -227,26 +240,7 @@ class Outbox:
             m.send_wait.observe(waited)
             m.sent.inc(len(records))
             return
-        ports = self._ports
-        parts: Sequence[Batch | None]
-        if self._routed:
-            parts, sent = self._route(batch)
-        else:
-            copies = _fan_out(batch, len(ports)) if len(ports) > 1 and batch.acks else None
-            parts, sent = (copies or [batch] * len(ports)), len(records)
-        waited = 0.0
-        waits = self.waits
-        for i, port in enumerate(ports):
-            part = parts[i]
-            if part is not None:
-                try:
-                    w = await port.send(part)
-                except BaseException:  # cancelled midway: the parts not sent settle the ack
-                    _fail_unsent(parts[i:])
-                    raise
-                if w:
-                    waits[i] += w
-                    waited += w
+        waited, sent = await self._send_parts(batch, guard)
         if not waited:
             self._streak += 1
             if self._streak >= _YIELD_EVERY:
@@ -256,6 +250,31 @@ class Outbox:
         m.send_wait.observe(waited)
         if sent:
             m.sent.inc(sent)
+
+    async def _send_parts(self, batch: Batch, guard: Guard | None) -> tuple[float, int]:
+        """Send each port its part of ``batch`` (fan-out, splits, routes):
+        (seconds blocked, records that reached some consumer)."""
+        ports = self._ports
+        parts: Sequence[Batch | None]
+        if self._routed:
+            parts, sent = self._route(batch)
+        else:
+            copies = _fan_out(batch, len(ports)) if len(ports) > 1 and batch.acks else None
+            parts, sent = (copies or [batch] * len(ports)), len(batch.records)
+        waited = 0.0
+        waits = self.waits
+        for i, port in enumerate(ports):
+            part = parts[i]
+            if part is not None:
+                try:
+                    w = await port.send(part, guard)
+                except BaseException:  # cancelled midway: the parts not sent settle the ack
+                    _fail_unsent(parts[i:])
+                    raise
+                if w:
+                    waits[i] += w
+                    waited += w
+        return waited, sent
 
     def _route(self, batch: Batch) -> tuple[list[Batch | None], int]:
         """Each port's part of ``batch`` (None: nothing for it) and the
@@ -341,11 +360,11 @@ class _Join:
                 hook(self.worst)
 
 
-async def _send_or_fail(port: EdgePort, batch: Batch) -> float:
-    """``port.send(batch)``; cancelled while it blocks, ``batch`` never went
-    out and acks ``failed`` (as a fan-out's unsent parts do)."""
+async def _send_or_fail(port: EdgePort | InlinePort, batch: Batch, guard: Guard | None) -> float:
+    """``port.send(batch, guard)``; cancelled while it blocks, ``batch``
+    never went out and acks ``failed`` (as a fan-out's unsent parts do)."""
     try:
-        return await port.send(batch)
+        return await port.send(batch, guard)
     except BaseException:
         batch.ack("failed")
         raise
@@ -402,8 +421,9 @@ class EdgePort:
         """Records held outside the channel (conflation buffer)."""
         return 0
 
-    async def send(self, batch: Batch) -> float:
-        """Hand ``batch`` to the channel; returns the seconds it blocked."""
+    async def send(self, batch: Batch, guard: Guard | None = None) -> float:
+        """Hand ``batch`` to the channel; returns the seconds it blocked
+        (under ``guard``, when given: see ``Outbox.guard``)."""
         try:
             self._sender.send_nowait(batch)
             return 0.0
@@ -416,7 +436,8 @@ class EdgePort:
         if policy == "block":
             t0 = time.perf_counter()
             try:
-                await self._sender.send(batch)
+                with guard() if guard is not None else nullcontext():
+                    await self._sender.send(batch)
             except trio.BrokenResourceError:
                 self._drop(batch, "consumer_gone")
             return time.perf_counter() - t0
@@ -456,7 +477,7 @@ class ConflatingPort(EdgePort):
     def pending(self) -> int:
         return len(self._pending)
 
-    async def send(self, batch: Batch) -> float:
+    async def send(self, batch: Batch, guard: Guard | None = None) -> float:
         pending, key = self._pending, self.edge.key
         before = len(pending)
         for record in batch.records:
@@ -508,6 +529,73 @@ class ConflatingPort(EdgePort):
         batch = Batch(list(self._pending.values()), created=self._created, acks=self._acks)
         self._pending, self._acks, self._created = {}, [], None
         return batch
+
+
+class InlinePort:
+    """The producer side of an edge into an *inlined* stage: no channel;
+    the stage's synchronous ``process(batch, metrics)`` runs in the
+    producer's task and its result goes straight to the stage's outbox.
+
+    The runtime inlines a stage that offers ``process`` and says it may be
+    inlined (``inline`` true) when it is the only consumer of a single
+    producer over a default edge (one not given its own capacity or
+    policy): one channel hop and one task
+    switch fewer per batch, and the same metrics: the stage's records
+    received and sent, processing time, discards and errors are counted as
+    if it ran in its own task (its buffer reads 0). Sends that block
+    downstream block the producer, as a full channel would. A ``process``
+    that raises fails its batch (acked ``failed``) and is handed to
+    ``crashed`` (the runtime's supervision: count, back off, or fail the flow).
+    """
+
+    def __init__(self, stage: Any, metrics: ComponentMetrics, capacity: int,
+                 crashed: Callable[[BaseException], Any]) -> None:
+        self.stage = stage
+        self.metrics = metrics
+        self.capacity = capacity
+        self.crashed = crashed
+        self.outbox: Outbox | None = None
+        """The stage's own outbox (set by the runtime once it exists)."""
+        self.closed: Callable[[], None] | None = None
+        """Called once the last producer let go (the stage is done)."""
+        self._users = 0
+        metrics.buffer = self.buffer
+
+    def buffer(self) -> tuple[int, int]:
+        """(batches waiting, capacity): nothing ever waits."""
+        return 0, self.capacity
+
+    def attach(self) -> InlinePort:
+        self._users += 1
+        return self
+
+    def detach(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self.closed is not None:
+            self.closed()
+
+    def pending(self) -> int:
+        return 0
+
+    async def send(self, batch: Batch, guard: Guard | None = None) -> float:
+        """Process ``batch`` and send the result on; returns the seconds the
+        stage's send blocked (the stage's outbox has its own guard)."""
+        m = self.metrics
+        m.received.inc(len(batch.records))
+        t0 = time.perf_counter()
+        try:
+            out = self.stage.process(batch, m)
+        except Exception as exc:
+            batch.ack("failed")
+            await self.crashed(exc)
+            return 0.0
+        m.observe_processing(time.perf_counter() - t0)
+        if out is None:
+            return 0.0
+        assert self.outbox is not None
+        waited = m.wait_seconds
+        await self.outbox.send(out)
+        return m.wait_seconds - waited
 
 
 def open_edge(edge: Edge, consumer: ComponentMetrics) -> tuple[EdgePort, Inbox]:

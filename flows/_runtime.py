@@ -14,7 +14,8 @@ import math
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypedDict
 
@@ -23,7 +24,7 @@ import trio
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ._actors import RunContext
-from ._channels import ConflatingPort, EdgePort, Inbox, Outbox, open_edge
+from ._channels import ConflatingPort, EdgePort, Inbox, InlinePort, Outbox, open_edge
 from ._flow import Flow, FlowError
 from ._freshness import Freshness, stale_after_for
 from ._gaps import GapLog
@@ -36,6 +37,10 @@ from ._status import flow_status
 __all__ = ["FlowFailed", "RunResult", "Runtime", "run_flow"]
 
 log = logging.getLogger("flows.runtime")
+
+INLINE = True
+"""Run inlinable stages in their producer's task (``InlinePort``); tests
+turn it off to compare both ways."""
 
 
 class FlowFailed(Exception):
@@ -66,17 +71,20 @@ class _Link:
     branch: str
     outbox: Outbox
     index: int
-    inbox: Inbox
+    inbox: Inbox | InlinePort
 
     def figures(self) -> dict[str, Any]:
         used, capacity = self.inbox.buffer()
-        return {
+        figures = {
             "from": self.producer,
             "to": self.consumer,
             "branch": self.branch or None,
             "buffer": {"used": used, "capacity": capacity},
             "send_wait_seconds": round(self.outbox.waits[self.index], 6),
         }
+        if isinstance(self.inbox, InlinePort):
+            figures["inline"] = True
+        return figures
 
 
 @attrs.define
@@ -88,6 +96,10 @@ class _ActorSlot:
     restarts: int = 0
     last_error: str | None = None
     freshness: Freshness | None = None
+    crashes: deque[float] = attrs.Factory(deque)
+    """When it raised, within the supervision window."""
+    backoff: float | None = None
+    """The wait before its next restart (None: the policy's first)."""
 
 
 class _EndpointLimits(TypedDict):
@@ -167,6 +179,7 @@ class Runtime:
         self._actors_scope: trio.CancelScope | None = None
         self._outer: trio.Nursery | None = None
         self._forced = False
+        self._guards: set[trio.CancelScope] = set()
         self._failure: str | None = None
         self.links: list[_Link] = []
         self.gaps = GapLog(flow.name)
@@ -196,6 +209,21 @@ class Runtime:
         self._forced = True
         if self._actors_scope is not None:
             self._actors_scope.cancel()
+        for scope in self._guards:
+            scope.cancel()
+
+    @contextmanager
+    def _drain_guard(self) -> Iterator[None]:
+        """Shield a blocked send of an inlined stage from the stop that
+        cancels its producer (a source), not from a forced stop."""
+        with trio.CancelScope(shield=True) as scope:
+            if self._forced:
+                scope.cancel()
+            self._guards.add(scope)
+            try:
+                yield
+            finally:
+                self._guards.discard(scope)
 
     async def _drain_deadline(self) -> None:
         await trio.sleep(self.drain_timeout)
@@ -323,11 +351,15 @@ class Runtime:
             if callable(setup):
                 setup(context)
         link_change_feeds(flow)
-        ports: dict[str, EdgePort] = {}
+        ports: dict[str, EdgePort | InlinePort] = {}
         inboxes: dict[str, Inbox] = {}
+        inline: dict[str, InlinePort] = {}
         for slot in self.slots:
             if slot.kind != "source":
                 name = slot.actor.name
+                if self._inlinable(slot):
+                    ports[name] = inline[name] = self._inline_port(slot)
+                    continue
                 ports[name], inboxes[name] = open_edge(flow.edge(name), slot.metrics)
                 port = ports[name]
                 if isinstance(port, ConflatingPort):
@@ -349,12 +381,17 @@ class Runtime:
             )
             outbox.gaps = self.gaps
             self.links += [
-                _Link(name, c, " / ".join(b.label for b in chain), outbox, i, inboxes[c])
+                _Link(name, c, " / ".join(b.label for b in chain), outbox, i, inboxes.get(c) or inline[c])
                 for i, (c, chain) in enumerate(consumers)
             ]
+        for name, port in inline.items():
+            port.outbox = outboxes[name]
+            port.outbox.guard = self._drain_guard
         for slot in self.slots:
             name = slot.actor.name
-            if slot.kind == "stage":
+            if name in inline:
+                slot.metrics.up.set(1)
+            elif slot.kind == "stage":
                 nursery.start_soon(
                     self._supervise, slot,
                     self._stage_call(slot, inboxes[name], outboxes[name]),
@@ -366,6 +403,39 @@ class Runtime:
                     self._closer(inboxes[name], None),
                 )
         nursery.start_soon(self._run_sources, [outboxes[s.name] for s in flow.sources])
+
+    def _inlinable(self, slot: _ActorSlot) -> bool:
+        """A stage that offers ``process`` and allows inlining, fed by a
+        single producer whose only consumer it is, over a default edge (an
+        edge given its own capacity or policy keeps its channel)."""
+        actor, flow = slot.actor, self.flow
+        if not (INLINE and slot.kind == "stage" and callable(getattr(actor, "process", None))
+                and getattr(actor, "inline", False)):
+            return False
+        taps = flow.inputs(actor.name)
+        if len(taps) != 1 or taps[0].chain or flow.edge(actor.name) is not flow.default_edge:
+            return False
+        producer = taps[0].producer
+        return flow.consumers(producer) == [(actor.name, ())] and not flow.unconsumed(producer)
+
+    def _inline_port(self, slot: _ActorSlot) -> InlinePort:
+        """The port that runs ``slot``'s stage in its producer's task."""
+
+        async def crashed(exc: BaseException) -> None:
+            if isinstance(exc, Exception) and await self._restart_after(slot, exc):
+                slot.state = "running"
+                slot.metrics.up.set(1)
+
+        def closed() -> None:
+            if slot.state != "failed":
+                slot.state = "finished"
+            slot.metrics.up.set(0)
+            if port.outbox is not None:
+                port.outbox.close()
+
+        port = InlinePort(slot.actor, slot.metrics, self.flow.edge(slot.actor.name).capacity, crashed)
+        port.closed = closed
+        return port
 
     @staticmethod
     def _stage_call(slot: _ActorSlot, inbox: Inbox, outbox: Outbox) -> Callable[[], Awaitable[Any]]:
@@ -407,10 +477,7 @@ class Runtime:
     async def _supervise(
         self, slot: _ActorSlot, call: Callable[[], Awaitable[Any]], close: Callable[[], None]
     ) -> None:
-        policy = self.flow.supervision
-        name, m = slot.actor.name, slot.metrics
-        recent: deque[float] = deque()
-        backoff = policy.backoff
+        m = slot.metrics
         try:
             while True:
                 slot.state = "running"
@@ -418,36 +485,48 @@ class Runtime:
                 try:
                     await call()
                 except Exception as exc:
-                    m.up.set(0)
-                    m.error(type(exc).__name__)
-                    slot.last_error = redact(f"{type(exc).__name__}: {exc}")  # shown: /status, logs
-                    now = trio.current_time()
-                    while recent and recent[0] < now - policy.window:
-                        recent.popleft()
-                    if not recent:
-                        backoff = policy.backoff  # healthy for a window: start over
-                    recent.append(now)
-                    if len(recent) > policy.max_restarts:
-                        slot.state = "failed"
-                        self._fail(slot, policy)
+                    if not await self._restart_after(slot, exc):
                         return
-                    slot.restarts += 1
-                    m.restarts.inc()
-                    slot.state = "restarting"
-                    log.warning(
-                        "flow %s: %s %s raised %s; restart %d in %.2fs",
-                        self.flow.name, slot.kind, name, slot.last_error, slot.restarts, backoff,
-                        exc_info=log.isEnabledFor(logging.DEBUG),
-                        extra=self._extra(name),
-                    )
-                    await trio.sleep(backoff)
-                    backoff = min(max(backoff * 2, 0.01), policy.max_backoff)
                 else:
                     slot.state = "finished"
                     return
         finally:
             m.up.set(0)
             close()
+
+    async def _restart_after(self, slot: _ActorSlot, exc: Exception) -> bool:
+        """Count ``exc``, raised by ``slot``'s actor, and wait out its backoff
+        before a restart; False when that spends the restart budget (the
+        flow then fails)."""
+        policy = self.flow.supervision
+        name, m = slot.actor.name, slot.metrics
+        m.up.set(0)
+        m.error(type(exc).__name__)
+        slot.last_error = redact(f"{type(exc).__name__}: {exc}")  # shown: /status, logs
+        now = trio.current_time()
+        recent = slot.crashes
+        while recent and recent[0] < now - policy.window:
+            recent.popleft()
+        if not recent or slot.backoff is None:
+            slot.backoff = policy.backoff  # healthy for a window: start over
+        recent.append(now)
+        if len(recent) > policy.max_restarts:
+            slot.state = "failed"
+            self._fail(slot, policy)
+            return False
+        slot.restarts += 1
+        m.restarts.inc()
+        slot.state = "restarting"
+        backoff = slot.backoff
+        log.warning(
+            "flow %s: %s %s raised %s; restart %d in %.2fs",
+            self.flow.name, slot.kind, name, slot.last_error, slot.restarts, backoff,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+            extra=self._extra(name),
+        )
+        await trio.sleep(backoff)
+        slot.backoff = min(max(backoff * 2, 0.01), policy.max_backoff)
+        return True
 
     def _fail(self, slot: _ActorSlot, policy: Any) -> None:
         self._failure = (

@@ -59,7 +59,9 @@ _GRAIN = 1.0
 """Seconds between full comparisons of a run (at most; ``stale_after / 10``
 when that is less): a symbol's age may read this much too old, never too young."""
 _PROBES = 8
-"""Symbols a batch is probed at between full comparisons."""
+"""Positions of a run probed between full comparisons, one per batch in
+turn (a probe is a record the batch's sender may not have touched: in a
+benchmark of pre-made batches, a cache miss each)."""
 _STRICT = 64
 """A run found changed is compared in full for this many batches (twice as
 many each time it is found changed again, up to ``_STRICT_MAX``)."""
@@ -68,8 +70,8 @@ _STRICT_MAX = 1 << 16
 # a remembered run: [symbols, when they were last seen (a full comparison
 # that matched), when that was stored in ``symbols``, when the last full
 # comparison was, probe positions, the symbols there, batches still to
-# compare in full, how many the next change costs]
-_SYMBOLS, _SEEN, _STORED, _AT, _PROBES_AT, _PROBED, _STRICTLY, _NEXT_STRICT = range(8)
+# compare in full, how many the next change costs, the position to probe next]
+_SYMBOLS, _SEEN, _STORED, _AT, _PROBES_AT, _PROBED, _STRICTLY, _NEXT_STRICT, _PROBE = range(9)
 
 
 class Freshness:
@@ -85,7 +87,8 @@ class Freshness:
     runs (``times``). Other batches store a time per record.
 
     Between full comparisons, at most ``grain`` seconds apart, a repeat is
-    recognised by its shape and a few probed symbols, and counts as seen at
+    recognised by its shape and a probed symbol (one of eight positions,
+    in turn), and counts as seen at
     the last full comparison: an age may read up to ``grain`` too old, never
     too young (a dead symbol never looks alive). A run that changed is
     compared in full again for a while. A batch that differs from its run
@@ -146,7 +149,9 @@ class Freshness:
         if run[_STRICTLY] or now - run[_AT] >= self.grain:
             return False
         try:
-            return [records[i].symbol for i in run[_PROBES_AT]] == run[_PROBED]
+            probe = run[_PROBE]
+            run[_PROBE] = (probe + 1) % len(run[_PROBES_AT])
+            return bool(records[run[_PROBES_AT][probe]].symbol == run[_PROBED][probe])
         except AttributeError:
             return False
 
@@ -202,7 +207,7 @@ class Freshness:
                 return
         probes = tuple(range(1, len(symbols) - 1, max(1, len(symbols) // _PROBES)))
         self._runs[shape] = [symbols, now, now, now, probes, [symbols[i] for i in probes],
-                             strict, 2 * strict or _STRICT]
+                             strict, 2 * strict or _STRICT, 0]
         self._run_symbols += len(symbols)
 
     def _settle(self, run: list[Any]) -> None:

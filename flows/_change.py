@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
@@ -182,6 +183,9 @@ def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
         store = ("if v.__class__ is not float or (t := r.ts).__class__ is not float:\n"
                  "                return out, bad, r\n"
                  "            vals[r.symbol] = complex(v, t)")
+    for name, x in (("rel", rel), ("abs_", abs_), ("hb", hb)):  # constants, not globals
+        if x.__class__ in (float, int) and math.isfinite(x):
+            unchanged = re.sub(rf"\b{name}\b", repr(x), unchanged)
     namespace: dict[str, Any] = {"rel": rel, "abs_": abs_, "hb": hb, "inf": math.inf}
     exec(_FAST_LOOP.format(unchanged=unchanged, load=load, store=store), namespace)
     return namespace["loop"]

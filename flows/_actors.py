@@ -76,7 +76,9 @@ class FunctionStage:
     ``skipped``. Return ``batch.replace(records)`` to keep its ack hooks and
     creation time. A function that raises
     gets its batch counted as discarded (reason ``error``) and the stage is
-    restarted by the supervisor.
+    restarted by the supervisor. A sync function may be run in its
+    producer's task (``inline``, ``process``: see "Inlined stages" in the
+    concepts).
     """
 
     def __init__(self, fn: StageFunction, name: str | None = None) -> None:
@@ -84,25 +86,47 @@ class FunctionStage:
         self.name = name or getattr(fn, "__name__", "stage")
         self._is_async = inspect.iscoroutinefunction(fn)
 
+    @property
+    def inline(self) -> bool:
+        """A sync function may run in its producer's task (see ``InlinePort``)."""
+        return not self._is_async
+
     async def run(self, inbox: Inbox, outbox: Outbox) -> None:
         metrics = inbox.metrics
         async for batch in inbox:
-            try:
-                out: Any = self.fn(batch)
-                if self._is_async:
-                    out = await out
-            except Exception:
-                metrics.discarded("error", len(batch.records))
-                raise
-            kept = 0 if out is None else len(out.records)
-            if kept < len(batch.records):
-                metrics.discarded("filtered", len(batch.records) - kept)
-            if out is None:
-                batch.ack("skipped")
-                continue
-            if batch.acks and out is not batch:  # a new Batch, not batch.replace(): carry the hooks over
-                out.acks, batch.acks = batch.acks + out.acks, ()
-            await outbox.send(out)
+            if self._is_async:
+                try:
+                    out = await self.fn(batch)  # type: ignore[misc]
+                except Exception:
+                    metrics.discarded("error", len(batch.records))
+                    raise
+                out = self._settle(batch, out, metrics)
+            else:
+                out = self.process(batch, metrics)
+            if out is not None:
+                await outbox.send(out)
+
+    def process(self, batch: Batch, metrics: Any) -> Batch | None:
+        """The batch a sync function makes of ``batch`` (None: dropped)."""
+        try:
+            out: Any = self.fn(batch)
+        except Exception:
+            metrics.discarded("error", len(batch.records))
+            raise
+        return self._settle(batch, out, metrics)
+
+    @staticmethod
+    def _settle(batch: Batch, out: Batch | None, metrics: Any) -> Batch | None:
+        """Count what ``out`` left out of ``batch``; carry its ack hooks over."""
+        kept = 0 if out is None else len(out.records)
+        if kept < len(batch.records):
+            metrics.discarded("filtered", len(batch.records) - kept)
+        if out is None:
+            batch.ack("skipped")
+            return None
+        if batch.acks and out is not batch:  # a new Batch, not batch.replace(): carry the hooks over
+            out.acks, batch.acks = batch.acks + out.acks, ()
+        return out
 
     def __repr__(self) -> str:
         return f"FunctionStage({self.name!r})"

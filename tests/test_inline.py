@@ -12,7 +12,7 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 import flows._runtime
-from flows import Batch, ChangeDetector, Edge, Flow, FlowFailed, Runtime, Supervision, Tick
+from flows import Batch, ChangeDetector, Edge, Flow, FlowFailed, Runtime, Supervision, Tick, stage
 from flows.testing import GatedSink, ListSink, deadline, run_briefly, sample
 from sources.synthetic import SyntheticMarket
 
@@ -187,3 +187,38 @@ async def test_a_stop_lets_a_blocked_inlined_stage_deliver_and_a_forced_stop_can
         change = next(a for a in rt.status()["actors"] if a["name"] == "change")
         if drains:  # everything the stage took in reached the sink (nothing is unchanged)
             assert len(sink.records) == change["received"] == change["sent"] > 0
+
+
+async def run_function_stage_flow(inline: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    monkeypatch.setattr(flows._runtime, "INLINE", inline)
+
+    @stage
+    def cheap_only(batch: Batch) -> Batch | None:
+        if batch.records[0].price == 101.0:
+            raise ValueError("boom")
+        kept = [t for t in batch.records if t.price < 103.0]
+        return Batch(kept) if kept else None  # a new Batch: the hooks are carried over
+
+    source, sink = AckingSource(ticks(10, 5)), ListSink()
+    flow = Flow("fn", sources=[source], stages=[cheap_only], sinks=[sink],
+                supervision=Supervision(max_restarts=5, window=60.0, backoff=0.5))
+    result, registry = await run_briefly(flow)
+    assert result.clean
+    figures = [sample(registry, name, "fn", "cheap_only", **labels) for name, labels in (
+        ("flows_actor_restarts_total", {}), ("flows_records_received_total", {}),
+        ("flows_records_sent_total", {}),
+        ("flows_records_discarded_total", {"reason": "error"}),
+        ("flows_records_discarded_total", {"reason": "filtered"}))]
+    return sorted(t.price for t in sink.records), figures, sorted(source.outcomes)
+
+
+async def test_a_sync_function_stage_inlined_counts_and_restarts_as_in_its_own_task(
+        monkeypatch, autojump_clock):
+    inlined = await run_function_stage_flow(True, monkeypatch)
+    own_task = await run_function_stage_flow(False, monkeypatch)
+    prices, figures, outcomes = inlined
+    assert figures == [2, 50, 8, 10, 32]  # batches 2 and 3 raised; 103 and more filtered
+    assert (prices, figures) == own_task[:2]
+    # inlined, a batch that raised is acked failed; in its own task it is never acked
+    assert outcomes == ["failed"] * 2 + ["skipped"] * 4 + ["written"] * 4
+    assert own_task[2] == ["skipped"] * 4 + ["written"] * 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import attrs
@@ -26,7 +26,7 @@ Policy = Literal["block", "conflate", "drop_newest", "drop_oldest"]
 POLICIES: tuple[str, ...] = ("block", "conflate", "drop_newest", "drop_oldest")
 
 
-Guard = Callable[[], AbstractContextManager[Any]]
+Guard = Callable[[], AbstractContextManager[trio.CancelScope]]
 """What shields a blocked send of an inlined stage (``Outbox.guard``)."""
 
 _YIELD_EVERY = 16
@@ -196,10 +196,10 @@ class Outbox:
         """The runtime's ``GapLog`` (set for a source's outbox)."""
         self.guard: Guard | None = None
         """Set by the runtime on an inlined stage's outbox (``InlinePort``):
-        its sends run in the producer's task, which a stop cancels; the
-        guard shields the waits of a blocked send, so the stage still
-        delivers what it took in, as it would in its own draining task (a
-        forced stop still cancels)."""
+        its sends run in the producer's task, which a stop cancels; a
+        blocked send cut short by that cancel is made again under the
+        guard (a shielded scope a forced stop still cancels), so the stage
+        still delivers what it took in, as it would in its own draining task."""
         self._streak = 0
 
     async def send(self, batch: Batch) -> None:
@@ -438,10 +438,12 @@ class EdgePort:
         if policy == "block":
             t0 = time.perf_counter()
             try:
-                with guard() if guard is not None else nullcontext():
-                    await self._sender.send(batch)
+                await self._sender.send(batch)
             except trio.BrokenResourceError:
                 self._drop(batch, "consumer_gone")
+            except trio.Cancelled:  # (a cancelled send delivered nothing)
+                if guard is None or not await self._deliver_despite_stop(batch, guard):
+                    raise
             return time.perf_counter() - t0
         if policy == "drop_oldest":
             while True:
@@ -458,6 +460,20 @@ class EdgePort:
                     continue
         self._drop(batch, "drop_newest")
         return 0.0
+
+    async def _deliver_despite_stop(self, batch: Batch, guard: Guard) -> bool:
+        """Send ``batch`` under ``guard`` after a cancel cut the send short
+        (see ``Outbox.guard``); False when a forced stop cancelled this too.
+
+        The first cancel is not raised again here: its scope stays
+        cancelled, so the producer's next checkpoint raises it.
+        """
+        with guard() as scope:
+            try:
+                await self._sender.send(batch)
+            except trio.BrokenResourceError:
+                self._drop(batch, "consumer_gone")
+        return not scope.cancelled_caught
 
     def _drop(self, batch: Batch, reason: str) -> None:
         self._consumer.discarded(reason, len(batch.records))

@@ -213,15 +213,17 @@ class Runtime:
             scope.cancel()
 
     @contextmanager
-    def _drain_guard(self) -> Iterator[None]:
-        """Shield a blocked send of an inlined stage from the stop that
-        cancels its producer (a source), not from a forced stop."""
+    def _drain_guard(self) -> Iterator[trio.CancelScope]:
+        """A scope shielding a send of an inlined stage from the drain that
+        cancels its producer (a source); cancelled at once, so the send
+        is not made again, when the flow is not draining (another cancel:
+        the producer's own timeout) or the stop is forced."""
         with trio.CancelScope(shield=True) as scope:
-            if self._forced:
+            if self._forced or self.state != "draining":
                 scope.cancel()
             self._guards.add(scope)
             try:
-                yield
+                yield scope
             finally:
                 self._guards.discard(scope)
 

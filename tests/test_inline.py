@@ -154,7 +154,7 @@ async def test_a_stop_drains_through_an_inlined_stage():
         await nursery.start(rt.run)
         with deadline(30, "500 records at the sink"):
             while len(sink.records) < 500:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
         rt.stop()
     status = rt.status()
     assert rt.state == "stopped" and status["edges"][0].get("inline") is True
@@ -222,3 +222,38 @@ async def test_a_sync_function_stage_inlined_counts_and_restarts_as_in_its_own_t
     # inlined, a batch that raised is acked failed; in its own task it is never acked
     assert outcomes == ["failed"] * 2 + ["skipped"] * 4 + ["written"] * 4
     assert own_task[2] == ["skipped"] * 4 + ["written"] * 4
+
+
+class ImpatientSource:
+    """Gives each send a second (its own timeout); keeps the outcomes."""
+
+    name = "impatient"
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.timed_out = 0
+
+    async def run(self, outbox: Any) -> None:
+        for b in range(5):
+            batch = Batch([Tick("t", f"S{i}", 100.0 + b, float(b)) for i in range(5)],
+                          acks=(self.outcomes.append,))
+            with trio.move_on_after(1.0) as scope:
+                await outbox.send(batch)
+            self.timed_out += scope.cancelled_caught
+
+
+async def test_a_producers_own_timeout_still_cuts_a_blocked_inlined_send_short(autojump_clock):
+    """Only a drain's cancel is guarded: a source's own timeout cancels the
+    inlined stage's blocked send, whose batch then acks failed."""
+    source, sink = ImpatientSource(), GatedSink()
+    flow = Flow("impatient", sources=[source], stages=[ChangeDetector()], sinks=[sink],
+                edges={"gated": Edge(capacity=1)})
+    rt = Runtime(flow, registry=CollectorRegistry(), metrics_addr=None, drain_timeout=5.0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rt.run)
+            await trio.sleep(10.0)  # five sends of a second each
+            assert source.timed_out == 4  # the first batch fit in the sink's channel
+            assert source.outcomes == ["failed"] * 4
+            rt.stop()  # the sink never takes anything: the drain is forced
+    assert rt._forced and source.outcomes == ["failed"] * 5

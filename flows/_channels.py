@@ -224,8 +224,9 @@ class Outbox:
             ts = getattr(records[0], "ts", None)
             if ts is not None:
                 m.lag.observe(max(time.time() - ts, 0.0))
-            if self._freshness is not None:
-                self._freshness.seen(records)
+        fresh = self._freshness
+        if fresh is not None and self._inline is None:
+            fresh.seen(records)
         direct = self._direct
         if direct is not None:
             try:
@@ -237,7 +238,11 @@ class Outbox:
                 self.waits[0] += waited
             sent = len(records)
         elif self._inline is not None:  # (its first await comes after the ack hooks moved on)
-            waited = await self._inline.send(batch, guard)
+            try:
+                waited = await self._inline.send(batch, guard)
+            finally:  # (after the stage read the records: they are in the cache now)
+                if fresh is not None:
+                    fresh.seen(records)
             self.waits[0] += waited
             sent = len(records)
         else:

@@ -152,19 +152,15 @@ def _oldest_keys(ranked: dict[Hashable, Any], want: int) -> tuple[list[Hashable]
     """About ``want`` keys of ``ranked`` (at least one), the least recently
     seen: all whose sequence number is at most the returned bound, sorted
     most recent first."""
-    try:
-        return _oldest_keys_by(ranked, want, _IMAG)
-    except AttributeError:  # not all complexes: some (value, seq) tuples
-        return _oldest_keys_by(ranked, want, _seq_of)
-
-
-def _oldest_keys_by(
-    ranked: dict[Hashable, Any], want: int, seq_of: Callable[[Any], float],
-) -> tuple[list[Hashable], float]:
     n = len(ranked)
-    sample = sorted(islice(map(seq_of, ranked.values()), 0, None, max(1, n // _SAMPLE)))
-    upto = sample[min(len(sample) - 1, want * len(sample) // n)]
-    found = [(s, k) for k, s in zip(ranked, map(seq_of, ranked.values())) if s <= upto]
+    try:
+        sample = sorted(islice(map(_IMAG, ranked.values()), 0, None, max(1, n // _SAMPLE)))
+        upto = sample[min(len(sample) - 1, want * len(sample) // n)]
+        found = [(s, k) for k, c in ranked.items() if (s := c.imag) <= upto]
+    except AttributeError:  # not all complexes: some (value, seq) tuples
+        sample = sorted(islice(map(_seq_of, ranked.values()), 0, None, max(1, n // _SAMPLE)))
+        upto = sample[min(len(sample) - 1, want * len(sample) // n)]
+        found = [(s, k) for k, c in ranked.items() if (s := _seq_of(c)) <= upto]
     found.sort(key=itemgetter(0), reverse=True)  # (seqs are unique: keys are never compared)
     return [k for _, k in found], upto
 
@@ -494,6 +490,11 @@ class ChangeDetector:
             ranked[k] = complex(v, seq) if v.__class__ is float else (v, seq)
             seq += 1.0
         self._next_seq = seq
+        return self._new_ranked(ranked)
+
+    def _new_ranked(self, ranked: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        """``ranked`` as the state (a new dict: no eviction candidates yet)."""
+        self._od = ranked
         self._oldest, self._deleted, self._built_size = [], 0, sys.getsizeof(ranked)
         return ranked
 
@@ -510,8 +511,7 @@ class ChangeDetector:
             items = od.items() if ranked else sorted(od.items(), key=lambda kc: _seq_of(kc[1]))
         elif rekey:  # same form, whole keys
             if ranked:
-                od = self._od = {(src, k): c for k, c in od.items()}
-                self._oldest = []  # (made again with the new keys)
+                od = self._new_ranked({(src, k): c for k, c in od.items()})
             else:
                 od = self._od = OrderedDict(((src, k), c) for k, c in od.items())
             self._src = None
@@ -530,32 +530,30 @@ class ChangeDetector:
         return od
 
     def _evict_oldest(self) -> None:
-        if self._od is None:
+        od = self._od
+        if od is None:
             del self._vals[next(iter(self._vals))]
-        elif self._od.__class__ is dict:
-            self._evict_ranked(self._od)
-        else:
-            self._od.popitem(last=False)  # type: ignore[call-arg]
+        elif isinstance(od, OrderedDict):
+            od.popitem(last=False)
+        else:  # (only a _load past max_keys, which a restore never reads)
+            del od[min(od, key=lambda k: _seq_of(od[k]))]
 
-    def _evict_ranked(self, ranked: dict[Hashable, Any]) -> dict[Hashable, Any]:
-        """Evict the least recently seen key of the ranked form; returns the
-        form (a rebuilt dict when deletions had inflated it)."""
-        oldest = self._oldest
-        while True:
-            if not oldest:
-                oldest, self._oldest_upto = _oldest_keys(ranked, max(64, len(ranked) // 8))
-                self._oldest = oldest
-            k = oldest.pop()
-            c = ranked.get(k)
-            if c is not None and _seq_of(c) <= self._oldest_upto:  # else seen since
-                del ranked[k]
-                break
-        self._deleted += 1
-        # A dict that had deletions grows to 3x its keys when its entries
-        # run out: copied, it holds them in 1.5x-3x.
-        if self._deleted * _REBUILD_AFTER >= len(ranked) and sys.getsizeof(ranked) > self._built_size:
-            ranked = self._od = dict(ranked)
-            self._deleted, self._built_size = 0, sys.getsizeof(ranked)
+    def _refill_oldest(self, ranked: dict[Hashable, Any]) -> list[Hashable]:
+        """Make the eviction candidates again: the list of keys with the
+        smallest seqs (a quarter of the state; sets ``_oldest_upto``)."""
+        self._oldest, self._oldest_upto = _oldest_keys(ranked, max(64, len(ranked) // 4))
+        return self._oldest
+
+    def _compact(self, ranked: dict[Hashable, Any], evicted: int) -> dict[Hashable, Any]:
+        """``ranked`` after ``evicted`` more evictions: copied when deletions
+        have inflated it (a dict that had deletions grows to three times its
+        keys when its entries run out; a copy holds them in 1.5x-3x)."""
+        self._deleted += evicted
+        if self._deleted * _REBUILD_AFTER < len(ranked) or sys.getsizeof(ranked) <= self._built_size:
+            return ranked
+        oldest, upto = self._oldest, self._oldest_upto
+        ranked = self._new_ranked(dict(ranked))
+        self._oldest, self._oldest_upto = oldest, upto  # (the same keys and seqs)
         return ranked
 
     # -- filtering -----------------------------------------------------------
@@ -628,7 +626,7 @@ class ChangeDetector:
         """``filter`` on the ordered form, from ``records[start]`` on: any
         record type, any number of sources, eviction."""
         od = self._to_ordered(whole_keys=False)
-        if od.__class__ is dict:
+        if not isinstance(od, OrderedDict):
             return self._filter_ranked(od, records, start, default)
         key_of, value_of, time_of = self.key, self.value, self.time
         rel, abs_, hb = self.rel, self.abs, self.heartbeat
@@ -650,7 +648,9 @@ class ChangeDetector:
                 elif r.source is src or r.source == src:
                     k = r.symbol
                 else:  # a second source: keys become whole keys
-                    od = self._to_ordered(whole_keys=True)
+                    whole = self._to_ordered(whole_keys=True)
+                    assert isinstance(whole, OrderedDict)
+                    od = whole
                     get, touch, src = od.get, od.move_to_end, None
                     k = (r.source, r.symbol)
             else:
@@ -700,7 +700,9 @@ class ChangeDetector:
         invalid = evicted = 0
         get = od.get
         tracking = len(od) >= track_from  # (the state only grows: recomputed on inserts)
-        seq = self._next_seq
+        seq = complex(0.0, self._next_seq)  # (x + seq: complex(x, seq) for a float x, faster)
+        oldest, upto = self._oldest, self._oldest_upto
+        cx, flt = complex, float
         k: Any
         try:
             for r in records if start == 0 else records[start:]:
@@ -712,7 +714,7 @@ class ChangeDetector:
                         k = r.symbol
                     else:  # a second source: keys become whole keys
                         od = self._to_ordered(whole_keys=True)
-                        get, src = od.get, None
+                        get, src, oldest = od.get, None, self._oldest
                         k = (r.source, r.symbol)
                 else:
                     v = value_of(r)
@@ -723,30 +725,39 @@ class ChangeDetector:
                     continue
                 c = get(k)
                 if c is None:
-                    while len(od) >= max_keys:
-                        od = self._evict_ranked(od)
-                        get = od.get
-                        evicted += 1
-                    od[k] = complex(v, seq) if v.__class__ is float else (v, seq)
-                    seq += 1.0
+                    while len(od) >= max_keys:  # evict the least recently seen
+                        if not oldest:
+                            oldest, upto = self._refill_oldest(od), self._oldest_upto
+                        old = oldest.pop()
+                        c = get(old)
+                        if c is not None and (
+                            c.imag if c.__class__ is cx else c[1]) <= upto:  # else seen since
+                            del od[old]
+                            evicted += 1
+                    od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
+                    seq += 1j
                     append(r)
                     tracking = len(od) >= track_from
                     continue
-                lv = c.real if c.__class__ is complex else c[0]
+                cls = c.__class__
+                lv = c.real if cls is cx else c[0]
                 d = v - lv if v >= lv else lv - v
-                if d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_)):
-                    append(r)
-                    lv = v
-                    at = seq if tracking else _seq_of(c)
-                elif tracking:  # seen: the next seq, in place
-                    at = seq
-                else:
+                if not (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_))):
+                    if tracking:  # seen: the next seq, in place
+                        od[k] = lv + seq if cls is cx else (lv, seq.imag)
+                        seq += 1j
                     continue
-                od[k] = complex(lv, at) if lv.__class__ is float else (lv, at)
+                append(r)
                 if tracking:
-                    seq += 1.0
+                    od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
+                    seq += 1j
+                else:
+                    at = c.imag if cls is cx else c[1]
+                    od[k] = cx(v, at) if v.__class__ is flt else (v, at)
         finally:
-            self._next_seq = seq
+            self._next_seq = seq.imag
+        if evicted:
+            self._compact(od, evicted)
         return out, invalid, evicted
 
     @property

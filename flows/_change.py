@@ -143,6 +143,10 @@ def _seq_of(ranked: Any) -> float:
 _IMAG = attrgetter("imag")
 _SAMPLE = 4096
 """About this many sequence numbers are sorted to pick the eviction candidates."""
+_OLDEST_SHARE = 4
+_OLDEST_AT_LEAST = 64
+"""Eviction candidates are made for about len/_OLDEST_SHARE keys, at least
+_OLDEST_AT_LEAST: one pass over the state per that many evictions."""
 _REBUILD_AFTER = 8
 """The ranked form's dict is rebuilt when inflated, at most once per
 len/_REBUILD_AFTER evictions."""
@@ -540,8 +544,9 @@ class ChangeDetector:
 
     def _refill_oldest(self, ranked: dict[Hashable, Any]) -> list[Hashable]:
         """Make the eviction candidates again: the list of keys with the
-        smallest seqs (a quarter of the state; sets ``_oldest_upto``)."""
-        self._oldest, self._oldest_upto = _oldest_keys(ranked, max(64, len(ranked) // 4))
+        smallest seqs (``_OLDEST_SHARE``; sets ``_oldest_upto``)."""
+        want = max(_OLDEST_AT_LEAST, len(ranked) // _OLDEST_SHARE)
+        self._oldest, self._oldest_upto = _oldest_keys(ranked, want)
         return self._oldest
 
     def _compact(self, ranked: dict[Hashable, Any], evicted: int) -> dict[Hashable, Any]:

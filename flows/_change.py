@@ -1,7 +1,7 @@
 """Last-value change detection.
 
 Per key (default: source and symbol) the detector remembers the last
-*emitted* value and its time. A record is emitted when its key is new, when
+*emitted* value (and its time, with a heartbeat). A record is emitted when its key is new, when
 its value moved by at least ``rel`` (relative) or ``abs`` (absolute) from
 the last emitted value, or when ``heartbeat`` seconds passed since the key
 last emitted. Comparing with the last emitted value (not the last seen)
@@ -18,7 +18,12 @@ quarters of ``max_keys``. Until then a record that finds its key costs no
 bookkeeping (this is the hot path), and keys keep the order in which they
 were first stored: when the state later fills up, keys not seen since it
 passed three quarters of ``max_keys`` are evicted oldest stored first,
-then by last sight.
+then by last sight. Without a heartbeat recency is a sequence number per
+key (a hit reorders nothing) and eviction pops a list of the keys with the
+smallest, made in one pass over the state every quarter of ``max_keys``
+evictions or so: it stays exact. Times are kept only with a heartbeat
+(nothing else reads them): a heartbeat turned on later is due at once for
+the keys stored before. ``bench/memory.py`` measures the bytes per key.
 
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
 atomically) every ``checkpoint_every`` seconds and when the stage stops,

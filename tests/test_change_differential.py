@@ -14,8 +14,8 @@ invalid values, rel and abs thresholds, and checkpoint round trips.
 from __future__ import annotations
 
 import itertools
-import sys
 import math
+import sys
 import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -389,7 +389,7 @@ def test_churn_keeps_the_ranked_dict_compact() -> None:
         det.filter([Tick("s1", f"K{i}", 1.0, 1.0) for i in range(start, start + 100)])
         if det._od is not None:
             assert sys.getsizeof(det._od) <= sys.getsizeof(dict(det._od)), start
-    assert len(det.state) == 2000 and list(det.state)[0] == ("s1", "K28000")
+    assert len(det.state) == 2000 and next(iter(det.state)) == ("s1", "K28000")
 
 
 def test_a_heartbeat_turned_on_in_the_ranked_form_counts_its_keys_as_never_emitted() -> None:

@@ -51,7 +51,7 @@ included). A dict that had deletions grows to three times its keys when
 its entries run out; the ranked form copies itself back when
 ``sys.getsizeof`` says it grew.
 
-Run from the repository root (about a minute with the defaults)::
+Run from the repository root (about two and a half minutes with the defaults)::
 
     python bench/memory.py                   # 1,000,000 keys
     python bench/memory.py --keys 200000 --churn-keys 20000

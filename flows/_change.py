@@ -1,13 +1,13 @@
 """Last-value change detection.
 
 Per key (default: source and symbol) the detector remembers the last
-*emitted* value (and its time, with a heartbeat). A record is emitted when its key is new, when
-its value moved by at least ``rel`` (relative) or ``abs`` (absolute) from
-the last emitted value, or when ``heartbeat`` seconds passed since the key
-last emitted. Comparing with the last emitted value (not the last seen)
-means slow drift still emits. With ``rel`` and ``abs`` both 0 any change
-emits. A price that goes A -> B -> A emits all three (this is not a
-seen-set dedupe).
+*emitted* value (and its time, with a heartbeat). A record is emitted when
+its key is new, when its value moved by at least ``rel`` (relative) or
+``abs`` (absolute) from the last emitted value, or when ``heartbeat``
+seconds passed since the key last emitted. Comparing with the last
+emitted value (not the last seen) means slow drift still emits. With
+``rel`` and ``abs`` both 0 any change emits. A price that goes A -> B -> A
+emits all three (this is not a seen-set dedupe).
 
 Records whose value is NaN, infinite, zero or negative are dropped as
 ``invalid``. State is bounded by ``max_keys``: the least recently seen key

@@ -48,8 +48,9 @@ Then the memory held after the ``churn`` workload ran 4C records past the
 fill (tracemalloc, with key, as above: ``after``), and the most held at
 any time during it (``peak``: the rebuilds and the candidate lists
 included). A dict that had deletions grows to three times its keys when
-its entries run out; the ranked form copies itself back when
-``sys.getsizeof`` says it grew.
+its entries run out; the detector's ordered form (ranked, or the
+``OrderedDict`` with a heartbeat: the third line) copies itself back when
+``sys.getsizeof`` says it grew; the baseline does not.
 
 Run from the repository root (about two and a half minutes with the defaults)::
 

@@ -484,7 +484,7 @@ class ChangeDetector:
         elif self.heartbeat is None:  # (a key twice: its first place, its last value)
             self._od = self._ranked({k: v for k, v, _ in reversed(entries)}.items())
         else:
-            self._od = OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries))
+            self._new_ordered(OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries)))
         while self._size() > self.max_keys:  # a restore reads no more than max_keys
             self._evict_oldest()
 
@@ -499,13 +499,13 @@ class ChangeDetector:
             ranked[k] = complex(v, seq) if v.__class__ is float else (v, seq)
             seq += 1.0
         self._next_seq = seq
-        return self._new_ranked(ranked)
+        return self._new_ordered(ranked)
 
-    def _new_ranked(self, ranked: dict[Hashable, Any]) -> dict[Hashable, Any]:
-        """``ranked`` as the state (a new dict: no eviction candidates yet)."""
-        self._od = ranked
-        self._oldest, self._deleted, self._built_size = [], 0, sys.getsizeof(ranked)
-        return ranked
+    def _new_ordered(self, od: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        """``od`` as the ordered form (a new dict: no eviction candidates yet)."""
+        self._od = od
+        self._oldest, self._deleted, self._built_size = [], 0, sys.getsizeof(od)
+        return od
 
     def _to_ordered(self, *, whole_keys: bool) -> dict[Hashable, Any]:
         """Move to the ordered form that fits the heartbeat (ranked without
@@ -520,9 +520,9 @@ class ChangeDetector:
             items = od.items() if ranked else sorted(od.items(), key=lambda kc: _seq_of(kc[1]))
         elif rekey:  # same form, whole keys
             if ranked:
-                od = self._new_ranked({(src, k): c for k, c in od.items()})
+                od = self._new_ordered({(src, k): c for k, c in od.items()})
             else:
-                od = self._od = OrderedDict(((src, k), c) for k, c in od.items())
+                od = self._new_ordered(OrderedDict(((src, k), c) for k, c in od.items()))
             self._src = None
             return od
         else:
@@ -531,9 +531,9 @@ class ChangeDetector:
         if ranked:
             od = self._od = self._ranked((k, _value_of(c)) for k, c in pairs)
         elif self._od is None:  # from the plain form: packed as the ordered one is
-            od = self._od = OrderedDict(pairs)
+            od = self._new_ordered(OrderedDict(pairs))
         else:  # from the ranked form: no times were kept
-            od = self._od = OrderedDict((k, _value_of(c)) for k, c in pairs)
+            od = self._new_ordered(OrderedDict((k, _value_of(c)) for k, c in pairs))
         if whole_keys:
             self._src = None
         return od
@@ -554,17 +554,17 @@ class ChangeDetector:
         self._oldest, self._oldest_upto = _oldest_keys(ranked, want)
         return self._oldest
 
-    def _compact(self, ranked: dict[Hashable, Any], evicted: int) -> dict[Hashable, Any]:
-        """``ranked`` after ``evicted`` more evictions: copied when deletions
-        have inflated it (a dict that had deletions grows to three times its
-        keys when its entries run out; a copy holds them in 1.5x-3x)."""
+    def _compact(self, od: dict[Hashable, Any], evicted: int) -> None:
+        """The ordered form ``od`` after ``evicted`` more evictions: copied
+        when deletions have inflated it (a dict that had deletions grows to
+        three times its keys when its entries run out; a copy holds them in
+        1.5x-3x)."""
         self._deleted += evicted
-        if self._deleted * _REBUILD_AFTER < len(ranked) or sys.getsizeof(ranked) <= self._built_size:
-            return ranked
+        if self._deleted * _REBUILD_AFTER < len(od) or sys.getsizeof(od) <= self._built_size:
+            return
         oldest, upto = self._oldest, self._oldest_upto
-        ranked = self._new_ranked(dict(ranked))
+        self._new_ordered(od.__class__(od))  # (an OrderedDict keeps its order)
         self._oldest, self._oldest_upto = oldest, upto  # (the same keys and seqs)
-        return ranked
 
     # -- filtering -----------------------------------------------------------
 
@@ -692,6 +692,8 @@ class ChangeDetector:
                 t = r.ts if default else time_of(r)
                 od[k] = complex(v, t) if v.__class__ is float and t.__class__ is float else (v, t)
                 append(r)
+        if evicted:
+            self._compact(od, evicted)
         return out, invalid, evicted
 
     def _filter_ranked(

@@ -381,15 +381,19 @@ def test_a_candidate_seen_after_its_list_was_made_is_not_evicted() -> None:
         assert list(det.state) == [("s1", k) for k in "DEBF"]  # C went, not B
 
 
-def test_churn_keeps_the_ranked_dict_compact() -> None:
+def test_churn_keeps_the_ordered_form_compact() -> None:
     """A dict that had deletions grows to three times its keys when its
-    entries run out; the ranked form copies itself back (checked per batch)."""
-    det = ChangeDetector(max_keys=2000)
-    for start in range(0, 30_000, 100):
-        det.filter([Tick("s1", f"K{i}", 1.0, 1.0) for i in range(start, start + 100)])
-        if det._od is not None:
-            assert sys.getsizeof(det._od) <= sys.getsizeof(dict(det._od)), start
-    assert len(det.state) == 2000 and next(iter(det.state)) == ("s1", "K28000")
+    entries run out; the ordered form copies itself back (checked per
+    batch), ranked or (with a heartbeat) an OrderedDict."""
+    for heartbeat in (None, 60.0):
+        det = ChangeDetector(max_keys=2000, heartbeat=heartbeat)
+        for start in range(0, 30_000, 100):
+            det.filter([Tick("s1", f"K{i}", 1.0, 1.0) for i in range(start, start + 100)])
+            od = det._od
+            if od is not None:
+                assert sys.getsizeof(od) <= sys.getsizeof(od.__class__(od)), (heartbeat, start)
+        assert len(det.state) == 2000 and next(iter(det.state)) == ("s1", "K28000")
+        assert isinstance(det._od, OrderedDict) == (heartbeat is not None)
 
 
 def test_a_heartbeat_turned_on_in_the_ranked_form_counts_its_keys_as_never_emitted() -> None:

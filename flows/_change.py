@@ -1,13 +1,13 @@
 """Last-value change detection.
 
 Per key (default: source and symbol) the detector remembers the last
-*emitted* value and its time. A record is emitted when its key is new, when
-its value moved by at least ``rel`` (relative) or ``abs`` (absolute) from
-the last emitted value, or when ``heartbeat`` seconds passed since the key
-last emitted. Comparing with the last emitted value (not the last seen)
-means slow drift still emits. With ``rel`` and ``abs`` both 0 any change
-emits. A price that goes A -> B -> A emits all three (this is not a
-seen-set dedupe).
+*emitted* value (and its time, with a heartbeat). A record is emitted when
+its key is new, when its value moved by at least ``rel`` (relative) or
+``abs`` (absolute) from the last emitted value, or when ``heartbeat``
+seconds passed since the key last emitted. Comparing with the last
+emitted value (not the last seen) means slow drift still emits. With
+``rel`` and ``abs`` both 0 any change emits. A price that goes A -> B -> A
+emits all three (this is not a seen-set dedupe).
 
 Records whose value is NaN, infinite, zero or negative are dropped as
 ``invalid``. State is bounded by ``max_keys``: the least recently seen key
@@ -18,7 +18,12 @@ quarters of ``max_keys``. Until then a record that finds its key costs no
 bookkeeping (this is the hot path), and keys keep the order in which they
 were first stored: when the state later fills up, keys not seen since it
 passed three quarters of ``max_keys`` are evicted oldest stored first,
-then by last sight.
+then by last sight. Without a heartbeat recency is a sequence number per
+key (a hit reorders nothing) and eviction pops a list of the keys with the
+smallest, made in one pass over the state every quarter of ``max_keys``
+evictions or so: it stays exact. Times are kept only with a heartbeat
+(nothing else reads them): a heartbeat turned on later is due at once for
+the keys stored before. ``bench/memory.py`` measures the bytes per key.
 
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
 atomically) every ``checkpoint_every`` seconds and when the stage stops,
@@ -46,8 +51,11 @@ import logging
 import math
 import re
 import struct
+import sys
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
+from itertools import islice
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +130,48 @@ def _unpack(packed: Any) -> tuple[Any, Any]:
     if cls is tuple:
         return packed
     return packed, None
+
+
+def _value_of(packed: Any) -> Any:
+    """The value in ``packed`` (any form's packing)."""
+    cls = packed.__class__
+    if cls is complex:
+        return packed.real
+    return packed[0] if cls is tuple else packed
+
+
+def _seq_of(ranked: Any) -> float:
+    """The sequence number in a ranked entry (``_filter_ranked``)."""
+    return ranked.imag if ranked.__class__ is complex else ranked[1]
+
+
+_IMAG = attrgetter("imag")
+_SAMPLE = 4096
+"""About this many sequence numbers are sorted to pick the eviction candidates."""
+_OLDEST_SHARE = 4
+_OLDEST_AT_LEAST = 64
+"""Eviction candidates are made for about len/_OLDEST_SHARE keys, at least
+_OLDEST_AT_LEAST: one pass over the state per that many evictions."""
+_REBUILD_AFTER = 8
+"""The ranked form's dict is rebuilt when inflated, at most once per
+len/_REBUILD_AFTER evictions."""
+
+
+def _oldest_keys(ranked: dict[Hashable, Any], want: int) -> tuple[list[Hashable], float]:
+    """About ``want`` keys of ``ranked`` (at least one), the least recently
+    seen: all whose sequence number is at most the returned bound, sorted
+    most recent first."""
+    n = len(ranked)
+    try:
+        sample = sorted(islice(map(_IMAG, ranked.values()), 0, None, max(1, n // _SAMPLE)))
+        upto = sample[min(len(sample) - 1, want * len(sample) // n)]
+        found = [(s, k) for k, c in ranked.items() if (s := c.imag) <= upto]
+    except AttributeError:  # not all complexes: some (value, seq) tuples
+        sample = sorted(islice(map(_seq_of, ranked.values()), 0, None, max(1, n // _SAMPLE)))
+        upto = sample[min(len(sample) - 1, want * len(sample) // n)]
+        found = [(s, k) for k, c in ranked.items() if (s := _seq_of(c)) <= upto]
+    found.sort(key=itemgetter(0), reverse=True)  # (seqs are unique: keys are never compared)
+    return [k for _, k in found], upto
 
 
 _FAST_LOOP = """
@@ -353,8 +403,8 @@ class ChangeDetector:
 
     # -- the state ---------------------------------------------------------
     #
-    # Two forms hold the same thing (key -> last emitted value and its time,
-    # least recently seen first):
+    # Three forms hold the same thing (key -> last emitted value and its
+    # time, least recently seen first):
     #
     # - the *plain* form, while nothing can be evicted soon (the state holds
     #   fewer than ``_track_from`` keys) and every key so far came from one
@@ -364,10 +414,23 @@ class ChangeDetector:
     #   a complex (the form holds floats only: anything else moves the
     #   state to the ordered form), filtered by a loop made for the
     #   thresholds (``_fast_loop``);
-    # - the *ordered* form otherwise: ``_od``, an OrderedDict key -> packed
-    #   (value, time) (``_pack``: a complex when both are floats: 32 bytes;
-    #   the value alone when its time was not kept; else a tuple), kept in
-    #   least-recently-seen order.
+    # - otherwise an *ordered* form in ``_od``. Without a heartbeat it is
+    #   *ranked*: a plain dict key -> the value and a sequence number packed
+    #   in a complex (a (value, seq) tuple when the value is not a float),
+    #   the time not kept. Seqs come from a per-detector counter: a new key
+    #   takes the next, and so does a key seen while recency is tracked (in
+    #   place: a hit moves nothing), so the least recently seen key has the
+    #   smallest seq. Eviction pops ``_oldest``, a list of the keys with the
+    #   smallest seqs made in one pass over the dict when it is empty (all
+    #   keys with a seq <= ``_oldest_upto``, most recent first), skipping
+    #   keys seen since (their seq is larger now): it stays exact, as every
+    #   key outside the list, or new since, has a larger seq. With a
+    #   heartbeat (three numbers per key) it is an OrderedDict key -> packed
+    #   (value, time) (``_pack``: a complex when both are floats; the value
+    #   alone when its time was not kept; else a tuple), kept in
+    #   least-recently-seen order. Turning the heartbeat on or off moves
+    #   between the two (keys whose time was not kept count as never
+    #   emitted).
     #
     # ``_src`` is the source of every key when keys are bare symbols (the
     # default accessors, one source), else None and keys are whole keys.
@@ -375,8 +438,13 @@ class ChangeDetector:
     def _clear(self) -> None:
         self._vals: dict[Hashable, Any] = {}
         self._timed = self.heartbeat is not None  # _vals holds (value, time) complexes
-        self._od: OrderedDict[Hashable, Any] | None = None
+        self._od: dict[Hashable, Any] | None = None  # ranked (a dict) or an OrderedDict
         self._src: Any = None
+        self._next_seq = 0.0  # (a float: exact to 2**53 records)
+        self._oldest: list[Hashable] = []
+        self._oldest_upto = -math.inf
+        self._deleted = 0  # evictions since the ranked dict was built
+        self._built_size = 0  # sys.getsizeof of the ranked dict when built
 
     @property
     def state(self) -> OrderedDict[Hashable, list[Any]]:
@@ -386,6 +454,11 @@ class ChangeDetector:
         src, od = self._src, self._od
         if od is None:
             return OrderedDict(((src, s), list(_unpack(c))) for s, c in self._vals.items())
+        if od.__class__ is dict:  # ranked
+            by_seq = sorted(od.items(), key=lambda kc: _seq_of(kc[1]))
+            return OrderedDict(
+                (k if src is None else (src, k), [_value_of(c), None]) for k, c in by_seq
+            )
         return OrderedDict(
             (k if src is None else (src, k), list(_unpack(c))) for k, c in od.items()
         )
@@ -408,38 +481,90 @@ class ChangeDetector:
             single = not timed or all(c.__class__ is complex for c in vals.values())
         if single:
             self._src, self._vals = next(iter(sources)), vals
+        elif self.heartbeat is None:  # (a key twice: its first place, its last value)
+            self._od = self._ranked({k: v for k, v, _ in reversed(entries)}.items())
         else:
-            self._od = OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries))
+            self._new_ordered(OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries)))
         while self._size() > self.max_keys:  # a restore reads no more than max_keys
             self._evict_oldest()
 
     def _default_accessors(self) -> bool:
         return self.key is _tick_key and self.value is _tick_value and self.time is _tick_time
 
-    def _to_ordered(self, *, whole_keys: bool) -> OrderedDict[Hashable, Any]:
-        """Move to the ordered form (keys become whole keys if ``whole_keys``)."""
-        od = self._od
+    def _ranked(self, pairs: Iterable[tuple[Hashable, Any]]) -> dict[Hashable, Any]:
+        """A new ranked form of (key, value) ``pairs``, least recently seen first."""
+        seq = self._next_seq
+        ranked: dict[Hashable, Any] = {}
+        for k, v in pairs:
+            ranked[k] = complex(v, seq) if v.__class__ is float else (v, seq)
+            seq += 1.0
+        self._next_seq = seq
+        return self._new_ordered(ranked)
+
+    def _new_ordered(self, od: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        """``od`` as the ordered form (a new dict: no eviction candidates yet)."""
+        self._od = od
+        self._oldest, self._deleted, self._built_size = [], 0, sys.getsizeof(od)
+        return od
+
+    def _to_ordered(self, *, whole_keys: bool) -> dict[Hashable, Any]:
+        """Move to the ordered form that fits the heartbeat (ranked without
+        one), keys becoming whole keys if ``whole_keys``."""
+        od, src = self._od, self._src
+        rekey = whole_keys and src is not None
+        ranked = self.heartbeat is None
         if od is None:
-            src = self._src
-            rekey = whole_keys and src is not None
-            od = self._od = OrderedDict(
-                ((src, s) if rekey else s, c) for s, c in self._vals.items()
-            )
+            items: Iterable[tuple[Hashable, Any]] = self._vals.items()
             self._vals = {}
-        elif whole_keys and self._src is not None:
-            src = self._src
-            od = self._od = OrderedDict(((src, k), c) for k, c in od.items())
+        elif (od.__class__ is dict) != ranked:  # the heartbeat was turned on or off
+            items = od.items() if ranked else sorted(od.items(), key=lambda kc: _seq_of(kc[1]))
+        elif rekey:  # same form, whole keys
+            if ranked:
+                od = self._new_ordered({(src, k): c for k, c in od.items()})
+            else:
+                od = self._new_ordered(OrderedDict(((src, k), c) for k, c in od.items()))
+            self._src = None
+            return od
         else:
             return od
+        pairs = (((src, k) if rekey else k, c) for k, c in items)
+        if ranked:
+            od = self._od = self._ranked((k, _value_of(c)) for k, c in pairs)
+        elif self._od is None:  # from the plain form: packed as the ordered one is
+            od = self._new_ordered(OrderedDict(pairs))
+        else:  # from the ranked form: no times were kept
+            od = self._new_ordered(OrderedDict((k, _value_of(c)) for k, c in pairs))
         if whole_keys:
             self._src = None
         return od
 
     def _evict_oldest(self) -> None:
-        if self._od is None:
+        od = self._od
+        if od is None:
             del self._vals[next(iter(self._vals))]
-        else:
-            self._od.popitem(last=False)
+        elif isinstance(od, OrderedDict):
+            od.popitem(last=False)
+        else:  # (only a _load past max_keys, which a restore never reads)
+            del od[min(od, key=lambda k: _seq_of(od[k]))]
+
+    def _refill_oldest(self, ranked: dict[Hashable, Any]) -> list[Hashable]:
+        """Make the eviction candidates again: the list of keys with the
+        smallest seqs (``_OLDEST_SHARE``; sets ``_oldest_upto``)."""
+        want = max(_OLDEST_AT_LEAST, len(ranked) // _OLDEST_SHARE)
+        self._oldest, self._oldest_upto = _oldest_keys(ranked, want)
+        return self._oldest
+
+    def _compact(self, od: dict[Hashable, Any], evicted: int) -> None:
+        """The ordered form ``od`` after ``evicted`` more evictions: copied
+        when deletions have inflated it (a dict that had deletions grows to
+        three times its keys when its entries run out; a copy holds them in
+        1.5x-3x)."""
+        self._deleted += evicted
+        if self._deleted * _REBUILD_AFTER < len(od) or sys.getsizeof(od) <= self._built_size:
+            return
+        oldest, upto = self._oldest, self._oldest_upto
+        self._new_ordered(od.__class__(od))  # (an OrderedDict keeps its order)
+        self._oldest, self._oldest_upto = oldest, upto  # (the same keys and seqs)
 
     # -- filtering -----------------------------------------------------------
 
@@ -511,6 +636,8 @@ class ChangeDetector:
         """``filter`` on the ordered form, from ``records[start]`` on: any
         record type, any number of sources, eviction."""
         od = self._to_ordered(whole_keys=False)
+        if not isinstance(od, OrderedDict):
+            return self._filter_ranked(od, records, start, default)
         key_of, value_of, time_of = self.key, self.value, self.time
         rel, abs_, hb = self.rel, self.abs, self.heartbeat
         exact = rel == 0 and abs_ == 0
@@ -531,7 +658,9 @@ class ChangeDetector:
                 elif r.source is src or r.source == src:
                     k = r.symbol
                 else:  # a second source: keys become whole keys
-                    od = self._to_ordered(whole_keys=True)
+                    whole = self._to_ordered(whole_keys=True)
+                    assert isinstance(whole, OrderedDict)
+                    od = whole
                     get, touch, src = od.get, od.move_to_end, None
                     k = (r.source, r.symbol)
             else:
@@ -563,6 +692,84 @@ class ChangeDetector:
                 t = r.ts if default else time_of(r)
                 od[k] = complex(v, t) if v.__class__ is float and t.__class__ is float else (v, t)
                 append(r)
+        if evicted:
+            self._compact(od, evicted)
+        return out, invalid, evicted
+
+    def _filter_ranked(
+        self, od: dict[Hashable, Any], records: list[Any], start: int, default: bool,
+    ) -> tuple[list[Any], int, int]:
+        """``_filter_ordered`` on the ranked form (no heartbeat: times are
+        not read)."""
+        key_of, value_of = self.key, self.value
+        rel, abs_ = self.rel, self.abs
+        exact = rel == 0 and abs_ == 0
+        track_from, max_keys = self._track_from, self.max_keys
+        src = self._src
+        inf = math.inf
+        out: list[Any] = []
+        append = out.append
+        invalid = evicted = 0
+        get = od.get
+        tracking = len(od) >= track_from  # (the state only grows: recomputed on inserts)
+        seq = complex(0.0, self._next_seq)  # (x + seq: complex(x, seq) for a float x, faster)
+        oldest, upto = self._oldest, self._oldest_upto
+        cx, flt = complex, float
+        k: Any
+        try:
+            for r in records if start == 0 else records[start:]:
+                if default:
+                    v = r.price
+                    if src is None:
+                        k = (r.source, r.symbol)
+                    elif r.source is src or r.source == src:
+                        k = r.symbol
+                    else:  # a second source: keys become whole keys
+                        od = self._to_ordered(whole_keys=True)
+                        get, src, oldest = od.get, None, self._oldest
+                        k = (r.source, r.symbol)
+                else:
+                    v = value_of(r)
+                    k = key_of(r)
+                if not 0 < v < inf:  # NaN fails too
+                    invalid += 1
+                    self._invalid(k if src is None else (src, k), v)
+                    continue
+                c = get(k)
+                if c is None:
+                    while len(od) >= max_keys:  # evict the least recently seen
+                        if not oldest:
+                            oldest, upto = self._refill_oldest(od), self._oldest_upto
+                        old = oldest.pop()
+                        c = get(old)
+                        if c is not None and (
+                            c.imag if c.__class__ is cx else c[1]) <= upto:  # else seen since
+                            del od[old]
+                            evicted += 1
+                    od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
+                    seq += 1j
+                    append(r)
+                    tracking = len(od) >= track_from
+                    continue
+                cls = c.__class__
+                lv = c.real if cls is cx else c[0]
+                d = v - lv if v >= lv else lv - v
+                if not (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_))):
+                    if tracking:  # seen: the next seq, in place
+                        od[k] = lv + seq if cls is cx else (lv, seq.imag)
+                        seq += 1j
+                    continue
+                append(r)
+                if tracking:
+                    od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
+                    seq += 1j
+                else:
+                    at = c.imag if cls is cx else c[1]
+                    od[k] = cx(v, at) if v.__class__ is flt else (v, at)
+        finally:
+            self._next_seq = seq.imag
+        if evicted:
+            self._compact(od, evicted)
         return out, invalid, evicted
 
     @property

@@ -266,14 +266,15 @@ def test_invalid_records_leave_state_untouched() -> None:
 
 
 def test_state_holds_last_emitted_value_and_time() -> None:
-    # (internals: the time is kept where a heartbeat needs it, or the state is ordered)
-    for kwargs in ({"heartbeat": 60.0}, {"max_keys": 10}):
+    # (internals: the time is kept where a heartbeat needs it, in either form)
+    for kwargs in ({"heartbeat": 60.0}, {"heartbeat": 60.0, "max_keys": 10}):
         det = ChangeDetector(rel=0.25, **kwargs)
         det.filter([T("A", 8.0, 0), T("A", 9.0, 1), T("A", 10.0, 2), T("A", 11.0, 3)])
         assert det.state[("x", "A")] == [10.0, 2]
-    det = ChangeDetector(rel=0.25)
-    det.filter([T("A", 8.0, 0), T("A", 9.0, 1), T("A", 10.0, 2), T("A", 11.0, 3)])
-    assert det.state[("x", "A")] == [10.0, None]
+    for kwargs in ({}, {"max_keys": 10}):
+        det = ChangeDetector(rel=0.25, **kwargs)
+        det.filter([T("A", 8.0, 0), T("A", 9.0, 1), T("A", 10.0, 2), T("A", 11.0, 3)])
+        assert det.state[("x", "A")] == [10.0, None]
 
 
 def test_state_never_exceeds_max_keys_within_a_batch() -> None:
@@ -577,7 +578,9 @@ def test_matches_lru_reference_model(
         assert len(det.state) <= max_keys
     assert out == [r for r in records if ref.emits(r)]
     assert list(det.state) == list(ref.state)
-    assert {k: tuple(v) for k, v in det.state.items()} == dict(ref.state)
+    # (times are kept only where a heartbeat reads them)
+    assert {k: tuple(v) for k, v in det.state.items()} == {
+        k: (v, t if hb is not None else None) for k, (v, t) in ref.state.items()}
 
     n_invalid = sum(1 for r in records if not valid(r.price))
     assert m.counts["invalid"] == n_invalid

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -298,3 +299,114 @@ def test_turning_the_heartbeat_on_later_counts_earlier_keys_as_never_emitted() -
         assert det.filter([Tick("s1", "A", price, 500.0), Tick("s1", "B", 2.5, 500.0)]) == []
         assert [(k, v) for k, (v, _) in det.state.items()] == [(("s1", "A"), price),
                                                                (("s1", "B"), 2.0)]
+
+
+# -- the ranked form's eviction ---------------------------------------------------
+#
+# Without a heartbeat the ordered form is a dict key -> (value, seq); eviction
+# pops a list of the keys with the smallest seqs, made in one pass when it is
+# empty, skipping keys seen since. With a list of one or two keys (in
+# production: a quarter of the state, at least 64) small streams exhaust it,
+# make it again, and touch its keys after it was made.
+
+
+@contextmanager
+def few_candidates() -> Iterator[None]:
+    saved = change_module._OLDEST_AT_LEAST
+    change_module._OLDEST_AT_LEAST = 1
+    try:
+        yield
+    finally:
+        change_module._OLDEST_AT_LEAST = saved
+
+
+ranked_streams = st.lists(
+    st.tuples(st.sampled_from("ABCDEFGHIJ"),
+              st.sampled_from([1.0, 1.0, 1.0, 2.0, 1, 2, NAN])), max_size=80)
+
+
+@settings(max_examples=400, deadline=None)
+@example(items=[(s, 1.0) for s in "ABCDEBF"], max_keys=4, cuts=[], round_trip=None,
+         custom=False)  # B is a candidate when E evicts A, seen, then passed over for C
+@given(
+    items=ranked_streams,
+    max_keys=st.integers(1, 9),
+    cuts=st.lists(st.integers(0, 100), max_size=6),
+    round_trip=st.none() | st.integers(0, 6),
+    custom=st.booleans(),
+)
+def test_ranked_eviction_agrees_with_the_model(
+    items: list[tuple[str, float]], max_keys: int, cuts: list[int], round_trip: int | None,
+    custom: bool,
+) -> None:
+    """Least recently seen first, across candidate lists made again and
+    again, candidates seen after their list was made, (value, seq) tuples
+    for int values, whole keys, and eviction past max_keys after a restore."""
+    records = [Tick("s1", s, p, 1_000.0 + i) for i, (s, p) in enumerate(items)]
+    accessors = {"key": custom_key, "value": custom_value, "time": custom_time} if custom else {}
+    with few_candidates(), tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "change.ckpt"
+
+        def detector() -> ChangeDetector:
+            return ChangeDetector(rel=0.1, max_keys=max_keys, checkpoint=path, **accessors)
+
+        det, model, metrics = detector(), Model(0.1, 0.0, None, max_keys, 0), CountingMetrics()
+        for i, batch in enumerate(split(records, cuts)):
+            if i == round_trip:
+                det.save()
+                det = detector()
+                det.restore()
+                model.restore()  # (recency as of the acked batches: emitted last, last)
+            out = det.filter(batch, metrics)
+            assert out == [r for r in batch if model.emits(r)], i
+            assert det._od is None or det._od.__class__ is dict  # ranked
+            if out:
+                emitted = Batch(out)
+                det._track(emitted)
+                emitted.ack("written")
+                model.ack(out, "written")
+            assert list(det.state) == list(model.state), i
+    assert +metrics.counts == +model.counts
+    assert [(k, v) for k, (v, _) in det.state.items()] == [
+        (k, v) for k, (v, _) in model.state.items()]
+
+
+def test_a_candidate_seen_after_its_list_was_made_is_not_evicted() -> None:
+    with few_candidates():
+        det = ChangeDetector(max_keys=4)  # (below 1024: recency tracked from the first key)
+        det.filter([Tick("s1", s, 1.0, 1.0) for s in "ABCD"])
+        det.filter([Tick("s1", "E", 1.0, 2.0)])  # evicts A; B stays a candidate
+        assert ("s1", "B") in det.state and det._oldest == ["B"]
+        det.filter([Tick("s1", "B", 1.0, 3.0), Tick("s1", "F", 1.0, 4.0)])
+        assert list(det.state) == [("s1", k) for k in "DEBF"]  # C went, not B
+
+
+def test_churn_keeps_the_ordered_form_compact() -> None:
+    """A dict that had deletions grows to three times its keys when its
+    entries run out; the ordered form copies itself back (checked per
+    batch), ranked or (with a heartbeat) an OrderedDict."""
+    for heartbeat in (None, 60.0):
+        det = ChangeDetector(max_keys=2000, heartbeat=heartbeat)
+        for start in range(0, 30_000, 100):
+            det.filter([Tick("s1", f"K{i}", 1.0, 1.0) for i in range(start, start + 100)])
+            od = det._od
+            if od is not None:
+                assert sys.getsizeof(od) <= sys.getsizeof(od.__class__(od)), (heartbeat, start)
+        assert len(det.state) == 2000 and next(iter(det.state)) == ("s1", "K28000")
+        assert isinstance(det._od, OrderedDict) == (heartbeat is not None)
+
+
+def test_a_heartbeat_turned_on_in_the_ranked_form_counts_its_keys_as_never_emitted() -> None:
+    """The ranked form keeps no times: turned on, the heartbeat is due at
+    once for its keys (as in the plain form); recency order is kept both
+    ways."""
+    det = ChangeDetector(rel=0.5, max_keys=10)
+    det.filter([Tick("s1", s, 1.0, 1.0) for s in "ABC"] + [Tick("s1", "A", 1.0, 1.5)])
+    assert list(det.state) == [("s1", k) for k in "BCA"] and det._od.__class__ is dict
+    det.heartbeat = 100.0
+    assert det.filter([Tick("s1", "B", 1.0, 2.0)]) == [Tick("s1", "B", 1.0, 2.0)]
+    assert det.filter([Tick("s1", "B", 1.0, 3.0)]) == []
+    assert isinstance(det._od, OrderedDict) and list(det.state) == [("s1", k) for k in "CAB"]
+    det.heartbeat = None
+    assert det.filter([Tick("s1", "C", 1.0, 4.0)]) == []
+    assert det._od.__class__ is dict and list(det.state) == [("s1", k) for k in "ABC"]

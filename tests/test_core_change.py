@@ -315,11 +315,15 @@ def test_a_value_or_time_that_is_not_a_float_is_kept_as_it_is():
     when = datetime(2026, 1, 1, 12, 0)
     det = generic(heartbeat=None)
     assert kept(det, [rec("a", 1.5, when), rec("b", Decimal("2.5"), 0.0)]) == [0, 1]
-    assert det.state["a"] == [1.5, when]
-    assert det.state["b"] == [Decimal("2.5"), 0.0]
+    assert det.state["a"] == [1.5, None]  # (no heartbeat: times are not kept)
+    assert det.state["b"] == [Decimal("2.5"), None]
     later = [rec("a", 1.5, when), rec("b", Decimal("2.5"), 1.0), rec("b", Decimal("2.6"), 2.0)]
     assert kept(det, later) == [2]
-    assert det.state["b"] == [Decimal("2.6"), 2.0]
+    assert det.state["b"] == [Decimal("2.6"), None]
+    timed = generic(heartbeat=100.0)
+    assert kept(timed, [rec("a", 1.5, 7), rec("b", Decimal("2.5"), 0.0)]) == [0, 1]
+    assert timed.state["a"] == [1.5, 7] and timed.state["a"][1].__class__ is int
+    assert timed.state["b"] == [Decimal("2.5"), 0.0]
 
 
 def test_a_checkpoint_of_values_that_are_not_floats_is_restored_whole(tmp_path):

@@ -179,9 +179,7 @@ def loop(records, src, vals, limit):
     out = []
     append = out.append
     bad = None
-    for r in records:
-        if r.source is not src and r.source != src:
-            return out, bad, r
+    for r in records:{check}
         v = r.price
         try:  # (cheaper than vals.get when the key is known, as most are)
             {load}
@@ -202,12 +200,19 @@ def loop(records, src, vals, limit):
 """
 
 
+_SOURCE_CHECK = """
+        if r.source is not src and r.source != src:
+            return out, bad, r"""
+
+
 @functools.lru_cache(maxsize=64)  # (a loop holds no state: detectors with the same thresholds share it)
-def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
+def _fast_loop(rel: float, abs_: float, hb: float | None, checked: bool = True) -> Callable[..., Any]:
     """The plain form's filter loop, written for these thresholds (times
     are stored only with a heartbeat: nothing else reads them; then the
     value and the time are packed in a complex, and a record whose value
     or time is not a float ends the loop: the ordered form takes it).
+    A record of another source than ``src`` ends it too, unless not
+    ``checked``: the batch says all its records come from ``src``.
 
     A record is unchanged when its value is within the thresholds of the
     last emitted one (the same arithmetic as ``_filter_ordered``) and no
@@ -237,7 +242,9 @@ def _fast_loop(rel: float, abs_: float, hb: float | None) -> Callable[..., Any]:
         if x.__class__ in (float, int) and math.isfinite(x):
             unchanged = re.sub(rf"\b{name}\b", repr(x), unchanged)
     namespace: dict[str, Any] = {"rel": rel, "abs_": abs_, "hb": hb, "inf": math.inf}
-    exec(_FAST_LOOP.format(unchanged=unchanged, load=load, store=store), namespace)
+    code = _FAST_LOOP.format(unchanged=unchanged, load=load, store=store,
+                             check=_SOURCE_CHECK if checked else "")
+    exec(code, namespace)
     return namespace["loop"]
 
 
@@ -310,7 +317,7 @@ class ChangeDetector:
         # keys: before that, nothing can be evicted soon and a hit costs
         # nothing (see the module docstring).
         self._track_from = _track_from(max_keys)
-        self._fast_cache: tuple[Any, Any] | None = None
+        self._fast_cache: tuple[Any, Any, Any] | None = None
         self._clear()
         # what the checkpoint holds: the state as of the batches acked so far
         self.acked: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
@@ -568,8 +575,14 @@ class ChangeDetector:
 
     # -- filtering -----------------------------------------------------------
 
-    def filter(self, records: list[Any], metrics: ComponentMetrics | None = None) -> list[Any]:
-        """The records of ``records`` that must be emitted; updates the state."""
+    def filter(self, records: list[Any], metrics: ComponentMetrics | None = None, *,
+               source: str | None = None) -> list[Any]:
+        """The records of ``records`` that must be emitted; updates the state.
+
+        ``source``: the source of every record, when the caller knows it
+        (a batch's ``source``); the records are then not checked one by one
+        (the first and the last are).
+        """
         if not records:
             return []
         default = self._default_accessors()
@@ -579,9 +592,10 @@ class ChangeDetector:
             if not self._vals:
                 self._src = records[0].source if default else None
             if default and len(self._vals) < self._track_from:
-                out, bad, stop = self._fast(
-                    records, self._src, self._vals, self._track_from - 1
-                )
+                src = self._src
+                trusted = (source is not None and source == src == records[0].source
+                           == records[-1].source)
+                out, bad, stop = self._fast(trusted)(records, src, self._vals, self._track_from - 1)
                 invalid, evicted = 0 if bad is None else len(bad), 0
                 if stop is not None:  # another source, or recency needed from here on
                     at = next(i for i, r in enumerate(records) if r is stop)
@@ -621,13 +635,17 @@ class ChangeDetector:
         else:
             self._to_ordered(whole_keys=False)
 
-    @property
-    def _fast(self) -> Callable[..., tuple[list[Any], list[Any] | None, Any]]:
-        loop = self._fast_cache
-        if loop is None or loop[0] != (self.rel, self.abs, self.heartbeat):
-            loop = self._fast_cache = ((self.rel, self.abs, self.heartbeat),
-                                       _fast_loop(self.rel, self.abs, self.heartbeat))
-        return loop[1]
+    def _fast(self, trusted: bool) -> Callable[..., tuple[list[Any], list[Any] | None, Any]]:
+        """The plain form's loop for the thresholds (``trusted``: one that
+        does not check each record's source)."""
+        loops = self._fast_cache
+        if loops is None or loops[0] != (self.rel, self.abs, self.heartbeat):
+            loops = self._fast_cache = (
+                (self.rel, self.abs, self.heartbeat),
+                _fast_loop(self.rel, self.abs, self.heartbeat),
+                _fast_loop(self.rel, self.abs, self.heartbeat, checked=False),
+            )
+        return loops[2] if trusted else loops[1]
 
     def _invalid(self, key: Hashable, value: Any) -> None:
         self._drops.drop("invalid", f"{key!r}: value {value!r} is not a positive number")
@@ -782,7 +800,7 @@ class ChangeDetector:
     def process(self, batch: Batch, metrics: ComponentMetrics | None = None) -> Batch:
         """The batch to send on for ``batch``: its records that must be
         emitted (``filter``), with its ack hooks (tracked for the checkpoint)."""
-        kept = self.filter(batch.records, metrics)
+        kept = self.filter(batch.records, metrics, source=batch.source)
         if self._feeds and kept:
             self._tell_feeds(kept)
         out = batch.replace(kept)

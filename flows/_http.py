@@ -528,7 +528,7 @@ class HttpSource:
         if on_done is not None:
             on_done.track(parsed, request.symbols)
         if ticks:
-            await outbox.send(Batch(ticks, acks=parsed.acks))
+            await outbox.send(Batch(ticks, acks=parsed.acks, source=self.name))
         else:
             for hook in parsed.acks:
                 hook("skipped")

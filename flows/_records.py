@@ -277,9 +277,13 @@ class Batch:
     ``created`` is the ``time.monotonic()`` at which the source made the
     batch; sinks use it for end-to-end latency. ``acks`` holds the hooks a
     source attached (acknowledgements); derived batches carry them on.
+    ``source``, when set, is the ``source`` of every record in the batch:
+    a source that builds its records with its own name says so (flows'
+    sources do), and change detection then keys them by symbol without
+    reading each record's source. Derived batches do not carry it.
     """
 
-    __slots__ = ("acks", "created", "records")
+    __slots__ = ("acks", "created", "records", "source")
 
     def __init__(
         self,
@@ -287,10 +291,12 @@ class Batch:
         *,
         created: float | None = None,
         acks: Sequence[AckHook] = (),
+        source: str | None = None,
     ) -> None:
         self.records = records
         self.created = time.monotonic() if created is None else created
         self.acks: tuple[AckHook, ...] = tuple(acks)
+        self.source = source
 
     def replace(self, records: list[Any]) -> Batch:
         """A batch holding ``records`` with this batch's time and ack hooks.

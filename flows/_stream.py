@@ -475,7 +475,7 @@ class WebSocketSource:
             if ticks:
                 shard.messages += n
                 for i in range(0, len(ticks), size):
-                    await outbox.send(Batch(ticks[i : i + size]))
+                    await outbox.send(Batch(ticks[i : i + size], source=self.name))
             if out.reconnect:
                 return "server_shutdown"
             if closed is not None:
@@ -558,7 +558,7 @@ class WebSocketSource:
                         if not asked or t.symbol in asked
                     ]
                     if ticks:
-                        await outbox.send(Batch(ticks))
+                        await outbox.send(Batch(ticks, source=self.name))
 
 
 def _close_reason(closed: ConnectionClosed) -> str:

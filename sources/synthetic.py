@@ -187,7 +187,7 @@ async def _emit(source: Any, make: Callable[[], list[Any]], outbox: Outbox) -> N
                 records = records[: source.limit - source.emitted]
         for i in range(0, len(records), source.batch_size):
             chunk = records[i : i + source.batch_size]
-            await outbox.send(Batch(chunk))
+            await outbox.send(Batch(chunk, source=source.name))
             source.emitted += len(chunk)
         metrics.observe_poll_cycle(time.perf_counter() - cycle_start)
         if source.interval:

@@ -410,3 +410,41 @@ def test_a_heartbeat_turned_on_in_the_ranked_form_counts_its_keys_as_never_emitt
     det.heartbeat = None
     assert det.filter([Tick("s1", "C", 1.0, 4.0)]) == []
     assert det._od.__class__ is dict and list(det.state) == [("s1", k) for k in "ABC"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    records=streams(),
+    rel=st.one_of(st.just(0.0), st.sampled_from([0.01, 0.25, 1.5])),
+    hb=st.none() | st.sampled_from([1.0, 10.0]),
+    max_keys=st.one_of(st.integers(1, 12), st.integers(13, 150)),
+    cuts=st.lists(st.integers(0, 100), max_size=8),
+    lie=st.booleans(),
+)
+def test_a_batch_tagged_with_its_source_filters_as_an_untagged_one(
+    records: list[Tick], rel: float, hb: float | None, max_keys: int, cuts: list[int], lie: bool,
+) -> None:
+    """``filter(source=)`` (a batch's ``source``) spares the per-record
+    source check and changes nothing; a tag that the first or the last
+    record contradicts is ignored."""
+    with small_track_threshold():
+        tagged = ChangeDetector(rel=rel, heartbeat=hb, max_keys=max_keys)
+        untagged = ChangeDetector(rel=rel, heartbeat=hb, max_keys=max_keys)
+        for batch in split(records, cuts):
+            ends = {batch[0].source, batch[-1].source}
+            single = {r.source for r in batch} == ends and len(ends) == 1
+            liar = "s2" if "s2" not in ends else "s1"  # a tag the ends contradict
+            tag = liar if lie else (batch[0].source if single else None)
+            assert tagged.filter(batch, source=tag) == untagged.filter(batch)
+        got, want = tagged.state, untagged.state
+        assert list(got) == list(want)
+        assert all(same(a, b) for k in got for a, b in zip(got[k], want[k], strict=True) if a is not None)
+
+
+def test_a_tagged_batch_is_trusted_between_its_ends() -> None:
+    """The tag is a promise the detector keeps to: it does not look at the
+    records between the first and the last (a source that tags its batches
+    must build every record with its name)."""
+    batch = [Tick("s1", "A", 1.0, 1.0), Tick("s2", "A", 1.0, 2.0), Tick("s1", "B", 1.0, 3.0)]
+    assert len(ChangeDetector().filter(batch)) == 3  # ("s2", "A") is a new key
+    assert len(ChangeDetector().filter(batch, source="s1")) == 2  # taken for ("s1", "A")

@@ -448,3 +448,6 @@ def test_a_tagged_batch_is_trusted_between_its_ends() -> None:
     batch = [Tick("s1", "A", 1.0, 1.0), Tick("s2", "A", 1.0, 2.0), Tick("s1", "B", 1.0, 3.0)]
     assert len(ChangeDetector().filter(batch)) == 3  # ("s2", "A") is a new key
     assert len(ChangeDetector().filter(batch, source="s1")) == 2  # taken for ("s1", "A")
+    two = [Tick("s1", "A", 1.0, 1.0), Tick("s2", "A", 1.0, 2.0)]
+    for tag in ("s1", "s2"):  # the last or the first record says otherwise: not trusted
+        assert len(ChangeDetector().filter(two, source=tag)) == 2

@@ -30,16 +30,20 @@ def cut(records: list[Any], size: int) -> list[list[Any]]:
 class PregenSource:
     """Source: sends pre-generated record lists, one Batch each, then ends
     (no per-batch metrics, unlike ``flows.testing.ListSource``: the
-    benchmarks measure what comes after the source)."""
+    benchmarks measure what comes after the source). ``tag``: the batches'
+    ``source`` (``Batch.source``), as flows' sources set it: every record
+    of the input must have that source."""
 
-    def __init__(self, batches: list[list[Any]], *, name: str = "pregen") -> None:
+    def __init__(self, batches: list[list[Any]], *, name: str = "pregen",
+                 tag: str | None = None) -> None:
         self.batches = batches
         self.name = name
+        self.tag = tag
 
     async def run(self, outbox: Outbox) -> None:
-        send = outbox.send
+        send, tag = outbox.send, self.tag
         for records in self.batches:
-            await send(Batch(records))
+            await send(Batch(records, source=tag))
 
 
 def start_emulator(options: list[str]) -> tuple[subprocess.Popen[str], str]:

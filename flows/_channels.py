@@ -581,6 +581,9 @@ class InlinePort:
         """The stage's own outbox (set by the runtime once it exists)."""
         self.closed: Callable[[], None] | None = None
         """Called once the last producer let go (the stage is done)."""
+        self.producer: ComponentMetrics | None = None
+        """The producer's metrics: the stage's time is left out of the
+        producer's processing time (as its blocked sends are)."""
         self._users = 0
         metrics.buffer = self.buffer
 
@@ -612,7 +615,10 @@ class InlinePort:
             batch.ack("failed")
             await self.crashed(exc)
             return 0.0
-        m.observe_processing(time.perf_counter() - t0)
+        spent = time.perf_counter() - t0
+        m.observe_processing(spent)
+        if self.producer is not None:
+            self.producer.wait_seconds += spent
         if out is None:
             return 0.0
         assert self.outbox is not None

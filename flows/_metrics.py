@@ -456,7 +456,7 @@ class ComponentMetrics:
         self.pending: Callable[[], int] | None = None  # conflation buffer
         self.freshness: Any = None  # a source's Freshness, set by the runtime
         self.busy_seconds = 0.0
-        self.wait_seconds = 0.0
+        self.wait_seconds = 0.0  # spent in sends, blocked or in an inlined stage: not processing
         self._util_ref = (time.monotonic(), 0.0)
         self._util_value = 0.0
 

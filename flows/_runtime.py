@@ -437,6 +437,8 @@ class Runtime:
 
         port = InlinePort(slot.actor, slot.metrics, self.flow.edge(slot.actor.name).capacity, crashed)
         port.closed = closed
+        producer = self.flow.inputs(slot.actor.name)[0].producer
+        port.producer = next(s.metrics for s in self.slots if s.actor.name == producer)
         return port
 
     @staticmethod

@@ -4,6 +4,7 @@ its own."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -257,3 +258,35 @@ async def test_a_producers_own_timeout_still_cuts_a_blocked_inlined_send_short(a
             assert source.outcomes == ["failed"] * 4
             rt.stop()  # the sink never takes anything: the drain is forced
     assert rt._forced and source.outcomes == ["failed"] * 5
+
+
+class Slow:
+    """An inlinable stage that takes 20 ms of the CPU's time per batch."""
+
+    name = "slow"
+    inline = True
+
+    def process(self, batch: Batch, metrics: Any) -> Batch:
+        time.sleep(0.02)  # (stands for work: the process runs in its producer's task)
+        return batch
+
+    async def run(self, inbox: Any, outbox: Any) -> None:
+        async for batch in inbox:
+            await outbox.send(self.process(batch, inbox.metrics))
+
+
+async def test_an_inlined_stages_time_is_its_own_not_its_producers():
+    """A stage producer's processing time leaves out the inlined stage it
+    feeds, as it leaves out its blocked sends."""
+
+    @stage
+    async def relay(batch: Batch) -> Batch:  # (async: kept in its own task)
+        return batch
+
+    flow = Flow("time", sources=[AckingSource(ticks(5, 2))], stages=[relay, Slow()],
+                sinks=[ListSink()])
+    result, registry = await run_briefly(flow)
+    assert result.clean
+    slow = sample(registry, "flows_batch_processing_seconds_sum", "time", "slow")
+    relayed = sample(registry, "flows_batch_processing_seconds_sum", "time", "relay")
+    assert slow >= 5 * 0.02 and relayed < 0.05

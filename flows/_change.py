@@ -18,12 +18,13 @@ quarters of ``max_keys``. Until then a record that finds its key costs no
 bookkeeping (this is the hot path), and keys keep the order in which they
 were first stored: when the state later fills up, keys not seen since it
 passed three quarters of ``max_keys`` are evicted oldest stored first,
-then by last sight. Without a heartbeat recency is a sequence number per
-key (a hit reorders nothing) and eviction pops a list of the keys with the
-smallest, made in one pass over the state every quarter of ``max_keys``
-evictions or so: it stays exact. Times are kept only with a heartbeat
-(nothing else reads them): a heartbeat turned on later is due at once for
-the keys stored before. ``bench/memory.py`` measures the bytes per key.
+then by last sight. Recency is a sequence number per key (a hit reorders
+nothing) and eviction pops a list of the keys with the smallest, made in
+one pass over the state every quarter of ``max_keys`` evictions or so: it
+stays exact. Times are kept only with a heartbeat (nothing else reads
+them; there in an array indexed by sequence number, renumbered when half
+of it is dead): a heartbeat turned on later is due at once for the keys
+stored before. ``bench/memory.py`` measures the bytes per key.
 
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
 atomically) every ``checkpoint_every`` seconds and when the stage stops,
@@ -437,12 +438,21 @@ class ChangeDetector:
     #   keys with a seq <= ``_oldest_upto``, most recent first), skipping
     #   keys seen since (their seq is larger now): it stays exact, as every
     #   key outside the list, or new since, has a larger seq. With a
-    #   heartbeat (three numbers per key) it is an OrderedDict key -> packed
-    #   (value, time) (``_pack``: a complex when both are floats; the value
-    #   alone when its time was not kept; else a tuple), kept in
-    #   least-recently-seen order. Turning the heartbeat on or off moves
-    #   between the two (keys whose time was not kept count as never
-    #   emitted).
+    #   heartbeat (three numbers per key) it is *timed ranked*: the same
+    #   dict plus ``_times``, an array('d') of emit times indexed by seq (a
+    #   new key or a tracked hit takes the next seq and appends its time, a
+    #   hit copying the time of its old seq; an emit before ``_track_from``
+    #   keeps its seq and writes its time in place; ``_filter_timed``).
+    #   Once the array holds more than twice the keys (plus 64) the seqs
+    #   are renumbered 0..len-1 in the same order and the dead times
+    #   dropped (``_renumber``; the eviction candidates go). A time that
+    #   is not a float (an int, a datetime from a custom ``time``) moves it
+    #   to an OrderedDict key -> packed (value, time) (``_pack``: a complex
+    #   when both are floats; the value alone when its time was not kept;
+    #   else a tuple), kept in least-recently-seen order, as is a ranked
+    #   form the heartbeat is turned on for (its keys' times were not kept:
+    #   they count as never emitted). Turning the heartbeat off drops the
+    #   times (timed ranked -> ranked) or moves the OrderedDict to ranked.
     #
     # ``_src`` is the source of every key when keys are bare symbols (the
     # default accessors, one source), else None and keys are whole keys.
@@ -848,7 +858,7 @@ class ChangeDetector:
         get = od.get
         tracking = len(od) >= track_from  # (the state only grows: recomputed on inserts)
         times = self._times
-        assert times is not None
+        assert times is not None and hb is not None  # (_to_ordered drops the times without one)
         put = times.append
         seq = complex(0.0, len(times))  # (the next seq is the next index in times)
         oldest, upto = self._oldest, self._oldest_upto

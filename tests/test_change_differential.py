@@ -479,7 +479,8 @@ def renumber_often() -> Iterator[None]:
 
 @settings(max_examples=500, deadline=None)
 @example(records=[Tick("s1", s, 1.0, float(i)) for i, s in enumerate("ABCABDAEBA")],
-         hb=3.0, max_keys=3, cuts=[2, 4, 6, 8], round_trip=None, custom=False, int_from=None)
+         hb=3.0, max_keys=3, cuts=[2, 4, 6, 8], round_trip=None, custom=False, int_from=None,
+         int_prices=False)
 @given(
     records=streams(),
     hb=st.sampled_from([1.0, 10.0, 25.0]),
@@ -488,14 +489,19 @@ def renumber_often() -> Iterator[None]:
     round_trip=st.none() | st.integers(0, 10),
     custom=st.booleans(),
     int_from=st.none() | st.integers(0, 60),
+    int_prices=st.booleans(),
 )
 def test_timed_ranked_form_agrees_with_the_model(
     records: list[Tick], hb: float, max_keys: int, cuts: list[int], round_trip: int | None,
-    custom: bool, int_from: int | None,
+    custom: bool, int_from: int | None, int_prices: bool,
 ) -> None:
     """Renumbering often, with a heartbeat, eviction from short candidate
-    lists, a second source, round trips, and (from ``int_from`` on) int
-    times that move the state to the OrderedDict form."""
+    lists, a second source, round trips, int values (symbol C: (value, seq)
+    tuples), and (from ``int_from`` on) int times that move the state to
+    the OrderedDict form."""
+    if int_prices:
+        records = [Tick(r.source, r.symbol, int(r.price), r.ts)
+                   if r.symbol == "C" and math.isfinite(r.price) else r for r in records]
     if int_from is not None:
         records = [Tick(r.source, r.symbol, r.price, int(r.ts) if i >= int_from and r.ts == r.ts
                         else r.ts) for i, r in enumerate(records)]

@@ -397,7 +397,7 @@ def test_churn_keeps_the_ordered_form_compact() -> None:
         # (was: an OrderedDict with a heartbeat, before the timed ranked form)
         assert det._od.__class__ is dict and (det._times is not None) == (heartbeat is not None)
         if det._times is not None:
-            assert len(det._times) <= 2 * 2000 + 64 + 100
+            assert len(det._times) <= 4 * 2000 + 64 + 100
 
 
 def test_a_heartbeat_turned_on_in_the_ranked_form_counts_its_keys_as_never_emitted() -> None:
@@ -461,7 +461,7 @@ def test_a_tagged_batch_is_trusted_between_its_ends() -> None:
 #
 # With a heartbeat the ordered form is the ranked dict key -> (value, seq) plus
 # an array of emit times indexed by seq; it renumbers its seqs (and drops the
-# dead times) once the array holds more than 2 * len + 64. With a threshold
+# dead times) once the array holds more than 4 * len + 64. With a threshold
 # of len + 0 small streams renumber after almost every batch, between
 # candidate lists, evictions and round trips; a time that is not a float
 # moves the state to the OrderedDict form.
@@ -541,12 +541,12 @@ def test_timed_ranked_form_agrees_with_the_model(
 
 def test_the_timed_ranked_form_renumbers_and_keeps_recency() -> None:
     """Hits past track_from take new seqs and copy their time; the array is
-    renumbered once it holds more than twice the keys (plus 64): the seqs
+    renumbered once it holds more than four times the keys (plus 64): the seqs
     become 0..len-1 in recency order, each key's time kept."""
     det = ChangeDetector(rel=0.5, heartbeat=100.0, max_keys=4)
     det.filter([Tick("s1", s, 1.0, float(i)) for i, s in enumerate("ABCD")])
     assert det._od.__class__ is dict and list(det._times) == [0.0, 1.0, 2.0, 3.0]
-    hits = [Tick("s1", s, 1.0, 50.0) for s in "BA" * 40]  # 80 hits: 84 times > 2 * 4 + 64
+    hits = [Tick("s1", s, 1.0, 50.0) for s in "BA" * 40]  # 80 hits: 84 times > 4 * 4 + 64
     assert det.filter(hits) == []
     assert sorted(c.imag for c in det._od.values()) == [0.0, 1.0, 2.0, 3.0]
     assert list(det._times) == [2.0, 3.0, 1.0, 0.0] and det._oldest == []

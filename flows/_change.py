@@ -22,9 +22,9 @@ then by last sight. Recency is a sequence number per key (a hit reorders
 nothing) and eviction pops a list of the keys with the smallest, made in
 one pass over the state every quarter of ``max_keys`` evictions or so: it
 stays exact. Times are kept only with a heartbeat (nothing else reads
-them; there in an array indexed by sequence number, renumbered when
-three quarters of it are dead): a heartbeat turned on later is due at once for the keys
-stored before. ``bench/memory.py`` measures the bytes per key.
+them; then in an array indexed by sequence number, renumbered when three
+quarters of it are dead): a heartbeat turned on later is due at once for
+the keys stored before. ``bench/memory.py`` measures the bytes per key.
 
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
 atomically) every ``checkpoint_every`` seconds and when the stage stops,

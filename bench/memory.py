@@ -24,8 +24,9 @@ Rows:
 - ``ordered form``: ``ChangeDetector(max_keys=N)``: full, so it has moved to
   the ordered form; without a heartbeat it is *ranked* (a dict symbol ->
   value and a sequence number packed in a complex; no times);
-- ``ordered, heartbeat``: the same with ``heartbeat=60``: an
-  ``OrderedDict`` of symbol -> value and time packed in a complex.
+- ``ordered, heartbeat``: the same with ``heartbeat=60``: *timed ranked*,
+  the ranked dict plus an ``array('d')`` of emit times indexed by sequence
+  number (renumbered when more than three quarters of it are dead).
 
 Target (issue 15): at most 150 bytes per tracked key, reported as PASS/FAIL
 for both figures of each detector row (the exit status is 0 either way).
@@ -48,8 +49,8 @@ Then the memory held after the ``churn`` workload ran 4C records past the
 fill (tracemalloc, with key, as above: ``after``), and the most held at
 any time during it (``peak``: the rebuilds and the candidate lists
 included). A dict that had deletions grows to three times its keys when
-its entries run out; the detector's ordered form (ranked, or the
-``OrderedDict`` with a heartbeat: the third line) copies itself back when
+its entries run out; the detector's ordered form (ranked, or timed ranked
+with a heartbeat: the third line) copies itself back when
 ``sys.getsizeof`` says it grew; the baseline does not.
 
 Run from the repository root (about two and a half minutes with the defaults)::

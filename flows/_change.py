@@ -18,11 +18,12 @@ quarters of ``max_keys``. Until then a record that finds its key costs no
 bookkeeping (this is the hot path), and keys keep the order in which they
 were first stored: when the state later fills up, keys not seen since it
 passed three quarters of ``max_keys`` are evicted oldest stored first,
-then by last sight. Without a heartbeat recency is a sequence number per
-key (a hit reorders nothing) and eviction pops a list of the keys with the
-smallest, made in one pass over the state every quarter of ``max_keys``
-evictions or so: it stays exact. Times are kept only with a heartbeat
-(nothing else reads them): a heartbeat turned on later is due at once for
+then by last sight. Recency is a sequence number per key (a hit reorders
+nothing) and eviction pops a list of the keys with the smallest, made in
+one pass over the state every quarter of ``max_keys`` evictions or so: it
+stays exact. Times are kept only with a heartbeat (nothing else reads
+them; then in an array indexed by sequence number, renumbered when three
+quarters of it are dead): a heartbeat turned on later is due at once for
 the keys stored before. ``bench/memory.py`` measures the bytes per key.
 
 With ``checkpoint`` set, the state is saved to that file (msgpack, written
@@ -52,6 +53,7 @@ import math
 import re
 import struct
 import sys
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable
 from itertools import islice
@@ -146,6 +148,7 @@ def _seq_of(ranked: Any) -> float:
 
 
 _IMAG = attrgetter("imag")
+_REAL = attrgetter("real")
 _SAMPLE = 4096
 """About this many sequence numbers are sorted to pick the eviction candidates."""
 _OLDEST_SHARE = 4
@@ -155,6 +158,12 @@ _OLDEST_AT_LEAST: one pass over the state per that many evictions."""
 _REBUILD_AFTER = 8
 """The ranked form's dict is rebuilt when inflated, at most once per
 len/_REBUILD_AFTER evictions."""
+_RENUMBER_FACTOR = 4
+_RENUMBER_SLACK = 64
+"""The timed ranked form renumbers its seqs (and drops the dead times) when
+its times array holds more than _RENUMBER_FACTOR * len + _RENUMBER_SLACK
+(each renumbering costs about 0.5 us per key: at 4 it adds ~0.2 us per
+tracked hit, and the array's dead times cost at most 24 bytes per key)."""
 
 
 def _oldest_keys(ranked: dict[Hashable, Any], want: int) -> tuple[list[Hashable], float]:
@@ -432,12 +441,21 @@ class ChangeDetector:
     #   keys with a seq <= ``_oldest_upto``, most recent first), skipping
     #   keys seen since (their seq is larger now): it stays exact, as every
     #   key outside the list, or new since, has a larger seq. With a
-    #   heartbeat (three numbers per key) it is an OrderedDict key -> packed
-    #   (value, time) (``_pack``: a complex when both are floats; the value
-    #   alone when its time was not kept; else a tuple), kept in
-    #   least-recently-seen order. Turning the heartbeat on or off moves
-    #   between the two (keys whose time was not kept count as never
-    #   emitted).
+    #   heartbeat (three numbers per key) it is *timed ranked*: the same
+    #   dict plus ``_times``, an array('d') of emit times indexed by seq (a
+    #   new key or a tracked hit takes the next seq and appends its time, a
+    #   hit copying the time of its old seq; an emit before ``_track_from``
+    #   keeps its seq and writes its time in place; ``_filter_timed``).
+    #   Once the array holds more than four times the keys (plus 64) the seqs
+    #   are renumbered 0..len-1 in the same order and the dead times
+    #   dropped (``_renumber``; the eviction candidates go). A time that
+    #   is not a float (an int, a datetime from a custom ``time``) moves it
+    #   to an OrderedDict key -> packed (value, time) (``_pack``: a complex
+    #   when both are floats; the value alone when its time was not kept;
+    #   else a tuple), kept in least-recently-seen order, as is a ranked
+    #   form the heartbeat is turned on for (its keys' times were not kept:
+    #   they count as never emitted). Turning the heartbeat off drops the
+    #   times (timed ranked -> ranked) or moves the OrderedDict to ranked.
     #
     # ``_src`` is the source of every key when keys are bare symbols (the
     # default accessors, one source), else None and keys are whole keys.
@@ -446,6 +464,7 @@ class ChangeDetector:
         self._vals: dict[Hashable, Any] = {}
         self._timed = self.heartbeat is not None  # _vals holds (value, time) complexes
         self._od: dict[Hashable, Any] | None = None  # ranked (a dict) or an OrderedDict
+        self._times: array[float] | None = None  # the timed ranked form's times, by seq
         self._src: Any = None
         self._next_seq = 0.0  # (a float: exact to 2**53 records)
         self._oldest: list[Hashable] = []
@@ -463,8 +482,11 @@ class ChangeDetector:
             return OrderedDict(((src, s), list(_unpack(c))) for s, c in self._vals.items())
         if od.__class__ is dict:  # ranked
             by_seq = sorted(od.items(), key=lambda kc: _seq_of(kc[1]))
+            times = self._times
             return OrderedDict(
-                (k if src is None else (src, k), [_value_of(c), None]) for k, c in by_seq
+                (k if src is None else (src, k),
+                 [_value_of(c), None if times is None else times[int(_seq_of(c))]])
+                for k, c in by_seq
             )
         return OrderedDict(
             (k if src is None else (src, k), list(_unpack(c))) for k, c in od.items()
@@ -490,6 +512,9 @@ class ChangeDetector:
             self._src, self._vals = next(iter(sources)), vals
         elif self.heartbeat is None:  # (a key twice: its first place, its last value)
             self._od = self._ranked({k: v for k, v, _ in reversed(entries)}.items())
+        elif all(t.__class__ is float for _, _, t in entries):
+            latest = {k: (v, t) for k, v, t in reversed(entries)}
+            self._ranked_timed((k, v, t) for k, (v, t) in latest.items())
         else:
             self._new_ordered(OrderedDict((k, _pack(v, t)) for k, v, t in reversed(entries)))
         while self._size() > self.max_keys:  # a restore reads no more than max_keys
@@ -508,9 +533,25 @@ class ChangeDetector:
         self._next_seq = seq
         return self._new_ordered(ranked)
 
-    def _new_ordered(self, od: dict[Hashable, Any]) -> dict[Hashable, Any]:
-        """``od`` as the ordered form (a new dict: no eviction candidates yet)."""
-        self._od = od
+    def _ranked_timed(self, entries: Iterable[tuple[Hashable, Any, float]]) -> dict[Hashable, Any]:
+        """A new timed ranked form of (key, value, float time) ``entries``,
+        least recently seen first (seqs from 0: the times array's indexes)."""
+        ranked: dict[Hashable, Any] = {}
+        times = array("d")
+        put = times.append
+        seq = 0.0
+        for k, v, t in entries:
+            ranked[k] = complex(v, seq) if v.__class__ is float else (v, seq)
+            put(t)
+            seq += 1.0
+        self._next_seq = seq
+        return self._new_ordered(ranked, times)
+
+    def _new_ordered(self, od: dict[Hashable, Any], times: array[float] | None = None,
+                     ) -> dict[Hashable, Any]:
+        """``od`` as the ordered form (a new dict: no eviction candidates
+        yet), with ``times`` when it is the timed ranked form."""
+        self._od, self._times = od, times
         self._oldest, self._deleted, self._built_size = [], 0, sys.getsizeof(od)
         return od
 
@@ -520,14 +561,23 @@ class ChangeDetector:
         od, src = self._od, self._src
         rekey = whole_keys and src is not None
         ranked = self.heartbeat is None
+        if ranked and self._times is not None:  # the heartbeat was turned off: times unread
+            self._times = None
         if od is None:
             items: Iterable[tuple[Hashable, Any]] = self._vals.items()
+            if not ranked and all(c.__class__ is complex for c in self._vals.values()):
+                self._vals = {}
+                od = self._ranked_timed((((src, k) if rekey else k, c.real, c.imag)
+                                         for k, c in items))
+                if whole_keys:
+                    self._src = None
+                return od
             self._vals = {}
-        elif (od.__class__ is dict) != ranked:  # the heartbeat was turned on or off
+        elif (od.__class__ is dict and self._times is None) != ranked:  # heartbeat on or off
             items = od.items() if ranked else sorted(od.items(), key=lambda kc: _seq_of(kc[1]))
         elif rekey:  # same form, whole keys
-            if ranked:
-                od = self._new_ordered({(src, k): c for k, c in od.items()})
+            if od.__class__ is dict:
+                od = self._new_ordered({(src, k): c for k, c in od.items()}, self._times)
             else:
                 od = self._new_ordered(OrderedDict(((src, k), c) for k, c in od.items()))
             self._src = None
@@ -570,7 +620,7 @@ class ChangeDetector:
         if self._deleted * _REBUILD_AFTER < len(od) or sys.getsizeof(od) <= self._built_size:
             return
         oldest, upto = self._oldest, self._oldest_upto
-        self._new_ordered(od.__class__(od))  # (an OrderedDict keeps its order)
+        self._new_ordered(od.__class__(od), self._times)  # (an OrderedDict keeps its order)
         self._oldest, self._oldest_upto = oldest, upto  # (the same keys and seqs)
 
     # -- filtering -----------------------------------------------------------
@@ -655,6 +705,8 @@ class ChangeDetector:
         record type, any number of sources, eviction."""
         od = self._to_ordered(whole_keys=False)
         if not isinstance(od, OrderedDict):
+            if self._times is not None:
+                return self._filter_timed(od, records, start, default)
             return self._filter_ranked(od, records, start, default)
         key_of, value_of, time_of = self.key, self.value, self.time
         rel, abs_, hb = self.rel, self.abs, self.heartbeat
@@ -789,6 +841,130 @@ class ChangeDetector:
         if evicted:
             self._compact(od, evicted)
         return out, invalid, evicted
+
+    def _filter_timed(
+        self, od: dict[Hashable, Any], records: list[Any], start: int, default: bool,
+    ) -> tuple[list[Any], int, int]:
+        """``_filter_ranked`` with a heartbeat: the timed ranked form (the
+        emit times in ``_times``, indexed by seq). A record whose time is not
+        a float moves the state to the ``OrderedDict`` form, which takes it
+        and the rest of the batch."""
+        key_of, value_of, time_of = self.key, self.value, self.time
+        rel, abs_, hb = self.rel, self.abs, self.heartbeat
+        exact = rel == 0 and abs_ == 0
+        track_from, max_keys = self._track_from, self.max_keys
+        src = self._src
+        inf = math.inf
+        out: list[Any] = []
+        append = out.append
+        invalid = evicted = 0
+        get = od.get
+        tracking = len(od) >= track_from  # (the state only grows: recomputed on inserts)
+        times = self._times
+        assert times is not None and hb is not None  # (_to_ordered drops the times without one)
+        put = times.append
+        seq = complex(0.0, len(times))  # (the next seq is the next index in times)
+        oldest, upto = self._oldest, self._oldest_upto
+        cx, flt = complex, float
+        stop = None
+        k: Any
+        try:
+            for i, r in enumerate(records if start == 0 else records[start:], start):
+                if default:
+                    v = r.price
+                    if src is None:
+                        k = (r.source, r.symbol)
+                    elif r.source is src or r.source == src:
+                        k = r.symbol
+                    else:  # a second source: keys become whole keys (times kept)
+                        od = self._to_ordered(whole_keys=True)
+                        get, src, oldest = od.get, None, self._oldest
+                        k = (r.source, r.symbol)
+                else:
+                    v = value_of(r)
+                    k = key_of(r)
+                if not 0 < v < inf:  # NaN fails too
+                    invalid += 1
+                    self._invalid(k if src is None else (src, k), v)
+                    continue
+                t = r.ts if default else time_of(r)
+                if t.__class__ is not flt:
+                    stop = i
+                    break
+                c = get(k)
+                if c is None:
+                    while len(od) >= max_keys:  # evict the least recently seen
+                        if not oldest:
+                            oldest, upto = self._refill_oldest(od), self._oldest_upto
+                        old = oldest.pop()
+                        c = get(old)
+                        if c is not None and (
+                            c.imag if c.__class__ is cx else c[1]) <= upto:  # else seen since
+                            del od[old]
+                            evicted += 1
+                    od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
+                    put(t)
+                    seq += 1j
+                    append(r)
+                    tracking = len(od) >= track_from
+                    continue
+                if c.__class__ is cx:
+                    lv, at = c.real, c.imag
+                else:
+                    lv, at = c
+                d = v - lv if v >= lv else lv - v
+                if not (d != 0 if exact else ((rel and d >= rel * lv) or (abs_ and d >= abs_))) \
+                        and not (t - times[int(at)] >= hb):
+                    if tracking:  # seen: the next seq, its time copied
+                        od[k] = lv + seq if c.__class__ is cx else (lv, seq.imag)
+                        put(times[int(at)])
+                        seq += 1j
+                    continue
+                append(r)
+                if tracking:
+                    od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
+                    put(t)
+                    seq += 1j
+                else:  # (its seq kept: its time replaced in place)
+                    od[k] = cx(v, at) if v.__class__ is flt else (v, at)
+                    times[int(at)] = t
+        finally:
+            self._next_seq = seq.imag
+        if stop is not None:  # a time that is not a float
+            self._untime(od, times)
+            more, invalid2, evicted2 = self._filter_ordered(records, stop, default)
+            return out + more, invalid + invalid2, evicted + evicted2
+        if len(times) > _RENUMBER_FACTOR * len(od) + _RENUMBER_SLACK:
+            self._renumber(od, times)
+        if evicted:
+            self._compact(od, evicted)
+        return out, invalid, evicted
+
+    def _renumber(self, od: dict[Hashable, Any], times: array[float]) -> None:
+        """Number the timed ranked form's seqs 0..len-1 again (in the same
+        order) and drop the times of seqs no key holds; the eviction
+        candidates go (their seqs changed)."""
+        try:  # (C-level maps: a loop per key in Python would double a hit's cost)
+            order = sorted(map(_IMAG, od.values()))
+            rank = dict(zip(order, map(float, range(len(order)))))
+            values: list[Any] = list(map(complex, map(_REAL, od.values()),
+                                         map(rank.__getitem__, map(_IMAG, od.values()))))
+        except AttributeError:  # not all complexes: some (value, seq) tuples
+            order = sorted(map(_seq_of, od.values()))
+            rank = dict(zip(order, map(float, range(len(order)))))
+            values = [complex(c.real, rank[c.imag]) if c.__class__ is complex else (c[0], rank[c[1]])
+                      for c in od.values()]
+        od.update(zip(list(od), values))  # (the same keys: the dict keeps its size)
+        self._times = array("d", map(times.__getitem__, map(int, order)))
+        self._next_seq = float(len(order))
+        self._oldest, self._oldest_upto = [], -math.inf
+
+    def _untime(self, od: dict[Hashable, Any], times: array[float]) -> None:
+        """The timed ranked form as the ``OrderedDict`` form (a time that is
+        not a float came)."""
+        by_seq = sorted(od.items(), key=lambda kc: _seq_of(kc[1]))
+        self._new_ordered(OrderedDict(
+            (k, _pack(_value_of(c), times[int(_seq_of(c))])) for k, c in by_seq))
 
     @property
     def inline(self) -> bool:

@@ -384,7 +384,8 @@ def test_a_candidate_seen_after_its_list_was_made_is_not_evicted() -> None:
 def test_churn_keeps_the_ordered_form_compact() -> None:
     """A dict that had deletions grows to three times its keys when its
     entries run out; the ordered form copies itself back (checked per
-    batch), ranked or (with a heartbeat) an OrderedDict."""
+    batch), ranked, with or without a heartbeat (then its times array
+    drops the dead times too)."""
     for heartbeat in (None, 60.0):
         det = ChangeDetector(max_keys=2000, heartbeat=heartbeat)
         for start in range(0, 30_000, 100):
@@ -393,7 +394,10 @@ def test_churn_keeps_the_ordered_form_compact() -> None:
             if od is not None:
                 assert sys.getsizeof(od) <= sys.getsizeof(od.__class__(od)), (heartbeat, start)
         assert len(det.state) == 2000 and next(iter(det.state)) == ("s1", "K28000")
-        assert isinstance(det._od, OrderedDict) == (heartbeat is not None)
+        # (was: an OrderedDict with a heartbeat, before the timed ranked form)
+        assert det._od.__class__ is dict and (det._times is not None) == (heartbeat is not None)
+        if det._times is not None:
+            assert len(det._times) <= 4 * 2000 + 64 + 100
 
 
 def test_a_heartbeat_turned_on_in_the_ranked_form_counts_its_keys_as_never_emitted() -> None:
@@ -451,3 +455,118 @@ def test_a_tagged_batch_is_trusted_between_its_ends() -> None:
     two = [Tick("s1", "A", 1.0, 1.0), Tick("s2", "A", 1.0, 2.0)]
     for tag in ("s1", "s2"):  # the last or the first record says otherwise: not trusted
         assert len(ChangeDetector().filter(two, source=tag)) == 2
+
+
+# -- the timed ranked form ----------------------------------------------------------
+#
+# With a heartbeat the ordered form is the ranked dict key -> (value, seq) plus
+# an array of emit times indexed by seq; it renumbers its seqs (and drops the
+# dead times) once the array holds more than 4 * len + 64. With a threshold
+# of len + 0 small streams renumber after almost every batch, between
+# candidate lists, evictions and round trips; a time that is not a float
+# moves the state to the OrderedDict form.
+
+
+@contextmanager
+def renumber_often() -> Iterator[None]:
+    saved = change_module._RENUMBER_FACTOR, change_module._RENUMBER_SLACK
+    change_module._RENUMBER_FACTOR, change_module._RENUMBER_SLACK = 1, 0
+    try:
+        yield
+    finally:
+        change_module._RENUMBER_FACTOR, change_module._RENUMBER_SLACK = saved
+
+
+@settings(max_examples=500, deadline=None)
+@example(records=[Tick("s1", s, 1.0, float(i)) for i, s in enumerate("ABCABDAEBA")],
+         hb=3.0, max_keys=3, cuts=[2, 4, 6, 8], round_trip=None, custom=False, int_from=None,
+         int_prices=False)
+@given(
+    records=streams(),
+    hb=st.sampled_from([1.0, 10.0, 25.0]),
+    max_keys=st.integers(1, 9),
+    cuts=st.lists(st.integers(0, 100), max_size=10),
+    round_trip=st.none() | st.integers(0, 10),
+    custom=st.booleans(),
+    int_from=st.none() | st.integers(0, 60),
+    int_prices=st.booleans(),
+)
+def test_timed_ranked_form_agrees_with_the_model(
+    records: list[Tick], hb: float, max_keys: int, cuts: list[int], round_trip: int | None,
+    custom: bool, int_from: int | None, int_prices: bool,
+) -> None:
+    """Renumbering often, with a heartbeat, eviction from short candidate
+    lists, a second source, round trips, int values (symbol C: (value, seq)
+    tuples), and (from ``int_from`` on) int times that move the state to
+    the OrderedDict form."""
+    if int_prices:
+        records = [Tick(r.source, r.symbol, int(r.price), r.ts)
+                   if r.symbol == "C" and math.isfinite(r.price) else r for r in records]
+    if int_from is not None:
+        records = [Tick(r.source, r.symbol, r.price, int(r.ts) if i >= int_from and r.ts == r.ts
+                        else r.ts) for i, r in enumerate(records)]
+    accessors = {"key": custom_key, "value": custom_value, "time": custom_time} if custom else {}
+    track_from = max_keys - max_keys // 4 if max_keys >= 4 else 0
+    with (small_track_threshold(), few_candidates(), renumber_often(),
+          tempfile.TemporaryDirectory() as tmp):
+        path = Path(tmp) / "change.ckpt"
+
+        def detector() -> ChangeDetector:
+            return ChangeDetector(rel=0.1, heartbeat=hb, max_keys=max_keys, checkpoint=path,
+                                  **accessors)
+
+        det, model = detector(), Model(0.1, 0.0, hb, max_keys, track_from)
+        metrics = CountingMetrics()
+        for i, batch in enumerate(split(records, cuts)):
+            if i == round_trip:
+                det.save()
+                det = detector()
+                det.restore()
+                model.restore()
+            out = det.filter(batch, metrics)
+            assert out == [r for r in batch if model.emits(r)], i
+            if det._times is not None:
+                assert len(det._times) <= len(det._od) or not batch, i  # renumbered
+            if out:
+                emitted = Batch(out)
+                det._track(emitted)
+                emitted.ack("written")
+                model.ack(out, "written")
+            state = det.state
+            assert list(state) == list(model.state), i
+            assert all(v == model.state[k][0] and same(t, model.state[k][1])
+                       for k, (v, t) in state.items()), i
+    assert +metrics.counts == +model.counts
+
+
+def test_the_timed_ranked_form_renumbers_and_keeps_recency() -> None:
+    """Hits past track_from take new seqs and copy their time; the array is
+    renumbered once it holds more than four times the keys (plus 64): the seqs
+    become 0..len-1 in recency order, each key's time kept."""
+    det = ChangeDetector(rel=0.5, heartbeat=100.0, max_keys=4)
+    det.filter([Tick("s1", s, 1.0, float(i)) for i, s in enumerate("ABCD")])
+    assert det._od.__class__ is dict and list(det._times) == [0.0, 1.0, 2.0, 3.0]
+    hits = [Tick("s1", s, 1.0, 50.0) for s in "BA" * 40]  # 80 hits: 84 times > 4 * 4 + 64
+    assert det.filter(hits) == []
+    assert sorted(c.imag for c in det._od.values()) == [0.0, 1.0, 2.0, 3.0]
+    assert list(det._times) == [2.0, 3.0, 1.0, 0.0] and det._oldest == []
+    assert [(k[1], t) for k, (_, t) in det.state.items()] == [
+        ("C", 2.0), ("D", 3.0), ("B", 1.0), ("A", 0.0)]
+    assert det.filter([Tick("s1", "E", 1.0, 60.0), Tick("s1", "C", 1.0, 102.0)]) == [
+        Tick("s1", "E", 1.0, 60.0), Tick("s1", "C", 1.0, 102.0)]  # C evicted, new again
+    assert list(det.state) == [("s1", k) for k in "BAEC"]
+
+
+def test_a_heartbeat_turned_off_and_on_in_the_timed_ranked_form() -> None:
+    """Off, the times are dropped (the ranked form); on again, the keys
+    count as never emitted (the OrderedDict form, as from the ranked one)."""
+    det = ChangeDetector(rel=0.5, heartbeat=100.0, max_keys=10)
+    det.filter([Tick("s1", s, 1.0, 1.0) for s in "ABC"])
+    assert det._times is not None
+    det.heartbeat = None
+    assert det.filter([Tick("s1", "A", 1.0, 500.0)]) == []
+    assert det._od.__class__ is dict and det._times is None
+    det.heartbeat = 100.0
+    assert det.filter([Tick("s1", "B", 1.0, 501.0)]) == [Tick("s1", "B", 1.0, 501.0)]
+    assert det.filter([Tick("s1", "B", 1.0, 502.0)]) == []
+    assert list(det.state) == [("s1", k) for k in "CAB"]

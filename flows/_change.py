@@ -604,6 +604,22 @@ class ChangeDetector:
         else:  # (only a _load past max_keys, which a restore never reads)
             del od[min(od, key=lambda k: _seq_of(od[k]))]
 
+    def _make_room(self, ranked: dict[Hashable, Any], oldest: list[Hashable], upto: float,
+                   ) -> tuple[int, list[Hashable], float]:
+        """Evict the least recently seen keys of ``ranked`` until a new key
+        fits: (keys evicted, the candidate list and its bound, refilled
+        when it ran out)."""
+        evicted, get = 0, ranked.get
+        while len(ranked) >= self.max_keys:
+            if not oldest:
+                oldest, upto = self._refill_oldest(ranked), self._oldest_upto
+            old = oldest.pop()
+            c = get(old)
+            if c is not None and _seq_of(c) <= upto:  # else seen since
+                del ranked[old]
+                evicted += 1
+        return evicted, oldest, upto
+
     def _refill_oldest(self, ranked: dict[Hashable, Any]) -> list[Hashable]:
         """Make the eviction candidates again: the list of keys with the
         smallest seqs (``_OLDEST_SHARE``; sets ``_oldest_upto``)."""
@@ -807,15 +823,9 @@ class ChangeDetector:
                     continue
                 c = get(k)
                 if c is None:
-                    while len(od) >= max_keys:  # evict the least recently seen
-                        if not oldest:
-                            oldest, upto = self._refill_oldest(od), self._oldest_upto
-                        old = oldest.pop()
-                        c = get(old)
-                        if c is not None and (
-                            c.imag if c.__class__ is cx else c[1]) <= upto:  # else seen since
-                            del od[old]
-                            evicted += 1
+                    if len(od) >= max_keys:  # evict the least recently seen
+                        n, oldest, upto = self._make_room(od, oldest, upto)
+                        evicted += n
                     od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
                     seq += 1j
                     append(r)
@@ -893,15 +903,9 @@ class ChangeDetector:
                     break
                 c = get(k)
                 if c is None:
-                    while len(od) >= max_keys:  # evict the least recently seen
-                        if not oldest:
-                            oldest, upto = self._refill_oldest(od), self._oldest_upto
-                        old = oldest.pop()
-                        c = get(old)
-                        if c is not None and (
-                            c.imag if c.__class__ is cx else c[1]) <= upto:  # else seen since
-                            del od[old]
-                            evicted += 1
+                    if len(od) >= max_keys:  # evict the least recently seen
+                        n, oldest, upto = self._make_room(od, oldest, upto)
+                        evicted += n
                     od[k] = v + seq if v.__class__ is flt else (v, seq.imag)
                     put(t)
                     seq += 1j

@@ -615,7 +615,7 @@ class ChangeDetector:
                 oldest, upto = self._refill_oldest(ranked), self._oldest_upto
             old = oldest.pop()
             c = get(old)
-            if c is not None and _seq_of(c) <= upto:  # else seen since
+            if c is not None and (c.imag if c.__class__ is complex else c[1]) <= upto:  # else seen since
                 del ranked[old]
                 evicted += 1
         return evicted, oldest, upto

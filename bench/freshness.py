@@ -6,7 +6,8 @@ What it measures: microseconds per batch of 1000 ticks (1000 symbols) for
   store of the batch time per record (``symbols[r.symbol] = now``);
 - ``Freshness.seen``: flows' tracking: a batch that repeats a remembered
   *run* (an earlier batch's symbols in the same order) is recognised by
-  eight probed symbols, the run compared in full at most once a second;
+  one probed symbol (one of eight positions, in turn), the run compared
+  in full at most once a second;
   other batches store per record;
 
 on three kinds of input, each a stream of 200 batches:
